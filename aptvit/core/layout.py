@@ -1,0 +1,250 @@
+"""``PatchLayout``: which patches a batch of images is cut into, as packed tensors.
+
+Tokens are packed image after image; inside an image they are in raster order of their top-left
+corner (row-major), whatever their size, so a language model reading them sees a natural order.
+All per-token tensors share one index space, the packed patch tokens (no prefix tokens):
+
+    y, x, size      (T,)   top-left corner and side of every patch, in pixels
+    cu_seqlens      (B+1,) token offsets of the images, as varlen attention kernels take them
+    cells           (sum_i cells_i,) for every base cell of every image (image by image,
+                    row-major), the packed index of the token that covers it
+
+Images in one layout may have different sizes (a list of images); ``cell_index`` is then only
+available per image, through ``cell_index_of(i)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+
+@dataclass(eq=False)
+class PatchLayout:
+    """Packed description of the mixed-size patches of a batch of images.
+
+    Attributes:
+        patch_sizes: allowed patch sizes in pixels, ascending; ``patch_sizes[0]`` is the base size p.
+        image_sizes: (H, W) in pixels of every image; multiples of p.
+        y, x: (T,) long, top-left corner of every token's patch.
+        size: (T,) long, side of every token's patch (one of ``patch_sizes``).
+        cu_seqlens: (B+1,) int32, ``cu_seqlens[i]:cu_seqlens[i+1]`` are image i's tokens.
+        cells: (C,) long, packed token index covering each base cell, image by image, row-major.
+        max_seqlen: longest image in tokens (a Python int, so kernels need no device sync).
+    """
+
+    patch_sizes: Tuple[int, ...]
+    image_sizes: Tuple[Tuple[int, int], ...]
+    y: torch.Tensor
+    x: torch.Tensor
+    size: torch.Tensor
+    cu_seqlens: torch.Tensor
+    cells: torch.Tensor
+    max_seqlen: int
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def base_size(self) -> int:
+        return self.patch_sizes[0]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.image_sizes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.y.device
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        """(B,) long: tokens per image."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    @property
+    def grid_sizes(self) -> Tuple[Tuple[int, int], ...]:
+        """(H / p, W / p) of every image."""
+        p = self.base_size
+        return tuple((h // p, w // p) for h, w in self.image_sizes)
+
+    @property
+    def num_base_tokens(self) -> torch.Tensor:
+        """(B,) long: tokens per image if every patch had the base size."""
+        return torch.tensor([gh * gw for gh, gw in self.grid_sizes], dtype=torch.long, device=self.device)
+
+    @property
+    def same_size(self) -> bool:
+        return len(set(self.image_sizes)) == 1
+
+    @property
+    def image_index(self) -> torch.Tensor:
+        """(T,) long: the image each packed token belongs to."""
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.device), self.num_tokens)
+
+    @property
+    def areas(self) -> torch.Tensor:
+        """(T,) long: base cells covered by each token, (size / p) ** 2; the weight for average pooling."""
+        return (self.size // self.base_size) ** 2
+
+    @property
+    def cell_offsets(self) -> torch.Tensor:
+        """(B+1,) long: offsets of each image's cells in ``cells``."""
+        counts = torch.tensor([0] + [gh * gw for gh, gw in self.grid_sizes], dtype=torch.long)
+        return counts.cumsum(0).to(self.device)
+
+    @property
+    def cell_index(self) -> torch.Tensor:
+        """(B, H/p, W/p) long: packed index of the token covering every base cell (same-size images)."""
+        if not self.same_size:
+            raise ValueError(
+                f"images in this layout differ in size ({sorted(set(self.image_sizes))}); use cell_index_of(i)"
+            )
+        gh, gw = self.grid_sizes[0]
+        return self.cells.view(self.batch_size, gh, gw)
+
+    def cell_index_of(self, i: int) -> torch.Tensor:
+        """(H_i/p, W_i/p) long: packed index of the token covering every base cell of image i."""
+        gh, gw = self.grid_sizes[i]
+        start = sum(a * b for a, b in self.grid_sizes[:i])
+        return self.cells[start : start + gh * gw].view(gh, gw)
+
+    def boxes(self, i: int) -> torch.Tensor:
+        """(N_i, 3) long: y, x, size in pixels of image i's patches, in packing order."""
+        if not -self.batch_size <= i < self.batch_size:
+            raise IndexError(f"image index {i} out of range for a layout of {self.batch_size} images")
+        i %= self.batch_size
+        lo, hi = int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])
+        return torch.stack([self.y[lo:hi], self.x[lo:hi], self.size[lo:hi]], dim=1)
+
+    def size_counts(self) -> Dict[int, torch.Tensor]:
+        """{patch size: (B,) long tokens of that size per image}."""
+        img = self.image_index
+        return {
+            s: torch.bincount(img[self.size == s], minlength=self.batch_size) for s in self.patch_sizes
+        }
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __repr__(self) -> str:
+        kept = self.total_tokens / max(1, int(self.num_base_tokens.sum()))
+        return (
+            f"PatchLayout(images={self.batch_size}, patch_sizes={self.patch_sizes}, "
+            f"image_sizes={sorted(set(self.image_sizes))}, tokens={self.total_tokens} ({kept:.1%} of base))"
+        )
+
+    # ------------------------------------------------------------------ moving and joining
+    def to(self, device) -> "PatchLayout":
+        """The same layout with its tensors on ``device``."""
+        move = lambda t: t.to(device)  # noqa: E731
+        return PatchLayout(
+            self.patch_sizes, self.image_sizes, move(self.y), move(self.x), move(self.size),
+            move(self.cu_seqlens), move(self.cells), self.max_seqlen,
+        )
+
+    def image(self, i: int) -> "PatchLayout":
+        """Layout of image i alone."""
+        lo, hi = int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])
+        offsets = self.cell_offsets
+        return PatchLayout(
+            self.patch_sizes, (self.image_sizes[i],), self.y[lo:hi], self.x[lo:hi], self.size[lo:hi],
+            torch.tensor([0, hi - lo], dtype=torch.int32, device=self.device),
+            self.cells[int(offsets[i]) : int(offsets[i + 1])] - lo, hi - lo,
+        )
+
+    @staticmethod
+    def cat(layouts: Sequence["PatchLayout"]) -> "PatchLayout":
+        """Join layouts (e.g. one per image from data-loader workers) into one batch layout."""
+        if len(layouts) == 0:
+            raise ValueError("layouts is empty; nothing to join")
+        sizes = {tuple(l.patch_sizes) for l in layouts}
+        if len(sizes) != 1:
+            raise ValueError(f"cannot join layouts with different patch_sizes: {sorted(sizes)}")
+        if len(layouts) == 1:
+            return layouts[0]
+        token_offsets = torch.tensor([0] + [l.total_tokens for l in layouts]).cumsum(0)
+        device = layouts[0].device
+        cu = [layouts[0].cu_seqlens[:1].to(device)]
+        cells = []
+        for off, l in zip(token_offsets.tolist(), layouts):
+            cu.append(l.cu_seqlens[1:].to(device) + off)
+            cells.append(l.cells.to(device) + off)
+        return PatchLayout(
+            layouts[0].patch_sizes,
+            tuple(s for l in layouts for s in l.image_sizes),
+            torch.cat([l.y.to(device) for l in layouts]),
+            torch.cat([l.x.to(device) for l in layouts]),
+            torch.cat([l.size.to(device) for l in layouts]),
+            torch.cat(cu).to(torch.int32),
+            torch.cat(cells),
+            max(l.max_seqlen for l in layouts),
+        )
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (plain ints and lists) that ``from_dict`` turns back into the layout."""
+        return {
+            "patch_sizes": list(self.patch_sizes),
+            "image_sizes": [list(s) for s in self.image_sizes],
+            "cu_seqlens": self.cu_seqlens.tolist(),
+            "boxes": torch.stack([self.y, self.x, self.size], 1).tolist(),
+        }
+
+    @staticmethod
+    def from_dict(d: dict, device=None) -> "PatchLayout":
+        """Rebuild a layout from ``to_dict()`` output (the cell index is recomputed from the boxes)."""
+        boxes = torch.tensor(d["boxes"], dtype=torch.long, device=device).view(-1, 3)
+        cu = torch.tensor(d["cu_seqlens"], dtype=torch.int32, device=device)
+        image_sizes = tuple((int(h), int(w)) for h, w in d["image_sizes"])
+        return from_boxes(tuple(d["patch_sizes"]), image_sizes, boxes[:, 0], boxes[:, 1], boxes[:, 2], cu)
+
+
+def from_boxes(
+    patch_sizes: Tuple[int, ...],
+    image_sizes: Tuple[Tuple[int, int], ...],
+    y: torch.Tensor,
+    x: torch.Tensor,
+    size: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+) -> PatchLayout:
+    """Build a layout from packed boxes, computing the cell index with one scatter.
+
+    Args:
+        y, x, size: (T,) long, already in packing order (image by image).
+        cu_seqlens: (B+1,) image offsets into the boxes.
+
+    Raises:
+        ValueError: if the boxes do not tile every image's base cells exactly once.
+    """
+    p = patch_sizes[0]
+    device = y.device
+    num_tokens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    image = torch.repeat_interleave(torch.arange(len(image_sizes), device=device), num_tokens)
+    grid_h = torch.tensor([h // p for h, _ in image_sizes], dtype=torch.long, device=device)
+    grid_w = torch.tensor([w // p for _, w in image_sizes], dtype=torch.long, device=device)
+    grid_counts = torch.tensor([(h // p) * (w // p) for h, w in image_sizes], dtype=torch.long)
+    cell_offsets = torch.cat([grid_counts.new_zeros(1), grid_counts.cumsum(0)]).to(device)
+    k = size // p
+    # Each token covers a k x k block of cells: expand every token into its cells.
+    cover = torch.repeat_interleave(torch.arange(y.shape[0], device=device), k * k)
+    within = torch.arange(cover.shape[0], device=device) - torch.repeat_interleave(torch.cumsum(k * k, 0) - k * k, k * k)
+    kk = k[cover]
+    row = y[cover] // p + within // kk
+    col = x[cover] // p + within % kk
+    img = image[cover]
+    outside = (row >= grid_h[img]) | (col >= grid_w[img]) | (row < 0) | (col < 0)
+    flat = cell_offsets[img] + row * grid_w[img] + col
+    total = int(cell_offsets[-1])
+    hits = torch.bincount(flat[~outside], minlength=total)
+    if bool(outside.any()) or bool((hits != 1).any()):
+        raise ValueError("boxes do not tile the images: every base cell must be covered exactly once")
+    cells = torch.empty(total, dtype=torch.long, device=device)
+    cells[flat] = cover
+    return PatchLayout(
+        tuple(patch_sizes), tuple(image_sizes), y, x, size, cu_seqlens.to(torch.int32), cells,
+        int(num_tokens.max()) if num_tokens.numel() else 0,
+    )

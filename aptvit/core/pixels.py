@@ -1,0 +1,86 @@
+"""Pixel input: validation, grayscale conversion and padding to a patch multiple.
+
+Every scorer and layout starts here, so that bad input fails once, early, with a message that
+names the argument, instead of deep inside torch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# ITU-R BT.601 luma weights, as the APT reference code uses.
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+
+def check_images(images: torch.Tensor, name: str = "images") -> None:
+    """Raise a clear error unless ``images`` is a valid pixel batch.
+
+    Args:
+        images: (B, C, H, W) with C in {1, 3}; uint8 in [0, 255] or floating point in [0, 1].
+        name: argument name used in the error messages.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if images.dim() != 4:
+        hint = " (a single image? add a batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""
+        raise ValueError(f"{name} must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
+    b, c, h, w = images.shape
+    if b == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(images.shape)}); pass at least one image")
+    if c not in (1, 3):
+        raise ValueError(f"{name} must have 1 or 3 channels (B, C, H, W), got C={c} in shape {tuple(images.shape)}")
+    if h == 0 or w == 0:
+        raise ValueError(f"{name} has an empty side: shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be uint8 (0..255) or floating point (0..1), got dtype {images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} are floating point with values in [{lo:.4g}, {hi:.4g}]; float images must be in [0, 1] "
+            "(scale uint8 by 1/255 or pass uint8; undo any mean/std normalisation first)"
+        )
+
+
+def grayscale_255(images: torch.Tensor) -> torch.Tensor:
+    """Grayscale on the 0..255 scale, in float32.
+
+    Args:
+        images: (B, C, H, W), C in {1, 3}, uint8 in [0, 255] or float in [0, 1] (already checked).
+
+    Returns:
+        (B, H, W) float32 in [0, 255]. C = 1 is used as is; C = 3 uses ``GRAY_WEIGHTS``.
+        A float image equal to ``uint8 / 255`` gives exactly the same values as the uint8 image.
+    """
+    x = images.float()
+    if images.dtype != torch.uint8:
+        x = x * 255.0
+    if x.shape[1] == 1:
+        return x[:, 0]
+    r, g, b = x.unbind(1)
+    return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:
+    """Pad the bottom and right of images so that H and W are multiples of ``multiple``.
+
+    Args:
+        images: (..., H, W) tensor of any dtype.
+        multiple: the base patch size (or the largest one, to let every region merge).
+        value: fill value for the padding.
+
+    Returns:
+        (..., H', W') with H' = ceil(H / multiple) * multiple; the input itself when nothing is padded.
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    if not isinstance(images, torch.Tensor) or images.dim() < 2:
+        raise TypeError("images must be a tensor of shape (..., H, W)")
+    h, w = images.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if pad_h == 0 and pad_w == 0:
+        return images
+    return F.pad(images, (0, pad_w, 0, pad_h), value=value)

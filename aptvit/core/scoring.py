@@ -1,0 +1,177 @@
+"""Content scores: how much detail a candidate patch holds, one grid of scores per patch size.
+
+A scorer is any callable ``scorer(gray, sizes, base_size) -> {size: scores}`` where
+
+* ``gray`` is (B, H, W) float32 grayscale on the 0..255 scale (see ``pixels.grayscale_255``),
+* ``sizes`` are the patch sizes to score (multiples of ``base_size`` by powers of two),
+* ``scores[size]`` is (B, H // size, W // size): one score per patch of the grid of that size
+  anchored at the top-left corner. Low score = plain region = safe to merge.
+
+Built-in scorers (all per-pixel quantities, so that one threshold can be compared across sizes,
+which the token-budget mode relies on):
+
+* ``entropy_scores``: Shannon entropy in bits of the patch's intensity histogram (the APT default).
+* ``laplacian_scores``: mean |8-neighbour Laplacian| of grayscale in [0, 1].
+* ``upsampling_error_scores``: MSE (grayscale in [0, 1]) between a patch and the patch area-averaged
+  down to the base size and bilinearly upsampled back.
+
+Every scale comes from one pass over the pixels: the base grid is computed from the pixels and each
+coarser grid by combining 2x2 children (histograms add, means average).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Scorer = Callable[[torch.Tensor, Sequence[int], int], Dict[int, torch.Tensor]]
+
+# Bound on the dense (images x cells x bins) histogram built at once; larger batches are chunked.
+_MAX_HIST_ENTRIES = 1 << 24
+
+
+def bin_index(gray: torch.Tensor, bins: int) -> torch.Tensor:
+    """Histogram bin of every pixel, ``bins`` equal-width bins over [0, 255] (255 in the last bin).
+
+    Matches ``numpy.histogram(gray, bins, range=(0, 255))``: the bin is floor(v * bins / 255),
+    corrected against the exact edges k * 255 / bins so that rounding never moves a value.
+
+    Args:
+        gray: (...) float32 in [0, 255].
+        bins: number of bins, >= 2.
+
+    Returns:
+        (...) long in [0, bins - 1].
+    """
+    scaled = gray * bins  # exact for power-of-two bins, the default
+    idx = torch.floor(scaled / 255.0)
+    idx = idx - (idx * 255.0 > scaled).to(idx.dtype) + ((idx + 1.0) * 255.0 <= scaled).to(idx.dtype)
+    return idx.clamp_(0, bins - 1).long()
+
+
+def _coarsen(grid: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Combine 2x2 children into one parent; a trailing odd row/column has no parent and is dropped.
+
+    Args:
+        grid: (B, h, w, ...) values per cell.
+        reduce: "sum" (histograms) or "mean" (per-pixel means of equal-sized children).
+
+    Returns:
+        (B, h // 2, w // 2, ...).
+    """
+    b, h, w = grid.shape[:3]
+    rest = grid.shape[3:]
+    g = grid[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, *rest)
+    return g.sum((2, 4)) if reduce == "sum" else g.mean((2, 4))
+
+
+def _per_scale(base_grid: torch.Tensor, sizes: Sequence[int], base_size: int, reduce: str, finish) -> Dict[int, torch.Tensor]:
+    """Walk up the quadtree from the base grid, keeping the levels that were asked for."""
+    out: Dict[int, torch.Tensor] = {}
+    grid, size = base_grid, base_size
+    top = max(sizes)
+    while True:
+        if size in sizes:
+            out[size] = finish(grid, size)
+        if size >= top:
+            return out
+        grid, size = _coarsen(grid, reduce), size * 2
+
+
+def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bins: int = 512) -> Dict[int, torch.Tensor]:
+    """Shannon entropy (bits) of each patch's intensity histogram, for every requested size.
+
+    Base-cell histograms come from one ``bincount`` over the pixels; every coarser histogram is
+    the sum of its four children. Memory is images x cells x bins counts (never pixels x bins);
+    large batches are processed in chunks of images.
+
+    Args:
+        gray: (B, H, W) float32 in [0, 255].
+        sizes: patch sizes to score, each ``base_size * 2**k``.
+        base_size: the base patch size p; H and W need not be multiples of p (remainders are ignored).
+        bins: number of equal-width bins over [0, 255].
+
+    Returns:
+        {size: (B, H // size, W // size) float32 entropy in bits}.
+    """
+    b, h, w = gray.shape
+    hc, wc = h // base_size, w // base_size
+    cells = hc * wc
+    chunk = max(1, _MAX_HIST_ENTRIES // max(1, cells * bins))
+    if b > chunk:
+        parts = [entropy_scores(gray[i : i + chunk], sizes, base_size, bins) for i in range(0, b, chunk)]
+        return {s: torch.cat([p[s] for p in parts]) for s in sizes}
+
+    g = gray[:, : hc * base_size, : wc * base_size]
+    cell_row = torch.arange(hc, device=gray.device).repeat_interleave(base_size)
+    cell_col = torch.arange(wc, device=gray.device).repeat_interleave(base_size)
+    cell = cell_row[:, None] * wc + cell_col[None, :]  # (H', W') cell id of each pixel
+    image = torch.arange(b, device=gray.device)[:, None, None] * cells
+    key = (image + cell) * bins + bin_index(g, bins)
+    hist = torch.bincount(key.reshape(-1), minlength=b * cells * bins).view(b, hc, wc, bins)
+
+    def finish(counts: torch.Tensor, size: int) -> torch.Tensor:
+        n = float(size * size)
+        c = counts.float()
+        # H = log2(n) - sum(c log2 c) / n, with 0 log 0 = 0
+        return math.log2(n) - torch.special.xlogy(c, c).sum(-1) / (n * math.log(2.0))
+
+    return _per_scale(hist, sizes, base_size, "sum", finish)
+
+
+_LAPLACE_8 = torch.tensor([[1.0, 1.0, 1.0], [1.0, -8.0, 1.0], [1.0, 1.0, 1.0]])
+
+
+def laplacian_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int) -> Dict[int, torch.Tensor]:
+    """Mean |8-neighbour Laplacian| of grayscale in [0, 1] (reflect padding), for every requested size.
+
+    Args:
+        gray: (B, H, W) float32 in [0, 255].
+        sizes, base_size: as in ``entropy_scores``.
+
+    Returns:
+        {size: (B, H // size, W // size) float32}.
+    """
+    x = (gray / 255.0)[:, None]
+    mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
+    lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), _LAPLACE_8.to(x)[None, None]).abs()
+    base = F.avg_pool2d(lap, base_size)[:, 0]  # (B, hc, wc)
+    return _per_scale(base, sizes, base_size, "mean", lambda grid, size: grid)
+
+
+def upsampling_error_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int) -> Dict[int, torch.Tensor]:
+    """MSE between each patch and its down-then-up-sampled copy, grayscale in [0, 1].
+
+    The downsampling is the one the patch embedding uses (exact area averaging to base_size x
+    base_size); the upsampling is bilinear within the patch. Patches of the base size score 0.
+
+    Args:
+        gray: (B, H, W) float32 in [0, 255].
+        sizes, base_size: as in ``entropy_scores``.
+
+    Returns:
+        {size: (B, H // size, W // size) float32}.
+    """
+    x = gray / 255.0
+    b, h, w = x.shape
+    out = {}
+    for size in sizes:
+        gh, gw = h // size, w // size
+        if size == base_size or gh == 0 or gw == 0:
+            out[size] = x.new_zeros(b, gh, gw)
+            continue
+        patches = x[:, : gh * size, : gw * size].reshape(b, gh, size, gw, size).permute(0, 1, 3, 2, 4)
+        patches = patches.reshape(-1, 1, size, size)
+        small = F.avg_pool2d(patches, size // base_size)
+        back = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+        out[size] = (back - patches).pow(2).mean((1, 2, 3)).view(b, gh, gw)
+    return out
+
+
+SCORERS: Dict[str, Scorer] = {
+    "entropy": entropy_scores,
+    "laplacian": laplacian_scores,
+    "upsample": upsampling_error_scores,
+}

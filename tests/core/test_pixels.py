@@ -1,0 +1,48 @@
+import math
+
+import pytest
+import torch
+
+from aptvit.core.pixels import check_images, grayscale_255, pad_to_multiple
+
+
+@pytest.mark.parametrize(
+    "images, kind, message",
+    [
+        (torch.zeros(3, 8, 8), ValueError, "4 dimensions"),
+        (torch.zeros(1, 2, 8, 8), ValueError, "1 or 3 channels"),
+        (torch.zeros(0, 3, 8, 8), ValueError, "empty batch"),
+        (torch.full((1, 3, 8, 8), math.nan), ValueError, "NaN"),
+        (torch.full((1, 3, 8, 8), 1.5), ValueError, "must be in \\[0, 1\\]"),
+        (torch.full((1, 3, 8, 8), -0.1), ValueError, "must be in \\[0, 1\\]"),
+        (torch.zeros(1, 3, 8, 8, dtype=torch.int32), TypeError, "uint8"),
+        ([[0.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_images_get_one_clear_error(images, kind, message):
+    with pytest.raises(kind, match=message):
+        check_images(images)
+
+
+def test_grayscale_weights_and_single_channel():
+    rgb = torch.tensor([[[[255]], [[0]], [[0]]]], dtype=torch.uint8)
+    assert grayscale_255(rgb).item() == pytest.approx(0.2989 * 255, rel=1e-6)
+    one = torch.tensor([[[[17]]]], dtype=torch.uint8)
+    assert grayscale_255(one).item() == 17.0
+
+
+def test_grayscale_uint8_equals_float_over_255():
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (2, 3, 16, 24), generator=g, dtype=torch.uint8)
+    assert torch.equal(grayscale_255(u8), grayscale_255(u8.float() / 255))
+    assert torch.equal(grayscale_255(u8), grayscale_255(u8.double() / 255))
+
+
+def test_pad_to_multiple_pads_bottom_right_only():
+    x = torch.ones(1, 3, 30, 17, dtype=torch.uint8)
+    y = pad_to_multiple(x, 16)
+    assert y.shape == (1, 3, 32, 32) and y.dtype == torch.uint8
+    assert torch.equal(y[..., :30, :17], x) and y[..., 30:, :].sum() == 0 and y[..., :, 17:].sum() == 0
+    assert pad_to_multiple(y, 16) is y
+    with pytest.raises(ValueError, match="multiple"):
+        pad_to_multiple(x, 0)
