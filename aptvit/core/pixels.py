@@ -60,8 +60,10 @@ def grayscale_255(images: torch.Tensor) -> torch.Tensor:
         x = x * 255.0
     if x.shape[1] == 1:
         return x[:, 0]
-    r, g, b = x.unbind(1)
-    return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
+    gray = x[:, 0] * GRAY_WEIGHTS[0]
+    gray += x[:, 1] * GRAY_WEIGHTS[1]
+    gray += x[:, 2] * GRAY_WEIGHTS[2]
+    return gray
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:

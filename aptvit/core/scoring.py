@@ -35,20 +35,22 @@ _MAX_HIST_ENTRIES = 1 << 24
 def bin_index(gray: torch.Tensor, bins: int) -> torch.Tensor:
     """Histogram bin of every pixel, ``bins`` equal-width bins over [0, 255] (255 in the last bin).
 
-    Matches ``numpy.histogram(gray, bins, range=(0, 255))``: the bin is floor(v * bins / 255),
-    corrected against the exact edges k * 255 / bins so that rounding never moves a value.
+    Matches ``numpy.histogram(gray, bins, range=(0, 255))``: the bin is floor(v * bins / 255). For
+    power-of-two ``bins`` (the default 512) ``v * bins`` is exact, so the only rounding is in the
+    division, which can round a value just below an edge k * 255 / bins up to k; comparing against
+    the exact edge undoes that.
 
     Args:
         gray: (...) float32 in [0, 255].
         bins: number of bins, >= 2.
 
     Returns:
-        (...) long in [0, bins - 1].
+        (...) int32 in [0, bins - 1].
     """
-    scaled = gray * bins  # exact for power-of-two bins, the default
-    idx = torch.floor(scaled / 255.0)
-    idx = idx - (idx * 255.0 > scaled).to(idx.dtype) + ((idx + 1.0) * 255.0 <= scaled).to(idx.dtype)
-    return idx.clamp_(0, bins - 1).long()
+    scaled = gray * bins
+    idx = torch.div(scaled, 255.0).floor_()
+    idx -= (idx * 255.0).gt_(scaled).to(idx.dtype)
+    return idx.clamp_(0, bins - 1).to(torch.int32)
 
 
 def _coarsen(grid: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -83,9 +85,9 @@ def _per_scale(base_grid: torch.Tensor, sizes: Sequence[int], base_size: int, re
 def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bins: int = 512) -> Dict[int, torch.Tensor]:
     """Shannon entropy (bits) of each patch's intensity histogram, for every requested size.
 
-    Base-cell histograms come from one ``bincount`` over the pixels; every coarser histogram is
-    the sum of its four children. Memory is images x cells x bins counts (never pixels x bins);
-    large batches are processed in chunks of images.
+    The histograms of the smallest requested size come from one ``bincount`` over the pixels;
+    every coarser histogram is the sum of its four children. Memory is images x cells x bins
+    counts (never pixels x bins); large batches are processed in chunks of images.
 
     Args:
         gray: (B, H, W) float32 in [0, 255].
@@ -97,20 +99,22 @@ def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bin
         {size: (B, H // size, W // size) float32 entropy in bits}.
     """
     b, h, w = gray.shape
-    hc, wc = h // base_size, w // base_size
+    first = min(sizes)
+    hc, wc = h // first, w // first
     cells = hc * wc
     chunk = max(1, _MAX_HIST_ENTRIES // max(1, cells * bins))
     if b > chunk:
         parts = [entropy_scores(gray[i : i + chunk], sizes, base_size, bins) for i in range(0, b, chunk)]
         return {s: torch.cat([p[s] for p in parts]) for s in sizes}
 
-    g = gray[:, : hc * base_size, : wc * base_size]
-    cell_row = torch.arange(hc, device=gray.device).repeat_interleave(base_size)
-    cell_col = torch.arange(wc, device=gray.device).repeat_interleave(base_size)
-    cell = cell_row[:, None] * wc + cell_col[None, :]  # (H', W') cell id of each pixel
-    image = torch.arange(b, device=gray.device)[:, None, None] * cells
-    key = (image + cell) * bins + bin_index(g, bins)
-    hist = torch.bincount(key.reshape(-1), minlength=b * cells * bins).view(b, hc, wc, bins)
+    # key = ((image * cells) + cell) * bins + bin, built in place on the bin indices
+    key = bin_index(gray[:, : hc * first, : wc * first], bins)
+    dev = gray.device
+    cell = torch.arange(hc, device=dev, dtype=torch.int32).repeat_interleave(first)[:, None] * wc
+    cell = cell + torch.arange(wc, device=dev, dtype=torch.int32).repeat_interleave(first)[None, :]
+    key += cell * bins
+    key += (torch.arange(b, device=dev, dtype=torch.int32) * (cells * bins))[:, None, None]
+    hist = torch.bincount(key.view(-1), minlength=b * cells * bins).view(b, hc, wc, bins)
 
     def finish(counts: torch.Tensor, size: int) -> torch.Tensor:
         n = float(size * size)
@@ -118,7 +122,7 @@ def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bin
         # H = log2(n) - sum(c log2 c) / n, with 0 log 0 = 0
         return math.log2(n) - torch.special.xlogy(c, c).sum(-1) / (n * math.log(2.0))
 
-    return _per_scale(hist, sizes, base_size, "sum", finish)
+    return _per_scale(hist, sizes, first, "sum", finish)
 
 
 _LAPLACE_8 = torch.tensor([[1.0, 1.0, 1.0], [1.0, -8.0, 1.0], [1.0, 1.0, 1.0]])
