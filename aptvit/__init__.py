@@ -1,5 +1,11 @@
-"""aptvit: Adaptive Patch Transformers for timm Vision Transformers."""
+"""aptvit: Adaptive Patch Transformers for timm Vision Transformers.
+
+Large patches where an image is plain, small ones where it is busy, chosen by a cheap content
+score; the same transformer and weights; fewer tokens.
+"""
 from .core import PatchLayout, pad_to_multiple, patch_layout
+from .nn import APTConfig, APTViT
+from .nn.convert import convert, load, save
 
 __version__ = "0.1.0"
-__all__ = ["PatchLayout", "pad_to_multiple", "patch_layout", "__version__"]
+__all__ = ["PatchLayout", "pad_to_multiple", "patch_layout", "APTConfig", "APTViT", "convert", "save", "load", "__version__"]

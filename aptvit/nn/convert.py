@@ -1,0 +1,207 @@
+"""``convert``, ``save``, ``load``: from a timm ViT to an APT model and back to disk.
+
+A saved file is a safetensors state dict (timm's keys plus ``apt.*``) with metadata:
+``aptvit`` (the conversion settings as JSON), ``architecture`` and ``timm_args`` (enough to
+re-create the timm model with ``timm.create_model`` when ``load`` gets no model).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..core.quadtree import check_patch_sizes, check_thresholds, default_thresholds
+from ..core.scoring import SCORERS
+from .attention import check_backend
+from .model import APTConfig, APTViT
+from .support import check_supported
+
+FORMAT_VERSION = "1"
+
+
+def convert(
+    model: nn.Module,
+    patch_sizes: Optional[Sequence[int]] = None,
+    thresholds: Optional[Mapping[int, float]] = None,
+    budget: Optional[Union[int, float]] = None,
+    scorer: str = "entropy",
+    bins: int = 512,
+    attention: str = "auto",
+) -> APTViT:
+    """Wrap a timm ViT so that it runs on adaptive patch layouts.
+
+    Args:
+        model: a supported timm ``VisionTransformer`` (pretrained or fine-tuned); shared, not copied.
+        patch_sizes: default (p, 2p, 4p) for the model's patch size p.
+        thresholds: {size: threshold}; default ``DEFAULT_THRESHOLDS[scorer]`` when no budget is given.
+        budget: tokens per image (fraction of base tokens in (0, 1], or an int), instead of thresholds.
+        scorer: "entropy", "laplacian" or "upsample".
+        bins: histogram bins of the entropy scorer.
+        attention: "auto", "loop", "pad", "flash" or "varlen".
+
+    Returns:
+        APTViT whose state dict is the timm model's plus ``apt.*``. With thresholds that never merge
+        it computes exactly what the timm model computes.
+    """
+    check_supported(model)
+    p = model.patch_embed.patch_size[0]
+    sizes = check_patch_sizes(patch_sizes if patch_sizes is not None else (p, 2 * p, 4 * p))
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)}")
+    if thresholds is not None and budget is not None:
+        raise ValueError("pass either thresholds= or budget=, not both")
+    if thresholds is None and budget is None:
+        thresholds = default_thresholds(sizes, scorer)
+    if thresholds is not None:
+        thresholds = check_thresholds(thresholds, sizes)
+    check_backend(attention)
+    return APTViT(model, APTConfig(sizes, thresholds, budget, scorer, bins, attention))
+
+
+def _timm_args(vit: nn.Module) -> Dict:
+    """The timm.create_model arguments that commonly differ from an architecture's defaults."""
+    args = {
+        "num_classes": vit.num_classes,
+        "global_pool": vit.global_pool,
+        "img_size": list(vit.patch_embed.img_size),
+        "in_chans": vit.patch_embed.proj.in_channels,
+        "embed_dim": vit.embed_dim,
+        "depth": len(vit.blocks),
+        "num_heads": vit.blocks[0].attn.num_heads if len(vit.blocks) else 1,
+        "dynamic_img_size": bool(getattr(vit, "dynamic_img_size", False)),
+    }
+    fc1 = getattr(vit.blocks[0].mlp, "fc1", None) if len(vit.blocks) else None
+    if isinstance(fc1, nn.Linear) and type(vit.blocks[0].mlp).__name__ == "Mlp":
+        args["mlp_ratio"] = fc1.out_features / vit.embed_dim
+    return args
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save(model: APTViT, path: Union[str, os.PathLike], extra_metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """Save an APT model as safetensors with its conversion settings as metadata (atomically)."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, APTViT):
+        raise TypeError(f"model must be an APTViT (from aptvit.convert), got {type(model).__name__}")
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": "aptvit",
+        "format_version": FORMAT_VERSION,
+        "aptvit": json.dumps(model.config.to_dict()),
+        "architecture": str(model.pretrained_cfg.get("architecture", "")),
+        "timm_args": json.dumps(_timm_args(model.timm_model)),
+        "pretrained_cfg": json.dumps({k: v for k, v in model.pretrained_cfg.items() if k in ("mean", "std", "architecture", "input_size")}),
+    }
+    metadata.update(extra_metadata or {})
+    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return path
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
+    """The metadata of a safetensors file ({} for other files)."""
+    from safetensors import safe_open
+
+    if not str(path).endswith(".safetensors"):
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint: safetensors, or a torch file loaded with ``weights_only=True``.
+
+    Accepts plain state dicts and the usual wrappers ({"state_dict": ...}, {"model": ...}, "module." prefixes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors name the offending global; keep one clear line
+        raise ValueError(f"cannot read checkpoint {str(path)!r} as weights ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "model_ema", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def load_timm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load timm weights strictly (position embeddings resampled as timm does), or say which keys differ."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = checkpoint_filter_fn(dict(state_dict), vit)
+    own = vit.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or mismatched:
+        def show(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = [f"{name}: {show(keys)}" for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+        raise ValueError("checkpoint does not match the model; " + "; ".join(parts))
+    vit.load_state_dict(state, strict=True)
+
+
+def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **convert_kwargs) -> APTViT:
+    """Load an APT model saved by ``save``, or convert a timm model after loading a timm checkpoint.
+
+    Args:
+        path: an aptvit ``.safetensors`` file, or a timm checkpoint (safetensors / torch file).
+        model: the timm ViT to load into. Optional for aptvit files whose architecture is a
+            registered timm name (re-created with ``timm.create_model(..., pretrained=False)``).
+        convert_kwargs: settings for ``convert`` when ``path`` is a plain timm checkpoint
+            (ignored for aptvit files, which carry their own).
+
+    Returns:
+        APTViT with the checkpoint's weights (timm part and ``apt.*``).
+    """
+    meta = read_metadata(path)
+    state = read_state_dict(path)
+    if meta.get("format") != "aptvit":
+        if model is None:
+            raise ValueError(f"{str(path)!r} is not an aptvit checkpoint; pass model=timm.create_model(...) to load timm weights into")
+        load_timm_weights(model, state)
+        return convert(model, **convert_kwargs)
+    config = APTConfig.from_dict(json.loads(meta["aptvit"]))
+    if model is None:
+        import timm
+
+        arch = meta.get("architecture", "")
+        if not arch:
+            raise ValueError(f"{str(path)!r} does not name a timm architecture; pass model= (the timm model it was converted from)")
+        args = json.loads(meta.get("timm_args", "{}"))
+        args["img_size"] = tuple(args.get("img_size", ())) or None
+        model = timm.create_model(arch, pretrained=False, **{k: v for k, v in args.items() if v is not None})
+    apt = APTViT(model, config)
+    timm_keys = {k: v for k, v in state.items() if not k.startswith("apt.")}
+    load_timm_weights(model, timm_keys)
+    apt_state = {k[len("apt."):]: v for k, v in state.items() if k.startswith("apt.")}
+    missing, unexpected = apt.apt.load_state_dict(apt_state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint's apt.* weights do not match the model (missing {missing}, unexpected {unexpected})")
+    return apt

@@ -1,0 +1,181 @@
+"""convert(): wrapping, gradients, training features, errors, checkpoints, FLOP counts."""
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import aptvit
+from aptvit.core.packing import seq_index
+from aptvit.nn.model import drop_path_packed, model_flops
+
+from ..tiny import rel_err, tiny_vit
+
+
+def test_wraps_without_copying_and_keeps_timm_keys():
+    model = tiny_vit("vit_cls")
+    apt = aptvit.convert(model)
+    assert apt.blocks is model.blocks and apt.pos_embed is model.pos_embed and apt.timm_model is model
+    keys = set(apt.state_dict())
+    timm_keys = set(model.state_dict())
+    assert timm_keys <= keys and all(k.startswith("apt.") for k in keys - timm_keys)
+    assert {k for k in keys - timm_keys} == {
+        "apt.detail_merge.weight", "apt.detail_merge.bias",
+        "apt.detail_proj.32.weight", "apt.detail_proj.32.bias", "apt.detail_proj.64.weight", "apt.detail_proj.64.bias",
+    }
+    assert apt.config.patch_sizes == (16, 32, 64) and apt.config.thresholds == {32: 5.5, 64: 4.0}
+
+
+def test_scores_come_from_unnormalised_pixels():
+    model = tiny_vit("clip_prenorm")  # CLIP mean/std, not ImageNet's
+    apt = aptvit.convert(model)
+    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    img = torch.rand(2, 3, 64, 128)
+    img[:, :, :, :64] = 0.25
+    got = apt.make_layout((img - mean) / std)
+    want = aptvit.patch_layout(img, (16, 32, 64), thresholds={32: 5.5, 64: 4.0})
+    assert torch.equal(got.cells, want.cells) and torch.equal(got.size, want.size)
+
+
+def test_gradients_reach_every_parameter_even_without_large_patches():
+    model = tiny_vit("vit_cls")
+    apt = aptvit.convert(model, thresholds={32: -1.0, 64: -1.0}).train()
+    apt(torch.randn(2, 3, 64, 64)).sum().backward()
+    for name, p in apt.named_parameters():
+        assert p.grad is not None, name
+    assert all(p.grad.abs().sum() == 0 for p in apt.apt.parameters()), "no large patch: zero gradient, but one"
+
+
+def test_detail_path_learns_after_one_step():
+    model = tiny_vit("vit_cls")
+    apt = aptvit.convert(model, thresholds={32: 7.0, 64: 6.0}).train()
+    img = torch.rand(2, 3, 64, 64) * 0.1
+    loss = apt((img - 0.5) / 0.5).logsumexp(-1).sum()
+    loss.backward()
+    assert apt.apt.detail_proj["32"].weight.grad.abs().sum() > 0 or apt.apt.detail_proj["64"].weight.grad.abs().sum() > 0
+
+
+def test_ddp_without_find_unused_parameters_survives_batches_without_large_patches(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        apt = aptvit.convert(tiny_vit("vit_cls"), thresholds={32: 5.0, 64: 4.0}).train()
+        ddp = DDP(apt, find_unused_parameters=False)
+        plain = torch.rand(1, 3, 64, 64) * 0 + 0.5
+        noise = torch.rand(1, 3, 64, 64)
+        for img in (noise, noise, plain, noise):  # the first batches choose no large patch
+            ddp((img - 0.5) / 0.5).sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_drop_path_drops_whole_images():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 9, 20])
+    seq = seq_index(cu)
+    y = torch.ones(20, 4)
+    module = timm.layers.DropPath(0.5)
+    out = drop_path_packed(y, module, seq, 3, training=True)
+    for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert out[lo:hi].unique().numel() == 1 and out[lo, 0].item() in (0.0, 2.0)
+    assert torch.equal(drop_path_packed(y, module, seq, 3, training=False), y)
+
+
+def test_training_features_run_and_checkpointing_matches():
+    model = tiny_vit("qknorm_layerscale", drop_path_rate=0.0, attn_drop_rate=0.0)
+    apt = aptvit.convert(model, thresholds={32: 6.0}).train()
+    x = torch.randn(2, 3, 64, 96)
+    a = apt(x)
+    a.sum().backward()
+    grads = {n: p.grad.clone() for n, p in apt.named_parameters()}
+    apt.zero_grad()
+    apt.set_grad_checkpointing(True)
+    b = apt(x)
+    b.sum().backward()
+    assert rel_err(b, a) <= 1e-6
+    for n, p in apt.named_parameters():
+        assert rel_err(p.grad, grads[n]) <= 1e-5 if grads[n].abs().max() > 0 else True, n
+    stochastic = aptvit.convert(tiny_vit("vit_cls", drop_path_rate=0.5, attn_drop_rate=0.5)).train()
+    out = stochastic(x)
+    assert torch.isfinite(out).all()
+    stochastic.eval()
+    with torch.no_grad():
+        assert torch.equal(stochastic(x), stochastic(x))
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (torch.randn(3, 64, 64), "4 dimensions"),
+        (torch.randn(1, 1, 64, 64), "channels"),
+        (torch.randn(1, 3, 60, 64), "pad_to_multiple"),
+        ("image.png", "tensor"),
+    ],
+)
+def test_bad_images_get_clear_errors(images, message):
+    apt = aptvit.convert(tiny_vit("vit_cls"))
+    with pytest.raises((ValueError, TypeError), match=message):
+        apt(images)
+
+
+def test_mismatched_layouts_and_backends_get_clear_errors():
+    apt = aptvit.convert(tiny_vit("vit_cls"))
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="layout is for 1 images"):
+        apt(x, layout=aptvit.patch_layout(torch.rand(1, 3, 64, 64)))
+    with pytest.raises(ValueError, match="layout image 0 is 64x96"):
+        apt(x, layout=aptvit.patch_layout(torch.rand(2, 3, 64, 96)))
+    with pytest.raises(ValueError, match="patch_sizes"):
+        apt(x, layout=aptvit.patch_layout(torch.rand(2, 3, 64, 64), (16, 32, 64, 128), thresholds={128: 1.0}))
+    with pytest.raises(TypeError, match="PatchLayout"):
+        apt(x, layout={"boxes": []})
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):
+        aptvit.convert(tiny_vit("vit_cls"), attention="cuda")
+    with pytest.raises(ValueError, match="cannot run on cpu"):
+        aptvit.convert(tiny_vit("vit_cls"), attention="flash")(x)
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=1, embed_dim=64, num_heads=2), "VisionTransformerDistilled"),
+        (lambda: timm.create_model("resnet18", pretrained=False), "ResNet"),
+        (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, global_pool="map"), "VisionTransformer"),
+    ],
+)
+def test_unsupported_models_raise_type_error_naming_the_class(build, name):
+    with pytest.raises(TypeError, match=f"cannot convert {name}.*Supported"):
+        aptvit.convert(build())
+
+
+def test_timm_checkpoint_loads_into_the_wrapped_model(tmp_path):
+    source = tiny_vit("vit_cls", seed=3)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "timm.pth")
+    apt = aptvit.load(tmp_path / "timm.pth", model=tiny_vit("vit_cls", seed=4), thresholds={32: -1.0, 64: -1.0})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(apt(x), source(x)) <= 1e-5
+    wrong = tiny_vit("vit_cls", num_classes=7)
+    with pytest.raises(ValueError, match="wrong shape: head.bias, head.weight"):
+        aptvit.load(tmp_path / "timm.pth", model=wrong)
+    with pytest.raises(ValueError, match="not an aptvit checkpoint"):
+        aptvit.load(tmp_path / "timm.pth")
+
+
+def test_flop_counts_match_torch_flop_counter():
+    model = tiny_vit("vit_cls")
+    for blk in model.blocks:
+        blk.attn.fused_attn = False  # explicit matmuls, which FlopCounterMode counts
+    apt = aptvit.convert(model, thresholds={32: 6.0, 64: 5.0})
+    img = torch.rand(2, 3, 64, 128)
+    img[0, :, :, :64] = 0.5
+    x = (img - 0.5) / 0.5
+    layout = apt.make_layout(x)
+    flops = model_flops(apt, layout)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert flops["uniform"].sum().item() == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    assert flops["apt"][0] < flops["uniform"][0]  # plain half merged
+    assert flops["apt"][1] == flops["uniform"][1]  # noise: nothing merged, nothing extra

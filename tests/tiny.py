@@ -1,0 +1,35 @@
+"""Tiny timm ViTs (depth 2, width 64) built with timm's own classes, one per supported family."""
+import timm
+import torch
+
+TINY = dict(pretrained=False, depth=2, embed_dim=64, num_heads=2, num_classes=10, dynamic_img_size=True)
+
+FAMILIES = {
+    "vit_cls": ("vit_tiny_patch16_224", {}),
+    "vit_avg_no_cls": ("vit_tiny_patch16_224", dict(global_pool="avg", class_token=False)),
+    "deit": ("deit_tiny_patch16_224", {}),
+    "clip_prenorm": ("vit_base_patch16_clip_224", {}),
+    "reg_dinov2_p14": ("vit_small_patch14_reg4_dinov2", dict(img_size=56)),
+    "qknorm_layerscale": ("vit_tiny_patch16_224", dict(qk_norm=True, init_values=0.5, global_pool="avgmax", reg_tokens=2)),
+}
+
+
+def tiny_vit(family: str = "vit_cls", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny model of ``family`` with random weights of a healthy scale (layer scales near 1)."""
+    name, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **{**TINY, **extra, **overrides})
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if pname.endswith("gamma"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif param.dim() == 1 and "norm" in pname and pname.endswith("weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.copy_(0.05 * torch.randn_like(param))
+    return model.eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
