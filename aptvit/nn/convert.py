@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ..core.io import atomic_write
 from ..core.quadtree import check_patch_sizes, check_thresholds, default_thresholds
 from ..core.scoring import SCORERS
 from .attention import check_backend
@@ -81,19 +81,6 @@ def _timm_args(vit: nn.Module) -> Dict:
     return args
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save(model: APTViT, path: Union[str, os.PathLike], extra_metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Save an APT model as safetensors with its conversion settings as metadata (atomically)."""
     from safetensors.torch import save_file
@@ -111,7 +98,7 @@ def save(model: APTViT, path: Union[str, os.PathLike], extra_metadata: Optional[
         "pretrained_cfg": json.dumps({k: v for k, v in model.pretrained_cfg.items() if k in ("mean", "std", "architecture", "input_size")}),
     }
     metadata.update(extra_metadata or {})
-    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return path
 
 

@@ -51,15 +51,19 @@ class AdaptivePatchEmbed(nn.Module):
         """Detail term of patches of one size.
 
         Args:
-            sub_patches: (N, D, k, k) base-size embeddings of each patch's sub-patches.
+            sub_patches: (N, k, k, D) base-size embeddings of each patch's sub-patches (channels last).
             size: the patch size s = k * p.
 
         Returns:
             (N, D).
         """
         d = sub_patches
-        for _ in range(int(math.log2(d.shape[-1]))):
-            d = self.detail_merge(d)
+        w = self.detail_merge.weight.flatten(1)  # (D, D * 2 * 2), input order (channel, row, col)
+        while d.shape[1] > 1:
+            n, h, _, c = d.shape
+            # the 2x2 stride-2 conv as one matmul over non-overlapping 2x2 blocks (no per-call conv overhead)
+            blocks = d.reshape(n, h // 2, 2, h // 2, 2, c).permute(0, 1, 3, 5, 2, 4).reshape(n, h // 2, h // 2, c * 4)
+            d = F.linear(blocks, w, self.detail_merge.bias)
         return self.detail_proj[str(size)](d.flatten(1))
 
     def forward(
@@ -87,31 +91,48 @@ class AdaptivePatchEmbed(nn.Module):
             (N, D) token embeddings, in the order of the input lists.
         """
         p = self.patch_sizes[0]
-        base = norm(proj(images).permute(0, 2, 3, 1))  # (B, H/p, W/p, D)
+        # (B, H/p, W/p, D): every base cell, as timm embeds it; contiguous so that gathers read whole rows
+        base = norm(proj(images).permute(0, 2, 3, 1)).contiguous()
         parts, order = [], []
         for s in self.patch_sizes:
             sel = (size == s).nonzero().squeeze(1)
+            if s > p and sel.numel() == 0 and not (torch.is_grad_enabled() and self.training):
+                continue
             b, i, j = image[sel], y[sel] // s, x[sel] // s
             if s == p:
                 tok = base[b, i, j]
                 if pos_grid is not None:
-                    tok = tok + pos_grid[0, :, i, j].T
+                    tok = tok + pos_grid[0].permute(1, 2, 0)[i, j]
             else:
+                # (b) runs in training even on an empty selection, so that every new parameter gets
+                # a (zero) gradient each step: DDP with find_unused_parameters=False needs that
                 k = s // p
-                # (b) always runs, on an empty batch if need be, so every new parameter gets a
-                # gradient each step (DDP with find_unused_parameters=False needs that)
-                ar = torch.arange(k, device=images.device)
-                rows, cols = i[:, None] * k + ar, j[:, None] * k + ar  # (N_s, k)
-                sub = base[b[:, None, None], rows[:, :, None], cols[:, None, :]]  # (N_s, k, k, D)
-                tok = self.detail(sub.permute(0, 3, 1, 2), s)
+                tok = self.detail(_blocks(base, k, dims=(1, 2))[b, i, j], s)  # sub-patches (N_s, k, k, D)
                 if sel.numel():
-                    resized = norm(proj(F.avg_pool2d(images, k)).permute(0, 2, 3, 1))  # (B, H/s, W/s, D)
-                    tok = resized[b, i, j] + tok
+                    # (a) exact area average to p x p, then the ViT's own projection, chosen patches only
+                    pix = F.avg_pool2d(_blocks(images, s, dims=(2, 3))[b, i, j], k)  # (N_s, C, p, p)
+                    tok = norm(F.linear(pix.flatten(1), proj.weight.flatten(1), proj.bias)) + tok
                     if pos_grid is not None:
-                        tok = tok + F.avg_pool2d(pos_grid, k)[0, :, i, j].T
+                        tok = tok + F.avg_pool2d(pos_grid, k)[0].permute(1, 2, 0)[i, j]
             parts.append(tok)
             order.append(sel)
         order_all = torch.cat(order)
         inverse = torch.empty_like(order_all)
         inverse[order_all] = torch.arange(order_all.shape[0], device=order_all.device)
         return torch.cat(parts).index_select(0, inverse)
+
+
+def _blocks(t: torch.Tensor, n: int, dims) -> torch.Tensor:
+    """View the two spatial ``dims`` of ``t`` as a grid of n x n blocks, grid first.
+
+    (B, C, H, W) with dims (2, 3) -> (B, H//n, W//n, C, n, n);
+    (B, H, W, D) with dims (1, 2) -> (B, H//n, W//n, n, n, D). Trailing rows/columns that do not
+    fill a block are left out. Indexing the result with (image, row, col) gathers whole blocks.
+    """
+    h, w = t.shape[dims[0]], t.shape[dims[1]]
+    gh, gw = h // n, w // n
+    if dims == (2, 3):
+        b, c = t.shape[:2]
+        return t[:, :, : gh * n, : gw * n].reshape(b, c, gh, n, gw, n).permute(0, 2, 4, 1, 3, 5)
+    b, d = t.shape[0], t.shape[-1]
+    return t[:, : gh * n, : gw * n].reshape(b, gh, n, gw, n, d).permute(0, 1, 3, 2, 4, 5)

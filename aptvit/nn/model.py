@@ -217,7 +217,7 @@ class APTViT(nn.Module):
         old = tuple(self.patch_embed.grid_size)
         if tuple(grid) != old:
             pos = resample_abs_pos_embed(pos, new_size=grid, old_size=old, num_prefix_tokens=n_prefix)
-        grid_pos = pos[:, n_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
+        grid_pos = pos[:, n_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
         return grid_pos, (pos[:, :n_prefix] if n_prefix else None)
 
     def _embed(self, groups, layout: PatchLayout) -> torch.Tensor:

@@ -1,0 +1,205 @@
+"""Benchmark: timm's uniform ViT against its APT conversion on the same images, on this machine.
+
+One "run" of a configuration pushes every image through the model once (batch 1: one forward
+per image; batch 8: one forward per 8 images). Runs of the two models alternate, warm-up runs come
+first, everything is under ``torch.inference_mode``, and the reported times are medians. The APT
+time includes computing the layout from the pixels (the honest end-to-end number); the layout
+time is also reported on its own.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .core.io import atomic_write
+from .nn.model import APTViT, model_flops
+
+
+@dataclass
+class BenchRow:
+    """One (model, size, batch) measurement; times are milliseconds per image."""
+
+    model: str
+    size: str
+    batch: int
+    images: int
+    base_tokens: float  # per image
+    tokens: float  # per image, mean
+    kept: float  # tokens / base_tokens
+    flop_ratio: float  # uniform FLOPs / APT FLOPs
+    timm_ms: float
+    apt_ms: float
+    layout_ms: float
+    speedup: float  # timm_ms / apt_ms
+    efficiency: float  # speedup / flop_ratio
+    layout_share: float  # layout_ms / apt_ms
+
+
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, 3, H, W) to float normalised as the model expects."""
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+def resize(images: torch.Tensor, size) -> torch.Tensor:
+    """uint8 (B, 3, H, W) resized (area when shrinking, bicubic when growing) to ``size`` = (h, w)."""
+    h, w = size
+    mode = "area" if h <= images.shape[-2] and w <= images.shape[-1] else "bicubic"
+    out = F.interpolate(images.float(), size=(h, w), mode=mode)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _time(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_config(
+    timm_model: torch.nn.Module,
+    apt: APTViT,
+    images: torch.Tensor,
+    batch: int,
+    runs: int = 5,
+    warmup: int = 2,
+    name: str = "",
+    on_run: Optional[Callable[[], None]] = None,
+) -> BenchRow:
+    """Time timm vs APT on ``images`` (N, 3, H, W) normalised, in batches of ``batch``."""
+    n = images.shape[0]
+    chunks = [images[i : i + batch] for i in range(0, n, batch)]
+    with torch.inference_mode():
+        layouts = [apt.make_layout(c) for c in chunks]
+        flops = [model_flops(apt, l) for l in layouts]
+
+        def run_timm():
+            for c in chunks:
+                timm_model(c)
+
+        def run_apt():
+            for c in chunks:
+                apt(c)
+
+        def run_layout():
+            for c in chunks:
+                apt.make_layout(c)
+
+        for _ in range(warmup):
+            run_timm(), run_apt(), run_layout()
+        t_timm, t_apt, t_layout = [], [], []
+        for r in range(runs):
+            # alternate which model goes first, so drift in machine speed hits both alike
+            order = [(run_timm, t_timm), (run_apt, t_apt)]
+            for fn, sink in order if r % 2 == 0 else order[::-1]:
+                sink.append(_time(fn))
+            t_layout.append(_time(run_layout))
+            if on_run:
+                on_run()
+    uniform = torch.cat([f["uniform"] for f in flops]).sum().item()
+    adaptive = torch.cat([f["apt"] for f in flops]).sum().item()
+    base = sum(int(l.num_base_tokens.sum()) for l in layouts) / n
+    tokens = sum(l.total_tokens for l in layouts) / n
+    ms = lambda ts: statistics.median(ts) * 1000 / n  # noqa: E731
+    timm_ms, apt_ms, layout_ms = ms(t_timm), ms(t_apt), ms(t_layout)
+    speedup, ratio = timm_ms / apt_ms, uniform / adaptive
+    return BenchRow(
+        model=name, size=f"{images.shape[-2]}x{images.shape[-1]}", batch=batch, images=n, base_tokens=base,
+        tokens=tokens, kept=tokens / base, flop_ratio=ratio, timm_ms=timm_ms, apt_ms=apt_ms, layout_ms=layout_ms,
+        speedup=speedup, efficiency=speedup / ratio, layout_share=layout_ms / apt_ms,
+    )
+
+
+def format_table(rows: List[BenchRow]) -> str:
+    """A Markdown table of benchmark rows."""
+    lines = [
+        "| model | size | batch | tokens kept | FLOP ratio | timm ms/img | APT ms/img | speedup | efficiency | layout share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.size} | {r.batch} | {r.tokens:.0f}/{r.base_tokens:.0f} ({r.kept:.0%}) | {r.flop_ratio:.2f}x | "
+            f"{r.timm_ms:.1f} | {r.apt_ms:.1f} | {r.speedup:.2f}x | {r.efficiency:.2f} | {r.layout_share:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(rows: List[BenchRow], path, extra: Optional[Dict] = None) -> None:
+    """Write rows (and ``extra`` facts such as the machine) as JSON, atomically."""
+    payload = {**(extra or {}), "rows": [asdict(r) for r in rows]}
+    text = json.dumps(payload, indent=2)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def plot(rows: List[BenchRow], path) -> None:
+    """Speedup and tokens kept per (size, batch), one panel each, as a PNG (atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.model}\n{r.size} b{r.batch}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.3 * len(rows) + 2), 4))
+    axes[0].bar(labels, [r.speedup for r in rows], color="tab:blue", label="measured speedup")
+    axes[0].plot(labels, [r.flop_ratio for r in rows], "k_", markersize=20, label="FLOP ratio")
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set_ylabel("x faster than timm")
+    axes[0].legend()
+    axes[1].bar(labels, [100 * r.kept for r in rows], color="tab:orange")
+    axes[1].set_ylabel("tokens kept (%)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def run_bench(
+    model_names: Sequence[str],
+    sizes: Sequence,
+    batches: Sequence[int],
+    photos: torch.Tensor,
+    convert_kwargs: Optional[Dict] = None,
+    runs: int = 5,
+    warmup: int = 2,
+    load_weights: Optional[Callable[[torch.nn.Module], None]] = None,
+    progress: bool = True,
+) -> List[BenchRow]:
+    """The full grid: every model x size x batch, on ``photos`` (N, 3, H, W) uint8.
+
+    Args:
+        sizes: (h, w) pairs (or ints for squares) to resize the photos to; multiples of the patch size.
+        convert_kwargs: thresholds= / budget= / ... for ``aptvit.convert``.
+        load_weights: called on each freshly created timm model (pretrained or checkpoint weights);
+            random weights otherwise.
+    """
+    import timm
+    from tqdm import tqdm
+
+    from .nn.convert import convert
+
+    sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in sizes]
+    total = len(model_names) * len(sizes) * len(batches) * runs
+    bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, leave=False)
+    rows = []
+    for name in model_names:
+        model = timm.create_model(name, pretrained=False, dynamic_img_size=True)
+        if load_weights is not None:
+            load_weights(model)
+        model.eval()
+        apt = convert(model, **(convert_kwargs or {})).eval()
+        mean, std = apt.pixel_mean_std()
+        for size in sizes:
+            images = normalise(resize(photos, size), mean, std)
+            for batch in batches:
+                bar.set_postfix_str(f"{name} {size[0]}x{size[1]} batch {batch}")
+                rows.append(bench_config(model, apt, images, batch, runs, warmup, name, on_run=lambda: bar.update(1)))
+    bar.close()
+    return rows

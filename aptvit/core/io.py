@@ -1,0 +1,22 @@
+"""Writing files a user cares about: through a temporary name in the same folder, then a rename."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)``, then rename the result to ``path``: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
