@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.io import atomic_write
+from .images import center_crop_resize
 from .nn.model import APTViT, model_flops
 
 
@@ -49,12 +50,9 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images.float() / 255.0 - m) / s
 
 
-def resize(images: torch.Tensor, size) -> torch.Tensor:
-    """uint8 (B, 3, H, W) resized (area when shrinking, bicubic when growing) to ``size`` = (h, w)."""
-    h, w = size
-    mode = "area" if h <= images.shape[-2] and w <= images.shape[-1] else "bicubic"
-    out = F.interpolate(images.float(), size=(h, w), mode=mode)
-    return out.round().clamp(0, 255).to(torch.uint8)
+def resize(photos: Sequence[torch.Tensor], size) -> torch.Tensor:
+    """(N, 3, h, w) uint8: every (3, H, W) photo resized and center-cropped to ``size`` = (h, w)."""
+    return torch.stack([center_crop_resize(p, tuple(size)) for p in photos])
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -162,44 +160,100 @@ def plot(rows: List[BenchRow], path) -> None:
 
 
 def run_bench(
-    model_names: Sequence[str],
+    models: Sequence,
     sizes: Sequence,
     batches: Sequence[int],
-    photos: torch.Tensor,
-    convert_kwargs: Optional[Dict] = None,
+    photos: Sequence[torch.Tensor],
     runs: int = 5,
     warmup: int = 2,
-    load_weights: Optional[Callable[[torch.nn.Module], None]] = None,
     progress: bool = True,
 ) -> List[BenchRow]:
-    """The full grid: every model x size x batch, on ``photos`` (N, 3, H, W) uint8.
+    """The full grid: every model x size x batch.
 
     Args:
-        sizes: (h, w) pairs (or ints for squares) to resize the photos to; multiples of the patch size.
-        convert_kwargs: thresholds= / budget= / ... for ``aptvit.convert``.
-        load_weights: called on each freshly created timm model (pretrained or checkpoint weights);
-            random weights otherwise.
+        models: (name, timm model, APT model) triples, in eval mode.
+        sizes: (h, w) pairs or ints (squares); photos are resized and center-cropped to each.
+        photos: (3, H, W) uint8 images of any size.
     """
-    import timm
     from tqdm import tqdm
 
-    from .nn.convert import convert
-
     sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in sizes]
-    total = len(model_names) * len(sizes) * len(batches) * runs
-    bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, leave=False)
+    total = len(models) * len(sizes) * len(batches) * runs
     rows = []
-    for name in model_names:
-        model = timm.create_model(name, pretrained=False, dynamic_img_size=True)
-        if load_weights is not None:
-            load_weights(model)
-        model.eval()
-        apt = convert(model, **(convert_kwargs or {})).eval()
-        mean, std = apt.pixel_mean_std()
-        for size in sizes:
-            images = normalise(resize(photos, size), mean, std)
-            for batch in batches:
-                bar.set_postfix_str(f"{name} {size[0]}x{size[1]} batch {batch}")
-                rows.append(bench_config(model, apt, images, batch, runs, warmup, name, on_run=lambda: bar.update(1)))
-    bar.close()
+    with tqdm(total=total, desc="bench", unit="run", disable=None if progress else True, leave=False) as bar:
+        for name, model, apt in models:
+            mean, std = apt.pixel_mean_std()
+            for size in sizes:
+                images = normalise(resize(photos, size), mean, std)
+                for batch in batches:
+                    bar.set_postfix_str(f"{name} {size[0]}x{size[1]} batch {batch}")
+                    rows.append(bench_config(model, apt, images, batch, runs, warmup, name, on_run=lambda: bar.update(1)))
+    return rows
+
+
+def build_models(name: str, convert_kwargs: Dict, pretrained: bool = False, checkpoint=None, log=print):
+    """timm model + its APT conversion, with pretrained / checkpoint / random weights (said in the log)."""
+    import timm
+
+    from .nn.convert import convert, load, read_metadata, read_state_dict, load_timm_weights
+
+    try:
+        model = timm.create_model(name, pretrained=pretrained, dynamic_img_size=True)
+    except Exception as e:  # hub errors come in many types; the user needs the one line
+        if not pretrained:
+            raise
+        raise RuntimeError(f"could not load pretrained weights for {name} ({type(e).__name__}: {e}); "
+                           "use --checkpoint PATH with a local file") from None
+    if checkpoint:
+        if read_metadata(checkpoint).get("format") == "aptvit":
+            apt = load(checkpoint, model=model)
+            for key in ("thresholds", "budget"):
+                if key in convert_kwargs:  # the command line overrides the file's layout settings
+                    apt.config.thresholds, apt.config.budget = None, None
+                    setattr(apt.config, key, convert_kwargs[key])
+            log(f"weights: {checkpoint} (aptvit checkpoint)")
+            return model.eval(), apt.eval()
+        load_timm_weights(model, read_state_dict(checkpoint))
+        log(f"weights: {checkpoint}")
+    elif pretrained:
+        log(f"weights: timm pretrained {name}")
+    else:
+        log("weights: random (no --pretrained or --checkpoint): timings are valid, predictions are not")
+    return model.eval(), convert(model, **convert_kwargs).eval()
+
+
+def bench_command(model, sizes, batches, images=None, layout=None, scorer="entropy", patch_sizes=None, runs=5,
+                  warmup=2, out=None, plot_path=None, pretrained=False, checkpoint=None, log=print) -> List[BenchRow]:
+    """``aptvit bench``: build the models, check the sizes, run the grid, print/write the results."""
+    from .images import list_images, read_image
+    from .photos import PHOTO_NAMES, load_photo
+
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
+    kwargs = dict(layout or {}, scorer=scorer)
+    if patch_sizes:
+        kwargs["patch_sizes"] = patch_sizes
+    timm_model, apt = build_models(model, kwargs, pretrained, checkpoint, log)
+    p = apt.patch_size
+    parsed = []
+    for text in str(sizes).split(","):
+        h, _, w = text.lower().partition("x")
+        try:
+            hw = (int(h), int(w or h))
+        except ValueError:
+            raise ValueError(f"--size {text!r} must be a number or HxW, e.g. 384 or 384x640") from None
+        if hw[0] % p or hw[1] % p or min(hw) <= 0:
+            raise ValueError(f"--size {hw[0]}x{hw[1]} is not a multiple of the base patch size {p} of {model}")
+        parsed.append(hw)
+    photos = [read_image(f) for f in list_images(images)] if images else [load_photo(n) for n in PHOTO_NAMES]
+    log(f"{len(photos)} images from {images or 'scikit-image (bundled photos)'}; settings: "
+        f"{apt.config.thresholds if apt.config.budget is None else f'budget {apt.config.budget}'}, scorer {apt.config.scorer}")
+    rows = run_bench([(model, timm_model, apt)], parsed, batches, photos, runs, warmup)
+    log(format_table(rows))
+    if out:
+        write_json(rows, out, {"config": apt.config.to_dict(), "runs": runs, "torch": torch.__version__})
+        log(f"results: {out}")
+    if plot_path:
+        plot(rows, plot_path)
+        log(f"plot: {plot_path}")
     return rows

@@ -12,8 +12,8 @@ import platform
 
 import torch
 
-from aptvit.bench import format_table, run_bench, write_json
-from aptvit.photos import photo_batch
+from aptvit.bench import build_models, format_table, run_bench, write_json
+from aptvit.photos import PHOTO_NAMES, load_photo
 
 
 def main():
@@ -23,8 +23,9 @@ def main():
     parser.add_argument("--sizes", default="224,384,448")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    photos = photo_batch(8, 512)
-    rows = run_bench(args.models.split(","), [int(s) for s in args.sizes.split(",")], [1, 8], photos, runs=args.runs)
+    photos = [load_photo(name) for name in PHOTO_NAMES]
+    models = [(name, *build_models(name, {}, log=lambda *_: None)) for name in args.models.split(",")]
+    rows = run_bench(models, [int(s) for s in args.sizes.split(",")], [1, 8], photos, runs=args.runs)
     when = datetime.date.today().isoformat()
     print(f"{when}, {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"8 scikit-image photos, thresholds 32=5.5,64=4.0, runs={args.runs}")

@@ -23,6 +23,7 @@ from ..core.layout import PatchLayout
 from ..core.packing import add_prefix_to_cu_seqlens, insert_prefix, segment_max, segment_weighted_mean, split_prefix
 from ..core.quadtree import check_patch_sizes, check_thresholds, patch_layout
 from .attention import check_backend, packed_self_attention, resolve_backend
+from .dense import DenseMixin
 from .embed import AdaptivePatchEmbed
 from .support import check_supported
 
@@ -87,7 +88,7 @@ class _Packing:
     backend: str = field(default="loop")
 
 
-class APTViT(nn.Module):
+class APTViT(DenseMixin, nn.Module):
     """A timm VisionTransformer that runs on adaptive patch layouts. Build it with ``aptvit.convert``.
 
     Args:
@@ -130,6 +131,10 @@ class APTViT(nn.Module):
     @property
     def patch_sizes(self) -> Tuple[int, ...]:
         return tuple(self.config.patch_sizes)
+
+    def no_weight_decay(self) -> set:
+        """Parameters timm exempts from weight decay (used by timm's optimizer factory)."""
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -176,15 +181,25 @@ class APTViT(nn.Module):
 
     def forward_features(self, images: Images, layout: Optional[PatchLayout] = None) -> Tuple[torch.Tensor, PatchLayout]:
         """Packed final tokens (T + B * P, D), per image [prefix tokens, patch tokens], and the layout."""
+        x, _, layout = self._run(images, layout)
+        return self.norm(x), layout
+
+    def _run(self, images: Images, layout: Optional[PatchLayout], take: Sequence[int] = (), stop: Optional[int] = None):
+        """Embed and run the blocks (up to block ``stop``); returns (x before the final norm, {i: x after block i}, layout)."""
         if layout is None:
             _groups(images, self.patch_size, self.patch_embed.proj.in_channels)  # clear errors before scoring
             layout = self.make_layout(images)
         x = self.embed(images, layout)
         packing = self._packing(layout, x)
         x = self.norm_pre(self.pos_drop(x))
-        for blk in self.blocks:
+        kept: Dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks):
+            if stop is not None and i > stop:
+                break
             x = self._block(blk, x, packing)
-        return self.norm(x), layout
+            if i in take:
+                kept[i] = x
+        return x, kept, layout
 
     def forward_head(self, x: torch.Tensor, layout: PatchLayout, pre_logits: bool = False) -> torch.Tensor:
         """Pool like timm (average weighted by the base cells each token covers), fc_norm, head."""

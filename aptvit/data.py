@@ -1,0 +1,163 @@
+"""ImageFolder data for fine-tuning and evaluation, with layouts computed in the loader workers.
+
+Each sample is the un-normalised uint8 crop, its label and its own ``PatchLayout``; the collate
+function stacks the crops and joins the layouts into one packed batch layout, so the main process
+only normalises and runs the model. Augmentation is seeded per (seed, epoch, index): a resumed run
+sees exactly the crops an uninterrupted one would, whatever worker draws them.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .core.layout import PatchLayout
+
+
+def check_image_folder(root, split: str) -> Path:
+    """The ``split`` folder of ``root`` (or ``root`` itself when it already is that folder), checked."""
+    root = Path(root)
+    folder = root / split if (root / split).is_dir() else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder {str(folder)!r} does not exist (expected {split}/ with one folder per class)")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{str(folder)!r} has no class folders; expected ImageFolder layout {folder}/<class>/<image>")
+    return folder
+
+
+def image_folder(folder: Path):
+    """torchvision's ImageFolder (paths and labels only; images are read by ``LayoutDataset``)."""
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(str(folder), loader=lambda p: p)
+    except FileNotFoundError as e:
+        raise ValueError(f"{folder}: {str(e).splitlines()[0]} (a class folder with no images?)") from None
+
+
+@dataclass
+class Batch:
+    """A packed training batch: uint8 crops, labels, their layout, and the files that could not be read."""
+
+    images: torch.Tensor  # (B, 3, S, S) uint8
+    labels: torch.Tensor  # (B,) long
+    layout: Optional[PatchLayout]
+    bad: List[str]
+
+
+class LayoutDataset(torch.utils.data.Dataset):
+    """ImageFolder samples as (uint8 crop, label, layout or None, bad path or None).
+
+    Args:
+        samples: (path, label) pairs.
+        transform: a timm transform built with ``use_prefetcher=True`` (uint8 output, no normalisation).
+        layout_fn: ``layout_fn(crop (1, 3, S, S) uint8) -> PatchLayout`` (e.g. ``patch_layout`` with
+            the model's settings, bound with functools.partial so it pickles), or None for no layout.
+        seed: base seed of the per-sample augmentation.
+    """
+
+    def __init__(self, samples: Sequence, transform, layout_fn: Optional[Callable], seed: int = 0) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.layout_fn = layout_fn
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path, label = self.samples[index]
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % (2**31)
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        torch.manual_seed(sample_seed)
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # any decoding failure: report the file, never crash a worker
+            return None, label, None, f"{path} ({type(e).__name__}: {e})"
+        arr = self.transform(img)  # uint8 (3, S, S) numpy array
+        crop = torch.from_numpy(np.ascontiguousarray(arr))
+        layout = self.layout_fn(crop[None]) if self.layout_fn is not None else None
+        return crop, label, layout, None
+
+
+def collate(samples) -> Batch:
+    """Stack crops, join layouts; unreadable samples are set aside in ``bad``."""
+    good = [s for s in samples if s[0] is not None]
+    bad = [s[3] for s in samples if s[0] is None]
+    if not good:
+        return Batch(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), None, bad)
+    images = torch.stack([s[0] for s in good])
+    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
+    layout = PatchLayout.cat([s[2] for s in good]) if good[0][2] is not None else None
+    return Batch(images, labels, layout, bad)
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """Seeded per-epoch shuffle, split across ranks, resumable mid-epoch.
+
+    Args:
+        size: dataset length.
+        rank, world: this process and the number of processes.
+        shuffle: permute per epoch with ``seed + epoch`` (training); in order otherwise (evaluation).
+        equal_shares: cut every rank's share to size // world (training: ranks step together);
+            otherwise ranks split the data exactly, without repeats (evaluation sums counts).
+    """
+
+    def __init__(self, size: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0, equal_shares: bool = True):
+        self.size, self.rank, self.world, self.shuffle, self.seed = size, rank, world, shuffle, seed
+        self.equal_shares = equal_shares
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start ``epoch``, skipping the first ``skip`` samples of this rank's share (resume)."""
+        self.epoch, self.skip = epoch, skip
+
+    def _share(self) -> List[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        share = order[self.rank :: self.world]
+        return share[: self.size // self.world] if self.equal_shares else share
+
+    def __iter__(self):
+        return iter(self._share()[self.skip :])
+
+    def __len__(self) -> int:
+        return max(0, len(self._share()) - self.skip)
+
+
+def make_loader(dataset: LayoutDataset, sampler: ShardedSampler, batch_size: int, workers: int, drop_last: bool):
+    """A DataLoader with the packing collate."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        drop_last=drop_last, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        # its own generator: starting an iterator must not draw from the global RNG, or a resumed
+        # run's dropout / drop-path draws would shift (samples are seeded per index anyway)
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def build_transform(size: int, training: bool, mean, std, crop_pct: Optional[float] = None):
+    """timm's ``create_transform`` with uint8 output (``use_prefetcher``), RandAugment m9 when training."""
+    from timm.data import create_transform
+
+    kwargs = dict(input_size=(3, size, size), is_training=training, use_prefetcher=True, mean=mean, std=std)
+    if training:
+        kwargs.update(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0)
+    elif crop_pct is not None:
+        kwargs["crop_pct"] = crop_pct
+    return create_transform(**kwargs)

@@ -1,0 +1,134 @@
+"""``aptvit eval``: top-1, top-5, tokens kept and images per second on an ImageFolder split.
+
+Works for an APT checkpoint (``--checkpoint RUN_DIR/model.safetensors``) and for the unconverted
+timm model (``--model NAME --pretrained --uniform``), on one process or under torchrun.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .core.io import atomic_write
+from .core.quadtree import patch_layout
+from .data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, image_folder, make_loader
+
+
+def normalise_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, 3, H, W) to float normalised as the model expects, on the images' device."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255.0
+    return (images.float() - m) / s
+
+
+@torch.inference_mode()
+def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist, mean, std,
+             skip_bad_images: bool = False, uniform: bool = False, progress: bool = True) -> dict:
+    """Accuracy and speed of ``model`` on ``dataset`` (reduced over ranks).
+
+    Args:
+        model: an APTViT (layouts come from the loader) or, with ``uniform``, a plain timm model.
+
+    Returns:
+        {"top1", "top5" (percent), "tokens_kept", "images_per_s", "images", "bad_images"}.
+    """
+    from tqdm import tqdm
+
+    from .train import all_reduce_sum
+
+    was_training = model.training
+    model.eval()
+    sampler = ShardedSampler(len(dataset), dist.rank, dist.world, shuffle=False, equal_shares=False)
+    loader = make_loader(dataset, sampler, batch_size, workers, drop_last=False)
+    correct1 = correct5 = seen = tokens = base = bad = 0.0
+    model_seconds = 0.0
+    for batch in tqdm(loader, desc="eval", disable=None if (progress and dist.main) else True, leave=False):
+        if batch.bad:
+            if not skip_bad_images:
+                raise ValueError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
+            bad += len(batch.bad)
+        if batch.images.shape[0] == 0:
+            continue
+        images = normalise_batch(batch.images.to(dist.device), mean, std)
+        labels = batch.labels.to(dist.device)
+        start = time.perf_counter()
+        if uniform:
+            logits = model(images)
+            n_tokens = n_base = images.shape[0] * (images.shape[-2] // model.patch_embed.patch_size[0]) * (images.shape[-1] // model.patch_embed.patch_size[1])
+        else:
+            layout = batch.layout.to(dist.device)
+            logits = model(images, layout=layout)
+            n_tokens, n_base = layout.total_tokens, int(layout.num_base_tokens.sum())
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        model_seconds += time.perf_counter() - start
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        correct1 += (top5[:, 0] == labels).sum().item()
+        correct5 += (top5 == labels[:, None]).any(-1).sum().item()
+        seen += labels.shape[0]
+        tokens += n_tokens
+        base += n_base
+    correct1, correct5, seen, tokens, base, bad = all_reduce_sum([correct1, correct5, seen, tokens, base, bad], dist)
+    seconds = all_reduce_sum([model_seconds], dist)[0] / dist.world
+    model.train(was_training)
+    if seen == 0:
+        raise ValueError("no image of the evaluation set could be read")
+    return {"top1": 100 * correct1 / seen, "top5": 100 * correct5 / seen, "tokens_kept": tokens / max(1.0, base),
+            "images_per_s": seen / max(seconds, 1e-9), "images": int(seen), "bad_images": int(bad)}
+
+
+def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, uniform=False, size=None,
+                 batch_size=64, workers=4, json_path=None, skip_bad_images=False, layout=None, log=print) -> dict:
+    """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON."""
+    import timm
+
+    from .nn.convert import convert, load, load_timm_weights, read_metadata, read_state_dict
+    from .train import setup_distributed
+
+    dist = setup_distributed()
+    folder = check_image_folder(data, "val")
+    dataset_items = image_folder(folder)
+    meta = read_metadata(checkpoint) if checkpoint else {}
+    classes = json.loads(meta["classes"]) if "classes" in meta else None
+    if classes is not None and classes != dataset_items.classes:
+        raise ValueError(f"the checkpoint's {len(classes)} classes differ from the {len(dataset_items.classes)} class folders of {folder}")
+    if meta.get("format") == "aptvit":
+        if uniform:
+            raise ValueError("--uniform evaluates a timm model; this checkpoint is an aptvit model (drop --uniform)")
+        model = load(checkpoint)
+        if layout:
+            model.config.thresholds, model.config.budget = layout.get("thresholds"), layout.get("budget")
+        timm_model = model.timm_model
+    else:
+        if not model_name:
+            raise ValueError("give --model NAME (with --pretrained or a timm --checkpoint), or an aptvit --checkpoint")
+        try:
+            timm_model = timm.create_model(model_name, pretrained=pretrained, num_classes=len(dataset_items.classes), dynamic_img_size=True)
+        except Exception as e:
+            if not pretrained:
+                raise
+            raise RuntimeError(f"could not load pretrained weights for {model_name} ({type(e).__name__}: {e}); use --checkpoint PATH") from None
+        if checkpoint:
+            load_timm_weights(timm_model, read_state_dict(checkpoint))
+        model = timm_model if uniform else convert(timm_model, **(layout or {}))
+    model.to(dist.device)
+    cfg = timm_model.pretrained_cfg or {}
+    size = size or int(meta.get("input_size", 0)) or cfg.get("input_size", (3, 224, 224))[-1]
+    mean, std = (model.pixel_mean_std() if not uniform else (cfg.get("mean"), cfg.get("std")))
+    layout_fn = None if uniform else functools.partial(
+        patch_layout, patch_sizes=model.patch_sizes, thresholds=model.config.thresholds, budget=model.config.budget,
+        scorer=model.config.scorer, bins=model.config.bins)
+    dataset = LayoutDataset(dataset_items.samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)
+    result = evaluate(model, dataset, batch_size, workers, dist, mean, std, skip_bad_images, uniform=uniform)
+    result.update(model=model_name or meta.get("architecture", ""), checkpoint=str(checkpoint) if checkpoint else None,
+                  uniform=uniform, size=size)
+    if dist.main:
+        log(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  tokens kept {result['tokens_kept']:.1%}  "
+            f"{result['images_per_s']:.1f} img/s  ({result['images']} images{', uniform ViT' if uniform else ''})")
+        if json_path:
+            atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    return result

@@ -1,0 +1,201 @@
+"""Dense features from an APT encoder: back onto the base grid for segmentation / detection heads,
+timm-compatible intermediates, a ViTDet-style simple pyramid, and packed tokens for multimodal LLMs.
+
+Unmerging is a gather through the layout's cell index: each base cell takes the feature of the token
+that covers it ("repeat"). ``smooth=True`` instead box-filters each large token's area with a
+window of its own size, so features blend across token borders ("smooth"); see BENCHMARKS.md for
+which scored better in the segmentation experiment (the default follows it).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.layout import PatchLayout
+from ..core.packing import gather_to_grid, split_prefix
+
+SMOOTH_DEFAULT = False  # set from the segmentation experiment (examples/segmentation.py)
+
+
+def unmerge(tokens: torch.Tensor, layout: PatchLayout, smooth: bool = SMOOTH_DEFAULT) -> torch.Tensor:
+    """Packed patch tokens (T, D) onto the base grid (B, D, H/p, W/p) of same-size images.
+
+    Args:
+        tokens: (T, D) patch tokens in the layout's packing order (no prefix tokens).
+        smooth: blend large tokens with their neighbours (box filter of the token's size) instead
+            of repeating them over their cells.
+    """
+    grid = gather_to_grid(tokens, layout.cell_index)
+    if not smooth or len(layout.patch_sizes) == 1:
+        return grid
+    p = layout.base_size
+    cell_size = layout.size[layout.cell_index][:, None]  # (B, 1, h, w) size of the covering token
+    out = grid
+    for s in layout.patch_sizes[1:]:
+        k = s // p
+        blurred = F.avg_pool2d(grid, k + 1, stride=1, padding=k // 2, count_include_pad=False)
+        blurred = blurred[..., : grid.shape[-2], : grid.shape[-1]]
+        out = torch.where(cell_size == s, blurred, out)
+    return out
+
+
+def simple_pyramid(grid: torch.Tensor, scales: Sequence[float] = (4, 2, 1, 0.5)) -> List[torch.Tensor]:
+    """ViTDet's simple feature pyramid without parameters: one map per scale of the base grid.
+
+    Scales above 1 upsample bilinearly, 1 is the grid itself, below 1 max-pools (as ViTDet's 1/2 level).
+    For the learned version (deconvolutions and convs), see ``SimpleFeaturePyramid``.
+
+    Args:
+        grid: (B, D, h, w).
+        scales: powers of two, e.g. (4, 2, 1, 0.5).
+
+    Returns:
+        [(B, D, h * s, w * s) for s in scales].
+    """
+    _check_scales(scales, grid.shape[-2:])
+    out = []
+    for s in scales:
+        if s > 1:
+            out.append(F.interpolate(grid, scale_factor=s, mode="bilinear", align_corners=False))
+        elif s == 1:
+            out.append(grid)
+        else:
+            k = int(round(1 / s))
+            out.append(F.max_pool2d(grid, k, k))
+    return out
+
+
+def _check_scales(scales, hw) -> None:
+    if isinstance(scales, (int, float)) or not len(scales):
+        raise ValueError(f"scales must be a non-empty sequence such as (4, 2, 1, 0.5), got {scales!r}")
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 or not math.log2(s).is_integer():
+            raise ValueError(f"scales must be powers of two such as 4, 2, 1, 0.5; got {s!r} in {tuple(scales)}")
+        if s < 1 and min(hw) * s < 1:
+            raise ValueError(f"scale {s} would make the {hw[0]}x{hw[1]} grid empty")
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """The learned ViTDet simple feature pyramid: deconvolutions up, max-pool down, then 1x1 + 3x3 convs.
+
+    Args:
+        dim: channels of the ViT grid.
+        out_dim: channels of every pyramid level.
+        scales: powers of two, as in ``simple_pyramid``.
+    """
+
+    def __init__(self, dim: int, out_dim: int = 256, scales: Sequence[float] = (4, 2, 1, 0.5)) -> None:
+        super().__init__()
+        _check_scales(scales, (64, 64))
+        self.scales = tuple(scales)
+        self.levels = nn.ModuleList()
+        for s in self.scales:
+            layers: List[nn.Module] = []
+            if s > 1:
+                for step in range(int(math.log2(s))):
+                    layers += [nn.ConvTranspose2d(dim, dim, 2, stride=2)] + ([nn.GELU()] if step + 1 < math.log2(s) else [])
+            elif s < 1:
+                layers.append(nn.MaxPool2d(int(round(1 / s))))
+            layers += [nn.Conv2d(dim, out_dim, 1), nn.GroupNorm(1, out_dim), nn.Conv2d(out_dim, out_dim, 3, padding=1), nn.GroupNorm(1, out_dim)]
+            self.levels.append(nn.Sequential(*layers))
+
+    def forward(self, grid: torch.Tensor) -> List[torch.Tensor]:
+        """(B, dim, h, w) -> [(B, out_dim, h * s, w * s) for s in scales]."""
+        return [level(grid) for level in self.levels]
+
+
+def _take_indices(depth: int, indices) -> Tuple[List[int], int]:
+    """timm's feature_take_indices semantics (None = all, int n = last n, sequence = those), with clear errors."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices={indices} must be between 1 and the model depth {depth} (the last n blocks)")
+        take = list(range(depth - indices, depth))
+    else:
+        try:
+            take = [int(i) for i in indices]
+        except (TypeError, ValueError):
+            raise ValueError(f"indices must be an int or a sequence of block indices, got {indices!r}") from None
+        bad = [i for i in take if not -depth <= i < depth]
+        if bad or not take:
+            raise ValueError(f"indices {list(indices)} out of range for a model of depth {depth}")
+        take = [i % depth for i in take]
+    return take, max(take)
+
+
+class DenseMixin:
+    """Dense and MLLM entry points of ``APTViT`` (built on its ``_run``)."""
+
+    def forward_dense(self, images, layout: Optional[PatchLayout] = None, smooth: bool = SMOOTH_DEFAULT) -> torch.Tensor:
+        """(B, D, H/p, W/p): the final normalised features, each token's over the cells it covers.
+
+        Equal to timm's ``forward_features`` without prefix tokens, reshaped to NCHW, when nothing merges.
+        """
+        x, _, layout = self._run(images, layout)
+        patches, _ = split_prefix(self.norm(x), layout.cu_seqlens, self.num_prefix_tokens)
+        return unmerge(patches, layout, smooth)
+
+    def forward_intermediates(
+        self,
+        images,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        layout: Optional[PatchLayout] = None,
+        smooth: bool = SMOOTH_DEFAULT,
+    ):
+        """timm's ``forward_intermediates`` on an APT layout: the same arguments, shapes and semantics.
+
+        Intermediates are unmerged to the base grid: (B, D, H/p, W/p) for "NCHW", (B, H/p * W/p, D)
+        for "NLC"; with ``return_prefix_tokens`` each is a (features, (B, P, D) prefix) pair. The final
+        features (unless ``intermediates_only``) are ``norm(x)`` as (B, P + H/p * W/p, D), like timm's.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = _take_indices(len(self.blocks), indices)
+        x, kept, layout = self._run(images, layout, take, last if stop_early else None)
+        if not layout.same_size:
+            raise ValueError("forward_intermediates needs images of one size; call it per size")
+        p = self.num_prefix_tokens
+        results = []
+        for i in take:
+            y = self.norm(kept[i]) if norm else kept[i]
+            patches, prefix = split_prefix(y, layout.cu_seqlens, p)
+            grid = unmerge(patches, layout, smooth)
+            feat = grid if output_fmt == "NCHW" else grid.flatten(2).transpose(1, 2)
+            results.append((feat, prefix) if return_prefix_tokens and p else feat)
+        if intermediates_only:
+            return results
+        patches, prefix = split_prefix(self.norm(x), layout.cu_seqlens, p)
+        final = unmerge(patches, layout, smooth).flatten(2).transpose(1, 2)
+        return torch.cat([prefix, final], dim=1), results
+
+    def encode_tokens(self, images, layout: Optional[PatchLayout] = None, layer: Optional[int] = None):
+        """Packed visual tokens for a multimodal LLM, fewer than the uniform ViT gives.
+
+        Args:
+            layer: None for the final normalised features; a block index (e.g. -2, as LLaVA-1.5
+                takes the penultimate layer) for that block's output, not normalised.
+
+        Returns:
+            tokens (T, D) patch tokens (prefix tokens dropped), packed image by image in raster order,
+            and the layout: ``layout.y``, ``layout.x``, ``layout.size`` (T,) give each token's box in
+            pixels and ``layout.cu_seqlens`` where each image's tokens start.
+        """
+        if layer is None:
+            x, _, layout = self._run(images, layout)
+            x = self.norm(x)
+        else:
+            (i,), _ = _take_indices(len(self.blocks), [layer])
+            _, kept, layout = self._run(images, layout, [i], i)
+            x = kept[i]
+        tokens, _ = split_prefix(x, layout.cu_seqlens, self.num_prefix_tokens)
+        return tokens, layout

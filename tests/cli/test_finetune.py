@@ -1,0 +1,179 @@
+"""finetune / eval end to end on a generated ImageFolder: files, learning, exact resume, DDP, bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aptvit.cli import main
+from aptvit.train import TrainConfig, finetune
+
+MODEL = "vit_tiny_patch16_224"
+
+
+def make_folder(root: Path, classes=("plain", "stripes"), train=8, val=4, size=48, seed=0) -> Path:
+    """ImageFolder whose class is visible everywhere: a reddish plain image vs a bluish one with stripes."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.full((size, size, 3), rng.integers(60, 120), dtype=np.uint8)
+                img[..., 0 if c == 0 else 2] = 220
+                if c == 1:
+                    img[: size // 2, : size // 2][::2] = 255
+                img = (img.astype(int) + rng.integers(-3, 4, img.shape)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / name / f"{i}.png")
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cfg(data, out, **kw):
+    base = dict(model=MODEL, data=str(data), out=str(out), size=32, batch_size=4, workers=0, log_every=1,
+                lr=1e-3, drop_path=0.0, thresholds={32: 6.0})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def metrics(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_finetune_cli_writes_every_file_and_eval_reads_them(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32",
+                         "--batch-size", "4", "--workers", "2", "--max-steps", "3", "--log-every", "1", "--thresholds", "32=6")
+    assert code == 0, err
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["config.json", "metrics.jsonl", "model.safetensors", "train_state.pt"]
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    assert state["global_step"] == 3 and state["step_in_epoch"] == 3
+    train = [m for m in metrics(tmp_path / "run") if m["kind"] == "train"]
+    assert [m["step"] for m in train] == [1, 2, 3] and all(0 < m["tokens_kept"] <= 1 for m in train)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["classes"] == ["plain", "stripes"] and config["thresholds"] == {"32": 6.0}
+
+    code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "run" / "model.safetensors", "--data", data / "val",
+                         "--json", tmp_path / "eval.json", "--workers", "0")
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["images"] == 8 and 0 <= result["top1"] <= result["top5"] <= 100
+    assert 0 < result["tokens_kept"] <= 1 and result["images_per_s"] > 0 and result["size"] == 32
+    assert "top-1" in out
+
+
+def test_uniform_baseline_eval(tmp_path, capsys):
+    import timm
+
+    data = make_folder(tmp_path / "data")
+    torch.save(timm.create_model(MODEL, num_classes=2).state_dict(), tmp_path / "timm.pth")
+    code, out, err = run(capsys, "eval", "--model", MODEL, "--checkpoint", tmp_path / "timm.pth", "--data", data,
+                         "--uniform", "--size", "32", "--workers", "0", "--json", tmp_path / "u.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "u.json").read_text())
+    assert result["tokens_kept"] == 1.0 and result["uniform"] and result["images"] == 8
+
+
+def test_loss_falls_on_a_set_the_model_can_memorise(tmp_path):
+    data = make_folder(tmp_path / "data", train=4, val=2)
+    finetune(cfg(data, tmp_path / "run", epochs=10, eval=False, lr=3e-4), log=lambda *a: None)
+    losses = [m["loss"] for m in metrics(tmp_path / "run") if m["kind"] == "train"]
+    assert len(losses) == 20
+    assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])
+
+
+def test_resume_is_exact(tmp_path):
+    data = make_folder(tmp_path / "data")  # 16 train images, batch 4: 4 steps per epoch
+    quiet = lambda *a: None  # noqa: E731
+    kw = dict(epochs=2, eval=False, drop_path=0.1, workers=2)
+    finetune(cfg(data, tmp_path / "whole", max_steps=6, **kw), log=quiet)
+    finetune(cfg(data, tmp_path / "split", max_steps=2, **kw), log=quiet)  # stop mid-epoch
+    finetune(cfg(data, tmp_path / "split", max_steps=6, **kw), resume=True, log=quiet)
+    whole = {m["step"]: m["loss"] for m in metrics(tmp_path / "whole") if m["kind"] == "train"}
+    split = {m["step"]: m["loss"] for m in metrics(tmp_path / "split") if m["kind"] == "train"}
+    assert sorted(split) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert split[step] == whole[step], step
+
+
+def test_existing_run_dir_without_resume_is_refused(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.safetensors").write_text("precious")
+    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32")
+    assert code == 2 and "exists and is not empty" in err and "--resume" in err
+    assert (tmp_path / "run" / "model.safetensors").read_text() == "precious"
+
+
+def _bad_data(tmp_path, kind):
+    data = make_folder(tmp_path / "data")
+    if kind == "missing train":
+        shutil.rmtree(data / "train")
+        (data / "train").mkdir()
+    elif kind == "empty class":
+        for f in (data / "train" / "plain").iterdir():
+            f.unlink()
+    elif kind == "classes differ":
+        (data / "val" / "stripes").rename(data / "val" / "dots")
+    elif kind in ("unreadable", "skip"):
+        (data / "train" / "plain" / "0.png").write_text("not a png")
+    return data
+
+
+@pytest.mark.parametrize(
+    "kind, extra, message",
+    [
+        ("missing train", [], "has no class folders"),
+        ("empty class", [], "no images"),
+        ("classes differ", [], "train and val classes differ"),
+        ("unreadable", [], "cannot read image .*plain/0.png.*--skip-bad-images"),
+        ("checkpoint", ["--checkpoint", "{ckpt}"], "checkpoint does not match the model"),
+    ],
+)
+def test_bad_input_is_one_clear_message(tmp_path, capsys, kind, extra, message):
+    import re
+
+    import timm
+
+    data = _bad_data(tmp_path, kind)
+    torch.save(timm.create_model("vit_small_patch16_224", num_classes=2).state_dict(), tmp_path / "other.pth")
+    extra = [e.format(ckpt=tmp_path / "other.pth") for e in extra]
+    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32",
+                         "--batch-size", "16", "--workers", "0", "--max-steps", "1", "--no-eval", *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+def test_skip_bad_images_skips_and_counts(tmp_path, capsys):
+    data = _bad_data(tmp_path, "skip")
+    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32",
+                         "--batch-size", "16", "--workers", "0", "--max-steps", "1", "--no-eval", "--skip-bad-images")
+    assert code == 0, err
+    assert "skipped 1 unreadable image" in out
+    assert metrics(tmp_path / "run")[-1]["bad_images"] == 1
+
+
+def test_ddp_two_cpu_processes_step_in_sync(tmp_path):
+    data = make_folder(tmp_path / "data")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "aptvit", "finetune", "--model", MODEL, "--data", str(data),
+         "--out", str(tmp_path / "run"), "--size", "32", "--batch-size", "4", "--workers", "0", "--max-steps", "2", "--no-eval"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "weights identical across 2 ranks" in result.stdout
+    assert "2 process(es)" in result.stdout
+    assert (tmp_path / "run" / "model.safetensors").is_file()
