@@ -127,7 +127,7 @@ def cmd_finetune(args) -> int:
         patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None, scorer=args.scorer,
         thresholds=layout.get("thresholds"), budget=layout.get("budget"), skip_bad_images=args.skip_bad_images,
         max_steps=args.max_steps, save_every=args.save_every, log_every=args.log_every, eval=not args.no_eval,
-        drop_path=args.drop_path, warmup=args.warmup,
+        drop_path=args.drop_path, warmup=args.warmup, augment=args.augment,
     )
     for name, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--size", cfg.size)):
         if value < 1:
@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of all steps")
     p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--augment", default="rand-m9-mstd0.5-inc1", help="timm auto-augment string, or 'none' (no random crop either)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -151,13 +151,19 @@ def make_loader(dataset: LayoutDataset, sampler: ShardedSampler, batch_size: int
     )
 
 
-def build_transform(size: int, training: bool, mean, std, crop_pct: Optional[float] = None):
-    """timm's ``create_transform`` with uint8 output (``use_prefetcher``), RandAugment m9 when training."""
+def build_transform(size: int, training: bool, mean, std, crop_pct: Optional[float] = None,
+                    augment: str = "rand-m9-mstd0.5-inc1"):
+    """timm's ``create_transform`` with uint8 output (``use_prefetcher``).
+
+    Training: random-resized crop, flip and ``augment`` (a timm auto-augment string; the paper's
+    RandAugment m9 by default). ``augment="none"`` trains on the evaluation transform (resize and
+    center crop, nothing random), for data whose labels a random crop could cut away.
+    """
     from timm.data import create_transform
 
-    kwargs = dict(input_size=(3, size, size), is_training=training, use_prefetcher=True, mean=mean, std=std)
-    if training:
-        kwargs.update(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0)
-    elif crop_pct is not None:
-        kwargs["crop_pct"] = crop_pct
+    kwargs = dict(input_size=(3, size, size), use_prefetcher=True, mean=mean, std=std)
+    if training and augment != "none":
+        kwargs.update(is_training=True, auto_augment=augment, re_prob=0.0)
+    else:
+        kwargs.update(is_training=False, crop_pct=1.0 if training else crop_pct)
     return create_transform(**kwargs)

@@ -45,6 +45,8 @@ class TrainConfig:
     thresholds: Optional[Dict[int, float]] = None
     budget: Optional[float] = None
     scorer: str = "entropy"
+    augment: str = "rand-m9-mstd0.5-inc1"  # timm auto-augment string, or "none"
+    model_args: Dict = field(default_factory=dict)  # extra timm.create_model arguments
     batch_size: int = 64
     lr: float = 5e-5
     min_lr: float = 1e-6
@@ -118,7 +120,7 @@ def build_model(cfg: TrainConfig, num_classes: int, log: Callable = print):
 
     try:
         model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes,
-                                  drop_path_rate=cfg.drop_path, dynamic_img_size=True)
+                                  drop_path_rate=cfg.drop_path, dynamic_img_size=True, **cfg.model_args)
     except Exception as e:
         if not cfg.pretrained:
             raise
@@ -128,6 +130,8 @@ def build_model(cfg: TrainConfig, num_classes: int, log: Callable = print):
     if cfg.checkpoint:
         if read_metadata(cfg.checkpoint).get("format") == "aptvit":
             apt = load_apt(cfg.checkpoint, model=model)
+            if layout:  # this run's layout settings replace the checkpoint's
+                apt.config.thresholds, apt.config.budget = layout.get("thresholds"), layout.get("budget")
             return apt, model
         state = read_state_dict(cfg.checkpoint)
         head = [k for k in ("head.weight", "head.bias") if k in state and state[k].shape != model.state_dict()[k].shape]
@@ -229,7 +233,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
     layout_kwargs = dict(patch_sizes=apt.patch_sizes, thresholds=apt.config.thresholds, budget=apt.config.budget,
                          scorer=apt.config.scorer, bins=apt.config.bins)
     layout_fn = layout_fn or functools.partial(patch_layout, **layout_kwargs)
-    train_data = LayoutDataset(train_set.samples, build_transform(cfg.size, True, mean, std), layout_fn, cfg.seed)
+    train_data = LayoutDataset(train_set.samples, build_transform(cfg.size, True, mean, std, augment=cfg.augment), layout_fn, cfg.seed)
     val_data = LayoutDataset(val_set.samples, build_transform(cfg.size, False, mean, std), layout_fn, cfg.seed)
     sampler = ShardedSampler(len(train_data), dist.rank, dist.world, shuffle=True, seed=cfg.seed)
     steps_per_epoch = len(sampler) // cfg.batch_size

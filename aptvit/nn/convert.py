@@ -69,6 +69,7 @@ def _timm_args(vit: nn.Module) -> Dict:
         "num_classes": vit.num_classes,
         "global_pool": vit.global_pool,
         "img_size": list(vit.patch_embed.img_size),
+        "patch_size": vit.patch_embed.patch_size[0],
         "in_chans": vit.patch_embed.proj.in_channels,
         "embed_dim": vit.embed_dim,
         "depth": len(vit.blocks),
