@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.io import atomic_write
-from .images import center_crop_resize
+from .images import center_crop_resize, normalise
 from .nn.model import APTViT, model_flops
 
 
@@ -41,13 +41,6 @@ class BenchRow:
     speedup: float  # timm_ms / apt_ms
     efficiency: float  # speedup / flop_ratio
     layout_share: float  # layout_ms / apt_ms
-
-
-def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, 3, H, W) to float normalised as the model expects."""
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - m) / s
 
 
 def resize(photos: Sequence[torch.Tensor], size) -> torch.Tensor:
@@ -191,49 +184,20 @@ def run_bench(
     return rows
 
 
-def build_models(name: str, convert_kwargs: Dict, pretrained: bool = False, checkpoint=None, log=print):
-    """timm model + its APT conversion, with pretrained / checkpoint / random weights (said in the log)."""
-    import timm
-
-    from .nn.convert import convert, load, read_metadata, read_state_dict, load_timm_weights
-
-    try:
-        model = timm.create_model(name, pretrained=pretrained, dynamic_img_size=True)
-    except Exception as e:  # hub errors come in many types; the user needs the one line
-        if not pretrained:
-            raise
-        raise RuntimeError(f"could not load pretrained weights for {name} ({type(e).__name__}: {e}); "
-                           "use --checkpoint PATH with a local file") from None
-    if checkpoint:
-        if read_metadata(checkpoint).get("format") == "aptvit":
-            apt = load(checkpoint, model=model)
-            for key in ("thresholds", "budget"):
-                if key in convert_kwargs:  # the command line overrides the file's layout settings
-                    apt.config.thresholds, apt.config.budget = None, None
-                    setattr(apt.config, key, convert_kwargs[key])
-            log(f"weights: {checkpoint} (aptvit checkpoint)")
-            return model.eval(), apt.eval()
-        load_timm_weights(model, read_state_dict(checkpoint))
-        log(f"weights: {checkpoint}")
-    elif pretrained:
-        log(f"weights: timm pretrained {name}")
-    else:
-        log("weights: random (no --pretrained or --checkpoint): timings are valid, predictions are not")
-    return model.eval(), convert(model, **convert_kwargs).eval()
-
-
-def bench_command(model, sizes, batches, images=None, layout=None, scorer="entropy", patch_sizes=None, runs=5,
+def bench_command(model, sizes, batches, images=None, layout=None, scorer=None, patch_sizes=None, runs=5,
                   warmup=2, out=None, plot_path=None, pretrained=False, checkpoint=None, log=print) -> List[BenchRow]:
     """``aptvit bench``: build the models, check the sizes, run the grid, print/write the results."""
     from .images import list_images, read_image
+    from .models import build_models
     from .photos import PHOTO_NAMES, load_photo
 
     if runs < 1 or warmup < 0:
         raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
-    kwargs = dict(layout or {}, scorer=scorer)
-    if patch_sizes:
-        kwargs["patch_sizes"] = patch_sizes
-    timm_model, apt = build_models(model, kwargs, pretrained, checkpoint, log)
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batch sizes must be >= 1, got {batches}")
+    settings = dict(layout or {}, scorer=scorer, patch_sizes=patch_sizes)
+    apt, timm_model = build_models(model, pretrained, checkpoint, layout=settings, log=log)
+    apt.eval(), timm_model.eval()
     p = apt.patch_size
     parsed = []
     for text in str(sizes).split(","):
@@ -243,12 +207,13 @@ def bench_command(model, sizes, batches, images=None, layout=None, scorer="entro
         except ValueError:
             raise ValueError(f"--size {text!r} must be a number or HxW, e.g. 384 or 384x640") from None
         if hw[0] % p or hw[1] % p or min(hw) <= 0:
-            raise ValueError(f"--size {hw[0]}x{hw[1]} is not a multiple of the base patch size {p} of {model}")
+            raise ValueError(f"--size {hw[0]}x{hw[1]} is not a multiple of the base patch size {p} of {apt.pretrained_cfg.get('architecture') or model}")
         parsed.append(hw)
     photos = [read_image(f) for f in list_images(images)] if images else [load_photo(n) for n in PHOTO_NAMES]
     log(f"{len(photos)} images from {images or 'scikit-image (bundled photos)'}; settings: "
         f"{apt.config.thresholds if apt.config.budget is None else f'budget {apt.config.budget}'}, scorer {apt.config.scorer}")
-    rows = run_bench([(model, timm_model, apt)], parsed, batches, photos, runs, warmup)
+    name = apt.pretrained_cfg.get("architecture") or model
+    rows = run_bench([(name, timm_model, apt)], parsed, batches, photos, runs, warmup)
     log(format_table(rows))
     if out:
         write_json(rows, out, {"config": apt.config.to_dict(), "runs": runs, "torch": torch.__version__})

@@ -77,7 +77,7 @@ def add_layout_options(p: argparse.ArgumentParser, patch_default: Optional[str])
     p.add_argument("--patch-sizes", default=patch_default, help="ascending patch sizes, e.g. 16,32,64 (default: the model's p,2p,4p)")
     p.add_argument("--thresholds", help="SIZE=VALUE pairs, e.g. 32=5.5,64=4.0 (default: the scorer's documented defaults)")
     p.add_argument("--budget", help="at most this many tokens per image: a fraction (0.5) or a count (300)")
-    p.add_argument("--scorer", default="entropy", choices=["entropy", "laplacian", "upsample"])
+    p.add_argument("--scorer", choices=["entropy", "laplacian", "upsample"], help="content score (default: entropy)")
 
 
 def add_weights_options(p: argparse.ArgumentParser) -> None:
@@ -92,7 +92,7 @@ def cmd_show(args) -> int:
     from .viz import show
 
     size = parse_size(args.size) if args.size else None
-    show(args.images, size=size, patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes"), scorer=args.scorer,
+    show(args.images, size=size, patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes"), scorer=args.scorer or "entropy",
          out_dir=args.out, write_json=args.json, heatmap=args.heatmap, **layout_settings(args))
     return 0
 
@@ -129,9 +129,6 @@ def cmd_finetune(args) -> int:
         max_steps=args.max_steps, save_every=args.save_every, log_every=args.log_every, eval=not args.no_eval,
         drop_path=args.drop_path, warmup=args.warmup, augment=args.augment,
     )
-    for name, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--size", cfg.size)):
-        if value < 1:
-            raise CLIError(f"{name} must be >= 1, got {value}")
     finetune(cfg, resume=args.resume)
     return 0
 
@@ -142,7 +139,9 @@ def cmd_eval(args) -> int:
     eval_command(checkpoint=args.checkpoint, model_name=check_model_name(args.model) if args.model else None,
                  pretrained=args.pretrained, data=args.data, uniform=args.uniform, size=args.size,
                  batch_size=args.batch_size, workers=args.workers, json_path=args.json,
-                 skip_bad_images=args.skip_bad_images, layout=layout_settings(args))
+                 skip_bad_images=args.skip_bad_images,
+                 layout=dict(layout_settings(args), scorer=args.scorer,
+                             patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None))
     return 0
 
 

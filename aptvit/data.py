@@ -78,18 +78,24 @@ class LayoutDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
-        sample_seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % (2**31)
-        random.seed(sample_seed)
-        np.random.seed(sample_seed)
-        torch.manual_seed(sample_seed)
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except Exception as e:  # any decoding failure: report the file, never crash a worker
             return None, label, None, f"{path} ({type(e).__name__}: {e})"
-        arr = self.transform(img)  # uint8 (3, S, S) numpy array
-        crop = torch.from_numpy(np.ascontiguousarray(arr))
-        layout = self.layout_fn(crop[None]) if self.layout_fn is not None else None
+        # seed the augmentation (and a random layout_fn) per sample, without touching the caller's RNGs
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % (2**31)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)
+            torch.manual_seed(sample_seed)
+            try:
+                crop = torch.from_numpy(np.ascontiguousarray(self.transform(img)))  # uint8 (3, S, S)
+                layout = self.layout_fn(crop[None]) if self.layout_fn is not None else None
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
         return crop, label, layout, None
 
 

@@ -16,13 +16,8 @@ import torch
 from .core.io import atomic_write
 from .core.quadtree import patch_layout
 from .data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, image_folder, make_loader
-
-
-def normalise_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, 3, H, W) to float normalised as the model expects, on the images' device."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255.0
-    return (images.float() - m) / s
+from .distributed import Dist, all_reduce_sum, setup_distributed
+from .images import normalise
 
 
 @torch.inference_mode()
@@ -38,8 +33,6 @@ def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist,
     """
     from tqdm import tqdm
 
-    from .train import all_reduce_sum
-
     was_training = model.training
     model.eval()
     sampler = ShardedSampler(len(dataset), dist.rank, dist.world, shuffle=False, equal_shares=False)
@@ -53,7 +46,7 @@ def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist,
             bad += len(batch.bad)
         if batch.images.shape[0] == 0:
             continue
-        images = normalise_batch(batch.images.to(dist.device), mean, std)
+        images = normalise(batch.images.to(dist.device), mean, std)
         labels = batch.labels.to(dist.device)
         start = time.perf_counter()
         if uniform:
@@ -83,46 +76,40 @@ def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist,
 
 def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, uniform=False, size=None,
                  batch_size=64, workers=4, json_path=None, skip_bad_images=False, layout=None, log=print) -> dict:
-    """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON."""
-    import timm
+    """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON.
 
-    from .nn.convert import convert, load, load_timm_weights, read_metadata, read_state_dict
-    from .train import setup_distributed
+    Args:
+        layout: settings that override the checkpoint's (thresholds=, budget=, scorer=, patch_sizes=).
+    """
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from .models import build_models, build_timm
+    from .nn.convert import read_metadata
 
     dist = setup_distributed()
+    quiet = log if dist.main else (lambda *a, **k: None)
     folder = check_image_folder(data, "val")
-    dataset_items = image_folder(folder)
+    items = image_folder(folder)
     meta = read_metadata(checkpoint) if checkpoint else {}
     classes = json.loads(meta["classes"]) if "classes" in meta else None
-    if classes is not None and classes != dataset_items.classes:
-        raise ValueError(f"the checkpoint's {len(classes)} classes differ from the {len(dataset_items.classes)} class folders of {folder}")
-    if meta.get("format") == "aptvit":
-        if uniform:
-            raise ValueError("--uniform evaluates a timm model; this checkpoint is an aptvit model (drop --uniform)")
-        model = load(checkpoint)
-        if layout:
-            model.config.thresholds, model.config.budget = layout.get("thresholds"), layout.get("budget")
-        timm_model = model.timm_model
+    if classes is not None and classes != items.classes:
+        raise ValueError(f"the checkpoint's {len(classes)} classes differ from the {len(items.classes)} class folders of {folder}")
+    num_classes = len(items.classes) if classes is None and meta.get("format") != "aptvit" else None
+    if uniform:
+        model = timm_model = build_timm(model_name, pretrained, checkpoint, num_classes, log=quiet)
+        cfg = timm_model.pretrained_cfg or {}
+        mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
+        layout_fn = None
     else:
-        if not model_name:
-            raise ValueError("give --model NAME (with --pretrained or a timm --checkpoint), or an aptvit --checkpoint")
-        try:
-            timm_model = timm.create_model(model_name, pretrained=pretrained, num_classes=len(dataset_items.classes), dynamic_img_size=True)
-        except Exception as e:
-            if not pretrained:
-                raise
-            raise RuntimeError(f"could not load pretrained weights for {model_name} ({type(e).__name__}: {e}); use --checkpoint PATH") from None
-        if checkpoint:
-            load_timm_weights(timm_model, read_state_dict(checkpoint))
-        model = timm_model if uniform else convert(timm_model, **(layout or {}))
+        model, timm_model = build_models(model_name, pretrained, checkpoint, num_classes, layout=layout, log=quiet)
+        cfg = timm_model.pretrained_cfg or {}
+        mean, std = model.pixel_mean_std()
+        c = model.config
+        layout_fn = functools.partial(patch_layout, patch_sizes=c.patch_sizes, thresholds=c.thresholds, budget=c.budget,
+                                      scorer=c.scorer, bins=c.bins)
     model.to(dist.device)
-    cfg = timm_model.pretrained_cfg or {}
     size = size or int(meta.get("input_size", 0)) or cfg.get("input_size", (3, 224, 224))[-1]
-    mean, std = (model.pixel_mean_std() if not uniform else (cfg.get("mean"), cfg.get("std")))
-    layout_fn = None if uniform else functools.partial(
-        patch_layout, patch_sizes=model.patch_sizes, thresholds=model.config.thresholds, budget=model.config.budget,
-        scorer=model.config.scorer, bins=model.config.bins)
-    dataset = LayoutDataset(dataset_items.samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)
+    dataset = LayoutDataset(items.samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)
     result = evaluate(model, dataset, batch_size, workers, dist, mean, std, skip_bad_images, uniform=uniform)
     result.update(model=model_name or meta.get("architecture", ""), checkpoint=str(checkpoint) if checkpoint else None,
                   uniform=uniform, size=size)

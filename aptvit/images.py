@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,14 @@ import torch.nn.functional as F
 from .core.pixels import pad_to_multiple
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (0..255) or float (0..1) images (B, C, H, W) to float32 normalised as a model expects, on their device."""
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * scale
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * scale
+    return (images.float() - m) / s
 
 
 def read_image(path: Union[str, Path]) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,10 +23,12 @@ import torch.nn.functional as F
 
 from .core.io import atomic_write
 from .core.quadtree import patch_layout
-from .data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, collate, image_folder, make_loader
-from .evaluate import evaluate, normalise_batch
-from .nn.convert import convert, load_timm_weights, read_metadata, read_state_dict, save
-from .nn.convert import load as load_apt
+from .data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, image_folder, make_loader
+from .distributed import Dist, all_gather_objects, all_reduce_sum, setup_distributed
+from .evaluate import evaluate
+from .images import normalise
+from .models import build_models
+from .nn.convert import read_metadata, read_state_dict, save
 
 
 @dataclass
@@ -78,71 +79,6 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
-@dataclass
-class Dist:
-    """Where this process stands in a torchrun job."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """Join the torchrun job if there is one (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return Dist(rank, world, device)
-
-
-def all_reduce_sum(values: List[float], dist: Dist) -> List[float]:
-    if dist.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def build_model(cfg: TrainConfig, num_classes: int, log: Callable = print):
-    """The timm model with the run's weights, converted; returns (apt, timm model)."""
-    import timm
-
-    try:
-        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes,
-                                  drop_path_rate=cfg.drop_path, dynamic_img_size=True, **cfg.model_args)
-    except Exception as e:
-        if not cfg.pretrained:
-            raise
-        raise RuntimeError(f"could not load pretrained weights for {cfg.model} ({type(e).__name__}: {e}); use --checkpoint PATH") from None
-    layout = {"thresholds": cfg.thresholds} if cfg.thresholds else {"budget": cfg.budget} if cfg.budget else {}
-    kwargs = dict(layout, scorer=cfg.scorer, patch_sizes=cfg.patch_sizes)
-    if cfg.checkpoint:
-        if read_metadata(cfg.checkpoint).get("format") == "aptvit":
-            apt = load_apt(cfg.checkpoint, model=model)
-            if layout:  # this run's layout settings replace the checkpoint's
-                apt.config.thresholds, apt.config.budget = layout.get("thresholds"), layout.get("budget")
-            return apt, model
-        state = read_state_dict(cfg.checkpoint)
-        head = [k for k in ("head.weight", "head.bias") if k in state and state[k].shape != model.state_dict()[k].shape]
-        if head:  # fine-tuning onto another label set: keep the body, start a fresh head
-            log(f"checkpoint head has {state['head.weight'].shape[0]} classes, the data {num_classes}: head re-initialised")
-            state = {k: v for k, v in state.items() if k not in head}
-            state.update({k: v for k, v in model.state_dict().items() if k in head})
-        load_timm_weights(model, state)
-    return convert(model, **kwargs), model
-
-
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up then cosine to ``min_lr``, per optimizer step."""
     warm = max(1, int(round(cfg.warmup * total))) if cfg.warmup > 0 else 0
@@ -185,22 +121,40 @@ class Run:
         text = "\n".join(self.metrics) + "\n"
         atomic_write(self.folder / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
 
-    def checkpoint(self, apt, optimizer, cfg: TrainConfig, epoch: int, step_in_epoch: int, global_step: int) -> None:
+    def checkpoint(self, apt, optimizer, cfg: TrainConfig, epoch: int, batches_in_epoch: int, global_step: int, dist: Dist) -> None:
+        """Weights (+ settings, classes, step) and the training state; every rank's RNG is kept."""
+        rng = all_gather_objects(_rng_state(), dist)  # collective: every rank calls it
         if not self.main:
             return
-        save(apt, self.folder / "model.safetensors", extra_metadata={"classes": json.dumps(cfg.classes), "global_step": str(global_step), "input_size": str(cfg.size)})
-        state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                 "global_step": global_step, "rng": _rng_state()}
+        save(apt, self.folder / "model.safetensors", model_args=cfg.model_args, extra_metadata={
+            "classes": json.dumps(cfg.classes), "global_step": str(global_step), "input_size": str(cfg.size)})
+        state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                 "global_step": global_step, "rng": rng}
         atomic_write(self.folder / "train_state.pt", lambda tmp: torch.save(state, tmp))
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for name, value, low in (("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1), ("size", cfg.size, 1),
+                             ("log_every", cfg.log_every, 1), ("save_every", cfg.save_every, 0), ("workers", cfg.workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {cfg.max_steps}")
+    if not 0.0 <= cfg.drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {cfg.drop_path}")
+    if not 0.0 <= cfg.warmup < 1.0 or cfg.lr <= 0:
+        raise ValueError(f"warmup must be a fraction in [0, 1) and lr > 0, got {cfg.warmup} and {cfg.lr}")
 
 
 def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callable] = None, log: Callable = print) -> dict:
     """Fine-tune an APT conversion of ``cfg.model`` on ``cfg.data``; returns the last metrics.
 
     Args:
+        resume: continue the run in ``cfg.out`` (its config.json wins, except max_steps and workers).
         layout_fn: ``layout_fn(crop (1, 3, S, S) uint8) -> PatchLayout``, run in the workers; default
-            ``patch_layout`` with the run's settings (the conversion experiment passes a random one).
+            ``patch_layout`` with the model's settings (the conversion experiment passes a random one).
     """
+    _validate(cfg)
     dist = setup_distributed()
     out = Path(cfg.out)
     if resume:
@@ -223,23 +177,25 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
         raise ValueError("the data's classes differ from the run's (config.json); resume with the same data")
     cfg.classes = list(train_set.classes)
 
-    torch.manual_seed(cfg.seed)
-    apt, _ = build_model(cfg, len(cfg.classes), log_main)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    settings = {"thresholds": cfg.thresholds, "budget": cfg.budget, "scorer": cfg.scorer,
+                "patch_sizes": tuple(cfg.patch_sizes) if cfg.patch_sizes else None}
+    apt, _ = build_models(cfg.model, cfg.pretrained, cfg.checkpoint, len(cfg.classes), layout=settings,
+                          timm_kwargs={"drop_path_rate": cfg.drop_path, **cfg.model_args}, log=log_main)
     apt.to(dist.device)
-    p = apt.patch_size
-    if cfg.size % p:
-        raise ValueError(f"--size {cfg.size} is not a multiple of the patch size {p}")
+    if cfg.size % apt.patch_size:
+        raise ValueError(f"size {cfg.size} is not a multiple of the patch size {apt.patch_size}")
     mean, std = apt.pixel_mean_std()
-    layout_kwargs = dict(patch_sizes=apt.patch_sizes, thresholds=apt.config.thresholds, budget=apt.config.budget,
-                         scorer=apt.config.scorer, bins=apt.config.bins)
-    layout_fn = layout_fn or functools.partial(patch_layout, **layout_kwargs)
+    c = apt.config
+    layout_fn = layout_fn or functools.partial(patch_layout, patch_sizes=c.patch_sizes, thresholds=c.thresholds,
+                                               budget=c.budget, scorer=c.scorer, bins=c.bins)
     train_data = LayoutDataset(train_set.samples, build_transform(cfg.size, True, mean, std, augment=cfg.augment), layout_fn, cfg.seed)
     val_data = LayoutDataset(val_set.samples, build_transform(cfg.size, False, mean, std), layout_fn, cfg.seed)
     sampler = ShardedSampler(len(train_data), dist.rank, dist.world, shuffle=True, seed=cfg.seed)
-    steps_per_epoch = len(sampler) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(sampler)} training images per process")
-    total = steps_per_epoch * cfg.epochs  # the schedule's length; --max-steps only stops early
+    batches_per_epoch = len(sampler) // cfg.batch_size
+    if batches_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(sampler)} training images per process")
+    total = batches_per_epoch * cfg.epochs  # the schedule's length; max_steps only stops early
 
     from timm.optim import create_optimizer_v2
 
@@ -248,20 +204,27 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
         model = torch.nn.parallel.DistributedDataParallel(apt, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     optimizer = create_optimizer_v2(apt, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(out, dist.main)
-    epoch, step_in_epoch, global_step = 0, 0, 0
+    torch.manual_seed(cfg.seed + 1000 * dist.rank)  # drop-path / dropout draws differ between ranks
+    epoch, batches_in_epoch, global_step = 0, 0, 0
     if resume:
         state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+        saved_step = read_metadata(out / "model.safetensors").get("global_step")
+        if saved_step != str(state["global_step"]):
+            raise ValueError(f"{out}: model.safetensors (step {saved_step}) and train_state.pt (step {state['global_step']}) "
+                             "are from different steps (a crash between the two writes?); resume is not possible")
         apt.load_state_dict(read_state_dict(out / "model.safetensors"), strict=True)
         optimizer.load_state_dict(state["optimizer"])
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        _set_rng_state(state["rng"])
+        epoch, batches_in_epoch, global_step = state["epoch"], state["batches_in_epoch"], state["global_step"]
+        if len(state["rng"]) != dist.world:
+            raise ValueError(f"{out} was saved by {len(state['rng'])} process(es); resume it with as many, not {dist.world}")
+        _set_rng_state(state["rng"][dist.rank])
         run.metrics = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
         log_main(f"resumed {out} at epoch {epoch}, step {global_step}")
     elif dist.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.to_json()))
-    log_main(f"{cfg.model}: {len(train_data)} train / {len(val_data)} val images, {len(cfg.classes)} classes, "
-             f"{dist.world} process(es) on {dist.device.type}, {steps_per_epoch} steps per epoch")
+    log_main(f"{apt.pretrained_cfg.get('architecture', cfg.model)}: {len(train_data)} train / {len(val_data)} val images, "
+             f"{len(cfg.classes)} classes, {dist.world} process(es) on {dist.device.type}, {batches_per_epoch} steps per epoch")
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else torch.autocast("cpu", enabled=False)
     bad_images = 0
@@ -271,22 +234,24 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
 
     while epoch < cfg.epochs and global_step < stop:
         model.train()
-        sampler.set_epoch(epoch, skip=step_in_epoch * cfg.batch_size)
+        sampler.set_epoch(epoch, skip=batches_in_epoch * cfg.batch_size)
         train_data.set_epoch(epoch)
         loader = make_loader(train_data, sampler, cfg.batch_size, cfg.workers, drop_last=True)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=step_in_epoch, total=steps_per_epoch,
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=batches_in_epoch, total=batches_per_epoch,
                    disable=None if dist.main else True, leave=False)
         window = {"loss": 0.0, "images": 0, "tokens": 0, "base": 0, "start": time.perf_counter(), "steps": 0}
         for batch in bar:
+            batches_in_epoch += 1  # consumed, whether or not it becomes a step (resume skips by batches)
             if batch.bad:
                 if not cfg.skip_bad_images:
                     raise ValueError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
                 bad_images += len(batch.bad)
-            if batch.images.shape[0] == 0:
+            # every rank must take the step or none (DDP's collectives): skip when any rank has nothing
+            if all_reduce_sum([float(batch.images.shape[0] == 0)], dist)[0] > 0:
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(global_step, total, cfg)
-            images = normalise_batch(batch.images.to(dist.device, non_blocking=True), mean, std)
+            images = normalise(batch.images.to(dist.device, non_blocking=True), mean, std)
             labels = batch.labels.to(dist.device)
             with autocast:
                 logits = model(images, layout=batch.layout.to(dist.device))
@@ -297,29 +262,29 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
                 torch.nn.utils.clip_grad_norm_(apt.parameters(), cfg.clip_grad)
             optimizer.step()
             global_step += 1
-            step_in_epoch += 1
             window["loss"] += loss.item()
             window["steps"] += 1
             window["images"] += images.shape[0]
             window["tokens"] += batch.layout.total_tokens
             window["base"] += int(batch.layout.num_base_tokens.sum())
-            if global_step % cfg.log_every == 0 or step_in_epoch == steps_per_epoch or global_step == stop:
-                loss_sum, imgs = all_reduce_sum([window["loss"], window["images"]], dist)
+            if global_step % cfg.log_every == 0 or batches_in_epoch == batches_per_epoch or global_step == stop:
+                loss_sum, steps, imgs, tokens, base = all_reduce_sum(
+                    [window["loss"], window["steps"], window["images"], window["tokens"], window["base"]], dist)
                 seconds = time.perf_counter() - window["start"]
-                metrics = {"kind": "train", "epoch": epoch, "step": global_step, "loss": loss_sum / (window["steps"] * dist.world),
+                metrics = {"kind": "train", "epoch": epoch, "step": global_step, "loss": loss_sum / max(1, steps),
                            "lr": optimizer.param_groups[0]["lr"], "images_per_s": imgs / seconds,
-                           "tokens_kept": window["tokens"] / max(1, window["base"]), "bad_images": bad_images}
+                           "tokens_kept": tokens / max(1, base), "bad_images": bad_images}
                 run.log_metrics(metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['images_per_s']:.1f}", kept=f"{metrics['tokens_kept']:.0%}")
                 window.update(loss=0.0, images=0, tokens=0, base=0, start=time.perf_counter(), steps=0)
             if global_step >= stop or (cfg.save_every and global_step % cfg.save_every == 0):
-                run.checkpoint(apt, optimizer, cfg, epoch, step_in_epoch, global_step)
+                run.checkpoint(apt, optimizer, cfg, epoch, batches_in_epoch, global_step, dist)
             if global_step >= stop:
                 break
         bar.close()
-        if step_in_epoch >= steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-            run.checkpoint(apt, optimizer, cfg, epoch, step_in_epoch, global_step)
+        if batches_in_epoch >= batches_per_epoch:
+            epoch, batches_in_epoch = epoch + 1, 0
+            run.checkpoint(apt, optimizer, cfg, epoch, batches_in_epoch, global_step, dist)
             if cfg.eval:
                 metrics = {"kind": "eval", "epoch": epoch, "step": global_step,
                            **evaluate(apt, val_data, cfg.batch_size, cfg.workers, dist, mean, std, cfg.skip_bad_images)}

@@ -12,7 +12,8 @@ import platform
 
 import torch
 
-from aptvit.bench import build_models, format_table, run_bench, write_json
+from aptvit.bench import format_table, run_bench, write_json
+from aptvit.models import build_models
 from aptvit.photos import PHOTO_NAMES, load_photo
 
 
@@ -24,7 +25,10 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     photos = [load_photo(name) for name in PHOTO_NAMES]
-    models = [(name, *build_models(name, {}, log=lambda *_: None)) for name in args.models.split(",")]
+    models = []
+    for name in args.models.split(","):
+        apt, vit = build_models(name, log=lambda *_: None)
+        models.append((name, vit.eval(), apt.eval()))
     rows = run_bench(models, [int(s) for s in args.sizes.split(",")], [1, 8], photos, runs=args.runs)
     when = datetime.date.today().isoformat()
     print(f"{when}, {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -19,6 +19,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from .packing import seq_index
+
 
 @dataclass(eq=False)
 class PatchLayout:
@@ -83,7 +85,7 @@ class PatchLayout:
     @property
     def image_index(self) -> torch.Tensor:
         """(T,) long: the image each packed token belongs to."""
-        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.device), self.num_tokens)
+        return seq_index(self.cu_seqlens)
 
     @property
     def areas(self) -> torch.Tensor:
@@ -148,6 +150,9 @@ class PatchLayout:
 
     def image(self, i: int) -> "PatchLayout":
         """Layout of image i alone."""
+        if not -self.batch_size <= i < self.batch_size:
+            raise IndexError(f"image index {i} out of range for a layout of {self.batch_size} images")
+        i %= self.batch_size
         lo, hi = int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])
         offsets = self.cell_offsets
         return PatchLayout(
@@ -203,6 +208,27 @@ class PatchLayout:
         return from_boxes(tuple(d["patch_sizes"]), image_sizes, boxes[:, 0], boxes[:, 1], boxes[:, 2], cu)
 
 
+def check_patch_sizes(patch_sizes) -> Tuple[int, ...]:
+    """Validate patch sizes: ints, ascending, each the base size times a power of two."""
+    if isinstance(patch_sizes, int) and not isinstance(patch_sizes, bool):
+        patch_sizes = (patch_sizes,)
+    try:
+        sizes = tuple(patch_sizes)
+    except TypeError:
+        raise TypeError(f"patch_sizes must be a sequence of ints such as (16, 32, 64), got {patch_sizes!r}") from None
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"patch_sizes must be positive ints such as (16, 32, 64), got {patch_sizes!r}")
+    base = sizes[0]
+    for a, b in zip(sizes, sizes[1:]):
+        if b <= a:
+            raise ValueError(f"patch_sizes must be strictly ascending, got {sizes}")
+    for s in sizes[1:]:
+        k = s // base
+        if s % base or k & (k - 1):
+            raise ValueError(f"patch_sizes must be the base size {base} times powers of two, got {s} in {sizes}")
+    return sizes
+
+
 def from_boxes(
     patch_sizes: Tuple[int, ...],
     image_sizes: Tuple[Tuple[int, int], ...],
@@ -218,12 +244,26 @@ def from_boxes(
         cu_seqlens: (B+1,) image offsets into the boxes.
 
     Raises:
-        ValueError: if the boxes do not tile every image's base cells exactly once.
+        ValueError: if a box is not one of ``patch_sizes`` on its own grid, or the boxes do not tile
+            every image's base cells exactly once, or ``cu_seqlens`` does not fit the boxes.
     """
+    patch_sizes = check_patch_sizes(patch_sizes)
     p = patch_sizes[0]
     device = y.device
-    num_tokens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    image = torch.repeat_interleave(torch.arange(len(image_sizes), device=device), num_tokens)
+    t = y.shape[0]
+    if not (x.shape == size.shape == (t,)):
+        raise ValueError(f"y, x, size must be (T,) tensors of one length, got {tuple(y.shape)}, {tuple(x.shape)}, {tuple(size.shape)}")
+    cu = cu_seqlens.long()
+    if cu.shape != (len(image_sizes) + 1,) or int(cu[0]) != 0 or int(cu[-1]) != t or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be ({len(image_sizes) + 1},) offsets from 0 to {t}, non-decreasing; got {cu.tolist()}")
+    for h, w in image_sizes:
+        if h % p or w % p or h <= 0 or w <= 0:
+            raise ValueError(f"image size {h}x{w} is not a positive multiple of the base patch size {p}")
+    allowed = torch.tensor(patch_sizes, device=device)
+    if t and (bool((~torch.isin(size, allowed)).any()) or bool((y % size).any()) or bool((x % size).any())):
+        raise ValueError(f"every box must have a size in {patch_sizes} and sit on the grid of its size (y, x multiples of it)")
+    num_tokens = cu[1:] - cu[:-1]
+    image = seq_index(cu)
     grid_h = torch.tensor([h // p for h, _ in image_sizes], dtype=torch.long, device=device)
     grid_w = torch.tensor([w // p for _, w in image_sizes], dtype=torch.long, device=device)
     grid_counts = torch.tensor([(h // p) * (w // p) for h, w in image_sizes], dtype=torch.long)

@@ -23,6 +23,14 @@ def position_in_seq(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.arange(seq.shape[0], device=cu_seqlens.device) - cu_seqlens.long()[seq]
 
 
+def place_rows(rows: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, ...) tensor whose row ``index[i]`` is ``rows[i]`` (a permutation when len(index) == n).
+
+    Differentiable in ``rows``; used to put tokens computed in groups back into packing order.
+    """
+    return rows.new_empty(n, *rows.shape[1:]).index_copy(0, index, rows)
+
+
 def add_prefix_to_cu_seqlens(cu_seqlens: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """(B+1,) offsets of the sequences once every one has ``num_prefix`` tokens in front."""
     steps = torch.arange(cu_seqlens.shape[0], device=cu_seqlens.device, dtype=cu_seqlens.dtype)
@@ -47,10 +55,8 @@ def insert_prefix(patches: torch.Tensor, prefix: torch.Tensor, cu_seqlens: torch
     patch_pos = torch.arange(patches.shape[0], device=patches.device) + (seq + 1) * p
     starts = add_prefix_to_cu_seqlens(cu_seqlens, p)[:-1].long()
     prefix_pos = (starts[:, None] + torch.arange(p, device=patches.device)).reshape(-1)
-    perm = torch.cat([patch_pos, prefix_pos])
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
-    return torch.cat([patches, prefix.reshape(b * p, -1)]).index_select(0, inverse)
+    rows = torch.cat([patches, prefix.reshape(b * p, -1)])
+    return place_rows(rows, torch.cat([patch_pos, prefix_pos]), rows.shape[0])
 
 
 def split_prefix(x: torch.Tensor, cu_seqlens: torch.Tensor, num_prefix: int) -> Tuple[torch.Tensor, torch.Tensor]:

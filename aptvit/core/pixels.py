@@ -5,6 +5,8 @@ names the argument, instead of deep inside torch.
 """
 from __future__ import annotations
 
+from typing import Dict, List, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +45,33 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
             f"{name} are floating point with values in [{lo:.4g}, {hi:.4g}]; float images must be in [0, 1] "
             "(scale uint8 by 1/255 or pass uint8; undo any mean/std normalisation first)"
         )
+
+
+def group_by_size(images, name: str = "images") -> List[Tuple[List[int], torch.Tensor]]:
+    """Split a batch into same-size batches.
+
+    Args:
+        images: a (B, C, H, W) tensor (one group), or a non-empty list of (C, H, W) tensors whose
+            sizes may differ.
+
+    Returns:
+        [(indices into the input, (b, C, H, W) tensor)], one entry per distinct shape/dtype/device.
+        Values are not checked here.
+    """
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            hint = "; add a batch dimension with images.unsqueeze(0)" if images.dim() == 3 else ""
+            raise ValueError(f"{name} must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
+        return [(list(range(images.shape[0])), images)]
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise TypeError(f"{name} must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}")
+    groups: Dict[tuple, List[int]] = {}
+    for i, im in enumerate(images):
+        if not isinstance(im, torch.Tensor) or im.dim() != 3:
+            shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
+            raise ValueError(f"{name}[{i}] must be a (C, H, W) tensor, got {shape}")
+        groups.setdefault((tuple(im.shape), im.dtype, im.device), []).append(i)
+    return [(idx, torch.stack([images[i] for i in idx])) for idx in groups.values()]
 
 
 def grayscale_255(images: torch.Tensor) -> torch.Tensor:

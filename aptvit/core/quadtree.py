@@ -22,8 +22,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .layout import PatchLayout, from_boxes
-from .pixels import check_images, grayscale_255
+from .layout import PatchLayout, check_patch_sizes, from_boxes
+from .pixels import check_images, grayscale_255, group_by_size
 from .scoring import SCORERS, Scorer
 
 # Defaults keyed by the scale factor size / base size, per built-in scorer. Entropy: the APT
@@ -36,27 +36,7 @@ DEFAULT_THRESHOLDS: Dict[str, Dict[int, float]] = {
 }
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-def check_patch_sizes(patch_sizes) -> Tuple[int, ...]:
-    """Validate patch sizes: ints, ascending, each the base size times a power of two."""
-    if isinstance(patch_sizes, int) and not isinstance(patch_sizes, bool):
-        patch_sizes = (patch_sizes,)
-    try:
-        sizes = tuple(patch_sizes)
-    except TypeError:
-        raise TypeError(f"patch_sizes must be a sequence of ints such as (16, 32, 64), got {patch_sizes!r}") from None
-    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-        raise ValueError(f"patch_sizes must be positive ints such as (16, 32, 64), got {patch_sizes!r}")
-    base = sizes[0]
-    for a, b in zip(sizes, sizes[1:]):
-        if b <= a:
-            raise ValueError(f"patch_sizes must be strictly ascending, got {sizes}")
-    for s in sizes[1:]:
-        k = s // base
-        if s % base or k & (k - 1):
-            raise ValueError(f"patch_sizes must be the base size {base} times powers of two, got {s} in {sizes}")
-    return sizes
+MAX_BINS = 65536
 
 
 def default_thresholds(patch_sizes: Sequence[int], scorer: str = "entropy") -> Dict[int, float]:
@@ -91,15 +71,21 @@ def check_thresholds(thresholds: Mapping[int, float], sizes: Tuple[int, ...]) ->
     return out
 
 
-def _budget_tokens(budget, num_base: int) -> int:
+def check_budget(budget) -> Union[int, float]:
+    """Validate a token budget: a float fraction of base tokens in (0, 1], or an int count >= 1."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"budget must be a fraction in (0, 1] or an int token count, got {budget!r}")
-    if isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"budget as a float is a fraction of base tokens in (0, 1], got {budget}")
-        return max(1, math.floor(budget * num_base + 1e-9))
-    if budget < 1:
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget as a float is a fraction of base tokens in (0, 1], got {budget}")
+    if isinstance(budget, int) and budget < 1:
         raise ValueError(f"budget as an int is a token count per image and must be >= 1, got {budget}")
+    return budget
+
+
+def _budget_tokens(budget, num_base: int) -> int:
+    """Tokens allowed for an image of ``num_base`` base cells."""
+    if isinstance(check_budget(budget), float):
+        return max(1, math.floor(budget * num_base + 1e-9))
     return budget
 
 
@@ -165,29 +151,6 @@ def budget_thresholds(
     return thr_table.gather(1, hi[:, None])[:, 0]
 
 
-def _groups(images: Images) -> List[Tuple[List[int], torch.Tensor]]:
-    """Split the input into same-size batches: [(original indices, (b, C, H, W))]."""
-    if isinstance(images, torch.Tensor):
-        check_images(images)
-        return [(list(range(images.shape[0])), images)]
-    if not isinstance(images, (list, tuple)) or len(images) == 0:
-        raise TypeError(
-            f"images must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}"
-        )
-    by_size: Dict[tuple, List[int]] = {}
-    for i, im in enumerate(images):
-        if not isinstance(im, torch.Tensor) or im.dim() != 3:
-            shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
-            raise ValueError(f"images[{i}] must be a (C, H, W) tensor, got {shape}")
-        by_size.setdefault((tuple(im.shape), im.dtype), []).append(i)
-    groups = []
-    for idx in by_size.values():
-        batch = torch.stack([images[i] for i in idx])
-        check_images(batch, name=f"images[{idx[0]}]")
-        groups.append((idx, batch))
-    return groups
-
-
 def patch_layout(
     images: Images,
     patch_sizes: Sequence[int] = (16, 32, 64),
@@ -217,8 +180,8 @@ def patch_layout(
     """
     sizes = check_patch_sizes(patch_sizes)
     base = sizes[0]
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-        raise ValueError(f"bins must be an int >= 2, got {bins!r}")
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be an int from 2 to {MAX_BINS}, got {bins!r}")
     if thresholds is not None and budget is not None:
         raise ValueError("pass either thresholds= or budget=, not both")
     if isinstance(scorer, str):
@@ -235,10 +198,12 @@ def patch_layout(
         raise TypeError(f"scorer must be a name in {sorted(SCORERS)} or a callable, got {scorer!r}")
     fixed = check_thresholds(thresholds, sizes) if thresholds is not None else None
     if budget is not None:
-        _budget_tokens(budget, 1)  # type and range checks before any work
+        check_budget(budget)  # before any work
     scored = sorted(fixed) if fixed is not None else list(sizes[1:])
 
-    groups = _groups(images)
+    groups = group_by_size(images)
+    for idx, batch in groups:
+        check_images(batch, name="images" if isinstance(images, torch.Tensor) else f"images[{idx[0]}]")
     n_images = sum(len(idx) for idx, _ in groups)
     image_sizes: List[Tuple[int, int]] = [(0, 0)] * n_images
     parts = []
@@ -253,7 +218,7 @@ def patch_layout(
             image_sizes[i] = (h, w)
         grid = (h // base, w // base)
         scores = score_fn(grayscale_255(batch), scored, base) if scored else {}
-        _check_scores(scores, scored, b, h, w)
+        _check_scores(scores, scored, b, h, w, batch.device)
         if budget is not None:
             max_tokens = _budget_tokens(budget, grid[0] * grid[1])
             thr = _budget_for_group(scores, base, grid, max_tokens, (h, w))
@@ -305,12 +270,14 @@ def _exact_threshold(value: float, b: int, dtype: torch.dtype, device) -> torch.
     return t.to(device).expand(b)
 
 
-def _check_scores(scores, sizes, b, h, w) -> None:
+def _check_scores(scores, sizes, b, h, w, device) -> None:
     for s in sizes:
         got = scores.get(s) if isinstance(scores, Mapping) else None
         want = (b, h // s, w // s)
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else got
             raise ValueError(f"scorer returned {shape} for patch size {s}; expected a tensor of shape {want}")
-        if got.is_floating_point() and bool(torch.isnan(got).any()):
+        if not got.is_floating_point() or got.device != torch.device(device):
+            raise ValueError(f"scorer must return floating point scores on {device}, got {got.dtype} on {got.device} for patch size {s}")
+        if bool(torch.isnan(got).any()):
             raise ValueError(f"scorer returned NaN scores for patch size {s}")

@@ -107,13 +107,14 @@ def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bin
         parts = [entropy_scores(gray[i : i + chunk], sizes, base_size, bins) for i in range(0, b, chunk)]
         return {s: torch.cat([p[s] for p in parts]) for s in sizes}
 
-    # key = ((image * cells) + cell) * bins + bin, built in place on the bin indices
-    key = bin_index(gray[:, : hc * first, : wc * first], bins)
+    # key = ((image * cells) + cell) * bins + bin, built in place on the bin indices (int32 when it fits)
+    dtype = torch.int32 if b * cells * bins < 2**31 else torch.int64
+    key = bin_index(gray[:, : hc * first, : wc * first], bins).to(dtype)
     dev = gray.device
-    cell = torch.arange(hc, device=dev, dtype=torch.int32).repeat_interleave(first)[:, None] * wc
-    cell = cell + torch.arange(wc, device=dev, dtype=torch.int32).repeat_interleave(first)[None, :]
+    cell = torch.arange(hc, device=dev, dtype=dtype).repeat_interleave(first)[:, None] * wc
+    cell = cell + torch.arange(wc, device=dev, dtype=dtype).repeat_interleave(first)[None, :]
     key += cell * bins
-    key += (torch.arange(b, device=dev, dtype=torch.int32) * (cells * bins))[:, None, None]
+    key += (torch.arange(b, device=dev, dtype=dtype) * (cells * bins))[:, None, None]
     hist = torch.bincount(key.view(-1), minlength=b * cells * bins).view(b, hc, wc, bins)
 
     def finish(counts: torch.Tensor, size: int) -> torch.Tensor:

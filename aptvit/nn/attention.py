@@ -112,6 +112,10 @@ def varlen_attention(
             qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p, scale=scale
         )
         return unpad(out.transpose(1, 2), cu_seqlens)
+    if backend in ("flash", "varlen"):
+        # half-precision kernels: under autocast q/k may come out of a float32 LayerNorm (qk_norm)
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
+        q, k, v = (t.to(half) for t in (q, k, v))
     if backend == "flash":
         from flash_attn import flash_attn_varlen_func
 

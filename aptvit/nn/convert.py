@@ -15,10 +15,8 @@ import torch
 from torch import nn
 
 from ..core.io import atomic_write
-from ..core.quadtree import check_patch_sizes, check_thresholds, default_thresholds
-from ..core.scoring import SCORERS
-from .attention import check_backend
-from .model import APTConfig, APTViT
+from .config import APTConfig
+from .model import APTViT
 from .support import check_supported
 
 FORMAT_VERSION = "1"
@@ -50,16 +48,7 @@ def convert(
     """
     check_supported(model)
     p = model.patch_embed.patch_size[0]
-    sizes = check_patch_sizes(patch_sizes if patch_sizes is not None else (p, 2 * p, 4 * p))
-    if scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)}")
-    if thresholds is not None and budget is not None:
-        raise ValueError("pass either thresholds= or budget=, not both")
-    if thresholds is None and budget is None:
-        thresholds = default_thresholds(sizes, scorer)
-    if thresholds is not None:
-        thresholds = check_thresholds(thresholds, sizes)
-    check_backend(attention)
+    sizes = patch_sizes if patch_sizes is not None else (p, 2 * p, 4 * p)
     return APTViT(model, APTConfig(sizes, thresholds, budget, scorer, bins, attention))
 
 
@@ -74,7 +63,6 @@ def _timm_args(vit: nn.Module) -> Dict:
         "embed_dim": vit.embed_dim,
         "depth": len(vit.blocks),
         "num_heads": vit.blocks[0].attn.num_heads if len(vit.blocks) else 1,
-        "dynamic_img_size": bool(getattr(vit, "dynamic_img_size", False)),
     }
     fc1 = getattr(vit.blocks[0].mlp, "fc1", None) if len(vit.blocks) else None
     if isinstance(fc1, nn.Linear) and type(vit.blocks[0].mlp).__name__ == "Mlp":
@@ -82,8 +70,15 @@ def _timm_args(vit: nn.Module) -> Dict:
     return args
 
 
-def save(model: APTViT, path: Union[str, os.PathLike], extra_metadata: Optional[Mapping[str, str]] = None) -> Path:
-    """Save an APT model as safetensors with its conversion settings as metadata (atomically)."""
+def save(model: APTViT, path: Union[str, os.PathLike], extra_metadata: Optional[Mapping[str, str]] = None,
+         model_args: Optional[Mapping] = None) -> Path:
+    """Save an APT model as safetensors with its conversion settings as metadata (atomically).
+
+    Args:
+        extra_metadata: more string metadata (e.g. the class names of a fine-tuning run).
+        model_args: extra ``timm.create_model`` arguments the model was built with (qk_norm=...,
+            reg_tokens=...), so that ``load`` can re-create it without ``model=``.
+    """
     from safetensors.torch import save_file
 
     if not isinstance(model, APTViT):
@@ -95,7 +90,7 @@ def save(model: APTViT, path: Union[str, os.PathLike], extra_metadata: Optional[
         "format_version": FORMAT_VERSION,
         "aptvit": json.dumps(model.config.to_dict()),
         "architecture": str(model.pretrained_cfg.get("architecture", "")),
-        "timm_args": json.dumps(_timm_args(model.timm_model)),
+        "timm_args": json.dumps({**dict(model_args or {}), **_timm_args(model.timm_model)}),
         "pretrained_cfg": json.dumps({k: v for k, v in model.pretrained_cfg.items() if k in ("mean", "std", "architecture", "input_size")}),
     }
     metadata.update(extra_metadata or {})
@@ -155,15 +150,17 @@ def load_timm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     vit.load_state_dict(state, strict=True)
 
 
-def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **convert_kwargs) -> APTViT:
+def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, timm_kwargs: Optional[Mapping] = None,
+         **convert_kwargs) -> APTViT:
     """Load an APT model saved by ``save``, or convert a timm model after loading a timm checkpoint.
 
     Args:
         path: an aptvit ``.safetensors`` file, or a timm checkpoint (safetensors / torch file).
         model: the timm ViT to load into. Optional for aptvit files whose architecture is a
             registered timm name (re-created with ``timm.create_model(..., pretrained=False)``).
-        convert_kwargs: settings for ``convert`` when ``path`` is a plain timm checkpoint
-            (ignored for aptvit files, which carry their own).
+        timm_kwargs: extra ``timm.create_model`` arguments when re-creating it (e.g. drop_path_rate).
+        convert_kwargs: settings for ``convert`` when ``path`` is a plain timm checkpoint (aptvit
+            files carry their own; change them with ``.configure(...)``).
 
     Returns:
         APTViT with the checkpoint's weights (timm part and ``apt.*``).
@@ -176,6 +173,8 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
         load_timm_weights(model, state)
         return convert(model, **convert_kwargs)
     config = APTConfig.from_dict(json.loads(meta["aptvit"]))
+    if convert_kwargs:
+        raise TypeError(f"{str(path)!r} carries its own conversion settings; change them afterwards with .configure(...)")
     if model is None:
         import timm
 
@@ -184,6 +183,8 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
             raise ValueError(f"{str(path)!r} does not name a timm architecture; pass model= (the timm model it was converted from)")
         args = json.loads(meta.get("timm_args", "{}"))
         args["img_size"] = tuple(args.get("img_size", ())) or None
+        args["dynamic_img_size"] = True  # any input size, like the APT model itself (weights unchanged)
+        args.update(timm_kwargs or {})
         model = timm.create_model(arch, pretrained=False, **{k: v for k, v in args.items() if v is not None})
     apt = APTViT(model, config)
     timm_keys = {k: v for k, v in state.items() if not k.startswith("apt.")}

@@ -128,6 +128,13 @@ def _take_indices(depth: int, indices) -> Tuple[List[int], int]:
     return take, max(take)
 
 
+def _require_one_size(images, layout: Optional[PatchLayout]) -> None:
+    """Grids of different sizes cannot be stacked: say so before any work."""
+    sizes = {tuple(t.shape[-2:]) for t in images} if isinstance(images, (list, tuple)) else set()
+    if len(sizes) > 1 or (layout is not None and not layout.same_size):
+        raise ValueError("dense outputs need images of one size; call once per image size")
+
+
 class DenseMixin:
     """Dense and MLLM entry points of ``APTViT`` (built on its ``_run``)."""
 
@@ -161,9 +168,8 @@ class DenseMixin:
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, last = _take_indices(len(self.blocks), indices)
+        _require_one_size(images, layout)
         x, kept, layout = self._run(images, layout, take, last if stop_early else None)
-        if not layout.same_size:
-            raise ValueError("forward_intermediates needs images of one size; call it per size")
         p = self.num_prefix_tokens
         results = []
         for i in take:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.packing import place_rows
+
 
 class AdaptivePatchEmbed(nn.Module):
     """The detail path of large patches, and the assembly of every token's embedding.
@@ -37,7 +39,8 @@ class AdaptivePatchEmbed(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.patch_sizes = tuple(patch_sizes)
-        self.detail_merge = nn.Conv2d(dim, dim, kernel_size=2, stride=2, **dd)
+        # only with large sizes: a parameter that never gets a gradient would break DDP
+        self.detail_merge = nn.Conv2d(dim, dim, kernel_size=2, stride=2, **dd) if len(self.patch_sizes) > 1 else None
         self.detail_proj = nn.ModuleDict({str(s): nn.Linear(dim, dim, **dd) for s in self.patch_sizes[1:]})
         self.reset_detail()
 
@@ -116,10 +119,7 @@ class AdaptivePatchEmbed(nn.Module):
                         tok = tok + F.avg_pool2d(pos_grid, k)[0].permute(1, 2, 0)[i, j]
             parts.append(tok)
             order.append(sel)
-        order_all = torch.cat(order)
-        inverse = torch.empty_like(order_all)
-        inverse[order_all] = torch.arange(order_all.shape[0], device=order_all.device)
-        return torch.cat(parts).index_select(0, inverse)
+        return place_rows(torch.cat(parts), torch.cat(order), image.shape[0])
 
 
 def _blocks(t: torch.Tensor, n: int, dims) -> torch.Tensor:

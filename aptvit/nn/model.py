@@ -11,59 +11,25 @@ With a layout of base-size patches only, the result equals timm's to float round
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.layout import PatchLayout
-from ..core.packing import add_prefix_to_cu_seqlens, insert_prefix, segment_max, segment_weighted_mean, split_prefix
-from ..core.quadtree import check_patch_sizes, check_thresholds, patch_layout
-from .attention import check_backend, packed_self_attention, resolve_backend
+from ..core.packing import add_prefix_to_cu_seqlens, insert_prefix, place_rows, segment_max, segment_weighted_mean, seq_index, split_prefix
+from ..core.pixels import group_by_size
+from ..core.quadtree import patch_layout
+from .attention import packed_self_attention, resolve_backend
+from .config import APTConfig
 from .dense import DenseMixin
 from .embed import AdaptivePatchEmbed
 from .support import check_supported
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-@dataclass
-class APTConfig:
-    """Conversion settings, saved with the weights.
-
-    Attributes:
-        patch_sizes: ascending sizes, the first is the ViT's patch size.
-        thresholds: {size: threshold} (scorer units), or None in budget mode.
-        budget: token budget per image (fraction of base tokens or int count), or None.
-        scorer: "entropy", "laplacian" or "upsample".
-        bins: histogram bins of the entropy scorer.
-        attention: attention backend ("auto", "loop", "pad", "flash", "varlen").
-    """
-
-    patch_sizes: Tuple[int, ...]
-    thresholds: Optional[Dict[int, float]] = None
-    budget: Optional[Union[int, float]] = None
-    scorer: str = "entropy"
-    bins: int = 512
-    attention: str = "auto"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_sizes"] = list(self.patch_sizes)
-        if self.thresholds is not None:
-            d["thresholds"] = {str(k): v for k, v in self.thresholds.items()}
-        return d
-
-    @staticmethod
-    def from_dict(d: Mapping) -> "APTConfig":
-        d = dict(d)
-        d["patch_sizes"] = tuple(d["patch_sizes"])
-        if d.get("thresholds") is not None:
-            d["thresholds"] = {int(k): float(v) for k, v in d["thresholds"].items()}
-        return APTConfig(**d)
+Groups = List[Tuple[List[int], torch.Tensor]]
 
 
 def drop_path_packed(y: torch.Tensor, module: nn.Module, seq: torch.Tensor, num_seqs: int, training: bool) -> torch.Tensor:
@@ -72,7 +38,7 @@ def drop_path_packed(y: torch.Tensor, module: nn.Module, seq: torch.Tensor, num_
     if not training or prob == 0.0:
         return y
     keep = y.new_empty(num_seqs).bernoulli_(1.0 - prob)
-    if getattr(module, "scale_by_keep", True):
+    if getattr(module, "scale_by_keep", True) and prob < 1.0:
         keep = keep / (1.0 - prob)
     return y * keep[seq][:, None]
 
@@ -85,7 +51,7 @@ class _Packing:
     offsets: List[int]  # the same, as Python ints (one device sync per forward, not per layer)
     max_seqlen: int
     seq: torch.Tensor  # (T + B P,) image of every token
-    backend: str = field(default="loop")
+    backend: str = "loop"
 
 
 class APTViT(DenseMixin, nn.Module):
@@ -100,12 +66,11 @@ class APTViT(DenseMixin, nn.Module):
     def __init__(self, vit: nn.Module, config: APTConfig) -> None:
         super().__init__()
         check_supported(vit)
-        sizes = check_patch_sizes(config.patch_sizes)
+        if not isinstance(config, APTConfig):
+            raise TypeError(f"config must be an APTConfig, got {type(config).__name__}")
+        sizes = config.patch_sizes
         if sizes[0] != vit.patch_embed.patch_size[0]:
             raise ValueError(f"patch_sizes must start with the model's patch size {vit.patch_embed.patch_size[0]}, got {sizes}")
-        if config.thresholds is not None:
-            check_thresholds(config.thresholds, sizes)
-        check_backend(config.attention)
         self.config = config
         object.__setattr__(self, "timm_model", vit)  # a handle for users; not a registered submodule
         for name, module in vit.named_children():
@@ -132,6 +97,23 @@ class APTViT(DenseMixin, nn.Module):
     def patch_sizes(self) -> Tuple[int, ...]:
         return tuple(self.config.patch_sizes)
 
+    def configure(self, **changes) -> "APTViT":
+        """Change layout / attention settings (thresholds=, budget=, scorer=, bins=, attention=), validated.
+
+        The patch sizes are fixed at conversion (they own the detail-path weights).
+        """
+        if "patch_sizes" in changes and tuple(changes["patch_sizes"]) != self.patch_sizes:
+            raise ValueError(f"patch_sizes are fixed at conversion ({self.patch_sizes}); convert again to change them")
+        self.config = self.config.replace(**changes)
+        return self
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's ``reset_classifier`` on the wrapped model, re-registered here (a new label set)."""
+        self.timm_model.reset_classifier(num_classes, global_pool)
+        self.head, self.num_classes = self.timm_model.head, num_classes
+        self.global_pool = self.timm_model.global_pool
+        check_supported(self.timm_model)
+
     def no_weight_decay(self) -> set:
         """Parameters timm exempts from weight decay (used by timm's optimizer factory)."""
         return {"pos_embed", "cls_token", "reg_token", "dist_token"}
@@ -151,10 +133,8 @@ class APTViT(DenseMixin, nn.Module):
 
         ``overrides`` replace this model's settings for one call (thresholds=, budget=, scorer=, bins=).
         """
-        cfg = {"thresholds": self.config.thresholds, "budget": self.config.budget, "scorer": self.config.scorer, "bins": self.config.bins}
-        if "thresholds" in overrides or "budget" in overrides:
-            cfg["thresholds"] = cfg["budget"] = None
-        cfg.update(overrides)
+        c = self.config.replace(**overrides) if overrides else self.config
+        cfg = {"thresholds": c.thresholds, "budget": c.budget, "scorer": c.scorer, "bins": c.bins}
         mean, std = self.pixel_mean_std()
 
         def pixels(t: torch.Tensor) -> torch.Tensor:
@@ -175,7 +155,7 @@ class APTViT(DenseMixin, nn.Module):
 
     def embed(self, images: Images, layout: PatchLayout) -> torch.Tensor:
         """Packed input tokens (T + B * P, D): patch embeddings plus positions, prefix tokens in front."""
-        groups = _groups(images, self.patch_size, self.patch_embed.proj.in_channels)
+        groups = self._groups(images)
         _check_layout(layout, groups, self.patch_sizes)
         return self._embed(groups, layout)
 
@@ -186,10 +166,10 @@ class APTViT(DenseMixin, nn.Module):
 
     def _run(self, images: Images, layout: Optional[PatchLayout], take: Sequence[int] = (), stop: Optional[int] = None):
         """Embed and run the blocks (up to block ``stop``); returns (x before the final norm, {i: x after block i}, layout)."""
-        if layout is None:
-            _groups(images, self.patch_size, self.patch_embed.proj.in_channels)  # clear errors before scoring
-            layout = self.make_layout(images)
-        x = self.embed(images, layout)
+        groups = self._groups(images)  # clear errors before any work
+        layout = self.make_layout(images) if layout is None else layout
+        _check_layout(layout, groups, self.patch_sizes)
+        x = self._embed(groups, layout)
         packing = self._packing(layout, x)
         x = self.norm_pre(self.pos_drop(x))
         kept: Dict[int, torch.Tensor] = {}
@@ -221,6 +201,23 @@ class APTViT(DenseMixin, nn.Module):
         return x if pre_logits else self.head(x)
 
     # ------------------------------------------------------------------ pieces
+    def _groups(self, images: Images) -> Groups:
+        """Validate normalised model input and split it into same-size batches."""
+        groups = group_by_size(images)
+        p, in_chans = self.patch_size, self.patch_embed.proj.in_channels
+        for _, batch in groups:
+            b, c, h, w = batch.shape
+            if b == 0:
+                raise ValueError("images is an empty batch")
+            if c != in_chans:
+                raise ValueError(f"images have {c} channels but the model takes {in_chans}: shape {tuple(batch.shape)}")
+            if not batch.is_floating_point():
+                raise TypeError(f"images must be floating point and normalised as the model expects, got {batch.dtype}")
+            if h % p or w % p:
+                raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}; "
+                                 f"pad with aptvit.pad_to_multiple(images, {p}) or resize")
+        return groups
+
     def _pos_embed_grid(self, grid: Tuple[int, int]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Position embeddings for a (H/p, W/p) grid, resampled as timm does: (1, D, h, w) and prefix (1, P', D)."""
         pos = getattr(self, "pos_embed", None)
@@ -253,12 +250,7 @@ class APTViT(DenseMixin, nn.Module):
             embedded.append(self.apt(batch, local, layout.y[ids], layout.x[ids], layout.size[ids],
                                      self.patch_embed.proj, self.patch_embed.norm, pos_grid))
             token_ids.append(ids)
-        tokens = embedded[0]
-        if len(groups) > 1:
-            ids = torch.cat(token_ids)
-            inverse = torch.empty_like(ids)
-            inverse[ids] = torch.arange(ids.shape[0], device=ids.device)
-            tokens = torch.cat(embedded).index_select(0, inverse)
+        tokens = embedded[0] if len(groups) == 1 else place_rows(torch.cat(embedded), torch.cat(token_ids), layout.total_tokens)
         prefix = [t for t in (getattr(self, "cls_token", None), getattr(self, "reg_token", None)) if t is not None]
         if not prefix:
             return tokens
@@ -270,12 +262,12 @@ class APTViT(DenseMixin, nn.Module):
     def _packing(self, layout: PatchLayout, x: torch.Tensor) -> _Packing:
         p = self.num_prefix_tokens
         cu = add_prefix_to_cu_seqlens(layout.cu_seqlens, p)
-        counts = (cu[1:] - cu[:-1]).long()
-        seq = torch.repeat_interleave(torch.arange(layout.batch_size, device=cu.device), counts)
         attn = self.blocks[0].attn if len(self.blocks) else None
         dropout = bool(attn is not None and self.training and attn.attn_drop.p > 0)
-        backend = resolve_backend(self.config.attention, x.device, x.dtype, dropout)
-        return _Packing(cu, cu.tolist(), layout.max_seqlen + p, seq, backend)
+        # under autocast the matmuls run in the autocast dtype even though x may be float32
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        backend = resolve_backend(self.config.attention, x.device, dtype, dropout)
+        return _Packing(cu, cu.tolist(), layout.max_seqlen + p, seq_index(cu), backend)
 
     def _block(self, blk: nn.Module, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -287,39 +279,6 @@ class APTViT(DenseMixin, nn.Module):
         a = packed_self_attention(blk.attn, blk.norm1(x), packing.cu_seqlens, packing.max_seqlen, packing.backend, packing.offsets)
         x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, packing.seq, b, self.training)
         return x + drop_path_packed(blk.ls2(blk.mlp(blk.norm2(x))), blk.drop_path2, packing.seq, b, self.training)
-
-
-def _groups(images: Images, patch: int, in_chans: int) -> List[Tuple[List[int], torch.Tensor]]:
-    """Validate normalised model input and split it into same-size batches."""
-    if isinstance(images, torch.Tensor):
-        batch = images
-        if batch.dim() != 4:
-            hint = "; add a batch dimension with images.unsqueeze(0)" if batch.dim() == 3 else ""
-            raise ValueError(f"images must have 4 dimensions (B, C, H, W), got shape {tuple(batch.shape)}{hint}")
-        groups = [(list(range(batch.shape[0])), batch)]
-    elif isinstance(images, (list, tuple)) and images and all(isinstance(t, torch.Tensor) for t in images):
-        by_size: Dict[tuple, List[int]] = {}
-        for i, t in enumerate(images):
-            if t.dim() != 3:
-                raise ValueError(f"images[{i}] must have shape (C, H, W), got {tuple(t.shape)}")
-            by_size.setdefault(tuple(t.shape), []).append(i)
-        groups = [(idx, torch.stack([images[i] for i in idx])) for idx in by_size.values()]
-    else:
-        raise TypeError("images must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors")
-    for _, batch in groups:
-        b, c, h, w = batch.shape
-        if b == 0:
-            raise ValueError("images is an empty batch")
-        if c != in_chans:
-            raise ValueError(f"images have {c} channels but the model takes {in_chans}: shape {tuple(batch.shape)}")
-        if not batch.is_floating_point():
-            raise TypeError(f"images must be floating point and normalised as the model expects, got {batch.dtype}")
-        if h % patch or w % patch:
-            raise ValueError(
-                f"image size {h}x{w} is not a multiple of the patch size {patch}; "
-                f"pad with aptvit.pad_to_multiple(images, {patch}) or resize"
-            )
-    return groups
 
 
 def _check_layout(layout: PatchLayout, groups, patch_sizes: Tuple[int, ...]) -> None:
@@ -352,18 +311,18 @@ def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
     p, prefix, dim = model.patch_size, model.num_prefix_tokens, model.embed_dim
     in_chans = model.patch_embed.proj.in_channels
     head = 2.0 * dim * model.num_classes
-    cells = layout.num_base_tokens.double()
+    cells = layout.num_base_tokens.cpu().double()
     embed = patch_embed_flops(cells, in_chans, p, dim)
     blocks = lambda n: sum(  # noqa: E731
         block_flops(n + prefix, sum(m.in_features * m.out_features for m in blk.modules() if isinstance(m, nn.Linear)),
                     blk.attn.num_heads * blk.attn.head_dim)
         for blk in model.blocks
     )
-    apt = embed + blocks(layout.num_tokens.double()) + head
+    apt = embed + blocks(layout.num_tokens.cpu().double()) + head
     for s, count in layout.size_counts().items():
         if s == p:
             continue
-        k = s // p
-        # the resize path projects the whole image pooled by k when the image has such tokens
-        apt = apt + patch_embed_flops(cells / (k * k), in_chans, p, dim) * (count > 0) + detail_flops({k: count}, dim)
+        count = count.cpu()
+        # the resize path projects each large patch once (area-averaged to p x p), plus its detail path
+        apt = apt + patch_embed_flops(count, in_chans, p, dim) + detail_flops({s // p: count}, dim)
     return {"uniform": embed + blocks(cells) + head, "apt": apt}

@@ -58,7 +58,7 @@ def test_finetune_cli_writes_every_file_and_eval_reads_them(tmp_path, capsys):
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert files == ["config.json", "metrics.jsonl", "model.safetensors", "train_state.pt"]
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
-    assert state["global_step"] == 3 and state["step_in_epoch"] == 3
+    assert state["global_step"] == 3 and state["batches_in_epoch"] == 3
     train = [m for m in metrics(tmp_path / "run") if m["kind"] == "train"]
     assert [m["step"] for m in train] == [1, 2, 3] and all(0 < m["tokens_kept"] <= 1 for m in train)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -105,6 +105,44 @@ def test_resume_is_exact(tmp_path):
     assert sorted(split) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         assert split[step] == whole[step], step
+
+
+def test_resume_refuses_a_checkpoint_pair_from_different_steps(tmp_path):
+    data = make_folder(tmp_path / "data")
+    quiet = lambda *a: None  # noqa: E731
+    finetune(cfg(data, tmp_path / "run", max_steps=2, eval=False), log=quiet)
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    state["global_step"] = 1
+    torch.save(state, tmp_path / "run" / "train_state.pt")
+    with pytest.raises(ValueError, match="different steps"):
+        finetune(cfg(data, tmp_path / "run", max_steps=4, eval=False), resume=True, log=quiet)
+
+
+def test_loading_samples_leaves_the_callers_rngs_alone(tmp_path):
+    import random
+
+    from aptvit.data import LayoutDataset, build_transform, image_folder
+
+    data = make_folder(tmp_path / "data", train=2, val=1)
+    items = image_folder(data / "train")
+    dataset = LayoutDataset(items.samples, build_transform(32, True, (0.5,) * 3, (0.5,) * 3), None, seed=3)
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    a = dataset[1][0]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    assert torch.equal(dataset[1][0], a), "the augmentation of a sample is seeded by its index"
+
+
+def test_eval_layout_options_override_the_checkpoint(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    finetune(cfg(data, tmp_path / "run", max_steps=1, eval=False), log=lambda *a: None)
+    code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "run" / "model.safetensors", "--data", data,
+                         "--budget", "0.25", "--scorer", "laplacian", "--workers", "0", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["tokens_kept"] <= 0.25
 
 
 def test_existing_run_dir_without_resume_is_refused(tmp_path, capsys):

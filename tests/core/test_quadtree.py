@@ -260,3 +260,33 @@ def test_custom_scorer_with_wrong_shape_is_reported():
         aptvit.patch_layout(torch.zeros(1, 3, 64, 64), thresholds={32: 1.0}, scorer=bad)
     with pytest.raises(ValueError, match="custom scorer"):
         aptvit.patch_layout(torch.zeros(1, 3, 64, 64), scorer=bad)
+
+
+@pytest.mark.parametrize(
+    "boxes, cu, message",
+    [
+        ([[16, 0, 32], [0, 0, 16], [0, 16, 16], [16, 32, 16]], [0, 4], "sit on the grid"),  # 32-px box at y=16
+        ([[0, 0, 48]], [0, 1], "sit on the grid"),  # 48 is not a patch size
+        ([[0, 0, 32]], [0, 2], "cu_seqlens"),
+        ([[0, 0, 32]], [1, 1], "cu_seqlens"),
+    ],
+)
+def test_from_dict_rejects_boxes_off_their_grid_and_bad_offsets(boxes, cu, message):
+    d = {"patch_sizes": [16, 32], "image_sizes": [[32, 48]] if len(boxes) == 4 else [[32, 32]], "cu_seqlens": cu, "boxes": boxes}
+    with pytest.raises(ValueError, match=message):
+        PatchLayout.from_dict(d)
+
+
+def test_image_accepts_negative_indices_and_rejects_out_of_range():
+    layout = aptvit.patch_layout(torch.rand(3, 3, 64, 64), (16, 32))
+    assert torch.equal(layout.image(-1).boxes(0), layout.boxes(2))
+    with pytest.raises(IndexError):
+        layout.image(3)
+
+
+def test_custom_scorer_on_the_wrong_dtype_is_reported():
+    ints = lambda gray, sizes, base: {s: torch.zeros(gray.shape[0], gray.shape[1] // s, gray.shape[2] // s, dtype=torch.long) for s in sizes}  # noqa: E731
+    with pytest.raises(ValueError, match="floating point scores"):
+        aptvit.patch_layout(torch.zeros(1, 3, 64, 64), thresholds={32: 1.0}, scorer=ints)
+    with pytest.raises(ValueError, match="bins must be an int from 2 to 65536"):
+        aptvit.patch_layout(torch.zeros(1, 3, 64, 64), bins=1 << 20)

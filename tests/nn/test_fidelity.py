@@ -90,7 +90,7 @@ def test_backends_agree_with_loop_forward_and_backward(family):
     layout = apt.make_layout(x)
     results = {}
     for backend in available_backends("cpu", torch.float32):
-        apt.config.attention = backend
+        apt.configure(attention=backend)
         apt.zero_grad()
         out = apt(x, layout=layout)
         out.square().sum().backward()

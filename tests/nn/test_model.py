@@ -71,6 +71,36 @@ def test_ddp_without_find_unused_parameters_survives_batches_without_large_patch
         dist.destroy_process_group()
 
 
+def test_configure_validates_and_config_is_frozen():
+    import dataclasses
+
+    apt = aptvit.convert(tiny_vit("vit_cls"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        apt.config.budget = 0.5
+    apt.configure(budget=0.5)
+    assert apt.config.budget == 0.5 and apt.config.thresholds is None
+    apt.configure(thresholds={32: 5.0})
+    assert apt.config.budget is None and apt.config.thresholds == {32: 5.0}
+    apt.configure(scorer="laplacian")  # thresholds in entropy bits would be meaningless: the scorer's defaults
+    assert apt.config.thresholds == {32: 0.069, 64: 0.012}
+    for bad, kind in [(dict(budget=2.0), ValueError), (dict(thresholds={48: 1.0}), ValueError), (dict(scorer="x"), ValueError),
+                      (dict(attention="cuda"), ValueError), (dict(patch_sizes=(16, 32)), ValueError), (dict(bins=True), ValueError)]:
+        with pytest.raises(kind):
+            apt.configure(**bad)
+
+
+def test_single_patch_size_has_no_unused_parameters():
+    apt = aptvit.convert(tiny_vit("vit_cls"), patch_sizes=(16,)).train()
+    apt(torch.randn(2, 3, 32, 48)).sum().backward()
+    assert all(p.grad is not None for p in apt.parameters())
+
+
+def test_drop_path_of_one_drops_everything_without_nan():
+    seq = torch.tensor([0, 0, 1])
+    out = drop_path_packed(torch.ones(3, 2), timm.layers.DropPath(1.0), seq, 2, training=True)
+    assert torch.equal(out, torch.zeros(3, 2))
+
+
 def test_drop_path_drops_whole_images():
     torch.manual_seed(0)
     cu = torch.tensor([0, 5, 9, 20])
@@ -179,3 +209,9 @@ def test_flop_counts_match_torch_flop_counter():
     assert flops["uniform"].sum().item() == pytest.approx(counter.get_total_flops(), rel=1e-9)
     assert flops["apt"][0] < flops["uniform"][0]  # plain half merged
     assert flops["apt"][1] == flops["uniform"][1]  # noise: nothing merged, nothing extra
+    # the APT count matches what actually runs; FlopCounterMode does not count SDPA on the CPU, so add it
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        apt(x, layout=layout)
+    n = (layout.num_tokens + apt.num_prefix_tokens).double()
+    attention = len(model.blocks) * 4 * (n**2).sum().item() * 64
+    assert flops["apt"].sum().item() == pytest.approx(counter.get_total_flops() + attention, rel=1e-9)

@@ -1,0 +1,54 @@
+"""torchrun / DDP plumbing shared by fine-tuning and evaluation."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a torchrun job (world 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join the torchrun job if there is one (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return Dist(rank, world, device)
+
+
+def all_reduce_sum(values: List[float], dist: Dist) -> List[float]:
+    """Sum a few numbers over all ranks."""
+    if dist.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_objects(obj, dist: Dist) -> list:
+    """Every rank's ``obj`` (a list of one item without torchrun)."""
+    if dist.world == 1:
+        return [obj]
+    out = [None] * dist.world
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,92 @@
+"""Building the models a command needs: timm weights (pretrained, checkpoint, random) and the APT conversion.
+
+One place for what bench, finetune and eval share: hub errors become one line, aptvit and timm
+checkpoints are told apart, a new label set gets a fresh head, and layout settings from the
+command line are applied through the validated ``configure``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+from torch import nn
+
+from .nn.convert import convert, load, load_timm_weights, read_metadata, read_state_dict
+from .nn.model import APTViT
+
+
+def create_timm(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` with dynamic image size; a failed download is one clear RuntimeError."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, **kwargs)
+    except Exception as e:  # hub errors come in many types; the user needs the one line
+        if not pretrained:
+            raise
+        raise RuntimeError(f"could not load pretrained weights for {name} ({type(e).__name__}: {e}); "
+                           "use --checkpoint PATH with a local file") from None
+
+
+def load_timm_checkpoint(model: nn.Module, path, new_head_ok: bool, log: Callable = print) -> None:
+    """Strictly load timm weights; with ``new_head_ok`` a classifier of another size is left fresh."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    head = [k for k in ("head.weight", "head.bias") if k in state and k in own and state[k].shape != own[k].shape]
+    if head and new_head_ok:
+        log(f"{path}: head has {state['head.weight'].shape[0]} classes, the data {own['head.weight'].shape[0]}: new head")
+        state = {**{k: v for k, v in state.items() if k not in head}, **{k: own[k] for k in head}}
+    load_timm_weights(model, state)
+
+
+def build_models(name: Optional[str], pretrained: bool = False, checkpoint=None, num_classes: Optional[int] = None,
+                 layout: Optional[Dict] = None, timm_kwargs: Optional[Dict] = None, log: Callable = print) -> Tuple[APTViT, nn.Module]:
+    """The APT model and the timm model it wraps.
+
+    Args:
+        name: timm architecture (an aptvit checkpoint brings its own and may leave this None).
+        checkpoint: aptvit ``.safetensors`` (weights and settings) or timm weights.
+        num_classes: the label set to train/evaluate on; a checkpoint's head of another size is replaced.
+        layout: conversion settings from the command line (thresholds=, budget=, scorer=, patch_sizes=);
+            they override an aptvit checkpoint's own.
+        timm_kwargs: extra ``timm.create_model`` arguments (drop_path_rate=, model arguments).
+    """
+    layout = {k: v for k, v in (layout or {}).items() if v is not None}
+    timm_kwargs = dict(timm_kwargs or {})
+    if num_classes is not None:
+        timm_kwargs["num_classes"] = num_classes
+    if checkpoint and read_metadata(checkpoint).get("format") == "aptvit":
+        apt = load(checkpoint, timm_kwargs={k: v for k, v in timm_kwargs.items() if k != "num_classes"})
+        arch = apt.pretrained_cfg.get("architecture", "?")
+        if name and name != arch:
+            log(f"{checkpoint} holds a {arch}; using it instead of {name}")
+        if num_classes is not None and num_classes != apt.num_classes:
+            log(f"{checkpoint}: head has {apt.num_classes} classes, the data {num_classes}: new head")
+            apt.reset_classifier(num_classes)
+        if layout:
+            apt.configure(**layout)
+        log(f"weights: {checkpoint} (aptvit checkpoint)")
+        return apt, apt.timm_model
+    if not name:
+        raise ValueError("give --model NAME (with --pretrained or a timm --checkpoint), or an aptvit --checkpoint")
+    model = create_timm(name, pretrained, **timm_kwargs)
+    if checkpoint:
+        load_timm_checkpoint(model, checkpoint, new_head_ok=num_classes is not None, log=log)
+        log(f"weights: {checkpoint}")
+    elif pretrained:
+        log(f"weights: timm pretrained {name}")
+    else:
+        log("weights: random (no --pretrained or --checkpoint): timings are valid, predictions are not")
+    return convert(model, **layout), model
+
+
+def build_timm(name: Optional[str], pretrained: bool = False, checkpoint=None, num_classes: Optional[int] = None,
+               log: Callable = print) -> nn.Module:
+    """The unconverted timm model (the uniform baseline), with its weights."""
+    if checkpoint and read_metadata(checkpoint).get("format") == "aptvit":
+        raise ValueError("--uniform evaluates a timm model; this checkpoint is an aptvit model (drop --uniform)")
+    if not name:
+        raise ValueError("--uniform needs --model NAME")
+    model = create_timm(name, pretrained, **({"num_classes": num_classes} if num_classes is not None else {}))
+    if checkpoint:
+        load_timm_checkpoint(model, checkpoint, new_head_ok=False, log=log)
+    return model

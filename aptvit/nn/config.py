@@ -1,0 +1,80 @@
+"""``APTConfig``: the conversion settings of an APT model, validated once, saved with the weights."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+from ..core.layout import check_patch_sizes
+from ..core.quadtree import MAX_BINS, check_budget, check_thresholds, default_thresholds
+from ..core.scoring import SCORERS
+from .attention import check_backend
+
+
+@dataclass(frozen=True)
+class APTConfig:
+    """Conversion settings. Construction validates everything and fills the default thresholds.
+
+    Attributes:
+        patch_sizes: ascending sizes, the first is the ViT's patch size.
+        thresholds: {size: threshold} in scorer units; the scorer's defaults when neither this nor
+            ``budget`` is given.
+        budget: tokens per image (fraction of base tokens in (0, 1], or an int), instead of thresholds.
+        scorer: "entropy", "laplacian" or "upsample".
+        bins: histogram bins of the entropy scorer.
+        attention: attention backend ("auto", "loop", "pad", "flash", "varlen").
+    """
+
+    patch_sizes: Tuple[int, ...]
+    thresholds: Optional[Dict[int, float]] = None
+    budget: Optional[Union[int, float]] = None
+    scorer: str = "entropy"
+    bins: int = 512
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        sizes = check_patch_sizes(self.patch_sizes)
+        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {self.scorer!r}; choose one of {sorted(SCORERS)}")
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or not 2 <= self.bins <= MAX_BINS:
+            raise ValueError(f"bins must be an int from 2 to {MAX_BINS}, got {self.bins!r}")
+        if self.thresholds is not None and self.budget is not None:
+            raise ValueError("pass either thresholds= or budget=, not both")
+        thresholds = self.thresholds
+        if thresholds is None and self.budget is None:
+            thresholds = default_thresholds(sizes, self.scorer)
+        if thresholds is not None:
+            thresholds = check_thresholds(thresholds, sizes)
+        if self.budget is not None:
+            check_budget(self.budget)
+        check_backend(self.attention)
+        object.__setattr__(self, "patch_sizes", sizes)
+        object.__setattr__(self, "thresholds", thresholds)
+
+    def replace(self, **changes) -> "APTConfig":
+        """A validated copy with ``changes``; setting thresholds clears the budget and vice versa.
+
+        A new scorer without new thresholds gets its own default thresholds (scores of different
+        scorers have different units); a budget needs no change.
+        """
+        if changes.get("scorer", self.scorer) != self.scorer and "thresholds" not in changes and self.budget is None:
+            changes["thresholds"] = None
+        if changes.get("thresholds") is not None:
+            changes.setdefault("budget", None)
+        if changes.get("budget") is not None:
+            changes.setdefault("thresholds", None)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_sizes"] = list(self.patch_sizes)
+        if self.thresholds is not None:
+            d["thresholds"] = {str(k): v for k, v in self.thresholds.items()}
+        return d
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "APTConfig":
+        d = dict(d)
+        if d.get("thresholds") is not None:
+            d["thresholds"] = {int(k): float(v) for k, v in d["thresholds"].items()}
+        return APTConfig(**d)

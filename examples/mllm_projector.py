@@ -1,0 +1,67 @@
+"""Plugging an APT encoder into a LLaVA-style projector: fewer visual tokens, each with its box.
+
+    python examples/mllm_projector.py
+
+LLaVA-1.5 takes the penultimate layer of its CLIP ViT (patch tokens, no class token), projects every
+token into the language model's embedding space and splices them into the prompt. With APT:
+
+    tokens, layout = apt.encode_tokens(images, layer=-2)   # (T, D) packed, T < B * (H/p) * (W/p)
+    per_image = tokens.split(layout.num_tokens.tolist())   # image i's tokens, raster order
+
+A large token stands for several base cells, so the projector gets its position too: here a small
+learned code of the token's normalised centre and size is added before the projection. No language
+model is needed to run this; the "LLM" below is only an embedding width.
+"""
+import torch
+from torch import nn
+
+import timm
+
+import aptvit
+
+
+class BoxAwareProjector(nn.Module):
+    """LLaVA's MLP projector plus a position code for variable-size tokens.
+
+    Args:
+        vision_dim: D of the ViT.
+        llm_dim: embedding width of the language model.
+    """
+
+    def __init__(self, vision_dim: int, llm_dim: int):
+        super().__init__()
+        self.box = nn.Linear(3, vision_dim)  # (centre y, centre x, size), all normalised to the image
+        self.proj = nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+
+    def forward(self, tokens: torch.Tensor, layout: aptvit.PatchLayout) -> list:
+        """(T, D) packed tokens -> list of (N_i, llm_dim), one per image, ready to splice into prompts."""
+        heights = torch.tensor([h for h, _ in layout.image_sizes], device=tokens.device)[layout.image_index]
+        widths = torch.tensor([w for _, w in layout.image_sizes], device=tokens.device)[layout.image_index]
+        half = layout.size / 2
+        box = torch.stack([(layout.y + half) / heights, (layout.x + half) / widths, layout.size / heights], dim=1)
+        out = self.proj(tokens + self.box(box.to(tokens.dtype)))
+        return list(out.split(layout.num_tokens.tolist()))
+
+
+def main():
+    torch.manual_seed(0)
+    # LLaVA-1.5 uses CLIP ViT-L/14 at 336; a small CLIP-style ViT keeps this example fast.
+    vit = timm.create_model("vit_base_patch16_clip_224", pretrained=False, depth=4, dynamic_img_size=True).eval()
+    apt = aptvit.convert(vit, budget=0.5)  # at most half the visual tokens per image
+    projector = BoxAwareProjector(vit.embed_dim, llm_dim=1024)
+
+    from aptvit.photos import load_photo
+
+    pixels = torch.stack([load_photo(n, 336) for n in ("astronaut", "coffee")]).float() / 255
+    mean, std = apt.pixel_mean_std()
+    images = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        tokens, layout = apt.encode_tokens(images, layer=-2)
+        visual = projector(tokens, layout)
+    base = (336 // 16) ** 2
+    for i, v in enumerate(visual):
+        print(f"image {i}: {v.shape[0]} visual tokens instead of {base} -> LLM embeddings {tuple(v.shape)}")
+
+
+if __name__ == "__main__":
+    main()
