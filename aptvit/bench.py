@@ -48,10 +48,25 @@ def resize(photos: Sequence[torch.Tensor], size) -> torch.Tensor:
     return torch.stack([center_crop_resize(p, tuple(size)) for p in photos])
 
 
-def _time(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+def alternating_medians(fns: Dict[str, Callable], chunks: Sequence[torch.Tensor], runs: int = 5, warmup: int = 2,
+                        on_run: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """Median seconds for each ``fn`` to process every chunk once, under ``torch.inference_mode``.
+
+    Warm-up passes first; then each run calls every fn in turn, the order reversed every other run
+    so that drift in machine speed hits all alike.
+    """
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for r in range(warmup + runs):
+            for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+                start = time.perf_counter()
+                for c in chunks:
+                    fns[name](c)
+                if r >= warmup:
+                    times[name].append(time.perf_counter() - start)
+            if r >= warmup and on_run:
+                on_run()
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_config(
@@ -70,36 +85,12 @@ def bench_config(
     with torch.inference_mode():
         layouts = [apt.make_layout(c) for c in chunks]
         flops = [model_flops(apt, l) for l in layouts]
-
-        def run_timm():
-            for c in chunks:
-                timm_model(c)
-
-        def run_apt():
-            for c in chunks:
-                apt(c)
-
-        def run_layout():
-            for c in chunks:
-                apt.make_layout(c)
-
-        for _ in range(warmup):
-            run_timm(), run_apt(), run_layout()
-        t_timm, t_apt, t_layout = [], [], []
-        for r in range(runs):
-            # alternate which model goes first, so drift in machine speed hits both alike
-            order = [(run_timm, t_timm), (run_apt, t_apt)]
-            for fn, sink in order if r % 2 == 0 else order[::-1]:
-                sink.append(_time(fn))
-            t_layout.append(_time(run_layout))
-            if on_run:
-                on_run()
+    seconds = alternating_medians({"timm": timm_model, "apt": apt, "layout": apt.make_layout}, chunks, runs, warmup, on_run)
     uniform = torch.cat([f["uniform"] for f in flops]).sum().item()
     adaptive = torch.cat([f["apt"] for f in flops]).sum().item()
     base = sum(int(l.num_base_tokens.sum()) for l in layouts) / n
     tokens = sum(l.total_tokens for l in layouts) / n
-    ms = lambda ts: statistics.median(ts) * 1000 / n  # noqa: E731
-    timm_ms, apt_ms, layout_ms = ms(t_timm), ms(t_apt), ms(t_layout)
+    timm_ms, apt_ms, layout_ms = (seconds[k] * 1000 / n for k in ("timm", "apt", "layout"))
     speedup, ratio = timm_ms / apt_ms, uniform / adaptive
     return BenchRow(
         model=name, size=f"{images.shape[-2]}x{images.shape[-1]}", batch=batch, images=n, base_tokens=base,

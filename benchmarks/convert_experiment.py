@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from aptvit.bench import alternating_medians
 from aptvit.core.layout import PatchLayout
 from aptvit.core.quadtree import patch_layout
 from aptvit.data import LayoutDataset, build_transform, image_folder
@@ -102,19 +102,9 @@ def accuracy(model, data: Path, layout_fn, uniform=False) -> dict:
 
 
 def throughput(fns: dict, images: torch.Tensor, runs: int = 7, warmup: int = 2, batch: int = 64) -> dict:
-    """Images per second of each fn(batch) -> logits, alternating, medians."""
-    chunks = [images[i : i + batch] for i in range(0, images.shape[0], batch)]
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for r in range(warmup + runs):
-            names = list(fns) if r % 2 == 0 else list(fns)[::-1]
-            for name in names:
-                start = time.perf_counter()
-                for c in chunks:
-                    fns[name](c)
-                if r >= warmup:
-                    times[name].append(time.perf_counter() - start)
-    return {k: images.shape[0] / statistics.median(v) for k, v in times.items()}
+    """Images per second of each fn(batch) -> logits (aptvit.bench's alternating medians)."""
+    seconds = alternating_medians(fns, images.split(batch), runs, warmup)
+    return {k: images.shape[0] / v for k, v in seconds.items()}
 
 
 def main():

@@ -7,9 +7,10 @@ Data: generated 256x256 scenes, a plain gradient or a textured background (or ha
 are a flat warm colour, class 2 objects carry fine cool stripes; class 0 is the background.
 
 Model: a small ViT (patch 16, dim 192, depth 6) trained from scratch with a light decoder on the
-learned ViTDet simple pyramid (scales 4, 2, 1). The uniform model runs timm's forward_features; the
-APT model runs ``apt.forward_dense`` (large tokens unmerged onto the grid, "repeat" or "smooth").
-Both start from the same weights and see the same batches.
+learned ViTDet simple pyramid (scales 4, 2, 1). The uniform model runs timm's forward_features; each
+APT variant runs ``apt.forward_dense`` with a scorer (entropy, upsampling error, Laplacian, at their
+default thresholds) and an unmerge mode ("repeat" or "smooth"). All start from the same weights and
+see the same batches.
 
 Reported: mIoU on 160 held-out scenes, training images/s and inference images/s (encoder + head,
 batch 8, alternating, warm-up, medians, torch.inference_mode; APT's layout included).
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import aptvit
+from aptvit.bench import alternating_medians
 from aptvit.nn.dense import SimpleFeaturePyramid
 
 SIZE, CLASSES = 256, 3
@@ -144,19 +146,11 @@ def evaluate(dense_fn, decoder, images, labels, mean, std, batch=8):
     return miou(torch.cat(preds), labels)
 
 
-@torch.inference_mode()
 def inference_speed(fns: dict, images, mean, std, batch=8, runs=5, warmup=1):
+    """Images per second of each fn (aptvit.bench's alternating medians, under inference_mode)."""
     x = ((images[: batch * 4].float() / 255) - mean) / std
-    chunks = x.split(batch)
-    times = {k: [] for k in fns}
-    for r in range(warmup + runs):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            start = time.perf_counter()
-            for c in chunks:
-                fns[name](c)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {k: x.shape[0] / statistics.median(v) for k, v in times.items()}
+    seconds = alternating_medians(fns, x.split(batch), runs, warmup)
+    return {k: x.shape[0] / v for k, v in seconds.items()}
 
 
 def main():
@@ -165,6 +159,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--train", type=int, default=1200)
     parser.add_argument("--val", type=int, default=160)
+    parser.add_argument("--variants", default="entropy:repeat,entropy:smooth,upsample:repeat,laplacian:repeat",
+                        help="APT encoders to train, SCORER:UNMERGE (unmerge: repeat or smooth)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -179,18 +175,19 @@ def main():
     results, fns = {}, {}
     base_decoder = Decoder(192)
     uniform_vit = make_encoder(0)
-    kept = None
-    for name in ("uniform", "APT repeat", "APT smooth"):
+    kept = {"uniform": 1.0}
+    for name in ["uniform"] + [f"APT {v.replace(':', ' ')}" for v in args.variants.split(",")]:
         vit = copy.deepcopy(uniform_vit)
         decoder = copy.deepcopy(base_decoder)
         if name == "uniform":
             fn, params = uniform_dense(vit), vit.parameters()
         else:
-            apt = aptvit.convert(vit)  # default entropy thresholds {32: 5.5, 64: 4.0}
+            _, scorer, unmerge = name.split()
+            apt = aptvit.convert(vit, scorer=scorer)  # the scorer's default thresholds (README)
             apt.pretrained_cfg.update(mean=(0.5,) * 3, std=(0.5,) * 3)
-            smooth = name.endswith("smooth")
+            smooth = unmerge == "smooth"
             fn, params = (lambda a, s: (lambda x: a.forward_dense(x, smooth=s)))(apt, smooth), apt.parameters()
-            kept = aptvit.patch_layout(val_x, (16, 32, 64)).num_tokens.float().mean().item() / (SIZE // 16) ** 2
+            kept[name] = aptvit.patch_layout(val_x, (16, 32, 64), scorer=scorer).num_tokens.float().mean().item() / (SIZE // 16) ** 2
         print(f"training {name}", flush=True)
         train_speed = train(name, fn, params, decoder, train_x, train_y, args.steps, args.batch, mean, std)
         for m in (vit, decoder):
@@ -199,11 +196,11 @@ def main():
         fns[name] = (lambda f, d: (lambda x: d(f(x))))(fn, decoder)
     speeds = inference_speed(fns, val_x, mean, std)
     print(f"\n{args.train} train / {args.val} val scenes at {SIZE}px, {args.steps} steps of batch {args.batch}; "
-          f"APT keeps {kept:.1%} of the tokens on the val scenes; {(time.perf_counter() - t0) / 60:.1f} min in all")
-    print("| encoder | mIoU (%) | train img/s | inference img/s | inference speedup |")
-    print("|---|---|---|---|---|")
+          f"{(time.perf_counter() - t0) / 60:.1f} min in all")
+    print("| encoder (scorer, unmerge) | tokens kept | mIoU (%) | train img/s | inference img/s | inference speedup |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['miou']:.1f} | {r['train_img_s']:.1f} | {speeds[name]:.1f} | {speeds[name] / speeds['uniform']:.2f}x |")
+        print(f"| {name} | {kept[name]:.1%} | {r['miou']:.1f} | {r['train_img_s']:.1f} | {speeds[name]:.1f} | {speeds[name] / speeds['uniform']:.2f}x |")
 
 
 if __name__ == "__main__":

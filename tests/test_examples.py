@@ -22,7 +22,7 @@ def test_mllm_projector_example():
 
 
 def test_segmentation_example_quick():
-    out = run("examples/segmentation.py", "--quick")
+    out = run("examples/segmentation.py", "--quick", "--variants", "entropy:repeat,upsample:smooth")
     rows = [l for l in out.splitlines() if l.startswith("| uniform") or l.startswith("| APT")]
     assert len(rows) == 3
 

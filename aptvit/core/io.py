@@ -7,6 +7,15 @@ from pathlib import Path
 from typing import Callable, Union
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_mode()
+
+
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, then rename the result to ``path``: a crash never leaves a half-written file."""
     path = Path(path)
@@ -15,6 +24,7 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; a user's file gets the usual umask-based mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

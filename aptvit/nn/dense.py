@@ -156,6 +156,7 @@ class DenseMixin:
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        output_dict: bool = False,
         layout: Optional[PatchLayout] = None,
         smooth: bool = SMOOTH_DEFAULT,
     ):
@@ -163,7 +164,9 @@ class DenseMixin:
 
         Intermediates are unmerged to the base grid: (B, D, H/p, W/p) for "NCHW", (B, H/p * W/p, D)
         for "NLC"; with ``return_prefix_tokens`` each is a (features, (B, P, D) prefix) pair. The final
-        features (unless ``intermediates_only``) are ``norm(x)`` as (B, P + H/p * W/p, D), like timm's.
+        features (unless ``intermediates_only``) are ``norm(x)`` as (B, P + H/p * W/p, D), like timm's;
+        ``output_dict`` returns timm's dict ("image_intermediates", "image_intermediates_prefix",
+        "image_features") instead.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
@@ -171,18 +174,26 @@ class DenseMixin:
         _require_one_size(images, layout)
         x, kept, layout = self._run(images, layout, take, last if stop_early else None)
         p = self.num_prefix_tokens
-        results = []
+        feats, prefixes = [], []
         for i in take:
             y = self.norm(kept[i]) if norm else kept[i]
             patches, prefix = split_prefix(y, layout.cu_seqlens, p)
             grid = unmerge(patches, layout, smooth)
-            feat = grid if output_fmt == "NCHW" else grid.flatten(2).transpose(1, 2)
-            results.append((feat, prefix) if return_prefix_tokens and p else feat)
-        if intermediates_only:
-            return results
-        patches, prefix = split_prefix(self.norm(x), layout.cu_seqlens, p)
-        final = unmerge(patches, layout, smooth).flatten(2).transpose(1, 2)
-        return torch.cat([prefix, final], dim=1), results
+            feats.append(grid if output_fmt == "NCHW" else grid.flatten(2).transpose(1, 2))
+            prefixes.append(prefix)
+        final = None
+        if not intermediates_only:
+            patches, prefix = split_prefix(self.norm(x), layout.cu_seqlens, p)
+            final = torch.cat([prefix, unmerge(patches, layout, smooth).flatten(2).transpose(1, 2)], dim=1)
+        if output_dict:
+            out = {"image_intermediates": feats}
+            if return_prefix_tokens and p:
+                out["image_intermediates_prefix"] = prefixes
+            if final is not None:
+                out["image_features"] = final
+            return out
+        results = list(zip(feats, prefixes)) if return_prefix_tokens and p else feats
+        return results if intermediates_only else (final, results)
 
     def encode_tokens(self, images, layout: Optional[PatchLayout] = None, layer: Optional[int] = None):
         """Packed visual tokens for a multimodal LLM, fewer than the uniform ViT gives.

@@ -161,3 +161,15 @@ def test_demo_draws_and_benchmarks(tmp_path, capsys):
 def test_console_script_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "aptvit", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "aptvit" in result.stdout
+
+
+def test_alternating_medians_alternate_the_order_and_skip_warmup():
+    from aptvit.bench import alternating_medians
+
+    calls = []
+    runs = []
+    result = alternating_medians({"a": lambda c: calls.append("a"), "b": lambda c: calls.append("b")}, [torch.zeros(1)],
+                                 runs=3, warmup=1, on_run=lambda: runs.append(len(calls)))
+    assert set(result) == {"a", "b"} and all(v >= 0 for v in result.values())
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then runs in alternating order
+    assert runs == [4, 6, 8]

@@ -41,6 +41,14 @@ def test_forward_intermediates_equals_timm_when_nothing_merges(fmt, norm):
     for (a, a_prefix), (b, b_prefix) in zip(inter, ref_inter):
         assert a.shape == b.shape and rel_err(a, b) <= 1e-5 and rel_err(a_prefix, b_prefix) <= 1e-5
     assert len(only) == 1 and rel_err(only[0], ref_only[0]) <= 1e-5
+    with torch.no_grad():
+        d = apt.forward_intermediates(x, indices=[0], output_fmt=fmt, return_prefix_tokens=True, output_dict=True)
+        ref_d = model.forward_intermediates(x, indices=[0], output_fmt=fmt, return_prefix_tokens=True, output_dict=True)
+    assert set(d) == set(ref_d)
+    for key in d:
+        got, want = d[key], ref_d[key]
+        for a, b in (zip(got, want) if isinstance(got, list) else [(got, want)]):
+            assert rel_err(a, b) <= 1e-5, key
 
 
 def test_a_large_token_feature_covers_all_its_cells():
