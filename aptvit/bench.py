@@ -127,7 +127,8 @@ def plot(rows: List[BenchRow], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.model}\n{r.size} b{r.batch}" for r in rows]
+    models = sorted({r.model for r in rows})
+    labels = [f"{r.size} b{r.batch}" + (f"\n{r.model.split('_patch')[0]}" if len(models) > 1 else "") for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.3 * len(rows) + 2), 4))
     axes[0].bar(labels, [r.speedup for r in rows], color="tab:blue", label="measured speedup")
     axes[0].plot(labels, [r.flop_ratio for r in rows], "k_", markersize=20, label="FLOP ratio")
@@ -137,7 +138,8 @@ def plot(rows: List[BenchRow], path) -> None:
     axes[1].bar(labels, [100 * r.kept for r in rows], color="tab:orange")
     axes[1].set_ylabel("tokens kept (%)")
     for ax in axes:
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
+    fig.suptitle(", ".join(models), fontsize=9)
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
