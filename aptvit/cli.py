@@ -118,18 +118,21 @@ def cmd_demo(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .train import TrainConfig, finetune
+    from .train import RUN_CONTROL, TrainConfig, finetune
 
     layout = layout_settings(args)
+    # run-control options given on the command line (the others keep their defaults, or, on --resume, the run's)
+    given = {"epochs": args.epochs, "max_steps": args.max_steps, "workers": args.workers, "save_every": args.save_every,
+             "log_every": args.log_every, "skip_bad_images": args.skip_bad_images or None, "eval": False if args.no_eval else None}
+    control = {k: v for k, v in given.items() if v is not None and k in RUN_CONTROL}
     cfg = TrainConfig(
         model=check_model_name(args.model), data=args.data, out=args.out, pretrained=args.pretrained, checkpoint=args.checkpoint,
-        epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr, workers=args.workers, seed=args.seed,
+        size=args.size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None, scorer=args.scorer,
-        thresholds=layout.get("thresholds"), budget=layout.get("budget"), skip_bad_images=args.skip_bad_images,
-        max_steps=args.max_steps, save_every=args.save_every, log_every=args.log_every, eval=not args.no_eval,
-        drop_path=args.drop_path, warmup=args.warmup, augment=args.augment,
+        thresholds=layout.get("thresholds"), budget=layout.get("budget"), drop_path=args.drop_path, warmup=args.warmup,
+        augment=args.augment, **control,
     )
-    finetune(cfg, resume=args.resume)
+    finetune(cfg, resume=args.resume, overrides=control)
     return 0
 
 
@@ -187,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights_options(p)
     p.add_argument("--data", required=True, help="folder with train/ and val/, one sub-folder per class")
     p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, help="default 1")
     p.add_argument("--size", type=int, default=384)
     add_layout_options(p, None)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -195,13 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of all steps")
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--augment", default="rand-m9-mstd0.5-inc1", help="timm auto-augment string, or 'none' (no random crop either)")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, help="loader processes (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(--epochs, --max-steps, --workers, --save-every, --log-every, --no-eval, --skip-bad-images may change)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping")
     p.add_argument("--max-steps", type=int, help="stop (and checkpoint) after this many optimizer steps")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, help="also checkpoint every N steps (default 0: at epoch ends)")
+    p.add_argument("--log-every", type=int, help="default 10")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end of each epoch")
     p.set_defaults(func=cmd_finetune)
 

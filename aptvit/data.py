@@ -18,9 +18,16 @@ import torch
 from .core.layout import PatchLayout
 
 
-def check_image_folder(root, split: str) -> Path:
-    """The ``split`` folder of ``root`` (or ``root`` itself when it already is that folder), checked."""
+def check_image_folder(root, split: str, required: bool = False) -> Path:
+    """The ``split`` folder of ``root``, checked.
+
+    Args:
+        required: the split must exist (fine-tuning needs train/ and val/); otherwise ``root`` itself
+            may be that folder (``aptvit eval --data DIR/val``).
+    """
     root = Path(root)
+    if required and not (root / split).is_dir():
+        raise FileNotFoundError(f"{str(root)!r} has no {split}/ folder; expected {root}/train/<class>/... and {root}/val/<class>/...")
     folder = root / split if (root / split).is_dir() else root
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder {str(folder)!r} does not exist (expected {split}/ with one folder per class)")

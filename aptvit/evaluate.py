@@ -94,19 +94,22 @@ def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, 
     classes = json.loads(meta["classes"]) if "classes" in meta else None
     if classes is not None and classes != items.classes:
         raise ValueError(f"the checkpoint's {len(classes)} classes differ from the {len(items.classes)} class folders of {folder}")
-    num_classes = len(items.classes) if classes is None and meta.get("format") != "aptvit" else None
+    # evaluation never replaces a head: the model's classes must be the folders'
     if uniform:
-        model = timm_model = build_timm(model_name, pretrained, checkpoint, num_classes, log=quiet)
+        model = timm_model = build_timm(model_name, pretrained, checkpoint, log=quiet)
         cfg = timm_model.pretrained_cfg or {}
         mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
         layout_fn = None
     else:
-        model, timm_model = build_models(model_name, pretrained, checkpoint, num_classes, layout=layout, log=quiet)
+        model, timm_model = build_models(model_name, pretrained, checkpoint, layout=layout, log=quiet)
         cfg = timm_model.pretrained_cfg or {}
         mean, std = model.pixel_mean_std()
         c = model.config
         layout_fn = functools.partial(patch_layout, patch_sizes=c.patch_sizes, thresholds=c.thresholds, budget=c.budget,
                                       scorer=c.scorer, bins=c.bins)
+    if timm_model.num_classes != len(items.classes):
+        raise ValueError(f"the model has {timm_model.num_classes} classes but {folder} has {len(items.classes)} class folders; "
+                         "evaluate a checkpoint trained on these classes")
     model.to(dist.device)
     size = size or int(meta.get("input_size", 0)) or cfg.get("input_size", (3, 224, 224))[-1]
     dataset = LayoutDataset(items.samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)

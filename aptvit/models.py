@@ -27,14 +27,24 @@ def create_timm(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
                            "use --checkpoint PATH with a local file") from None
 
 
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+def checkpoint_classes(path) -> Optional[int]:
+    """Classes of a timm checkpoint's head (None when it has no head, e.g. a DINOv2 or CLIP tower)."""
+    head = read_state_dict(path).get("head.weight")
+    return int(head.shape[0]) if head is not None and head.dim() == 2 else None
+
+
 def load_timm_checkpoint(model: nn.Module, path, new_head_ok: bool, log: Callable = print) -> None:
-    """Strictly load timm weights; with ``new_head_ok`` a classifier of another size is left fresh."""
+    """Strictly load timm weights; with ``new_head_ok`` a head of another size, or none, leaves a fresh one."""
     state = read_state_dict(path)
     own = model.state_dict()
-    head = [k for k in ("head.weight", "head.bias") if k in state and k in own and state[k].shape != own[k].shape]
-    if head and new_head_ok:
-        log(f"{path}: head has {state['head.weight'].shape[0]} classes, the data {own['head.weight'].shape[0]}: new head")
-        state = {**{k: v for k, v in state.items() if k not in head}, **{k: own[k] for k in head}}
+    fresh = [k for k in HEAD_KEYS if k in own and (k not in state or state[k].shape != own[k].shape)]
+    if fresh and new_head_ok:
+        had = state["head.weight"].shape[0] if "head.weight" in state else "no"
+        log(f"{path}: head has {had} classes, the data {own['head.weight'].shape[0]}: new head")
+        state = {**{k: v for k, v in state.items() if k not in HEAD_KEYS}, **{k: own[k] for k in fresh}}
     load_timm_weights(model, state)
 
 
@@ -68,6 +78,9 @@ def build_models(name: Optional[str], pretrained: bool = False, checkpoint=None,
         return apt, apt.timm_model
     if not name:
         raise ValueError("give --model NAME (with --pretrained or a timm --checkpoint), or an aptvit --checkpoint")
+    if checkpoint and num_classes is None:  # e.g. a fine-tuned .pth: the head it was trained with
+        classes = checkpoint_classes(checkpoint)
+        timm_kwargs["num_classes"] = classes if classes is not None else 0
     model = create_timm(name, pretrained, **timm_kwargs)
     if checkpoint:
         load_timm_checkpoint(model, checkpoint, new_head_ok=num_classes is not None, log=log)
@@ -86,6 +99,9 @@ def build_timm(name: Optional[str], pretrained: bool = False, checkpoint=None, n
         raise ValueError("--uniform evaluates a timm model; this checkpoint is an aptvit model (drop --uniform)")
     if not name:
         raise ValueError("--uniform needs --model NAME")
+    if checkpoint and num_classes is None:
+        classes = checkpoint_classes(checkpoint)
+        num_classes = classes if classes is not None else 0
     model = create_timm(name, pretrained, **({"num_classes": num_classes} if num_classes is not None else {}))
     if checkpoint:
         load_timm_checkpoint(model, checkpoint, new_head_ok=False, log=log)

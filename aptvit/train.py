@@ -21,14 +21,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core.io import atomic_write
+from .core.io import atomic_write, atomic_write_many
 from .core.quadtree import patch_layout
 from .data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, image_folder, make_loader
 from .distributed import Dist, all_gather_objects, all_reduce_sum, setup_distributed
 from .evaluate import evaluate
 from .images import normalise
 from .models import build_models
-from .nn.convert import read_metadata, read_state_dict, save
+from .nn.convert import read_metadata, saver
+
+
+# What a resumed run may change; everything else comes from the run's config.json.
+RUN_CONTROL = ("epochs", "max_steps", "workers", "skip_bad_images", "save_every", "log_every", "eval")
 
 
 @dataclass
@@ -45,7 +49,7 @@ class TrainConfig:
     patch_sizes: Optional[List[int]] = None
     thresholds: Optional[Dict[int, float]] = None
     budget: Optional[float] = None
-    scorer: str = "entropy"
+    scorer: Optional[str] = None  # None: entropy, or the checkpoint's own
     augment: str = "rand-m9-mstd0.5-inc1"  # timm auto-augment string, or "none"
     model_args: Dict = field(default_factory=dict)  # extra timm.create_model arguments
     batch_size: int = 64
@@ -64,6 +68,7 @@ class TrainConfig:
     log_every: int = 10
     eval: bool = True
     classes: List[str] = field(default_factory=list)
+
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -126,11 +131,13 @@ class Run:
         rng = all_gather_objects(_rng_state(), dist)  # collective: every rank calls it
         if not self.main:
             return
-        save(apt, self.folder / "model.safetensors", model_args=cfg.model_args, extra_metadata={
+        model = saver(apt, model_args=cfg.model_args, extra_metadata={
             "classes": json.dumps(cfg.classes), "global_step": str(global_step), "input_size": str(cfg.size)})
         state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "global_step": global_step, "rng": rng}
-        atomic_write(self.folder / "train_state.pt", lambda tmp: torch.save(state, tmp))
+        # both written first, then renamed back to back: the pair stays consistent
+        atomic_write_many([(self.folder / "model.safetensors", model),
+                           (self.folder / "train_state.pt", lambda tmp: torch.save(state, tmp))])
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -146,11 +153,13 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"warmup must be a fraction in [0, 1) and lr > 0, got {cfg.warmup} and {cfg.lr}")
 
 
-def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callable] = None, log: Callable = print) -> dict:
+def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callable] = None, log: Callable = print,
+             overrides: Optional[Dict] = None) -> dict:
     """Fine-tune an APT conversion of ``cfg.model`` on ``cfg.data``; returns the last metrics.
 
     Args:
-        resume: continue the run in ``cfg.out`` (its config.json wins, except max_steps and workers).
+        resume: continue the run in ``cfg.out`` from its last checkpoint; its config.json wins, except
+            for the ``RUN_CONTROL`` fields given in ``overrides`` (all of them from ``cfg`` when None).
         layout_fn: ``layout_fn(crop (1, 3, S, S) uint8) -> PatchLayout``, run in the workers; default
             ``patch_layout`` with the model's settings (the conversion experiment passes a random one).
     """
@@ -161,13 +170,19 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
         if not (out / "train_state.pt").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {str(out)!r} (train_state.pt missing)")
         saved = TrainConfig.from_json((out / "config.json").read_text())
-        saved.max_steps, saved.workers = cfg.max_steps, cfg.workers
+        changes = overrides if overrides is not None else {k: getattr(cfg, k) for k in RUN_CONTROL}
+        saved.max_steps = None  # the interrupted run's stop point is not this run's: to the end unless given
+        for key, value in changes.items():
+            if key not in RUN_CONTROL:
+                raise ValueError(f"--{key.replace('_', '-')} cannot change when resuming (the run's config.json holds it)")
+            setattr(saved, key, value)
         cfg = saved
+        _validate(cfg)
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"run directory {str(out)!r} exists and is not empty; pass --resume to continue it or choose another --out")
     log_main = log if dist.main else (lambda *a, **k: None)
 
-    train_dir, val_dir = check_image_folder(cfg.data, "train"), check_image_folder(cfg.data, "val")
+    train_dir, val_dir = (check_image_folder(cfg.data, split, required=True) for split in ("train", "val"))
     train_set, val_set = image_folder(train_dir), image_folder(val_dir)
     if train_set.classes != val_set.classes:
         only_train = sorted(set(train_set.classes) - set(val_set.classes))
@@ -180,8 +195,12 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     settings = {"thresholds": cfg.thresholds, "budget": cfg.budget, "scorer": cfg.scorer,
                 "patch_sizes": tuple(cfg.patch_sizes) if cfg.patch_sizes else None}
-    apt, _ = build_models(cfg.model, cfg.pretrained, cfg.checkpoint, len(cfg.classes), layout=settings,
-                          timm_kwargs={"drop_path_rate": cfg.drop_path, **cfg.model_args}, log=log_main)
+    if resume:  # the run's own last weights; the original source (file or hub) is not needed any more
+        apt, _ = build_models(None, checkpoint=out / "model.safetensors", num_classes=len(cfg.classes),
+                              timm_kwargs={"drop_path_rate": cfg.drop_path}, log=lambda *a, **k: None)
+    else:
+        apt, _ = build_models(cfg.model, cfg.pretrained, cfg.checkpoint, len(cfg.classes), layout=settings,
+                              timm_kwargs={"drop_path_rate": cfg.drop_path, **cfg.model_args}, log=log_main)
     apt.to(dist.device)
     if cfg.size % apt.patch_size:
         raise ValueError(f"size {cfg.size} is not a multiple of the patch size {apt.patch_size}")
@@ -190,7 +209,9 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
     layout_fn = layout_fn or functools.partial(patch_layout, patch_sizes=c.patch_sizes, thresholds=c.thresholds,
                                                budget=c.budget, scorer=c.scorer, bins=c.bins)
     train_data = LayoutDataset(train_set.samples, build_transform(cfg.size, True, mean, std, augment=cfg.augment), layout_fn, cfg.seed)
-    val_data = LayoutDataset(val_set.samples, build_transform(cfg.size, False, mean, std), layout_fn, cfg.seed)
+    # the model's own eval crop, as `aptvit eval` uses it on the saved checkpoint
+    val_data = LayoutDataset(val_set.samples, build_transform(cfg.size, False, mean, std, apt.pretrained_cfg.get("crop_pct")),
+                             layout_fn, cfg.seed)
     sampler = ShardedSampler(len(train_data), dist.rank, dist.world, shuffle=True, seed=cfg.seed)
     batches_per_epoch = len(sampler) // cfg.batch_size
     if batches_per_epoch == 0:
@@ -212,13 +233,13 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
         if saved_step != str(state["global_step"]):
             raise ValueError(f"{out}: model.safetensors (step {saved_step}) and train_state.pt (step {state['global_step']}) "
                              "are from different steps (a crash between the two writes?); resume is not possible")
-        apt.load_state_dict(read_state_dict(out / "model.safetensors"), strict=True)
         optimizer.load_state_dict(state["optimizer"])
         epoch, batches_in_epoch, global_step = state["epoch"], state["batches_in_epoch"], state["global_step"]
         if len(state["rng"]) != dist.world:
             raise ValueError(f"{out} was saved by {len(state['rng'])} process(es); resume it with as many, not {dist.world}")
         _set_rng_state(state["rng"][dist.rank])
-        run.metrics = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+        run.metrics = [l for l in lines if json.loads(l)["step"] <= global_step]  # drop what the resume redoes
         log_main(f"resumed {out} at epoch {epoch}, step {global_step}")
     elif dist.main:
         out.mkdir(parents=True, exist_ok=True)

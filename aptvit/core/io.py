@@ -30,3 +30,29 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write_many(files) -> None:
+    """Several files that belong together: write every one to a temporary name, then rename them all.
+
+    Args:
+        files: (path, write) pairs as in ``atomic_write``. The renames come back to back, so a crash
+            leaves either the old set or the new one, but for a window of microseconds rather than the
+            seconds it takes to write a checkpoint.
+    """
+    staged = []
+    try:
+        for path, write in files:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            staged.append((tmp, path))
+            write(tmp)
+            os.chmod(tmp, _FILE_MODE)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -20,6 +20,8 @@ from .model import APTViT
 from .support import check_supported
 
 FORMAT_VERSION = "1"
+# what a loaded model needs to preprocess like the saved one (normalisation, eval crop, size)
+PRETRAINED_CFG_KEYS = ("architecture", "tag", "mean", "std", "crop_pct", "crop_mode", "input_size", "interpolation")
 
 
 def convert(
@@ -53,8 +55,24 @@ def convert(
 
 
 def _timm_args(vit: nn.Module) -> Dict:
-    """The timm.create_model arguments that commonly differ from an architecture's defaults."""
+    """``timm.create_model`` arguments that re-create this model's structure, read off the instance.
+
+    Everything a supported family varies (prefix tokens, norms, q/k norm, layer scale, biases) is
+    recorded, so a tiny or customised model re-creates from its architecture name alone.
+    """
+    blk = vit.blocks[0] if len(vit.blocks) else None
+    identity = lambda m: isinstance(m, nn.Identity)  # noqa: E731
     args = {
+        "class_token": bool(vit.has_class_token),
+        "reg_tokens": int(vit.num_reg_tokens),
+        "no_embed_class": bool(vit.no_embed_class),
+        "pos_embed": "learn" if vit.pos_embed is not None else "none",
+        "pre_norm": not identity(vit.norm_pre),
+        "fc_norm": not identity(vit.fc_norm),
+        "final_norm": not (identity(vit.norm) and identity(vit.fc_norm)),
+        "qkv_bias": blk is not None and blk.attn.qkv.bias is not None,
+        "qk_norm": blk is not None and not identity(blk.attn.q_norm),
+        "init_values": 1e-5 if blk is not None and not identity(blk.ls1) else None,  # value: from the weights
         "num_classes": vit.num_classes,
         "global_pool": vit.global_pool,
         "img_size": list(vit.patch_embed.img_size),
@@ -76,14 +94,20 @@ def save(model: APTViT, path: Union[str, os.PathLike], extra_metadata: Optional[
 
     Args:
         extra_metadata: more string metadata (e.g. the class names of a fine-tuning run).
-        model_args: extra ``timm.create_model`` arguments the model was built with (qk_norm=...,
-            reg_tokens=...), so that ``load`` can re-create it without ``model=``.
+        model_args: extra ``timm.create_model`` arguments the model was built with, stored with the
+            structure read off the model, so that ``load`` can re-create it without ``model=``.
     """
+    path = Path(path)
+    atomic_write(path, saver(model, extra_metadata, model_args))
+    return path
+
+
+def saver(model: APTViT, extra_metadata: Optional[Mapping[str, str]] = None, model_args: Optional[Mapping] = None):
+    """A ``write(tmp_path)`` that stores ``model`` as ``save`` does, to be written together with other files."""
     from safetensors.torch import save_file
 
     if not isinstance(model, APTViT):
         raise TypeError(f"model must be an APTViT (from aptvit.convert), got {type(model).__name__}")
-    path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {
         "format": "aptvit",
@@ -91,11 +115,10 @@ def save(model: APTViT, path: Union[str, os.PathLike], extra_metadata: Optional[
         "aptvit": json.dumps(model.config.to_dict()),
         "architecture": str(model.pretrained_cfg.get("architecture", "")),
         "timm_args": json.dumps({**dict(model_args or {}), **_timm_args(model.timm_model)}),
-        "pretrained_cfg": json.dumps({k: v for k, v in model.pretrained_cfg.items() if k in ("mean", "std", "architecture", "input_size")}),
+        "pretrained_cfg": json.dumps({k: v for k, v in model.pretrained_cfg.items() if k in PRETRAINED_CFG_KEYS}),
     }
     metadata.update(extra_metadata or {})
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
-    return path
+    return lambda tmp: save_file(state, tmp, metadata=metadata)
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
@@ -137,7 +160,10 @@ def load_timm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     """Load timm weights strictly (position embeddings resampled as timm does), or say which keys differ."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = checkpoint_filter_fn(dict(state_dict), vit)
+    try:
+        state = checkpoint_filter_fn(dict(state_dict), vit)
+    except Exception:  # a checkpoint of another shape breaks timm's resampling; the key check below says why
+        state = dict(state_dict)
     own = vit.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -186,6 +212,9 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, timm_
         args["dynamic_img_size"] = True  # any input size, like the APT model itself (weights unchanged)
         args.update(timm_kwargs or {})
         model = timm.create_model(arch, pretrained=False, **{k: v for k, v in args.items() if v is not None})
+    saved_cfg = json.loads(meta.get("pretrained_cfg", "{}"))
+    if saved_cfg:  # the weights were trained with this normalisation: keep it, on both models
+        model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), **saved_cfg}
     apt = APTViT(model, config)
     timm_keys = {k: v for k, v in state.items() if not k.startswith("apt.")}
     load_timm_weights(model, timm_keys)

@@ -128,9 +128,10 @@ def test_bench_loads_timm_and_aptvit_checkpoints(tmp_path, capsys):
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
     torch.save({"model": model.state_dict()}, tmp_path / "timm.pth")
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=7).state_dict(), tmp_path / "finetuned.pth")
     aptvit.save(aptvit.convert(model, budget=0.5), tmp_path / "apt.safetensors")
     write_images(tmp_path / "imgs", size=(64, 64))
-    for ckpt in ("timm.pth", "apt.safetensors"):
+    for ckpt in ("timm.pth", "finetuned.pth", "apt.safetensors"):
         code, out, err = run(capsys, "bench", "--model", "vit_tiny_patch16_224", "--size", "64", "--batch", "1",
                              "--images", tmp_path / "imgs", "--runs", "1", "--warmup", "0", "--checkpoint", tmp_path / ckpt)
         assert code == 0, err

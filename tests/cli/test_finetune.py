@@ -100,11 +100,14 @@ def test_resume_is_exact(tmp_path):
     finetune(cfg(data, tmp_path / "whole", max_steps=6, **kw), log=quiet)
     finetune(cfg(data, tmp_path / "split", max_steps=2, **kw), log=quiet)  # stop mid-epoch
     finetune(cfg(data, tmp_path / "split", max_steps=6, **kw), resume=True, log=quiet)
-    whole = {m["step"]: m["loss"] for m in metrics(tmp_path / "whole") if m["kind"] == "train"}
-    split = {m["step"]: m["loss"] for m in metrics(tmp_path / "split") if m["kind"] == "train"}
-    assert sorted(split) == [1, 2, 3, 4, 5, 6]
-    for step in range(1, 7):
-        assert split[step] == whole[step], step
+    whole = [(m["step"], m["loss"]) for m in metrics(tmp_path / "whole") if m["kind"] == "train"]
+    split = [(m["step"], m["loss"]) for m in metrics(tmp_path / "split") if m["kind"] == "train"]
+    assert [s for s, _ in split] == [1, 2, 3, 4, 5, 6]  # each step logged once, in order
+    assert split == whole
+    import aptvit
+
+    a, b = (aptvit.load(tmp_path / d / "model.safetensors") for d in ("whole", "split"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), "same final weights"
 
 
 def test_resume_refuses_a_checkpoint_pair_from_different_steps(tmp_path):
@@ -215,3 +218,66 @@ def test_ddp_two_cpu_processes_step_in_sync(tmp_path):
     assert "weights identical across 2 ranks" in result.stdout
     assert "2 process(es)" in result.stdout
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_resume_takes_run_control_options_from_the_command_line(tmp_path, capsys):
+    data = _bad_data(tmp_path, "skip")
+    base = ["finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32", "--batch-size", "4",
+            "--workers", "0", "--no-eval", "--log-every", "1"]
+    code, out, err = run(capsys, *base, "--max-steps", "1", "--skip-bad-images")
+    assert code == 0, err
+    (data / "train" / "stripes" / "1.png").write_text("broken too")
+    code, out, err = run(capsys, *base, "--resume", "--max-steps", "2")  # the saved run skips bad images
+    assert code == 0, err
+    code, out, err = run(capsys, *base[:-2], "--resume", "--epochs", "2")  # no --max-steps: to the end
+    assert code == 0, err
+    steps = [m["step"] for m in metrics(tmp_path / "run") if m["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 8, steps  # 2 epochs x 4 batches, no step logged twice
+    code, out, err = run(capsys, *base, "--resume", "--lr", "1", "--epochs", "3", "--max-steps", "9")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 5e-5  # not run control: the run's own
+    assert metrics(tmp_path / "run")[-1]["lr"] <= 5e-5
+
+
+def test_finetune_from_a_headless_checkpoint_and_from_an_aptvit_checkpoint_with_other_classes(tmp_path):
+    import timm
+
+    import aptvit
+
+    data = make_folder(tmp_path / "data")
+    tower = timm.create_model(MODEL, num_classes=0)  # a DINOv2/CLIP-style tower: no head
+    torch.save(tower.state_dict(), tmp_path / "tower.pth")
+    finetune(cfg(data, tmp_path / "a", checkpoint=str(tmp_path / "tower.pth"), max_steps=1, eval=False), log=lambda *a: None)
+    ten = aptvit.convert(timm.create_model(MODEL, num_classes=10), budget=0.5)
+    aptvit.save(ten, tmp_path / "ten.safetensors")
+    finetune(cfg(data, tmp_path / "b", checkpoint=str(tmp_path / "ten.safetensors"), thresholds=None, max_steps=1, eval=False),
+             log=lambda *a: None)
+    again = aptvit.load(tmp_path / "b" / "model.safetensors")
+    assert again.num_classes == 2 and again.config.budget == 0.5  # new head, the checkpoint's own settings
+
+
+def test_in_run_eval_equals_aptvit_eval_on_the_saved_checkpoint(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    finetune(cfg(data, tmp_path / "run", epochs=1, eval=True), log=lambda *a: None)
+    in_run = [m for m in metrics(tmp_path / "run") if m["kind"] == "eval"][-1]
+    code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "run" / "model.safetensors", "--data", data,
+                         "--workers", "0", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["top1"] == in_run["top1"] and result["tokens_kept"] == in_run["tokens_kept"]
+
+
+def test_eval_refuses_a_model_whose_classes_are_not_the_folders(tmp_path, capsys):
+    import timm
+
+    data = make_folder(tmp_path / "data")
+    torch.save(timm.create_model(MODEL, num_classes=5).state_dict(), tmp_path / "five.pth")
+    code, out, err = run(capsys, "eval", "--model", MODEL, "--checkpoint", tmp_path / "five.pth", "--data", data, "--size", "32")
+    assert code == 2 and "has 5 classes but" in err and "2 class folders" in err
+
+
+def test_a_missing_train_folder_is_named(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    shutil.rmtree(data / "train")
+    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32")
+    assert code == 2 and "has no train/ folder" in err

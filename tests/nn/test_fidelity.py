@@ -103,19 +103,23 @@ def test_backends_agree_with_loop_forward_and_backward(family):
             assert rel_err(g, ref_grads[name]) <= 1e-5 if ref_grads[name].abs().max() > 0 else g.abs().max() == 0, (backend, name)
 
 
-def test_save_load_round_trip(tmp_path):
-    model = tiny_vit("reg_dinov2_p14")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_save_load_round_trip(tmp_path, family):
+    model = tiny_vit(family)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.1, 0.2, 0.3), "crop_pct": 0.95}
     apt = aptvit.convert(model, budget=0.5)
     with torch.no_grad():
         for layer in apt.apt.detail_proj.values():  # non-zero detail path, as after fine-tuning
             layer.weight.normal_(0, 0.05)
-    x = torch.randn(2, 3, 56, 84)
+    p = model.patch_embed.patch_size[0]
+    x = torch.randn(2, 3, 4 * p, 6 * p)
     path = aptvit.save(apt, tmp_path / "m.safetensors")
     assert not list(tmp_path.glob("*.tmp")), "written through a temporary name"
-    again = aptvit.load(path)  # architecture re-created from the metadata
+    again = aptvit.load(path)  # architecture re-created from the metadata alone
     assert again.config == apt.config
+    assert again.pixel_mean_std() == apt.pixel_mean_std() and again.pretrained_cfg["crop_pct"] == 0.95
     with torch.no_grad():
         assert torch.equal(again(x), apt(x))
-    other = aptvit.load(path, model=tiny_vit("reg_dinov2_p14", seed=5))
+    other = aptvit.load(path, model=tiny_vit(family, seed=5))
     with torch.no_grad():
         assert torch.equal(other(x), apt(x))
