@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .nn.convert import convert, load, load_timm_weights, read_metadata, read_state_dict
@@ -74,6 +75,9 @@ def build_models(name: Optional[str], pretrained: bool = False, checkpoint=None,
             apt.reset_classifier(num_classes)
         if layout:
             apt.configure(**layout)
+        if apt.config.attention in ("flash", "varlen") and not torch.cuda.is_available():
+            log(f"{checkpoint} asks for the {apt.config.attention!r} attention backend, which needs CUDA: using 'auto'")
+            apt.configure(attention="auto")
         log(f"weights: {checkpoint} (aptvit checkpoint)")
         return apt, apt.timm_model
     if not name:

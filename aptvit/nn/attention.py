@@ -68,7 +68,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, dropout
     if name not in ok:
         raise ValueError(
             f"attention backend {name!r} cannot run on {device} with {dtype}"
-            f"{' and attention dropout' if dropout else ''}; available here: {ok}"
+            f"{' and attention dropout' if dropout else ''}; available here: {ok} (apt.configure(attention='auto') picks one)"
         )
     return name
 
