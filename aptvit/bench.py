@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .core.io import atomic_write
 from .images import center_crop_resize, normalise

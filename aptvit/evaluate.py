@@ -9,14 +9,13 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
 from .core.io import atomic_write
 from .core.quadtree import patch_layout
 from .data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, image_folder, make_loader
-from .distributed import Dist, all_reduce_sum, setup_distributed
+from .distributed import all_reduce_sum, setup_distributed
 from .images import normalise
 
 
@@ -104,9 +103,7 @@ def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, 
         model, timm_model = build_models(model_name, pretrained, checkpoint, layout=layout, log=quiet)
         cfg = timm_model.pretrained_cfg or {}
         mean, std = model.pixel_mean_std()
-        c = model.config
-        layout_fn = functools.partial(patch_layout, patch_sizes=c.patch_sizes, thresholds=c.thresholds, budget=c.budget,
-                                      scorer=c.scorer, bins=c.bins)
+        layout_fn = functools.partial(patch_layout, **model.config.layout_kwargs())
     if timm_model.num_classes != len(items.classes):
         raise ValueError(f"the model has {timm_model.num_classes} classes but {folder} has {len(items.classes)} class folders; "
                          "evaluate a checkpoint trained on these classes")

@@ -205,9 +205,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
     if cfg.size % apt.patch_size:
         raise ValueError(f"size {cfg.size} is not a multiple of the patch size {apt.patch_size}")
     mean, std = apt.pixel_mean_std()
-    c = apt.config
-    layout_fn = layout_fn or functools.partial(patch_layout, patch_sizes=c.patch_sizes, thresholds=c.thresholds,
-                                               budget=c.budget, scorer=c.scorer, bins=c.bins)
+    layout_fn = layout_fn or functools.partial(patch_layout, **apt.config.layout_kwargs())
     train_data = LayoutDataset(train_set.samples, build_transform(cfg.size, True, mean, std, augment=cfg.augment), layout_fn, cfg.seed)
     # the model's own eval crop, as `aptvit eval` uses it on the saved checkpoint
     val_data = LayoutDataset(val_set.samples, build_transform(cfg.size, False, mean, std, apt.pretrained_cfg.get("crop_pct")),

@@ -12,7 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ def main():
     mean, std = apt.pixel_mean_std()
     opt = torch.optim.AdamW(apt.parameters(), 1e-5)
     transform = build_transform(224, True, mean, std)
-    layout_fn = functools.partial(patch_layout, patch_sizes=apt.patch_sizes, thresholds=apt.config.thresholds)
+    layout_fn = functools.partial(patch_layout, **apt.config.layout_kwargs())
     results = {}
     for where in ("workers", "main process", "workers", "main process"):
         dataset = LayoutDataset(items.samples, transform, layout_fn if where == "workers" else None)
@@ -56,7 +55,7 @@ def main():
             if batch is None:
                 it = iter(loader)
                 batch = next(it)
-            layout = batch.layout if where == "workers" else patch_layout(batch.images, apt.patch_sizes, thresholds=apt.config.thresholds)
+            layout = batch.layout if where == "workers" else patch_layout(batch.images, **apt.config.layout_kwargs())
             loss = F.cross_entropy(apt(normalise(batch.images, mean, std), layout=layout), batch.labels)
             opt.zero_grad()
             loss.backward()

@@ -89,6 +89,32 @@ def _budget_tokens(budget, num_base: int) -> int:
     return budget
 
 
+def check_layout_settings(sizes: Tuple[int, ...], thresholds, budget, scorer, bins: int) -> Optional[Dict[int, float]]:
+    """Validate the settings of a layout; return the thresholds to use.
+
+    Returns:
+        The checked thresholds, the scorer's defaults when neither thresholds nor budget is given,
+        or None in budget mode.
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be an int from 2 to {MAX_BINS}, got {bins!r}")
+    if thresholds is not None and budget is not None:
+        raise ValueError("pass either thresholds= or budget=, not both")
+    if isinstance(scorer, str):
+        if scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)} or pass a callable")
+        if thresholds is None and budget is None:
+            thresholds = default_thresholds(sizes, scorer)
+    elif callable(scorer):
+        if thresholds is None and budget is None:
+            raise ValueError("a custom scorer has no default thresholds; pass thresholds= or budget=")
+    else:
+        raise TypeError(f"scorer must be a name in {sorted(SCORERS)} or a callable, got {scorer!r}")
+    if budget is not None:
+        check_budget(budget)
+    return check_thresholds(thresholds, sizes) if thresholds is not None else None
+
+
 def select_patches(
     scores: Dict[int, torch.Tensor], thresholds: Dict[int, torch.Tensor], base_size: int, grid: Tuple[int, int]
 ) -> Dict[int, torch.Tensor]:
@@ -180,25 +206,11 @@ def patch_layout(
     """
     sizes = check_patch_sizes(patch_sizes)
     base = sizes[0]
-    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
-        raise ValueError(f"bins must be an int from 2 to {MAX_BINS}, got {bins!r}")
-    if thresholds is not None and budget is not None:
-        raise ValueError("pass either thresholds= or budget=, not both")
+    fixed = check_layout_settings(sizes, thresholds, budget, scorer, bins)  # before any work
     if isinstance(scorer, str):
-        if scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)} or pass a callable")
-        if thresholds is None and budget is None:
-            thresholds = default_thresholds(sizes, scorer)
         score_fn = functools.partial(SCORERS[scorer], bins=bins) if scorer == "entropy" else SCORERS[scorer]
-    elif callable(scorer):
-        if thresholds is None and budget is None:
-            raise ValueError("a custom scorer has no default thresholds; pass thresholds= or budget=")
-        score_fn = scorer
     else:
-        raise TypeError(f"scorer must be a name in {sorted(SCORERS)} or a callable, got {scorer!r}")
-    fixed = check_thresholds(thresholds, sizes) if thresholds is not None else None
-    if budget is not None:
-        check_budget(budget)  # before any work
+        score_fn = scorer
     scored = sorted(fixed) if fixed is not None else list(sizes[1:])
 
     groups = group_by_size(images)

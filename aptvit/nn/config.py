@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 from ..core.layout import check_patch_sizes
-from ..core.quadtree import MAX_BINS, check_budget, check_thresholds, default_thresholds
+from ..core.quadtree import check_layout_settings
 from ..core.scoring import SCORERS
 from .attention import check_backend
 
@@ -34,19 +34,9 @@ class APTConfig:
 
     def __post_init__(self) -> None:
         sizes = check_patch_sizes(self.patch_sizes)
-        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
+        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:  # saved by name: no callables
             raise ValueError(f"unknown scorer {self.scorer!r}; choose one of {sorted(SCORERS)}")
-        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or not 2 <= self.bins <= MAX_BINS:
-            raise ValueError(f"bins must be an int from 2 to {MAX_BINS}, got {self.bins!r}")
-        if self.thresholds is not None and self.budget is not None:
-            raise ValueError("pass either thresholds= or budget=, not both")
-        thresholds = self.thresholds
-        if thresholds is None and self.budget is None:
-            thresholds = default_thresholds(sizes, self.scorer)
-        if thresholds is not None:
-            thresholds = check_thresholds(thresholds, sizes)
-        if self.budget is not None:
-            check_budget(self.budget)
+        thresholds = check_layout_settings(sizes, self.thresholds, self.budget, self.scorer, self.bins)
         check_backend(self.attention)
         object.__setattr__(self, "patch_sizes", sizes)
         object.__setattr__(self, "thresholds", thresholds)
@@ -64,6 +54,11 @@ class APTConfig:
         if changes.get("budget") is not None:
             changes.setdefault("thresholds", None)
         return dataclasses.replace(self, **changes)
+
+    def layout_kwargs(self) -> dict:
+        """The ``patch_layout`` arguments these settings stand for."""
+        return {"patch_sizes": self.patch_sizes, "thresholds": self.thresholds, "budget": self.budget,
+                "scorer": self.scorer, "bins": self.bins}
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -17,8 +17,7 @@ passed in, so its state dict keys stay timm's.
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -134,7 +134,6 @@ class APTViT(DenseMixin, nn.Module):
         ``overrides`` replace this model's settings for one call (thresholds=, budget=, scorer=, bins=).
         """
         c = self.config.replace(**overrides) if overrides else self.config
-        cfg = {"thresholds": c.thresholds, "budget": c.budget, "scorer": c.scorer, "bins": c.bins}
         mean, std = self.pixel_mean_std()
 
         def pixels(t: torch.Tensor) -> torch.Tensor:
@@ -145,7 +144,7 @@ class APTViT(DenseMixin, nn.Module):
 
         with torch.no_grad():
             px = pixels(images) if isinstance(images, torch.Tensor) else [pixels(t) for t in images]
-            return patch_layout(px, self.patch_sizes, **cfg)
+            return patch_layout(px, **c.layout_kwargs())
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Images, layout: Optional[PatchLayout] = None) -> torch.Tensor:
