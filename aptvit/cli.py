@@ -11,6 +11,7 @@ import sys
 from typing import Dict, List, Optional, Union
 
 from . import __version__
+from .runtime import DEVICES, DTYPE_CHOICES
 
 
 class CLIError(Exception):
@@ -80,6 +81,11 @@ def add_layout_options(p: argparse.ArgumentParser, patch_default: Optional[str])
     p.add_argument("--scorer", choices=["entropy", "laplacian", "upsample"], help="content score (default: entropy)")
 
 
+def add_runtime_options(p: argparse.ArgumentParser, device_default: Optional[str] = "auto") -> None:
+    p.add_argument("--device", choices=DEVICES, default=device_default, help="where to run (default auto: CUDA when available)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="compute precision (default auto: bf16 on CUDA, fp32 on CPU)")
+
+
 def add_weights_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the model hub)")
@@ -123,14 +129,15 @@ def cmd_finetune(args) -> int:
     layout = layout_settings(args)
     # run-control options given on the command line (the others keep their defaults, or, on --resume, the run's)
     given = {"epochs": args.epochs, "max_steps": args.max_steps, "workers": args.workers, "save_every": args.save_every,
-             "log_every": args.log_every, "skip_bad_images": args.skip_bad_images or None, "eval": False if args.no_eval else None}
+             "log_every": args.log_every, "skip_bad_images": args.skip_bad_images or None, "eval": False if args.no_eval else None,
+             "device": args.device, "deterministic": args.deterministic or None}
     control = {k: v for k, v in given.items() if v is not None and k in RUN_CONTROL}
     cfg = TrainConfig(
         model=check_model_name(args.model), data=args.data, out=args.out, pretrained=args.pretrained, checkpoint=args.checkpoint,
         size=args.size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None, scorer=args.scorer,
         thresholds=layout.get("thresholds"), budget=layout.get("budget"), drop_path=args.drop_path, warmup=args.warmup,
-        augment=args.augment, **control,
+        augment=args.augment, dtype=args.dtype, **control,
     )
     finetune(cfg, resume=args.resume, overrides=control)
     return 0
@@ -142,7 +149,7 @@ def cmd_eval(args) -> int:
     eval_command(checkpoint=args.checkpoint, model_name=check_model_name(args.model) if args.model else None,
                  pretrained=args.pretrained, data=args.data, uniform=args.uniform, size=args.size,
                  batch_size=args.batch_size, workers=args.workers, json_path=args.json,
-                 skip_bad_images=args.skip_bad_images,
+                 skip_bad_images=args.skip_bad_images, device=args.device, dtype=args.dtype,
                  layout=dict(layout_settings(args), scorer=args.scorer,
                              patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None))
     return 0
@@ -207,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, help="also checkpoint every N steps (default 0: at epoch ends)")
     p.add_argument("--log-every", type=int, help="default 10")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end of each epoch")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels: bit-exact --resume on CUDA too (slower)")
+    add_runtime_options(p, device_default=None)  # None: the run's own device on --resume
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="top-1/top-5, tokens kept and img/s on an ImageFolder split")
@@ -221,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--json", help="write the metrics as JSON")
     p.add_argument("--skip-bad-images", action="store_true")
+    add_runtime_options(p)
     p.set_defaults(func=cmd_eval)
     return parser
 

@@ -7,6 +7,8 @@ from typing import List
 
 import torch
 
+from .runtime import resolve_device
+
 
 @dataclass
 class Dist:
@@ -21,15 +23,16 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
-    """Join the torchrun job if there is one (nccl on CUDA, gloo on CPU)."""
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun job if there is one (nccl on CUDA, gloo on CPU).
+
+    Args:
+        device: "auto" (CUDA when available, the CPU otherwise), "cpu" or "cuda"; see ``aptvit.runtime``.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0

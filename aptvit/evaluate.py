@@ -17,15 +17,18 @@ from .core.quadtree import patch_layout
 from .data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, image_folder, make_loader
 from .distributed import all_reduce_sum, setup_distributed
 from .images import normalise
+from .runtime import autocast, resolve_dtype
 
 
 @torch.inference_mode()
 def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist, mean, std,
-             skip_bad_images: bool = False, uniform: bool = False, progress: bool = True) -> dict:
+             skip_bad_images: bool = False, uniform: bool = False, progress: bool = True,
+             dtype: torch.dtype = torch.float32) -> dict:
     """Accuracy and speed of ``model`` on ``dataset`` (reduced over ranks).
 
     Args:
         model: an APTViT (layouts come from the loader) or, with ``uniform``, a plain timm model.
+        dtype: compute precision (autocast for bf16/fp16).
 
     Returns:
         {"top1", "top5" (percent), "tokens_kept", "images_per_s", "images", "bad_images"}.
@@ -48,16 +51,16 @@ def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist,
         images = normalise(batch.images.to(dist.device), mean, std)
         labels = batch.labels.to(dist.device)
         start = time.perf_counter()
+        with autocast(dist.device, dtype):
+            logits = model(images) if uniform else model(images, layout=batch.layout.to(dist.device, non_blocking=True))
         if uniform:
-            logits = model(images)
             n_tokens = n_base = images.shape[0] * (images.shape[-2] // model.patch_embed.patch_size[0]) * (images.shape[-1] // model.patch_embed.patch_size[1])
         else:
-            layout = batch.layout.to(dist.device)
-            logits = model(images, layout=layout)
-            n_tokens, n_base = layout.total_tokens, int(layout.num_base_tokens.sum())
+            n_tokens, n_base = batch.layout.total_tokens, int(batch.layout.num_base_tokens.sum())
         if dist.device.type == "cuda":
             torch.cuda.synchronize()
         model_seconds += time.perf_counter() - start
+        logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         correct1 += (top5[:, 0] == labels).sum().item()
         correct5 += (top5 == labels[:, None]).any(-1).sum().item()
@@ -74,18 +77,22 @@ def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist,
 
 
 def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, uniform=False, size=None,
-                 batch_size=64, workers=4, json_path=None, skip_bad_images=False, layout=None, log=print) -> dict:
+                 batch_size=64, workers=4, json_path=None, skip_bad_images=False, layout=None, log=print,
+                 device: str = "auto", dtype: str = "auto") -> dict:
     """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON.
 
     Args:
         layout: settings that override the checkpoint's (thresholds=, budget=, scorer=, patch_sizes=).
+        device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 when available).
     """
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from .models import build_models, build_timm
     from .nn.convert import read_metadata
 
-    dist = setup_distributed()
+    compute_dtype = resolve_dtype(dtype, "cpu")  # checks the name before any work; resolved below
+    dist = setup_distributed(device)
+    compute_dtype = resolve_dtype(dtype, dist.device)
     quiet = log if dist.main else (lambda *a, **k: None)
     folder = check_image_folder(data, "val")
     items = image_folder(folder)
@@ -110,8 +117,9 @@ def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, 
     model.to(dist.device)
     size = size or int(meta.get("input_size", 0)) or cfg.get("input_size", (3, 224, 224))[-1]
     dataset = LayoutDataset(items.samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)
-    result = evaluate(model, dataset, batch_size, workers, dist, mean, std, skip_bad_images, uniform=uniform)
-    result.update(model=model_name or meta.get("architecture", ""), checkpoint=str(checkpoint) if checkpoint else None,
+    result = evaluate(model, dataset, batch_size, workers, dist, mean, std, skip_bad_images, uniform=uniform,
+                      dtype=compute_dtype)
+    result.update(device=dist.device.type, dtype=str(compute_dtype).replace("torch.", ""), model=model_name or meta.get("architecture", ""), checkpoint=str(checkpoint) if checkpoint else None,
                   uniform=uniform, size=size)
     if dist.main:
         log(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  tokens kept {result['tokens_kept']:.1%}  "

@@ -29,10 +29,11 @@ from .evaluate import evaluate
 from .images import normalise
 from .models import build_models
 from .nn.convert import read_metadata, saver
+from .runtime import DEVICES, autocast, resolve_dtype, set_deterministic
 
 
 # What a resumed run may change; everything else comes from the run's config.json.
-RUN_CONTROL = ("epochs", "max_steps", "workers", "skip_bad_images", "save_every", "log_every", "eval")
+RUN_CONTROL = ("epochs", "max_steps", "workers", "skip_bad_images", "save_every", "log_every", "eval", "device", "deterministic")
 
 
 @dataclass
@@ -67,6 +68,9 @@ class TrainConfig:
     save_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
     log_every: int = 10
     eval: bool = True
+    device: str = "auto"  # auto: CUDA when available (one GPU per torchrun process), else the CPU
+    dtype: str = "auto"  # compute precision: auto = bf16 autocast on CUDA, fp32 on the CPU
+    deterministic: bool = False  # deterministic kernels: bit-exact resume on CUDA too (slower)
     classes: List[str] = field(default_factory=list)
 
 
@@ -149,6 +153,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"max_steps must be >= 1, got {cfg.max_steps}")
     if not 0.0 <= cfg.drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {cfg.drop_path}")
+    resolve_dtype(cfg.dtype, "cpu")  # a clear error for an unknown name, before any work
+    if cfg.device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {cfg.device!r}")
     if not 0.0 <= cfg.warmup < 1.0 or cfg.lr <= 0:
         raise ValueError(f"warmup must be a fraction in [0, 1) and lr > 0, got {cfg.warmup} and {cfg.lr}")
 
@@ -164,7 +171,6 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
             ``patch_layout`` with the model's settings (the conversion experiment passes a random one).
     """
     _validate(cfg)
-    dist = setup_distributed()
     out = Path(cfg.out)
     if resume:
         if not (out / "train_state.pt").is_file():
@@ -180,6 +186,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
         _validate(cfg)
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"run directory {str(out)!r} exists and is not empty; pass --resume to continue it or choose another --out")
+    dist = setup_distributed(cfg.device)
     log_main = log if dist.main else (lambda *a, **k: None)
 
     train_dir, val_dir = (check_image_folder(cfg.data, split, required=True) for split in ("train", "val"))
@@ -245,7 +252,8 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
     log_main(f"{apt.pretrained_cfg.get('architecture', cfg.model)}: {len(train_data)} train / {len(val_data)} val images, "
              f"{len(cfg.classes)} classes, {dist.world} process(es) on {dist.device.type}, {batches_per_epoch} steps per epoch")
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    set_deterministic(cfg.deterministic)
+    dtype = resolve_dtype(cfg.dtype, dist.device)
     bad_images = 0
     metrics: dict = {}
     stop = cfg.max_steps if cfg.max_steps is not None else total
@@ -272,7 +280,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
                 group["lr"] = lr_at(global_step, total, cfg)
             images = normalise(batch.images.to(dist.device, non_blocking=True), mean, std)
             labels = batch.labels.to(dist.device)
-            with autocast:
+            with autocast(dist.device, dtype):
                 logits = model(images, layout=batch.layout.to(dist.device))
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -306,7 +314,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
             run.checkpoint(apt, optimizer, cfg, epoch, batches_in_epoch, global_step, dist)
             if cfg.eval:
                 metrics = {"kind": "eval", "epoch": epoch, "step": global_step,
-                           **evaluate(apt, val_data, cfg.batch_size, cfg.workers, dist, mean, std, cfg.skip_bad_images)}
+                           **evaluate(apt, val_data, cfg.batch_size, cfg.workers, dist, mean, std, cfg.skip_bad_images, dtype=dtype)}
                 run.log_metrics(metrics)
                 log_main(f"epoch {epoch}: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
                          f"tokens kept {metrics['tokens_kept']:.1%}, {metrics['images_per_s']:.1f} img/s")

@@ -33,3 +33,13 @@ def tiny_vit(family: str = "vit_cls", seed: int = 0, **overrides) -> torch.nn.Mo
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def grads_rel_err(grads: dict, ref: dict) -> dict:
+    """{name: max |g - ref| / the largest |ref| over every parameter}: relative to the gradients' overall scale.
+
+    A gradient that is zero in theory (e.g. of a bias added to every key before a softmax) holds rounding
+    noise whose size depends on the CPU's kernels; comparing it to its own scale compares noise with noise.
+    """
+    scale = max(float(g.detach().abs().max()) for g in ref.values() if g.numel())
+    return {n: float((grads[n].detach() - ref[n].detach()).abs().max()) / max(scale, 1e-30) for n in ref}

@@ -140,9 +140,9 @@ class PatchLayout:
         )
 
     # ------------------------------------------------------------------ moving and joining
-    def to(self, device) -> "PatchLayout":
+    def to(self, device, non_blocking: bool = False) -> "PatchLayout":
         """The same layout with its tensors on ``device``."""
-        move = lambda t: t.to(device)  # noqa: E731
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return PatchLayout(
             self.patch_sizes, self.image_sizes, move(self.y), move(self.x), move(self.size),
             move(self.cu_seqlens), move(self.cells), self.max_seqlen,

@@ -139,9 +139,11 @@ def test_bench_loads_timm_and_aptvit_checkpoints(tmp_path, capsys):
     assert "budget 0.5" in out  # the aptvit file brought its own settings
 
 
-def test_pretrained_without_network_is_a_clear_error():
-    # a subprocess, so that the hub library reads HF_HUB_OFFLINE at import and fails at once
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+def test_pretrained_without_network_is_a_clear_error(tmp_path):
+    # a subprocess, so that the hub library reads HF_HUB_OFFLINE at import and fails at once; an empty cache of
+    # its own, so that a machine whose cache already holds the weights still sees the failure
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
+               TORCH_HOME=str(tmp_path / "torch"))
     result = subprocess.run([sys.executable, "-m", "aptvit", "bench", "--model", "vit_tiny_patch16_224", "--pretrained", "--size", "64"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -34,14 +34,17 @@ def make_folder(root: Path, classes=("plain", "stripes"), train=8, val=4, size=4
 
 
 def run(capsys, *argv):
-    code = main([str(a) for a in argv])
+    argv = [str(a) for a in argv]
+    if argv[0] in ("finetune", "eval"):
+        argv += ["--device", "cpu"]  # these tests mean the CPU, whatever the machine has
+    code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def cfg(data, out, **kw):
     base = dict(model=MODEL, data=str(data), out=str(out), size=32, batch_size=4, workers=0, log_every=1,
-                lr=1e-3, drop_path=0.0, thresholds={32: 6.0})
+                lr=1e-3, drop_path=0.0, thresholds={32: 6.0}, device="cpu")  # these tests mean the CPU, GPU or not
     base.update(kw)
     return TrainConfig(**base)
 
@@ -93,10 +96,12 @@ def test_loss_falls_on_a_set_the_model_can_memorise(tmp_path):
     assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: exact resume there needs --deterministic"))])
+def test_resume_is_exact(tmp_path, device):
     data = make_folder(tmp_path / "data")  # 16 train images, batch 4: 4 steps per epoch
     quiet = lambda *a: None  # noqa: E731
-    kw = dict(epochs=2, eval=False, drop_path=0.1, workers=2)
+    kw = dict(epochs=2, eval=False, drop_path=0.1, workers=2, device=device, deterministic=device == "cuda")
     finetune(cfg(data, tmp_path / "whole", max_steps=6, **kw), log=quiet)
     finetune(cfg(data, tmp_path / "split", max_steps=2, **kw), log=quiet)  # stop mid-epoch
     finetune(cfg(data, tmp_path / "split", max_steps=6, **kw), resume=True, log=quiet)
@@ -211,7 +216,8 @@ def test_ddp_two_cpu_processes_step_in_sync(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "aptvit", "finetune", "--model", MODEL, "--data", str(data),
-         "--out", str(tmp_path / "run"), "--size", "32", "--batch-size", "4", "--workers", "0", "--max-steps", "2", "--no-eval"],
+         "--out", str(tmp_path / "run"), "--size", "32", "--batch-size", "4", "--workers", "0", "--max-steps", "2", "--no-eval",
+         "--device", "cpu"],  # two CPU processes, whatever GPUs the machine has
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
