@@ -1,21 +1,26 @@
 """The ``aptvit`` command line: argument parsing only; the work is in viz, bench, train, evaluate.
 
-Every user error (a missing file, a bad option, an unknown model) is one line on stderr and exit
-code 2; ``--debug`` shows the traceback instead.
+Every user error (a missing file, a bad option, an unknown model, a full disk) is one line on stderr and
+exit code 2; ``--debug`` shows the traceback instead. What counts as a user error is decided by where it
+comes from, not by its type: a ``UserError`` (raised at the boundaries: reading a file, writing a file,
+checking an argument), or an error that aptvit's own code raises on purpose (the documented ValueError /
+TypeError of the Python API for bad arguments). An error raised anywhere else (inside torch, by the
+interpreter) is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
+import linecache
 import sys
+from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from . import __version__
+from .core.io import MAX_SIDE, InputError, UserError
 from .runtime import DEVICES, DTYPE_CHOICES
 
-
-class CLIError(Exception):
-    """A user error with a message worth showing as is."""
+CLIError = InputError  # a bad argument, shown as is
 
 
 # ---------------------------------------------------------------------------------------------- parsing helpers
@@ -37,11 +42,14 @@ def parse_thresholds(text: str) -> Dict[int, float]:
         try:
             if not sep:
                 raise ValueError
-            out[int(key)] = float(value)
+            size, threshold = int(key), float(value)
         except ValueError:
             raise CLIError(
                 f"--thresholds {text!r} is not SIZE=VALUE[,SIZE=VALUE...] with patch sizes in pixels, e.g. 32=5.5,64=4.0"
             ) from None
+        if size in out:
+            raise CLIError(f"--thresholds {text!r} gives size {size} more than once; give each patch size once")
+        out[size] = threshold
     return out
 
 
@@ -68,7 +76,9 @@ def check_model_name(name: str) -> str:
     import timm
 
     if timm.is_model(name):
-        return name
+        from .models import check_vit_name
+
+        return check_vit_name(name)
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
     hint = f"; closest timm names: {', '.join(close)}" if close else "; see timm.list_models('vit_*')"
     raise CLIError(f"unknown model {name!r}{hint}")
@@ -81,9 +91,9 @@ def add_layout_options(p: argparse.ArgumentParser, patch_default: Optional[str])
     p.add_argument("--scorer", choices=["entropy", "laplacian", "upsample"], help="content score (default: entropy)")
 
 
-def add_runtime_options(p: argparse.ArgumentParser, device_default: Optional[str] = "auto") -> None:
-    p.add_argument("--device", choices=DEVICES, default=device_default, help="where to run (default auto: CUDA when available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="compute precision (default auto: bf16 on CUDA, fp32 on CPU)")
+def add_runtime_options(p: argparse.ArgumentParser, default: Optional[str] = "auto") -> None:
+    p.add_argument("--device", choices=DEVICES, default=default, help="where to run (default auto: CUDA when available)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=default, help="compute precision (default auto: bf16 on CUDA, fp32 on CPU)")
 
 
 def add_weights_options(p: argparse.ArgumentParser) -> None:
@@ -103,9 +113,30 @@ def cmd_show(args) -> int:
     return 0
 
 
+def check_bench_sizes(text: str) -> None:
+    """Every --size of bench positive and within the limit (the multiple of the patch is checked with the model)."""
+    from .core.io import check_side
+
+    for item in text.split(","):
+        try:
+            sides = [int(t) for t in item.lower().split("x")]
+        except ValueError:
+            continue  # bench names the malformed item
+        for side in sides:
+            check_side(side, f"--size {item}" if len(sides) > 1 else "--size")
+
+
 def cmd_bench(args) -> int:
     from .bench import bench_command
+    from .core.io import check_writable
+    from .images import list_images
 
+    check_bench_sizes(args.size)
+    if args.images:
+        list_images(args.images, what="--images")
+    for path in (args.out, args.plot):  # before the minutes of timing, not after them
+        if path:
+            check_writable(path)
     bench_command(
         model=check_model_name(args.model), sizes=args.size, batches=parse_int_list(args.batch, "--batch"),
         images=args.images, layout=layout_settings(args), scorer=args.scorer,
@@ -124,22 +155,22 @@ def cmd_demo(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .train import RUN_CONTROL, TrainConfig, finetune
+    from .train import TrainConfig, finetune
 
     layout = layout_settings(args)
-    # run-control options given on the command line (the others keep their defaults, or, on --resume, the run's)
-    given = {"epochs": args.epochs, "max_steps": args.max_steps, "workers": args.workers, "save_every": args.save_every,
-             "log_every": args.log_every, "skip_bad_images": args.skip_bad_images or None, "eval": False if args.no_eval else None,
-             "device": args.device, "deterministic": args.deterministic or None}
-    control = {k: v for k, v in given.items() if v is not None and k in RUN_CONTROL}
-    cfg = TrainConfig(
-        model=check_model_name(args.model), data=args.data, out=args.out, pretrained=args.pretrained, checkpoint=args.checkpoint,
-        size=args.size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None, scorer=args.scorer,
-        thresholds=layout.get("thresholds"), budget=layout.get("budget"), drop_path=args.drop_path, warmup=args.warmup,
-        augment=args.augment, dtype=args.dtype, **control,
-    )
-    finetune(cfg, resume=args.resume, overrides=control)
+    # only the options given on the command line: the others keep TrainConfig's defaults, or on --resume the run's
+    # own, and only a given option can be a change that --resume refuses
+    given = {"model": check_model_name(args.model), "data": args.data, "out": args.out, "pretrained": args.pretrained or None,
+             "checkpoint": args.checkpoint, "epochs": args.epochs, "size": args.size,
+             "patch_sizes": parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
+             "thresholds": layout.get("thresholds"), "budget": layout.get("budget"), "scorer": args.scorer,
+             "augment": args.augment, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
+             "drop_path": args.drop_path, "workers": args.workers, "seed": args.seed, "skip_bad_images": args.skip_bad_images or None,
+             "max_steps": args.max_steps, "save_every": args.save_every, "log_every": args.log_every,
+             "eval": False if args.no_eval else None, "device": args.device, "dtype": args.dtype,
+             "deterministic": args.deterministic or None}
+    given = {k: v for k, v in given.items() if v is not None}
+    finetune(TrainConfig(**given), resume=args.resume, overrides=given)
     return 0
 
 
@@ -198,24 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with train/ and val/, one sub-folder per class")
     p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
     p.add_argument("--epochs", type=int, help="default 1")
-    p.add_argument("--size", type=int, default=384)
+    # defaults None: TrainConfig's defaults for a new run, the run's own on --resume (a given option is a change)
+    p.add_argument("--size", type=int, help=f"input size (default 384, at most {MAX_SIDE})")
     add_layout_options(p, None)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of all steps")
-    p.add_argument("--drop-path", type=float, default=0.1)
-    p.add_argument("--augment", default="rand-m9-mstd0.5-inc1", help="timm auto-augment string, or 'none' (no random crop either)")
+    p.add_argument("--batch-size", type=int, help="per process (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
+    p.add_argument("--warmup", type=float, help="warm-up as a fraction of all steps (default 0.05)")
+    p.add_argument("--drop-path", type=float, help="default 0.1")
+    p.add_argument("--augment", help="timm auto-augment string (default rand-m9-mstd0.5-inc1), or 'none' (no random crop either)")
     p.add_argument("--workers", type=int, help="loader processes (default 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
-                   "(--epochs, --max-steps, --workers, --save-every, --log-every, --no-eval, --skip-bad-images may change)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (or from "
+                   "its start when it has none); only --epochs, --max-steps, --workers, --save-every, --log-every, --no-eval, "
+                   "--skip-bad-images, --device and --deterministic may change")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping")
     p.add_argument("--max-steps", type=int, help="stop (and checkpoint) after this many optimizer steps")
     p.add_argument("--save-every", type=int, help="also checkpoint every N steps (default 0: at epoch ends)")
     p.add_argument("--log-every", type=int, help="default 10")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end of each epoch")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels: bit-exact --resume on CUDA too (slower)")
-    add_runtime_options(p, device_default=None)  # None: the run's own device on --resume
+    add_runtime_options(p, default=None)  # None: the run's own device and dtype on --resume
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="top-1/top-5, tokens kept and img/s on an ImageFolder split")
@@ -224,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true")
     p.add_argument("--data", required=True, help="the split to evaluate (a folder of class folders, or DIR with val/)")
     p.add_argument("--uniform", action="store_true", help="evaluate the unconverted timm model (the baseline)")
-    p.add_argument("--size", type=int, help="input size (default: the checkpoint's or the model's)")
+    p.add_argument("--size", type=int, help=f"input size (default: the checkpoint's or the model's; at most {MAX_SIDE})")
     add_layout_options(p, None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
@@ -233,6 +266,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_options(p)
     p.set_defaults(func=cmd_eval)
     return parser
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def raised_on_purpose(e: BaseException) -> bool:
+    """True when aptvit's own code raised ``e`` with a ``raise`` statement (a documented argument check).
+
+    A ValueError from ``int("x")`` in aptvit, or one from inside torch or timm, is not on purpose: a bug.
+    """
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    try:
+        inside = Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):
+        inside = False
+    return inside and linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is the user's to fix (one line, exit 2) rather than a bug (a traceback)."""
+    import torch
+
+    if isinstance(e, (UserError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, (ValueError, TypeError, OSError, ImportError)) and raised_on_purpose(e)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -246,10 +309,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("aptvit: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, RuntimeError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError, ImportError) as e:
-        if args.debug:
+    except Exception as e:
+        if args.debug or not is_user_error(e):
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, RuntimeError):  # out of memory
+            message = f"out of memory ({message}); lower --batch-size or --size"
         print(f"aptvit {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,9 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .core.io import InputError, reading
 from .core.layout import PatchLayout
+from .images import to_rgb
 
 
 def check_image_folder(root, split: str, required: bool = False) -> Path:
@@ -29,9 +31,10 @@ def check_image_folder(root, split: str, required: bool = False) -> Path:
     if required and not (root / split).is_dir():
         raise FileNotFoundError(f"{str(root)!r} has no {split}/ folder; expected {root}/train/<class>/... and {root}/val/<class>/...")
     folder = root / split if (root / split).is_dir() else root
-    if not folder.is_dir():
-        raise FileNotFoundError(f"data folder {str(folder)!r} does not exist (expected {split}/ with one folder per class)")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"data folder {str(folder)!r} is a file; expected a folder with {split}/ and one folder per class")
+    with reading(folder, "data folder", f"expected {split}/ with one folder per class"):
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{str(folder)!r} has no class folders; expected ImageFolder layout {folder}/<class>/<image>")
     return folder
@@ -87,7 +90,7 @@ class LayoutDataset(torch.utils.data.Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                img = to_rgb(im)  # as `aptvit show` reads it: EXIF rotation, transparency on white, 16-bit scaled
         except Exception as e:  # any decoding failure: report the file, never crash a worker
             return None, label, None, f"{path} ({type(e).__name__}: {e})"
         # seed the augmentation (and a random layout_fn) per sample, without touching the caller's RNGs
@@ -179,4 +182,10 @@ def build_transform(size: int, training: bool, mean, std, crop_pct: Optional[flo
         kwargs.update(is_training=True, auto_augment=augment, re_prob=0.0)
     else:
         kwargs.update(is_training=False, crop_pct=1.0 if training else crop_pct)
-    return create_transform(**kwargs)
+    if not training or augment == "none":
+        return create_transform(**kwargs)
+    try:  # timm's parser of the augment string asserts on what it does not know
+        return create_transform(**kwargs)
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise InputError(f"--augment {augment!r} is not a timm auto-augment string such as 'rand-m9-mstd0.5-inc1' "
+                         f"(or 'none'): {str(e) or type(e).__name__}") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .core.io import atomic_write
+from .core.io import InputError, atomic_write, check_side, check_writable, reading
 from .core.quadtree import patch_layout
 from .data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, image_folder, make_loader
 from .distributed import all_reduce_sum, setup_distributed
@@ -91,13 +91,22 @@ def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, 
     from .nn.convert import read_metadata
 
     compute_dtype = resolve_dtype(dtype, "cpu")  # checks the name before any work; resolved below
+    if size is not None:
+        check_side(size, "--size")
+    for name, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{name} {value} must be an integer >= {low}")
+    if json_path:
+        check_writable(json_path)  # now, not after the whole evaluation
     dist = setup_distributed(device)
     compute_dtype = resolve_dtype(dtype, dist.device)
     quiet = log if dist.main else (lambda *a, **k: None)
     folder = check_image_folder(data, "val")
     items = image_folder(folder)
     meta = read_metadata(checkpoint) if checkpoint else {}
-    classes = json.loads(meta["classes"]) if "classes" in meta else None
+    with reading(checkpoint, "checkpoint", "its 'classes' or 'input_size' metadata is malformed"):
+        classes = json.loads(meta["classes"]) if "classes" in meta else None
+        saved_size = int(meta.get("input_size", 0))
     if classes is not None and classes != items.classes:
         raise ValueError(f"the checkpoint's {len(classes)} classes differ from the {len(items.classes)} class folders of {folder}")
     # evaluation never replaces a head: the model's classes must be the folders'
@@ -115,15 +124,17 @@ def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, 
         raise ValueError(f"the model has {timm_model.num_classes} classes but {folder} has {len(items.classes)} class folders; "
                          "evaluate a checkpoint trained on these classes")
     model.to(dist.device)
-    size = size or int(meta.get("input_size", 0)) or cfg.get("input_size", (3, 224, 224))[-1]
+    size = check_side(size or saved_size or cfg.get("input_size", (3, 224, 224))[-1], "input size")
     dataset = LayoutDataset(items.samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)
     result = evaluate(model, dataset, batch_size, workers, dist, mean, std, skip_bad_images, uniform=uniform,
                       dtype=compute_dtype)
     result.update(device=dist.device.type, dtype=str(compute_dtype).replace("torch.", ""), model=model_name or meta.get("architecture", ""), checkpoint=str(checkpoint) if checkpoint else None,
                   uniform=uniform, size=size)
     if dist.main:
+        bad = result["bad_images"]
+        skipped = f", {bad} unreadable image{'s' if bad != 1 else ''} skipped" if bad else ""
         log(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  tokens kept {result['tokens_kept']:.1%}  "
-            f"{result['images_per_s']:.1f} img/s  ({result['images']} images{', uniform ViT' if uniform else ''})")
+            f"{result['images_per_s']:.1f} img/s  ({result['images']} images{skipped}{', uniform ViT' if uniform else ''})")
         if json_path:
             atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     return result

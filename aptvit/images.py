@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .core.io import MAX_SIDE, InputError, check_side, reading  # noqa: F401 (MAX_SIDE, check_side: re-exported)
 from .core.pixels import pad_to_multiple
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -20,39 +21,56 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images.float() - m) / s
 
 
+def to_rgb(im):
+    """An opened PIL image as 8-bit RGB, the one way ``show``, training and evaluation all see it.
+
+    EXIF orientation is applied; transparent pixels go on white (not on whatever colour they hide);
+    16-bit and 32-bit grayscale is scaled to 8 bits (PIL's own conversion clips it to almost white).
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I") or im.mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit samples (PNG, TIFF): 0..65535
+            values = values / 257.0
+        elif values.size and values.max() <= 1.0:  # float images in 0..1
+            values = values * 255.0
+        im = Image.fromarray(values.round().clip(0, 255).astype(np.uint8), "L")
+    if im.has_transparency_data:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)  # transparent pixels become white, not black
+    return im.convert("RGB")
+
+
 def read_image(path: Union[str, Path]) -> torch.Tensor:
-    """(3, H, W) uint8 RGB from any image PIL reads (grayscale, RGBA, palette are converted).
+    """(3, H, W) uint8 RGB from any image PIL reads (grayscale, 16-bit, RGBA, palette are converted by ``to_rgb``).
 
     Raises:
-        FileNotFoundError / ValueError naming the file when it is missing or unreadable.
+        UserError naming the file when it is missing, a directory or unreadable (also a decompression bomb:
+        more pixels than PIL's ``Image.MAX_IMAGE_PIXELS`` allows).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    try:
+    with reading(path, "image"):
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(white, rgba)  # transparent pixels become white, not black
-            rgb = im.convert("RGB")
-            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-            return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+            rgb = to_rgb(im)
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
 
 
-def list_images(folder: Union[str, Path]) -> List[Path]:
-    """Image files directly inside ``folder``, sorted."""
+def list_images(folder: Union[str, Path], what: str = "image folder") -> List[Path]:
+    """Image files directly inside ``folder``, sorted (``what`` names the folder in errors, e.g. "--images")."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    with reading(folder, what):
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{what} {str(folder)!r} is a file, not a folder of images")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}")
+        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}")
     return files
 
 
@@ -62,8 +80,10 @@ def parse_size(text: str) -> Tuple[int, Optional[int]]:
         parts = [int(t) for t in text.lower().split("x")]
     except ValueError:
         parts = []
-    if len(parts) not in (1, 2) or any(v <= 0 for v in parts):
-        raise ValueError(f"--size {text!r} must be one positive number (shorter side) or HEIGHTxWIDTH such as 384x640")
+    if len(parts) not in (1, 2):
+        raise InputError(f"--size {text!r} must be one positive number (shorter side) or HEIGHTxWIDTH such as 384x640")
+    for v in parts:
+        check_side(v, "--size" if len(parts) == 1 else f"--size {text}")
     return (parts[0], None) if len(parts) == 1 else (parts[0], parts[1])
 
 

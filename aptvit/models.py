@@ -11,21 +11,56 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .core.io import InputError, UserError, reading
 from .nn.convert import convert, load, load_timm_weights, read_metadata, read_state_dict
 from .nn.model import APTViT
+from .nn.support import SUPPORTED
+
+# timm modules whose models are (or subclass) VisionTransformer; check_supported says which of them convert
+VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+
+
+class HubError(UserError, RuntimeError):
+    """Pretrained weights could not be downloaded (a RuntimeError for API callers)."""
+
+
+def check_vit_name(name: str) -> str:
+    """``name`` when timm builds it as a VisionTransformer, else an InputError before anything is created."""
+    import timm
+
+    module = timm.models.model_entrypoint(name).__module__ if timm.is_model(name) else ""
+    if module not in VIT_MODULES:
+        raise InputError(f"{name} is not a supported ViT ({module or 'not a timm model'}); supported: {SUPPORTED}")
+    return name
 
 
 def create_timm(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model`` with dynamic image size; a failed download is one clear RuntimeError."""
     import timm
 
+    check_vit_name(name)
     try:
         return timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, **kwargs)
     except Exception as e:  # hub errors come in many types; the user needs the one line
         if not pretrained:
             raise
-        raise RuntimeError(f"could not load pretrained weights for {name} ({type(e).__name__}: {e}); "
-                           "use --checkpoint PATH with a local file") from None
+        raise HubError(f"could not load pretrained weights for {name} ({type(e).__name__}: {e}); "
+                       "use --checkpoint PATH with a local file") from None
+
+
+def check_readable(checkpoint) -> None:
+    """A clear error now if ``checkpoint`` is missing, a directory or unreadable (before its format is guessed)."""
+    if checkpoint:
+        with reading(checkpoint, "checkpoint"):
+            open(checkpoint, "rb").close()
+
+
+def check_finite(model: nn.Module, source) -> None:
+    """Refuse weights that hold NaN or inf (a diverged run's): they give numbers, not predictions."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"checkpoint {str(source)!r} holds non-finite weights (NaN or inf, first in {name}): "
+                             "the run that wrote it diverged; use an earlier checkpoint")
 
 
 HEAD_KEYS = ("head.weight", "head.bias")
@@ -61,6 +96,7 @@ def build_models(name: Optional[str], pretrained: bool = False, checkpoint=None,
             they override an aptvit checkpoint's own.
         timm_kwargs: extra ``timm.create_model`` arguments (drop_path_rate=, model arguments).
     """
+    check_readable(checkpoint)
     layout = {k: v for k, v in (layout or {}).items() if v is not None}
     timm_kwargs = dict(timm_kwargs or {})
     if num_classes is not None:
@@ -78,6 +114,7 @@ def build_models(name: Optional[str], pretrained: bool = False, checkpoint=None,
         if apt.config.attention in ("flash", "varlen") and not torch.cuda.is_available():
             log(f"{checkpoint} asks for the {apt.config.attention!r} attention backend, which needs CUDA: using 'auto'")
             apt.configure(attention="auto")
+        check_finite(apt, checkpoint)
         log(f"weights: {checkpoint} (aptvit checkpoint)")
         return apt, apt.timm_model
     if not name:
@@ -88,6 +125,7 @@ def build_models(name: Optional[str], pretrained: bool = False, checkpoint=None,
     model = create_timm(name, pretrained, **timm_kwargs)
     if checkpoint:
         load_timm_checkpoint(model, checkpoint, new_head_ok=num_classes is not None, log=log)
+        check_finite(model, checkpoint)
         log(f"weights: {checkpoint}")
     elif pretrained:
         log(f"weights: timm pretrained {name}")
@@ -99,6 +137,7 @@ def build_models(name: Optional[str], pretrained: bool = False, checkpoint=None,
 def build_timm(name: Optional[str], pretrained: bool = False, checkpoint=None, num_classes: Optional[int] = None,
                log: Callable = print) -> nn.Module:
     """The unconverted timm model (the uniform baseline), with its weights."""
+    check_readable(checkpoint)
     if checkpoint and read_metadata(checkpoint).get("format") == "aptvit":
         raise ValueError("--uniform evaluates a timm model; this checkpoint is an aptvit model (drop --uniform)")
     if not name:
@@ -109,4 +148,5 @@ def build_timm(name: Optional[str], pretrained: bool = False, checkpoint=None, n
     model = create_timm(name, pretrained, **({"num_classes": num_classes} if num_classes is not None else {}))
     if checkpoint:
         load_timm_checkpoint(model, checkpoint, new_head_ok=False, log=log)
+        check_finite(model, checkpoint)
     return model

@@ -14,7 +14,7 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..core.io import atomic_write
+from ..core.io import MAX_SIDE, InputError, atomic_write, reading
 from .config import APTConfig
 from .model import APTViT
 from .support import check_supported
@@ -22,6 +22,12 @@ from .support import check_supported
 FORMAT_VERSION = "1"
 # what a loaded model needs to preprocess like the saved one (normalisation, eval crop, size)
 PRETRAINED_CFG_KEYS = ("architecture", "tag", "mean", "std", "crop_pct", "crop_mode", "input_size", "interpolation")
+# The only ``timm.create_model`` arguments a checkpoint may carry: the structure that ``_timm_args`` records and
+# the regularisation rates. Nothing that names a file (checkpoint_path, pretrained_cfg_overlay) or a class.
+TIMM_ARGS = ("class_token", "reg_tokens", "no_embed_class", "pos_embed", "pre_norm", "fc_norm", "final_norm", "qkv_bias",
+             "qk_norm", "init_values", "num_classes", "global_pool", "img_size", "patch_size", "in_chans", "embed_dim",
+             "depth", "num_heads", "mlp_ratio", "drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate",
+             "pos_drop_rate")
 
 
 def convert(
@@ -108,6 +114,9 @@ def saver(model: APTViT, extra_metadata: Optional[Mapping[str, str]] = None, mod
 
     if not isinstance(model, APTViT):
         raise TypeError(f"model must be an APTViT (from aptvit.convert), got {type(model).__name__}")
+    unknown = sorted(set(model_args or {}) - set(TIMM_ARGS))
+    if unknown:
+        raise ValueError(f"model_args {unknown} cannot be saved (a checkpoint may carry only {', '.join(TIMM_ARGS)})")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {
         "format": "aptvit",
@@ -127,8 +136,73 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
 
     if not str(path).endswith(".safetensors"):
         return {}
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    with reading(path, "checkpoint", "is it a complete .safetensors file?"):
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+
+
+def _tensor_shapes(path) -> Dict[str, tuple]:
+    """Names and shapes of a safetensors file's tensors, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with reading(path, "checkpoint"):
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _metadata_json(meta: Mapping[str, str], key: str, path, default=None):
+    """A JSON metadata entry of an aptvit checkpoint, or an error naming the file and the entry."""
+    if key not in meta:
+        if default is not None:
+            return default
+        raise InputError(f"checkpoint {str(path)!r} says format=aptvit but has no {key!r} metadata (a damaged or edited file?)")
+    with reading(path, "checkpoint", f"its {key!r} metadata is not valid JSON"):
+        return json.loads(meta[key])
+
+
+def check_timm_args(args, path) -> Dict:
+    """The ``timm_args`` of a checkpoint, allow-listed and checked against its own tensors before anything is allocated.
+
+    Only ``TIMM_ARGS`` may reach ``timm.create_model``; ``img_size`` is at most ``MAX_SIDE`` per side; the width,
+    depth, patch size, channels and classes must be those of the tensors in the file.
+    """
+    where = f"checkpoint {str(path)!r}: timm_args"
+    if not isinstance(args, dict):
+        raise InputError(f"{where} is not a JSON object")
+    unknown = sorted(set(args) - set(TIMM_ARGS))
+    if unknown:
+        raise InputError(f"{where} holds {', '.join(unknown)}, which a checkpoint may not set (allowed: {', '.join(TIMM_ARGS)})")
+    img = args.get("img_size")
+    sides = [img] if isinstance(img, int) else list(img) if isinstance(img, (list, tuple)) else [] if img is None else [img]
+    if len(sides) > 2 or any(isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIDE for v in sides):
+        raise InputError(f"{where} img_size {img!r} is not one or two sides from 1 to the limit of {MAX_SIDE} pixels")
+    for key in ("reg_tokens", "num_classes", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+        value = args.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InputError(f"{where} {key} {value!r} is not a count")
+    mlp = args.get("mlp_ratio")
+    if mlp is not None and (isinstance(mlp, bool) or not isinstance(mlp, (int, float)) or not 0 < mlp <= 64):
+        raise InputError(f"{where} mlp_ratio {mlp!r} is not a number in (0, 64]")
+    shapes = _tensor_shapes(path)
+    proj = shapes.get("patch_embed.proj.weight")
+    depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+    head = shapes.get("head.weight")
+    found = {"embed_dim": proj[0] if proj else None, "in_chans": proj[1] if proj else None,
+             "patch_size": proj[-1] if proj else None, "depth": depth,
+             "num_classes": head[0] if head else 0 if "head.weight" not in shapes and proj else None}
+    fc1 = shapes.get("blocks.0.mlp.fc1.weight")
+    if fc1 and mlp is not None and args.get("embed_dim"):
+        found["mlp_ratio"] = fc1[0] / args["embed_dim"]
+    for key, value in found.items():
+        if value is not None and args.get(key) is not None and args[key] != value:
+            raise InputError(f"{where} {key} {args[key]!r} does not match the file's tensors ({value})")
+    pos, p = shapes.get("pos_embed"), found["patch_size"] or args.get("patch_size")
+    if pos and len(pos) == 3 and sides and p:
+        h, w = (sides * 2)[:2]
+        grid, prefix = (h // p) * (w // p), pos[1] - (h // p) * (w // p)
+        if not 0 <= prefix <= 1 + (args.get("reg_tokens") or 0):
+            raise InputError(f"{where} img_size {img!r} gives a {grid}-cell grid; the file's position embedding has {pos[1]} entries")
+    return args
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
@@ -137,16 +211,14 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     Accepts plain state dicts and the usual wrappers ({"state_dict": ...}, {"model": ...}, "module." prefixes).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
+        with reading(path, "checkpoint", "is it a complete .safetensors file?"):
+            return load_file(str(path))
+    # unpickling errors name the offending global; weights_only refuses anything but tensors and containers
+    with reading(path, "checkpoint", "expected weights saved with torch.save or safetensors"):
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors name the offending global; keep one clear line
-        raise ValueError(f"cannot read checkpoint {str(path)!r} as weights ({type(e).__name__}: {e})") from None
     for key in ("state_dict", "model", "model_ema", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -198,7 +270,9 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, timm_
             raise ValueError(f"{str(path)!r} is not an aptvit checkpoint; pass model=timm.create_model(...) to load timm weights into")
         load_timm_weights(model, state)
         return convert(model, **convert_kwargs)
-    config = APTConfig.from_dict(json.loads(meta["aptvit"]))
+    settings = _metadata_json(meta, "aptvit", path)
+    with reading(path, "checkpoint", "its 'aptvit' settings are not valid"):
+        config = APTConfig.from_dict(settings)
     if convert_kwargs:
         raise TypeError(f"{str(path)!r} carries its own conversion settings; change them afterwards with .configure(...)")
     if model is None:
@@ -207,12 +281,17 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, timm_
         arch = meta.get("architecture", "")
         if not arch:
             raise ValueError(f"{str(path)!r} does not name a timm architecture; pass model= (the timm model it was converted from)")
-        args = json.loads(meta.get("timm_args", "{}"))
+        if not timm.is_model(arch):
+            raise InputError(f"checkpoint {str(path)!r} names architecture {arch!r}, which this timm does not know")
+        args = check_timm_args(_metadata_json(meta, "timm_args", path, default={}), path)
         args["img_size"] = tuple(args.get("img_size", ())) or None
         args["dynamic_img_size"] = True  # any input size, like the APT model itself (weights unchanged)
         args.update(timm_kwargs or {})
         model = timm.create_model(arch, pretrained=False, **{k: v for k, v in args.items() if v is not None})
-    saved_cfg = json.loads(meta.get("pretrained_cfg", "{}"))
+    saved_cfg = _metadata_json(meta, "pretrained_cfg", path, default={})
+    if not isinstance(saved_cfg, dict):
+        raise InputError(f"checkpoint {str(path)!r}: pretrained_cfg metadata is not a JSON object")
+    saved_cfg = {k: v for k, v in saved_cfg.items() if k in PRETRAINED_CFG_KEYS}
     if saved_cfg:  # the weights were trained with this normalisation: keep it, on both models
         model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), **saved_cfg}
     apt = APTViT(model, config)
