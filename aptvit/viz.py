@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .core.io import atomic_write
+from .core.io import InputError, atomic_write
 from .core.layout import PatchLayout
 
 # One colour per scale factor (1x, 2x, 4x, 8x, ...): base patches stay light so that the merges stand out.
@@ -82,6 +82,24 @@ def draw_layout(
     return out
 
 
+def _output_stems(paths: Sequence[Path], out_dir) -> list:
+    """Output names per image: the file's stem, or stem_suffix where two images would write the same file
+    (a.jpg and a.png into one --out). Two images that still collide (the same name from two folders) are refused.
+    """
+    def key(path, stem):
+        return ((Path(out_dir) if out_dir else path.parent).resolve(), stem)
+
+    plain = [key(p, p.stem) for p in paths]
+    stems = [p.stem if plain.count(k) == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p, k in zip(paths, plain)]
+    seen = {}
+    for path, stem in zip(paths, stems):
+        other = seen.setdefault(key(path, stem), path)
+        if other != path:
+            raise InputError(f"{other} and {path} would both be drawn to {key(path, stem)[0] / (stem + '_apt.png')}; "
+                             "give them different names or show them one --out at a time")
+    return stems
+
+
 def show(
     paths: Sequence,
     size=None,
@@ -109,7 +127,8 @@ def show(
     sizes = check_patch_sizes(patch_sizes)
     p = sizes[0]
     results = []
-    for path in map(Path, paths):
+    stems = _output_stems([Path(x) for x in paths], out_dir)
+    for path, stem in zip(map(Path, paths), stems):
         original = read_image(path)
         if size is not None:
             img, padding = fit_image(original, size, p)
@@ -117,7 +136,7 @@ def show(
             img, padding = fit_image(original, (min(original.shape[-2:]), None), p)
         layout = patch_layout(img[None], sizes, thresholds=thresholds, budget=budget, scorer=scorer)
         folder = Path(out_dir) if out_dir else path.parent
-        png = folder / f"{path.stem}_apt.png"
+        png = folder / f"{stem}_apt.png"
         grid = None
         if heatmap and len(sizes) > 1:
             grid = SCORERS[scorer](grayscale_255(img[None]), [sizes[1]], p)[sizes[1]][0]
@@ -131,7 +150,7 @@ def show(
             "patch_sizes": list(sizes), "counts": {str(s): int(c[0]) for s, c in layout.size_counts().items()},
         }
         if write_json:
-            jpath = folder / f"{path.stem}_apt.json"
+            jpath = folder / f"{stem}_apt.json"
             payload = {**result, "thresholds": {str(k): v for k, v in (thresholds or {}).items()} or None,
                        "budget": budget, "scorer": scorer, "layout": layout.to_dict()}
             atomic_write(jpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))

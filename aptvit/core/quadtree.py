@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -60,21 +61,27 @@ def check_thresholds(thresholds: Mapping[int, float], sizes: Tuple[int, ...]) ->
         )
     out = {}
     for key, value in thresholds.items():
+        key = int(key) if isinstance(key, numbers.Integral) and not isinstance(key, bool) else key  # numpy ints too
         if isinstance(key, bool) or not isinstance(key, int) or key not in sizes[1:]:
             raise ValueError(
                 f"thresholds key {key!r} is not a non-base patch size of patch_sizes={sizes}; "
                 f"keys must be among {sizes[1:]}"
             )
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
             raise ValueError(f"thresholds[{key}] must be a number, got {value!r}")
         out[key] = float(value)
     return out
 
 
 def check_budget(budget) -> Union[int, float]:
-    """Validate a token budget: a float fraction of base tokens in (0, 1], or an int count >= 1."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+    """Validate a token budget: a float fraction of base tokens in (0, 1], or an int count >= 1.
+
+    Returns:
+        The budget as a Python int or float (numpy scalars are numbers too).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(f"budget must be a fraction in (0, 1] or an int token count, got {budget!r}")
+    budget = int(budget) if isinstance(budget, numbers.Integral) else float(budget)
     if isinstance(budget, float) and not 0.0 < budget <= 1.0:
         raise ValueError(f"budget as a float is a fraction of base tokens in (0, 1], got {budget}")
     if isinstance(budget, int) and budget < 1:
@@ -84,7 +91,8 @@ def check_budget(budget) -> Union[int, float]:
 
 def _budget_tokens(budget, num_base: int) -> int:
     """Tokens allowed for an image of ``num_base`` base cells."""
-    if isinstance(check_budget(budget), float):
+    budget = check_budget(budget)
+    if isinstance(budget, float):
         return max(1, math.floor(budget * num_base + 1e-9))
     return budget
 

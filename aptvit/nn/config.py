@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 from ..core.layout import check_patch_sizes
-from ..core.quadtree import check_layout_settings
+from ..core.quadtree import check_budget, check_layout_settings
 from ..core.scoring import SCORERS
 from .attention import check_backend
 
@@ -40,6 +40,8 @@ class APTConfig:
         check_backend(self.attention)
         object.__setattr__(self, "patch_sizes", sizes)
         object.__setattr__(self, "thresholds", thresholds)
+        if self.budget is not None:  # a Python number (numpy scalars are accepted), as saved
+            object.__setattr__(self, "budget", check_budget(self.budget))
 
     def replace(self, **changes) -> "APTConfig":
         """A validated copy with ``changes``; setting thresholds clears the budget and vice versa.

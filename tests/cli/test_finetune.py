@@ -240,8 +240,8 @@ def test_resume_takes_run_control_options_from_the_command_line(tmp_path, capsys
     steps = [m["step"] for m in metrics(tmp_path / "run") if m["kind"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 8, steps  # 2 epochs x 4 batches, no step logged twice
     code, out, err = run(capsys, *base, "--resume", "--lr", "1", "--epochs", "3", "--max-steps", "9")
-    assert code == 0, err
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 5e-5  # not run control: the run's own
+    assert code == 2 and "--lr 1.0 (the run's: 5e-05) cannot change" in err, err  # not run control: refused by name
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 5e-5
     assert metrics(tmp_path / "run")[-1]["lr"] <= 5e-5
 
 
