@@ -148,8 +148,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .core.io import check_writable
     from .demo import demo
 
+    check_writable(args.out, folder=True)
     demo(args.out, model=check_model_name(args.model), size=args.size, runs=args.runs)
     return 0
 

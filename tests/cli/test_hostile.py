@@ -19,6 +19,7 @@ from PIL import Image
 
 import aptvit
 from aptvit.cli import main
+from aptvit.distributed import Dist
 
 from ..tiny import tiny_vit
 from .test_finetune import MODEL, make_folder
@@ -167,25 +168,45 @@ def _strict_json(line: str):
 def test_item2_a_diverged_run_fails_keeps_the_last_good_checkpoint_and_eval_refuses_nan(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    data = make_folder(tmp_path / "data", train=4, val=2)
-    argv = ["finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32", "--batch-size", "4",
-            "--workers", "0", "--no-eval", "--thresholds", "32=6", "--log-every", "1", "--save-every", "1", "--epochs", "8"]
-    code, out, err = run(capsys, *argv, "--lr", "1e4")
-    assert code == 2 and re.search(r"(loss is|weights hold) (nan|inf).*diverged", one_line(err)), err
-    weights = load_file(str(tmp_path / "run" / "model.safetensors"))  # the last good one
-    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
-    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
-        _strict_json(line)
-    code, out, err = run(capsys, *argv[:6], tmp_path / "inf", *argv[7:], "--lr", "inf")
-    assert code == 2 and "--lr" in one_line(err) and not (tmp_path / "inf").exists()
+    from aptvit.train import DivergedError, Run
 
+    data = make_folder(tmp_path / "data", train=16, val=2)  # 8 steps per epoch
+    argv = ["finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32", "--batch-size", "4",
+            "--workers", "0", "--no-eval", "--thresholds", "32=6", "--log-every", "1"]
+    code, out, err = run(capsys, *argv, "--max-steps", "1")
+    assert code == 0, err
+    good = load_file(str(tmp_path / "run" / "model.safetensors"))
+    code, out, err = run(capsys, *argv, "--resume", "--max-steps", "8")
+    assert code == 0, err
+    # a learning rate of 1e4 gives a NaN loss within a few steps (weight decay alone multiplies every weight by -499):
+    # the run stops at that step, before its update, and long before the epoch's end would save the NaN weights
+    code, out, err = run(capsys, *_set(argv, "--out", tmp_path / "diverged"), "--lr", "1e4")
+    assert code == 2 and re.search(r"step [2-7]: the loss is (nan|inf): the run diverged .*no checkpoint was written", one_line(err)), err
+    for line in (tmp_path / "diverged" / "metrics.jsonl").read_text().splitlines():
+        _strict_json(line)  # valid JSON, no bare NaN
+    # a checkpoint of weights that are no longer finite is refused; the good one on disk stays
     model = aptvit.convert(tiny_vit("vit_cls", num_classes=2), thresholds={32: 6.0})
     with torch.no_grad():
         model.timm_model.head.weight.fill_(float("nan"))
+    folder = Run(tmp_path / "run", main=True)
+    folder.saved_step = 8
+    with pytest.raises(DivergedError, match="weights hold nan or inf.*last good checkpoint \\(step 8\\)"):
+        folder.checkpoint(model, torch.optim.SGD(model.parameters(), lr=1.0), cfg_for(data, tmp_path / "run"), 1, 0, 9, Dist())
+    assert load_file(str(tmp_path / "run" / "model.safetensors")).keys() == good.keys()
+    assert all(bool(torch.isfinite(t).all()) for t in load_file(str(tmp_path / "run" / "model.safetensors")).values())
+    code, out, err = run(capsys, *_set(argv, "--out", tmp_path / "inf"), "--lr", "inf")
+    assert code == 2 and "--lr" in one_line(err) and not (tmp_path / "inf").exists()
+    # eval refuses non-finite weights
     aptvit.save(model, tmp_path / "nan.safetensors")
     code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "nan.safetensors", "--data", data, "--size", "32", "--workers", "0")
     assert code == 2 and re.search(r"nan\.safetensors.*non-finite", one_line(err)), err
     assert "top-1" not in out
+
+
+def cfg_for(data, out):
+    from aptvit.train import TrainConfig
+
+    return TrainConfig(model=MODEL, data=str(data), out=str(out), size=32, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------- item 3
