@@ -141,7 +141,7 @@ def _json_safe(value):
 
 
 class Run:
-    """The files of one run directory, all written atomically (rank 0 only)."""
+    """The files of one run directory, all written atomically (rank 0 only); ``checkpoint`` and ``restore`` are a pair."""
 
     def __init__(self, folder: Path, main: bool):
         self.folder, self.main = Path(folder), main
@@ -195,6 +195,26 @@ class Run:
         # both written first, then renamed back to back: the pair stays consistent
         atomic_write_many([(self.folder / "model.safetensors", model),
                            (self.folder / "train_state.pt", lambda tmp: torch.save(state, tmp))])
+
+    def restore(self, optimizer, dist: Dist) -> Tuple[int, int, int]:
+        """What ``checkpoint`` saved: optimizer, RNGs, metrics; returns (epoch, batches_in_epoch, global_step)."""
+        out = self.folder
+        hint = "the checkpoint is damaged; delete model.safetensors and train_state.pt to start the run again"
+        with reading(out / "train_state.pt", "training state", hint):
+            state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+            epoch, batches_in_epoch, global_step, rng = (state[k] for k in ("epoch", "batches_in_epoch", "global_step", "rng"))
+        saved_step = read_metadata(out / "model.safetensors").get("global_step")
+        if saved_step != str(global_step):
+            raise InputError(f"{out}: model.safetensors (step {saved_step}) and train_state.pt (step {global_step}) "
+                             "are from different steps (a crash between the two writes?); resume is not possible")
+        with reading(out / "train_state.pt", "training state", hint):
+            optimizer.load_state_dict(state["optimizer"])
+        if len(rng) != dist.world:
+            raise InputError(f"{out} was saved by {len(rng)} process(es); resume it with as many, not {dist.world}")
+        _set_rng_state(rng[dist.rank])
+        self.read_metrics(global_step)  # drop what the resume redoes
+        self.saved_step = global_step
+        return epoch, batches_in_epoch, global_step
 
     def diverged(self, step: int, what: str, cfg: TrainConfig) -> DivergedError:
         kept = (f"the last good checkpoint (step {self.saved_step}) stays in {self.folder}" if self.saved_step is not None
@@ -294,27 +314,6 @@ def _check_layout(layout_fn: Callable, size: int) -> None:
             np.random.set_state(np_state)
 
 
-def _restore(run: Run, optimizer, dist: Dist) -> Tuple[int, int, int]:
-    """Optimizer, RNGs and metrics of the checkpoint in ``run.folder``; returns (epoch, batches_in_epoch, global_step)."""
-    out = run.folder
-    hint = "the checkpoint is damaged; delete model.safetensors and train_state.pt to start the run again"
-    with reading(out / "train_state.pt", "training state", hint):
-        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
-        epoch, batches_in_epoch, global_step, rng = (state[k] for k in ("epoch", "batches_in_epoch", "global_step", "rng"))
-    saved_step = read_metadata(out / "model.safetensors").get("global_step")
-    if saved_step != str(global_step):
-        raise InputError(f"{out}: model.safetensors (step {saved_step}) and train_state.pt (step {global_step}) "
-                         "are from different steps (a crash between the two writes?); resume is not possible")
-    with reading(out / "train_state.pt", "training state", hint):
-        optimizer.load_state_dict(state["optimizer"])
-    if len(rng) != dist.world:
-        raise InputError(f"{out} was saved by {len(rng)} process(es); resume it with as many, not {dist.world}")
-    _set_rng_state(rng[dist.rank])
-    run.read_metrics(global_step)  # drop what the resume redoes
-    run.saved_step = global_step
-    return epoch, batches_in_epoch, global_step
-
-
 def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callable] = None, log: Callable = print,
              overrides: Optional[Dict] = None) -> dict:
     """Fine-tune an APT conversion of ``cfg.model`` on ``cfg.data``; returns the last metrics.
@@ -386,7 +385,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
     torch.manual_seed(cfg.seed + 1000 * dist.rank)  # drop-path / dropout draws differ between ranks
     epoch, batches_in_epoch, global_step = 0, 0, 0
     if continues:
-        epoch, batches_in_epoch, global_step = _restore(run, optimizer, dist)
+        epoch, batches_in_epoch, global_step = run.restore(optimizer, dist)
         log_main(f"resumed {out} at epoch {epoch}, step {global_step}")
     elif resume:
         log_main(f"{out} has no checkpoint yet: starting the run from the beginning")
