@@ -41,7 +41,8 @@ def user_os_error(original: OSError, message: str) -> UserError:
 
 
 _REASONS = {
-    errno.ENOENT: "does not exist", errno.EISDIR: "is a directory", errno.ENOTDIR: "is not a folder (a part of the path is a file)",
+    errno.ENOENT: "does not exist", errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "is not a folder (a part of the path is a file)",
     errno.ELOOP: "is a symbolic link loop", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
     errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
 }
@@ -94,14 +95,14 @@ def _disk_full(folder: Path) -> bool:
 
 def _write_message(path: Path, e: BaseException) -> str:
     reason = _REASONS[errno.ENOSPC] if not isinstance(e, OSError) and _disk_full(path.parent) else _reason(e)
-    hint = {"no space left on device": "free some space or write elsewhere",
-            "read-only file system": "choose a writable folder", "permission denied": "choose a writable folder"}.get(reason)
+    hint = {"no space left on device": "free some space or write elsewhere", "read-only file system": "choose a writable folder",
+            "permission denied": "choose a writable folder"}.get(reason)
     return f"cannot write {str(path)!r}: {reason}" + (f"; {hint}" if hint else "")
 
 
 @contextmanager
 def writing(path: Union[str, os.PathLike]):
-    """Turn a failed write inside the block (full or read-only disk, permissions, a directory) into one line naming ``path``.
+    """Turn a failed write inside the block (full or read-only disk, permissions, a folder) into one line naming ``path``.
 
     torch.save and safetensors report a failed write as their own errors ("enforce fail at inline_container.cc");
     those count when they say so or the disk is full. Any other error inside the block is a bug and passes.
