@@ -85,7 +85,7 @@ def _per_scale(base_grid: torch.Tensor, sizes: Sequence[int], base_size: int, re
 def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bins: int = 512) -> Dict[int, torch.Tensor]:
     """Shannon entropy (bits) of each patch's intensity histogram, for every requested size.
 
-    The histograms of the smallest requested size come from one ``bincount`` over the pixels;
+    The histograms of the smallest requested size come from one scatter-add over the pixels;
     every coarser histogram is the sum of its four children. Memory is images x cells x bins
     counts (never pixels x bins); large batches are processed in chunks of images.
 
@@ -115,7 +115,11 @@ def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bin
     cell = cell + torch.arange(wc, device=dev, dtype=dtype).repeat_interleave(first)[None, :]
     key += cell * bins
     key += (torch.arange(b, device=dev, dtype=dtype) * (cells * bins))[:, None, None]
-    hist = torch.bincount(key.view(-1), minlength=b * cells * bins).view(b, hc, wc, bins)
+    # index_add into zeros of a known size: bincount's output size depends on the largest key, which a
+    # GPU would have to read back first; as fast as bincount on the CPU.
+    ones = torch.ones((), dtype=torch.int32, device=dev).expand(key.numel())
+    hist = torch.zeros(b * cells * bins, dtype=torch.int32, device=dev).index_add_(0, key.view(-1), ones)
+    hist = hist.view(b, hc, wc, bins)
 
     def finish(counts: torch.Tensor, size: int) -> torch.Tensor:
         n = float(size * size)
