@@ -58,8 +58,8 @@ def test_one_host_read_and_no_other_data_dependent_op_whatever_the_batch(monkeyp
     for b in (1, 16):
         images = batch(b, dtype)
         layout, ops, reads = run_counted(monkeypatch, lambda: aptvit.patch_layout(images, (16, 32, 64), scorer=scorer, **mode))
-        assert len(ops.data_dependent) <= 1, ops.data_dependent
-        assert reads == 1, f"batch {b}: {reads} host reads (float validity and token counts must share one)"
+        # one sync in all: the token counts (with the float validity); tolist() is invisible to OpCounter on the CPU
+        assert len(ops.data_dependent) + reads == 1, f"batch {b}: {reads} host reads, data-dependent: {ops.data_dependent}"
         assert layout.offsets == tuple(layout.cu_seqlens.tolist())
         totals[b] = ops.total
     assert totals[16] == totals[1], f"aten ops grow with the batch: {totals}"
@@ -68,9 +68,9 @@ def test_one_host_read_and_no_other_data_dependent_op_whatever_the_batch(monkeyp
 def test_lists_take_one_host_read_per_image_size(monkeypatch):
     a, b = photo("astronaut", (96, 160))[0], photo("coffee", (128, 64))[0]
     same, ops, reads = run_counted(monkeypatch, lambda: aptvit.patch_layout([a, a.flip(-1), a], (16, 32)))
-    assert reads == 1 and len(ops.data_dependent) <= 1, ops.data_dependent
+    assert reads + len(ops.data_dependent) == 1, (reads, ops.data_dependent)
     mixed, ops, reads = run_counted(monkeypatch, lambda: aptvit.patch_layout([a, b, a, b.float() / 255], (16, 32)))
-    assert reads == 3 and len(ops.data_dependent) <= 3, ops.data_dependent  # (96, 160) u8, (128, 64) u8, float
+    assert reads + len(ops.data_dependent) == 3, (reads, ops.data_dependent)  # (96, 160) u8, (128, 64) u8, float
     assert mixed.offsets == tuple(mixed.cu_seqlens.tolist()) and same.offsets == tuple(same.cu_seqlens.tolist())
 
 
@@ -187,11 +187,12 @@ def test_offsets_equal_cu_seqlens_after_every_constructor():
 
 
 def test_size_counts_and_image_index_match_a_direct_count():
-    layout = aptvit.patch_layout([photo(n, (128, 192))[0] for n in ("astronaut", "camera", "coffee")], (16, 32, 64))
+    layout = aptvit.patch_layout([photo(n, (128, 192))[0] for n in ("astronaut", "camera", "coffee")], (16, 32, 64), budget=0.25)
     image = torch.repeat_interleave(torch.arange(3), torch.tensor(layout.token_counts))
     assert torch.equal(layout.image_index, image)
     counts = layout.size_counts()
     for s in layout.patch_sizes:
         want = [sum(1 for _, _, z in layout.boxes(i).tolist() if z == s) for i in range(3)]
         assert counts[s].tolist() == want, s
+        assert sum(want) > 0, f"the case should use every size, {s} unused"
     assert sum(counts[s] * (s // 16) ** 2 for s in counts).tolist() == [8 * 12] * 3
