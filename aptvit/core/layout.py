@@ -15,6 +15,7 @@ available per image, through ``cell_index_of(i)``.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -88,7 +89,7 @@ class PatchLayout:
     @property
     def num_base_tokens(self) -> torch.Tensor:
         """(B,) long: tokens per image if every patch had the base size."""
-        return torch.tensor([gh * gw for gh, gw in self.grid_sizes], dtype=torch.long, device=self.device)
+        return to_device([gh * gw for gh, gw in self.grid_sizes], torch.long, self.device)
 
     @property
     def same_size(self) -> bool:
@@ -116,8 +117,7 @@ class PatchLayout:
     @property
     def cell_offsets(self) -> torch.Tensor:
         """(B+1,) long: offsets of each image's cells in ``cells``."""
-        counts = torch.tensor([0] + [gh * gw for gh, gw in self.grid_sizes], dtype=torch.long)
-        return counts.cumsum(0).to(self.device)
+        return to_device(list(itertools.accumulate([0] + [gh * gw for gh, gw in self.grid_sizes])), torch.long, self.device)
 
     @property
     def cell_index(self) -> torch.Tensor:
@@ -184,7 +184,7 @@ class PatchLayout:
         gh, gw = self.grid_sizes[i]
         return PatchLayout(
             self.patch_sizes, (self.image_sizes[i],), self.y[lo:hi], self.x[lo:hi], self.size[lo:hi],
-            torch.tensor([0, hi - lo], dtype=torch.int32).to(self.device),
+            to_device([0, hi - lo], torch.int32, self.device),
             self.cells[start : start + gh * gw] - lo, hi - lo, (0, hi - lo),
         )
 
@@ -210,7 +210,7 @@ class PatchLayout:
             torch.cat([l.y.to(device) for l in layouts]),
             torch.cat([l.x.to(device) for l in layouts]),
             torch.cat([l.size.to(device) for l in layouts]),
-            torch.tensor(offsets, dtype=torch.int32).to(device),
+            to_device(offsets, torch.int32, device),
             torch.cat(cells),
             max(l.max_seqlen for l in layouts),
             tuple(offsets),
@@ -233,6 +233,15 @@ class PatchLayout:
         cu = torch.tensor(d["cu_seqlens"], dtype=torch.int32, device=device)
         image_sizes = tuple((int(h), int(w)) for h, w in d["image_sizes"])
         return from_boxes(tuple(d["patch_sizes"]), image_sizes, boxes[:, 0], boxes[:, 1], boxes[:, 2], cu)
+
+
+def to_device(values: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A small tensor of host ints on ``device`` without waiting for the device.
+
+    ``torch.tensor(values, device="cuda")`` copies with ``non_blocking=False``, which synchronises the
+    stream; a non-blocking copy from pageable memory is staged at once and needs no wait.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def check_patch_sizes(patch_sizes) -> Tuple[int, ...]:

@@ -23,7 +23,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, U
 
 import torch
 
-from .layout import PatchLayout, check_patch_sizes
+from .layout import PatchLayout, check_patch_sizes, to_device
 from .pixels import check_image_shape, check_pixel_range, grayscale_255, group_by_size, host_read_dtype, pixel_range
 from .scoring import SCORERS, Scorer
 
@@ -376,7 +376,7 @@ def _join_groups(sizes, groups, parts: List[_Tokens]) -> PatchLayout:
         cells.append(tok.cells[j * n_cells : (j + 1) * n_cells].to(device) + (offsets[-1] - lo))
         offsets.append(offsets[-1] + hi - lo)
         image_sizes.append((hh, ww))
-    cu = torch.tensor(offsets, dtype=torch.int32).to(device)
+    cu = to_device(offsets, torch.int32, device)
     y, x, size = (torch.cat(f) for f in fields)
     return _layout(sizes, image_sizes, _Tokens(y, x, size, cu, torch.cat(cells), tuple(offsets)))
 
@@ -386,12 +386,11 @@ def _exact_threshold(value: float, b: int, dtype: torch.dtype, device) -> torch.
 
     Rounding a float64 threshold to float32 to nearest could make a score equal to the rounded
     value merge or not merge by accident; rounding towards +inf keeps the strict comparison exact.
-    Computed on the host's CPU tensors without reading them (no sync, nothing data-dependent).
+    Built on the device from the Python value (no copy from the host, no read back).
     """
-    exact = torch.tensor(value, dtype=torch.float64)
+    exact = torch.full((b,), value, dtype=host_read_dtype(device), device=device)
     t = exact.to(dtype)
-    t = torch.where(t.double() < exact, torch.nextafter(t, torch.tensor(math.inf, dtype=dtype)), t)
-    return t.to(device).expand(b)
+    return torch.where(t.to(exact.dtype) < exact, torch.nextafter(t, torch.full_like(t, math.inf)), t)
 
 
 def _check_scores(scores, sizes, b, h, w, device) -> None:

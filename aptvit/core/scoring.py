@@ -130,8 +130,6 @@ def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bin
     return _per_scale(hist, sizes, first, "sum", finish)
 
 
-_LAPLACE_8 = torch.tensor([[1.0, 1.0, 1.0], [1.0, -8.0, 1.0], [1.0, 1.0, 1.0]])
-
 
 def laplacian_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int) -> Dict[int, torch.Tensor]:
     """Mean |8-neighbour Laplacian| of grayscale in [0, 1] (reflect padding), for every requested size.
@@ -145,7 +143,10 @@ def laplacian_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int) -
     """
     x = (gray / 255.0)[:, None]
     mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
-    lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), _LAPLACE_8.to(x)[None, None]).abs()
+    # the 8-neighbour kernel built on the device: copying a CPU constant there would wait for the GPU
+    kernel = torch.ones(1, 1, 3, 3, dtype=x.dtype, device=x.device)
+    kernel[..., 1, 1] = -8.0
+    lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), kernel).abs()
     base = F.avg_pool2d(lap, base_size)[:, 0]  # (B, hc, wc)
     return _per_scale(base, sizes, base_size, "mean", lambda grid, size: grid)
 
