@@ -12,7 +12,14 @@ so "score < t" means the same amount of detail for a 64-px and a 32-px patch, an
 homogeneous regions, whatever their size, merge first. The token count can only fall as t
 rises (each threshold only adds merges), so the search is a binary search over the image's own
 sorted scores and a smaller budget never gives more tokens. The count lands within one merge of the
-budget (a merge of size s removes up to (s/p)^2 - 1 tokens).
+budget (a merge of size s removes up to (s/p)^2 - 1 tokens). Whether a budget can be met at all is
+decided on the host from the image size (``all_merged_tokens``).
+
+On the device: everything runs on the images' device with static shapes (no ``nonzero``, boolean
+masks, ``bincount`` or ``.item()``), in a number of kernels that does not depend on the batch size.
+The only host read per image size brings back the token counts (cu_seqlens, max_seqlen) together with
+the (min, max) of float pixels and a NaN-score flag; bad input is reported right after it, before the
+layout is built. The boxes are valid by construction, so the layout skips ``from_boxes``' checks.
 """
 from __future__ import annotations
 
