@@ -46,3 +46,20 @@ def test_pad_to_multiple_pads_bottom_right_only():
     assert pad_to_multiple(y, 16) is y
     with pytest.raises(ValueError, match="multiple"):
         pad_to_multiple(x, 0)
+
+
+@pytest.mark.parametrize("dtype, syncs", [(torch.uint8, 0), (torch.float32, 1), (torch.float16, 1)])
+def test_check_images_costs_at_most_one_sync(monkeypatch, dtype, syncs):
+    from .test_layout_sync import run_counted
+
+    images = torch.zeros(16, 3, 32, 32, dtype=dtype)
+    _, ops, reads = run_counted(monkeypatch, lambda: check_images(images))
+    assert reads + len(ops.data_dependent) == syncs, (reads, ops.data_dependent)
+    bad = images.clone()
+    if dtype != torch.uint8:
+        bad[7, 2, 31, 31] = math.nan
+        with pytest.raises(ValueError, match="NaN or inf"):
+            check_images(bad)
+        bad[7, 2, 31, 31] = -math.inf
+        with pytest.raises(ValueError, match="NaN or inf"):
+            check_images(bad)
