@@ -111,7 +111,7 @@ def cmd_bench(args) -> int:
         images=args.images, layout=layout_settings(args), scorer=args.scorer,
         patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
         runs=args.runs, warmup=args.warmup, out=args.out, plot_path=args.plot, pretrained=args.pretrained,
-        checkpoint=args.checkpoint,
+        checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
     )
     return 0
 
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--plot", help="write a PNG of speedup and tokens kept")
+    add_runtime_options(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="layouts of the bundled photos and a short benchmark (no arguments needed)")

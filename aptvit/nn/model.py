@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.layout import PatchLayout
+from ..core.layout import PatchLayout, to_device
 from ..core.packed import PackedBatch, groups_of, pad_rows, plan_packed
 from ..core.quadtree import patch_layout
 from .attention import packed_self_attention, resolve_backend
@@ -128,8 +128,8 @@ class APTViT(DenseMixin, nn.Module):
 
         def pixels(t: torch.Tensor) -> torch.Tensor:
             shape = (-1, 1, 1) if t.dim() == 3 else (1, -1, 1, 1)
-            m = torch.tensor(mean, device=t.device, dtype=torch.float32).view(shape)
-            s = torch.tensor(std, device=t.device, dtype=torch.float32).view(shape)
+            m = to_device(mean, torch.float32, t.device).view(shape)  # no stream sync (issue #9)
+            s = to_device(std, torch.float32, t.device).view(shape)
             return (t.float() * s + m).clamp_(0.0, 1.0)  # NaN stays NaN and is reported by patch_layout
 
         with torch.no_grad():
@@ -318,7 +318,7 @@ class APTViT(DenseMixin, nn.Module):
                   if t is not None]
         cacheable = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in params))
         if cacheable:
-            key = (tuple(hw for _, hw in groups), torch.is_inference_mode_enabled(), *((id(t), t._version) for t in params))
+            key = (tuple(hw for _, hw in groups), torch.is_inference_mode_enabled(), *((id(t), 0 if t.is_inference() else t._version) for t in params))
             cache = self.__dict__.setdefault("_position_cache", {})
             if key in cache:
                 return cache[key]
