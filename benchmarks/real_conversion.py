@@ -423,7 +423,8 @@ def main(argv=None) -> int:
              dict(cfg=base_cfg(new_layer_lr_scale=best_scale), extra=lambda m: {"detail_share": detail_share(m.module, data["val"])})),
             ("APT 1 epoch, detail path frozen at 0", "APT 1 epoch, detail frozen", lambda: apt_method(fresh_vit(), budget), 1,
              dict(freeze_detail=True)),
-            ("Random patches, 1 epoch", "Random 1 epoch", lambda: apt_method(fresh_vit(), budget, random=True), 1, {}),
+            ("Random patches, 1 epoch", "Random 1 epoch", lambda: apt_method(fresh_vit(), budget, random=True), 1,
+             dict(cfg=base_cfg(new_layer_lr_scale=best_scale))),  # APT's recipe: Random has the same new layers
             (f"lower resolution {side}x{side}, 1 epoch", "lower resolution 1 epoch", lambda: lowres_method(source_state, args, side), 1, {}),
             (f"ToMe r={r} zero-shot", "ToMe zero-shot", lambda: tome_method(fresh_vit(), r), 0, {}),
             (f"ToMe r={r}, 1 epoch", "ToMe 1 epoch", lambda: tome_method(fresh_vit(), r), 1, {}),
