@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of all steps")
     p.add_argument("--new-layer-lr-scale", type=float,
-                   help="lr multiplier of the new zero-initialised detail-path layers apt.* (default: TrainConfig's, 1.0)")
+                   help="lr multiplier of the new zero-initialised detail-path layers apt.* (default 10)")
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--augment", default="rand-m9-mstd0.5-inc1", help="timm auto-augment string, or 'none' (no random crop either)")
     p.add_argument("--workers", type=int, help="loader processes (default 4)")
