@@ -15,7 +15,7 @@ zero-shot, at each token budget:
 - uniform lower resolution with about the same token count (position embedding resampled, one epoch);
 - ToMe (benchmarks/tome.py) zero-shot and one epoch, r chosen to match APT's FLOPs.
 APT's new-layer learning-rate multiplier (``TrainConfig.new_layer_lr_scale``) is chosen on the
-validation split at the middle budget. Recipe: AdamW (wd 0.05, no decay on norms/biases/positions),
+validation split at budget ``budgets[len(budgets) // 2]`` (35% with the defaults) and used by APT and Random. Recipe: AdamW (wd 0.05, no decay on norms/biases/positions),
 linear warm-up + cosine (``aptvit.train.lr_at``), label smoothing 0.1, drop path 0.1, gradient clipping 1,
 random horizontal flips (no RandAugment: it is slow on this CPU and 28-px images).
 
