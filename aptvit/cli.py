@@ -138,6 +138,7 @@ def cmd_finetune(args) -> int:
         patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None, scorer=args.scorer,
         thresholds=layout.get("thresholds"), budget=layout.get("budget"), drop_path=args.drop_path, warmup=args.warmup,
         augment=args.augment, dtype=args.dtype, **control,
+        **({"new_layer_lr_scale": args.new_layer_lr_scale} if args.new_layer_lr_scale is not None else {}),
     )
     finetune(cfg, resume=args.resume, overrides=control)
     return 0
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of all steps")
+    p.add_argument("--new-layer-lr-scale", type=float,
+                   help="lr multiplier of the new zero-initialised detail-path layers apt.* (default 10)")
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--augment", default="rand-m9-mstd0.5-inc1", help="timm auto-augment string, or 'none' (no random crop either)")
     p.add_argument("--workers", type=int, help="loader processes (default 4)")
