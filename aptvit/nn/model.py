@@ -104,6 +104,30 @@ class APTViT(DenseMixin, nn.Module):
         self.global_pool = self.timm_model.global_pool
         check_supported(self.timm_model)
 
+    def get_classifier(self) -> nn.Module:
+        """timm's ``get_classifier``: the head."""
+        return self.head
+
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        """timm's parameter groups (layer-wise LR decay, ``timm.optim``): the new ``apt.*`` layers join the stem,
+        since they are part of the embedding."""
+        groups = dict(self.timm_model.group_matcher(coarse))
+        groups["stem"] = groups["stem"] + r"|^apt\."
+        return groups
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's ``set_input_size`` on the wrapped model, keeping this model's ``pos_embed`` the same parameter.
+
+        timm replaces ``pos_embed`` with a resampled parameter; it is re-registered here so that both models, the
+        optimizer and the state dict see one tensor. The patch sizes are fixed at conversion.
+        """
+        if patch_size is not None and tuple(patch_size if isinstance(patch_size, (tuple, list)) else (patch_size,) * 2) != (self.patch_size,) * 2:
+            raise ValueError(f"the patch size is fixed at conversion ({self.patch_size}); convert the model again to change it")
+        self.timm_model.set_input_size(img_size=img_size)
+        if getattr(self.timm_model, "pos_embed", None) is not None:
+            self.pos_embed = self.timm_model.pos_embed
+        self.__dict__.pop("_position_cache", None)
+
     def no_weight_decay(self) -> set:
         """Parameters timm exempts from weight decay (used by timm's optimizer factory)."""
         return {"pos_embed", "cls_token", "reg_token", "dist_token"}
