@@ -31,6 +31,21 @@ def test_grayscale_weights_and_single_channel():
     assert grayscale_255(one).item() == 17.0
 
 
+@pytest.mark.parametrize("channel, weight", [(0, 0.2989), (1, 0.5870), (2, 0.1140)])  # the APT reference's BT.601 luma
+def test_grayscale_weight_of_every_channel(channel, weight):
+    pure = torch.zeros(1, 3, 1, 1, dtype=torch.uint8)
+    pure[0, channel] = 200
+    assert grayscale_255(pure).item() == pytest.approx(weight * 200, rel=1e-6)
+    assert grayscale_255(pure.float() / 255).item() == pytest.approx(weight * 200, rel=1e-6)
+
+
+def test_grayscale_of_a_mixed_colour_uses_all_three_weights():
+    rgb = torch.tensor([10, 100, 250], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert grayscale_255(rgb).item() == pytest.approx(0.2989 * 10 + 0.5870 * 100 + 0.1140 * 250, rel=1e-6)
+    white = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
+    assert grayscale_255(white).item() == pytest.approx(255 * (0.2989 + 0.5870 + 0.1140), rel=1e-6)
+
+
 def test_grayscale_uint8_equals_float_over_255():
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (2, 3, 16, 24), generator=g, dtype=torch.uint8)
