@@ -20,6 +20,7 @@ import torch
 from .core.io import atomic_write
 from .images import center_crop_resize, normalise
 from .nn.model import APTViT, model_flops
+from .runtime import autocast
 
 
 @dataclass
@@ -40,6 +41,9 @@ class BenchRow:
     speedup: float  # timm_ms / apt_ms
     efficiency: float  # speedup / flop_ratio
     layout_share: float  # layout_ms / apt_ms
+    apt_given_ms: float = 0.0  # APT with the plan made beforehand (e.g. in data-loader workers)
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 def resize(photos: Sequence[torch.Tensor], size) -> torch.Tensor:
@@ -47,20 +51,25 @@ def resize(photos: Sequence[torch.Tensor], size) -> torch.Tensor:
     return torch.stack([center_crop_resize(p, tuple(size)) for p in photos])
 
 
-def alternating_medians(fns: Dict[str, Callable], chunks: Sequence[torch.Tensor], runs: int = 5, warmup: int = 2,
-                        on_run: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+def alternating_medians(fns: Dict[str, Callable], chunks: Sequence, runs: int = 5, warmup: int = 2,
+                        on_run: Optional[Callable[[], None]] = None, sync: Optional[Callable[[], None]] = None) -> Dict[str, float]:
     """Median seconds for each ``fn`` to process every chunk once, under ``torch.inference_mode``.
 
     Warm-up passes first; then each run calls every fn in turn, the order reversed every other run
-    so that drift in machine speed hits all alike.
+    so that drift in machine speed hits all alike. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before
+    each clock read, so that queued device work is timed.
     """
     times: Dict[str, List[float]] = {name: [] for name in fns}
     with torch.inference_mode():
         for r in range(warmup + runs):
             for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+                if sync:
+                    sync()
                 start = time.perf_counter()
                 for c in chunks:
                     fns[name](c)
+                if sync:
+                    sync()
                 if r >= warmup:
                     times[name].append(time.perf_counter() - start)
             if r >= warmup and on_run:
@@ -77,37 +86,57 @@ def bench_config(
     warmup: int = 2,
     name: str = "",
     on_run: Optional[Callable[[], None]] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> BenchRow:
-    """Time timm vs APT on ``images`` (N, 3, H, W) normalised, in batches of ``batch``."""
-    n = images.shape[0]
-    chunks = [images[i : i + batch] for i in range(0, n, batch)]
-    with torch.inference_mode():
-        layouts = [apt.make_layout(c) for c in chunks]
-        flops = [model_flops(apt, l) for l in layouts]
-    seconds = alternating_medians({"timm": timm_model, "apt": apt, "layout": apt.make_layout}, chunks, runs, warmup, on_run)
+    """Time timm vs APT on ``images`` (N, 3, H, W) normalised, on their device, in batches of ``batch``.
+
+    Three APT timings: end to end (layout and plan included), the layout alone, and with the plan made
+    beforehand ("layout given": what a data loader that plans in its workers gives the model).
+    """
+    n, device = images.shape[0], images.device
+    chunks = list(range(0, n, batch))
+    parts = {i: images[i : i + batch] for i in chunks}
+    with torch.inference_mode(), autocast(device, dtype):
+        layouts = {i: apt.make_layout(parts[i]) for i in chunks}
+        plans = {i: apt.prepare(parts[i], layouts[i]) for i in chunks}
+        flops = [model_flops(apt, l) for l in layouts.values()]
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+    def timed(fn):
+        def run(i):
+            with autocast(device, dtype):
+                return fn(i)
+        return run
+
+    fns = {"timm": timed(lambda i: timm_model(parts[i])), "apt": timed(lambda i: apt(parts[i])),
+           "layout": timed(lambda i: apt.make_layout(parts[i])),
+           "apt_given": timed(lambda i: apt.forward_packed(parts[i], plans[i]))}
+    seconds = alternating_medians(fns, chunks, runs, warmup, on_run, sync)
     uniform = torch.cat([f["uniform"] for f in flops]).sum().item()
     adaptive = torch.cat([f["apt"] for f in flops]).sum().item()
-    base = sum(int(l.num_base_tokens.sum()) for l in layouts) / n
-    tokens = sum(l.total_tokens for l in layouts) / n
-    timm_ms, apt_ms, layout_ms = (seconds[k] * 1000 / n for k in ("timm", "apt", "layout"))
+    base = sum(int(l.num_base_tokens.sum()) for l in layouts.values()) / n
+    tokens = sum(l.total_tokens for l in layouts.values()) / n
+    timm_ms, apt_ms, layout_ms, given_ms = (seconds[k] * 1000 / n for k in ("timm", "apt", "layout", "apt_given"))
     speedup, ratio = timm_ms / apt_ms, uniform / adaptive
     return BenchRow(
         model=name, size=f"{images.shape[-2]}x{images.shape[-1]}", batch=batch, images=n, base_tokens=base,
         tokens=tokens, kept=tokens / base, flop_ratio=ratio, timm_ms=timm_ms, apt_ms=apt_ms, layout_ms=layout_ms,
-        speedup=speedup, efficiency=speedup / ratio, layout_share=layout_ms / apt_ms,
+        speedup=speedup, efficiency=speedup / ratio, layout_share=layout_ms / apt_ms, apt_given_ms=given_ms,
+        device=device.type, dtype=str(dtype).replace("torch.", ""),
     )
 
 
 def format_table(rows: List[BenchRow]) -> str:
     """A Markdown table of benchmark rows."""
     lines = [
-        "| model | size | batch | tokens kept | FLOP ratio | timm ms/img | APT ms/img | speedup | efficiency | layout share |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | batch | tokens kept | FLOP ratio | timm ms/img | APT ms/img | speedup | efficiency | layout share "
+        "| APT, layout given ms/img |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.model} | {r.size} | {r.batch} | {r.tokens:.0f}/{r.base_tokens:.0f} ({r.kept:.0%}) | {r.flop_ratio:.2f}x | "
-            f"{r.timm_ms:.1f} | {r.apt_ms:.1f} | {r.speedup:.2f}x | {r.efficiency:.2f} | {r.layout_share:.1%} |"
+            f"{r.timm_ms:.2f} | {r.apt_ms:.2f} | {r.speedup:.2f}x | {r.efficiency:.2f} | {r.layout_share:.1%} | {r.apt_given_ms:.2f} |"
         )
     return "\n".join(lines)
 
@@ -152,6 +181,8 @@ def run_bench(
     runs: int = 5,
     warmup: int = 2,
     progress: bool = True,
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype = torch.float32,
 ) -> List[BenchRow]:
     """The full grid: every model x size x batch.
 
@@ -169,16 +200,24 @@ def run_bench(
         for name, model, apt in models:
             mean, std = apt.pixel_mean_std()
             for size in sizes:
-                images = normalise(resize(photos, size), mean, std)
+                images = normalise(resize(photos, size).to(device), mean, std)
                 for batch in batches:
                     bar.set_postfix_str(f"{name} {size[0]}x{size[1]} batch {batch}")
-                    rows.append(bench_config(model, apt, images, batch, runs, warmup, name, on_run=lambda: bar.update(1)))
+                    rows.append(bench_config(model, apt, images, batch, runs, warmup, name, on_run=lambda: bar.update(1),
+                                             dtype=dtype))
     return rows
 
 
 def bench_command(model, sizes, batches, images=None, layout=None, scorer=None, patch_sizes=None, runs=5,
-                  warmup=2, out=None, plot_path=None, pretrained=False, checkpoint=None, log=print) -> List[BenchRow]:
-    """``aptvit bench``: build the models, check the sizes, run the grid, print/write the results."""
+                  warmup=2, out=None, plot_path=None, pretrained=False, checkpoint=None, log=print,
+                  device: str = "auto", dtype: str = "auto") -> List[BenchRow]:
+    """``aptvit bench``: build the models, check the sizes, run the grid, print/write the results.
+
+    Args:
+        device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 autocast when available, else CPU fp32).
+    """
+    from .runtime import resolve_device, resolve_dtype
+
     from .images import list_images, read_image
     from .models import build_models
     from .photos import PHOTO_NAMES, load_photo
@@ -187,9 +226,12 @@ def bench_command(model, sizes, batches, images=None, layout=None, scorer=None, 
         raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
     if not batches or min(batches) < 1:
         raise ValueError(f"--batch sizes must be >= 1, got {batches}")
+    compute_dtype = resolve_dtype(dtype, "cpu")  # a bad name fails before any work
+    where = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, where)
     settings = dict(layout or {}, scorer=scorer, patch_sizes=patch_sizes)
     apt, timm_model = build_models(model, pretrained, checkpoint, layout=settings, log=log)
-    apt.eval(), timm_model.eval()
+    apt.eval().to(where), timm_model.eval().to(where)
     p = apt.patch_size
     parsed = []
     for text in str(sizes).split(","):
@@ -205,10 +247,12 @@ def bench_command(model, sizes, batches, images=None, layout=None, scorer=None, 
     log(f"{len(photos)} images from {images or 'scikit-image (bundled photos)'}; settings: "
         f"{apt.config.thresholds if apt.config.budget is None else f'budget {apt.config.budget}'}, scorer {apt.config.scorer}")
     name = apt.pretrained_cfg.get("architecture") or model
-    rows = run_bench([(name, timm_model, apt)], parsed, batches, photos, runs, warmup)
+    log(f"device {where}, {str(compute_dtype).replace('torch.', '')}")
+    rows = run_bench([(name, timm_model, apt)], parsed, batches, photos, runs, warmup, device=where, dtype=compute_dtype)
     log(format_table(rows))
     if out:
-        write_json(rows, out, {"config": apt.config.to_dict(), "runs": runs, "torch": torch.__version__})
+        write_json(rows, out, {"config": apt.config.to_dict(), "runs": runs, "torch": torch.__version__,
+                               "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"})
         log(f"results: {out}")
     if plot_path:
         plot(rows, plot_path)

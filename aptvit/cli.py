@@ -142,7 +142,7 @@ def cmd_bench(args) -> int:
         images=args.images, layout=layout_settings(args), scorer=args.scorer,
         patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
         runs=args.runs, warmup=args.warmup, out=args.out, plot_path=args.plot, pretrained=args.pretrained,
-        checkpoint=args.checkpoint,
+        checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
     )
     return 0
 
@@ -170,7 +170,7 @@ def cmd_finetune(args) -> int:
              "drop_path": args.drop_path, "workers": args.workers, "seed": args.seed, "skip_bad_images": args.skip_bad_images or None,
              "max_steps": args.max_steps, "save_every": args.save_every, "log_every": args.log_every,
              "eval": False if args.no_eval else None, "device": args.device, "dtype": args.dtype,
-             "deterministic": args.deterministic or None}
+             "deterministic": args.deterministic or None, "new_layer_lr_scale": args.new_layer_lr_scale}
     given = {k: v for k, v in given.items() if v is not None}
     finetune(TrainConfig(**given), resume=args.resume, overrides=given)
     return 0
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--plot", help="write a PNG of speedup and tokens kept")
+    add_runtime_options(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="layouts of the bundled photos and a short benchmark (no arguments needed)")
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="per process (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
     p.add_argument("--warmup", type=float, help="warm-up as a fraction of all steps (default 0.05)")
+    p.add_argument("--new-layer-lr-scale", type=float,
+                   help="lr multiplier of the new zero-initialised detail-path layers apt.* (default 10)")
     p.add_argument("--drop-path", type=float, help="default 0.1")
     p.add_argument("--augment", help="timm auto-augment string (default rand-m9-mstd0.5-inc1), or 'none' (no random crop either)")
     p.add_argument("--workers", type=int, help="loader processes (default 4)")

@@ -64,6 +64,10 @@ class TrainConfig:
     label_smoothing: float = 0.1
     drop_path: float = 0.1
     clip_grad: float = 1.0
+    # lr multiplier of the new apt.* layers (the detail path): its output layer starts at zero and AdamW moves a
+    # weight by about lr per step, so at the fine-tuning lr one epoch leaves it near zero. 10 was chosen on the
+    # Fashion-MNIST validation split over 1 and 30 (benchmarks/real_conversion.py, docs/real_conversion.md)
+    new_layer_lr_scale: float = 10.0
     workers: int = 4
     seed: int = 0
     skip_bad_images: bool = False
@@ -98,6 +102,20 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[dict]:
+    """AdamW parameter groups: no weight decay for biases, norms and ``no_weight_decay()`` (as timm's
+    factory does), and ``lr_scale`` = ``cfg.new_layer_lr_scale`` for the new ``apt.*`` layers."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    groups: Dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") or name in skip else cfg.weight_decay
+        scale = cfg.new_layer_lr_scale if name.startswith("apt.") else 1.0
+        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(param)
+    return list(groups.values())
 
 
 def _rng_state() -> dict:
@@ -239,6 +257,9 @@ def _validate(cfg: TrainConfig) -> None:
     resolve_dtype(cfg.dtype, "cpu")  # a clear error for an unknown name, before any work
     if cfg.device not in DEVICES:
         raise InputError(f"device must be one of {DEVICES}, got {cfg.device!r}")
+    if isinstance(cfg.new_layer_lr_scale, bool) or not isinstance(cfg.new_layer_lr_scale, (int, float)) or not cfg.new_layer_lr_scale > 0 \
+            or not math.isfinite(cfg.new_layer_lr_scale):
+        raise InputError(f"new_layer_lr_scale (--new-layer-lr-scale) must be a finite number > 0, got {cfg.new_layer_lr_scale}")
     if not 0.0 <= cfg.warmup < 1.0 or cfg.lr <= 0:
         raise InputError(f"warmup (--warmup) must be a fraction in [0, 1) and lr (--lr) > 0, got {cfg.warmup} and {cfg.lr}")
     unknown = sorted(set(cfg.model_args) - set(TIMM_ARGS))
@@ -380,7 +401,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
     model = apt
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(apt, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    optimizer = create_optimizer_v2(apt, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer_v2(param_groups(apt, cfg), "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(out, dist.main)
     torch.manual_seed(cfg.seed + 1000 * dist.rank)  # drop-path / dropout draws differ between ranks
     epoch, batches_in_epoch, global_step = 0, 0, 0
@@ -429,7 +450,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
             if all_reduce_sum([float(batch.images.shape[0] == 0)], dist)[0] > 0:
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(global_step, total, cfg)
+                group["lr"] = lr_at(global_step, total, cfg) * group.get("lr_scale", 1.0)
             images = normalise(batch.images.to(dist.device, non_blocking=True), mean, std)
             labels = batch.labels.to(dist.device)
             with autocast(dist.device, dtype):

@@ -6,7 +6,7 @@ the head; not counted: norms, activations, softmax, additions (a few percent, eq
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Sequence, Tuple
 
 import torch
 
@@ -28,13 +28,21 @@ def patch_embed_flops(cells: torch.Tensor, in_chans: int, patch: int, dim: int) 
     return 2.0 * cells.double() * in_chans * patch * patch * dim
 
 
-def detail_flops(counts: Mapping[int, torch.Tensor], dim: int) -> torch.Tensor:
-    """FLOPs of the APT detail path: {scale factor k: number of k x k tokens} -> total.
+def bank_flops(grid: Tuple[int, int], patch_sizes: Sequence[int], in_chans: int, dim: int) -> float:
+    """FLOPs of the APT embedding bank of one image beyond the base projection (``nn.embed``).
 
-    Per token: the 2x2-stride-2 conv at each of log2(k) levels, then the dim x dim linear.
+    Every larger size s is embedded over its whole (h // k, w // k) grid (k = s / p): the resize projection and
+    the D x D detail output layer per cell, and the 2x2 detail merge (4D -> D per parent cell) at each octave.
+
+    Args:
+        grid: (h, w) base cells of the image.
     """
-    total = 0.0
-    for k, n in counts.items():
-        convs = sum((k // 2**level) ** 2 for level in range(1, int(math.log2(k)) + 1))
-        total = total + n.double() * (convs * 2 * 4 * dim * dim + 2 * dim * dim)
-    return torch.as_tensor(total, dtype=torch.float64)
+    h, w = grid
+    p, total, k = patch_sizes[0], 0.0, 1
+    for s in patch_sizes[1:]:
+        while k < s // p:
+            k *= 2
+            total += 2.0 * (h // k) * (w // k) * 4 * dim * dim  # merge into this octave
+        cells = (h // k) * (w // k)
+        total += 2.0 * cells * in_chans * p * p * dim + 2.0 * cells * dim * dim  # resize projection + detail output
+    return total

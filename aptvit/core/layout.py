@@ -6,6 +6,7 @@ All per-token tensors share one index space, the packed patch tokens (no prefix 
 
     y, x, size      (T,)   top-left corner and side of every patch, in pixels
     cu_seqlens      (B+1,) token offsets of the images, as varlen attention kernels take them
+    offsets         the same offsets as Python ints, so that the host never reads them from the device
     cells           (sum_i cells_i,) for every base cell of every image (image by image,
                     row-major), the packed index of the token that covers it
 
@@ -14,8 +15,9 @@ available per image, through ``cell_index_of(i)``.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +36,9 @@ class PatchLayout:
         cu_seqlens: (B+1,) int32, ``cu_seqlens[i]:cu_seqlens[i+1]`` are image i's tokens.
         cells: (C,) long, packed token index covering each base cell, image by image, row-major.
         max_seqlen: longest image in tokens (a Python int, so kernels need no device sync).
+        offsets: ``cu_seqlens`` as a tuple of B+1 Python ints, for everything the host needs (slicing,
+            counts, ``max_seqlen``) without a device sync. Every constructor fills it; when left out it
+            is read from ``cu_seqlens`` once (a sync on a GPU).
     """
 
     patch_sizes: Tuple[int, ...]
@@ -44,6 +49,14 @@ class PatchLayout:
     cu_seqlens: torch.Tensor
     cells: torch.Tensor
     max_seqlen: int
+    offsets: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.offsets is None:
+            self.offsets = tuple(int(v) for v in self.cu_seqlens.tolist())
+        self.offsets = tuple(self.offsets)
+        if len(self.offsets) != len(self.image_sizes) + 1:
+            raise ValueError(f"offsets must have {len(self.image_sizes) + 1} entries (B+1), got {len(self.offsets)}")
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -76,16 +89,25 @@ class PatchLayout:
     @property
     def num_base_tokens(self) -> torch.Tensor:
         """(B,) long: tokens per image if every patch had the base size."""
-        return torch.tensor([gh * gw for gh, gw in self.grid_sizes], dtype=torch.long, device=self.device)
+        return to_device([gh * gw for gh, gw in self.grid_sizes], torch.long, self.device)
 
     @property
     def same_size(self) -> bool:
         return len(set(self.image_sizes)) == 1
 
     @property
+    def token_counts(self) -> Tuple[int, ...]:
+        """Tokens per image as Python ints (from ``offsets``: no device sync)."""
+        return tuple(hi - lo for lo, hi in zip(self.offsets, self.offsets[1:]))
+
+    @property
     def image_index(self) -> torch.Tensor:
         """(T,) long: the image each packed token belongs to."""
-        return seq_index(self.cu_seqlens)
+        # output_size from the host offsets: repeat_interleave need not read the counts back first
+        counts = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        return torch.repeat_interleave(
+            torch.arange(self.batch_size, device=self.device), counts, output_size=self.total_tokens
+        )
 
     @property
     def areas(self) -> torch.Tensor:
@@ -95,8 +117,7 @@ class PatchLayout:
     @property
     def cell_offsets(self) -> torch.Tensor:
         """(B+1,) long: offsets of each image's cells in ``cells``."""
-        counts = torch.tensor([0] + [gh * gw for gh, gw in self.grid_sizes], dtype=torch.long)
-        return counts.cumsum(0).to(self.device)
+        return to_device(list(itertools.accumulate([0] + [gh * gw for gh, gw in self.grid_sizes])), torch.long, self.device)
 
     @property
     def cell_index(self) -> torch.Tensor:
@@ -119,21 +140,26 @@ class PatchLayout:
         if not -self.batch_size <= i < self.batch_size:
             raise IndexError(f"image index {i} out of range for a layout of {self.batch_size} images")
         i %= self.batch_size
-        lo, hi = int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])
+        lo, hi = self.offsets[i], self.offsets[i + 1]
         return torch.stack([self.y[lo:hi], self.x[lo:hi], self.size[lo:hi]], dim=1)
 
     def size_counts(self) -> Dict[int, torch.Tensor]:
         """{patch size: (B,) long tokens of that size per image}."""
-        img = self.image_index
-        return {
-            s: torch.bincount(img[self.size == s], minlength=self.batch_size) for s in self.patch_sizes
-        }
+        n = len(self.patch_sizes)
+        level = torch.zeros_like(self.size)  # position of every token's size in patch_sizes
+        for j, s in enumerate(self.patch_sizes[1:], 1):
+            level += (self.size == s).long() * j
+        key = self.image_index * n + level
+        counts = torch.zeros(self.batch_size * n, dtype=torch.long, device=self.device)
+        counts.index_add_(0, key, torch.ones((), dtype=torch.long, device=self.device).expand(key.shape[0]))
+        counts = counts.view(self.batch_size, n)
+        return {s: counts[:, j] for j, s in enumerate(self.patch_sizes)}
 
     def __len__(self) -> int:
         return self.batch_size
 
     def __repr__(self) -> str:
-        kept = self.total_tokens / max(1, int(self.num_base_tokens.sum()))
+        kept = self.total_tokens / max(1, sum(gh * gw for gh, gw in self.grid_sizes))
         return (
             f"PatchLayout(images={self.batch_size}, patch_sizes={self.patch_sizes}, "
             f"image_sizes={sorted(set(self.image_sizes))}, tokens={self.total_tokens} ({kept:.1%} of base))"
@@ -145,7 +171,7 @@ class PatchLayout:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return PatchLayout(
             self.patch_sizes, self.image_sizes, move(self.y), move(self.x), move(self.size),
-            move(self.cu_seqlens), move(self.cells), self.max_seqlen,
+            move(self.cu_seqlens), move(self.cells), self.max_seqlen, self.offsets,
         )
 
     def image(self, i: int) -> "PatchLayout":
@@ -153,12 +179,13 @@ class PatchLayout:
         if not -self.batch_size <= i < self.batch_size:
             raise IndexError(f"image index {i} out of range for a layout of {self.batch_size} images")
         i %= self.batch_size
-        lo, hi = int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])
-        offsets = self.cell_offsets
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        start = sum(gh * gw for gh, gw in self.grid_sizes[:i])
+        gh, gw = self.grid_sizes[i]
         return PatchLayout(
             self.patch_sizes, (self.image_sizes[i],), self.y[lo:hi], self.x[lo:hi], self.size[lo:hi],
-            torch.tensor([0, hi - lo], dtype=torch.int32, device=self.device),
-            self.cells[int(offsets[i]) : int(offsets[i + 1])] - lo, hi - lo,
+            to_device([0, hi - lo], torch.int32, self.device),
+            self.cells[start : start + gh * gw] - lo, hi - lo, (0, hi - lo),
         )
 
     @staticmethod
@@ -171,22 +198,22 @@ class PatchLayout:
             raise ValueError(f"cannot join layouts with different patch_sizes: {sorted(sizes)}")
         if len(layouts) == 1:
             return layouts[0]
-        token_offsets = torch.tensor([0] + [l.total_tokens for l in layouts]).cumsum(0)
         device = layouts[0].device
-        cu = [layouts[0].cu_seqlens[:1].to(device)]
-        cells = []
-        for off, l in zip(token_offsets.tolist(), layouts):
-            cu.append(l.cu_seqlens[1:].to(device) + off)
-            cells.append(l.cells.to(device) + off)
+        offsets, cells = [0], []
+        for l in layouts:
+            start = offsets[-1]
+            cells.append(l.cells.to(device) + start)
+            offsets.extend(start + o for o in l.offsets[1:])
         return PatchLayout(
             layouts[0].patch_sizes,
             tuple(s for l in layouts for s in l.image_sizes),
             torch.cat([l.y.to(device) for l in layouts]),
             torch.cat([l.x.to(device) for l in layouts]),
             torch.cat([l.size.to(device) for l in layouts]),
-            torch.cat(cu).to(torch.int32),
+            to_device(offsets, torch.int32, device),
             torch.cat(cells),
             max(l.max_seqlen for l in layouts),
+            tuple(offsets),
         )
 
     # ------------------------------------------------------------------ serialisation
@@ -195,7 +222,7 @@ class PatchLayout:
         return {
             "patch_sizes": list(self.patch_sizes),
             "image_sizes": [list(s) for s in self.image_sizes],
-            "cu_seqlens": self.cu_seqlens.tolist(),
+            "cu_seqlens": list(self.offsets),
             "boxes": torch.stack([self.y, self.x, self.size], 1).tolist(),
         }
 
@@ -206,6 +233,15 @@ class PatchLayout:
         cu = torch.tensor(d["cu_seqlens"], dtype=torch.int32, device=device)
         image_sizes = tuple((int(h), int(w)) for h, w in d["image_sizes"])
         return from_boxes(tuple(d["patch_sizes"]), image_sizes, boxes[:, 0], boxes[:, 1], boxes[:, 2], cu)
+
+
+def to_device(values: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A small tensor of host ints on ``device`` without waiting for the device.
+
+    ``torch.tensor(values, device="cuda")`` copies with ``non_blocking=False``, which synchronises the
+    stream; a non-blocking copy from pageable memory is staged at once and needs no wait.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def check_patch_sizes(patch_sizes) -> Tuple[int, ...]:
@@ -254,7 +290,8 @@ def from_boxes(
     if not (x.shape == size.shape == (t,)):
         raise ValueError(f"y, x, size must be (T,) tensors of one length, got {tuple(y.shape)}, {tuple(x.shape)}, {tuple(size.shape)}")
     cu = cu_seqlens.long()
-    if cu.shape != (len(image_sizes) + 1,) or int(cu[0]) != 0 or int(cu[-1]) != t or bool((cu[1:] < cu[:-1]).any()):
+    offsets = tuple(int(v) for v in cu.tolist()) if cu.dim() == 1 else ()
+    if len(offsets) != len(image_sizes) + 1 or offsets[0] != 0 or offsets[-1] != t or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"cu_seqlens must be ({len(image_sizes) + 1},) offsets from 0 to {t}, non-decreasing; got {cu.tolist()}")
     for h, w in image_sizes:
         if h % p or w % p or h <= 0 or w <= 0:
@@ -262,7 +299,6 @@ def from_boxes(
     allowed = torch.tensor(patch_sizes, device=device)
     if t and (bool((~torch.isin(size, allowed)).any()) or bool((y % size).any()) or bool((x % size).any())):
         raise ValueError(f"every box must have a size in {patch_sizes} and sit on the grid of its size (y, x multiples of it)")
-    num_tokens = cu[1:] - cu[:-1]
     image = seq_index(cu)
     grid_h = torch.tensor([h // p for h, _ in image_sizes], dtype=torch.long, device=device)
     grid_w = torch.tensor([w // p for _, w in image_sizes], dtype=torch.long, device=device)
@@ -286,5 +322,5 @@ def from_boxes(
     cells[flat] = cover
     return PatchLayout(
         tuple(patch_sizes), tuple(image_sizes), y, x, size, cu_seqlens.to(torch.int32), cells,
-        int(num_tokens.max()) if num_tokens.numel() else 0,
+        max((b - a for a, b in zip(offsets, offsets[1:])), default=0), offsets,
     )

@@ -5,7 +5,8 @@ names the argument, instead of deep inside torch.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import math
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,25 @@ GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 def check_images(images: torch.Tensor, name: str = "images") -> None:
     """Raise a clear error unless ``images`` is a valid pixel batch.
 
+    Costs one fused reduction and one host read for float pixels (none for uint8); ``patch_layout``
+    calls the two halves itself so that the read joins its token count.
+
     Args:
         images: (B, C, H, W) with C in {1, 3}; uint8 in [0, 255] or floating point in [0, 1].
+        name: argument name used in the error messages.
+    """
+    check_image_shape(images, name)
+    lo_hi = pixel_range(images)
+    if lo_hi is not None:
+        lo, hi = lo_hi.tolist()
+        check_pixel_range(lo, hi, name)
+
+
+def check_image_shape(images: torch.Tensor, name: str = "images") -> None:
+    """The checks of ``check_images`` that need no pixel values (type, shape, dtype): no device sync.
+
+    Args:
+        images: (B, C, H, W) with C in {1, 3}; uint8 or floating point.
         name: argument name used in the error messages.
     """
     if not isinstance(images, torch.Tensor):
@@ -33,18 +51,36 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
         raise ValueError(f"{name} must have 1 or 3 channels (B, C, H, W), got C={c} in shape {tuple(images.shape)}")
     if h == 0 or w == 0:
         raise ValueError(f"{name} has an empty side: shape {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        return
-    if not images.is_floating_point():
+    if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"{name} must be uint8 (0..255) or floating point (0..1), got dtype {images.dtype}")
-    if not bool(torch.isfinite(images).all()):
+
+
+def pixel_range(images: torch.Tensor) -> Optional[torch.Tensor]:
+    """(2,) float64 (min, max) over the whole batch, on its device, without reading it; None for uint8.
+
+    One fused reduction. NaN propagates through min and max, and inf shows as an infinite bound, so
+    ``check_pixel_range`` can decide everything from these two numbers once they are on the host.
+    """
+    if images.dtype == torch.uint8:
+        return None
+    lo, hi = torch.aminmax(images)
+    return torch.stack([lo, hi]).to(host_read_dtype(images.device))
+
+
+def check_pixel_range(lo: float, hi: float, name: str = "images") -> None:
+    """Raise a clear error unless float pixels with these bounds (from ``pixel_range``) are finite and in [0, 1]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or inf values")
-    lo, hi = float(images.min()), float(images.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
             f"{name} are floating point with values in [{lo:.4g}, {hi:.4g}]; float images must be in [0, 1] "
             "(scale uint8 by 1/255 or pass uint8; undo any mean/std normalisation first)"
         )
+
+
+def host_read_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of values read back to the host in one piece: float64 (ints exact to 2**53); MPS has only float32."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def group_by_size(images, name: str = "images") -> List[Tuple[List[int], torch.Tensor]]:

@@ -85,7 +85,7 @@ def _per_scale(base_grid: torch.Tensor, sizes: Sequence[int], base_size: int, re
 def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bins: int = 512) -> Dict[int, torch.Tensor]:
     """Shannon entropy (bits) of each patch's intensity histogram, for every requested size.
 
-    The histograms of the smallest requested size come from one ``bincount`` over the pixels;
+    The histograms of the smallest requested size come from one scatter-add over the pixels;
     every coarser histogram is the sum of its four children. Memory is images x cells x bins
     counts (never pixels x bins); large batches are processed in chunks of images.
 
@@ -115,7 +115,11 @@ def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bin
     cell = cell + torch.arange(wc, device=dev, dtype=dtype).repeat_interleave(first)[None, :]
     key += cell * bins
     key += (torch.arange(b, device=dev, dtype=dtype) * (cells * bins))[:, None, None]
-    hist = torch.bincount(key.view(-1), minlength=b * cells * bins).view(b, hc, wc, bins)
+    # index_add into zeros of a known size: bincount's output size depends on the largest key, which a
+    # GPU would have to read back first; as fast as bincount on the CPU.
+    ones = torch.ones((), dtype=torch.int32, device=dev).expand(key.numel())
+    hist = torch.zeros(b * cells * bins, dtype=torch.int32, device=dev).index_add_(0, key.view(-1), ones)
+    hist = hist.view(b, hc, wc, bins)
 
     def finish(counts: torch.Tensor, size: int) -> torch.Tensor:
         n = float(size * size)
@@ -125,8 +129,6 @@ def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bin
 
     return _per_scale(hist, sizes, first, "sum", finish)
 
-
-_LAPLACE_8 = torch.tensor([[1.0, 1.0, 1.0], [1.0, -8.0, 1.0], [1.0, 1.0, 1.0]])
 
 
 def laplacian_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int) -> Dict[int, torch.Tensor]:
@@ -141,7 +143,10 @@ def laplacian_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int) -
     """
     x = (gray / 255.0)[:, None]
     mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
-    lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), _LAPLACE_8.to(x)[None, None]).abs()
+    # the 8-neighbour kernel built on the device: copying a CPU constant there would wait for the GPU
+    kernel = torch.ones(1, 1, 3, 3, dtype=x.dtype, device=x.device)
+    kernel[..., 1, 1] = -8.0
+    lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), kernel).abs()
     base = F.avg_pool2d(lap, base_size)[:, 0]  # (B, hc, wc)
     return _per_scale(base, sizes, base_size, "mean", lambda grid, size: grid)
 

@@ -10,7 +10,15 @@ Backends:
     "pad"     pad to the longest sequence, mask the padded keys, one batched SDPA (any device).
     "flash"   flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16, package installed).
     "varlen"  torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, no dropout).
-    "auto"    the fastest available: "loop" on CPU; "flash", then "varlen", then "pad" on CUDA.
+    "flex"    torch's ``flex_attention`` with a block-diagonal (document) mask, compiled: CUDA, any dtype
+              (the fp32 backend on CUDA), trains, no dropout. (It runs eagerly on the CPU without
+              gradients, which the tests use to check its values.)
+    "auto"    the fastest available: "loop" on CPU; on CUDA "flash", then "varlen" (half precision), then
+              "flex", then "pad".
+
+Every backend reads what it needs from the planned batch (``core.packed.PackedBatch``): the device offsets,
+the host offsets ("loop"), the padded-row index ("pad"), the sequence id of each token ("flex"); none reads a
+value from the device.
 """
 from __future__ import annotations
 
@@ -21,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.packing import pad_packed, unpad
+from ..core.packed import pad_rows
+from ..core.packing import seq_index
 
-BACKENDS = ("auto", "loop", "pad", "flash", "varlen")
+BACKENDS = ("auto", "loop", "pad", "flash", "varlen", "flex")
+CUDA_ORDER = ("flash", "varlen", "flex", "pad")  # what "auto" tries on CUDA, fastest first
 
 
 def _has_flash_attn() -> bool:
@@ -38,14 +48,25 @@ def _has_torch_varlen() -> bool:
     return True
 
 
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def available_backends(device: torch.device, dtype: torch.dtype, dropout: bool = False) -> List[str]:
     """Backends that can run on ``device`` with ``dtype`` (``dropout``: attention dropout is on)."""
     out = ["loop", "pad"]
-    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+    cuda = torch.device(device).type == "cuda"
+    if cuda and dtype in (torch.float16, torch.bfloat16):
         if _has_flash_attn():
             out.append("flash")
         if _has_torch_varlen() and not dropout:
             out.append("varlen")
+    if cuda and _has_flex() and not dropout:  # no flex backward on the CPU; the CPU has faster backends anyway
+        out.append("flex")
     return out
 
 
@@ -62,7 +83,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, dropout
     if name == "auto":
         if torch.device(device).type != "cuda":
             return "loop"
-        for candidate in ("flash", "varlen", "pad"):
+        for candidate in CUDA_ORDER:
             if candidate in ok:
                 return candidate
     if name not in ok:
@@ -83,20 +104,24 @@ def varlen_attention(
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
     offsets: Optional[List[int]] = None,
+    pad_index: Optional[torch.Tensor] = None,
+    seq: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention inside each packed sequence.
 
     Args:
-        q, k, v: (T, H, hd) packed queries, keys, values.
-        cu_seqlens: (B+1,) int32 sequence offsets.
-        max_seqlen: longest sequence.
-        backend: a concrete backend ("loop", "pad", "flash", "varlen"); see ``resolve_backend``.
+        q, k, v: (N, H, hd) packed queries, keys, values.
+        cu_seqlens: (S+1,) int32 sequence offsets.
+        max_seqlen: longest sequence (or a static upper bound).
+        backend: a concrete backend ("loop", "pad", "flash", "varlen", "flex"); see ``resolve_backend``.
         dropout_p: attention dropout probability (training only).
         scale: softmax scale, default hd ** -0.5.
-        offsets: ``cu_seqlens`` as a Python list, to spare the "loop" backend a device sync per layer.
+        offsets: ``cu_seqlens`` as Python ints ("loop"; read from the device when missing).
+        pad_index: (N,) row of every token in the padded (S, max_seqlen) layout ("pad"; derived when missing).
+        seq: (N,) sequence of every token ("flex"; derived when missing).
 
     Returns:
-        (T, H, hd).
+        (N, H, hd).
     """
     if backend == "loop":
         bounds = offsets if offsets is not None else cu_seqlens.tolist()
@@ -106,12 +131,9 @@ def varlen_attention(
             outs.append(F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, scale=scale)[0].transpose(0, 1))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
     if backend == "pad":
-        (qp, valid), kp, vp = pad_packed(q, cu_seqlens, max_seqlen), pad_packed(k, cu_seqlens, max_seqlen)[0], pad_packed(v, cu_seqlens, max_seqlen)[0]
-        mask = valid[:, None, None, :]  # (B, 1, 1, L): padded keys get no weight
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p, scale=scale
-        )
-        return unpad(out.transpose(1, 2), cu_seqlens)
+        return _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, pad_index)
+    if backend == "flex":
+        return _flex_attention(q, k, v, cu_seqlens, scale, seq)
     if backend in ("flash", "varlen"):
         # half-precision kernels: under autocast q/k may come out of a float32 LayerNorm (qk_norm)
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
@@ -131,14 +153,52 @@ def varlen_attention(
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS[1:]}")
 
 
-def packed_self_attention(
-    attn: nn.Module,
-    x: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    backend: str,
-    offsets: Optional[List[int]] = None,
-) -> torch.Tensor:
+def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, pad_index):
+    """One batched SDPA over the sequences padded to ``max_seqlen``; padded keys get no weight."""
+    n, heads, hd = q.shape
+    s = cu_seqlens.shape[0] - 1
+    if pad_index is None:  # a direct call without a plan: derive it (data-dependent, fine off the hot path)
+        pad_index = pad_rows(seq_index(cu_seqlens), cu_seqlens, max_seqlen)
+    rows = s * max_seqlen
+
+    def pad(t):
+        return t.new_zeros(rows, heads, hd).index_copy(0, pad_index, t).view(s, max_seqlen, heads, hd).transpose(1, 2)
+
+    valid = torch.zeros(rows, dtype=torch.bool, device=q.device).index_fill_(0, pad_index, True)
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid.view(s, 1, 1, max_seqlen),
+                                         dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(rows, heads, hd).index_select(0, pad_index)
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(q, k, v, cu_seqlens, scale, seq):
+    """flex_attention with a block-diagonal mask: token i sees token j iff they belong to the same sequence."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if seq is None:
+        seq = seq_index(cu_seqlens)
+    n = q.shape[0]
+
+    def same_sequence(b, h, q_idx, kv_idx):
+        return seq[q_idx] == seq[kv_idx]
+
+    mask = create_block_mask(same_sequence, None, None, n, n, device=q.device)
+    fn = flex_attention
+    if q.device.type == "cuda":  # eager flex_attention materialises the scores; compiled, it is a fused kernel
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+        fn = _COMPILED_FLEX
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, N, hd)
+    if v.dtype != q.dtype or k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    return fn(q, k, v, block_mask=mask, scale=scale)[0].transpose(0, 1)
+
+
+def packed_self_attention(attn: nn.Module, x: torch.Tensor, packed, backend: str,
+                          pad_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run a timm ``Attention`` module on packed tokens, using its own layers and settings.
 
     The projections, q/k norms, output norm, gate and dropouts are the module's own; only the
@@ -146,17 +206,21 @@ def packed_self_attention(
 
     Args:
         attn: timm ``Attention``.
-        x: (T, D) packed tokens.
+        x: (N, D) packed tokens.
+        packed: the batch's ``PackedBatch`` (offsets, indices).
+        backend: a concrete backend.
+        pad_index: ``core.packed.pad_rows`` of the batch, for the "pad" backend (computed once per forward).
 
     Returns:
-        (T, D).
+        (N, D).
     """
     t = x.shape[0]
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).view(t, 3, attn.num_heads, attn.head_dim).unbind(1)  # (T, H, hd) each
+    q, k, v = attn.qkv(x).view(t, 3, attn.num_heads, attn.head_dim).unbind(1)  # (N, H, hd) each
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
-    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend, dropout_p, attn.scale, offsets)
+    out = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, backend, dropout_p, attn.scale,
+                           offsets=packed.offsets, pad_index=pad_index, seq=packed.seq)
     out = out.reshape(t, attn.num_heads * attn.head_dim)
     out = getattr(attn, "norm", nn.Identity())(out)
     if gate is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.layout import PatchLayout
-from ..core.packing import gather_to_grid, split_prefix
+from ..core.packing import gather_to_grid
 
 SMOOTH_DEFAULT = False  # set from the segmentation experiment (examples/segmentation.py)
 
@@ -41,6 +41,17 @@ def unmerge(tokens: torch.Tensor, layout: PatchLayout, smooth: bool = SMOOTH_DEF
         blurred = blurred[..., : grid.shape[-2], : grid.shape[-1]]
         out = torch.where(cell_size == s, blurred, out)
     return out
+
+
+def unmerge_packed(x: torch.Tensor, packed, smooth: bool = SMOOTH_DEFAULT) -> torch.Tensor:
+    """Packed tokens with prefix (N, D) onto the base grid (B, D, H/p, W/p): one gather through the plan's cells."""
+    layout = packed.layout
+    if not smooth or len(layout.patch_sizes) == 1:
+        b = layout.batch_size
+        (gh, gw), = set(layout.grid_sizes)
+        return gather_to_grid(x, packed.patch_pos[layout.cells].view(b, gh, gw))
+    patches = x.index_select(0, packed.patch_pos)
+    return unmerge(patches, layout, smooth)
 
 
 def simple_pyramid(grid: torch.Tensor, scales: Sequence[float] = (4, 2, 1, 0.5)) -> List[torch.Tensor]:
@@ -143,9 +154,9 @@ class DenseMixin:
 
         Equal to timm's ``forward_features`` without prefix tokens, reshaped to NCHW, when nothing merges.
         """
-        x, _, layout = self._run(images, layout)
-        patches, _ = split_prefix(self.norm(x), layout.cu_seqlens, self.num_prefix_tokens)
-        return unmerge(patches, layout, smooth)
+        _require_one_size(images, layout)
+        x, _, packed = self._run(images, layout)
+        return unmerge_packed(self.norm(x), packed, smooth)
 
     def forward_intermediates(
         self,
@@ -172,19 +183,18 @@ class DenseMixin:
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, last = _take_indices(len(self.blocks), indices)
         _require_one_size(images, layout)
-        x, kept, layout = self._run(images, layout, take, last if stop_early else None)
+        x, kept, packed = self._run(images, layout, take, last if stop_early else None)
         p = self.num_prefix_tokens
         feats, prefixes = [], []
         for i in take:
             y = self.norm(kept[i]) if norm else kept[i]
-            patches, prefix = split_prefix(y, layout.cu_seqlens, p)
-            grid = unmerge(patches, layout, smooth)
+            grid = unmerge_packed(y, packed, smooth)
             feats.append(grid if output_fmt == "NCHW" else grid.flatten(2).transpose(1, 2))
-            prefixes.append(prefix)
+            prefixes.append(y[packed.prefix_pos])
         final = None
         if not intermediates_only:
-            patches, prefix = split_prefix(self.norm(x), layout.cu_seqlens, p)
-            final = torch.cat([prefix, unmerge(patches, layout, smooth).flatten(2).transpose(1, 2)], dim=1)
+            y = self.norm(x)
+            final = torch.cat([y[packed.prefix_pos], unmerge_packed(y, packed, smooth).flatten(2).transpose(1, 2)], dim=1)
         if output_dict:
             out = {"image_intermediates": feats}
             if return_prefix_tokens and p:
@@ -208,11 +218,10 @@ class DenseMixin:
             pixels and ``layout.cu_seqlens`` where each image's tokens start.
         """
         if layer is None:
-            x, _, layout = self._run(images, layout)
+            x, _, packed = self._run(images, layout)
             x = self.norm(x)
         else:
             (i,), _ = _take_indices(len(self.blocks), [layer])
-            _, kept, layout = self._run(images, layout, [i], i)
+            _, kept, packed = self._run(images, layout, [i], i)
             x = kept[i]
-        tokens, _ = split_prefix(x, layout.cu_seqlens, self.num_prefix_tokens)
-        return tokens, layout
+        return x.index_select(0, packed.patch_pos), packed.layout

@@ -2,18 +2,23 @@
 
 A patch of size s = k * p becomes (APT_NOTES section 4):
 
-    proj(area_average(patch) to p x p)                       # (a) what the pretrained ViT sees
+    proj(area_average(patch) to p x p)                            # (a) what the pretrained ViT sees
   + detail_proj_s(merge^log2(k)(proj of its k x k sub-patches))  # (b) zero at initialisation
-  + mean of the base position embeddings it covers           # (c) = area resampling of the grid
+  + mean of the base position embeddings it covers                # (c) = area resampling of the grid
 
-(a) uses exact area averaging (an average pool of the whole image by k), never aliased bilinear.
-(b) reuses the base-grid embeddings, merged by one 2x2-stride-2 conv applied log2(k) times, then a
-linear layer per size whose weight and bias start at zero, so a freshly converted model is
-exactly the "resize only" model. (c) is exact and cheap: position embeddings are averaged over
-the same cells whose pixels were averaged.
+(a) uses exact area averaging (2x2 average pools, repeated), never aliased bilinear. (b) reuses the base-grid
+embeddings, merged by one 2x2-stride-2 conv applied log2(k) times, then a linear layer per size whose weight
+and bias start at zero, so a freshly converted model is exactly the "resize only" model. (c) is exact and
+cheap: position embeddings are averaged over the same cells whose pixels were averaged.
 
-This module owns only the new parameters; the ViT's projection, norm and position grid are
-passed in, so its state dict keys stay timm's.
+Every size is embedded densely, over its whole grid (a *bank* of embeddings, ``bank``), and the model then
+gathers the tokens its layout chose in one ``index_select``. The grids of the larger sizes hold 1/4, 1/16, ...
+of the base cells, so this costs a few percent of the patch embedding and about 1% of a ViT forward, and in
+exchange the shapes never depend on the layout: the forward has no per-size selection, no host sync, and can
+be compiled or captured in a CUDA graph (the FLOP count, ``model_flops``, includes it).
+
+This module owns only the new parameters; the ViT's projection, norm and position grid are passed in, so its
+state dict keys stay timm's.
 """
 from __future__ import annotations
 
@@ -23,11 +28,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.packing import place_rows
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """Non-overlapping p x p patches as rows, in the (C, p, p) order of a conv weight.
+
+    Args:
+        images: (B, C, H, W); rows/columns beyond the last whole patch are ignored.
+
+    Returns:
+        (B * (H // p) * (W // p), C * p * p), image-major, row-major.
+    """
+    b, c, h, w = images.shape
+    gh, gw = h // patch, w // patch
+    if (gh * patch, gw * patch) != (h, w):
+        images = images[:, :, : gh * patch, : gw * patch]
+    x = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b * gh * gw, c * patch * patch)
+
+
+def area_halve(t: torch.Tensor) -> torch.Tensor:
+    """(..., h, w) -> (..., h // 2, w // 2): the mean of every 2x2 block (empty when a side is below 2)."""
+    h, w = t.shape[-2:]
+    if h < 2 or w < 2:  # a grid too small for this size: no patch of it exists
+        return t.new_zeros(*t.shape[:-2], h // 2, w // 2)
+    return F.avg_pool2d(t, 2)
 
 
 class AdaptivePatchEmbed(nn.Module):
-    """The detail path of large patches, and the assembly of every token's embedding.
+    """The detail path of large patches, and the bank of every size's embeddings.
 
     Args:
         dim: embedding width D.
@@ -49,89 +77,66 @@ class AdaptivePatchEmbed(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def detail(self, sub_patches: torch.Tensor, size: int) -> torch.Tensor:
-        """Detail term of patches of one size.
+    def merge(self, grid: torch.Tensor) -> torch.Tensor:
+        """The 2x2 stride-2 detail conv on a channels-last grid, as one matmul over 2x2 blocks.
 
         Args:
-            sub_patches: (N, k, k, D) base-size embeddings of each patch's sub-patches (channels last).
-            size: the patch size s = k * p.
+            grid: (B, h, w, D); a trailing odd row/column has no parent and is dropped.
 
         Returns:
-            (N, D).
+            (B, h // 2, w // 2, D).
         """
-        d = sub_patches
-        w = self.detail_merge.weight.flatten(1)  # (D, D * 2 * 2), input order (channel, row, col)
-        while d.shape[1] > 1:
-            n, h, _, c = d.shape
-            # the 2x2 stride-2 conv as one matmul over non-overlapping 2x2 blocks (no per-call conv overhead)
-            blocks = d.reshape(n, h // 2, 2, h // 2, 2, c).permute(0, 1, 3, 5, 2, 4).reshape(n, h // 2, h // 2, c * 4)
-            d = F.linear(blocks, w, self.detail_merge.bias)
-        return self.detail_proj[str(size)](d.flatten(1))
+        b, h, w, d = grid.shape
+        blocks = grid[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, d)
+        blocks = blocks.permute(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, d * 4)  # (channel, row, col) as the conv
+        return F.linear(blocks, self.detail_merge.weight.reshape(d, -1), self.detail_merge.bias)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        image: torch.Tensor,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        size: torch.Tensor,
-        proj: nn.Module,
-        norm: nn.Module,
-        pos_grid: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        """Embed the listed patches of a same-size batch of images.
+    def bank(self, images: torch.Tensor, proj: nn.Module, norm: nn.Module) -> torch.Tensor:
+        """Embeddings (without positions) of every patch of every size, on each size's own grid.
+
+        The base patches and the area-averaged patches of every size go through the ViT's projection in one
+        matmul (a p x p stride-p conv is a matmul over non-overlapping patches, which a GPU runs fastest).
 
         Args:
             images: (B, C, H, W) normalised as the ViT expects.
-            image, y, x, size: (N,) long, each token's image (index into ``images``), top-left
-                corner and side in pixels.
-            proj: the ViT's patch projection (a p x p, stride p conv).
-            norm: the ViT's patch-embedding norm (usually Identity), applied like timm does.
-            pos_grid: (1, D, H/p, W/p) position embeddings of the base grid, or None.
+            proj: the ViT's patch projection (a p x p, stride p conv); norm: its patch-embedding norm.
 
         Returns:
-            (N, D) token embeddings, in the order of the input lists.
+            (sum over sizes s of B * (H // s) * (W // s), D): size by size (ascending), each grid image-major
+            and row-major, the layout ``core.packed.plan_packed`` indexes.
         """
-        p = self.patch_sizes[0]
-        # (B, H/p, W/p, D): every base cell, as timm embeds it; contiguous so that gathers read whole rows
-        base = norm(proj(images).permute(0, 2, 3, 1)).contiguous()
-        parts, order = [], []
-        for s in self.patch_sizes:
-            sel = (size == s).nonzero().squeeze(1)
-            if s > p and sel.numel() == 0 and not (torch.is_grad_enabled() and self.training):
-                continue
-            b, i, j = image[sel], y[sel] // s, x[sel] // s
-            if s == p:
-                tok = base[b, i, j]
-                if pos_grid is not None:
-                    tok = tok + pos_grid[0].permute(1, 2, 0)[i, j]
-            else:
-                # (b) runs in training even on an empty selection, so that every new parameter gets
-                # a (zero) gradient each step: DDP with find_unused_parameters=False needs that
-                k = s // p
-                tok = self.detail(_blocks(base, k, dims=(1, 2))[b, i, j], s)  # sub-patches (N_s, k, k, D)
-                if sel.numel():
-                    # (a) exact area average to p x p, then the ViT's own projection, chosen patches only
-                    pix = F.avg_pool2d(_blocks(images, s, dims=(2, 3))[b, i, j], k)  # (N_s, C, p, p)
-                    tok = norm(F.linear(pix.flatten(1), proj.weight.flatten(1), proj.bias)) + tok
-                    if pos_grid is not None:
-                        tok = tok + F.avg_pool2d(pos_grid, k)[0].permute(1, 2, 0)[i, j]
-            parts.append(tok)
-            order.append(sel)
-        return place_rows(torch.cat(parts), torch.cat(order), image.shape[0])
+        p, b = self.patch_sizes[0], images.shape[0]
+        grids, pixels, k = [images], images, 1
+        for s in self.patch_sizes[1:]:
+            while k < s // p:
+                pixels, k = area_halve(pixels), k * 2  # (a) exact area averaging, one octave at a time
+            grids.append(pixels)
+        rows = torch.cat([patchify(g, p) for g in grids]) if len(grids) > 1 else patchify(images, p)
+        tokens = norm(F.linear(rows, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias))  # (R, D)
+        if len(self.patch_sizes) == 1:
+            return tokens
+        gh, gw = images.shape[-2] // p, images.shape[-1] // p
+        n_base = b * gh * gw
+        detail, k, added = tokens[:n_base].view(b, gh, gw, -1), 1, []
+        for s in self.patch_sizes[1:]:
+            while k < s // p:
+                detail, k = self.merge(detail), k * 2  # (b) sub-patch embeddings merged one octave at a time
+            added.append(self.detail_proj[str(s)](detail).reshape(-1, tokens.shape[-1]))
+        return torch.cat([tokens[:n_base], tokens[n_base:] + torch.cat(added)])
 
 
-def _blocks(t: torch.Tensor, n: int, dims) -> torch.Tensor:
-    """View the two spatial ``dims`` of ``t`` as a grid of n x n blocks, grid first.
+def position_bank(pos_grid: torch.Tensor, patch_sizes: Sequence[int]) -> torch.Tensor:
+    """(c): position embeddings of every patch of every size: the base grid area-averaged per size.
 
-    (B, C, H, W) with dims (2, 3) -> (B, H//n, W//n, C, n, n);
-    (B, H, W, D) with dims (1, 2) -> (B, H//n, W//n, n, n, D). Trailing rows/columns that do not
-    fill a block are left out. Indexing the result with (image, row, col) gathers whole blocks.
+    Args:
+        pos_grid: (1, D, H/p, W/p) position embeddings of the base grid.
+
+    Returns:
+        (sum over sizes s of (H // s) * (W // s), D), size by size, row-major.
     """
-    h, w = t.shape[dims[0]], t.shape[dims[1]]
-    gh, gw = h // n, w // n
-    if dims == (2, 3):
-        b, c = t.shape[:2]
-        return t[:, :, : gh * n, : gw * n].reshape(b, c, gh, n, gw, n).permute(0, 2, 4, 1, 3, 5)
-    b, d = t.shape[0], t.shape[-1]
-    return t[:, : gh * n, : gw * n].reshape(b, gh, n, gw, n, d).permute(0, 1, 3, 2, 4, 5)
+    rows, grid, k = [], pos_grid, 1
+    for s in patch_sizes:
+        while k < s // patch_sizes[0]:
+            grid, k = area_halve(grid), k * 2
+        rows.append(grid[0].flatten(1).t())
+    return rows[0] if len(rows) == 1 else torch.cat(rows)

@@ -1,35 +1,36 @@
 """``APTViT``: a timm VisionTransformer run on packed, variable-length sequences of mixed-size patches.
 
 The wrapper registers the timm model's own modules and parameters under their own names (so the
-state dict keys stay timm's) and adds only ``apt.*`` (the detail path). Its forward re-creates
-timm's ``forward_features`` / ``forward_head`` on packed tokens:
+state dict keys stay timm's) and adds only ``apt.*`` (the detail path). A forward has two halves:
 
-    layout -> embed (+ pos) -> prefix tokens -> pos_drop -> norm_pre -> blocks -> norm -> pool -> fc_norm -> head
+* ``prepare`` (host-side planning): input checks on shapes and dtypes, the layout if none is given, and a
+  ``PackedBatch`` of every index whose shape depends on the data (``core.packed.plan_packed``);
+* ``forward_packed`` (device math, static control flow): timm's ``forward_features`` / ``forward_head``
+  re-created on packed tokens, with no host sync, no data-dependent shape and no Python loop over images:
 
-Every linear layer runs on the packed (T, D) tensor; attention goes through ``varlen_attention``.
+    bank of embeddings -> gather tokens + positions + prefix -> pos_drop -> norm_pre -> blocks -> norm -> pool -> head
+
+Every linear layer runs on the packed (N, D) tensor; attention goes through ``varlen_attention``.
 With a layout of base-size patches only, the result equals timm's to float rounding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.layout import PatchLayout
-from ..core.packing import add_prefix_to_cu_seqlens, insert_prefix, place_rows, segment_max, segment_weighted_mean, seq_index, split_prefix
-from ..core.pixels import group_by_size
+from ..core.layout import PatchLayout, to_device
+from ..core.packed import PackedBatch, groups_of, pad_rows, plan_packed
 from ..core.quadtree import patch_layout
 from .attention import packed_self_attention, resolve_backend
 from .config import APTConfig
 from .dense import DenseMixin
-from .embed import AdaptivePatchEmbed
+from .embed import AdaptivePatchEmbed, position_bank
 from .support import check_supported
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
-Groups = List[Tuple[List[int], torch.Tensor]]
 
 
 def drop_path_packed(y: torch.Tensor, module: nn.Module, seq: torch.Tensor, num_seqs: int, training: bool) -> torch.Tensor:
@@ -41,17 +42,6 @@ def drop_path_packed(y: torch.Tensor, module: nn.Module, seq: torch.Tensor, num_
     if getattr(module, "scale_by_keep", True) and prob < 1.0:
         keep = keep / (1.0 - prob)
     return y * keep[seq][:, None]
-
-
-@dataclass
-class _Packing:
-    """Per-forward facts about the packed sequence with prefix tokens."""
-
-    cu_seqlens: torch.Tensor  # (B+1,) offsets incl. prefix tokens
-    offsets: List[int]  # the same, as Python ints (one device sync per forward, not per layer)
-    max_seqlen: int
-    seq: torch.Tensor  # (T + B P,) image of every token
-    backend: str = "loop"
 
 
 class APTViT(DenseMixin, nn.Module):
@@ -114,6 +104,30 @@ class APTViT(DenseMixin, nn.Module):
         self.global_pool = self.timm_model.global_pool
         check_supported(self.timm_model)
 
+    def get_classifier(self) -> nn.Module:
+        """timm's ``get_classifier``: the head."""
+        return self.head
+
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        """timm's parameter groups (layer-wise LR decay, ``timm.optim``): the new ``apt.*`` layers join the stem,
+        since they are part of the embedding."""
+        groups = dict(self.timm_model.group_matcher(coarse))
+        groups["stem"] = groups["stem"] + r"|^apt\."
+        return groups
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's ``set_input_size`` on the wrapped model, keeping this model's ``pos_embed`` the same parameter.
+
+        timm replaces ``pos_embed`` with a resampled parameter; it is re-registered here so that both models, the
+        optimizer and the state dict see one tensor. The patch sizes are fixed at conversion.
+        """
+        if patch_size is not None and tuple(patch_size if isinstance(patch_size, (tuple, list)) else (patch_size,) * 2) != (self.patch_size,) * 2:
+            raise ValueError(f"the patch size is fixed at conversion ({self.patch_size}); convert the model again to change it")
+        self.timm_model.set_input_size(img_size=img_size)
+        if getattr(self.timm_model, "pos_embed", None) is not None:
+            self.pos_embed = self.timm_model.pos_embed
+        self.__dict__.pop("_position_cache", None)
+
     def no_weight_decay(self) -> set:
         """Parameters timm exempts from weight decay (used by timm's optimizer factory)."""
         return {"pos_embed", "cls_token", "reg_token", "dist_token"}
@@ -138,84 +152,154 @@ class APTViT(DenseMixin, nn.Module):
 
         def pixels(t: torch.Tensor) -> torch.Tensor:
             shape = (-1, 1, 1) if t.dim() == 3 else (1, -1, 1, 1)
-            m = torch.tensor(mean, device=t.device, dtype=torch.float32).view(shape)
-            s = torch.tensor(std, device=t.device, dtype=torch.float32).view(shape)
+            m = to_device(mean, torch.float32, t.device).view(shape)  # no stream sync (issue #9)
+            s = to_device(std, torch.float32, t.device).view(shape)
             return (t.float() * s + m).clamp_(0.0, 1.0)  # NaN stays NaN and is reported by patch_layout
 
         with torch.no_grad():
             px = pixels(images) if isinstance(images, torch.Tensor) else [pixels(t) for t in images]
             return patch_layout(px, **c.layout_kwargs())
 
+    # ------------------------------------------------------------------ planning (host side)
+    def prepare(self, images: Images, layout: Optional[PatchLayout] = None, pad_to: int = 0,
+                max_seqlen: Optional[int] = None) -> PackedBatch:
+        """Check the input, compute the layout if none is given, and plan the packed batch.
+
+        Only shapes, dtypes and host integers are read; with a layout given nothing waits for the device.
+        A layout on the CPU for images on CUDA is planned on the CPU and moved asynchronously.
+
+        Args:
+            images: (B, C, H, W) normalised as the model expects, or a list of (C, H, W) of any multiple-of-p sizes.
+            layout: from ``patch_layout`` / ``make_layout`` (e.g. computed in data-loader workers).
+            pad_to: pad the packed token count to a multiple of this (CUDA-graph buckets).
+            max_seqlen: a static upper bound on the sequence length (CUDA-graph buckets).
+
+        Returns:
+            PackedBatch on the images' device.
+        """
+        groups = self._check_images(images)
+        layout = self.make_layout(images) if layout is None else layout
+        device = _device_of(images)
+        _check_layout(layout, groups, self.patch_sizes, device)
+        pool_prefix = bool(self.pool_include_prefix and self.global_pool in ("avg", "max", "avgmax"))
+        packed = plan_packed(layout, groups, self.num_prefix_tokens, pool_prefix, pad_to, max_seqlen)
+        return packed if packed.device == device else packed.to(device, non_blocking=True)
+
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Images, layout: Optional[PatchLayout] = None) -> torch.Tensor:
-        """Logits (B, num_classes) for normalised images (B, C, H, W) or a list of (C, H, W)."""
-        x, layout = self.forward_features(images, layout)
-        return self.forward_head(x, layout)
+    def forward(self, images: Images, layout: Optional[PatchLayout] = None, packed: Optional[PackedBatch] = None) -> torch.Tensor:
+        """Logits (B, num_classes) for normalised images (B, C, H, W) or a list of (C, H, W).
+
+        Args:
+            layout: a precomputed layout (planned here), or
+            packed: a precomputed plan (e.g. from the data-loader workers): nothing is planned here.
+        """
+        if packed is not None:
+            return self.forward_packed(images, packed)
+        return self.forward_packed(images, self.prepare(images, layout))
+
+    def forward_packed(self, images: Images, packed: PackedBatch, pre_logits: bool = False) -> torch.Tensor:
+        """Logits (B, num_classes) from a planned batch: static control flow, no host sync.
+
+        Args:
+            images: the images ``packed`` was planned for.
+            packed: from ``prepare``.
+            pre_logits: return the pooled features (B, D) before the classifier.
+        """
+        x, _ = self._run_packed(images, packed)
+        return self.forward_head(self.norm(x), pre_logits=pre_logits, packed=packed)
+
+    def forward_features(self, images: Images, layout: Optional[PatchLayout] = None) -> Tuple[torch.Tensor, PatchLayout]:
+        """Packed final tokens (T + B * P, D), per image [prefix tokens, patch tokens], and the layout.
+
+        ``forward_head(x)`` then pools them (this call's plan is kept for it).
+        """
+        packed = self.prepare(images, layout)
+        x, _ = self._run_packed(images, packed)
+        self._last_packed = packed
+        return self.norm(x), packed.layout
 
     def embed(self, images: Images, layout: PatchLayout) -> torch.Tensor:
         """Packed input tokens (T + B * P, D): patch embeddings plus positions, prefix tokens in front."""
-        groups = self._groups(images)
-        _check_layout(layout, groups, self.patch_sizes)
-        return self._embed(groups, layout)
-
-    def forward_features(self, images: Images, layout: Optional[PatchLayout] = None) -> Tuple[torch.Tensor, PatchLayout]:
-        """Packed final tokens (T + B * P, D), per image [prefix tokens, patch tokens], and the layout."""
-        x, _, layout = self._run(images, layout)
-        return self.norm(x), layout
+        return self.embed_packed(images, self.prepare(images, layout))
 
     def _run(self, images: Images, layout: Optional[PatchLayout], take: Sequence[int] = (), stop: Optional[int] = None):
-        """Embed and run the blocks (up to block ``stop``); returns (x before the final norm, {i: x after block i}, layout)."""
-        groups = self._groups(images)  # clear errors before any work
-        layout = self.make_layout(images) if layout is None else layout
-        _check_layout(layout, groups, self.patch_sizes)
-        x = self._embed(groups, layout)
-        packing = self._packing(layout, x)
-        x = self.norm_pre(self.pos_drop(x))
+        """Plan, embed and run the blocks (up to block ``stop``): (x before the final norm, {i: x after block i}, plan)."""
+        packed = self.prepare(images, layout)
+        x, kept = self._run_packed(images, packed, take, stop)
+        return x, kept, packed
+
+    def _run_packed(self, images: Images, packed: PackedBatch, take: Sequence[int] = (), stop: Optional[int] = None):
+        x = self.norm_pre(self.pos_drop(self.embed_packed(images, packed)))
+        backend = self._backend(x)
+        pad_index = pad_rows(packed.seq, packed.cu_seqlens, packed.max_seqlen) if backend == "pad" else None
         kept: Dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
             if stop is not None and i > stop:
                 break
-            x = self._block(blk, x, packing)
+            x = self._block(blk, x, packed, backend, pad_index)
             if i in take:
                 kept[i] = x
-        return x, kept, layout
+        return x, kept
 
-    def forward_head(self, x: torch.Tensor, layout: PatchLayout, pre_logits: bool = False) -> torch.Tensor:
-        """Pool like timm (average weighted by the base cells each token covers), fc_norm, head."""
-        b, p = layout.batch_size, self.num_prefix_tokens
-        pool = self.global_pool
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, packed: Optional[PackedBatch] = None) -> torch.Tensor:
+        """Pool like timm (average weighted by the base cells each token covers), fc_norm, head.
+
+        Args:
+            x: (N, D) packed final tokens, as ``forward_features`` returns them.
+            pre_logits: return the pooled features (B, D) before the classifier (timm's keyword, timm's position).
+            packed: the plan ``x`` was computed with; default: the last ``forward_features`` call's.
+        """
+        if isinstance(pre_logits, (PatchLayout, PackedBatch)):  # the 0.1 signature forward_head(x, layout)
+            pre_logits, packed = False, (packed if isinstance(packed, PackedBatch) else None)
+        packed = packed if packed is not None else getattr(self, "_last_packed", None)
+        if packed is None:
+            raise ValueError("forward_head needs the plan of its tokens: pass packed=, or call forward_features first")
+        b, pool = packed.batch_size, self.global_pool
         if pool == "token":
-            x = x.index_select(0, add_prefix_to_cu_seqlens(layout.cu_seqlens, p)[:-1].long())
+            x = x.index_select(0, packed.prefix_pos[:, 0])
         elif pool in ("avg", "max", "avgmax"):
-            patches, prefix = split_prefix(x, layout.cu_seqlens, p)
-            seq, weights = layout.image_index, layout.areas
-            if self.pool_include_prefix and p:
-                patches = torch.cat([patches, prefix.reshape(b * p, -1)])
-                seq = torch.cat([seq, torch.arange(b, device=seq.device).repeat_interleave(p)])
-                weights = torch.cat([weights, weights.new_ones(b * p)])
-            avg = segment_weighted_mean(patches, weights, seq, b) if pool != "max" else None
-            mx = segment_max(patches, seq, b) if pool != "avg" else None
+            rows = packed.num_seqs + 1  # one dump row for the tokens that are not pooled
+            avg = mx = None
+            if pool != "max":
+                weighted = x * packed.pool_weight.to(x.dtype)[:, None]
+                avg = x.new_zeros(rows, x.shape[1]).index_add_(0, packed.pool_seq, weighted)[:b]
+            if pool != "avg":
+                index = packed.pool_seq[:, None].expand_as(x)
+                mx = x.new_full((rows, x.shape[1]), float("-inf")).scatter_reduce_(0, index, x, "amax")[:b]
             x = avg if pool == "avg" else mx if pool == "max" else 0.5 * (mx + avg)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
     # ------------------------------------------------------------------ pieces
-    def _groups(self, images: Images) -> Groups:
-        """Validate normalised model input and split it into same-size batches."""
-        groups = group_by_size(images)
+    def _check_images(self, images: Images):
+        """Validate normalised model input (shapes and dtypes only: no device access) and return its size groups."""
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4:
+                hint = "; add a batch dimension with images.unsqueeze(0)" if images.dim() == 3 else ""
+                raise ValueError(f"images must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
+            batch = [images]
+        elif isinstance(images, (list, tuple)) and len(images) and all(isinstance(t, torch.Tensor) for t in images):
+            bad = [i for i, t in enumerate(images) if t.dim() != 3]
+            if bad:
+                raise ValueError(f"images[{bad[0]}] must be a (C, H, W) tensor, got shape {tuple(images[bad[0]].shape)}")
+            if len({(t.device, t.dtype) for t in images}) != 1:
+                raise ValueError("images in a list must share one device and dtype")
+            batch = [t[None] for t in images]
+        else:
+            raise TypeError(f"images must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}")
         p, in_chans = self.patch_size, self.patch_embed.proj.in_channels
-        for _, batch in groups:
-            b, c, h, w = batch.shape
-            if b == 0:
+        for t in batch:
+            _, c, h, w = t.shape
+            if t.shape[0] == 0:
                 raise ValueError("images is an empty batch")
             if c != in_chans:
-                raise ValueError(f"images have {c} channels but the model takes {in_chans}: shape {tuple(batch.shape)}")
-            if not batch.is_floating_point():
-                raise TypeError(f"images must be floating point and normalised as the model expects, got {batch.dtype}")
-            if h % p or w % p:
+                raise ValueError(f"images have {c} channels but the model takes {in_chans}: shape {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"images must be floating point and normalised as the model expects, got {t.dtype}")
+            if h % p or w % p or h == 0 or w == 0:
                 raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}; "
                                  f"pad with aptvit.pad_to_multiple(images, {p}) or resize")
-        return groups
+        return groups_of(images)
 
     def _pos_embed_grid(self, grid: Tuple[int, int]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Position embeddings for a (H/p, W/p) grid, resampled as timm does: (1, D, h, w) and prefix (1, P', D)."""
@@ -228,100 +312,117 @@ class APTViT(DenseMixin, nn.Module):
         old = tuple(self.patch_embed.grid_size)
         if tuple(grid) != old:
             pos = resample_abs_pos_embed(pos, new_size=grid, old_size=old, num_prefix_tokens=n_prefix)
-        grid_pos = pos[:, n_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+        grid_pos = pos[:, n_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
         return grid_pos, (pos[:, :n_prefix] if n_prefix else None)
 
-    def _embed(self, groups, layout: PatchLayout) -> torch.Tensor:
-        """Packed tokens with position embeddings and prefix tokens: (T + B * P, D)."""
-        image = layout.image_index
-        embedded, token_ids = [], []
-        prefix_pos = None
-        for idx, batch in groups:
-            grid = (batch.shape[-2] // self.patch_size, batch.shape[-1] // self.patch_size)
-            pos_grid, prefix_pos = self._pos_embed_grid(grid)
-            if len(groups) == 1:
-                ids, local = torch.arange(layout.total_tokens, device=image.device), image
-            else:
-                to_local = torch.full((layout.batch_size,), -1, dtype=torch.long, device=image.device)
-                to_local[torch.tensor(idx, device=image.device)] = torch.arange(len(idx), device=image.device)
-                ids = (to_local[image] >= 0).nonzero().squeeze(1)
-                local = to_local[image[ids]]
-            embedded.append(self.apt(batch, local, layout.y[ids], layout.x[ids], layout.size[ids],
-                                     self.patch_embed.proj, self.patch_embed.norm, pos_grid))
-            token_ids.append(ids)
-        tokens = embedded[0] if len(groups) == 1 else place_rows(torch.cat(embedded), torch.cat(token_ids), layout.total_tokens)
-        prefix = [t for t in (getattr(self, "cls_token", None), getattr(self, "reg_token", None)) if t is not None]
-        if not prefix:
-            return tokens
-        prefix = torch.cat(prefix, dim=1)  # (1, P, D)
-        if prefix_pos is not None:
-            prefix = prefix + prefix_pos
-        return insert_prefix(tokens, prefix.expand(layout.batch_size, -1, -1), layout.cu_seqlens)
+    def embed_packed(self, images: Images, packed: PackedBatch) -> torch.Tensor:
+        """Packed input tokens (N, D): patch embeddings plus positions, prefix tokens, padding.
 
-    def _packing(self, layout: PatchLayout, x: torch.Tensor) -> _Packing:
-        p = self.num_prefix_tokens
-        cu = add_prefix_to_cu_seqlens(layout.cu_seqlens, p)
+        Two gathers from banks planned by ``core.packed``: token embeddings of every size (``apt.bank``) plus
+        the prefix rows, and position embeddings of every size plus a zero row.
+        """
+        banks = []
+        for idx, _ in packed.groups:
+            batch = images if isinstance(images, torch.Tensor) else torch.stack([images[i] for i in idx])
+            banks.append(self.apt.bank(batch, self.patch_embed.proj, self.patch_embed.norm))
+        pos, prefix = self._position_rows(packed.groups)
+        if prefix is not None:
+            banks.append(prefix.to(banks[0].dtype))
+        tokens = torch.cat(banks) if len(banks) > 1 else banks[0]
+        tokens = tokens.index_select(0, packed.token_src)
+        return tokens + pos.index_select(0, packed.pos_src) if pos is not None else tokens
+
+    def _position_rows(self, groups) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The position bank of ``groups`` (with its final zero row) and the prefix rows (P, D) with their positions.
+
+        Both depend on the weights and the image sizes only: outside autograd they are cached (keyed by the
+        parameters' versions, so an optimizer step or a load refreshes them), saving ~20 ops per forward.
+        """
+        params = [t for t in (getattr(self, "pos_embed", None), getattr(self, "cls_token", None), getattr(self, "reg_token", None))
+                  if t is not None]
+        cacheable = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in params))
+        if cacheable:
+            key = (tuple(hw for _, hw in groups), torch.is_inference_mode_enabled(), *((id(t), 0 if t.is_inference() else t._version) for t in params))
+            cache = self.__dict__.setdefault("_position_cache", {})
+            if key in cache:
+                return cache[key]
+        pos_banks, prefix_pos = [], None
+        for _, (h, w) in groups:
+            pos_grid, prefix_pos = self._pos_embed_grid((h // self.patch_size, w // self.patch_size))
+            if pos_grid is not None:
+                pos_banks.append(position_bank(pos_grid, self.patch_sizes))
+        pos = torch.cat(pos_banks + [pos_banks[0].new_zeros(1, pos_banks[0].shape[1])]) if pos_banks else None
+        prefix = [t for t in (getattr(self, "cls_token", None), getattr(self, "reg_token", None)) if t is not None]
+        if prefix:
+            prefix = torch.cat(prefix, dim=1)[0]  # (P, D)
+            prefix = prefix + prefix_pos[0] if prefix_pos is not None else prefix
+        result = (pos, prefix if len(prefix) else None)
+        if cacheable:
+            cache.clear()  # one entry: the sizes of the current workload
+            cache[key] = result
+        return result
+
+    def _backend(self, x: torch.Tensor) -> str:
         attn = self.blocks[0].attn if len(self.blocks) else None
         dropout = bool(attn is not None and self.training and attn.attn_drop.p > 0)
         # under autocast the matmuls run in the autocast dtype even though x may be float32
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        backend = resolve_backend(self.config.attention, x.device, dtype, dropout)
-        return _Packing(cu, cu.tolist(), layout.max_seqlen + p, seq_index(cu), backend)
+        return resolve_backend(self.config.attention, x.device, dtype, dropout)
 
-    def _block(self, blk: nn.Module, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+    def _block(self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._block_forward, blk, x, packing, use_reentrant=False)
-        return self._block_forward(blk, x, packing)
+            return checkpoint(self._block_forward, blk, x, packed, backend, pad_index, use_reentrant=False)
+        return self._block_forward(blk, x, packed, backend, pad_index)
 
-    def _block_forward(self, blk: nn.Module, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
-        b = len(packing.offsets) - 1
-        a = packed_self_attention(blk.attn, blk.norm1(x), packing.cu_seqlens, packing.max_seqlen, packing.backend, packing.offsets)
-        x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, packing.seq, b, self.training)
-        return x + drop_path_packed(blk.ls2(blk.mlp(blk.norm2(x))), blk.drop_path2, packing.seq, b, self.training)
+    def _block_forward(self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index) -> torch.Tensor:
+        a = packed_self_attention(blk.attn, blk.norm1(x), packed, backend, pad_index)
+        x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, packed.seq, packed.num_seqs, self.training)
+        return x + drop_path_packed(blk.ls2(blk.mlp(blk.norm2(x))), blk.drop_path2, packed.seq, packed.num_seqs, self.training)
 
 
-def _check_layout(layout: PatchLayout, groups, patch_sizes: Tuple[int, ...]) -> None:
+def _device_of(images: Images) -> torch.device:
+    return images.device if isinstance(images, torch.Tensor) else images[0].device
+
+
+def _check_layout(layout: PatchLayout, groups, patch_sizes: Tuple[int, ...], device: torch.device) -> None:
+    """The layout fits the images (host facts only)."""
     if not isinstance(layout, PatchLayout):
         raise TypeError(f"layout must be a PatchLayout, got {type(layout).__name__}")
     n = sum(len(idx) for idx, _ in groups)
     if layout.batch_size != n:
         raise ValueError(f"layout is for {layout.batch_size} images but images holds {n}")
-    for idx, batch in groups:
+    for idx, hw in groups:
         for i in idx:
-            if tuple(layout.image_sizes[i]) != tuple(batch.shape[-2:]):
+            if tuple(layout.image_sizes[i]) != tuple(hw):
                 raise ValueError(
-                    f"layout image {i} is {layout.image_sizes[i][0]}x{layout.image_sizes[i][1]} "
-                    f"but the image is {batch.shape[-2]}x{batch.shape[-1]}"
+                    f"layout image {i} is {layout.image_sizes[i][0]}x{layout.image_sizes[i][1]} but the image is {hw[0]}x{hw[1]}"
                 )
     if layout.patch_sizes[0] != patch_sizes[0] or not set(layout.patch_sizes) <= set(patch_sizes):
         raise ValueError(f"layout patch_sizes {layout.patch_sizes} do not fit this model's patch_sizes {patch_sizes}")
-    if layout.device != groups[0][1].device:
-        raise ValueError(f"layout is on {layout.device} but images are on {groups[0][1].device}; use layout.to(device)")
+    if layout.device != device and layout.device.type != "cpu":
+        raise ValueError(f"layout is on {layout.device} but images are on {device}; use layout.to(device) or a CPU layout")
 
 
 def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
-    """FLOPs per image of the uniform ViT and of the APT model on ``layout``.
+    """FLOPs per image of the uniform ViT and of the APT model on ``layout``, counting what runs.
+
+    The APT count includes the whole embedding bank (every size over its whole grid, see ``nn.embed``).
 
     Returns:
         {"uniform": (B,), "apt": (B,)} float64.
     """
-    from ..core.flops import block_flops, detail_flops, patch_embed_flops
+    from ..core.flops import bank_flops, block_flops, patch_embed_flops
 
     p, prefix, dim = model.patch_size, model.num_prefix_tokens, model.embed_dim
     in_chans = model.patch_embed.proj.in_channels
     head = 2.0 * dim * model.num_classes
-    cells = layout.num_base_tokens.cpu().double()
+    cells = torch.tensor([h * w for h, w in layout.grid_sizes], dtype=torch.float64)
     embed = patch_embed_flops(cells, in_chans, p, dim)
     blocks = lambda n: sum(  # noqa: E731
         block_flops(n + prefix, sum(m.in_features * m.out_features for m in blk.modules() if isinstance(m, nn.Linear)),
                     blk.attn.num_heads * blk.attn.head_dim)
         for blk in model.blocks
     )
-    apt = embed + blocks(layout.num_tokens.cpu().double()) + head
-    for s, count in layout.size_counts().items():
-        if s == p:
-            continue
-        count = count.cpu()
-        # the resize path projects each large patch once (area-averaged to p x p), plus its detail path
-        apt = apt + patch_embed_flops(count, in_chans, p, dim) + detail_flops({s // p: count}, dim)
+    bank = torch.tensor([bank_flops(g, model.patch_sizes, in_chans, dim) for g in layout.grid_sizes], dtype=torch.float64)
+    apt = embed + bank + blocks(layout.num_tokens.cpu().double()) + head
     return {"uniform": embed + blocks(cells) + head, "apt": apt}

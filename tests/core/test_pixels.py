@@ -31,6 +31,21 @@ def test_grayscale_weights_and_single_channel():
     assert grayscale_255(one).item() == 17.0
 
 
+@pytest.mark.parametrize("channel, weight", [(0, 0.2989), (1, 0.5870), (2, 0.1140)])  # the APT reference's BT.601 luma
+def test_grayscale_weight_of_every_channel(channel, weight):
+    pure = torch.zeros(1, 3, 1, 1, dtype=torch.uint8)
+    pure[0, channel] = 200
+    assert grayscale_255(pure).item() == pytest.approx(weight * 200, rel=1e-6)
+    assert grayscale_255(pure.float() / 255).item() == pytest.approx(weight * 200, rel=1e-6)
+
+
+def test_grayscale_of_a_mixed_colour_uses_all_three_weights():
+    rgb = torch.tensor([10, 100, 250], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert grayscale_255(rgb).item() == pytest.approx(0.2989 * 10 + 0.5870 * 100 + 0.1140 * 250, rel=1e-6)
+    white = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
+    assert grayscale_255(white).item() == pytest.approx(255 * (0.2989 + 0.5870 + 0.1140), rel=1e-6)
+
+
 def test_grayscale_uint8_equals_float_over_255():
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (2, 3, 16, 24), generator=g, dtype=torch.uint8)
@@ -46,3 +61,20 @@ def test_pad_to_multiple_pads_bottom_right_only():
     assert pad_to_multiple(y, 16) is y
     with pytest.raises(ValueError, match="multiple"):
         pad_to_multiple(x, 0)
+
+
+@pytest.mark.parametrize("dtype, syncs", [(torch.uint8, 0), (torch.float32, 1), (torch.float16, 1)])
+def test_check_images_costs_at_most_one_sync(monkeypatch, dtype, syncs):
+    from .test_layout_sync import run_counted
+
+    images = torch.zeros(16, 3, 32, 32, dtype=dtype)
+    _, ops, reads = run_counted(monkeypatch, lambda: check_images(images))
+    assert reads + len(ops.data_dependent) == syncs, (reads, ops.data_dependent)
+    bad = images.clone()
+    if dtype != torch.uint8:
+        bad[7, 2, 31, 31] = math.nan
+        with pytest.raises(ValueError, match="NaN or inf"):
+            check_images(bad)
+        bad[7, 2, 31, 31] = -math.inf
+        with pytest.raises(ValueError, match="NaN or inf"):
+            check_images(bad)

@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 import aptvit
 from aptvit.core.layout import PatchLayout
 from aptvit.core.pixels import grayscale_255
+from aptvit.core.quadtree import all_merged_tokens
 from aptvit.core.scoring import entropy_scores
 
 from ..conftest import photo
@@ -105,6 +106,31 @@ def test_budget_is_respected_and_monotone(case, frac_a, frac_b):
         assert (layout.num_tokens <= limit).all()
         counts.append(layout.num_tokens)
     assert (counts[0] <= counts[1]).all(), "a smaller budget never gives more tokens"
+
+
+def reference_budget(scores, sizes, base, grid, limit):
+    """Budget mode written plainly: the first shared threshold, in increasing order, that meets the budget."""
+    values = sorted(v for s in sizes[1:] for row in scores[s] for v in row)
+    for t in [-math.inf] + [math.nextafter(v, math.inf) for v in values]:
+        boxes = reference_greedy(scores, {s: t for s in sizes[1:]}, base, grid)
+        if len(boxes) <= limit:
+            return boxes
+    raise AssertionError("infeasible budget")
+
+
+@given(layout_cases(), st.floats(0.01, 1.0))
+def test_budget_equals_reference_scan(case, frac):
+    base, sizes, (hc, wc), _, seed = case
+    limit = max(1, math.floor(frac * hc * wc + 1e-9))
+    if len(sizes) == 1 or limit < all_merged_tokens((hc * base, wc * base), sizes):
+        return
+    images = torch.zeros(2, 1, hc * base, wc * base)
+    layout = aptvit.patch_layout(images, sizes, budget=frac, scorer=random_scorer(seed))
+    assert_valid(layout)
+    scores = random_scorer(seed)(images[:, 0], list(sizes[1:]), base)
+    for i in range(2):
+        per_image = {s: scores[s][i].tolist() for s in sizes[1:]}
+        assert sorted(map(tuple, layout.boxes(i).tolist())) == reference_budget(per_image, sizes, base, (hc, wc), limit)
 
 
 def test_budget_merges_most_homogeneous_first_and_stops_at_the_budget():

@@ -19,9 +19,10 @@ def numpy_entropy(values: np.ndarray, bins: int) -> float:
 def gray_images(draw):
     base = draw(st.sampled_from([2, 4, 7, 8]))
     levels = draw(st.integers(1, 3))
-    top = base * 2 ** (levels - 1)
-    h = draw(st.integers(1, 3)) * top + draw(st.integers(0, base - 1))
-    w = draw(st.integers(1, 3)) * top + draw(st.integers(0, base - 1))
+    k = 2 ** (levels - 1)
+    # any number of base cells, odd ones included: a coarser grid drops the last row/column that has no parent
+    h = draw(st.integers(k, 3 * k)) * base + draw(st.integers(0, base - 1))
+    w = draw(st.integers(k, 3 * k)) * base + draw(st.integers(0, base - 1))
     channels = draw(st.sampled_from([1, 3]))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
@@ -57,6 +58,24 @@ def test_bin_index_matches_numpy_including_255_and_edges():
     assert bin_index(torch.tensor([255.0]), bins).item() == bins - 1
 
 
+@pytest.mark.parametrize("h, w", [(20, 28), (44, 12), (12, 52)])  # 5x7, 11x3, 3x13 base cells
+def test_entropy_on_odd_grids_keeps_the_top_left_patches(h, w):
+    g = torch.Generator().manual_seed(h * w)
+    img = torch.randint(0, 256, (2, 3, h, w), generator=g, dtype=torch.uint8)
+    img[:, :, :4] = 9  # a plain first row of cells: scores change if it is the one dropped
+    img[:, :, :, :4] = 200
+    gray = grayscale_255(img)
+    scores = entropy_scores(gray, [4, 8, 16], 4, bins=64)
+    g = gray.numpy()
+    for s in (4, 8, 16):
+        assert scores[s].shape == (2, h // s, w // s)
+        for n in range(2):
+            for i in range(h // s):
+                for j in range(w // s):
+                    want = numpy_entropy(g[n, i * s : (i + 1) * s, j * s : (j + 1) * s], 64)
+                    assert scores[s][n, i, j].item() == pytest.approx(want, abs=2e-4), (s, n, i, j)
+
+
 def test_entropy_chunked_equals_unchunked(monkeypatch):
     import aptvit.core.scoring as scoring
 
@@ -68,21 +87,23 @@ def test_entropy_chunked_equals_unchunked(monkeypatch):
         assert torch.equal(full[s], chunked[s])
 
 
-def test_laplacian_matches_explicit_reflect_convolution():
+@pytest.mark.parametrize("h, w, sizes", [(24, 40, [4, 8]), (20, 28, [4, 8, 16]), (23, 30, [8, 16])])  # odd grids: 5x7, 5x7 -> 2x3 -> 1x1
+def test_laplacian_matches_explicit_reflect_convolution(h, w, sizes):
     g = torch.Generator().manual_seed(1)
-    img = torch.randint(0, 256, (1, 1, 24, 40), generator=g, dtype=torch.uint8)
+    img = torch.randint(0, 256, (1, 1, h, w), generator=g, dtype=torch.uint8)
     gray = grayscale_255(img)
-    scores = laplacian_scores(gray, [4, 8], 4)
+    scores = laplacian_scores(gray, sizes, 4)
     x = np.pad(gray[0].numpy() / 255.0, 1, mode="reflect")
-    lap = np.zeros((24, 40))
+    lap = np.zeros((h, w))
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
             weight = -8.0 if dy == dx == 0 else 1.0
-            lap += weight * x[1 + dy : 25 + dy, 1 + dx : 41 + dx]
+            lap += weight * x[1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx]
     lap = np.abs(lap)
-    for s in (4, 8):
-        for i in range(24 // s):
-            for j in range(40 // s):
+    for s in sizes:
+        assert scores[s].shape == (1, h // s, w // s)
+        for i in range(h // s):
+            for j in range(w // s):
                 want = lap[i * s : (i + 1) * s, j * s : (j + 1) * s].mean()
                 assert scores[s][0, i, j].item() == pytest.approx(want, rel=1e-4, abs=1e-6)
 

@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import aptvit
 from aptvit.core.packing import seq_index
+from aptvit.core.flops import bank_flops
 from aptvit.nn.model import drop_path_packed, model_flops
 
 from ..tiny import grads_rel_err, rel_err, tiny_vit
@@ -208,10 +209,33 @@ def test_flop_counts_match_torch_flop_counter():
         model(x)
     assert flops["uniform"].sum().item() == pytest.approx(counter.get_total_flops(), rel=1e-9)
     assert flops["apt"][0] < flops["uniform"][0]  # plain half merged
-    assert flops["apt"][1] == flops["uniform"][1]  # noise: nothing merged, nothing extra
+    # noise: nothing merged, only the embedding bank extra (every larger size over its whole grid)
+    assert flops["apt"][1] - flops["uniform"][1] == bank_flops((4, 8), (16, 32, 64), 3, 64) > 0
     # the APT count matches what actually runs; FlopCounterMode does not count SDPA on the CPU, so add it
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         apt(x, layout=layout)
     n = (layout.num_tokens + apt.num_prefix_tokens).double()
     attention = len(model.blocks) * 4 * (n**2).sum().item() * 64
     assert flops["apt"].sum().item() == pytest.approx(counter.get_total_flops() + attention, rel=1e-9)
+
+
+def test_timm_model_interface_layer_decay_classifier_and_input_size():
+    from timm.optim import param_groups_layer_decay
+
+    model = tiny_vit("vit_cls")
+    apt = aptvit.convert(model, thresholds={32: -1.0, 64: -1.0})
+    assert apt.get_classifier() is model.head
+    groups = param_groups_layer_decay(apt, weight_decay=0.05, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert len(scale_of) == len(list(apt.parameters()))  # every parameter has a group
+    stem = min(scale_of.values())
+    assert all(scale_of[id(p)] == stem for p in apt.apt.parameters())  # the new layers decay like the embedding
+    assert scale_of[id(apt.blocks[-1].mlp.fc1.weight)] > stem
+    apt.set_input_size(img_size=(96, 128))
+    assert apt.pos_embed is model.pos_embed and apt.pos_embed.shape[1] == 1 + 6 * 8
+    assert dict(apt.named_parameters())["pos_embed"] is model.pos_embed  # one tensor for optimizer and state dict
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        assert rel_err(apt(x), model(x)) <= 1e-5
+    with pytest.raises(ValueError, match="fixed at conversion"):
+        apt.set_input_size(patch_size=8)

@@ -1,0 +1,234 @@
+"""Everything the GPU runtime issue (#9) asks of a GPU, in one command: correctness first, then the timings.
+
+    PYTHONPATH=. python3 benchmarks/bench_gpu.py --out bench_gpu.json          # one GPU, under 5 minutes
+    PYTHONPATH=. python3 benchmarks/bench_gpu.py --quick --device cpu          # the same code, tiny, on a CPU
+
+Correctness (random weights): nothing merged equals timm in fp32; every attention backend that runs here
+agrees with "pad" (bf16 forward, fp32 flex forward and backward); the CUDA-graph runner equals the plain forward;
+the layout computed on the device equals the CPU one; host synchronisations counted with
+``torch.cuda.set_sync_debug_mode`` (0 in ``apt(x, layout=...)``, at most 1 in ``patch_layout``).
+
+Timings (bf16 autocast on CUDA, ``torch.inference_mode``, real photos center-cropped plus random crops, default
+thresholds unless said): timm vs APT end to end (layout included), the layout alone, APT with the plan made
+beforehand ("layout given"), FLOP ratio, speedup; batch 1 and 8 also through ``CUDAGraphRunner``. Timm and APT
+alternate, warm-up first, medians (``aptvit.bench.alternating_medians``). Needs only torch, timm, numpy and
+scikit-image (no aptvit install: run from the repository with PYTHONPATH=.).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import aptvit  # noqa: E402
+from aptvit.bench import alternating_medians, bench_config, format_table  # noqa: E402
+from aptvit.images import center_crop_resize, normalise  # noqa: E402
+from aptvit.nn.attention import available_backends  # noqa: E402
+from aptvit.nn.graphs import CUDAGraphRunner  # noqa: E402
+from aptvit.photos import PHOTO_NAMES, load_photo  # noqa: E402
+from aptvit.runtime import autocast, resolve_device  # noqa: E402
+
+FULL = [  # model, input size, batch, budget (None: default thresholds)
+    ("vit_base_patch16_224", 224, 256, None),
+    ("vit_base_patch16_384", 384, 128, None),
+    ("vit_base_patch16_384", 384, 128, 0.45),
+    ("vit_large_patch16_384", 384, 64, None),
+    ("vit_large_patch14_clip_336", 336, 64, None),
+    ("vit_large_patch16_384", 448, 32, None),
+]
+SMALL = [("vit_base_patch16_384", 384, 1, None), ("vit_base_patch16_384", 384, 8, None),
+         ("vit_base_patch16_384", 384, 1, 0.45)]
+QUICK = [("vit_tiny_patch16_224", 64, 4, None), ("vit_tiny_patch16_224", 64, 4, 0.45)]
+QUICK_SMALL = [("vit_tiny_patch16_224", 64, 1, None)]
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+def photos_and_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) uint8: the bundled photos center-cropped, then random crops of them (real content)."""
+    g = torch.Generator().manual_seed(seed)
+    photos = [load_photo(name) for name in PHOTO_NAMES]
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        if i >= len(photos):  # a random crop of 40-100% of the shorter side, anywhere
+            h, w = img.shape[-2:]
+            side = int(min(h, w) * (0.4 + 0.6 * torch.rand(1, generator=g).item()))
+            y = int(torch.randint(0, h - side + 1, (1,), generator=g))
+            x = int(torch.randint(0, w - side + 1, (1,), generator=g))
+            img = img[:, y : y + side, x : x + side]
+        out.append(center_crop_resize(img, (size, size)))
+    return torch.stack(out)
+
+
+def build(name: str, budget, device, num_classes: int = 1000, **kw):
+    import timm
+
+    vit = timm.create_model(name, pretrained=False, dynamic_img_size=True, num_classes=num_classes, **kw).eval().to(device)
+    apt = aptvit.convert(vit, budget=budget).eval()
+    return vit, apt
+
+
+def count_syncs(fn) -> int:
+    """Host synchronisations made by ``fn()`` on CUDA (``torch.cuda.set_sync_debug_mode("warn")``)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def correctness(device, quick: bool) -> dict:
+    """The checks, as {name: value}; raises nothing so that the timings still run, but prints FAIL lines."""
+    out = {}
+    name, size = ("vit_tiny_patch16_224", 64) if quick else ("vit_base_patch16_224", 224)
+    vit, apt = build(name, None, device)
+    mean, std = apt.pixel_mean_std()
+    x = normalise(photos_and_crops(4, size).to(device), mean, std)
+    p = apt.patch_size
+    with torch.inference_mode():
+        apt.configure(thresholds={2 * p: -1.0, 4 * p: -1.0})
+        out["nothing_merged_vs_timm_fp32"] = rel(apt(x), vit(x))
+        apt.configure(thresholds=None)
+        layout = apt.make_layout(x)
+        out["tokens_kept"] = layout.total_tokens / float(layout.num_base_tokens.sum())
+        cpu_layout = apt.make_layout(x.cpu())  # the layout needs only the settings, not the weights
+        out["layout_device_equals_cpu"] = bool(torch.equal(cpu_layout.cells, layout.cells.cpu())
+                                              and torch.equal(cpu_layout.size, layout.size.cpu()))
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ref = None
+        for backend in available_backends(device, dtype):
+            if backend == "loop" and device.type == "cuda":
+                continue
+            apt.configure(attention=backend)
+            with autocast(device, dtype):
+                y = apt(x, layout=layout)
+            ref = y if ref is None else ref
+            out[f"backend_{backend}_{str(dtype)[6:]}_vs_first"] = rel(y, ref)
+        apt.configure(attention="auto")
+        for b in (1, 2):
+            runner = CUDAGraphRunner(apt, bucket=64, dtype=dtype)
+            # the first call captures, the second replays with other images (and another layout)
+            errors = [rel(runner(xs), _auto(apt, xs, device, dtype)) for xs in (x[:b], x[b : 2 * b].flip(-1))]
+            out[f"graph_runner_b{b}_vs_plain"] = max(errors)
+        if device.type == "cuda":
+            out["syncs_apt_with_layout"] = count_syncs(lambda: apt(x, layout=layout))
+            out["syncs_apt_without_layout"] = count_syncs(lambda: apt(x))
+            out["syncs_patch_layout"] = count_syncs(lambda: apt.make_layout(x))
+    # training: fp32 on CUDA uses flex; gradients agree with pad
+    if device.type == "cuda":
+        apt.train()
+        grads = {}
+        for backend in ("flex", "pad"):
+            apt.configure(attention=backend)
+            apt.zero_grad()
+            apt(x, layout=layout).square().mean().backward()
+            grads[backend] = torch.cat([q.grad.flatten() for q in apt.parameters() if q.grad is not None])
+        out["flex_fp32_grad_vs_pad"] = rel(grads["flex"], grads["pad"])
+        apt.configure(attention="auto").eval()
+    for k, v in out.items():
+        bad = (isinstance(v, float) and "vs" in k and v > (2e-2 if "bfloat16" in k or "graph" in k else 1e-4)) or \
+              (k.startswith("syncs_") and v > (1 if "without" in k or "patch_layout" in k else 0)) or v is False
+        print(f"{'FAIL' if bad else 'ok  '} {k}: {v}")
+    return out
+
+
+def _auto(apt, x, device, dtype):
+    with autocast(device, dtype):
+        return apt(x)
+
+
+def timings(device, configs, small, runs: int, warmup: int, quick: bool) -> list:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows, graph_rows = [], []
+    built = {}
+    for name, size, batch, budget in configs + small:
+        key = (name, budget)
+        if key not in built:
+            built.clear()  # one model pair on the GPU at a time
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+            built[key] = build(name, budget, device)
+        vit, apt = built[key]
+        mean, std = apt.pixel_mean_std()
+        n = batch * (2 if batch > 1 else 8)
+        images = normalise(photos_and_crops(n, size).to(device), mean, std)
+        label = f"{name}{'' if budget is None else f' budget {budget}'}"
+        t0 = time.time()
+        row = bench_config(vit, apt, images, batch, runs, warmup, label, dtype=dtype)
+        rows.append(row)
+        if (name, size, batch, budget) in small:
+            runner = CUDAGraphRunner(apt, bucket=64, dtype=dtype)
+            chunks = list(images.split(batch))
+            sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+            def timm_fn(c):
+                with autocast(device, dtype):
+                    return vit(c)
+
+            def apt_fn(c):
+                with autocast(device, dtype):
+                    return apt(c)
+
+            sec = alternating_medians({"timm": timm_fn, "apt": apt_fn, "graph": runner}, chunks, runs, warmup, sync=sync)
+            graph_rows.append({"model": label, "size": size, "batch": batch, "timm_img_s": n / sec["timm"],
+                               "apt_img_s": n / sec["apt"], "apt_graph_img_s": n / sec["graph"],
+                               "graph_speedup": sec["timm"] / sec["graph"], "flop_ratio": row.flop_ratio,
+                               "graph_speedup_over_flop_ratio": sec["timm"] / sec["graph"] / row.flop_ratio,
+                               "graphs_captured": len(runner.graphs)})
+        print(f"  {label} {size} b{batch}: {time.time() - t0:.1f}s", flush=True)
+    return rows, graph_rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--quick", action="store_true", help="tiny models and sizes (a smoke run, e.g. on a CPU)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default="bench_gpu.json")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    start = time.time()
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{datetime.date.today()}, {card}, torch {torch.__version__}", flush=True)
+    checks = correctness(device, args.quick)
+    print(f"checks done in {time.time() - start:.0f}s", flush=True)
+    configs, small = (QUICK, QUICK_SMALL) if args.quick else (FULL, SMALL)
+    runs, warmup = (1, 1) if args.quick else (args.runs, args.warmup)
+    with torch.inference_mode():
+        rows, graph_rows = timings(device, configs, small, runs, warmup, args.quick)
+    print(format_table(rows))
+    print("\n| model | size | batch | timm img/s | APT img/s | APT graph img/s | graph speedup | FLOP ratio | speedup / FLOP ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for g in graph_rows:
+        print(f"| {g['model']} | {g['size']} | {g['batch']} | {g['timm_img_s']:.1f} | {g['apt_img_s']:.1f} | "
+              f"{g['apt_graph_img_s']:.1f} | {g['graph_speedup']:.2f}x | {g['flop_ratio']:.2f}x | {g['graph_speedup_over_flop_ratio']:.2f} |")
+    from dataclasses import asdict
+
+    payload = {"date": str(datetime.date.today()), "device": card, "torch": torch.__version__, "checks": checks,
+               "rows": [asdict(r) for r in rows], "graph_rows": graph_rows, "seconds": time.time() - start}
+    from pathlib import Path
+
+    from aptvit.core.io import atomic_write
+
+    atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+    print(f"{time.time() - start:.0f}s in all; results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
