@@ -7,6 +7,7 @@ sees exactly the crops an uninterrupted one would, whatever worker draws them.
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from .core.io import InputError, reading
 from .core.layout import PatchLayout
+from .core.packed import PackedBatch
 from .images import to_rgb
 
 
@@ -58,6 +60,7 @@ class Batch:
     labels: torch.Tensor  # (B,) long
     layout: Optional[PatchLayout]
     bad: List[str]
+    packed: Optional[PackedBatch] = None  # the model's plan of the batch, made in the worker (see make_loader)
 
 
 class LayoutDataset(torch.utils.data.Dataset):
@@ -109,8 +112,12 @@ class LayoutDataset(torch.utils.data.Dataset):
         return crop, label, layout, None
 
 
-def collate(samples) -> Batch:
-    """Stack crops, join layouts; unreadable samples are set aside in ``bad``."""
+def collate(samples, plan: Optional[Callable] = None) -> Batch:
+    """Stack crops, join layouts, plan the packed batch; unreadable samples are set aside in ``bad``.
+
+    Args:
+        plan: ``plan(images, layout) -> PackedBatch`` (``APTViT.planner()``), run here, in the worker.
+    """
     good = [s for s in samples if s[0] is not None]
     bad = [s[3] for s in samples if s[0] is None]
     if not good:
@@ -118,7 +125,8 @@ def collate(samples) -> Batch:
     images = torch.stack([s[0] for s in good])
     labels = torch.tensor([s[1] for s in good], dtype=torch.long)
     layout = PatchLayout.cat([s[2] for s in good]) if good[0][2] is not None else None
-    return Batch(images, labels, layout, bad)
+    packed = plan(images, layout) if plan is not None and layout is not None else None
+    return Batch(images, labels, layout, bad, packed)
 
 
 class ShardedSampler(torch.utils.data.Sampler):
@@ -156,10 +164,11 @@ class ShardedSampler(torch.utils.data.Sampler):
         return max(0, len(self._share()) - self.skip)
 
 
-def make_loader(dataset: LayoutDataset, sampler: ShardedSampler, batch_size: int, workers: int, drop_last: bool):
-    """A DataLoader with the packing collate."""
+def make_loader(dataset: LayoutDataset, sampler: ShardedSampler, batch_size: int, workers: int, drop_last: bool,
+                plan: Optional[Callable] = None):
+    """A DataLoader with the packing collate (``plan``: the model's ``planner()``, run in the workers)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=functools.partial(collate, plan=plan),
         drop_last=drop_last, persistent_workers=False, pin_memory=torch.cuda.is_available(),
         # its own generator: starting an iterator must not draw from the global RNG, or a resumed
         # run's dropout / drop-path draws would shift (samples are seeded per index anyway)

@@ -38,7 +38,7 @@ def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist,
     was_training = model.training
     model.eval()
     sampler = ShardedSampler(len(dataset), dist.rank, dist.world, shuffle=False, equal_shares=False)
-    loader = make_loader(dataset, sampler, batch_size, workers, drop_last=False)
+    loader = make_loader(dataset, sampler, batch_size, workers, drop_last=False, plan=None if uniform else model.planner())
     correct1 = correct5 = seen = tokens = base = bad = 0.0
     model_seconds = 0.0
     for batch in tqdm(loader, desc="eval", disable=None if (progress and dist.main) else True, leave=False):
@@ -52,7 +52,7 @@ def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist,
         labels = batch.labels.to(dist.device)
         start = time.perf_counter()
         with autocast(dist.device, dtype):
-            logits = model(images) if uniform else model(images, layout=batch.layout.to(dist.device, non_blocking=True))
+            logits = model(images) if uniform else model(images, packed=batch.packed.to(dist.device, non_blocking=True))
         if uniform:
             n_tokens = n_base = images.shape[0] * (images.shape[-2] // model.patch_embed.patch_size[0]) * (images.shape[-1] // model.patch_embed.patch_size[1])
         else:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.io import MAX_SIDE, InputError, check_side, reading  # noqa: F401 (MAX_SIDE, check_side: re-exported)
+from .core.layout import to_device
 from .core.pixels import pad_to_multiple
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -16,8 +17,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (0..255) or float (0..1) images (B, C, H, W) to float32 normalised as a model expects, on their device."""
     scale = 255.0 if images.dtype == torch.uint8 else 1.0
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * scale
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * scale
+    # built on the host and copied without blocking: torch.tensor(..., device="cuda") would wait for the GPU
+    m = to_device(mean, torch.float32, images.device).view(1, -1, 1, 1) * scale
+    s = to_device(std, torch.float32, images.device).view(1, -1, 1, 1) * scale
     return (images.float() - m) / s
 
 

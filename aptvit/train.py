@@ -436,7 +436,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
         model.train()
         sampler.set_epoch(epoch, skip=batches_in_epoch * cfg.batch_size)
         train_data.set_epoch(epoch)
-        loader = make_loader(train_data, sampler, cfg.batch_size, cfg.workers, drop_last=True)
+        loader = make_loader(train_data, sampler, cfg.batch_size, cfg.workers, drop_last=True, plan=apt.planner())
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=batches_in_epoch, total=batches_per_epoch,
                    disable=None if dist.main else True, leave=False)
         window = {"loss": 0.0, "images": 0, "tokens": 0, "base": 0, "start": time.perf_counter(), "steps": 0}
@@ -454,7 +454,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
             images = normalise(batch.images.to(dist.device, non_blocking=True), mean, std)
             labels = batch.labels.to(dist.device)
             with autocast(dist.device, dtype):
-                logits = model(images, layout=batch.layout.to(dist.device))
+                logits = model(images, packed=batch.packed.to(dist.device, non_blocking=True))  # planned in the workers
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             loss_value = loss.item()
             if all_reduce_sum([float(not math.isfinite(loss_value))], dist)[0] > 0:  # every rank stops, before the step

@@ -233,6 +233,11 @@ def plan_packed(
     )
 
 
+def plan_for_images(images, layout: PatchLayout, num_prefix: int, pool_prefix: bool = False) -> PackedBatch:
+    """``plan_packed`` for a (B, C, H, W) batch or a list of images: what data-loader workers call (picklable)."""
+    return plan_packed(layout, groups_of(images), num_prefix, pool_prefix)
+
+
 def pad_rows(seq: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
     """(N,) row of every packed token in a padded (S, max_seqlen) layout: sequence * max_seqlen + position."""
     position = torch.arange(seq.shape[0], device=seq.device) - cu_seqlens.to(torch.long)[seq]

@@ -181,9 +181,21 @@ class APTViT(DenseMixin, nn.Module):
         layout = self.make_layout(images) if layout is None else layout
         device = _device_of(images)
         _check_layout(layout, groups, self.patch_sizes, device)
-        pool_prefix = bool(self.pool_include_prefix and self.global_pool in ("avg", "max", "avgmax"))
-        packed = plan_packed(layout, groups, self.num_prefix_tokens, pool_prefix, pad_to, max_seqlen)
+        packed = plan_packed(layout, groups, self.num_prefix_tokens, self.planner().keywords["pool_prefix"], pad_to, max_seqlen)
         return packed if packed.device == device else packed.to(device, non_blocking=True)
+
+    def planner(self):
+        """A picklable ``plan(images, layout) -> PackedBatch`` with this model's settings, for data-loader workers.
+
+        The workers then hand the model a finished plan (``apt(images, packed=...)``): the main process only
+        moves it to the device (``packed.to(device, non_blocking=True)``).
+        """
+        import functools
+
+        from ..core.packed import plan_for_images
+
+        pool_prefix = bool(self.pool_include_prefix and self.global_pool in ("avg", "max", "avgmax"))
+        return functools.partial(plan_for_images, num_prefix=self.num_prefix_tokens, pool_prefix=pool_prefix)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Images, layout: Optional[PatchLayout] = None, packed: Optional[PackedBatch] = None) -> torch.Tensor:
