@@ -3,10 +3,23 @@
 Large patches where an image is plain, small ones where it is busy, chosen by a cheap content
 score; the same transformer and weights; fewer tokens.
 """
+
 from .core import PatchLayout, pad_to_multiple, patch_layout
 from .nn import APTConfig, APTViT
 from .nn.convert import convert, load, save
 from .nn.dense import SimpleFeaturePyramid, simple_pyramid
 
 __version__ = "0.1.0"
-__all__ = ["PatchLayout", "pad_to_multiple", "patch_layout", "APTConfig", "APTViT", "convert", "save", "load", "simple_pyramid", "SimpleFeaturePyramid", "__version__"]
+__all__ = [
+    "PatchLayout",
+    "pad_to_multiple",
+    "patch_layout",
+    "APTConfig",
+    "APTViT",
+    "convert",
+    "save",
+    "load",
+    "simple_pyramid",
+    "SimpleFeaturePyramid",
+    "__version__",
+]

@@ -6,6 +6,7 @@ first, everything is under ``torch.inference_mode``, and the reported times are 
 time includes computing the layout from the pixels (the honest end-to-end number); the layout
 time is also reported on its own.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,14 @@ def resize(photos: Sequence[torch.Tensor], size) -> torch.Tensor:
     return torch.stack([center_crop_resize(p, tuple(size)) for p in photos])
 
 
-def alternating_medians(fns: Dict[str, Callable], chunks: Sequence, runs: int = 5, warmup: int = 2,
-                        on_run: Optional[Callable[[], None]] = None, sync: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+def alternating_medians(
+    fns: Dict[str, Callable],
+    chunks: Sequence,
+    runs: int = 5,
+    warmup: int = 2,
+    on_run: Optional[Callable[[], None]] = None,
+    sync: Optional[Callable[[], None]] = None,
+) -> Dict[str, float]:
     """Median seconds for each ``fn`` to process every chunk once, under ``torch.inference_mode``.
 
     Warm-up passes first; then each run calls every fn in turn, the order reversed every other run
@@ -106,11 +113,15 @@ def bench_config(
         def run(i):
             with autocast(device, dtype):
                 return fn(i)
+
         return run
 
-    fns = {"timm": timed(lambda i: timm_model(parts[i])), "apt": timed(lambda i: apt(parts[i])),
-           "layout": timed(lambda i: apt.make_layout(parts[i])),
-           "apt_given": timed(lambda i: apt.forward_packed(parts[i], plans[i]))}
+    fns = {
+        "timm": timed(lambda i: timm_model(parts[i])),
+        "apt": timed(lambda i: apt(parts[i])),
+        "layout": timed(lambda i: apt.make_layout(parts[i])),
+        "apt_given": timed(lambda i: apt.forward_packed(parts[i], plans[i])),
+    }
     seconds = alternating_medians(fns, chunks, runs, warmup, on_run, sync)
     uniform = torch.cat([f["uniform"] for f in flops]).sum().item()
     adaptive = torch.cat([f["apt"] for f in flops]).sum().item()
@@ -119,10 +130,23 @@ def bench_config(
     timm_ms, apt_ms, layout_ms, given_ms = (seconds[k] * 1000 / n for k in ("timm", "apt", "layout", "apt_given"))
     speedup, ratio = timm_ms / apt_ms, uniform / adaptive
     return BenchRow(
-        model=name, size=f"{images.shape[-2]}x{images.shape[-1]}", batch=batch, images=n, base_tokens=base,
-        tokens=tokens, kept=tokens / base, flop_ratio=ratio, timm_ms=timm_ms, apt_ms=apt_ms, layout_ms=layout_ms,
-        speedup=speedup, efficiency=speedup / ratio, layout_share=layout_ms / apt_ms, apt_given_ms=given_ms,
-        device=device.type, dtype=str(dtype).replace("torch.", ""),
+        model=name,
+        size=f"{images.shape[-2]}x{images.shape[-1]}",
+        batch=batch,
+        images=n,
+        base_tokens=base,
+        tokens=tokens,
+        kept=tokens / base,
+        flop_ratio=ratio,
+        timm_ms=timm_ms,
+        apt_ms=apt_ms,
+        layout_ms=layout_ms,
+        speedup=speedup,
+        efficiency=speedup / ratio,
+        layout_share=layout_ms / apt_ms,
+        apt_given_ms=given_ms,
+        device=device.type,
+        dtype=str(dtype).replace("torch.", ""),
     )
 
 
@@ -203,24 +227,41 @@ def run_bench(
                 images = normalise(resize(photos, size).to(device), mean, std)
                 for batch in batches:
                     bar.set_postfix_str(f"{name} {size[0]}x{size[1]} batch {batch}")
-                    rows.append(bench_config(model, apt, images, batch, runs, warmup, name, on_run=lambda: bar.update(1),
-                                             dtype=dtype))
+                    rows.append(
+                        bench_config(
+                            model, apt, images, batch, runs, warmup, name, on_run=lambda: bar.update(1), dtype=dtype
+                        )
+                    )
     return rows
 
 
-def bench_command(model, sizes, batches, images=None, layout=None, scorer=None, patch_sizes=None, runs=5,
-                  warmup=2, out=None, plot_path=None, pretrained=False, checkpoint=None, log=print,
-                  device: str = "auto", dtype: str = "auto") -> List[BenchRow]:
+def bench_command(
+    model,
+    sizes,
+    batches,
+    images=None,
+    layout=None,
+    scorer=None,
+    patch_sizes=None,
+    runs=5,
+    warmup=2,
+    out=None,
+    plot_path=None,
+    pretrained=False,
+    checkpoint=None,
+    log=print,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> List[BenchRow]:
     """``aptvit bench``: build the models, check the sizes, run the grid, print/write the results.
 
     Args:
         device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 autocast when available, else CPU fp32).
     """
-    from .runtime import resolve_device, resolve_dtype
-
     from .images import list_images, read_image
     from .models import build_models
     from .photos import PHOTO_NAMES, load_photo
+    from .runtime import resolve_device, resolve_dtype
 
     if runs < 1 or warmup < 0:
         raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
@@ -241,18 +282,32 @@ def bench_command(model, sizes, batches, images=None, layout=None, scorer=None, 
         except ValueError:
             raise ValueError(f"--size {text!r} must be a number or HxW, e.g. 384 or 384x640") from None
         if hw[0] % p or hw[1] % p or min(hw) <= 0:
-            raise ValueError(f"--size {hw[0]}x{hw[1]} is not a multiple of the base patch size {p} of {apt.pretrained_cfg.get('architecture') or model}")
+            raise ValueError(
+                f"--size {hw[0]}x{hw[1]} is not a multiple of the base patch size {p} of {apt.pretrained_cfg.get('architecture') or model}"
+            )
         parsed.append(hw)
     photos = [read_image(f) for f in list_images(images)] if images else [load_photo(n) for n in PHOTO_NAMES]
-    log(f"{len(photos)} images from {images or 'scikit-image (bundled photos)'}; settings: "
-        f"{apt.config.thresholds if apt.config.budget is None else f'budget {apt.config.budget}'}, scorer {apt.config.scorer}")
+    log(
+        f"{len(photos)} images from {images or 'scikit-image (bundled photos)'}; settings: "
+        f"{apt.config.thresholds if apt.config.budget is None else f'budget {apt.config.budget}'}, scorer {apt.config.scorer}"
+    )
     name = apt.pretrained_cfg.get("architecture") or model
     log(f"device {where}, {str(compute_dtype).replace('torch.', '')}")
-    rows = run_bench([(name, timm_model, apt)], parsed, batches, photos, runs, warmup, device=where, dtype=compute_dtype)
+    rows = run_bench(
+        [(name, timm_model, apt)], parsed, batches, photos, runs, warmup, device=where, dtype=compute_dtype
+    )
     log(format_table(rows))
     if out:
-        write_json(rows, out, {"config": apt.config.to_dict(), "runs": runs, "torch": torch.__version__,
-                               "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"})
+        write_json(
+            rows,
+            out,
+            {
+                "config": apt.config.to_dict(),
+                "runs": runs,
+                "torch": torch.__version__,
+                "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu",
+            },
+        )
         log(f"results: {out}")
     if plot_path:
         plot(rows, plot_path)

@@ -7,6 +7,7 @@ checking an argument), or an error that aptvit's own code raises on purpose (the
 TypeError of the Python API for bad arguments). An error raised anywhere else (inside torch, by the
 interpreter) is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,21 +86,36 @@ def check_model_name(name: str) -> str:
 
 
 def add_layout_options(p: argparse.ArgumentParser, patch_default: Optional[str]) -> None:
-    p.add_argument("--patch-sizes", default=patch_default, help="ascending patch sizes, e.g. 16,32,64 (default: the model's p,2p,4p)")
-    p.add_argument("--thresholds", help="SIZE=VALUE pairs, e.g. 32=5.5,64=4.0 (default: the scorer's documented defaults)")
+    p.add_argument(
+        "--patch-sizes",
+        default=patch_default,
+        help="ascending patch sizes, e.g. 16,32,64 (default: the model's p,2p,4p)",
+    )
+    p.add_argument(
+        "--thresholds", help="SIZE=VALUE pairs, e.g. 32=5.5,64=4.0 (default: the scorer's documented defaults)"
+    )
     p.add_argument("--budget", help="at most this many tokens per image: a fraction (0.5) or a count (300)")
     p.add_argument("--scorer", choices=["entropy", "laplacian", "upsample"], help="content score (default: entropy)")
 
 
 def add_runtime_options(p: argparse.ArgumentParser, default: Optional[str] = "auto") -> None:
-    p.add_argument("--device", choices=DEVICES, default=default, help="where to run (default auto: CUDA when available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=default, help="compute precision (default auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument(
+        "--device", choices=DEVICES, default=default, help="where to run (default auto: CUDA when available)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=default,
+        help="compute precision (default auto: bf16 on CUDA, fp32 on CPU)",
+    )
 
 
 def add_weights_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the model hub)")
-    g.add_argument("--checkpoint", help="weights to load: .safetensors (timm or aptvit) or .pth (loaded with weights_only=True)")
+    g.add_argument(
+        "--checkpoint", help="weights to load: .safetensors (timm or aptvit) or .pth (loaded with weights_only=True)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -108,8 +124,16 @@ def cmd_show(args) -> int:
     from .viz import show
 
     size = parse_size(args.size) if args.size else None
-    show(args.images, size=size, patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes"), scorer=args.scorer or "entropy",
-         out_dir=args.out, write_json=args.json, heatmap=args.heatmap, **layout_settings(args))
+    show(
+        args.images,
+        size=size,
+        patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes"),
+        scorer=args.scorer or "entropy",
+        out_dir=args.out,
+        write_json=args.json,
+        heatmap=args.heatmap,
+        **layout_settings(args),
+    )
     return 0
 
 
@@ -138,11 +162,21 @@ def cmd_bench(args) -> int:
         if path:
             check_writable(path)
     bench_command(
-        model=check_model_name(args.model), sizes=args.size, batches=parse_int_list(args.batch, "--batch"),
-        images=args.images, layout=layout_settings(args), scorer=args.scorer,
+        model=check_model_name(args.model),
+        sizes=args.size,
+        batches=parse_int_list(args.batch, "--batch"),
+        images=args.images,
+        layout=layout_settings(args),
+        scorer=args.scorer,
         patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
-        runs=args.runs, warmup=args.warmup, out=args.out, plot_path=args.plot, pretrained=args.pretrained,
-        checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+        runs=args.runs,
+        warmup=args.warmup,
+        out=args.out,
+        plot_path=args.plot,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
     )
     return 0
 
@@ -162,15 +196,35 @@ def cmd_finetune(args) -> int:
     layout = layout_settings(args)
     # only the options given on the command line: the others keep TrainConfig's defaults, or on --resume the run's
     # own, and only a given option can be a change that --resume refuses
-    given = {"model": check_model_name(args.model), "data": args.data, "out": args.out, "pretrained": args.pretrained or None,
-             "checkpoint": args.checkpoint, "epochs": args.epochs, "size": args.size,
-             "patch_sizes": parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
-             "thresholds": layout.get("thresholds"), "budget": layout.get("budget"), "scorer": args.scorer,
-             "augment": args.augment, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
-             "drop_path": args.drop_path, "workers": args.workers, "seed": args.seed, "skip_bad_images": args.skip_bad_images or None,
-             "max_steps": args.max_steps, "save_every": args.save_every, "log_every": args.log_every,
-             "eval": False if args.no_eval else None, "device": args.device, "dtype": args.dtype,
-             "deterministic": args.deterministic or None, "new_layer_lr_scale": args.new_layer_lr_scale}
+    given = {
+        "model": check_model_name(args.model),
+        "data": args.data,
+        "out": args.out,
+        "pretrained": args.pretrained or None,
+        "checkpoint": args.checkpoint,
+        "epochs": args.epochs,
+        "size": args.size,
+        "patch_sizes": parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
+        "thresholds": layout.get("thresholds"),
+        "budget": layout.get("budget"),
+        "scorer": args.scorer,
+        "augment": args.augment,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "drop_path": args.drop_path,
+        "workers": args.workers,
+        "seed": args.seed,
+        "skip_bad_images": args.skip_bad_images or None,
+        "max_steps": args.max_steps,
+        "save_every": args.save_every,
+        "log_every": args.log_every,
+        "eval": False if args.no_eval else None,
+        "device": args.device,
+        "dtype": args.dtype,
+        "deterministic": args.deterministic or None,
+        "new_layer_lr_scale": args.new_layer_lr_scale,
+    }
     given = {k: v for k, v in given.items() if v is not None}
     finetune(TrainConfig(**given), resume=args.resume, overrides=given)
     return 0
@@ -179,18 +233,32 @@ def cmd_finetune(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import eval_command
 
-    eval_command(checkpoint=args.checkpoint, model_name=check_model_name(args.model) if args.model else None,
-                 pretrained=args.pretrained, data=args.data, uniform=args.uniform, size=args.size,
-                 batch_size=args.batch_size, workers=args.workers, json_path=args.json,
-                 skip_bad_images=args.skip_bad_images, device=args.device, dtype=args.dtype,
-                 layout=dict(layout_settings(args), scorer=args.scorer,
-                             patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None))
+    eval_command(
+        checkpoint=args.checkpoint,
+        model_name=check_model_name(args.model) if args.model else None,
+        pretrained=args.pretrained,
+        data=args.data,
+        uniform=args.uniform,
+        size=args.size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        json_path=args.json,
+        skip_bad_images=args.skip_bad_images,
+        device=args.device,
+        dtype=args.dtype,
+        layout=dict(
+            layout_settings(args),
+            scorer=args.scorer,
+            patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
+        ),
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="aptvit", description="Adaptive Patch Transformers: faster timm ViTs with a content-aware mix of patch sizes."
+        prog="aptvit",
+        description="Adaptive Patch Transformers: faster timm ViTs with a content-aware mix of patch sizes.",
     )
     parser.add_argument("--version", action="version", version=f"aptvit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -238,21 +306,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="per process (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
     p.add_argument("--warmup", type=float, help="warm-up as a fraction of all steps (default 0.05)")
-    p.add_argument("--new-layer-lr-scale", type=float,
-                   help="lr multiplier of the new zero-initialised detail-path layers apt.* (default 10)")
+    p.add_argument(
+        "--new-layer-lr-scale",
+        type=float,
+        help="lr multiplier of the new zero-initialised detail-path layers apt.* (default 10)",
+    )
     p.add_argument("--drop-path", type=float, help="default 0.1")
-    p.add_argument("--augment", help="timm auto-augment string (default rand-m9-mstd0.5-inc1), or 'none' (no random crop either)")
+    p.add_argument(
+        "--augment", help="timm auto-augment string (default rand-m9-mstd0.5-inc1), or 'none' (no random crop either)"
+    )
     p.add_argument("--workers", type=int, help="loader processes (default 4)")
     p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (or from "
-                   "its start when it has none); only --epochs, --max-steps, --workers, --save-every, --log-every, --no-eval, "
-                   "--skip-bad-images, --device and --deterministic may change")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (or from "
+        "its start when it has none); only --epochs, --max-steps, --workers, --save-every, --log-every, --no-eval, "
+        "--skip-bad-images, --device and --deterministic may change",
+    )
+    p.add_argument(
+        "--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping"
+    )
     p.add_argument("--max-steps", type=int, help="stop (and checkpoint) after this many optimizer steps")
     p.add_argument("--save-every", type=int, help="also checkpoint every N steps (default 0: at epoch ends)")
     p.add_argument("--log-every", type=int, help="default 10")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end of each epoch")
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels: bit-exact --resume on CUDA too (slower)")
+    p.add_argument(
+        "--deterministic", action="store_true", help="deterministic kernels: bit-exact --resume on CUDA too (slower)"
+    )
     add_runtime_options(p, default=None)  # None: the run's own device and dtype on --resume
     p.set_defaults(func=cmd_finetune)
 
@@ -262,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true")
     p.add_argument("--data", required=True, help="the split to evaluate (a folder of class folders, or DIR with val/)")
     p.add_argument("--uniform", action="store_true", help="evaluate the unconverted timm model (the baseline)")
-    p.add_argument("--size", type=int, help=f"input size (default: the checkpoint's or the model's; at most {MAX_SIDE})")
+    p.add_argument(
+        "--size", type=int, help=f"input size (default: the checkpoint's or the model's; at most {MAX_SIDE})"
+    )
     add_layout_options(p, None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)

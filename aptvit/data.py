@@ -5,6 +5,7 @@ function stacks the crops and joins the layouts into one packed batch layout, so
 only normalises and runs the model. Augmentation is seeded per (seed, epoch, index): a resumed run
 sees exactly the crops an uninterrupted one would, whatever worker draws them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,10 +32,14 @@ def check_image_folder(root, split: str, required: bool = False) -> Path:
     """
     root = Path(root)
     if required and not (root / split).is_dir():
-        raise FileNotFoundError(f"{str(root)!r} has no {split}/ folder; expected {root}/train/<class>/... and {root}/val/<class>/...")
+        raise FileNotFoundError(
+            f"{str(root)!r} has no {split}/ folder; expected {root}/train/<class>/... and {root}/val/<class>/..."
+        )
     folder = root / split if (root / split).is_dir() else root
     if folder.exists() and not folder.is_dir():
-        raise InputError(f"data folder {str(folder)!r} is a file; expected a folder with {split}/ and one folder per class")
+        raise InputError(
+            f"data folder {str(folder)!r} is a file; expected a folder with {split}/ and one folder per class"
+        )
     with reading(folder, "data folder", f"expected {split}/ with one folder per class"):
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
@@ -140,7 +145,9 @@ class ShardedSampler(torch.utils.data.Sampler):
             otherwise ranks split the data exactly, without repeats (evaluation sums counts).
     """
 
-    def __init__(self, size: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0, equal_shares: bool = True):
+    def __init__(
+        self, size: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0, equal_shares: bool = True
+    ):
         self.size, self.rank, self.world, self.shuffle, self.seed = size, rank, world, shuffle, seed
         self.equal_shares = equal_shares
         self.epoch, self.skip = 0, 0
@@ -164,20 +171,33 @@ class ShardedSampler(torch.utils.data.Sampler):
         return max(0, len(self._share()) - self.skip)
 
 
-def make_loader(dataset: LayoutDataset, sampler: ShardedSampler, batch_size: int, workers: int, drop_last: bool,
-                plan: Optional[Callable] = None):
+def make_loader(
+    dataset: LayoutDataset,
+    sampler: ShardedSampler,
+    batch_size: int,
+    workers: int,
+    drop_last: bool,
+    plan: Optional[Callable] = None,
+):
     """A DataLoader with the packing collate (``plan``: the model's ``planner()``, run in the workers)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=functools.partial(collate, plan=plan),
-        drop_last=drop_last, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=functools.partial(collate, plan=plan),
+        drop_last=drop_last,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
         # its own generator: starting an iterator must not draw from the global RNG, or a resumed
         # run's dropout / drop-path draws would shift (samples are seeded per index anyway)
         generator=torch.Generator().manual_seed(0),
     )
 
 
-def build_transform(size: int, training: bool, mean, std, crop_pct: Optional[float] = None,
-                    augment: str = "rand-m9-mstd0.5-inc1"):
+def build_transform(
+    size: int, training: bool, mean, std, crop_pct: Optional[float] = None, augment: str = "rand-m9-mstd0.5-inc1"
+):
     """timm's ``create_transform`` with uint8 output (``use_prefetcher``).
 
     Training: random-resized crop, flip and ``augment`` (a timm auto-augment string; the paper's
@@ -196,5 +216,7 @@ def build_transform(size: int, training: bool, mean, std, crop_pct: Optional[flo
     try:  # timm's parser of the augment string asserts on what it does not know
         return create_transform(**kwargs)
     except (AssertionError, ValueError, KeyError, IndexError) as e:
-        raise InputError(f"--augment {augment!r} is not a timm auto-augment string such as 'rand-m9-mstd0.5-inc1' "
-                         f"(or 'none'): {str(e) or type(e).__name__}") from None
+        raise InputError(
+            f"--augment {augment!r} is not a timm auto-augment string such as 'rand-m9-mstd0.5-inc1' "
+            f"(or 'none'): {str(e) or type(e).__name__}"
+        ) from None

@@ -1,4 +1,5 @@
 """``aptvit demo``: the main job on an embedded default, no arguments, under two minutes on 2 CPU cores."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,5 +28,6 @@ def demo(out="aptvit-demo", model: str = "vit_small_patch16_224", size: int = 38
     show(files, out_dir=out, heatmap=True, log=log)
     log(f"pictures: {out.resolve()}/*_apt.png")
     log(f"\n== benchmark: timm {model} vs its APT conversion at {size}, {len(PHOTO_NAMES)} photos ==")
-    bench_command(model, str(size), [1, 8], runs=runs, warmup=1, out=out / "bench.json",
-                  plot_path=out / "bench.png", log=log)
+    bench_command(
+        model, str(size), [1, 8], runs=runs, warmup=1, out=out / "bench.json", plot_path=out / "bench.png", log=log
+    )

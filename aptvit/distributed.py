@@ -1,4 +1,5 @@
 """torchrun / DDP plumbing shared by fine-tuning and evaluation."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Works for an APT checkpoint (``--checkpoint RUN_DIR/model.safetensors``) and for the unconverted
 timm model (``--model NAME --pretrained --uniform``), on one process or under torchrun.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,9 +22,19 @@ from .runtime import autocast, resolve_dtype
 
 
 @torch.inference_mode()
-def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist, mean, std,
-             skip_bad_images: bool = False, uniform: bool = False, progress: bool = True,
-             dtype: torch.dtype = torch.float32) -> dict:
+def evaluate(
+    model,
+    dataset: LayoutDataset,
+    batch_size: int,
+    workers: int,
+    dist,
+    mean,
+    std,
+    skip_bad_images: bool = False,
+    uniform: bool = False,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """Accuracy and speed of ``model`` on ``dataset`` (reduced over ranks).
 
     Args:
@@ -38,7 +49,9 @@ def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist,
     was_training = model.training
     model.eval()
     sampler = ShardedSampler(len(dataset), dist.rank, dist.world, shuffle=False, equal_shares=False)
-    loader = make_loader(dataset, sampler, batch_size, workers, drop_last=False, plan=None if uniform else model.planner())
+    loader = make_loader(
+        dataset, sampler, batch_size, workers, drop_last=False, plan=None if uniform else model.planner()
+    )
     correct1 = correct5 = seen = tokens = base = bad = 0.0
     model_seconds = 0.0
     for batch in tqdm(loader, desc="eval", disable=None if (progress and dist.main) else True, leave=False):
@@ -54,7 +67,11 @@ def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist,
         with autocast(dist.device, dtype):
             logits = model(images) if uniform else model(images, packed=batch.packed.to(dist.device, non_blocking=True))
         if uniform:
-            n_tokens = n_base = images.shape[0] * (images.shape[-2] // model.patch_embed.patch_size[0]) * (images.shape[-1] // model.patch_embed.patch_size[1])
+            n_tokens = n_base = (
+                images.shape[0]
+                * (images.shape[-2] // model.patch_embed.patch_size[0])
+                * (images.shape[-1] // model.patch_embed.patch_size[1])
+            )
         else:
             n_tokens, n_base = batch.layout.total_tokens, int(batch.layout.num_base_tokens.sum())
         if dist.device.type == "cuda":
@@ -72,13 +89,32 @@ def evaluate(model, dataset: LayoutDataset, batch_size: int, workers: int, dist,
     model.train(was_training)
     if seen == 0:
         raise ValueError("no image of the evaluation set could be read")
-    return {"top1": 100 * correct1 / seen, "top5": 100 * correct5 / seen, "tokens_kept": tokens / max(1.0, base),
-            "images_per_s": seen / max(seconds, 1e-9), "images": int(seen), "bad_images": int(bad)}
+    return {
+        "top1": 100 * correct1 / seen,
+        "top5": 100 * correct5 / seen,
+        "tokens_kept": tokens / max(1.0, base),
+        "images_per_s": seen / max(seconds, 1e-9),
+        "images": int(seen),
+        "bad_images": int(bad),
+    }
 
 
-def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, uniform=False, size=None,
-                 batch_size=64, workers=4, json_path=None, skip_bad_images=False, layout=None, log=print,
-                 device: str = "auto", dtype: str = "auto") -> dict:
+def eval_command(
+    checkpoint=None,
+    model_name=None,
+    pretrained=False,
+    data=None,
+    uniform=False,
+    size=None,
+    batch_size=64,
+    workers=4,
+    json_path=None,
+    skip_bad_images=False,
+    layout=None,
+    log=print,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dict:
     """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON.
 
     Args:
@@ -108,7 +144,9 @@ def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, 
         classes = json.loads(meta["classes"]) if "classes" in meta else None
         saved_size = int(meta.get("input_size", 0))
     if classes is not None and classes != items.classes:
-        raise ValueError(f"the checkpoint's {len(classes)} classes differ from the {len(items.classes)} class folders of {folder}")
+        raise ValueError(
+            f"the checkpoint's {len(classes)} classes differ from the {len(items.classes)} class folders of {folder}"
+        )
     # evaluation never replaces a head: the model's classes must be the folders'
     if uniform:
         model = timm_model = build_timm(model_name, pretrained, checkpoint, log=quiet)
@@ -121,20 +159,31 @@ def eval_command(checkpoint=None, model_name=None, pretrained=False, data=None, 
         mean, std = model.pixel_mean_std()
         layout_fn = functools.partial(patch_layout, **model.config.layout_kwargs())
     if timm_model.num_classes != len(items.classes):
-        raise ValueError(f"the model has {timm_model.num_classes} classes but {folder} has {len(items.classes)} class folders; "
-                         "evaluate a checkpoint trained on these classes")
+        raise ValueError(
+            f"the model has {timm_model.num_classes} classes but {folder} has {len(items.classes)} class folders; "
+            "evaluate a checkpoint trained on these classes"
+        )
     model.to(dist.device)
     size = check_side(size or saved_size or cfg.get("input_size", (3, 224, 224))[-1], "input size")
     dataset = LayoutDataset(items.samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)
-    result = evaluate(model, dataset, batch_size, workers, dist, mean, std, skip_bad_images, uniform=uniform,
-                      dtype=compute_dtype)
-    result.update(device=dist.device.type, dtype=str(compute_dtype).replace("torch.", ""), model=model_name or meta.get("architecture", ""), checkpoint=str(checkpoint) if checkpoint else None,
-                  uniform=uniform, size=size)
+    result = evaluate(
+        model, dataset, batch_size, workers, dist, mean, std, skip_bad_images, uniform=uniform, dtype=compute_dtype
+    )
+    result.update(
+        device=dist.device.type,
+        dtype=str(compute_dtype).replace("torch.", ""),
+        model=model_name or meta.get("architecture", ""),
+        checkpoint=str(checkpoint) if checkpoint else None,
+        uniform=uniform,
+        size=size,
+    )
     if dist.main:
         bad = result["bad_images"]
         skipped = f", {bad} unreadable image{'s' if bad != 1 else ''} skipped" if bad else ""
-        log(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  tokens kept {result['tokens_kept']:.1%}  "
-            f"{result['images_per_s']:.1f} img/s  ({result['images']} images{skipped}{', uniform ViT' if uniform else ''})")
+        log(
+            f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  tokens kept {result['tokens_kept']:.1%}  "
+            f"{result['images_per_s']:.1f} img/s  ({result['images']} images{skipped}{', uniform ViT' if uniform else ''})"
+        )
         if json_path:
             atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     return result

@@ -1,4 +1,5 @@
 """Reading user images: any file PIL opens, as uint8 tensors, resized and padded the way the CLI documents."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -97,7 +98,9 @@ def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def fit_image(img: torch.Tensor, size: Tuple[int, Optional[int]], multiple: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def fit_image(
+    img: torch.Tensor, size: Tuple[int, Optional[int]], multiple: int
+) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """Resize for ``aptvit show``: one number keeps the aspect (shorter side = number) and pads to a
     multiple of the base patch; HEIGHTxWIDTH must already be a multiple.
 

@@ -4,6 +4,7 @@ One place for what bench, finetune and eval share: hub errors become one line, a
 checkpoints are told apart, a new label set gets a fresh head, and layout settings from the
 command line are applied through the validated ``configure``.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
@@ -44,8 +45,10 @@ def create_timm(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     except Exception as e:  # hub errors come in many types; the user needs the one line
         if not pretrained:
             raise
-        raise HubError(f"could not load pretrained weights for {name} ({type(e).__name__}: {e}); "
-                       "use --checkpoint PATH with a local file") from None
+        raise HubError(
+            f"could not load pretrained weights for {name} ({type(e).__name__}: {e}); "
+            "use --checkpoint PATH with a local file"
+        ) from None
 
 
 def check_readable(checkpoint) -> None:
@@ -59,8 +62,10 @@ def check_finite(model: nn.Module, source) -> None:
     """Refuse weights that hold NaN or inf (a diverged run's): they give numbers, not predictions."""
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InputError(f"checkpoint {str(source)!r} holds non-finite weights (NaN or inf, first in {name}): "
-                             "the run that wrote it diverged; use an earlier checkpoint")
+            raise InputError(
+                f"checkpoint {str(source)!r} holds non-finite weights (NaN or inf, first in {name}): "
+                "the run that wrote it diverged; use an earlier checkpoint"
+            )
 
 
 HEAD_KEYS = ("head.weight", "head.bias")
@@ -84,8 +89,15 @@ def load_timm_checkpoint(model: nn.Module, path, new_head_ok: bool, log: Callabl
     load_timm_weights(model, state)
 
 
-def build_models(name: Optional[str], pretrained: bool = False, checkpoint=None, num_classes: Optional[int] = None,
-                 layout: Optional[Dict] = None, timm_kwargs: Optional[Dict] = None, log: Callable = print) -> Tuple[APTViT, nn.Module]:
+def build_models(
+    name: Optional[str],
+    pretrained: bool = False,
+    checkpoint=None,
+    num_classes: Optional[int] = None,
+    layout: Optional[Dict] = None,
+    timm_kwargs: Optional[Dict] = None,
+    log: Callable = print,
+) -> Tuple[APTViT, nn.Module]:
     """The APT model and the timm model it wraps.
 
     Args:
@@ -134,8 +146,13 @@ def build_models(name: Optional[str], pretrained: bool = False, checkpoint=None,
     return convert(model, **layout), model
 
 
-def build_timm(name: Optional[str], pretrained: bool = False, checkpoint=None, num_classes: Optional[int] = None,
-               log: Callable = print) -> nn.Module:
+def build_timm(
+    name: Optional[str],
+    pretrained: bool = False,
+    checkpoint=None,
+    num_classes: Optional[int] = None,
+    log: Callable = print,
+) -> nn.Module:
     """The unconverted timm model (the uniform baseline), with its weights."""
     check_readable(checkpoint)
     if checkpoint and read_metadata(checkpoint).get("format") == "aptvit":

@@ -1,4 +1,5 @@
 """The real photos bundled with scikit-image, as uint8 tensors: the default inputs of demos and benchmarks."""
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple, Union
@@ -7,7 +8,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "retina", "hubble_deep_field", "immunohistochemistry")
+PHOTO_NAMES = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "retina",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
 
 
 def load_photo(name: str, size: Union[int, Tuple[int, int], None] = None) -> torch.Tensor:
@@ -22,7 +32,9 @@ def load_photo(name: str, size: Union[int, Tuple[int, int], None] = None) -> tor
     if size is None:
         return x
     size = (size, size) if isinstance(size, int) else tuple(size)
-    y = F.interpolate(x[None].float(), size=size, mode="area" if size[0] <= x.shape[1] else "bicubic", align_corners=None)
+    y = F.interpolate(
+        x[None].float(), size=size, mode="area" if size[0] <= x.shape[1] else "bicubic", align_corners=None
+    )
     return y[0].round().clamp(0, 255).to(torch.uint8)
 
 

@@ -4,6 +4,7 @@ One source for the choices of ``aptvit bench``, ``eval`` and ``finetune`` (and `
 ``auto`` means CUDA when it is available; the default precision is bf16 autocast on CUDA, fp32 on the CPU
 (bf16 matmuls are several times slower than fp32 on most CPUs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,10 @@ def resolve_device(name: str = "auto", local_rank: Optional[int] = None) -> torc
         raise ValueError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     local = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
     if local >= torch.cuda.device_count():
-        raise ValueError(f"process {local} asks for GPU {local}, but this machine has {torch.cuda.device_count()}; "
-                         "start fewer processes per node or use --device cpu")
+        raise ValueError(
+            f"process {local} asks for GPU {local}, but this machine has {torch.cuda.device_count()}; "
+            "start fewer processes per node or use --device cpu"
+        )
     return torch.device("cuda", local)
 
 

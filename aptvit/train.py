@@ -6,6 +6,7 @@ clipping; bf16 autocast on CUDA, fp32 on CPU. One process or many through torchr
 CUDA, gloo on CPU); only rank 0 writes. Every file is written atomically; ``--resume`` continues
 mid-epoch exactly where the last checkpoint stopped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core.io import (InputError, UserError, atomic_write, atomic_write_many, check_side, check_writable, reading,
-                      remove_temporaries, writing)
+from .core.io import (
+    InputError,
+    UserError,
+    atomic_write,
+    atomic_write_many,
+    check_side,
+    check_writable,
+    reading,
+    remove_temporaries,
+    writing,
+)
 from .core.quadtree import patch_layout
 from .data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, image_folder, make_loader
 from .distributed import Dist, all_gather_objects, all_reduce_sum, setup_distributed
@@ -34,9 +44,18 @@ from .models import build_models
 from .nn.convert import TIMM_ARGS, read_metadata, saver
 from .runtime import DEVICES, autocast, resolve_dtype, set_deterministic
 
-
 # What a resumed run may change; everything else comes from the run's config.json.
-RUN_CONTROL = ("epochs", "max_steps", "workers", "skip_bad_images", "save_every", "log_every", "eval", "device", "deterministic")
+RUN_CONTROL = (
+    "epochs",
+    "max_steps",
+    "workers",
+    "skip_bad_images",
+    "save_every",
+    "log_every",
+    "eval",
+    "device",
+    "deterministic",
+)
 
 
 @dataclass
@@ -80,7 +99,6 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels: bit-exact resume on CUDA too (slower)
     classes: List[str] = field(default_factory=list)
 
-
     def to_json(self) -> str:
         d = asdict(self)
         if self.thresholds is not None:
@@ -114,7 +132,9 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[dict]:
             continue
         decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") or name in skip else cfg.weight_decay
         scale = cfg.new_layer_lr_scale if name.startswith("apt.") else 1.0
-        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(param)
+        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(
+            param
+        )
     return list(groups.values())
 
 
@@ -194,7 +214,9 @@ class Run:
         text = "\n".join(self.metrics) + "\n"
         atomic_write(self.folder / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
 
-    def checkpoint(self, apt, optimizer, cfg: TrainConfig, epoch: int, batches_in_epoch: int, global_step: int, dist: Dist) -> None:
+    def checkpoint(
+        self, apt, optimizer, cfg: TrainConfig, epoch: int, batches_in_epoch: int, global_step: int, dist: Dist
+    ) -> None:
         """Weights (+ settings, classes, step) and the training state; every rank's RNG is kept.
 
         Raises:
@@ -206,13 +228,29 @@ class Run:
         self.saved_step = global_step
         if not self.main:
             return
-        model = saver(apt, model_args=cfg.model_args, extra_metadata={
-            "classes": json.dumps(cfg.classes), "global_step": str(global_step), "input_size": str(cfg.size)})
-        state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                 "global_step": global_step, "rng": rng}
+        model = saver(
+            apt,
+            model_args=cfg.model_args,
+            extra_metadata={
+                "classes": json.dumps(cfg.classes),
+                "global_step": str(global_step),
+                "input_size": str(cfg.size),
+            },
+        )
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "batches_in_epoch": batches_in_epoch,
+            "global_step": global_step,
+            "rng": rng,
+        }
         # both written first, then renamed back to back: the pair stays consistent
-        atomic_write_many([(self.folder / "model.safetensors", model),
-                           (self.folder / "train_state.pt", lambda tmp: torch.save(state, tmp))])
+        atomic_write_many(
+            [
+                (self.folder / "model.safetensors", model),
+                (self.folder / "train_state.pt", lambda tmp: torch.save(state, tmp)),
+            ]
+        )
 
     def restore(self, optimizer, dist: Dist) -> Tuple[int, int, int]:
         """What ``checkpoint`` saved: optimizer, RNGs, metrics; returns (epoch, batches_in_epoch, global_step)."""
@@ -220,11 +258,15 @@ class Run:
         hint = "the checkpoint is damaged; delete model.safetensors and train_state.pt to start the run again"
         with reading(out / "train_state.pt", "training state", hint):
             state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
-            epoch, batches_in_epoch, global_step, rng = (state[k] for k in ("epoch", "batches_in_epoch", "global_step", "rng"))
+            epoch, batches_in_epoch, global_step, rng = (
+                state[k] for k in ("epoch", "batches_in_epoch", "global_step", "rng")
+            )
         saved_step = read_metadata(out / "model.safetensors").get("global_step")
         if saved_step != str(global_step):
-            raise InputError(f"{out}: model.safetensors (step {saved_step}) and train_state.pt (step {global_step}) "
-                             "are from different steps (a crash between the two writes?); resume is not possible")
+            raise InputError(
+                f"{out}: model.safetensors (step {saved_step}) and train_state.pt (step {global_step}) "
+                "are from different steps (a crash between the two writes?); resume is not possible"
+            )
         with reading(out / "train_state.pt", "training state", hint):
             optimizer.load_state_dict(state["optimizer"])
         if len(rng) != dist.world:
@@ -235,21 +277,37 @@ class Run:
         return epoch, batches_in_epoch, global_step
 
     def diverged(self, step: int, what: str, cfg: TrainConfig) -> DivergedError:
-        kept = (f"the last good checkpoint (step {self.saved_step}) stays in {self.folder}" if self.saved_step is not None
-                else f"no checkpoint was written; {self.folder} can start again")
+        kept = (
+            f"the last good checkpoint (step {self.saved_step}) stays in {self.folder}"
+            if self.saved_step is not None
+            else f"no checkpoint was written; {self.folder} can start again"
+        )
         return DivergedError(f"step {step}: {what}: the run diverged (lower --lr, now {cfg.lr:g}); {kept}")
 
 
 def _validate(cfg: TrainConfig) -> None:
-    for name, value, low in (("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1), ("size", cfg.size, 1),
-                             ("log_every", cfg.log_every, 1), ("save_every", cfg.save_every, 0), ("workers", cfg.workers, 0)):
+    for name, value, low in (
+        ("epochs", cfg.epochs, 1),
+        ("batch_size", cfg.batch_size, 1),
+        ("size", cfg.size, 1),
+        ("log_every", cfg.log_every, 1),
+        ("save_every", cfg.save_every, 0),
+        ("workers", cfg.workers, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{name} ({_option(name)}) must be an int >= {low}, got {value!r}")
     check_side(cfg.size, "--size")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise InputError(f"max_steps (--max-steps) must be >= 1, got {cfg.max_steps}")
-    for name, value in (("lr", cfg.lr), ("warmup", cfg.warmup), ("drop_path", cfg.drop_path), ("min_lr", cfg.min_lr),
-                        ("weight_decay", cfg.weight_decay), ("clip_grad", cfg.clip_grad), ("label_smoothing", cfg.label_smoothing)):
+    for name, value in (
+        ("lr", cfg.lr),
+        ("warmup", cfg.warmup),
+        ("drop_path", cfg.drop_path),
+        ("min_lr", cfg.min_lr),
+        ("weight_decay", cfg.weight_decay),
+        ("clip_grad", cfg.clip_grad),
+        ("label_smoothing", cfg.label_smoothing),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InputError(f"{name} ({_option(name)}) must be a finite number, got {value!r}")
     if not 0.0 <= cfg.drop_path < 1.0:
@@ -257,11 +315,19 @@ def _validate(cfg: TrainConfig) -> None:
     resolve_dtype(cfg.dtype, "cpu")  # a clear error for an unknown name, before any work
     if cfg.device not in DEVICES:
         raise InputError(f"device must be one of {DEVICES}, got {cfg.device!r}")
-    if isinstance(cfg.new_layer_lr_scale, bool) or not isinstance(cfg.new_layer_lr_scale, (int, float)) or not cfg.new_layer_lr_scale > 0 \
-            or not math.isfinite(cfg.new_layer_lr_scale):
-        raise InputError(f"new_layer_lr_scale (--new-layer-lr-scale) must be a finite number > 0, got {cfg.new_layer_lr_scale}")
+    if (
+        isinstance(cfg.new_layer_lr_scale, bool)
+        or not isinstance(cfg.new_layer_lr_scale, (int, float))
+        or not cfg.new_layer_lr_scale > 0
+        or not math.isfinite(cfg.new_layer_lr_scale)
+    ):
+        raise InputError(
+            f"new_layer_lr_scale (--new-layer-lr-scale) must be a finite number > 0, got {cfg.new_layer_lr_scale}"
+        )
     if not 0.0 <= cfg.warmup < 1.0 or cfg.lr <= 0:
-        raise InputError(f"warmup (--warmup) must be a fraction in [0, 1) and lr (--lr) > 0, got {cfg.warmup} and {cfg.lr}")
+        raise InputError(
+            f"warmup (--warmup) must be a fraction in [0, 1) and lr (--lr) > 0, got {cfg.warmup} and {cfg.lr}"
+        )
     unknown = sorted(set(cfg.model_args) - set(TIMM_ARGS))
     if unknown:
         raise InputError(f"model_args {unknown} are not allowed; choose among {', '.join(TIMM_ARGS)}")
@@ -292,23 +358,36 @@ def resolve_config(cfg: TrainConfig, resume: bool, overrides: Optional[Dict]) ->
         raise InputError(f"--out {str(out)!r} is a file; give a folder for the run")
     present = {n for n in RUN_FILES if (out / n).is_file()}
     if not resume:
-        others = [p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp")] if out.is_dir() else []
+        others = (
+            [p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp")]
+            if out.is_dir()
+            else []
+        )
         if others or present & set(CHECKPOINT_FILES):
-            raise FileExistsError(f"run directory {str(out)!r} exists and is not empty; pass --resume to continue it or choose another --out")
+            raise FileExistsError(
+                f"run directory {str(out)!r} exists and is not empty; pass --resume to continue it or choose another --out"
+            )
         absolute = {k: os.path.abspath(v) for k in ("data", "checkpoint") if (v := getattr(cfg, k))}
         return dataclasses.replace(cfg, **absolute), False
     config = out / "config.json"
     if not config.is_file():
-        raise InputError(f"--resume: {str(out)!r} is not a run directory (no config.json); start the run without --resume")
+        raise InputError(
+            f"--resume: {str(out)!r} is not a run directory (no config.json); start the run without --resume"
+        )
     with reading(config, "run settings", "fix it, or delete the run directory and start again"):
         saved = TrainConfig.from_json(config.read_text())
     changes = overrides if overrides is not None else asdict(cfg)
-    refused = [f"{_option(k)} {v!r} (the run's: {getattr(saved, k)!r})" for k, v in changes.items()
-               if k not in RUN_CONTROL and k not in ("out", "classes") and not _same_setting(k, v, getattr(saved, k))]
+    refused = [
+        f"{_option(k)} {v!r} (the run's: {getattr(saved, k)!r})"
+        for k, v in changes.items()
+        if k not in RUN_CONTROL and k not in ("out", "classes") and not _same_setting(k, v, getattr(saved, k))
+    ]
     if refused:
         allowed = ", ".join(_option(k) for k in RUN_CONTROL)
-        raise InputError(f"--resume: {'; '.join(refused)} cannot change (config.json holds the run's settings); "
-                         f"only {allowed} may; start a new --out for other settings")
+        raise InputError(
+            f"--resume: {'; '.join(refused)} cannot change (config.json holds the run's settings); "
+            f"only {allowed} may; start a new --out for other settings"
+        )
     saved.out = cfg.out  # where the run is now (the folder may have moved)
     saved.max_steps = None  # the interrupted run's stop point is not this run's: to the end unless given
     for key, value in changes.items():
@@ -316,8 +395,10 @@ def resolve_config(cfg: TrainConfig, resume: bool, overrides: Optional[Dict]) ->
             setattr(saved, key, value)
     checkpoint = present & set(CHECKPOINT_FILES)
     if len(checkpoint) == 1:
-        raise InputError(f"--resume: {str(out)!r} holds only {checkpoint.pop()} of the checkpoint pair (a crash between the "
-                         "two renames?); delete it to start the run again")
+        raise InputError(
+            f"--resume: {str(out)!r} holds only {checkpoint.pop()} of the checkpoint pair (a crash between the "
+            "two renames?); delete it to start the run again"
+        )
     return saved, bool(checkpoint)
 
 
@@ -335,8 +416,13 @@ def _check_layout(layout_fn: Callable, size: int) -> None:
             np.random.set_state(np_state)
 
 
-def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callable] = None, log: Callable = print,
-             overrides: Optional[Dict] = None) -> dict:
+def finetune(
+    cfg: TrainConfig,
+    resume: bool = False,
+    layout_fn: Optional[Callable] = None,
+    log: Callable = print,
+    overrides: Optional[Dict] = None,
+) -> dict:
     """Fine-tune an APT conversion of ``cfg.model`` on ``cfg.data``; returns the last metrics.
 
     Everything is checked (settings, data, model, budget against the size, a writable ``cfg.out``) before
@@ -372,24 +458,46 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
     cfg.classes = list(train_set.classes)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    settings = {"thresholds": cfg.thresholds, "budget": cfg.budget, "scorer": cfg.scorer,
-                "patch_sizes": tuple(cfg.patch_sizes) if cfg.patch_sizes else None}
+    settings = {
+        "thresholds": cfg.thresholds,
+        "budget": cfg.budget,
+        "scorer": cfg.scorer,
+        "patch_sizes": tuple(cfg.patch_sizes) if cfg.patch_sizes else None,
+    }
     if continues:  # the run's own last weights; the original source (file or hub) is not needed any more
-        apt, _ = build_models(None, checkpoint=out / "model.safetensors", num_classes=len(cfg.classes),
-                              timm_kwargs={"drop_path_rate": cfg.drop_path}, log=lambda *a, **k: None)
+        apt, _ = build_models(
+            None,
+            checkpoint=out / "model.safetensors",
+            num_classes=len(cfg.classes),
+            timm_kwargs={"drop_path_rate": cfg.drop_path},
+            log=lambda *a, **k: None,
+        )
     else:
-        apt, _ = build_models(cfg.model, cfg.pretrained, cfg.checkpoint, len(cfg.classes), layout=settings,
-                              timm_kwargs={"drop_path_rate": cfg.drop_path, **cfg.model_args}, log=log_main)
+        apt, _ = build_models(
+            cfg.model,
+            cfg.pretrained,
+            cfg.checkpoint,
+            len(cfg.classes),
+            layout=settings,
+            timm_kwargs={"drop_path_rate": cfg.drop_path, **cfg.model_args},
+            log=log_main,
+        )
     apt.to(dist.device)
     if cfg.size % apt.patch_size:
         raise InputError(f"size {cfg.size} is not a multiple of the patch size {apt.patch_size}")
     mean, std = apt.pixel_mean_std()
     layout_fn = layout_fn or functools.partial(patch_layout, **apt.config.layout_kwargs())
     _check_layout(layout_fn, cfg.size)
-    train_data = LayoutDataset(train_set.samples, build_transform(cfg.size, True, mean, std, augment=cfg.augment), layout_fn, cfg.seed)
+    train_data = LayoutDataset(
+        train_set.samples, build_transform(cfg.size, True, mean, std, augment=cfg.augment), layout_fn, cfg.seed
+    )
     # the model's own eval crop, as `aptvit eval` uses it on the saved checkpoint
-    val_data = LayoutDataset(val_set.samples, build_transform(cfg.size, False, mean, std, apt.pretrained_cfg.get("crop_pct")),
-                             layout_fn, cfg.seed)
+    val_data = LayoutDataset(
+        val_set.samples,
+        build_transform(cfg.size, False, mean, std, apt.pretrained_cfg.get("crop_pct")),
+        layout_fn,
+        cfg.seed,
+    )
     sampler = ShardedSampler(len(train_data), dist.rank, dist.world, shuffle=True, seed=cfg.seed)
     batches_per_epoch = len(sampler) // cfg.batch_size
     if batches_per_epoch == 0:
@@ -400,7 +508,9 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
 
     model = apt
     if dist.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(apt, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            apt, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
     optimizer = create_optimizer_v2(param_groups(apt, cfg), "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(out, dist.main)
     torch.manual_seed(cfg.seed + 1000 * dist.rank)  # drop-path / dropout draws differ between ranks
@@ -411,8 +521,10 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
     elif resume:
         log_main(f"{out} has no checkpoint yet: starting the run from the beginning")
     run.start(cfg, fresh=not continues)
-    log_main(f"{apt.pretrained_cfg.get('architecture', cfg.model)}: {len(train_data)} train / {len(val_data)} val images, "
-             f"{len(cfg.classes)} classes, {dist.world} process(es) on {dist.device.type}, {batches_per_epoch} steps per epoch")
+    log_main(
+        f"{apt.pretrained_cfg.get('architecture', cfg.model)}: {len(train_data)} train / {len(val_data)} val images, "
+        f"{len(cfg.classes)} classes, {dist.world} process(es) on {dist.device.type}, {batches_per_epoch} steps per epoch"
+    )
 
     set_deterministic(cfg.deterministic)
     dtype = resolve_dtype(cfg.dtype, dist.device)
@@ -422,11 +534,17 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
     from tqdm import tqdm
 
     def evaluate_epoch() -> dict:
-        result = {"kind": "eval", "epoch": epoch, "step": global_step,
-                  **evaluate(apt, val_data, cfg.batch_size, cfg.workers, dist, mean, std, cfg.skip_bad_images, dtype=dtype)}
+        result = {
+            "kind": "eval",
+            "epoch": epoch,
+            "step": global_step,
+            **evaluate(apt, val_data, cfg.batch_size, cfg.workers, dist, mean, std, cfg.skip_bad_images, dtype=dtype),
+        }
         run.log_metrics(result)
-        log_main(f"epoch {epoch}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
-                 f"tokens kept {result['tokens_kept']:.1%}, {result['images_per_s']:.1f} img/s")
+        log_main(
+            f"epoch {epoch}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
+            f"tokens kept {result['tokens_kept']:.1%}, {result['images_per_s']:.1f} img/s"
+        )
         return result
 
     if continues and cfg.eval and epoch > 0 and batches_in_epoch == 0 and not run.has_eval(global_step):
@@ -437,14 +555,22 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
         sampler.set_epoch(epoch, skip=batches_in_epoch * cfg.batch_size)
         train_data.set_epoch(epoch)
         loader = make_loader(train_data, sampler, cfg.batch_size, cfg.workers, drop_last=True, plan=apt.planner())
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=batches_in_epoch, total=batches_per_epoch,
-                   disable=None if dist.main else True, leave=False)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            initial=batches_in_epoch,
+            total=batches_per_epoch,
+            disable=None if dist.main else True,
+            leave=False,
+        )
         window = {"loss": 0.0, "images": 0, "tokens": 0, "base": 0, "start": time.perf_counter(), "steps": 0}
         for batch in bar:
             batches_in_epoch += 1  # consumed, whether or not it becomes a step (resume skips by batches)
             if batch.bad:
                 if not cfg.skip_bad_images:
-                    raise InputError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
+                    raise InputError(
+                        f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files"
+                    )
                 bad_images += len(batch.bad)
             # every rank must take the step or none (DDP's collectives): skip when any rank has nothing
             if all_reduce_sum([float(batch.images.shape[0] == 0)], dist)[0] > 0:
@@ -472,13 +598,25 @@ def finetune(cfg: TrainConfig, resume: bool = False, layout_fn: Optional[Callabl
             window["base"] += int(batch.layout.num_base_tokens.sum())
             if global_step % cfg.log_every == 0 or batches_in_epoch == batches_per_epoch or global_step == stop:
                 loss_sum, steps, imgs, tokens, base = all_reduce_sum(
-                    [window["loss"], window["steps"], window["images"], window["tokens"], window["base"]], dist)
+                    [window["loss"], window["steps"], window["images"], window["tokens"], window["base"]], dist
+                )
                 seconds = time.perf_counter() - window["start"]
-                metrics = {"kind": "train", "epoch": epoch, "step": global_step, "loss": loss_sum / max(1, steps),
-                           "lr": optimizer.param_groups[0]["lr"], "images_per_s": imgs / seconds,
-                           "tokens_kept": tokens / max(1, base), "bad_images": bad_images}
+                metrics = {
+                    "kind": "train",
+                    "epoch": epoch,
+                    "step": global_step,
+                    "loss": loss_sum / max(1, steps),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": imgs / seconds,
+                    "tokens_kept": tokens / max(1, base),
+                    "bad_images": bad_images,
+                }
                 run.log_metrics(metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['images_per_s']:.1f}", kept=f"{metrics['tokens_kept']:.0%}")
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}",
+                    img_s=f"{metrics['images_per_s']:.1f}",
+                    kept=f"{metrics['tokens_kept']:.0%}",
+                )
                 window.update(loss=0.0, images=0, tokens=0, base=0, start=time.perf_counter(), steps=0)
             if global_step >= stop or (cfg.save_every and global_step % cfg.save_every == 0):
                 run.checkpoint(apt, optimizer, cfg, epoch, batches_in_epoch, global_step, dist)

@@ -1,4 +1,5 @@
 """Drawing a patch layout over its image (and, optionally, the score heat map beside it)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,16 +59,24 @@ def draw_layout(
         if by_size[s]:
             fill = 0.0 if s == p else 0.18
             ax.add_collection(PatchCollection(by_size[s], facecolor=colour, alpha=fill, edgecolor="none"))
-            ax.add_collection(PatchCollection(by_size[s], facecolor="none", edgecolor=colour, linewidth=0.6 if s == p else 1.3))
+            ax.add_collection(
+                PatchCollection(by_size[s], facecolor="none", edgecolor=colour, linewidth=0.6 if s == p else 1.3)
+            )
         handles.append(Patch(facecolor=colour, edgecolor=colour, label=f"{s}px: {counts[s]}"))
     pad_b, pad_r = padding
     if pad_b or pad_r:
         ax.add_patch(Rectangle((-0.5, h - pad_b - 0.5), w, pad_b, facecolor="k", alpha=0.35, hatch="//"))
         ax.add_patch(Rectangle((w - pad_r - 0.5, -0.5), pad_r, h, facecolor="k", alpha=0.35, hatch="//"))
     total, base = layout.total_tokens, int(layout.num_base_tokens[0])
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0) if panels == 1 else (0.0, -0.02),
-              fontsize=8, title=f"{total}/{base} tokens ({total / base:.0%})", title_fontsize=8,
-              ncol=1 if panels == 1 else len(handles))
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0) if panels == 1 else (0.0, -0.02),
+        fontsize=8,
+        title=f"{total}/{base} tokens ({total / base:.0%})",
+        title_fontsize=8,
+        ncol=1 if panels == 1 else len(handles),
+    )
     ax.set_axis_off()
     if scores is not None:
         hm = axes[0, 1].imshow(scores.cpu().float().numpy(), cmap="magma", interpolation="nearest")
@@ -86,17 +95,22 @@ def _output_stems(paths: Sequence[Path], out_dir) -> list:
     """Output names per image: the file's stem, or stem_suffix where two images would write the same file
     (a.jpg and a.png into one --out). Two images that still collide (the same name from two folders) are refused.
     """
+
     def key(path, stem):
         return ((Path(out_dir) if out_dir else path.parent).resolve(), stem)
 
     plain = [key(p, p.stem) for p in paths]
-    stems = [p.stem if plain.count(k) == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p, k in zip(paths, plain)]
+    stems = [
+        p.stem if plain.count(k) == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p, k in zip(paths, plain)
+    ]
     seen = {}
     for path, stem in zip(paths, stems):
         other = seen.setdefault(key(path, stem), path)
         if other != path:
-            raise InputError(f"{other} and {path} would both be drawn to {key(path, stem)[0] / (stem + '_apt.png')}; "
-                             "give them different names or show them one --out at a time")
+            raise InputError(
+                f"{other} and {path} would both be drawn to {key(path, stem)[0] / (stem + '_apt.png')}; "
+                "give them different names or show them one --out at a time"
+            )
     return stems
 
 
@@ -119,8 +133,8 @@ def show(
     """
     import json
 
-    from .core.quadtree import check_patch_sizes, patch_layout
     from .core.pixels import grayscale_255
+    from .core.quadtree import check_patch_sizes, patch_layout
     from .core.scoring import SCORERS
     from .images import fit_image, read_image
 
@@ -140,21 +154,42 @@ def show(
         grid = None
         if heatmap and len(sizes) > 1:
             grid = SCORERS[scorer](grayscale_255(img[None]), [sizes[1]], p)[sizes[1]][0]
-        draw_layout(img, layout, png, scores=grid, score_label=f"{scorer} score of {sizes[1] if grid is not None else p}px patches",
-                    title=path.name, padding=padding)
+        draw_layout(
+            img,
+            layout,
+            png,
+            scores=grid,
+            score_label=f"{scorer} score of {sizes[1] if grid is not None else p}px patches",
+            title=path.name,
+            padding=padding,
+        )
         tokens, base = layout.total_tokens, int(layout.num_base_tokens[0])
         note = f" (padded {padding[0]}px bottom, {padding[1]}px right to a multiple of {p})" if any(padding) else ""
         result = {
-            "image": str(path), "png": str(png), "height": img.shape[-2], "width": img.shape[-1],
-            "padding_bottom": padding[0], "padding_right": padding[1], "tokens": tokens, "base_tokens": base,
-            "patch_sizes": list(sizes), "counts": {str(s): int(c[0]) for s, c in layout.size_counts().items()},
+            "image": str(path),
+            "png": str(png),
+            "height": img.shape[-2],
+            "width": img.shape[-1],
+            "padding_bottom": padding[0],
+            "padding_right": padding[1],
+            "tokens": tokens,
+            "base_tokens": base,
+            "patch_sizes": list(sizes),
+            "counts": {str(s): int(c[0]) for s, c in layout.size_counts().items()},
         }
         if write_json:
             jpath = folder / f"{stem}_apt.json"
-            payload = {**result, "thresholds": {str(k): v for k, v in (thresholds or {}).items()} or None,
-                       "budget": budget, "scorer": scorer, "layout": layout.to_dict()}
+            payload = {
+                **result,
+                "thresholds": {str(k): v for k, v in (thresholds or {}).items()} or None,
+                "budget": budget,
+                "scorer": scorer,
+                "layout": layout.to_dict(),
+            }
             atomic_write(jpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
             result["json"] = str(jpath)
-        log(f"{path.name}: {tokens}/{base} tokens ({tokens / base:.1%}) at {img.shape[-2]}x{img.shape[-1]}{note} -> {png}")
+        log(
+            f"{path.name}: {tokens}/{base} tokens ({tokens / base:.1%}) at {img.shape[-2]}x{img.shape[-1]}{note} -> {png}"
+        )
         results.append(result)
     return results

@@ -14,6 +14,7 @@ beforehand ("layout given"), FLOP ratio, speedup; batch 1 and 8 also through ``C
 alternate, warm-up first, medians (``aptvit.bench.alternating_medians``). Needs only torch, timm, numpy and
 scikit-image (no aptvit install: run from the repository with PYTHONPATH=.).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,11 @@ FULL = [  # model, input size, batch, budget (None: default thresholds)
     ("vit_large_patch14_clip_336", 336, 64, None),
     ("vit_large_patch16_384", 448, 32, None),
 ]
-SMALL = [("vit_base_patch16_384", 384, 1, None), ("vit_base_patch16_384", 384, 8, None),
-         ("vit_base_patch16_384", 384, 1, 0.45)]
+SMALL = [
+    ("vit_base_patch16_384", 384, 1, None),
+    ("vit_base_patch16_384", 384, 8, None),
+    ("vit_base_patch16_384", 384, 1, 0.45),
+]
 QUICK = [("vit_tiny_patch16_224", 64, 4, None), ("vit_tiny_patch16_224", 64, 4, 0.45)]
 QUICK_SMALL = [("vit_tiny_patch16_224", 64, 1, None)]
 
@@ -74,7 +78,11 @@ def photos_and_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:
 def build(name: str, budget, device, num_classes: int = 1000, **kw):
     import timm
 
-    vit = timm.create_model(name, pretrained=False, dynamic_img_size=True, num_classes=num_classes, **kw).eval().to(device)
+    vit = (
+        timm.create_model(name, pretrained=False, dynamic_img_size=True, num_classes=num_classes, **kw)
+        .eval()
+        .to(device)
+    )
     apt = aptvit.convert(vit, budget=budget).eval()
     return vit, apt
 
@@ -107,8 +115,9 @@ def correctness(device, quick: bool) -> dict:
         layout = apt.make_layout(x)
         out["tokens_kept"] = layout.total_tokens / float(layout.num_base_tokens.sum())
         cpu_layout = apt.make_layout(x.cpu())  # the layout needs only the settings, not the weights
-        out["layout_device_equals_cpu"] = bool(torch.equal(cpu_layout.cells, layout.cells.cpu())
-                                              and torch.equal(cpu_layout.size, layout.size.cpu()))
+        out["layout_device_equals_cpu"] = bool(
+            torch.equal(cpu_layout.cells, layout.cells.cpu()) and torch.equal(cpu_layout.size, layout.size.cpu())
+        )
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         ref = None
         for backend in available_backends(device, dtype):
@@ -141,8 +150,11 @@ def correctness(device, quick: bool) -> dict:
         out["flex_fp32_grad_vs_pad"] = rel(grads["flex"], grads["pad"])
         apt.configure(attention="auto").eval()
     for k, v in out.items():
-        bad = (isinstance(v, float) and "vs" in k and v > (2e-2 if "bfloat16" in k or "graph" in k else 1e-4)) or \
-              (k.startswith("syncs_") and v > (1 if "without" in k or "patch_layout" in k else 0)) or v is False
+        bad = (
+            (isinstance(v, float) and "vs" in k and v > (2e-2 if "bfloat16" in k or "graph" in k else 1e-4))
+            or (k.startswith("syncs_") and v > (1 if "without" in k or "patch_layout" in k else 0))
+            or v is False
+        )
         print(f"{'FAIL' if bad else 'ok  '} {k}: {v}")
     return out
 
@@ -183,12 +195,23 @@ def timings(device, configs, small, runs: int, warmup: int, quick: bool) -> list
                 with autocast(device, dtype):
                     return apt(c)
 
-            sec = alternating_medians({"timm": timm_fn, "apt": apt_fn, "graph": runner}, chunks, runs, warmup, sync=sync)
-            graph_rows.append({"model": label, "size": size, "batch": batch, "timm_img_s": n / sec["timm"],
-                               "apt_img_s": n / sec["apt"], "apt_graph_img_s": n / sec["graph"],
-                               "graph_speedup": sec["timm"] / sec["graph"], "flop_ratio": row.flop_ratio,
-                               "graph_speedup_over_flop_ratio": sec["timm"] / sec["graph"] / row.flop_ratio,
-                               "graphs_captured": len(runner.graphs)})
+            sec = alternating_medians(
+                {"timm": timm_fn, "apt": apt_fn, "graph": runner}, chunks, runs, warmup, sync=sync
+            )
+            graph_rows.append(
+                {
+                    "model": label,
+                    "size": size,
+                    "batch": batch,
+                    "timm_img_s": n / sec["timm"],
+                    "apt_img_s": n / sec["apt"],
+                    "apt_graph_img_s": n / sec["graph"],
+                    "graph_speedup": sec["timm"] / sec["graph"],
+                    "flop_ratio": row.flop_ratio,
+                    "graph_speedup_over_flop_ratio": sec["timm"] / sec["graph"] / row.flop_ratio,
+                    "graphs_captured": len(runner.graphs),
+                }
+            )
         print(f"  {label} {size} b{batch}: {time.time() - t0:.1f}s", flush=True)
     return rows, graph_rows
 
@@ -212,15 +235,26 @@ def main() -> int:
     with torch.inference_mode():
         rows, graph_rows = timings(device, configs, small, runs, warmup, args.quick)
     print(format_table(rows))
-    print("\n| model | size | batch | timm img/s | APT img/s | APT graph img/s | graph speedup | FLOP ratio | speedup / FLOP ratio |")
+    print(
+        "\n| model | size | batch | timm img/s | APT img/s | APT graph img/s | graph speedup | FLOP ratio | speedup / FLOP ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for g in graph_rows:
-        print(f"| {g['model']} | {g['size']} | {g['batch']} | {g['timm_img_s']:.1f} | {g['apt_img_s']:.1f} | "
-              f"{g['apt_graph_img_s']:.1f} | {g['graph_speedup']:.2f}x | {g['flop_ratio']:.2f}x | {g['graph_speedup_over_flop_ratio']:.2f} |")
+        print(
+            f"| {g['model']} | {g['size']} | {g['batch']} | {g['timm_img_s']:.1f} | {g['apt_img_s']:.1f} | "
+            f"{g['apt_graph_img_s']:.1f} | {g['graph_speedup']:.2f}x | {g['flop_ratio']:.2f}x | {g['graph_speedup_over_flop_ratio']:.2f} |"
+        )
     from dataclasses import asdict
 
-    payload = {"date": str(datetime.date.today()), "device": card, "torch": torch.__version__, "checks": checks,
-               "rows": [asdict(r) for r in rows], "graph_rows": graph_rows, "seconds": time.time() - start}
+    payload = {
+        "date": str(datetime.date.today()),
+        "device": card,
+        "torch": torch.__version__,
+        "checks": checks,
+        "rows": [asdict(r) for r in rows],
+        "graph_rows": graph_rows,
+        "seconds": time.time() - start,
+    }
     from pathlib import Path
 
     from aptvit.core.io import atomic_write

@@ -5,6 +5,7 @@
 Prints ms per image for 32 photos at 448x448 and 4 at 1024x1024 (thresholds and budget mode),
 and, in the same run, timm's vit_base_patch16_224 (dynamic_img_size) forward at 448 on one image.
 """
+
 import statistics
 import time
 
@@ -32,7 +33,10 @@ def main():
     rows = []
     for count, size in [(32, 448), (4, 1024)]:
         images = photo_batch(count, size)
-        for label, kwargs in [("thresholds 32=5.5,64=4.0", dict(thresholds={32: 5.5, 64: 4.0})), ("budget 0.5", dict(budget=0.5))]:
+        for label, kwargs in [
+            ("thresholds 32=5.5,64=4.0", dict(thresholds={32: 5.5, 64: 4.0})),
+            ("budget 0.5", dict(budget=0.5)),
+        ]:
             ms = median_ms(lambda: aptvit.patch_layout(images, (16, 32, 64), **kwargs)) / count
             kept = aptvit.patch_layout(images, (16, 32, 64), **kwargs).num_tokens.float().mean() / (size // 16) ** 2
             rows.append((count, size, label, ms, float(kept)))

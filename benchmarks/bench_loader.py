@@ -5,6 +5,7 @@
 Trains vit_small_patch16_224 (random weights) at 224 on a generated ImageFolder for a few steps both ways
 (same data, same batches) and prints images/s; layouts are entropy, thresholds 32=5.5, 64=4.0.
 """
+
 import argparse
 import functools
 import statistics
@@ -63,9 +64,13 @@ def main():
             if step:  # the first step waits for the workers to start
                 speeds.append(args.batch / (time.perf_counter() - start))
         results.setdefault(where, []).append(statistics.median(speeds))
-    print(f"vit_small_patch16_224 at 224, batch {args.batch}, {args.workers} workers, {args.steps} steps, 2 rounds each")
+    print(
+        f"vit_small_patch16_224 at 224, batch {args.batch}, {args.workers} workers, {args.steps} steps, 2 rounds each"
+    )
     for where, values in results.items():
-        print(f"layouts in {where}: {statistics.mean(values):.1f} img/s (rounds: {', '.join(f'{v:.1f}' for v in values)})")
+        print(
+            f"layouts in {where}: {statistics.mean(values):.1f} img/s (rounds: {', '.join(f'{v:.1f}' for v in values)})"
+        )
 
 
 if __name__ == "__main__":

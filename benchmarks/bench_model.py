@@ -6,6 +6,7 @@ ViT-S/16 and ViT-B/16 (random weights, dynamic_img_size=True), photos resized to
 batch 1 and 8, default thresholds {32: 5.5, 64: 4.0}. Runs alternate between the two models after
 warm-up, under torch.inference_mode; times are medians per image. Same code as `aptvit bench`.
 """
+
 import argparse
 import datetime
 import platform
@@ -31,8 +32,10 @@ def main():
         models.append((name, vit.eval(), apt.eval()))
     rows = run_bench(models, [int(s) for s in args.sizes.split(",")], [1, 8], photos, runs=args.runs)
     when = datetime.date.today().isoformat()
-    print(f"{when}, {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"8 scikit-image photos, thresholds 32=5.5,64=4.0, runs={args.runs}")
+    print(
+        f"{when}, {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"8 scikit-image photos, thresholds 32=5.5,64=4.0, runs={args.runs}"
+    )
     print(format_table(rows))
     if args.json:
         write_json(rows, args.json, {"date": when, "torch": torch.__version__})

@@ -6,6 +6,7 @@ entropy's default threshold does. Prints the table to put in ``DEFAULT_THRESHOLD
 
     python benchmarks/calibrate_thresholds.py
 """
+
 import numpy as np
 import skimage.data
 import torch

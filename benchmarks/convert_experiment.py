@@ -16,6 +16,7 @@
    Throughput: batches of 64, models alternating, warm-up, medians, torch.inference_mode; APT's
    layout computation is included, Random's layouts are precomputed (model only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,10 @@ from aptvit.bench import alternating_medians
 from aptvit.core.layout import PatchLayout
 from aptvit.core.quadtree import patch_layout
 from aptvit.data import LayoutDataset, build_transform, image_folder
+from aptvit.distributed import Dist
 from aptvit.evaluate import evaluate
 from aptvit.images import normalise
 from aptvit.nn.convert import load
-from aptvit.distributed import Dist
 from aptvit.train import TrainConfig, finetune
 
 CLASSES = ("horizontal", "vertical", "checker", "diagonal")
@@ -97,7 +98,9 @@ APT_LAYOUT = functools.partial(patch_layout, patch_sizes=PATCH_SIZES, thresholds
 def accuracy(model, data: Path, layout_fn, uniform=False) -> dict:
     mean, std = model.pixel_mean_std() if not uniform else (model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
     items = image_folder(data / "val")
-    dataset = LayoutDataset(items.samples, build_transform(SIZE, False, mean, std, crop_pct=1.0), None if uniform else layout_fn)
+    dataset = LayoutDataset(
+        items.samples, build_transform(SIZE, False, mean, std, crop_pct=1.0), None if uniform else layout_fn
+    )
     return evaluate(model, dataset, 64, 2, Dist(), mean, std, uniform=uniform, progress=False)
 
 
@@ -120,22 +123,53 @@ def main():
     out = Path(args.out)
     t0 = time.perf_counter()
     data = make_dataset(out / "data", args.train, args.val)
-    common = dict(model=MODEL, model_args=MODEL_ARGS, data=str(data), size=SIZE, patch_sizes=PATCH_SIZES, augment="none",
-                  batch_size=64, workers=2, log_every=20, eval=False)
+    common = dict(
+        model=MODEL,
+        model_args=MODEL_ARGS,
+        data=str(data),
+        size=SIZE,
+        patch_sizes=PATCH_SIZES,
+        augment="none",
+        batch_size=64,
+        workers=2,
+        log_every=20,
+        eval=False,
+    )
     quiet = lambda *a, **k: None  # noqa: E731
 
     source_dir = out / "source"
     if not (source_dir / "model.safetensors").is_file():
-        finetune(TrainConfig(out=str(source_dir), epochs=args.source_epochs, thresholds=NEVER, lr=1e-3, warmup=0.1,
-                             drop_path=0.1, **common), log=quiet)
+        finetune(
+            TrainConfig(
+                out=str(source_dir),
+                epochs=args.source_epochs,
+                thresholds=NEVER,
+                lr=1e-3,
+                warmup=0.1,
+                drop_path=0.1,
+                **common,
+            ),
+            log=quiet,
+        )
     t_source = time.perf_counter() - t0
     tuned = {}
     for name, layout_fn in (("apt", None), ("random", random_same_count)):
         run_dir = out / f"{name}_1ep"
         if not (run_dir / "model.safetensors").is_file():
-            finetune(TrainConfig(out=str(run_dir), checkpoint=str(source_dir / "model.safetensors"), epochs=1,
-                                 thresholds=APT_THRESHOLDS, lr=3e-4, warmup=0.1, drop_path=0.1, **common),
-                     layout_fn=layout_fn, log=quiet)
+            finetune(
+                TrainConfig(
+                    out=str(run_dir),
+                    checkpoint=str(source_dir / "model.safetensors"),
+                    epochs=1,
+                    thresholds=APT_THRESHOLDS,
+                    lr=3e-4,
+                    warmup=0.1,
+                    drop_path=0.1,
+                    **common,
+                ),
+                layout_fn=layout_fn,
+                log=quiet,
+            )
         tuned[name] = load(run_dir / "model.safetensors", model=None).eval()
 
     source = load(source_dir / "model.safetensors").eval()  # APT wrapper of the source; never merges
@@ -152,27 +186,44 @@ def main():
     # throughput on the val images, batches of 64; APT and Random compute their layouts inside
     mean, std = source.pixel_mean_std()
     items = image_folder(data / "val")
-    val = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p, _ in items.samples[:512]])
+    val = torch.stack(
+        [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p, _ in items.samples[:512]]
+    )
     x = normalise(val, mean, std)
     # Random's layouts are made outside the timed region: a per-image random choice is no product path
-    random_layouts = {c.data_ptr(): PatchLayout.cat([random_same_count(val[i : i + 1]) for i in range(k, k + c.shape[0])])
-                      for k, c in zip(range(0, 512, 64), x.split(64))}
+    random_layouts = {
+        c.data_ptr(): PatchLayout.cat([random_same_count(val[i : i + 1]) for i in range(k, k + c.shape[0])])
+        for k, c in zip(range(0, 512, 64), x.split(64))
+    }
 
     def random_forward(c):
         return tuned["random"](c, layout=random_layouts[c.data_ptr()])
 
-    speed = throughput({"source (uniform ViT)": timm_source, "APT, 1 epoch": tuned["apt"], "Random (same token count), 1 epoch": random_forward}, x)
+    speed = throughput(
+        {
+            "source (uniform ViT)": timm_source,
+            "APT, 1 epoch": tuned["apt"],
+            "Random (same token count), 1 epoch": random_forward,
+        },
+        x,
+    )
     speed["converted, before fine-tuning (resize only)"] = None
     total = time.perf_counter() - t0
-    print(f"train {args.train}, val {args.val}, source epochs {args.source_epochs}; source training {t_source / 60:.1f} min, "
-          f"whole experiment {total / 60:.1f} min")
+    print(
+        f"train {args.train}, val {args.val}, source epochs {args.source_epochs}; source training {t_source / 60:.1f} min, "
+        f"whole experiment {total / 60:.1f} min"
+    )
     print("| model | top-1 (%) | tokens kept | images/s (batch 64) | vs source |")
     print("|---|---|---|---|---|")
     base_speed = speed["source (uniform ViT)"]
     for name, r in rows.items():
         s = speed.get(name)
-        print(f"| {name} | {r['top1']:.1f} | {r['tokens_kept']:.1%} | {f'{s:.0f}' if s else '(as APT)'} | {f'{s / base_speed:.2f}x' if s else ''} |")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "images_per_s": speed, "minutes": total / 60}, indent=2))
+        print(
+            f"| {name} | {r['top1']:.1f} | {r['tokens_kept']:.1%} | {f'{s:.0f}' if s else '(as APT)'} | {f'{s / base_speed:.2f}x' if s else ''} |"
+        )
+    (out / "results.json").write_text(
+        json.dumps({"rows": rows, "images_per_s": speed, "minutes": total / 60}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ No download code: the files come from ``apt-get install dataset-fashion-mnist`` 
 IDX format: two zero bytes, a type code (0x08 = uint8, ...), the number of dimensions, then one
 big-endian int32 per dimension, then the values, big-endian, row-major.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -60,7 +61,9 @@ def find_folder(folder: Optional[Union[str, Path]] = None) -> Path:
     root = Path(folder) if folder is not None else DEFAULT_FOLDER
     missing = [name for pair in FILES.values() for name in pair if not (root / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}); install it: {INSTALL_HINT}")
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}); install it: {INSTALL_HINT}"
+        )
     return root
 
 
@@ -80,4 +83,8 @@ def load_splits(folder: Optional[Union[str, Path]] = None, val: int = 5000, seed
         raise ValueError(f"val must be in (0, {len(images)}), got {val}")
     order = np.random.default_rng(seed).permutation(len(images))
     held, kept = order[:val], order[val:]
-    return {"train": (images[kept], labels[kept]), "val": (images[held], labels[held]), "test": read_split(root, "test")}
+    return {
+        "train": (images[kept], labels[kept]),
+        "val": (images[held], labels[held]),
+        "test": read_split(root, "test"),
+    }

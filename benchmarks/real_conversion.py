@@ -15,7 +15,8 @@ zero-shot, at each token budget:
 - uniform lower resolution with about the same token count (position embedding resampled, one epoch);
 - ToMe (benchmarks/tome.py) zero-shot and one epoch, r chosen to match APT's FLOPs.
 APT's new-layer learning-rate multiplier (``TrainConfig.new_layer_lr_scale``) is chosen on the
-validation split at budget ``budgets[len(budgets) // 2]`` (35% with the defaults) and used by APT and Random. Recipe: AdamW (wd 0.05, no decay on norms/biases/positions),
+validation split at budget ``budgets[len(budgets) // 2]`` (35% with the defaults) and used by APT and Random.
+Recipe: AdamW (wd 0.05, no decay on norms/biases/positions),
 linear warm-up + cosine (``aptvit.train.lr_at``), label smoothing 0.1, drop path 0.1, gradient clipping 1,
 random horizontal flips (no RandAugment: it is slow on this CPU and 28-px images).
 
@@ -25,10 +26,10 @@ Per row: test top-1, tokens kept (patch tokens per block, mean, / 196), FLOPs pe
 Written atomically: RESULTS.json, RESULTS.png (test top-1 against images/s, one curve per method) and
 RESULTS_table.md.
 """
+
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -79,8 +80,17 @@ def unnormalise(x: torch.Tensor) -> torch.Tensor:
 def create_vit(args, size: int = SIZE, drop_path: float = 0.0):
     import timm
 
-    return timm.create_model(MODEL, pretrained=False, img_size=size, patch_size=PATCH, embed_dim=args.width, depth=args.depth,
-                             num_heads=args.heads, num_classes=10, drop_path_rate=drop_path)
+    return timm.create_model(
+        MODEL,
+        pretrained=False,
+        img_size=size,
+        patch_size=PATCH,
+        embed_dim=args.width,
+        depth=args.depth,
+        num_heads=args.heads,
+        num_classes=10,
+        drop_path_rate=drop_path,
+    )
 
 
 def random_scores(gray, sizes, base):
@@ -101,7 +111,12 @@ class Method:
 
 def uniform_method(vit) -> Method:
     flops = tome_flops(vit, 0, BASE_TOKENS)
-    return Method(vit, lambda x, px: (vit(x), x.shape[0]), lambda b: (torch.full((b,), float(BASE_TOKENS)), torch.full((b,), flops)), vit)
+    return Method(
+        vit,
+        lambda x, px: (vit(x), x.shape[0]),
+        lambda b: (torch.full((b,), float(BASE_TOKENS)), torch.full((b,), flops)),
+        vit,
+    )
 
 
 def apt_method(vit, budget: float, random: bool = False) -> Method:
@@ -138,8 +153,12 @@ def lowres_method(source_state: dict, args, side: int) -> Method:
     def run(x):
         return vit(F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False))
 
-    return Method(vit, lambda x, px: (run(x), x.shape[0]),
-                  lambda b: (torch.full((b,), float(tokens)), torch.full((b,), flops)), run)
+    return Method(
+        vit,
+        lambda x, px: (run(x), x.shape[0]),
+        lambda b: (torch.full((b,), float(tokens)), torch.full((b,), flops)),
+        run,
+    )
 
 
 def tome_method(vit, r: int) -> Method:
@@ -148,12 +167,18 @@ def tome_method(vit, r: int) -> Method:
     # patch tokens per block: each block's attention sees n, its MLP n - r; count the mean of the two
     mean_tokens = float(np.mean([n - 1 - ri / 2 for n, ri in schedule]))
     flops = tome_flops(vit, r, BASE_TOKENS)
-    return Method(model, lambda x, px: (model(x), x.shape[0]),
-                  lambda b: (torch.full((b,), mean_tokens), torch.full((b,), flops)), model)
+    return Method(
+        model,
+        lambda x, px: (model(x), x.shape[0]),
+        lambda b: (torch.full((b,), mean_tokens), torch.full((b,), flops)),
+        model,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train(method: Method, data: Tuple[torch.Tensor, torch.Tensor], epochs: int, cfg: TrainConfig, seed: int, log: Callable) -> float:
+def train(
+    method: Method, data: Tuple[torch.Tensor, torch.Tensor], epochs: int, cfg: TrainConfig, seed: int, log: Callable
+) -> float:
     """``epochs`` passes over ``data`` (gray uint8 (N, 1, 56, 56), labels), the library's recipe; returns seconds."""
     images, labels = data
     module = method.module
@@ -211,6 +236,7 @@ def detail_share(apt, data, n: int = 250) -> float:
     def keep(key, dim):
         def hook(module, inputs, output):  # returns None: the output is left alone
             seen.setdefault(key, output.norm(dim=dim).mean())
+
         return hook
 
     hooks = [layer.register_forward_hook(keep("detail", -1)) for layer in apt.apt.detail_proj.values()]
@@ -225,8 +251,19 @@ def detail_share(apt, data, n: int = 250) -> float:
 def layout_gflops(method: Method, images: torch.Tensor) -> float:
     """Mean GFLOPs per image of an APT method on ``images`` (layouts only: FLOPs do not depend on the weights)."""
     with torch.inference_mode():
-        return float(torch.cat([method.stats(patch_layout(batch_pixels(c)[0], PATCH_SIZES, budget=method.module.config.budget))[1]
-                                for c in images.split(250)]).mean()) / 1e9
+        return (
+            float(
+                torch.cat(
+                    [
+                        method.stats(patch_layout(batch_pixels(c)[0], PATCH_SIZES, budget=method.module.config.budget))[
+                            1
+                        ]
+                        for c in images.split(250)
+                    ]
+                ).mean()
+            )
+            / 1e9
+        )
 
 
 def throughput(fns: Dict[str, Callable], images: torch.Tensor, runs: int, warmup: int) -> Dict[str, float]:
@@ -244,12 +281,20 @@ def write_text(path: Path, text: str) -> None:
 
 
 def table(rows: List[dict], source: dict) -> str:
-    lines = ["| method | budget | test top-1 (%) | vs source | tokens kept | GFLOPs | images/s | vs source |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | budget | test top-1 (%) | vs source | tokens kept | GFLOPs | images/s | vs source |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        speed = f"{r['images_per_s']:.0f} | {r['images_per_s'] / source['images_per_s']:.2f}x" if r.get("images_per_s") else "(as below) | "
-        lines.append(f"| {r['name']} | {r['budget'] or '-'} | {r['top1']:.2f} | {r['top1'] - source['top1']:+.2f} | "
-                     f"{r['tokens_kept']:.0%} | {r['gflops']:.4f} | {speed} |")
+        speed = (
+            f"{r['images_per_s']:.0f} | {r['images_per_s'] / source['images_per_s']:.2f}x"
+            if r.get("images_per_s")
+            else "(as below) | "
+        )
+        lines.append(
+            f"| {r['name']} | {r['budget'] or '-'} | {r['top1']:.2f} | {r['top1'] - source['top1']:+.2f} | "
+            f"{r['tokens_kept']:.0%} | {r['gflops']:.4f} | {speed} |"
+        )
     return "\n".join(lines)
 
 
@@ -294,7 +339,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning lr (every one-epoch row)")
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--budgets", default="0.5,0.35", help="tokens kept, fractions of the 196 base tokens")
-    p.add_argument("--lr-scales", default="1,10,30", help="new-layer lr multipliers tried on the val split (middle budget)")
+    p.add_argument(
+        "--lr-scales", default="1,10,30", help="new-layer lr multipliers tried on the val split (middle budget)"
+    )
     p.add_argument("--val", type=int, default=5000, help="validation images used (of the 5,000 held out)")
     p.add_argument("--test", type=int, default=10000, help="test images used (the official split has 10,000)")
     p.add_argument("--speed-images", type=int, default=256)
@@ -329,7 +376,10 @@ def main(argv=None) -> int:
         return 2
     gen = np.random.default_rng(args.seed)
     train_idx = gen.permutation(len(splits["train"][0]))
-    src_idx, ft_idx = train_idx[: args.source_train], train_idx[: args.finetune_train]  # the fine-tuning subset is part of the source's
+    src_idx, ft_idx = (
+        train_idx[: args.source_train],
+        train_idx[: args.finetune_train],
+    )  # the fine-tuning subset is part of the source's
     data = {
         "source": (upsample(splits["train"][0][src_idx]), torch.from_numpy(splits["train"][1][src_idx])),
         "finetune": (upsample(splits["train"][0][ft_idx]), torch.from_numpy(splits["train"][1][ft_idx])),
@@ -338,7 +388,10 @@ def main(argv=None) -> int:
     }
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("work", "results", "runs", "speed_images", "threads")}, sort_keys=True)
+    key = json.dumps(
+        {k: v for k, v in vars(args).items() if k not in ("work", "results", "runs", "speed_images", "threads")},
+        sort_keys=True,
+    )
     cache_file = work / "rows.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     if cache.get("key") != key:
@@ -348,20 +401,50 @@ def main(argv=None) -> int:
         write_text(cache_file, json.dumps(cache, indent=1))
 
     def base_cfg(**kw) -> TrainConfig:
-        d = dict(model=MODEL, data="-", out="-", batch_size=64, lr=args.lr, warmup=0.1, weight_decay=0.05, label_smoothing=0.1,
-                 clip_grad=1.0, new_layer_lr_scale=1.0)
+        d = dict(
+            model=MODEL,
+            data="-",
+            out="-",
+            batch_size=64,
+            lr=args.lr,
+            warmup=0.1,
+            weight_decay=0.05,
+            label_smoothing=0.1,
+            clip_grad=1.0,
+            new_layer_lr_scale=1.0,
+        )
         d.update(kw)
         return TrainConfig(**d)
 
     # 1. the source: trained from scratch, uniform, cached
-    source_key = json.dumps([args.width, args.depth, args.heads, args.source_train, args.source_epochs, args.source_lr, args.seed, args.drop_path])
+    source_key = json.dumps(
+        [
+            args.width,
+            args.depth,
+            args.heads,
+            args.source_train,
+            args.source_epochs,
+            args.source_lr,
+            args.seed,
+            args.drop_path,
+        ]
+    )
     source_file = work / "source.pt"
     saved = torch.load(source_file, weights_only=True) if source_file.is_file() else None
     if saved is None or saved["key"] != source_key:
-        log(f"training the source: {args.source_train} images x {args.source_epochs} epochs, width {args.width}, depth {args.depth}")
+        log(
+            f"training the source: {args.source_train} images x {args.source_epochs} epochs, width {args.width}, depth {args.depth}"
+        )
         torch.manual_seed(args.seed)
         vit = create_vit(args, drop_path=args.drop_path)
-        seconds = train(uniform_method(vit), data["source"], args.source_epochs, base_cfg(lr=args.source_lr, warmup=0.05), args.seed, log)
+        seconds = train(
+            uniform_method(vit),
+            data["source"],
+            args.source_epochs,
+            base_cfg(lr=args.source_lr, warmup=0.05),
+            args.seed,
+            log,
+        )
         saved = {"key": source_key, "state": vit.state_dict(), "seconds": seconds}
         atomic_write(source_file, lambda tmp: torch.save(saved, tmp))
     source_state = saved["state"]
@@ -372,8 +455,15 @@ def main(argv=None) -> int:
         vit.load_state_dict(source_state)
         return vit.eval()
 
-    def row(name: str, build: Callable[[], Method], epochs: int, cfg: Optional[TrainConfig] = None, split: str = "test",
-            freeze_detail: bool = False, extra: Optional[Callable[[Method], dict]] = None) -> dict:
+    def row(
+        name: str,
+        build: Callable[[], Method],
+        epochs: int,
+        cfg: Optional[TrainConfig] = None,
+        split: str = "test",
+        freeze_detail: bool = False,
+        extra: Optional[Callable[[Method], dict]] = None,
+    ) -> dict:
         """Build, train one epoch (or none), evaluate on ``split``; cached by name."""
         cache_name = f"{split}:{name}"
         if cache_name in cache["rows"]:
@@ -389,7 +479,9 @@ def main(argv=None) -> int:
             log(f"  fine-tuning {name}")
             seconds = train(method, data["finetune"], epochs, cfg or base_cfg(), args.seed + 1, log)
         result = {"name": name, **evaluate(method, data[split]), "train_s": seconds, **(extra(method) if extra else {})}
-        log(f"  {split} {name}: top-1 {result['top1']:.2f}, tokens {result['tokens_kept']:.0%}, {result['gflops']:.4f} GFLOPs")
+        log(
+            f"  {split} {name}: top-1 {result['top1']:.2f}, tokens {result['tokens_kept']:.0%}, {result['gflops']:.4f} GFLOPs"
+        )
         cache["rows"][cache_name] = result
         save_cache()
         return result
@@ -398,9 +490,14 @@ def main(argv=None) -> int:
     mid = args.budgets[len(args.budgets) // 2]
     sweep = {}
     for scale in args.lr_scales:
-        sweep[scale] = row(f"APT 1 epoch, new-layer lr x{scale:g}, budget {mid}", lambda: apt_method(fresh_vit(), mid), 1,
-                           base_cfg(new_layer_lr_scale=scale), split="val",
-                           extra=lambda m: {"detail_share": detail_share(m.module, data["val"])})
+        sweep[scale] = row(
+            f"APT 1 epoch, new-layer lr x{scale:g}, budget {mid}",
+            lambda: apt_method(fresh_vit(), mid),
+            1,
+            base_cfg(new_layer_lr_scale=scale),
+            split="val",
+            extra=lambda m: {"detail_share": detail_share(m.module, data["val"])},
+        )
     best_scale = max(args.lr_scales, key=lambda s: (sweep[s]["top1"], -s))
     tried = ", ".join("x%g: %.2f" % (s, r["top1"]) for s, r in sweep.items())
     log(f"new-layer lr multiplier on val: {tried} -> x{best_scale:g}")
@@ -415,17 +512,43 @@ def main(argv=None) -> int:
         # FLOPs do not depend on the weights: APT's on the validation images, then the ToMe r closest to them
         apt_gflops = layout_gflops(apt_method(fresh_vit(), budget), data["val"][0][:1000])
         vit = create_vit(args)
-        tome_r[budget] = min(range(0, BASE_TOKENS // 2), key=lambda r: abs(tome_flops(vit, r, BASE_TOKENS) / 1e9 - apt_gflops))
+        tome_r[budget] = min(
+            range(0, BASE_TOKENS // 2), key=lambda r: abs(tome_flops(vit, r, BASE_TOKENS) / 1e9 - apt_gflops)
+        )
         r = tome_r[budget]
         specs = [
             ("APT zero-shot (resize only)", "APT zero-shot", lambda: apt_method(fresh_vit(), budget), 0, {}),
-            ("APT 1 epoch", "APT 1 epoch", lambda: apt_method(fresh_vit(), budget), 1,
-             dict(cfg=base_cfg(new_layer_lr_scale=best_scale), extra=lambda m: {"detail_share": detail_share(m.module, data["val"])})),
-            ("APT 1 epoch, detail path frozen at 0", "APT 1 epoch, detail frozen", lambda: apt_method(fresh_vit(), budget), 1,
-             dict(freeze_detail=True)),
-            ("Random patches, 1 epoch", "Random 1 epoch", lambda: apt_method(fresh_vit(), budget, random=True), 1,
-             dict(cfg=base_cfg(new_layer_lr_scale=best_scale))),  # APT's recipe: Random has the same new layers
-            (f"lower resolution {side}x{side}, 1 epoch", "lower resolution 1 epoch", lambda: lowres_method(source_state, args, side), 1, {}),
+            (
+                "APT 1 epoch",
+                "APT 1 epoch",
+                lambda: apt_method(fresh_vit(), budget),
+                1,
+                dict(
+                    cfg=base_cfg(new_layer_lr_scale=best_scale),
+                    extra=lambda m: {"detail_share": detail_share(m.module, data["val"])},
+                ),
+            ),
+            (
+                "APT 1 epoch, detail path frozen at 0",
+                "APT 1 epoch, detail frozen",
+                lambda: apt_method(fresh_vit(), budget),
+                1,
+                dict(freeze_detail=True),
+            ),
+            (
+                "Random patches, 1 epoch",
+                "Random 1 epoch",
+                lambda: apt_method(fresh_vit(), budget, random=True),
+                1,
+                dict(cfg=base_cfg(new_layer_lr_scale=best_scale)),
+            ),  # APT's recipe: Random has the same new layers
+            (
+                f"lower resolution {side}x{side}, 1 epoch",
+                "lower resolution 1 epoch",
+                lambda: lowres_method(source_state, args, side),
+                1,
+                {},
+            ),
             (f"ToMe r={r} zero-shot", "ToMe zero-shot", lambda: tome_method(fresh_vit(), r), 0, {}),
             (f"ToMe r={r}, 1 epoch", "ToMe 1 epoch", lambda: tome_method(fresh_vit(), r), 1, {}),
         ]
@@ -448,8 +571,16 @@ def main(argv=None) -> int:
     timing_start = time.perf_counter()
     speed = throughput(timers, data["test"][0][: args.speed_images], args.runs, warmup=1)
     timings["throughput_s"] = time.perf_counter() - timing_start
-    which = {"source": "source", "APT zero-shot": "apt", "APT 1 epoch": "apt", "APT 1 epoch, detail frozen": "apt",
-             "Random 1 epoch": "random", "lower resolution 1 epoch": "lowres", "ToMe zero-shot": "tome", "ToMe 1 epoch": "tome"}
+    which = {
+        "source": "source",
+        "APT zero-shot": "apt",
+        "APT 1 epoch": "apt",
+        "APT 1 epoch, detail frozen": "apt",
+        "Random 1 epoch": "random",
+        "lower resolution 1 epoch": "lowres",
+        "ToMe zero-shot": "tome",
+        "ToMe 1 epoch": "tome",
+    }
     for r in rows:
         kind = which["source" if r["key"] == "source" else r["curve"]]
         r["images_per_s"] = speed["source"] if kind == "source" else speed[f"{kind}@{r['budget']}"]
@@ -458,11 +589,22 @@ def main(argv=None) -> int:
     timings["total_s"] = time.perf_counter() - t0
     source = rows[0]
     results = {
-        "settings": {k: v for k, v in vars(args).items()}, "model": {"name": MODEL, "img_size": SIZE, "patch_size": PATCH,
-        "patch_sizes": PATCH_SIZES, "width": args.width, "depth": args.depth, "heads": args.heads},
+        "settings": {k: v for k, v in vars(args).items()},
+        "model": {
+            "name": MODEL,
+            "img_size": SIZE,
+            "patch_size": PATCH,
+            "patch_sizes": PATCH_SIZES,
+            "width": args.width,
+            "depth": args.depth,
+            "heads": args.heads,
+        },
         "new_layer_lr_scale": {"tried_on_val": {f"{s:g}": sweep[s] for s in args.lr_scales}, "chosen": best_scale},
-        "tome_r": {f"{b:g}": r for b, r in tome_r.items()}, "rows": rows, "timings_s": timings,
-        "torch": torch.__version__, "threads": args.threads,
+        "tome_r": {f"{b:g}": r for b, r in tome_r.items()},
+        "rows": rows,
+        "timings_s": timings,
+        "torch": torch.__version__,
+        "threads": args.threads,
     }
     out = Path(args.results)
     write_text(out.with_name(out.name + ".json"), json.dumps(results, indent=2))
@@ -470,8 +612,10 @@ def main(argv=None) -> int:
     write_text(out.with_name(out.name + "_table.md"), text + "\n")
     plot(rows, out.with_name(out.name + ".png"))
     print(text)
-    log(f"source training {timings['source_training_s'] / 60:.1f} min, whole run {timings['total_s'] / 60:.1f} min; "
-        f"results: {out}.json, {out}.png, {out}_table.md")
+    log(
+        f"source training {timings['source_training_s'] / 60:.1f} min, whole run {timings['total_s'] / 60:.1f} min; "
+        f"results: {out}.json, {out}.png, {out}_table.md"
+    )
     return 0
 
 

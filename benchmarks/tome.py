@@ -15,6 +15,7 @@ attention and the MLP branch, ``r`` tokens are merged away by bipartite soft mat
 The class token is never merged. Unmerged A tokens keep their order, followed by B. This is an
 independent implementation for the benchmark; no code from the authors' repository was used.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Sequence, Tuple, Union
@@ -90,7 +91,9 @@ def proportional_attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = size.log().transpose(1, 2)[:, None]  # (B, 1, 1, N): one bias per key
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias.to(q.dtype), dropout_p=attn.attn_drop.p if attn.training else 0.0
+    )
     y = attn.norm(y.transpose(1, 2).reshape(b, n, -1))
     return attn.proj_drop(attn.proj(y)), k.mean(dim=1)
 
@@ -118,7 +121,9 @@ class ToMeViT(nn.Module):
     def __init__(self, vit: nn.Module, r: Union[int, Sequence[int]] = 0) -> None:
         super().__init__()
         if getattr(vit, "global_pool", None) not in ("token", "avg"):
-            raise ValueError(f"ToMeViT supports global_pool 'token' or 'avg', got {getattr(vit, 'global_pool', None)!r}")
+            raise ValueError(
+                f"ToMeViT supports global_pool 'token' or 'avg', got {getattr(vit, 'global_pool', None)!r}"
+            )
         if vit.num_prefix_tokens != 1 - int(vit.global_pool == "avg" and vit.cls_token is None):
             raise ValueError("ToMeViT supports one class token (or none with avg pooling), no register tokens")
         if any(getattr(b.attn, "gate", None) is not None for b in vit.blocks):
@@ -165,7 +170,10 @@ def tome_flops(vit: nn.Module, r: Union[int, Sequence[int]], tokens: int) -> flo
     patch = vit.patch_embed.patch_size[0]
     total = 2.0 * tokens * vit.patch_embed.proj.in_channels * patch * patch * dim + 2.0 * dim * vit.num_classes
     for blk, (n, ri) in zip(vit.blocks, token_schedule(tokens + p, r, len(vit.blocks), p)):
-        attn_linear = blk.attn.qkv.in_features * blk.attn.qkv.out_features + blk.attn.proj.in_features * blk.attn.proj.out_features
+        attn_linear = (
+            blk.attn.qkv.in_features * blk.attn.qkv.out_features
+            + blk.attn.proj.in_features * blk.attn.proj.out_features
+        )
         mlp = sum(m.in_features * m.out_features for m in blk.mlp.modules() if isinstance(m, nn.Linear))
         attn_dim = blk.attn.num_heads * blk.attn.head_dim
         total += 2 * n * attn_linear + 4 * n * n * attn_dim + 2 * (n - ri) * mlp

@@ -12,10 +12,10 @@ A large token stands for several base cells, so the projector gets its position 
 learned code of the token's normalised centre and size is added before the projection. No language
 model is needed to run this; the "LLM" below is only an embedding width.
 """
-import torch
-from torch import nn
 
 import timm
+import torch
+from torch import nn
 
 import aptvit
 

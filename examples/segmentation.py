@@ -15,6 +15,7 @@ see the same batches.
 Reported: mIoU on 160 held-out scenes, training images/s and inference images/s (encoder + head,
 batch 8, alternating, warm-up, medians, torch.inference_mode; APT's layout included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,9 @@ def scene(rng: np.random.Generator):
     img = c0 + (c1 - c0) * t[..., None] + rng.normal(0, 1.0, (SIZE, SIZE, 3))
     kind = rng.integers(0, 3)  # 0 plain, 1 textured, 2 half textured
     if kind:
-        texture = rng.normal(0, 28, (SIZE // 4, SIZE // 4, 1)).repeat(4, 0).repeat(4, 1) + rng.normal(0, 12, (SIZE, SIZE, 1))
+        texture = rng.normal(0, 28, (SIZE // 4, SIZE // 4, 1)).repeat(4, 0).repeat(4, 1) + rng.normal(
+            0, 12, (SIZE, SIZE, 1)
+        )
         mask = np.ones((SIZE, SIZE, 1)) if kind == 1 else (xx < SIZE / 2)[..., None]
         img = img + texture * mask
     label = np.zeros((SIZE, SIZE), dtype=np.int64)
@@ -89,14 +92,26 @@ class Decoder(nn.Module):
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         levels = self.pyramid(grid)
         top = levels[0]
-        x = sum(F.interpolate(l, size=top.shape[-2:], mode="bilinear", align_corners=False) if l is not top else l for l in levels)
+        x = sum(
+            F.interpolate(l, size=top.shape[-2:], mode="bilinear", align_corners=False) if l is not top else l
+            for l in levels
+        )
         return F.interpolate(self.classify(self.fuse(x)), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
 
 
 def make_encoder(seed: int):
     torch.manual_seed(seed)
-    return timm.create_model("vit_small_patch16_224", pretrained=False, img_size=SIZE, embed_dim=192, depth=6,
-                             num_heads=3, num_classes=0, dynamic_img_size=True, drop_path_rate=0.0)
+    return timm.create_model(
+        "vit_small_patch16_224",
+        pretrained=False,
+        img_size=SIZE,
+        embed_dim=192,
+        depth=6,
+        num_heads=3,
+        num_classes=0,
+        dynamic_img_size=True,
+        drop_path_rate=0.0,
+    )
 
 
 def uniform_dense(vit):
@@ -159,8 +174,11 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--train", type=int, default=1200)
     parser.add_argument("--val", type=int, default=160)
-    parser.add_argument("--variants", default="entropy:repeat,entropy:smooth,upsample:repeat,laplacian:repeat",
-                        help="APT encoders to train, SCORER:UNMERGE (unmerge: repeat or smooth)")
+    parser.add_argument(
+        "--variants",
+        default="entropy:repeat,entropy:smooth,upsample:repeat,laplacian:repeat",
+        help="APT encoders to train, SCORER:UNMERGE (unmerge: repeat or smooth)",
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -186,21 +204,28 @@ def main():
             apt = aptvit.convert(vit, scorer=scorer)  # the scorer's default thresholds (README)
             apt.pretrained_cfg.update(mean=(0.5,) * 3, std=(0.5,) * 3)
             smooth = unmerge == "smooth"
-            fn, params = (lambda a, s: (lambda x: a.forward_dense(x, smooth=s)))(apt, smooth), apt.parameters()
-            kept[name] = aptvit.patch_layout(val_x, (16, 32, 64), scorer=scorer).num_tokens.float().mean().item() / (SIZE // 16) ** 2
+            fn, params = (lambda a, s: lambda x: a.forward_dense(x, smooth=s))(apt, smooth), apt.parameters()
+            kept[name] = (
+                aptvit.patch_layout(val_x, (16, 32, 64), scorer=scorer).num_tokens.float().mean().item()
+                / (SIZE // 16) ** 2
+            )
         print(f"training {name}", flush=True)
         train_speed = train(name, fn, params, decoder, train_x, train_y, args.steps, args.batch, mean, std)
         for m in (vit, decoder):
             m.eval()
         results[name] = {"miou": evaluate(fn, decoder, val_x, val_y, mean, std), "train_img_s": train_speed}
-        fns[name] = (lambda f, d: (lambda x: d(f(x))))(fn, decoder)
+        fns[name] = (lambda f, d: lambda x: d(f(x)))(fn, decoder)
     speeds = inference_speed(fns, val_x, mean, std)
-    print(f"\n{args.train} train / {args.val} val scenes at {SIZE}px, {args.steps} steps of batch {args.batch}; "
-          f"{(time.perf_counter() - t0) / 60:.1f} min in all")
+    print(
+        f"\n{args.train} train / {args.val} val scenes at {SIZE}px, {args.steps} steps of batch {args.batch}; "
+        f"{(time.perf_counter() - t0) / 60:.1f} min in all"
+    )
     print("| encoder (scorer, unmerge) | tokens kept | mIoU (%) | train img/s | inference img/s | inference speedup |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {kept[name]:.1%} | {r['miou']:.1f} | {r['train_img_s']:.1f} | {speeds[name]:.1f} | {speeds[name] / speeds['uniform']:.2f}x |")
+        print(
+            f"| {name} | {kept[name]:.1%} | {r['miou']:.1f} | {r['train_img_s']:.1f} | {speeds[name]:.1f} | {speeds[name] / speeds['uniform']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared test helpers: real photos from scikit-image, small images, hypothesis profile."""
+
 import os
 
 import numpy as np

@@ -6,6 +6,7 @@ program wait for the device: ``.item()``/``bool()``/``int()`` (``aten._local_sca
 ``masked_select``, ``bincount``, ``torch.equal``. ``.tolist()`` on a CPU tensor dispatches nothing;
 on a CUDA tensor it shows as a copy to the CPU, which ``host_reads`` counts.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -15,9 +16,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ALWAYS_DATA_DEPENDENT = {
-    "aten._local_scalar_dense", "aten.nonzero", "aten.nonzero_static", "aten.masked_select", "aten.unique",
-    "aten._unique", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive", "aten.bincount", "aten.equal",
-    "aten.is_nonzero", "aten.argwhere",
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.nonzero_static",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique",
+    "aten._unique2",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
+    "aten.bincount",
+    "aten.equal",
+    "aten.is_nonzero",
+    "aten.argwhere",
 }
 
 
@@ -51,13 +62,22 @@ class OpCounter(TorchDispatchMode):
         if name in ALWAYS_DATA_DEPENDENT:
             self.data_dependent.append(overload)
         elif name == "aten.repeat_interleave" and "Tensor" in overload and kwargs.get("output_size") is None:
-            if not (len(args) > 2 and args[2] is not None) and not any(isinstance(a, torch.Tensor) and a.dim() == 0 for a in args[1:2]):
+            if not (len(args) > 2 and args[2] is not None) and not any(
+                isinstance(a, torch.Tensor) and a.dim() == 0 for a in args[1:2]
+            ):
                 self.data_dependent.append(overload)
-        elif name in ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_") and _is_bool_index(args):
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_") and _is_bool_index(
+            args
+        ):
             self.data_dependent.append(f"{overload} (boolean mask)")
         if name in ("aten._to_copy", "aten.copy_"):
             src = args[1] if name == "aten.copy_" else args[0]
             dst_device = kwargs.get("device") if name == "aten._to_copy" else args[0].device
-            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst_device is not None and torch.device(dst_device).type == "cpu":
+            if (
+                isinstance(src, torch.Tensor)
+                and src.device.type != "cpu"
+                and dst_device is not None
+                and torch.device(dst_device).type == "cpu"
+            ):
                 self.host_reads += 1
         return func(*args, **kwargs)

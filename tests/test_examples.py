@@ -1,4 +1,5 @@
 """The benchmark and example scripts still run (tiny settings); their real outputs are in BENCHMARKS.md."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(*argv, timeout=3600):
     # a guard against a hung script, not a speed check: the quick conversion experiment alone takes ~4.5 CPU minutes,
     # and a shared, busy machine stretched it to ~25 min of wall time (pytest -n 2 at a load of 10 on 2 cores)
-    result = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -19,7 +22,10 @@ def test_mllm_projector_example():
     lines = [l for l in out.splitlines() if l.startswith("image ")]
     assert len(lines) == 2
     for line in lines:
-        kept, base = (int(w) for w in line.split(" visual tokens instead of ")[0].split()[-1:] + line.split("instead of ")[1].split()[:1])
+        kept, base = (
+            int(w)
+            for w in line.split(" visual tokens instead of ")[0].split()[-1:] + line.split("instead of ")[1].split()[:1]
+        )
         assert kept <= base // 2
 
 

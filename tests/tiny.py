@@ -1,4 +1,5 @@
 """Tiny timm ViTs (depth 2, width 64) built with timm's own classes, one per supported family."""
+
 import timm
 import torch
 
@@ -10,7 +11,10 @@ FAMILIES = {
     "deit": ("deit_tiny_patch16_224", {}),
     "clip_prenorm": ("vit_base_patch16_clip_224", {}),
     "reg_dinov2_p14": ("vit_small_patch14_reg4_dinov2", dict(img_size=56)),
-    "qknorm_layerscale": ("vit_tiny_patch16_224", dict(qk_norm=True, init_values=0.5, global_pool="avgmax", reg_tokens=2)),
+    "qknorm_layerscale": (
+        "vit_tiny_patch16_224",
+        dict(qk_norm=True, init_values=0.5, global_pool="avgmax", reg_tokens=2),
+    ),
 }
 
 

@@ -1,11 +1,22 @@
 """Pure tensor functions: pixels, scores, layouts, packing. No nn.Module, no timm."""
+
 from .layout import PatchLayout, check_patch_sizes, from_boxes
 from .pixels import check_images, grayscale_255, pad_to_multiple
 from .quadtree import DEFAULT_THRESHOLDS, default_thresholds, patch_layout
 from .scoring import SCORERS, entropy_scores, laplacian_scores, upsampling_error_scores
 
 __all__ = [
-    "PatchLayout", "from_boxes", "check_images", "grayscale_255", "pad_to_multiple", "DEFAULT_THRESHOLDS",
-    "check_patch_sizes", "default_thresholds", "patch_layout", "SCORERS", "entropy_scores",
-    "laplacian_scores", "upsampling_error_scores",
+    "PatchLayout",
+    "from_boxes",
+    "check_images",
+    "grayscale_255",
+    "pad_to_multiple",
+    "DEFAULT_THRESHOLDS",
+    "check_patch_sizes",
+    "default_thresholds",
+    "patch_layout",
+    "SCORERS",
+    "entropy_scores",
+    "laplacian_scores",
+    "upsampling_error_scores",
 ]

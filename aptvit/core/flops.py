@@ -3,9 +3,9 @@
 Counted: the patch projection, every linear layer, attention's two matmuls, the APT detail path and
 the head; not counted: norms, activations, softmax, additions (a few percent, equal on both sides).
 """
+
 from __future__ import annotations
 
-import math
 from typing import Sequence, Tuple
 
 import torch

@@ -5,6 +5,7 @@ where they happen (reading a file, writing a file), not by exception type: ``rea
 ``writing(path)`` turn whatever a read or a write raises into a ``UserError`` that names the file and says what
 to do. The command line shows a ``UserError`` as one line; anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import errno
@@ -41,10 +42,15 @@ def user_os_error(original: OSError, message: str) -> UserError:
 
 
 _REASONS = {
-    errno.ENOENT: "does not exist", errno.EISDIR: "is a directory",
+    errno.ENOENT: "does not exist",
+    errno.EISDIR: "is a directory",
     errno.ENOTDIR: "is not a folder (a part of the path is a file)",
-    errno.ELOOP: "is a symbolic link loop", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-    errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+    errno.ELOOP: "is a symbolic link loop",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
 }
 
 
@@ -95,8 +101,11 @@ def _disk_full(folder: Path) -> bool:
 
 def _write_message(path: Path, e: BaseException) -> str:
     reason = _REASONS[errno.ENOSPC] if not isinstance(e, OSError) and _disk_full(path.parent) else _reason(e)
-    hint = {"no space left on device": "free some space or write elsewhere", "read-only file system": "choose a writable folder",
-            "permission denied": "choose a writable folder"}.get(reason)
+    hint = {
+        "no space left on device": "free some space or write elsewhere",
+        "read-only file system": "choose a writable folder",
+        "permission denied": "choose a writable folder",
+    }.get(reason)
     return f"cannot write {str(path)!r}: {reason}" + (f"; {hint}" if hint else "")
 
 
@@ -167,8 +176,10 @@ def check_side(value, name: str = "--size") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name} {value} must be a positive number of pixels")
     if value > MAX_SIDE:
-        raise InputError(f"{name} {value} is above the limit of {MAX_SIDE} pixels per side (aptvit.core.io.MAX_SIDE); "
-                         "use a smaller size")
+        raise InputError(
+            f"{name} {value} is above the limit of {MAX_SIDE} pixels per side (aptvit.core.io.MAX_SIDE); "
+            "use a smaller size"
+        )
     return value
 
 

@@ -13,6 +13,7 @@ All per-token tensors share one index space, the packed patch tokens (no prefix 
 Images in one layout may have different sizes (a list of images); ``cell_index`` is then only
 available per image, through ``cell_index_of(i)``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -117,7 +118,9 @@ class PatchLayout:
     @property
     def cell_offsets(self) -> torch.Tensor:
         """(B+1,) long: offsets of each image's cells in ``cells``."""
-        return to_device(list(itertools.accumulate([0] + [gh * gw for gh, gw in self.grid_sizes])), torch.long, self.device)
+        return to_device(
+            list(itertools.accumulate([0] + [gh * gw for gh, gw in self.grid_sizes])), torch.long, self.device
+        )
 
     @property
     def cell_index(self) -> torch.Tensor:
@@ -170,8 +173,15 @@ class PatchLayout:
         """The same layout with its tensors on ``device``."""
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return PatchLayout(
-            self.patch_sizes, self.image_sizes, move(self.y), move(self.x), move(self.size),
-            move(self.cu_seqlens), move(self.cells), self.max_seqlen, self.offsets,
+            self.patch_sizes,
+            self.image_sizes,
+            move(self.y),
+            move(self.x),
+            move(self.size),
+            move(self.cu_seqlens),
+            move(self.cells),
+            self.max_seqlen,
+            self.offsets,
         )
 
     def image(self, i: int) -> "PatchLayout":
@@ -183,9 +193,15 @@ class PatchLayout:
         start = sum(gh * gw for gh, gw in self.grid_sizes[:i])
         gh, gw = self.grid_sizes[i]
         return PatchLayout(
-            self.patch_sizes, (self.image_sizes[i],), self.y[lo:hi], self.x[lo:hi], self.size[lo:hi],
+            self.patch_sizes,
+            (self.image_sizes[i],),
+            self.y[lo:hi],
+            self.x[lo:hi],
+            self.size[lo:hi],
             to_device([0, hi - lo], torch.int32, self.device),
-            self.cells[start : start + gh * gw] - lo, hi - lo, (0, hi - lo),
+            self.cells[start : start + gh * gw] - lo,
+            hi - lo,
+            (0, hi - lo),
         )
 
     @staticmethod
@@ -288,17 +304,28 @@ def from_boxes(
     device = y.device
     t = y.shape[0]
     if not (x.shape == size.shape == (t,)):
-        raise ValueError(f"y, x, size must be (T,) tensors of one length, got {tuple(y.shape)}, {tuple(x.shape)}, {tuple(size.shape)}")
+        raise ValueError(
+            f"y, x, size must be (T,) tensors of one length, got {tuple(y.shape)}, {tuple(x.shape)}, {tuple(size.shape)}"
+        )
     cu = cu_seqlens.long()
     offsets = tuple(int(v) for v in cu.tolist()) if cu.dim() == 1 else ()
-    if len(offsets) != len(image_sizes) + 1 or offsets[0] != 0 or offsets[-1] != t or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"cu_seqlens must be ({len(image_sizes) + 1},) offsets from 0 to {t}, non-decreasing; got {cu.tolist()}")
+    if (
+        len(offsets) != len(image_sizes) + 1
+        or offsets[0] != 0
+        or offsets[-1] != t
+        or any(b < a for a, b in zip(offsets, offsets[1:]))
+    ):
+        raise ValueError(
+            f"cu_seqlens must be ({len(image_sizes) + 1},) offsets from 0 to {t}, non-decreasing; got {cu.tolist()}"
+        )
     for h, w in image_sizes:
         if h % p or w % p or h <= 0 or w <= 0:
             raise ValueError(f"image size {h}x{w} is not a positive multiple of the base patch size {p}")
     allowed = torch.tensor(patch_sizes, device=device)
     if t and (bool((~torch.isin(size, allowed)).any()) or bool((y % size).any()) or bool((x % size).any())):
-        raise ValueError(f"every box must have a size in {patch_sizes} and sit on the grid of its size (y, x multiples of it)")
+        raise ValueError(
+            f"every box must have a size in {patch_sizes} and sit on the grid of its size (y, x multiples of it)"
+        )
     image = seq_index(cu)
     grid_h = torch.tensor([h // p for h, _ in image_sizes], dtype=torch.long, device=device)
     grid_w = torch.tensor([w // p for _, w in image_sizes], dtype=torch.long, device=device)
@@ -307,7 +334,9 @@ def from_boxes(
     k = size // p
     # Each token covers a k x k block of cells: expand every token into its cells.
     cover = torch.repeat_interleave(torch.arange(y.shape[0], device=device), k * k)
-    within = torch.arange(cover.shape[0], device=device) - torch.repeat_interleave(torch.cumsum(k * k, 0) - k * k, k * k)
+    within = torch.arange(cover.shape[0], device=device) - torch.repeat_interleave(
+        torch.cumsum(k * k, 0) - k * k, k * k
+    )
     kk = k[cover]
     row = y[cover] // p + within // kk
     col = x[cover] // p + within % kk
@@ -321,6 +350,13 @@ def from_boxes(
     cells = torch.empty(total, dtype=torch.long, device=device)
     cells[flat] = cover
     return PatchLayout(
-        tuple(patch_sizes), tuple(image_sizes), y, x, size, cu_seqlens.to(torch.int32), cells,
-        max((b - a for a, b in zip(offsets, offsets[1:])), default=0), offsets,
+        tuple(patch_sizes),
+        tuple(image_sizes),
+        y,
+        x,
+        size,
+        cu_seqlens.to(torch.int32),
+        cells,
+        max((b - a for a, b in zip(offsets, offsets[1:])), default=0),
+        offsets,
     )

@@ -20,6 +20,7 @@ Planning uses only host integers (image sizes, the layout's ``offsets``) and sha
 runs without a device sync on the layout's device; on the CPU (data-loader workers) it costs microseconds, and
 ``PackedBatch.to(device, non_blocking=True)`` moves the result in one go.
 """
+
 from __future__ import annotations
 
 import math
@@ -200,15 +201,30 @@ def plan_packed(
     table = [v for pg, qg in zip(plan, pos_plan) for e, q in zip(pg, qg) for v in (*e, *q)]  # (G * S, 5)
     prefix_pos = [seq_offsets[i] + j for i in range(b) for j in range(P)]
     dump = num_seqs  # the pooling row of tokens that are not pooled
-    prefix_cols = [v for i in range(b) for j in range(P) for v in (m + j, pos_zero, i, i if pool_prefix else dump, int(pool_prefix))]
+    prefix_cols = [
+        v
+        for i in range(b)
+        for j in range(P)
+        for v in (m + j, pos_zero, i, i if pool_prefix else dump, int(pool_prefix))
+    ]
     pad_cols = [v for _ in range(pad) for v in (0, pos_zero, b, dump, 0)]
     counts = [offsets[i + 1] - offsets[i] for i in range(b)]
     one_group = len(groups) == 1
-    parts = [level_of, table, cells, prefix_pos, prefix_cols, pad_cols, list(range(n_real, n)), list(seq_offsets),
-             counts] + ([] if one_group else [group_key, local])
+    parts = [
+        level_of,
+        table,
+        cells,
+        prefix_pos,
+        prefix_cols,
+        pad_cols,
+        list(range(n_real, n)),
+        list(seq_offsets),
+        counts,
+    ] + ([] if one_group else [group_key, local])
     host = _host_to(torch.tensor([v for part in parts for v in part], dtype=torch.long), device)
     level_of, table, cells, prefix_pos, prefix_cols, pad_cols, pad_pos, cu_seqlens, counts, *per_image = host.split(
-        [len(part) for part in parts])
+        [len(part) for part in parts]
+    )
 
     # ---- per patch token: image, packed position, bank rows (a (group, size) table lookup)
     img = torch.repeat_interleave(counts, output_size=t)
@@ -224,12 +240,26 @@ def plan_packed(
 
     # ---- every packed row at once: [bank row, position row, sequence, pooling row, pooling weight]
     dest = torch.cat([patch_pos, prefix_pos, pad_pos])
-    cols = torch.cat([torch.stack([bank_row, pos_row, img, img, k * k], 1), prefix_cols.view(-1, 5), pad_cols.view(-1, 5)])
+    cols = torch.cat(
+        [torch.stack([bank_row, pos_row, img, img, k * k], 1), prefix_cols.view(-1, 5), pad_cols.view(-1, 5)]
+    )
     token_src, pos_src, seq, pool_seq, weight = torch.empty_like(cols).index_copy_(0, dest, cols).unbind(1)
     return PackedBatch(
-        layout=layout, groups=groups, num_prefix=P, offsets=seq_offsets, max_seqlen=longest, num_seqs=num_seqs,
-        cu_seqlens=cu_seqlens.to(torch.int32), seq=seq, token_src=token_src, pos_src=pos_src, patch_pos=patch_pos,
-        prefix_pos=prefix_pos.view(b, P), pool_weight=weight / cells[pool_seq], pool_seq=pool_seq, pad=pad,
+        layout=layout,
+        groups=groups,
+        num_prefix=P,
+        offsets=seq_offsets,
+        max_seqlen=longest,
+        num_seqs=num_seqs,
+        cu_seqlens=cu_seqlens.to(torch.int32),
+        seq=seq,
+        token_src=token_src,
+        pos_src=pos_src,
+        patch_pos=patch_pos,
+        prefix_pos=prefix_pos.view(b, P),
+        pool_weight=weight / cells[pool_seq],
+        pool_seq=pool_seq,
+        pad=pad,
     )
 
 

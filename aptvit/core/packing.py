@@ -4,6 +4,7 @@ A packed batch stores the tokens of B images one after another in a (T, ...) ten
 ``cu_seqlens`` (B+1,) offsets. A ViT adds P prefix tokens (class, registers) in front of each
 image's patch tokens, so its packed sequence is, per image, [prefix (P), patches (N_i)].
 """
+
 from __future__ import annotations
 
 from typing import Tuple

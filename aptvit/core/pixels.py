@@ -3,6 +3,7 @@
 Every scorer and layout starts here, so that bad input fails once, early, with a message that
 names the argument, instead of deep inside torch.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,7 +101,9 @@ def group_by_size(images, name: str = "images") -> List[Tuple[List[int], torch.T
             raise ValueError(f"{name} must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
         return [(list(range(images.shape[0])), images)]
     if not isinstance(images, (list, tuple)) or len(images) == 0:
-        raise TypeError(f"{name} must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}")
+        raise TypeError(
+            f"{name} must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}"
+        )
     groups: Dict[tuple, List[int]] = {}
     for i, im in enumerate(images):
         if not isinstance(im, torch.Tensor) or im.dim() != 3:

@@ -21,6 +21,7 @@ The only host read per image size brings back the token counts (cu_seqlens, max_
 the (min, max) of float pixels and a NaN-score flag; bad input is reported right after it, before the
 layout is built. The boxes are valid by construction, so the layout skips ``from_boxes``' checks.
 """
+
 from __future__ import annotations
 
 import functools
@@ -368,8 +369,15 @@ def _layout(sizes, image_sizes, tok: _Tokens) -> PatchLayout:
     """PatchLayout from tokens that are valid by construction (no re-validation, no device sync)."""
     counts = [hi - lo for lo, hi in zip(tok.offsets, tok.offsets[1:])]
     return PatchLayout(
-        tuple(sizes), tuple((int(h), int(w)) for h, w in image_sizes), tok.y, tok.x, tok.size, tok.cu_seqlens,
-        tok.cells, max(counts), tok.offsets,
+        tuple(sizes),
+        tuple((int(h), int(w)) for h, w in image_sizes),
+        tok.y,
+        tok.x,
+        tok.size,
+        tok.cu_seqlens,
+        tok.cells,
+        max(counts),
+        tok.offsets,
     )
 
 
@@ -417,4 +425,6 @@ def _check_scores(scores, sizes, b, h, w, device) -> None:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else got
             raise ValueError(f"scorer returned {shape} for patch size {s}; expected a tensor of shape {want}")
         if not got.is_floating_point() or got.device != torch.device(device):
-            raise ValueError(f"scorer must return floating point scores on {device}, got {got.dtype} on {got.device} for patch size {s}")
+            raise ValueError(
+                f"scorer must return floating point scores on {device}, got {got.dtype} on {got.device} for patch size {s}"
+            )

@@ -18,6 +18,7 @@ which the token-budget mode relies on):
 Every scale comes from one pass over the pixels: the base grid is computed from the pixels and each
 coarser grid by combining 2x2 children (histograms add, means average).
 """
+
 from __future__ import annotations
 
 import math
@@ -69,7 +70,9 @@ def _coarsen(grid: torch.Tensor, reduce: str) -> torch.Tensor:
     return g.sum((2, 4)) if reduce == "sum" else g.mean((2, 4))
 
 
-def _per_scale(base_grid: torch.Tensor, sizes: Sequence[int], base_size: int, reduce: str, finish) -> Dict[int, torch.Tensor]:
+def _per_scale(
+    base_grid: torch.Tensor, sizes: Sequence[int], base_size: int, reduce: str, finish
+) -> Dict[int, torch.Tensor]:
     """Walk up the quadtree from the base grid, keeping the levels that were asked for."""
     out: Dict[int, torch.Tensor] = {}
     grid, size = base_grid, base_size
@@ -82,7 +85,9 @@ def _per_scale(base_grid: torch.Tensor, sizes: Sequence[int], base_size: int, re
         grid, size = _coarsen(grid, reduce), size * 2
 
 
-def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bins: int = 512) -> Dict[int, torch.Tensor]:
+def entropy_scores(
+    gray: torch.Tensor, sizes: Sequence[int], base_size: int, bins: int = 512
+) -> Dict[int, torch.Tensor]:
     """Shannon entropy (bits) of each patch's intensity histogram, for every requested size.
 
     The histograms of the smallest requested size come from one scatter-add over the pixels;
@@ -128,7 +133,6 @@ def entropy_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int, bin
         return math.log2(n) - torch.special.xlogy(c, c).sum(-1) / (n * math.log(2.0))
 
     return _per_scale(hist, sizes, first, "sum", finish)
-
 
 
 def laplacian_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int) -> Dict[int, torch.Tensor]:

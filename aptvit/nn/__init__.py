@@ -1,4 +1,5 @@
 """nn.Module layers: adaptive patch embedding, varlen attention, the converted model."""
+
 from .attention import BACKENDS, available_backends, varlen_attention
 from .embed import AdaptivePatchEmbed
 from .model import APTConfig, APTViT

@@ -20,6 +20,7 @@ Every backend reads what it needs from the planned batch (``core.packed.PackedBa
 the host offsets ("loop"), the padded-row index ("pad"), the sequence id of each token ("flex"); none reads a
 value from the device.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -165,8 +166,9 @@ def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, pad_index)
         return t.new_zeros(rows, heads, hd).index_copy(0, pad_index, t).view(s, max_seqlen, heads, hd).transpose(1, 2)
 
     valid = torch.zeros(rows, dtype=torch.bool, device=q.device).index_fill_(0, pad_index, True)
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid.view(s, 1, 1, max_seqlen),
-                                         dropout_p=dropout_p, scale=scale)
+    out = F.scaled_dot_product_attention(
+        pad(q), pad(k), pad(v), attn_mask=valid.view(s, 1, 1, max_seqlen), dropout_p=dropout_p, scale=scale
+    )
     return out.transpose(1, 2).reshape(rows, heads, hd).index_select(0, pad_index)
 
 
@@ -197,8 +199,9 @@ def _flex_attention(q, k, v, cu_seqlens, scale, seq):
     return fn(q, k, v, block_mask=mask, scale=scale)[0].transpose(0, 1)
 
 
-def packed_self_attention(attn: nn.Module, x: torch.Tensor, packed, backend: str,
-                          pad_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+def packed_self_attention(
+    attn: nn.Module, x: torch.Tensor, packed, backend: str, pad_index: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Run a timm ``Attention`` module on packed tokens, using its own layers and settings.
 
     The projections, q/k norms, output norm, gate and dropouts are the module's own; only the
@@ -219,8 +222,19 @@ def packed_self_attention(attn: nn.Module, x: torch.Tensor, packed, backend: str
     q, k, v = attn.qkv(x).view(t, 3, attn.num_heads, attn.head_dim).unbind(1)  # (N, H, hd) each
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
-    out = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, backend, dropout_p, attn.scale,
-                           offsets=packed.offsets, pad_index=pad_index, seq=packed.seq)
+    out = varlen_attention(
+        q,
+        k,
+        v,
+        packed.cu_seqlens,
+        packed.max_seqlen,
+        backend,
+        dropout_p,
+        attn.scale,
+        offsets=packed.offsets,
+        pad_index=pad_index,
+        seq=packed.seq,
+    )
     out = out.reshape(t, attn.num_heads * attn.head_dim)
     out = getattr(attn, "norm", nn.Identity())(out)
     if gate is not None:

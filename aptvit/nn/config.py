@@ -1,4 +1,5 @@
 """``APTConfig``: the conversion settings of an APT model, validated once, saved with the weights."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,13 @@ class APTConfig:
 
     def layout_kwargs(self) -> dict:
         """The ``patch_layout`` arguments these settings stand for."""
-        return {"patch_sizes": self.patch_sizes, "thresholds": self.thresholds, "budget": self.budget,
-                "scorer": self.scorer, "bins": self.bins}
+        return {
+            "patch_sizes": self.patch_sizes,
+            "thresholds": self.thresholds,
+            "budget": self.budget,
+            "scorer": self.scorer,
+            "bins": self.bins,
+        }
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -4,6 +4,7 @@ A saved file is a safetensors state dict (timm's keys plus ``apt.*``) with metad
 ``aptvit`` (the conversion settings as JSON), ``architecture`` and ``timm_args`` (enough to
 re-create the timm model with ``timm.create_model`` when ``load`` gets no model).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,32 @@ FORMAT_VERSION = "1"
 PRETRAINED_CFG_KEYS = ("architecture", "tag", "mean", "std", "crop_pct", "crop_mode", "input_size", "interpolation")
 # The only ``timm.create_model`` arguments a checkpoint may carry: the structure that ``_timm_args`` records and
 # the regularisation rates. Nothing that names a file (checkpoint_path, pretrained_cfg_overlay) or a class.
-TIMM_ARGS = ("class_token", "reg_tokens", "no_embed_class", "pos_embed", "pre_norm", "fc_norm", "final_norm", "qkv_bias",
-             "qk_norm", "init_values", "num_classes", "global_pool", "img_size", "patch_size", "in_chans", "embed_dim",
-             "depth", "num_heads", "mlp_ratio", "drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate",
-             "pos_drop_rate")
+TIMM_ARGS = (
+    "class_token",
+    "reg_tokens",
+    "no_embed_class",
+    "pos_embed",
+    "pre_norm",
+    "fc_norm",
+    "final_norm",
+    "qkv_bias",
+    "qk_norm",
+    "init_values",
+    "num_classes",
+    "global_pool",
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "drop_rate",
+    "drop_path_rate",
+    "attn_drop_rate",
+    "proj_drop_rate",
+    "pos_drop_rate",
+)
 
 
 def convert(
@@ -94,8 +117,12 @@ def _timm_args(vit: nn.Module) -> Dict:
     return args
 
 
-def save(model: APTViT, path: Union[str, os.PathLike], extra_metadata: Optional[Mapping[str, str]] = None,
-         model_args: Optional[Mapping] = None) -> Path:
+def save(
+    model: APTViT,
+    path: Union[str, os.PathLike],
+    extra_metadata: Optional[Mapping[str, str]] = None,
+    model_args: Optional[Mapping] = None,
+) -> Path:
     """Save an APT model as safetensors with its conversion settings as metadata (atomically).
 
     Args:
@@ -155,7 +182,9 @@ def _metadata_json(meta: Mapping[str, str], key: str, path, default=None):
     if key not in meta:
         if default is not None:
             return default
-        raise InputError(f"checkpoint {str(path)!r} says format=aptvit but has no {key!r} metadata (a damaged or edited file?)")
+        raise InputError(
+            f"checkpoint {str(path)!r} says format=aptvit but has no {key!r} metadata (a damaged or edited file?)"
+        )
     with reading(path, "checkpoint", f"its {key!r} metadata is not valid JSON"):
         return json.loads(meta[key])
 
@@ -171,9 +200,13 @@ def check_timm_args(args, path) -> Dict:
         raise InputError(f"{where} is not a JSON object")
     unknown = sorted(set(args) - set(TIMM_ARGS))
     if unknown:
-        raise InputError(f"{where} holds {', '.join(unknown)}, which a checkpoint may not set (allowed: {', '.join(TIMM_ARGS)})")
+        raise InputError(
+            f"{where} holds {', '.join(unknown)}, which a checkpoint may not set (allowed: {', '.join(TIMM_ARGS)})"
+        )
     img = args.get("img_size")
-    sides = [img] if isinstance(img, int) else list(img) if isinstance(img, (list, tuple)) else [] if img is None else [img]
+    sides = (
+        [img] if isinstance(img, int) else list(img) if isinstance(img, (list, tuple)) else [] if img is None else [img]
+    )
     if len(sides) > 2 or any(isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIDE for v in sides):
         raise InputError(f"{where} img_size {img!r} is not one or two sides from 1 to the limit of {MAX_SIDE} pixels")
     for key in ("reg_tokens", "num_classes", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -187,9 +220,13 @@ def check_timm_args(args, path) -> Dict:
     proj = shapes.get("patch_embed.proj.weight")
     depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
     head = shapes.get("head.weight")
-    found = {"embed_dim": proj[0] if proj else None, "in_chans": proj[1] if proj else None,
-             "patch_size": proj[-1] if proj else None, "depth": depth,
-             "num_classes": head[0] if head else 0 if "head.weight" not in shapes and proj else None}
+    found = {
+        "embed_dim": proj[0] if proj else None,
+        "in_chans": proj[1] if proj else None,
+        "patch_size": proj[-1] if proj else None,
+        "depth": depth,
+        "num_classes": head[0] if head else 0 if "head.weight" not in shapes and proj else None,
+    }
     fc1 = shapes.get("blocks.0.mlp.fc1.weight")
     if fc1 and mlp is not None and args.get("embed_dim"):
         found["mlp_ratio"] = fc1[0] / args["embed_dim"]
@@ -201,7 +238,9 @@ def check_timm_args(args, path) -> Dict:
         h, w = (sides * 2)[:2]
         grid, prefix = (h // p) * (w // p), pos[1] - (h // p) * (w // p)
         if not 0 <= prefix <= 1 + (args.get("reg_tokens") or 0):
-            raise InputError(f"{where} img_size {img!r} gives a {grid}-cell grid; the file's position embedding has {pos[1]} entries")
+            raise InputError(
+                f"{where} img_size {img!r} gives a {grid}-cell grid; the file's position embedding has {pos[1]} entries"
+            )
     return args
 
 
@@ -241,15 +280,25 @@ def load_timm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or mismatched:
+
         def show(keys):
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = [f"{name}: {show(keys)}" for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+
+        parts = [
+            f"{name}: {show(keys)}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+            if keys
+        ]
         raise ValueError("checkpoint does not match the model; " + "; ".join(parts))
     vit.load_state_dict(state, strict=True)
 
 
-def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, timm_kwargs: Optional[Mapping] = None,
-         **convert_kwargs) -> APTViT:
+def load(
+    path: Union[str, os.PathLike],
+    model: Optional[nn.Module] = None,
+    timm_kwargs: Optional[Mapping] = None,
+    **convert_kwargs,
+) -> APTViT:
     """Load an APT model saved by ``save``, or convert a timm model after loading a timm checkpoint.
 
     Args:
@@ -267,20 +316,26 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, timm_
     state = read_state_dict(path)
     if meta.get("format") != "aptvit":
         if model is None:
-            raise ValueError(f"{str(path)!r} is not an aptvit checkpoint; pass model=timm.create_model(...) to load timm weights into")
+            raise ValueError(
+                f"{str(path)!r} is not an aptvit checkpoint; pass model=timm.create_model(...) to load timm weights into"
+            )
         load_timm_weights(model, state)
         return convert(model, **convert_kwargs)
     settings = _metadata_json(meta, "aptvit", path)
     with reading(path, "checkpoint", "its 'aptvit' settings are not valid"):
         config = APTConfig.from_dict(settings)
     if convert_kwargs:
-        raise TypeError(f"{str(path)!r} carries its own conversion settings; change them afterwards with .configure(...)")
+        raise TypeError(
+            f"{str(path)!r} carries its own conversion settings; change them afterwards with .configure(...)"
+        )
     if model is None:
         import timm
 
         arch = meta.get("architecture", "")
         if not arch:
-            raise ValueError(f"{str(path)!r} does not name a timm architecture; pass model= (the timm model it was converted from)")
+            raise ValueError(
+                f"{str(path)!r} does not name a timm architecture; pass model= (the timm model it was converted from)"
+            )
         if not timm.is_model(arch):
             raise InputError(f"checkpoint {str(path)!r} names architecture {arch!r}, which this timm does not know")
         args = check_timm_args(_metadata_json(meta, "timm_args", path, default={}), path)
@@ -297,8 +352,10 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, timm_
     apt = APTViT(model, config)
     timm_keys = {k: v for k, v in state.items() if not k.startswith("apt.")}
     load_timm_weights(model, timm_keys)
-    apt_state = {k[len("apt."):]: v for k, v in state.items() if k.startswith("apt.")}
+    apt_state = {k[len("apt.") :]: v for k, v in state.items() if k.startswith("apt.")}
     missing, unexpected = apt.apt.load_state_dict(apt_state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint's apt.* weights do not match the model (missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"checkpoint's apt.* weights do not match the model (missing {missing}, unexpected {unexpected})"
+        )
     return apt

@@ -6,6 +6,7 @@ that covers it ("repeat"). ``smooth=True`` instead box-filters each large token'
 window of its own size, so features blend across token borders ("smooth"); see BENCHMARKS.md for
 which scored better in the segmentation experiment (the default follows it).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,7 @@ def unmerge_packed(x: torch.Tensor, packed, smooth: bool = SMOOTH_DEFAULT) -> to
     layout = packed.layout
     if not smooth or len(layout.patch_sizes) == 1:
         b = layout.batch_size
-        (gh, gw), = set(layout.grid_sizes)
+        ((gh, gw),) = set(layout.grid_sizes)
         return gather_to_grid(x, packed.patch_pos[layout.cells].view(b, gh, gw))
     patches = x.index_select(0, packed.patch_pos)
     return unmerge(patches, layout, smooth)
@@ -108,10 +109,17 @@ class SimpleFeaturePyramid(nn.Module):
             layers: List[nn.Module] = []
             if s > 1:
                 for step in range(int(math.log2(s))):
-                    layers += [nn.ConvTranspose2d(dim, dim, 2, stride=2)] + ([nn.GELU()] if step + 1 < math.log2(s) else [])
+                    layers += [nn.ConvTranspose2d(dim, dim, 2, stride=2)] + (
+                        [nn.GELU()] if step + 1 < math.log2(s) else []
+                    )
             elif s < 1:
                 layers.append(nn.MaxPool2d(int(round(1 / s))))
-            layers += [nn.Conv2d(dim, out_dim, 1), nn.GroupNorm(1, out_dim), nn.Conv2d(out_dim, out_dim, 3, padding=1), nn.GroupNorm(1, out_dim)]
+            layers += [
+                nn.Conv2d(dim, out_dim, 1),
+                nn.GroupNorm(1, out_dim),
+                nn.Conv2d(out_dim, out_dim, 3, padding=1),
+                nn.GroupNorm(1, out_dim),
+            ]
             self.levels.append(nn.Sequential(*layers))
 
     def forward(self, grid: torch.Tensor) -> List[torch.Tensor]:
@@ -149,7 +157,9 @@ def _require_one_size(images, layout: Optional[PatchLayout]) -> None:
 class DenseMixin:
     """Dense and MLLM entry points of ``APTViT`` (built on its ``_run``)."""
 
-    def forward_dense(self, images, layout: Optional[PatchLayout] = None, smooth: bool = SMOOTH_DEFAULT) -> torch.Tensor:
+    def forward_dense(
+        self, images, layout: Optional[PatchLayout] = None, smooth: bool = SMOOTH_DEFAULT
+    ) -> torch.Tensor:
         """(B, D, H/p, W/p): the final normalised features, each token's over the cells it covers.
 
         Equal to timm's ``forward_features`` without prefix tokens, reshaped to NCHW, when nothing merges.
@@ -194,7 +204,9 @@ class DenseMixin:
         final = None
         if not intermediates_only:
             y = self.norm(x)
-            final = torch.cat([y[packed.prefix_pos], unmerge_packed(y, packed, smooth).flatten(2).transpose(1, 2)], dim=1)
+            final = torch.cat(
+                [y[packed.prefix_pos], unmerge_packed(y, packed, smooth).flatten(2).transpose(1, 2)], dim=1
+            )
         if output_dict:
             out = {"image_intermediates": feats}
             if return_prefix_tokens and p:

@@ -20,9 +20,10 @@ be compiled or captured in a CUDA graph (the FLOP count, ``model_flops``, includ
 This module owns only the new parameters; the ViT's projection, norm and position grid are passed in, so its
 state dict keys stay timm's.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

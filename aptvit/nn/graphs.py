@@ -9,6 +9,7 @@ layout (one host sync, unless given) and the small plan run eagerly.
 
 On a device other than CUDA the runner runs the same padded plan eagerly (what the CPU tests check).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,7 +79,14 @@ class CUDAGraphRunner:
         if images.device.type != "cuda":
             with self._autocast(images.device):
                 return self.model.forward_packed(images, packed)
-        key = (tuple(images.shape), images.dtype, packed.total, packed.num_seqs, self.dtype, self.model.config.attention)
+        key = (
+            tuple(images.shape),
+            images.dtype,
+            packed.total,
+            packed.num_seqs,
+            self.dtype,
+            self.model.config.attention,
+        )
         entry = self.graphs.pop(key, None) or self._capture(images, packed)
         self.graphs[key] = entry  # most recently used last
         while len(self.graphs) > self.max_graphs:

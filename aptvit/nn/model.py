@@ -13,9 +13,10 @@ state dict keys stay timm's) and adds only ``apt.*`` (the detail path). A forwar
 Every linear layer runs on the packed (N, D) tensor; attention goes through ``varlen_attention``.
 With a layout of base-size patches only, the result equals timm's to float rounding.
 """
+
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,7 +34,9 @@ from .support import check_supported
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def drop_path_packed(y: torch.Tensor, module: nn.Module, seq: torch.Tensor, num_seqs: int, training: bool) -> torch.Tensor:
+def drop_path_packed(
+    y: torch.Tensor, module: nn.Module, seq: torch.Tensor, num_seqs: int, training: bool
+) -> torch.Tensor:
     """timm's per-sample stochastic depth, per image of a packed batch (timm's DropPath would drop per token)."""
     prob = float(getattr(module, "drop_prob", 0.0) or 0.0)
     if not training or prob == 0.0:
@@ -60,7 +63,9 @@ class APTViT(DenseMixin, nn.Module):
             raise TypeError(f"config must be an APTConfig, got {type(config).__name__}")
         sizes = config.patch_sizes
         if sizes[0] != vit.patch_embed.patch_size[0]:
-            raise ValueError(f"patch_sizes must start with the model's patch size {vit.patch_embed.patch_size[0]}, got {sizes}")
+            raise ValueError(
+                f"patch_sizes must start with the model's patch size {vit.patch_embed.patch_size[0]}, got {sizes}"
+            )
         self.config = config
         object.__setattr__(self, "timm_model", vit)  # a handle for users; not a registered submodule
         for name, module in vit.named_children():
@@ -121,8 +126,14 @@ class APTViT(DenseMixin, nn.Module):
         timm replaces ``pos_embed`` with a resampled parameter; it is re-registered here so that both models, the
         optimizer and the state dict see one tensor. The patch sizes are fixed at conversion.
         """
-        if patch_size is not None and tuple(patch_size if isinstance(patch_size, (tuple, list)) else (patch_size,) * 2) != (self.patch_size,) * 2:
-            raise ValueError(f"the patch size is fixed at conversion ({self.patch_size}); convert the model again to change it")
+        if (
+            patch_size is not None
+            and tuple(patch_size if isinstance(patch_size, (tuple, list)) else (patch_size,) * 2)
+            != (self.patch_size,) * 2
+        ):
+            raise ValueError(
+                f"the patch size is fixed at conversion ({self.patch_size}); convert the model again to change it"
+            )
         self.timm_model.set_input_size(img_size=img_size)
         if getattr(self.timm_model, "pos_embed", None) is not None:
             self.pos_embed = self.timm_model.pos_embed
@@ -139,7 +150,9 @@ class APTViT(DenseMixin, nn.Module):
         """The normalisation the ViT expects (its ``pretrained_cfg``; ImageNet's when absent)."""
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-        return tuple(self.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(self.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD))
+        return tuple(self.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(
+            self.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)
+        )
 
     # ------------------------------------------------------------------ layout
     def make_layout(self, images: Images, **overrides) -> PatchLayout:
@@ -161,8 +174,9 @@ class APTViT(DenseMixin, nn.Module):
             return patch_layout(px, **c.layout_kwargs())
 
     # ------------------------------------------------------------------ planning (host side)
-    def prepare(self, images: Images, layout: Optional[PatchLayout] = None, pad_to: int = 0,
-                max_seqlen: Optional[int] = None) -> PackedBatch:
+    def prepare(
+        self, images: Images, layout: Optional[PatchLayout] = None, pad_to: int = 0, max_seqlen: Optional[int] = None
+    ) -> PackedBatch:
         """Check the input, compute the layout if none is given, and plan the packed batch.
 
         Only shapes, dtypes and host integers are read; with a layout given nothing waits for the device.
@@ -181,7 +195,9 @@ class APTViT(DenseMixin, nn.Module):
         layout = self.make_layout(images) if layout is None else layout
         device = _device_of(images)
         _check_layout(layout, groups, self.patch_sizes, device)
-        packed = plan_packed(layout, groups, self.num_prefix_tokens, self.planner().keywords["pool_prefix"], pad_to, max_seqlen)
+        packed = plan_packed(
+            layout, groups, self.num_prefix_tokens, self.planner().keywords["pool_prefix"], pad_to, max_seqlen
+        )
         return packed if packed.device == device else packed.to(device, non_blocking=True)
 
     def planner(self):
@@ -198,7 +214,9 @@ class APTViT(DenseMixin, nn.Module):
         return functools.partial(plan_for_images, num_prefix=self.num_prefix_tokens, pool_prefix=pool_prefix)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Images, layout: Optional[PatchLayout] = None, packed: Optional[PackedBatch] = None) -> torch.Tensor:
+    def forward(
+        self, images: Images, layout: Optional[PatchLayout] = None, packed: Optional[PackedBatch] = None
+    ) -> torch.Tensor:
         """Logits (B, num_classes) for normalised images (B, C, H, W) or a list of (C, H, W).
 
         Args:
@@ -220,7 +238,9 @@ class APTViT(DenseMixin, nn.Module):
         x, _ = self._run_packed(images, packed)
         return self.forward_head(self.norm(x), pre_logits=pre_logits, packed=packed)
 
-    def forward_features(self, images: Images, layout: Optional[PatchLayout] = None) -> Tuple[torch.Tensor, PatchLayout]:
+    def forward_features(
+        self, images: Images, layout: Optional[PatchLayout] = None
+    ) -> Tuple[torch.Tensor, PatchLayout]:
         """Packed final tokens (T + B * P, D), per image [prefix tokens, patch tokens], and the layout.
 
         ``forward_head(x)`` then pools them (this call's plan is kept for it).
@@ -253,7 +273,9 @@ class APTViT(DenseMixin, nn.Module):
                 kept[i] = x
         return x, kept
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, packed: Optional[PackedBatch] = None) -> torch.Tensor:
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False, packed: Optional[PackedBatch] = None
+    ) -> torch.Tensor:
         """Pool like timm (average weighted by the base cells each token covers), fc_norm, head.
 
         Args:
@@ -293,12 +315,16 @@ class APTViT(DenseMixin, nn.Module):
         elif isinstance(images, (list, tuple)) and len(images) and all(isinstance(t, torch.Tensor) for t in images):
             bad = [i for i, t in enumerate(images) if t.dim() != 3]
             if bad:
-                raise ValueError(f"images[{bad[0]}] must be a (C, H, W) tensor, got shape {tuple(images[bad[0]].shape)}")
+                raise ValueError(
+                    f"images[{bad[0]}] must be a (C, H, W) tensor, got shape {tuple(images[bad[0]].shape)}"
+                )
             if len({(t.device, t.dtype) for t in images}) != 1:
                 raise ValueError("images in a list must share one device and dtype")
             batch = [t[None] for t in images]
         else:
-            raise TypeError(f"images must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}")
+            raise TypeError(
+                f"images must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}"
+            )
         p, in_chans = self.patch_size, self.patch_embed.proj.in_channels
         for t in batch:
             _, c, h, w = t.shape
@@ -309,8 +335,10 @@ class APTViT(DenseMixin, nn.Module):
             if not t.is_floating_point():
                 raise TypeError(f"images must be floating point and normalised as the model expects, got {t.dtype}")
             if h % p or w % p or h == 0 or w == 0:
-                raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}; "
-                                 f"pad with aptvit.pad_to_multiple(images, {p}) or resize")
+                raise ValueError(
+                    f"image size {h}x{w} is not a multiple of the patch size {p}; "
+                    f"pad with aptvit.pad_to_multiple(images, {p}) or resize"
+                )
         return groups_of(images)
 
     def _pos_embed_grid(self, grid: Tuple[int, int]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -350,11 +378,24 @@ class APTViT(DenseMixin, nn.Module):
         Both depend on the weights and the image sizes only: outside autograd they are cached (keyed by the
         parameters' versions, so an optimizer step or a load refreshes them), saving ~20 ops per forward.
         """
-        params = [t for t in (getattr(self, "pos_embed", None), getattr(self, "cls_token", None), getattr(self, "reg_token", None))
-                  if t is not None]
-        cacheable = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in params))
+        params = [
+            t
+            for t in (
+                getattr(self, "pos_embed", None),
+                getattr(self, "cls_token", None),
+                getattr(self, "reg_token", None),
+            )
+            if t is not None
+        ]
+        cacheable = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in params)
+        )
         if cacheable:
-            key = (tuple(hw for _, hw in groups), torch.is_inference_mode_enabled(), *((id(t), 0 if t.is_inference() else t._version) for t in params))
+            key = (
+                tuple(hw for _, hw in groups),
+                torch.is_inference_mode_enabled(),
+                *((id(t), 0 if t.is_inference() else t._version) for t in params),
+            )
             cache = self.__dict__.setdefault("_position_cache", {})
             if key in cache:
                 return cache[key]
@@ -386,10 +427,14 @@ class APTViT(DenseMixin, nn.Module):
             return checkpoint(self._block_forward, blk, x, packed, backend, pad_index, use_reentrant=False)
         return self._block_forward(blk, x, packed, backend, pad_index)
 
-    def _block_forward(self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index) -> torch.Tensor:
+    def _block_forward(
+        self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index
+    ) -> torch.Tensor:
         a = packed_self_attention(blk.attn, blk.norm1(x), packed, backend, pad_index)
         x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, packed.seq, packed.num_seqs, self.training)
-        return x + drop_path_packed(blk.ls2(blk.mlp(blk.norm2(x))), blk.drop_path2, packed.seq, packed.num_seqs, self.training)
+        return x + drop_path_packed(
+            blk.ls2(blk.mlp(blk.norm2(x))), blk.drop_path2, packed.seq, packed.num_seqs, self.training
+        )
 
 
 def _device_of(images: Images) -> torch.device:
@@ -412,7 +457,9 @@ def _check_layout(layout: PatchLayout, groups, patch_sizes: Tuple[int, ...], dev
     if layout.patch_sizes[0] != patch_sizes[0] or not set(layout.patch_sizes) <= set(patch_sizes):
         raise ValueError(f"layout patch_sizes {layout.patch_sizes} do not fit this model's patch_sizes {patch_sizes}")
     if layout.device != device and layout.device.type != "cpu":
-        raise ValueError(f"layout is on {layout.device} but images are on {device}; use layout.to(device) or a CPU layout")
+        raise ValueError(
+            f"layout is on {layout.device} but images are on {device}; use layout.to(device) or a CPU layout"
+        )
 
 
 def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
@@ -431,10 +478,15 @@ def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
     cells = torch.tensor([h * w for h, w in layout.grid_sizes], dtype=torch.float64)
     embed = patch_embed_flops(cells, in_chans, p, dim)
     blocks = lambda n: sum(  # noqa: E731
-        block_flops(n + prefix, sum(m.in_features * m.out_features for m in blk.modules() if isinstance(m, nn.Linear)),
-                    blk.attn.num_heads * blk.attn.head_dim)
+        block_flops(
+            n + prefix,
+            sum(m.in_features * m.out_features for m in blk.modules() if isinstance(m, nn.Linear)),
+            blk.attn.num_heads * blk.attn.head_dim,
+        )
         for blk in model.blocks
     )
-    bank = torch.tensor([bank_flops(g, model.patch_sizes, in_chans, dim) for g in layout.grid_sizes], dtype=torch.float64)
+    bank = torch.tensor(
+        [bank_flops(g, model.patch_sizes, in_chans, dim) for g in layout.grid_sizes], dtype=torch.float64
+    )
     apt = embed + bank + blocks(layout.num_tokens.cpu().double()) + head
     return {"uniform": embed + blocks(cells) + head, "apt": apt}

@@ -1,4 +1,5 @@
 """Which timm models ``aptvit.convert`` accepts, checked once, with a message that says why not."""
+
 from __future__ import annotations
 
 from torch import nn

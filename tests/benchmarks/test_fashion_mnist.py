@@ -1,4 +1,5 @@
 """The IDX reader (benchmarks/fashion_mnist.py) on small IDX files written here; never needs the package."""
+
 import gzip
 import struct
 
@@ -39,11 +40,14 @@ def test_reads_big_endian_int32(tmp_path):
     assert read_idx(tmp_path / "c").tolist() == [1, -2, 70000]
 
 
-@pytest.mark.parametrize("data, match", [
-    (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "not an IDX file"),
-    (b"\x00\x00\x08\x03\x00\x00", "truncated"),
-    (b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02", "needs 13"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "not an IDX file"),
+        (b"\x00\x00\x08\x03\x00\x00", "truncated"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02", "needs 13"),
+    ],
+)
 def test_bad_files_name_the_file(tmp_path, data, match):
     (tmp_path / "bad").write_bytes(data)
     with pytest.raises(ValueError, match=match) as info:

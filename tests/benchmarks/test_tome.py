@@ -1,10 +1,18 @@
 """ToMe (benchmarks/tome.py) on its own: token counts, exactness at r = 0, proportional attention."""
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.tome import ToMeViT, bipartite_soft_matching, merge_weighted, proportional_attention, token_schedule, tome_flops
+from benchmarks.tome import (
+    ToMeViT,
+    bipartite_soft_matching,
+    merge_weighted,
+    proportional_attention,
+    token_schedule,
+    tome_flops,
+)
 
 
 def tiny_vit(**kw):

@@ -1,4 +1,5 @@
 """Every command through the CLI's entry point, on small inputs: files written, numbers consistent, errors one line."""
+
 import json
 import os
 import subprocess
@@ -56,7 +57,9 @@ def test_show_writes_valid_pngs_and_consistent_json(tmp_path, capsys):
         with Image.open(png) as im:
             im.verify()
         data = json.loads((tmp_path / "out" / f"{path.stem}_apt.json").read_text())
-        assert data["height"] % 16 == 0 and data["width"] % 16 == 0 and data["padding_bottom"] + data["padding_right"] > 0
+        assert (
+            data["height"] % 16 == 0 and data["width"] % 16 == 0 and data["padding_bottom"] + data["padding_right"] > 0
+        )
         assert 0 < data["tokens"] <= data["base_tokens"] == (data["height"] // 16) * (data["width"] // 16)
         assert sum(data["counts"].values()) == data["tokens"]
         layout = PatchLayout.from_dict(data["layout"])  # validates the exact tiling
@@ -83,7 +86,10 @@ def test_show_budget_and_scorers_beside_the_image(tmp_path, capsys):
         (["show", "{img}", "--thresholds", "48=1"], "not a non-base patch size"),
         (["bench", "--model", "vit_tiny_patch16_22"], "closest timm names: vit_tiny_patch16_224"),
         (["bench", "--model", "vit_tiny_patch16_224", "--size", "100"], "not a multiple of the base patch size 16"),
-        (["bench", "--model", "vit_tiny_patch16_224", "--checkpoint", "{tmp}/other.pth"], "checkpoint does not match the model; missing: blocks"),
+        (
+            ["bench", "--model", "vit_tiny_patch16_224", "--checkpoint", "{tmp}/other.pth"],
+            "checkpoint does not match the model; missing: blocks",
+        ),
         (["bench", "--model", "vit_tiny_patch16_224", "--images", "{tmp}/empty"], "no images"),
     ],
 )
@@ -108,9 +114,28 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_bench_writes_json_and_plot(tmp_path, capsys):
     write_images(tmp_path / "imgs", size=(80, 80))
-    code, out, err = run(capsys, "bench", "--model", "vit_tiny_patch16_224", "--size", "64,64x96", "--batch", "1,2",
-                         "--images", tmp_path / "imgs", "--runs", "1", "--warmup", "0", "--out", tmp_path / "r.json",
-                         "--plot", tmp_path / "b.png", "--thresholds", "32=6,64=5")
+    code, out, err = run(
+        capsys,
+        "bench",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--size",
+        "64,64x96",
+        "--batch",
+        "1,2",
+        "--images",
+        tmp_path / "imgs",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        tmp_path / "r.json",
+        "--plot",
+        tmp_path / "b.png",
+        "--thresholds",
+        "32=6,64=5",
+    )
     assert code == 0, err
     assert "random" in out and "| vit_tiny_patch16_224 |" in out
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
@@ -118,7 +143,9 @@ def test_bench_writes_json_and_plot(tmp_path, capsys):
     for r in rows:
         assert 0 < r["tokens"] <= r["base_tokens"] and r["kept"] <= 1
         assert r["flop_ratio"] > 0 and r["timm_ms"] > 0 and r["apt_ms"] > 0  # the bank can outweigh few merges at 64 px
-        assert r["speedup"] == pytest.approx(r["timm_ms"] / r["apt_ms"]) and r["efficiency"] == pytest.approx(r["speedup"] / r["flop_ratio"])
+        assert r["speedup"] == pytest.approx(r["timm_ms"] / r["apt_ms"]) and r["efficiency"] == pytest.approx(
+            r["speedup"] / r["flop_ratio"]
+        )
     assert {r["size"] for r in rows} == {"64x64", "64x96"} and {r["batch"] for r in rows} == {1, 2}
     with Image.open(tmp_path / "b.png") as im:
         im.verify()
@@ -135,8 +162,24 @@ def test_bench_loads_timm_and_aptvit_checkpoints(tmp_path, capsys):
     aptvit.save(aptvit.convert(model, budget=0.5), tmp_path / "apt.safetensors")
     write_images(tmp_path / "imgs", size=(64, 64))
     for ckpt in ("timm.pth", "finetuned.pth", "apt.safetensors"):
-        code, out, err = run(capsys, "bench", "--model", "vit_tiny_patch16_224", "--size", "64", "--batch", "1",
-                             "--images", tmp_path / "imgs", "--runs", "1", "--warmup", "0", "--checkpoint", tmp_path / ckpt)
+        code, out, err = run(
+            capsys,
+            "bench",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--size",
+            "64",
+            "--batch",
+            "1",
+            "--images",
+            tmp_path / "imgs",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--checkpoint",
+            tmp_path / ckpt,
+        )
         assert code == 0, err
         assert f"weights: {tmp_path / ckpt}" in out
     assert "budget 0.5" in out  # the aptvit file brought its own settings
@@ -145,16 +188,31 @@ def test_bench_loads_timm_and_aptvit_checkpoints(tmp_path, capsys):
 def test_pretrained_without_network_is_a_clear_error(tmp_path):
     # a subprocess, so that the hub library reads HF_HUB_OFFLINE at import and fails at once; an empty cache of
     # its own, so that a machine whose cache already holds the weights still sees the failure
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
-               TORCH_HOME=str(tmp_path / "torch"))
-    result = subprocess.run([sys.executable, "-m", "aptvit", "bench", "--model", "vit_tiny_patch16_224", "--pretrained", "--size", "64"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
+        TORCH_HOME=str(tmp_path / "torch"),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "aptvit", "bench", "--model", "vit_tiny_patch16_224", "--pretrained", "--size", "64"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "could not load pretrained weights for vit_tiny_patch16_224" in result.stderr and "--checkpoint" in result.stderr
+    assert (
+        "could not load pretrained weights for vit_tiny_patch16_224" in result.stderr
+        and "--checkpoint" in result.stderr
+    )
 
 
 def test_demo_draws_and_benchmarks(tmp_path, capsys):
-    code, out, err = run(capsys, "demo", "--out", tmp_path / "demo", "--model", "vit_tiny_patch16_224", "--size", "64", "--runs", "1")
+    code, out, err = run(
+        capsys, "demo", "--out", tmp_path / "demo", "--model", "vit_tiny_patch16_224", "--size", "64", "--runs", "1"
+    )
     assert code == 0, err
     pictures = sorted((tmp_path / "demo").glob("*_apt.png"))
     assert len(pictures) == 4 and str((tmp_path / "demo").resolve()) in out
@@ -174,8 +232,13 @@ def test_alternating_medians_alternate_the_order_and_skip_warmup():
 
     calls = []
     runs = []
-    result = alternating_medians({"a": lambda c: calls.append("a"), "b": lambda c: calls.append("b")}, [torch.zeros(1)],
-                                 runs=3, warmup=1, on_run=lambda: runs.append(len(calls)))
+    result = alternating_medians(
+        {"a": lambda c: calls.append("a"), "b": lambda c: calls.append("b")},
+        [torch.zeros(1)],
+        runs=3,
+        warmup=1,
+        on_run=lambda: runs.append(len(calls)),
+    )
     assert set(result) == {"a", "b"} and all(v >= 0 for v in result.values())
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then runs in alternating order
     assert runs == [4, 6, 8]

@@ -1,4 +1,5 @@
 """The installed ``aptvit`` console script (what a user types), not only ``python -m aptvit``."""
+
 import importlib.metadata
 import os
 import subprocess
@@ -31,7 +32,9 @@ def console_script() -> Path:
 
 
 def run(*argv, cwd=None):
-    return subprocess.run([str(console_script()), *map(str, argv)], capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run(
+        [str(console_script()), *map(str, argv)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
 
 
 def test_console_script_prints_the_version():

@@ -1,4 +1,5 @@
 """finetune / eval end to end on a generated ImageFolder: files, learning, exact resume, DDP, bad input."""
+
 import json
 import os
 import shutil
@@ -43,8 +44,19 @@ def run(capsys, *argv):
 
 
 def cfg(data, out, **kw):
-    base = dict(model=MODEL, data=str(data), out=str(out), size=32, batch_size=4, workers=0, log_every=1,
-                lr=1e-3, drop_path=0.0, thresholds={32: 6.0}, device="cpu")  # these tests mean the CPU, GPU or not
+    base = dict(
+        model=MODEL,
+        data=str(data),
+        out=str(out),
+        size=32,
+        batch_size=4,
+        workers=0,
+        log_every=1,
+        lr=1e-3,
+        drop_path=0.0,
+        thresholds={32: 6.0},
+        device="cpu",
+    )  # these tests mean the CPU, GPU or not
     base.update(kw)
     return TrainConfig(**base)
 
@@ -55,8 +67,28 @@ def metrics(run_dir):
 
 def test_finetune_cli_writes_every_file_and_eval_reads_them(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
-    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32",
-                         "--batch-size", "4", "--workers", "2", "--max-steps", "3", "--log-every", "1", "--thresholds", "32=6")
+    code, out, err = run(
+        capsys,
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+        "--max-steps",
+        "3",
+        "--log-every",
+        "1",
+        "--thresholds",
+        "32=6",
+    )
     assert code == 0, err
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert files == ["config.json", "metrics.jsonl", "model.safetensors", "train_state.pt"]
@@ -67,8 +99,18 @@ def test_finetune_cli_writes_every_file_and_eval_reads_them(tmp_path, capsys):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["classes"] == ["plain", "stripes"] and config["thresholds"] == {"32": 6.0}
 
-    code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "run" / "model.safetensors", "--data", data / "val",
-                         "--json", tmp_path / "eval.json", "--workers", "0")
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--checkpoint",
+        tmp_path / "run" / "model.safetensors",
+        "--data",
+        data / "val",
+        "--json",
+        tmp_path / "eval.json",
+        "--workers",
+        "0",
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["images"] == 8 and 0 <= result["top1"] <= result["top5"] <= 100
@@ -81,8 +123,23 @@ def test_uniform_baseline_eval(tmp_path, capsys):
 
     data = make_folder(tmp_path / "data")
     torch.save(timm.create_model(MODEL, num_classes=2).state_dict(), tmp_path / "timm.pth")
-    code, out, err = run(capsys, "eval", "--model", MODEL, "--checkpoint", tmp_path / "timm.pth", "--data", data,
-                         "--uniform", "--size", "32", "--workers", "0", "--json", tmp_path / "u.json")
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--model",
+        MODEL,
+        "--checkpoint",
+        tmp_path / "timm.pth",
+        "--data",
+        data,
+        "--uniform",
+        "--size",
+        "32",
+        "--workers",
+        "0",
+        "--json",
+        tmp_path / "u.json",
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "u.json").read_text())
     assert result["tokens_kept"] == 1.0 and result["uniform"] and result["images"] == 8
@@ -96,8 +153,18 @@ def test_loss_falls_on_a_set_the_model_can_memorise(tmp_path):
     assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA: exact resume there needs --deterministic"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs CUDA: exact resume there needs --deterministic"
+            ),
+        ),
+    ],
+)
 def test_resume_is_exact(tmp_path, device):
     data = make_folder(tmp_path / "data")  # 16 train images, batch 4: 4 steps per epoch
     quiet = lambda *a: None  # noqa: E731
@@ -112,7 +179,9 @@ def test_resume_is_exact(tmp_path, device):
     import aptvit
 
     a, b = (aptvit.load(tmp_path / d / "model.safetensors") for d in ("whole", "split"))
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), "same final weights"
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), (
+        "same final weights"
+    )
 
 
 def test_resume_refuses_a_checkpoint_pair_from_different_steps(tmp_path):
@@ -147,8 +216,22 @@ def test_loading_samples_leaves_the_callers_rngs_alone(tmp_path):
 def test_eval_layout_options_override_the_checkpoint(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
     finetune(cfg(data, tmp_path / "run", max_steps=1, eval=False), log=lambda *a: None)
-    code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "run" / "model.safetensors", "--data", data,
-                         "--budget", "0.25", "--scorer", "laplacian", "--workers", "0", "--json", tmp_path / "e.json")
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--checkpoint",
+        tmp_path / "run" / "model.safetensors",
+        "--data",
+        data,
+        "--budget",
+        "0.25",
+        "--scorer",
+        "laplacian",
+        "--workers",
+        "0",
+        "--json",
+        tmp_path / "e.json",
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "e.json").read_text())["tokens_kept"] <= 0.25
 
@@ -157,7 +240,9 @@ def test_existing_run_dir_without_resume_is_refused(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "model.safetensors").write_text("precious")
-    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32")
+    code, out, err = run(
+        capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32"
+    )
     assert code == 2 and "exists and is not empty" in err and "--resume" in err
     assert (tmp_path / "run" / "model.safetensors").read_text() == "precious"
 
@@ -195,16 +280,52 @@ def test_bad_input_is_one_clear_message(tmp_path, capsys, kind, extra, message):
     data = _bad_data(tmp_path, kind)
     torch.save(timm.create_model("vit_small_patch16_224", num_classes=2).state_dict(), tmp_path / "other.pth")
     extra = [e.format(ckpt=tmp_path / "other.pth") for e in extra]
-    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32",
-                         "--batch-size", "16", "--workers", "0", "--max-steps", "1", "--no-eval", *extra)
+    code, out, err = run(
+        capsys,
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--max-steps",
+        "1",
+        "--no-eval",
+        *extra,
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
 
 
 def test_skip_bad_images_skips_and_counts(tmp_path, capsys):
     data = _bad_data(tmp_path, "skip")
-    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32",
-                         "--batch-size", "16", "--workers", "0", "--max-steps", "1", "--no-eval", "--skip-bad-images")
+    code, out, err = run(
+        capsys,
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--max-steps",
+        "1",
+        "--no-eval",
+        "--skip-bad-images",
+    )
     assert code == 0, err
     assert "skipped 1 unreadable image" in out
     assert metrics(tmp_path / "run")[-1]["bad_images"] == 1
@@ -215,10 +336,36 @@ def test_ddp_two_cpu_processes_step_in_sync(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "aptvit", "finetune", "--model", MODEL, "--data", str(data),
-         "--out", str(tmp_path / "run"), "--size", "32", "--batch-size", "4", "--workers", "0", "--max-steps", "2", "--no-eval",
-         "--device", "cpu"],  # two CPU processes, whatever GPUs the machine has
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "aptvit",
+            "finetune",
+            "--model",
+            MODEL,
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--size",
+            "32",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--max-steps",
+            "2",
+            "--no-eval",
+            "--device",
+            "cpu",
+        ],  # two CPU processes, whatever GPUs the machine has
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights identical across 2 ranks" in result.stdout
@@ -228,8 +375,24 @@ def test_ddp_two_cpu_processes_step_in_sync(tmp_path):
 
 def test_resume_takes_run_control_options_from_the_command_line(tmp_path, capsys):
     data = _bad_data(tmp_path, "skip")
-    base = ["finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32", "--batch-size", "4",
-            "--workers", "0", "--no-eval", "--log-every", "1"]
+    base = [
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-eval",
+        "--log-every",
+        "1",
+    ]
     code, out, err = run(capsys, *base, "--max-steps", "1", "--skip-bad-images")
     assert code == 0, err
     (data / "train" / "stripes" / "1.png").write_text("broken too")
@@ -253,11 +416,17 @@ def test_finetune_from_a_headless_checkpoint_and_from_an_aptvit_checkpoint_with_
     data = make_folder(tmp_path / "data")
     tower = timm.create_model(MODEL, num_classes=0)  # a DINOv2/CLIP-style tower: no head
     torch.save(tower.state_dict(), tmp_path / "tower.pth")
-    finetune(cfg(data, tmp_path / "a", checkpoint=str(tmp_path / "tower.pth"), max_steps=1, eval=False), log=lambda *a: None)
+    finetune(
+        cfg(data, tmp_path / "a", checkpoint=str(tmp_path / "tower.pth"), max_steps=1, eval=False), log=lambda *a: None
+    )
     ten = aptvit.convert(timm.create_model(MODEL, num_classes=10), budget=0.5)
     aptvit.save(ten, tmp_path / "ten.safetensors")
-    finetune(cfg(data, tmp_path / "b", checkpoint=str(tmp_path / "ten.safetensors"), thresholds=None, max_steps=1, eval=False),
-             log=lambda *a: None)
+    finetune(
+        cfg(
+            data, tmp_path / "b", checkpoint=str(tmp_path / "ten.safetensors"), thresholds=None, max_steps=1, eval=False
+        ),
+        log=lambda *a: None,
+    )
     again = aptvit.load(tmp_path / "b" / "model.safetensors")
     assert again.num_classes == 2 and again.config.budget == 0.5  # new head, the checkpoint's own settings
 
@@ -266,8 +435,18 @@ def test_in_run_eval_equals_aptvit_eval_on_the_saved_checkpoint(tmp_path, capsys
     data = make_folder(tmp_path / "data")
     finetune(cfg(data, tmp_path / "run", epochs=1, eval=True), log=lambda *a: None)
     in_run = [m for m in metrics(tmp_path / "run") if m["kind"] == "eval"][-1]
-    code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "run" / "model.safetensors", "--data", data,
-                         "--workers", "0", "--json", tmp_path / "e.json")
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--checkpoint",
+        tmp_path / "run" / "model.safetensors",
+        "--data",
+        data,
+        "--workers",
+        "0",
+        "--json",
+        tmp_path / "e.json",
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["top1"] == in_run["top1"] and result["tokens_kept"] == in_run["tokens_kept"]
@@ -278,12 +457,16 @@ def test_eval_refuses_a_model_whose_classes_are_not_the_folders(tmp_path, capsys
 
     data = make_folder(tmp_path / "data")
     torch.save(timm.create_model(MODEL, num_classes=5).state_dict(), tmp_path / "five.pth")
-    code, out, err = run(capsys, "eval", "--model", MODEL, "--checkpoint", tmp_path / "five.pth", "--data", data, "--size", "32")
+    code, out, err = run(
+        capsys, "eval", "--model", MODEL, "--checkpoint", tmp_path / "five.pth", "--data", data, "--size", "32"
+    )
     assert code == 2 and "has 5 classes but" in err and "2 class folders" in err
 
 
 def test_a_missing_train_folder_is_named(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
     shutil.rmtree(data / "train")
-    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32")
+    code, out, err = run(
+        capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32"
+    )
     assert code == 2 and "has no train/ folder" in err

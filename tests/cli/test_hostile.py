@@ -3,6 +3,7 @@
 ``test_one_line_errors`` is the table: an argv, the exit code, a regular expression for the one line on stderr.
 The ``test_item*`` functions take the numbered items of the issue one by one.
 """
+
 import json
 import os
 import re
@@ -42,11 +43,14 @@ def one_line(err: str) -> str:
 
 def png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG that claims ``width`` x ``height`` (1-bit gray) with tiny compressed data: a decompression bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def with_metadata(src: Path, dst: Path, **changes) -> Path:
@@ -78,7 +82,11 @@ def world(tmp_path_factory):
     (root / "renamed.safetensors").write_bytes((root / "weights.pth").read_bytes())
     with_metadata(good, root / "nometa.safetensors", aptvit=None)
     args = json.loads(aptvit.nn.convert.read_metadata(good)["timm_args"])
-    with_metadata(good, root / "checkpoint_path.safetensors", timm_args=json.dumps({**args, "checkpoint_path": str(root / "weights.pth")}))
+    with_metadata(
+        good,
+        root / "checkpoint_path.safetensors",
+        timm_args=json.dumps({**args, "checkpoint_path": str(root / "weights.pth")}),
+    )
     with_metadata(good, root / "huge.safetensors", timm_args=json.dumps({**args, "img_size": [100000, 100000]}))
     png_header_only(root / "bomb.png", 20000, 20000)
     (root / "adir").mkdir()
@@ -92,18 +100,42 @@ TABLE = [
     # item 4: a silently ignored size
     (["eval", "--checkpoint", "{root}/good.safetensors", "--data", "{data}", "--size", "0"], 2, r"--size 0 .*must be"),
     # item 5: every failure one line with exit 2
-    (["eval", "--checkpoint", "{root}/truncated.safetensors", "--data", "{data}"], 2, r"cannot read checkpoint .*truncated\.safetensors"),
-    (["eval", "--checkpoint", "{root}/renamed.safetensors", "--data", "{data}"], 2, r"cannot read checkpoint .*renamed\.safetensors"),
+    (
+        ["eval", "--checkpoint", "{root}/truncated.safetensors", "--data", "{data}"],
+        2,
+        r"cannot read checkpoint .*truncated\.safetensors",
+    ),
+    (
+        ["eval", "--checkpoint", "{root}/renamed.safetensors", "--data", "{data}"],
+        2,
+        r"cannot read checkpoint .*renamed\.safetensors",
+    ),
     (["eval", "--checkpoint", "{root}/nometa.safetensors", "--data", "{data}"], 2, r"nometa\.safetensors.*'aptvit'"),
     (["eval", "--checkpoint", "{root}/adir", "--data", "{data}"], 2, r"adir.* is a directory"),
-    (["eval", "--checkpoint", "{root}/good.safetensors", "--data", "{data}", "--json", "{root}/adir"], 2, r"cannot write .*adir.*is a directory"),
+    (
+        ["eval", "--checkpoint", "{root}/good.safetensors", "--data", "{data}", "--json", "{root}/adir"],
+        2,
+        r"cannot write .*adir.*is a directory",
+    ),
     (["show", "{root}/bomb.png"], 2, r"bomb\.png.*pixels"),
-    (["finetune", "--model", MODEL, "--data", "{data}", "--out", "{root}/aug", "--augment", "bogus"], 2, r"--augment 'bogus'"),
+    (
+        ["finetune", "--model", MODEL, "--data", "{data}", "--out", "{root}/aug", "--augment", "bogus"],
+        2,
+        r"--augment 'bogus'",
+    ),
     # item 6: sizes against the documented limit, metadata keys against an allow-list
-    (["eval", "--checkpoint", "{root}/good.safetensors", "--data", "{data}", "--size", "100000"], 2, r"--size 100000 .*limit"),
+    (
+        ["eval", "--checkpoint", "{root}/good.safetensors", "--data", "{data}", "--size", "100000"],
+        2,
+        r"--size 100000 .*limit",
+    ),
     (["show", "{img}", "--size", "100000"], 2, r"--size 100000 .*limit"),
     (["bench", "--model", MODEL, "--size", "100000"], 2, r"--size 100000 .*limit"),
-    (["eval", "--checkpoint", "{root}/checkpoint_path.safetensors", "--data", "{data}"], 2, r"timm_args.*checkpoint_path"),
+    (
+        ["eval", "--checkpoint", "{root}/checkpoint_path.safetensors", "--data", "{data}"],
+        2,
+        r"timm_args.*checkpoint_path",
+    ),
     (["eval", "--checkpoint", "{root}/huge.safetensors", "--data", "{data}"], 2, r"img_size .*limit"),
     # item 7: messages that say what is wrong
     (["show", "{root}/adir"], 2, r"adir' is a directory"),
@@ -136,14 +168,39 @@ def _set(argv, option, value):
 def test_item1_resume_refuses_changed_settings_by_name_and_runs_from_anywhere(tmp_path, capsys, monkeypatch):
     make_folder(tmp_path / "data", train=4, val=2)
     monkeypatch.chdir(tmp_path)
-    base = ["finetune", "--model", MODEL, "--data", "data", "--out", "run", "--size", "32", "--batch-size", "4",
-            "--workers", "0", "--no-eval", "--thresholds", "32=6", "--lr", "1e-3"]
+    base = [
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        "data",
+        "--out",
+        "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-eval",
+        "--thresholds",
+        "32=6",
+        "--lr",
+        "1e-3",
+    ]
     code, out, err = run(capsys, *base, "--max-steps", "1")
     assert code == 0, err
     config = (tmp_path / "run" / "config.json").read_text()
     assert json.loads(config)["data"] == str(tmp_path / "data")  # absolute: the run resumes from anywhere
-    for option, value in (("--model", "deit_tiny_patch16_224"), ("--data", "/nonexistent"), ("--size", "64"),
-                          ("--lr", "1"), ("--batch-size", "2"), ("--thresholds", "32=5"), ("--dtype", "bf16")):
+    for option, value in (
+        ("--model", "deit_tiny_patch16_224"),
+        ("--data", "/nonexistent"),
+        ("--size", "64"),
+        ("--lr", "1"),
+        ("--batch-size", "2"),
+        ("--thresholds", "32=5"),
+        ("--dtype", "bf16"),
+    ):
         code, out, err = run(capsys, *_set(base, option, value), "--resume")
         assert code == 2, (option, err)
         assert re.search(f"{option} .*cannot change", one_line(err)), err
@@ -151,8 +208,23 @@ def test_item1_resume_refuses_changed_settings_by_name_and_runs_from_anywhere(tm
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     # only what was given counts: --size, --lr, ... left out keep the run's own; run control may change
-    code, out, err = run(capsys, "finetune", "--model", MODEL, "--data", tmp_path / "data", "--out", tmp_path / "run",
-                         "--resume", "--max-steps", "2", "--workers", "0", "--log-every", "1")
+    code, out, err = run(
+        capsys,
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        tmp_path / "data",
+        "--out",
+        tmp_path / "run",
+        "--resume",
+        "--max-steps",
+        "2",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+    )
     assert code == 0, err
     assert [m["step"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())][-1] == 2
 
@@ -171,8 +243,26 @@ def test_item2_a_diverged_run_fails_keeps_the_last_good_checkpoint_and_eval_refu
     from aptvit.train import DivergedError, Run
 
     data = make_folder(tmp_path / "data", train=16, val=2)  # 8 steps per epoch
-    argv = ["finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32", "--batch-size", "4",
-            "--workers", "0", "--no-eval", "--thresholds", "32=6", "--log-every", "1"]
+    argv = [
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-eval",
+        "--thresholds",
+        "32=6",
+        "--log-every",
+        "1",
+    ]
     code, out, err = run(capsys, *argv, "--max-steps", "1")
     assert code == 0, err
     good = load_file(str(tmp_path / "run" / "model.safetensors"))
@@ -181,7 +271,9 @@ def test_item2_a_diverged_run_fails_keeps_the_last_good_checkpoint_and_eval_refu
     # a learning rate of 1e4 gives a NaN loss within a few steps (weight decay alone multiplies every weight by -499):
     # the run stops at that step, before its update, and long before the epoch's end would save the NaN weights
     code, out, err = run(capsys, *_set(argv, "--out", tmp_path / "diverged"), "--lr", "1e4")
-    assert code == 2 and re.search(r"step [2-7]: the loss is (nan|inf): the run diverged .*no checkpoint was written", one_line(err)), err
+    assert code == 2 and re.search(
+        r"step [2-7]: the loss is (nan|inf): the run diverged .*no checkpoint was written", one_line(err)
+    ), err
     for line in (tmp_path / "diverged" / "metrics.jsonl").read_text().splitlines():
         _strict_json(line)  # valid JSON, no bare NaN
     # a checkpoint of weights that are no longer finite is refused; the good one on disk stays
@@ -191,14 +283,18 @@ def test_item2_a_diverged_run_fails_keeps_the_last_good_checkpoint_and_eval_refu
     folder = Run(tmp_path / "run", main=True)
     folder.saved_step = 8
     with pytest.raises(DivergedError, match="weights hold nan or inf.*last good checkpoint \\(step 8\\)"):
-        folder.checkpoint(model, torch.optim.SGD(model.parameters(), lr=1.0), cfg_for(data, tmp_path / "run"), 1, 0, 9, Dist())
+        folder.checkpoint(
+            model, torch.optim.SGD(model.parameters(), lr=1.0), cfg_for(data, tmp_path / "run"), 1, 0, 9, Dist()
+        )
     assert load_file(str(tmp_path / "run" / "model.safetensors")).keys() == good.keys()
     assert all(bool(torch.isfinite(t).all()) for t in load_file(str(tmp_path / "run" / "model.safetensors")).values())
     code, out, err = run(capsys, *_set(argv, "--out", tmp_path / "inf"), "--lr", "inf")
     assert code == 2 and "--lr" in one_line(err) and not (tmp_path / "inf").exists()
     # eval refuses non-finite weights
     aptvit.save(model, tmp_path / "nan.safetensors")
-    code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "nan.safetensors", "--data", data, "--size", "32", "--workers", "0")
+    code, out, err = run(
+        capsys, "eval", "--checkpoint", tmp_path / "nan.safetensors", "--data", data, "--size", "32", "--workers", "0"
+    )
     assert code == 2 and re.search(r"nan\.safetensors.*non-finite", one_line(err)), err
     assert "top-1" not in out
 
@@ -212,8 +308,26 @@ def cfg_for(data, out):
 # ---------------------------------------------------------------------------------------------- item 3
 def test_item3_a_failed_start_leaves_a_restartable_folder(tmp_path, capsys):
     data = make_folder(tmp_path / "data", train=4, val=2)
-    argv = ["finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32", "--batch-size", "4",
-            "--workers", "0", "--no-eval", "--thresholds", "32=6", "--max-steps", "1"]
+    argv = [
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-eval",
+        "--thresholds",
+        "32=6",
+        "--max-steps",
+        "1",
+    ]
     # an impossible budget is found before anything is written
     code, out, err = run(capsys, *argv[:6], tmp_path / "budget", *argv[7:-4], "--patch-sizes", "16", "--budget", "1")
     assert code == 2 and "budget" in one_line(err) and not (tmp_path / "budget").exists(), err
@@ -234,7 +348,12 @@ def test_item3_a_failed_start_leaves_a_restartable_folder(tmp_path, capsys):
     orphan.write_bytes(b"half a checkpoint")
     code, out, err = run(capsys, *argv, "--resume")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "metrics.jsonl", "model.safetensors", "train_state.pt"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.json",
+        "metrics.jsonl",
+        "model.safetensors",
+        "train_state.pt",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- item 4
@@ -261,8 +380,19 @@ def test_item4_eval_counts_what_it_evaluated_and_show_keeps_every_picture(tmp_pa
     model = aptvit.convert(tiny_vit("vit_cls", num_classes=2), thresholds={32: 6.0})
     aptvit.save(model, tmp_path / "m.safetensors")
     (data / "val" / "plain" / "0.png").write_text("broken")
-    code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "m.safetensors", "--data", data, "--size", "32",
-                         "--workers", "0", "--skip-bad-images")
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--checkpoint",
+        tmp_path / "m.safetensors",
+        "--data",
+        data,
+        "--size",
+        "32",
+        "--workers",
+        "0",
+        "--skip-bad-images",
+    )
     assert code == 0, err
     assert "3 images" in out and "1 unreadable image skipped" in out, out
     img = data / "val" / "stripes" / "0.png"
@@ -277,14 +407,31 @@ def test_item4_an_evaluation_that_failed_at_an_epoch_end_is_redone_on_resume(tmp
     data = make_folder(tmp_path / "data", train=2, val=1)
     good = (data / "val" / "plain" / "0.png").read_bytes()
     (data / "val" / "plain" / "0.png").write_text("broken")
-    argv = ["finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32", "--batch-size", "4",
-            "--workers", "0", "--thresholds", "32=6"]
+    argv = [
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--thresholds",
+        "32=6",
+    ]
     code, out, err = run(capsys, *argv)
     assert code == 2 and "cannot read image" in one_line(err)
     (data / "val" / "plain" / "0.png").write_bytes(good)
     code, out, err = run(capsys, *argv, "--resume")
     assert code == 0, err
-    evals = [m for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "eval"]
+    evals = [
+        m for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "eval"
+    ]
     assert [m["epoch"] for m in evals] == [1] and "top-1" in out
 
 
@@ -306,8 +453,26 @@ def tmpfs(path: Path, size: str, readonly: bool = False):
 
 def test_item5_file_failures_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
     data = make_folder(tmp_path / "data", train=4, val=2)
-    argv = ["finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32", "--batch-size", "4",
-            "--workers", "0", "--no-eval", "--thresholds", "32=6", "--max-steps", "1"]
+    argv = [
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-eval",
+        "--thresholds",
+        "32=6",
+        "--max-steps",
+        "1",
+    ]
     assert run(capsys, *argv)[0] == 0
     blob = (tmp_path / "run" / "model.safetensors").read_bytes()
     (tmp_path / "run" / "model.safetensors").write_bytes(blob[:1000])
@@ -316,11 +481,25 @@ def test_item5_file_failures_are_one_line_and_bugs_keep_their_traceback(tmp_path
 
     aptvit.save(aptvit.convert(tiny_vit("vit_cls", num_classes=2), thresholds={32: 6.0}), tmp_path / "m.safetensors")
     with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
-        code, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "m.safetensors", "--data", data, "--size", "32",
-                             "--workers", "0", "--json", ro / "e.json")
+        code, out, err = run(
+            capsys,
+            "eval",
+            "--checkpoint",
+            tmp_path / "m.safetensors",
+            "--data",
+            data,
+            "--size",
+            "32",
+            "--workers",
+            "0",
+            "--json",
+            ro / "e.json",
+        )
         assert code == 2 and re.search(r"cannot write .*e\.json.*read-only", one_line(err)), err
         assert "top-1" not in out  # refused before the work, not after it
-        code, out, err = run(capsys, "bench", "--model", MODEL, "--size", "32", "--batch", "1", "--runs", "1", "--out", ro / "b.json")
+        code, out, err = run(
+            capsys, "bench", "--model", MODEL, "--size", "32", "--batch", "1", "--runs", "1", "--out", ro / "b.json"
+        )
         assert code == 2 and re.search(r"cannot write .*b\.json.*read-only", one_line(err)), err
     with tmpfs(tmp_path / "full", "256k") as full:
         code, out, err = run(capsys, *argv[:6], full / "run", *argv[7:])
@@ -355,8 +534,26 @@ def test_item7_messages_say_what_is_wrong(world, tmp_path, capsys):
 
     # malformed run files name the file
     data = make_folder(tmp_path / "data", train=4, val=2)
-    argv = ["finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32", "--batch-size", "4",
-            "--workers", "0", "--no-eval", "--thresholds", "32=6", "--max-steps", "1"]
+    argv = [
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-eval",
+        "--thresholds",
+        "32=6",
+        "--max-steps",
+        "1",
+    ]
     assert run(capsys, *argv)[0] == 0
     (tmp_path / "run" / "config.json").write_text("{not json")
     code, out, err = run(capsys, *argv, "--resume")

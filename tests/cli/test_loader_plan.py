@@ -1,4 +1,5 @@
 """The data loader plans each batch in its workers: the main process only moves the plan to the device."""
+
 import functools
 
 import torch
@@ -10,6 +11,7 @@ from aptvit.images import normalise
 from ..tiny import tiny_vit
 from .test_finetune import make_folder
 
+
 def test_workers_plan_the_batch_and_the_model_uses_that_plan(tmp_path):
     data = make_folder(tmp_path / "data", train=4, val=1, size=64)
     apt = aptvit.convert(tiny_vit("qknorm_layerscale"), thresholds={32: 6.0, 64: 5.0}).eval()
@@ -17,8 +19,9 @@ def test_workers_plan_the_batch_and_the_model_uses_that_plan(tmp_path):
 
     layout_fn = functools.partial(aptvit.patch_layout, **apt.config.layout_kwargs())
     dataset = LayoutDataset(image_folder(data / "train").samples, build_transform(64, False, mean, std), layout_fn)
-    loader = make_loader(dataset, ShardedSampler(len(dataset), shuffle=False), 4, workers=2, drop_last=False,
-                         plan=apt.planner())
+    loader = make_loader(
+        dataset, ShardedSampler(len(dataset), shuffle=False), 4, workers=2, drop_last=False, plan=apt.planner()
+    )
     batches = list(loader)
     assert len(batches) == 2
     for batch in batches:

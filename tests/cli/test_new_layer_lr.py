@@ -1,4 +1,5 @@
 """finetune's lr multiplier for the new zero-initialised apt.* layers (--new-layer-lr-scale)."""
+
 import json
 
 import torch
@@ -12,9 +13,33 @@ MODEL = "vit_tiny_patch16_224"
 
 def test_cli_option_gives_the_apt_layers_a_scaled_lr(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
-    code, _, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32",
-                       "--batch-size", "4", "--workers", "0", "--max-steps", "2", "--thresholds", "32=6", "--lr", "1e-3",
-                       "--warmup", "0", "--no-eval", "--new-layer-lr-scale", "8")
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--max-steps",
+        "2",
+        "--thresholds",
+        "32=6",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "0",
+        "--no-eval",
+        "--new-layer-lr-scale",
+        "8",
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["new_layer_lr_scale"] == 8.0
     groups = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["optimizer"]["param_groups"]
@@ -30,7 +55,10 @@ def test_scaled_new_layers_move_that_much_further(tmp_path):
     moved = {}
     for scale in (1.0, 10.0):
         out = tmp_path / f"run{scale}"
-        finetune(cfg(data, out, max_steps=3, warmup=0.0, eval=False, new_layer_lr_scale=scale, augment="none"), log=lambda *a: None)
+        finetune(
+            cfg(data, out, max_steps=3, warmup=0.0, eval=False, new_layer_lr_scale=scale, augment="none"),
+            log=lambda *a: None,
+        )
         weights = load_file(out / "model.safetensors")
         moved[scale] = float(weights["apt.detail_proj.32.weight"].abs().max())  # started at zero
     # AdamW moves a weight by about lr per step, whatever its gradient's scale
@@ -38,10 +66,13 @@ def test_scaled_new_layers_move_that_much_further(tmp_path):
 
 
 def test_param_groups_split_decay_and_new_layers():
-    import aptvit
     import timm
 
-    vit = timm.create_model(MODEL, pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=2)
+    import aptvit
+
+    vit = timm.create_model(
+        MODEL, pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=2
+    )
     apt = aptvit.convert(vit, patch_sizes=(8, 16))
     config = TrainConfig(model=MODEL, data="x", out="y", new_layer_lr_scale=3.0, weight_decay=0.05)
     names = {id(p): n for n, p in apt.named_parameters()}
@@ -56,6 +87,18 @@ def test_param_groups_split_decay_and_new_layers():
 
 def test_a_bad_scale_is_one_clear_message(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
-    code, _, err = run(capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32",
-                       "--new-layer-lr-scale", "0")
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+        "--new-layer-lr-scale",
+        "0",
+    )
     assert code == 2 and "new_layer_lr_scale must be > 0" in err and "Traceback" not in err

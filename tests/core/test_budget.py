@@ -6,12 +6,14 @@ passes a score, so the brute force tries "merge nothing" and then "merge every s
 candidate score c of the image in ascending order, counts the tokens with plain quadtree loops, and
 takes the first that fits.
 """
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import aptvit
 from aptvit.core.pixels import grayscale_255
@@ -91,7 +93,11 @@ def budget_cases(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     levels_px = draw(st.sampled_from([2, 4, 256]))  # few grey levels give ties between scores
     g = torch.Generator().manual_seed(seed)
-    img = torch.randint(0, levels_px, (b, 1, hc * base, wc * base), generator=g).mul(255 // (levels_px - 1)).to(torch.uint8)
+    img = (
+        torch.randint(0, levels_px, (b, 1, hc * base, wc * base), generator=g)
+        .mul(255 // (levels_px - 1))
+        .to(torch.uint8)
+    )
     return sizes, (hc, wc), img, draw(st.floats(0.05, 1.0))
 
 

@@ -1,4 +1,5 @@
 """``atomic_write``: a write that fails leaves the old file as it was and no temporary file behind."""
+
 import os
 
 import pytest
@@ -12,6 +13,7 @@ class WriteFailed(Exception):
 
 def half_write(text):
     """A write function that writes part of the new content, then fails (a full disk, a crash in a serializer)."""
+
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)

@@ -4,11 +4,13 @@
 ``bincount``, boolean masks, ...). ``.tolist()`` on a CPU tensor dispatches nothing, so the host reads
 themselves are counted by wrapping ``Tensor.tolist`` / ``Tensor.numpy``.
 """
+
 import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import aptvit
 from aptvit.core.layout import PatchLayout, from_boxes
@@ -57,9 +59,13 @@ def test_one_host_read_and_no_other_data_dependent_op_whatever_the_batch(monkeyp
     totals = {}
     for b in (1, 16):
         images = batch(b, dtype)
-        layout, ops, reads = run_counted(monkeypatch, lambda: aptvit.patch_layout(images, (16, 32, 64), scorer=scorer, **mode))
+        layout, ops, reads = run_counted(
+            monkeypatch, lambda: aptvit.patch_layout(images, (16, 32, 64), scorer=scorer, **mode)
+        )
         # one sync in all: the token counts (with the float validity); tolist() is invisible to OpCounter on the CPU
-        assert len(ops.data_dependent) + reads == 1, f"batch {b}: {reads} host reads, data-dependent: {ops.data_dependent}"
+        assert len(ops.data_dependent) + reads == 1, (
+            f"batch {b}: {reads} host reads, data-dependent: {ops.data_dependent}"
+        )
         assert layout.offsets == tuple(layout.cu_seqlens.tolist())
         totals[b] = ops.total
     assert totals[16] == totals[1], f"aten ops grow with the batch: {totals}"
@@ -79,7 +85,10 @@ def test_lists_take_one_host_read_per_image_size(monkeypatch):
     [
         (torch.full((2, 3, 32, 32), math.nan), "images contains NaN or inf"),
         (torch.full((2, 3, 32, 32), math.inf), "images contains NaN or inf"),
-        (torch.full((2, 3, 32, 32), 1.5), "images are floating point with values in \\[0.5, 1.5\\]; float images must be in \\[0, 1\\]"),
+        (
+            torch.full((2, 3, 32, 32), 1.5),
+            "images are floating point with values in \\[0.5, 1.5\\]; float images must be in \\[0, 1\\]",
+        ),
         (torch.full((2, 3, 32, 32), -0.25), "values in \\[-0.25, 0.5\\]"),
         ([torch.zeros(3, 32, 32, dtype=torch.uint8), torch.full((3, 32, 48), math.nan)], "images\\[1\\] contains NaN"),
     ],
@@ -105,7 +114,10 @@ def test_nan_scores_of_a_custom_scorer_are_reported():
 
 
 def test_budget_lets_infinite_scores_merge_when_it_must():
-    inf = lambda gray, sizes, base: {s: torch.full((gray.shape[0], gray.shape[1] // s, gray.shape[2] // s), math.inf) for s in sizes}  # noqa: E731
+    def inf(gray, sizes, base):
+        return {
+            s: torch.full((gray.shape[0], gray.shape[1] // s, gray.shape[2] // s), math.inf) for s in sizes
+        }  # noqa: E731
     images = torch.zeros(2, 3, 96, 160)
     floor = all_merged_tokens((96, 160), (16, 32, 64))
     layout = aptvit.patch_layout(images, (16, 32, 64), budget=floor, scorer=inf)
@@ -134,7 +146,9 @@ def random_settings(draw):
         mode = dict(budget=max(all_merged_tokens((h, w), sizes), draw(st.integers(1, (h // base) * (w // base)))))
     else:
         scale = {"entropy": 6.0, "laplacian": 0.3, "upsample": 0.02}[scorer]
-        mode = dict(thresholds={s: draw(st.floats(0, 1)) * scale for s in sizes[1:] if draw(st.booleans())}, scorer=scorer)
+        mode = dict(
+            thresholds={s: draw(st.floats(0, 1)) * scale for s in sizes[1:] if draw(st.booleans())}, scorer=scorer
+        )
     mode.setdefault("scorer", scorer)
     return sizes, (b, h, w), seed, mode
 
@@ -168,13 +182,20 @@ def test_offsets_equal_cu_seqlens_after_every_constructor():
         "patch_layout mixed list": aptvit.patch_layout([a[0], b[0], a[0].flip(-1)], (16, 32, 64), budget=0.5),
     }
     layout = built["patch_layout mixed list"]
-    built["from_boxes"] = from_boxes(layout.patch_sizes, layout.image_sizes, layout.y, layout.x, layout.size, layout.cu_seqlens)
+    built["from_boxes"] = from_boxes(
+        layout.patch_sizes, layout.image_sizes, layout.y, layout.x, layout.size, layout.cu_seqlens
+    )
     built["to"] = layout.to("cpu")
     built["image"] = layout.image(1)
     built["image(-1)"] = layout.image(-1)
     built["cat"] = PatchLayout.cat([layout.image(2), built["patch_layout tensor"], layout.image(0)])
     built["from_dict"] = PatchLayout.from_dict(layout.to_dict())
-    built["constructor without offsets"] = PatchLayout(*[getattr(layout, f) for f in ("patch_sizes", "image_sizes", "y", "x", "size", "cu_seqlens", "cells", "max_seqlen")])
+    built["constructor without offsets"] = PatchLayout(
+        *[
+            getattr(layout, f)
+            for f in ("patch_sizes", "image_sizes", "y", "x", "size", "cu_seqlens", "cells", "max_seqlen")
+        ]
+    )
     for name, l in built.items():
         assert l.offsets == tuple(l.cu_seqlens.tolist()), name
         assert all(isinstance(o, int) for o in l.offsets), name
@@ -183,11 +204,23 @@ def test_offsets_equal_cu_seqlens_after_every_constructor():
     assert built["cat"].boxes(0).tolist() == layout.boxes(2).tolist()
     assert built["cat"].boxes(3).tolist() == layout.boxes(0).tolist()
     with pytest.raises(ValueError, match="offsets"):
-        PatchLayout(layout.patch_sizes, layout.image_sizes, layout.y, layout.x, layout.size, layout.cu_seqlens, layout.cells, layout.max_seqlen, (0,))
+        PatchLayout(
+            layout.patch_sizes,
+            layout.image_sizes,
+            layout.y,
+            layout.x,
+            layout.size,
+            layout.cu_seqlens,
+            layout.cells,
+            layout.max_seqlen,
+            (0,),
+        )
 
 
 def test_size_counts_and_image_index_match_a_direct_count():
-    layout = aptvit.patch_layout([photo(n, (128, 192))[0] for n in ("astronaut", "camera", "coffee")], (16, 32, 64), budget=0.25)
+    layout = aptvit.patch_layout(
+        [photo(n, (128, 192))[0] for n in ("astronaut", "camera", "coffee")], (16, 32, 64), budget=0.25
+    )
     image = torch.repeat_interleave(torch.arange(3), torch.tensor(layout.token_counts))
     assert torch.equal(layout.image_index, image)
     counts = layout.size_counts()

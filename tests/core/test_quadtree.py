@@ -1,10 +1,12 @@
 """Layout rules: exact tiling, greedy quadtree semantics, thresholds, budget, bad input."""
+
 import json
 import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import aptvit
 from aptvit.core.layout import PatchLayout
@@ -142,7 +144,9 @@ def test_budget_merges_most_homogeneous_first_and_stops_at_the_budget():
     merged = [scores[s][0, y // s, x // s].item() for y, x, s in layout.boxes(0).tolist() if s > 16]
     t = max(merged)
     # the same layout is a shared-threshold layout: everything scoring <= t merges ...
-    shared = aptvit.patch_layout(img, sizes, thresholds={32: math.nextafter(t, math.inf), 64: math.nextafter(t, math.inf)})
+    shared = aptvit.patch_layout(
+        img, sizes, thresholds={32: math.nextafter(t, math.inf), 64: math.nextafter(t, math.inf)}
+    )
     assert torch.equal(shared.boxes(0), layout.boxes(0))
     # ... and stopping one merge earlier would exceed the budget
     fewer = aptvit.patch_layout(img, sizes, thresholds={32: t, 64: t})
@@ -201,7 +205,12 @@ def test_uint8_and_float_inputs_give_the_same_layout(seed, channels):
 
 def test_cpu_results_are_deterministic():
     img = torch.cat([photo("astronaut", (224, 224)), photo("coffee", (224, 224))])
-    for kwargs in [dict(thresholds={32: 5.5, 64: 4.0}), dict(budget=0.4), dict(scorer="laplacian"), dict(scorer="upsample")]:
+    for kwargs in [
+        dict(thresholds={32: 5.5, 64: 4.0}),
+        dict(budget=0.4),
+        dict(scorer="laplacian"),
+        dict(scorer="upsample"),
+    ]:
         a, b = aptvit.patch_layout(img, **kwargs), aptvit.patch_layout(img, **kwargs)
         assert torch.equal(a.cells, b.cells) and torch.equal(a.size, b.size) and torch.equal(a.y, b.y)
 
@@ -298,7 +307,12 @@ def test_custom_scorer_with_wrong_shape_is_reported():
     ],
 )
 def test_from_dict_rejects_boxes_off_their_grid_and_bad_offsets(boxes, cu, message):
-    d = {"patch_sizes": [16, 32], "image_sizes": [[32, 48]] if len(boxes) == 4 else [[32, 32]], "cu_seqlens": cu, "boxes": boxes}
+    d = {
+        "patch_sizes": [16, 32],
+        "image_sizes": [[32, 48]] if len(boxes) == 4 else [[32, 32]],
+        "cu_seqlens": cu,
+        "boxes": boxes,
+    }
     with pytest.raises(ValueError, match=message):
         PatchLayout.from_dict(d)
 
@@ -311,7 +325,10 @@ def test_image_accepts_negative_indices_and_rejects_out_of_range():
 
 
 def test_custom_scorer_on_the_wrong_dtype_is_reported():
-    ints = lambda gray, sizes, base: {s: torch.zeros(gray.shape[0], gray.shape[1] // s, gray.shape[2] // s, dtype=torch.long) for s in sizes}  # noqa: E731
+    def ints(gray, sizes, base):
+        return {
+            s: torch.zeros(gray.shape[0], gray.shape[1] // s, gray.shape[2] // s, dtype=torch.long) for s in sizes
+        }  # noqa: E731
     with pytest.raises(ValueError, match="floating point scores"):
         aptvit.patch_layout(torch.zeros(1, 3, 64, 64), thresholds={32: 1.0}, scorer=ints)
     with pytest.raises(ValueError, match="bins must be an int from 2 to 65536"):

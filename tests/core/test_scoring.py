@@ -1,9 +1,11 @@
 """Scores against plain per-patch reference loops (numpy.histogram, explicit convolutions)."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aptvit.core.pixels import grayscale_255
 from aptvit.core.scoring import bin_index, entropy_scores, laplacian_scores, upsampling_error_scores
@@ -87,7 +89,9 @@ def test_entropy_chunked_equals_unchunked(monkeypatch):
         assert torch.equal(full[s], chunked[s])
 
 
-@pytest.mark.parametrize("h, w, sizes", [(24, 40, [4, 8]), (20, 28, [4, 8, 16]), (23, 30, [8, 16])])  # odd grids: 5x7, 5x7 -> 2x3 -> 1x1
+@pytest.mark.parametrize(
+    "h, w, sizes", [(24, 40, [4, 8]), (20, 28, [4, 8, 16]), (23, 30, [8, 16])]
+)  # odd grids: 5x7, 5x7 -> 2x3 -> 1x1
 def test_laplacian_matches_explicit_reflect_convolution(h, w, sizes):
     g = torch.Generator().manual_seed(1)
     img = torch.randint(0, 256, (1, 1, h, w), generator=g, dtype=torch.uint8)
@@ -122,5 +126,7 @@ def test_upsampling_error_matches_per_patch_loop_and_is_zero_on_flat_patches():
                     patch = gray[n, i * s : (i + 1) * s, j * s : (j + 1) * s][None, None] / 255.0
                     small = F.avg_pool2d(patch, s // 4)
                     back = F.interpolate(small, size=(s, s), mode="bilinear", align_corners=False)
-                    assert scores[s][n, i, j].item() == pytest.approx(((back - patch) ** 2).mean().item(), rel=1e-5, abs=1e-9)
+                    assert scores[s][n, i, j].item() == pytest.approx(
+                        ((back - patch) ** 2).mean().item(), rel=1e-5, abs=1e-9
+                    )
     assert scores[16][:, 0, 0].abs().max() < 1e-12

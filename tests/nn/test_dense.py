@@ -1,4 +1,5 @@
 """Dense features: unmerge to the grid, timm-compatible intermediates, pyramid, MLLM tokens."""
+
 import pytest
 import torch
 
@@ -33,8 +34,12 @@ def test_forward_intermediates_equals_timm_when_nothing_merges(fmt, norm):
     apt = never(model)
     x = torch.randn(2, 3, 48, 80)
     with torch.no_grad():
-        final, inter = apt.forward_intermediates(x, indices=[0, -1], norm=norm, output_fmt=fmt, return_prefix_tokens=True)
-        ref_final, ref_inter = model.forward_intermediates(x, indices=[0, -1], norm=norm, output_fmt=fmt, return_prefix_tokens=True)
+        final, inter = apt.forward_intermediates(
+            x, indices=[0, -1], norm=norm, output_fmt=fmt, return_prefix_tokens=True
+        )
+        ref_final, ref_inter = model.forward_intermediates(
+            x, indices=[0, -1], norm=norm, output_fmt=fmt, return_prefix_tokens=True
+        )
         only = apt.forward_intermediates(x, indices=1, output_fmt=fmt, intermediates_only=True, stop_early=True)
         ref_only = model.forward_intermediates(x, indices=1, output_fmt=fmt, intermediates_only=True, stop_early=True)
     assert rel_err(final, ref_final) <= 1e-5
@@ -49,7 +54,7 @@ def test_forward_intermediates_equals_timm_when_nothing_merges(fmt, norm):
         got, want = d[key], ref_d[key]
         if isinstance(got, list):
             assert len(got) == len(want), key
-        for a, b in (zip(got, want) if isinstance(got, list) else [(got, want)]):
+        for a, b in zip(got, want) if isinstance(got, list) else [(got, want)]:
             assert rel_err(a, b) <= 1e-5, key
 
 
@@ -107,7 +112,11 @@ def test_simple_pyramid_shapes_and_errors():
     grid = torch.randn(2, 8, 6, 10)
     levels = simple_pyramid(grid, scales=(4, 2, 1, 0.5))
     assert [tuple(l.shape) for l in levels] == [(2, 8, 24, 40), (2, 8, 12, 20), (2, 8, 6, 10), (2, 8, 3, 5)]
-    assert [tuple(l.shape) for l in SimpleFeaturePyramid(8, 4, (2, 1, 0.5))(grid)] == [(2, 4, 12, 20), (2, 4, 6, 10), (2, 4, 3, 5)]
+    assert [tuple(l.shape) for l in SimpleFeaturePyramid(8, 4, (2, 1, 0.5))(grid)] == [
+        (2, 4, 12, 20),
+        (2, 4, 6, 10),
+        (2, 4, 3, 5),
+    ]
     for bad in [(3,), (0,), (), 2, (1, -2), (0.125,)]:
         with pytest.raises(ValueError, match="scale"):
             simple_pyramid(torch.randn(1, 8, 4, 4), scales=bad)

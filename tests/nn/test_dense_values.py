@@ -1,4 +1,5 @@
 """``simple_pyramid`` values, not only shapes: bilinear up, identity at 1, max-pool below 1 (as documented)."""
+
 import pytest
 import torch
 import torch.nn.functional as F

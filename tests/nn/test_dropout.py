@@ -1,4 +1,5 @@
 """Attention dropout of a converted model is applied in training, and only there (behaviour through apt(...))."""
+
 import pytest
 import torch
 

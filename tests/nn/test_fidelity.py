@@ -1,5 +1,6 @@
 """The five fidelity promises of convert(): exact when nothing merges, resize-only at init,
 images independent in a batch, backends agree, save/load round trip."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,9 @@ def test_large_tokens_are_exactly_resize_only_at_init():
         for t in (layout.size > 16).nonzero().squeeze(1).tolist():
             b, y, xx, s = int(layout.image_index[t]), int(layout.y[t]), int(layout.x[t]), int(layout.size[t])
             crop = F.interpolate(x[b : b + 1, :, y : y + s, xx : xx + s], size=(16, 16), mode="area")
-            want = model.patch_embed.proj(crop).flatten() + pos[0, :, y // 16 : (y + s) // 16, xx // 16 : (xx + s) // 16].mean((1, 2))
+            want = model.patch_embed.proj(crop).flatten() + pos[
+                0, :, y // 16 : (y + s) // 16, xx // 16 : (xx + s) // 16
+            ].mean((1, 2))
             assert torch.allclose(patches[t], want, atol=1e-5)
 
 

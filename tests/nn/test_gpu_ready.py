@@ -1,5 +1,6 @@
 """What a GPU pays for, checked on the CPU: host syncs, data-dependent shapes, op counts, compilability,
 the padded (CUDA-graph) plan, and how "auto" picks an attention backend on CUDA."""
+
 import pytest
 import torch
 
@@ -25,7 +26,9 @@ def _batch(model, b, seed=0):
 @pytest.mark.parametrize("b", [1, 16])
 def test_forward_packed_has_no_data_dependent_op(family, b):
     model = tiny_vit(family)
-    apt = aptvit.convert(model, thresholds={2 * model.patch_embed.patch_size[0]: 6.0, 4 * model.patch_embed.patch_size[0]: 5.0})
+    apt = aptvit.convert(
+        model, thresholds={2 * model.patch_embed.patch_size[0]: 6.0, 4 * model.patch_embed.patch_size[0]: 5.0}
+    )
     x = _batch(model, b)
     with torch.no_grad():
         layout = apt.make_layout(x)

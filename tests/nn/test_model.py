@@ -1,12 +1,13 @@
 """convert(): wrapping, gradients, training features, errors, checkpoints, FLOP counts."""
+
 import pytest
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import aptvit
-from aptvit.core.packing import seq_index
 from aptvit.core.flops import bank_flops
+from aptvit.core.packing import seq_index
 from aptvit.nn.model import drop_path_packed, model_flops
 
 from ..tiny import grads_rel_err, rel_err, tiny_vit
@@ -20,8 +21,12 @@ def test_wraps_without_copying_and_keeps_timm_keys():
     timm_keys = set(model.state_dict())
     assert timm_keys <= keys and all(k.startswith("apt.") for k in keys - timm_keys)
     assert {k for k in keys - timm_keys} == {
-        "apt.detail_merge.weight", "apt.detail_merge.bias",
-        "apt.detail_proj.32.weight", "apt.detail_proj.32.bias", "apt.detail_proj.64.weight", "apt.detail_proj.64.bias",
+        "apt.detail_merge.weight",
+        "apt.detail_merge.bias",
+        "apt.detail_proj.32.weight",
+        "apt.detail_proj.32.bias",
+        "apt.detail_proj.64.weight",
+        "apt.detail_proj.64.bias",
     }
     assert apt.config.patch_sizes == (16, 32, 64) and apt.config.thresholds == {32: 5.5, 64: 4.0}
 
@@ -53,7 +58,9 @@ def test_detail_path_learns_after_one_step():
     img = torch.rand(2, 3, 64, 64) * 0.1
     loss = apt((img - 0.5) / 0.5).logsumexp(-1).sum()
     loss.backward()
-    assert apt.apt.detail_proj["32"].weight.grad.abs().sum() > 0 or apt.apt.detail_proj["64"].weight.grad.abs().sum() > 0
+    assert (
+        apt.apt.detail_proj["32"].weight.grad.abs().sum() > 0 or apt.apt.detail_proj["64"].weight.grad.abs().sum() > 0
+    )
 
 
 def test_ddp_without_find_unused_parameters_survives_batches_without_large_patches(tmp_path):
@@ -84,8 +91,14 @@ def test_configure_validates_and_config_is_frozen():
     assert apt.config.budget is None and apt.config.thresholds == {32: 5.0}
     apt.configure(scorer="laplacian")  # thresholds in entropy bits would be meaningless: the scorer's defaults
     assert apt.config.thresholds == {32: 0.069, 64: 0.012}
-    for bad, kind in [(dict(budget=2.0), ValueError), (dict(thresholds={48: 1.0}), ValueError), (dict(scorer="x"), ValueError),
-                      (dict(attention="cuda"), ValueError), (dict(patch_sizes=(16, 32)), ValueError), (dict(bins=True), ValueError)]:
+    for bad, kind in [
+        (dict(budget=2.0), ValueError),
+        (dict(thresholds={48: 1.0}), ValueError),
+        (dict(scorer="x"), ValueError),
+        (dict(attention="cuda"), ValueError),
+        (dict(patch_sizes=(16, 32)), ValueError),
+        (dict(bins=True), ValueError),
+    ]:
         with pytest.raises(kind):
             apt.configure(**bad)
 
@@ -171,9 +184,17 @@ def test_mismatched_layouts_and_backends_get_clear_errors():
 @pytest.mark.parametrize(
     "build, name",
     [
-        (lambda: timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=1, embed_dim=64, num_heads=2), "VisionTransformerDistilled"),
+        (
+            lambda: timm.create_model(
+                "deit_tiny_distilled_patch16_224", pretrained=False, depth=1, embed_dim=64, num_heads=2
+            ),
+            "VisionTransformerDistilled",
+        ),
         (lambda: timm.create_model("resnet18", pretrained=False), "ResNet"),
-        (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, global_pool="map"), "VisionTransformer"),
+        (
+            lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, global_pool="map"),
+            "VisionTransformer",
+        ),
     ],
 )
 def test_unsupported_models_raise_type_error_naming_the_class(build, name):

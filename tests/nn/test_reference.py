@@ -12,6 +12,7 @@ base cells it covers), ``fc_norm`` and ``head``. Only the APT model's public sur
 ``forward_intermediates``, ``apt.apt.*`` modules and the layout's y/x/size/cu_seqlens), so the test holds
 through any rewrite of the packed internals.
 """
+
 import math
 
 import pytest
