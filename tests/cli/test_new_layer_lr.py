@@ -101,4 +101,4 @@ def test_a_bad_scale_is_one_clear_message(tmp_path, capsys):
         "--new-layer-lr-scale",
         "0",
     )
-    assert code == 2 and "new_layer_lr_scale must be > 0" in err and "Traceback" not in err
+    assert code == 2 and "--new-layer-lr-scale) must be a finite number > 0" in err and "Traceback" not in err

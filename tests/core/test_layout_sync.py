@@ -115,9 +115,8 @@ def test_nan_scores_of_a_custom_scorer_are_reported():
 
 def test_budget_lets_infinite_scores_merge_when_it_must():
     def inf(gray, sizes, base):
-        return {
-            s: torch.full((gray.shape[0], gray.shape[1] // s, gray.shape[2] // s), math.inf) for s in sizes
-        }  # noqa: E731
+        return {s: torch.full((gray.shape[0], gray.shape[1] // s, gray.shape[2] // s), math.inf) for s in sizes}  # noqa: E731
+
     images = torch.zeros(2, 3, 96, 160)
     floor = all_merged_tokens((96, 160), (16, 32, 64))
     layout = aptvit.patch_layout(images, (16, 32, 64), budget=floor, scorer=inf)

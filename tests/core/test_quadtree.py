@@ -326,9 +326,8 @@ def test_image_accepts_negative_indices_and_rejects_out_of_range():
 
 def test_custom_scorer_on_the_wrong_dtype_is_reported():
     def ints(gray, sizes, base):
-        return {
-            s: torch.zeros(gray.shape[0], gray.shape[1] // s, gray.shape[2] // s, dtype=torch.long) for s in sizes
-        }  # noqa: E731
+        return {s: torch.zeros(gray.shape[0], gray.shape[1] // s, gray.shape[2] // s, dtype=torch.long) for s in sizes}  # noqa: E731
+
     with pytest.raises(ValueError, match="floating point scores"):
         aptvit.patch_layout(torch.zeros(1, 3, 64, 64), thresholds={32: 1.0}, scorer=ints)
     with pytest.raises(ValueError, match="bins must be an int from 2 to 65536"):
