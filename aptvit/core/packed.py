@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .layout import PatchLayout
+from .layout import PatchLayout, to_device
 
 Groups = Tuple[Tuple[Tuple[int, ...], Tuple[int, int]], ...]  # ((image indices), (H, W)) per same-size group
 
@@ -221,7 +221,7 @@ def plan_packed(
         list(seq_offsets),
         counts,
     ] + ([] if one_group else [group_key, local])
-    host = _host_to(torch.tensor([v for part in parts for v in part], dtype=torch.long), device)
+    host = to_device([v for part in parts for v in part], torch.long, device)
     level_of, table, cells, prefix_pos, prefix_cols, pad_cols, pad_pos, cu_seqlens, counts, *per_image = host.split(
         [len(part) for part in parts]
     )
@@ -272,13 +272,6 @@ def pad_rows(seq: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> to
     """(N,) row of every packed token in a padded (S, max_seqlen) layout: sequence * max_seqlen + position."""
     position = torch.arange(seq.shape[0], device=seq.device) - cu_seqlens.to(torch.long)[seq]
     return seq * max_seqlen + position
-
-
-def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host-built table on ``device``: pinned and asynchronous to CUDA, so the host never waits."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
 
 
 def groups_of(images) -> Groups:

@@ -195,9 +195,7 @@ class APTViT(DenseMixin, nn.Module):
         layout = self.make_layout(images) if layout is None else layout
         device = _device_of(images)
         _check_layout(layout, groups, self.patch_sizes, device)
-        packed = plan_packed(
-            layout, groups, self.num_prefix_tokens, self.planner().keywords["pool_prefix"], pad_to, max_seqlen
-        )
+        packed = plan_packed(layout, groups, self.num_prefix_tokens, self._pool_prefix, pad_to, max_seqlen)
         return packed if packed.device == device else packed.to(device, non_blocking=True)
 
     def planner(self):
@@ -210,8 +208,12 @@ class APTViT(DenseMixin, nn.Module):
 
         from ..core.packed import plan_for_images
 
-        pool_prefix = bool(self.pool_include_prefix and self.global_pool in ("avg", "max", "avgmax"))
-        return functools.partial(plan_for_images, num_prefix=self.num_prefix_tokens, pool_prefix=pool_prefix)
+        return functools.partial(plan_for_images, num_prefix=self.num_prefix_tokens, pool_prefix=self._pool_prefix)
+
+    @property
+    def _pool_prefix(self) -> bool:
+        """Prefix tokens take part in average/max pooling (timm's ``pool_include_prefix``)."""
+        return bool(self.pool_include_prefix and self.global_pool in ("avg", "max", "avgmax"))
 
     # ------------------------------------------------------------------ forward
     def forward(
