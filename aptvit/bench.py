@@ -252,11 +252,13 @@ def bench_command(
     log=print,
     device: str = "auto",
     dtype: str = "auto",
+    attention: str = "auto",
 ) -> List[BenchRow]:
     """``aptvit bench``: build the models, check the sizes, run the grid, print/write the results.
 
     Args:
         device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 autocast when available, else CPU fp32).
+        attention: the attention backend ("auto" or a name in ``aptvit.nn.attention.BACKENDS``).
     """
     from .images import list_images, read_image
     from .models import build_models
@@ -271,7 +273,7 @@ def bench_command(
     where = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, where)
     settings = dict(layout or {}, scorer=scorer, patch_sizes=patch_sizes)
-    apt, timm_model = build_models(model, pretrained, checkpoint, layout=settings, log=log)
+    apt, timm_model = build_models(model, pretrained, checkpoint, layout=settings, log=log, attention=attention)
     apt.eval().to(where), timm_model.eval().to(where)
     p = apt.patch_size
     parsed = []

@@ -95,10 +95,21 @@ def add_layout_options(p: argparse.ArgumentParser, patch_default: Optional[str])
         "--thresholds", help="SIZE=VALUE pairs, e.g. 32=5.5,64=4.0 (default: the scorer's documented defaults)"
     )
     p.add_argument("--budget", help="at most this many tokens per image: a fraction (0.5) or a count (300)")
-    p.add_argument("--scorer", choices=["entropy", "laplacian", "upsample"], help="content score (default: entropy)")
+    from .core.scoring import SCORERS
+    from .nn.config import APTConfig
+
+    p.add_argument("--scorer", choices=sorted(SCORERS), help=f"content score (default: {APTConfig.scorer})")
 
 
 def add_runtime_options(p: argparse.ArgumentParser, default: Optional[str] = "auto") -> None:
+    from .nn.attention import backend_choices
+
+    p.add_argument(
+        "--attention",
+        choices=backend_choices(),
+        default=default,
+        help="attention backend (default auto: the fastest that runs on the device and dtype)",
+    )
     p.add_argument(
         "--device", choices=DEVICES, default=default, help="where to run (default auto: CUDA when available)"
     )
@@ -177,6 +188,7 @@ def cmd_bench(args) -> int:
         checkpoint=args.checkpoint,
         device=args.device,
         dtype=args.dtype,
+        attention=args.attention,
     )
     return 0
 
@@ -223,6 +235,7 @@ def cmd_finetune(args) -> int:
         "device": args.device,
         "dtype": args.dtype,
         "deterministic": args.deterministic or None,
+        "attention": args.attention,
         "new_layer_lr_scale": args.new_layer_lr_scale,
     }
     given = {k: v for k, v in given.items() if v is not None}
@@ -246,6 +259,7 @@ def cmd_eval(args) -> int:
         skip_bad_images=args.skip_bad_images,
         device=args.device,
         dtype=args.dtype,
+        attention=args.attention,
         layout=dict(
             layout_settings(args),
             scorer=args.scorer,
@@ -322,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its last checkpoint (or from "
         "its start when it has none); only --epochs, --max-steps, --workers, --save-every, --log-every, --no-eval, "
-        "--skip-bad-images, --device and --deterministic may change",
+        "--skip-bad-images, --device, --deterministic and --attention may change",
     )
     p.add_argument(
         "--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping"

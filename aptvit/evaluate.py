@@ -114,12 +114,14 @@ def eval_command(
     log=print,
     device: str = "auto",
     dtype: str = "auto",
+    attention: str = "auto",
 ) -> dict:
     """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON.
 
     Args:
         layout: settings that override the checkpoint's (thresholds=, budget=, scorer=, patch_sizes=).
         device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 when available).
+        attention: the attention backend of the APT model ("auto" or a name in ``aptvit.nn.attention.BACKENDS``).
     """
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -154,7 +156,9 @@ def eval_command(
         mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
         layout_fn = None
     else:
-        model, timm_model = build_models(model_name, pretrained, checkpoint, layout=layout, log=quiet)
+        model, timm_model = build_models(
+            model_name, pretrained, checkpoint, layout=layout, log=quiet, attention=attention
+        )
         cfg = timm_model.pretrained_cfg or {}
         mean, std = model.pixel_mean_std()
         layout_fn = functools.partial(patch_layout, **model.config.layout_kwargs())

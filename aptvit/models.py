@@ -97,6 +97,7 @@ def build_models(
     layout: Optional[Dict] = None,
     timm_kwargs: Optional[Dict] = None,
     log: Callable = print,
+    attention: str = "auto",
 ) -> Tuple[APTViT, nn.Module]:
     """The APT model and the timm model it wraps.
 
@@ -107,6 +108,7 @@ def build_models(
         layout: conversion settings from the command line (thresholds=, budget=, scorer=, patch_sizes=);
             they override an aptvit checkpoint's own.
         timm_kwargs: extra ``timm.create_model`` arguments (drop_path_rate=, model arguments).
+        attention: the attention backend to run with (a runtime choice; checkpoints do not carry one).
     """
     check_readable(checkpoint)
     layout = {k: v for k, v in (layout or {}).items() if v is not None}
@@ -121,11 +123,7 @@ def build_models(
         if num_classes is not None and num_classes != apt.num_classes:
             log(f"{checkpoint}: head has {apt.num_classes} classes, the data {num_classes}: new head")
             apt.reset_classifier(num_classes)
-        if layout:
-            apt.configure(**layout)
-        if apt.config.attention in ("flash", "varlen") and not torch.cuda.is_available():
-            log(f"{checkpoint} asks for the {apt.config.attention!r} attention backend, which needs CUDA: using 'auto'")
-            apt.configure(attention="auto")
+        apt.configure(attention=attention, **layout)
         check_finite(apt, checkpoint)
         log(f"weights: {checkpoint} (aptvit checkpoint)")
         return apt, apt.timm_model
@@ -143,7 +141,7 @@ def build_models(
         log(f"weights: timm pretrained {name}")
     else:
         log("weights: random (no --pretrained or --checkpoint): timings are valid, predictions are not")
-    return convert(model, **layout), model
+    return convert(model, attention=attention, **layout), model
 
 
 def build_timm(

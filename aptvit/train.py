@@ -41,6 +41,7 @@ from .distributed import Dist, all_gather_objects, all_reduce_sum, setup_distrib
 from .evaluate import evaluate
 from .images import normalise
 from .models import build_models
+from .nn.attention import backend_choices
 from .nn.convert import TIMM_ARGS, read_metadata, saver
 from .runtime import DEVICES, autocast, resolve_dtype, set_deterministic
 
@@ -55,6 +56,7 @@ RUN_CONTROL = (
     "eval",
     "device",
     "deterministic",
+    "attention",
 )
 
 
@@ -97,6 +99,7 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when available (one GPU per torchrun process), else the CPU
     dtype: str = "auto"  # compute precision: auto = bf16 autocast on CUDA, fp32 on the CPU
     deterministic: bool = False  # deterministic kernels: bit-exact resume on CUDA too (slower)
+    attention: str = "auto"  # attention backend (a runtime choice: may change on resume)
     classes: List[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -315,6 +318,8 @@ def _validate(cfg: TrainConfig) -> None:
     resolve_dtype(cfg.dtype, "cpu")  # a clear error for an unknown name, before any work
     if cfg.device not in DEVICES:
         raise InputError(f"device must be one of {DEVICES}, got {cfg.device!r}")
+    if cfg.attention not in backend_choices():
+        raise InputError(f"attention (--attention) must be one of {backend_choices()}, got {cfg.attention!r}")
     if (
         isinstance(cfg.new_layer_lr_scale, bool)
         or not isinstance(cfg.new_layer_lr_scale, (int, float))
@@ -471,6 +476,7 @@ def finetune(
             num_classes=len(cfg.classes),
             timm_kwargs={"drop_path_rate": cfg.drop_path},
             log=lambda *a, **k: None,
+            attention=cfg.attention,
         )
     else:
         apt, _ = build_models(
@@ -481,6 +487,7 @@ def finetune(
             layout=settings,
             timm_kwargs={"drop_path_rate": cfg.drop_path, **cfg.model_args},
             log=log_main,
+            attention=cfg.attention,
         )
     apt.to(dist.device)
     if cfg.size % apt.patch_size:

@@ -135,7 +135,7 @@ def show(
 
     from .core.pixels import grayscale_255
     from .core.quadtree import check_patch_sizes, patch_layout
-    from .core.scoring import SCORERS
+    from .core.scoring import get_scorer
     from .images import fit_image, read_image
 
     sizes = check_patch_sizes(patch_sizes)
@@ -153,7 +153,7 @@ def show(
         png = folder / f"{stem}_apt.png"
         grid = None
         if heatmap and len(sizes) > 1:
-            grid = SCORERS[scorer](grayscale_255(img[None]), [sizes[1]], p)[sizes[1]][0]
+            grid = get_scorer(scorer).fn(grayscale_255(img[None]), [sizes[1]], p)[sizes[1]][0]
         draw_layout(
             img,
             layout,

@@ -2,7 +2,7 @@
 
 For each scale factor k, the threshold of scorer X is the quantile of X's scores (pooled over the
 scikit-image photos at 224, 384 and 448) that lets the same fraction of k-size patches pass as
-entropy's default threshold does. Prints the table to put in ``DEFAULT_THRESHOLDS``.
+entropy's default threshold does. Prints the table to put in the ``register_scorer`` calls of ``aptvit/core/scoring.py``.
 
     python benchmarks/calibrate_thresholds.py
 """
@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from aptvit.core.pixels import grayscale_255
-from aptvit.core.quadtree import DEFAULT_THRESHOLDS
 from aptvit.core.scoring import SCORERS
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "retina"]
@@ -32,11 +31,11 @@ def main():
     for photo in PHOTOS:
         for size in (224, 384, 448):
             gray = grayscale_255(load(photo, size))
-            for name, fn in SCORERS.items():
-                scores = fn(gray, [base * k for k in (2, 4, 8)], base)
+            for name, spec in SCORERS.items():
+                scores = spec.fn(gray, [base * k for k in (2, 4, 8)], base)
                 for k in (2, 4, 8):
                     pooled[name][k].append(scores[base * k].flatten())
-    ent = DEFAULT_THRESHOLDS["entropy"]
+    ent = SCORERS["entropy"].thresholds
     for k in (2, 4, 8):
         e = torch.cat(pooled["entropy"][k])
         frac = (e < ent[k]).float().mean().item()

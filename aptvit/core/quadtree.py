@@ -34,32 +34,16 @@ import torch
 
 from .layout import PatchLayout, check_patch_sizes, to_device
 from .pixels import check_image_shape, check_pixel_range, grayscale_255, group_by_size, host_read_dtype, pixel_range
-from .scoring import SCORERS, Scorer
-
-# Defaults keyed by the scale factor size / base size, per built-in scorer. Entropy: the APT
-# paper's 5.5 bits for 2x; the others were calibrated to keep about as many tokens as entropy on
-# the scikit-image photos (see benchmarks/calibrate_thresholds.py).
-DEFAULT_THRESHOLDS: Dict[str, Dict[int, float]] = {
-    "entropy": {2: 5.5, 4: 4.0, 8: 3.5},
-    "laplacian": {2: 0.069, 4: 0.012, 8: 0.007},
-    "upsample": {2: 2.4e-4, 4: 1.9e-5, 8: 2.9e-6},
-}
+from .scoring import SCORERS, Scorer, get_scorer
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
-MAX_BINS = 65536
 
 
 def default_thresholds(patch_sizes: Sequence[int], scorer: str = "entropy") -> Dict[int, float]:
-    """The documented default thresholds for ``patch_sizes`` and a built-in scorer, keyed by size."""
+    """The registered scorer's default thresholds for ``patch_sizes``, keyed by size."""
     sizes = check_patch_sizes(patch_sizes)
-    if scorer not in DEFAULT_THRESHOLDS:
-        raise ValueError(f"no default thresholds for scorer {scorer!r}; pass thresholds= or budget=")
-    table = DEFAULT_THRESHOLDS[scorer]
-    out = {}
-    for s in sizes[1:]:
-        k = s // sizes[0]
-        out[s] = table.get(k, min(table.values()))
-    return out
+    table = get_scorer(scorer).thresholds  # keyed by scale factor
+    return {s: table.get(s // sizes[0], min(table.values())) for s in sizes[1:]}
 
 
 def check_thresholds(thresholds: Mapping[int, float], sizes: Tuple[int, ...]) -> Dict[int, float]:
@@ -106,30 +90,31 @@ def _budget_tokens(budget, num_base: int) -> int:
     return budget
 
 
-def check_layout_settings(sizes: Tuple[int, ...], thresholds, budget, scorer, bins: int) -> Optional[Dict[int, float]]:
-    """Validate the settings of a layout; return the thresholds to use.
+def check_layout_settings(
+    sizes: Tuple[int, ...], thresholds, budget, scorer, scorer_args: Optional[Mapping] = None
+) -> Tuple[Optional[Dict[int, float]], Dict]:
+    """Validate the settings of a layout.
 
     Returns:
-        The checked thresholds, the scorer's defaults when neither thresholds nor budget is given,
-        or None in budget mode.
+        (thresholds, scorer_args): the checked thresholds (the scorer's defaults when neither thresholds
+        nor budget is given, None in budget mode) and the scorer's full parameters (a registered scorer's
+        defaults updated with ``scorer_args``; ``scorer_args`` as given for a callable).
     """
-    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
-        raise ValueError(f"bins must be an int from 2 to {MAX_BINS}, got {bins!r}")
     if thresholds is not None and budget is not None:
         raise ValueError("pass either thresholds= or budget=, not both")
     if isinstance(scorer, str):
-        if scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)} or pass a callable")
+        params = get_scorer(scorer).resolve_params(scorer, scorer_args)
         if thresholds is None and budget is None:
             thresholds = default_thresholds(sizes, scorer)
     elif callable(scorer):
+        params = dict(scorer_args or {})
         if thresholds is None and budget is None:
-            raise ValueError("a custom scorer has no default thresholds; pass thresholds= or budget=")
+            raise ValueError("a custom scorer has no default thresholds; pass thresholds= or budget= (or register it)")
     else:
         raise TypeError(f"scorer must be a name in {sorted(SCORERS)} or a callable, got {scorer!r}")
     if budget is not None:
         check_budget(budget)
-    return check_thresholds(thresholds, sizes) if thresholds is not None else None
+    return (check_thresholds(thresholds, sizes) if thresholds is not None else None), params
 
 
 def select_patches(
@@ -227,7 +212,7 @@ def patch_layout(
     thresholds: Optional[Mapping[int, float]] = None,
     budget: Optional[Union[int, float]] = None,
     scorer: Union[str, Scorer] = "entropy",
-    bins: int = 512,
+    scorer_args: Optional[Mapping] = None,
 ) -> PatchLayout:
     """Cut every image into a mix of patch sizes.
 
@@ -243,22 +228,21 @@ def patch_layout(
         budget: at most this many tokens per image: a float in (0, 1] is a fraction of the base
             tokens, an int a token count. See the module docstring for how sizes are compared.
             A score of +inf counts as the least homogeneous but may still merge to meet the budget.
-        scorer: "entropy" (default), "laplacian", "upsample", or a callable
-            ``scorer(gray (B, H, W) in [0, 255], sizes, base_size) -> {size: (B, H // size, W // size)}``.
-        bins: histogram bins for the entropy scorer (equal width over [0, 255]).
+        scorer: a registered name ("entropy" (default), "laplacian", "upsample", see ``scoring.SCORERS``), or a
+            callable ``scorer(gray (B, H, W) in [0, 255], sizes, base_size) -> {size: (B, H // size, W // size)}``.
+        scorer_args: keyword parameters of the scorer, e.g. ``{"bins": 256}`` for entropy (its histogram bins,
+            equal width over [0, 255]); a registered scorer's defaults fill the rest.
 
-    With neither ``thresholds`` nor ``budget``, the scorer's ``DEFAULT_THRESHOLDS`` are used.
+    With neither ``thresholds`` nor ``budget``, the registered scorer's default thresholds are used.
 
     Returns:
         PatchLayout of the batch, tokens packed image by image in raster order.
     """
     sizes = check_patch_sizes(patch_sizes)
     base = sizes[0]
-    fixed = check_layout_settings(sizes, thresholds, budget, scorer, bins)  # before any work
-    if isinstance(scorer, str):
-        score_fn = functools.partial(SCORERS[scorer], bins=bins) if scorer == "entropy" else SCORERS[scorer]
-    else:
-        score_fn = scorer
+    fixed, params = check_layout_settings(sizes, thresholds, budget, scorer, scorer_args)  # before any work
+    score_fn = get_scorer(scorer).fn if isinstance(scorer, str) else scorer
+    score_fn = functools.partial(score_fn, **params) if params else score_fn
     scored = sorted(fixed) if fixed is not None else list(sizes[1:])
 
     groups = group_by_size(images)

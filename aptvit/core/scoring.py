@@ -17,12 +17,16 @@ which the token-budget mode relies on):
 
 Every scale comes from one pass over the pixels: the base grid is computed from the pixels and each
 coarser grid by combining 2x2 children (histograms add, means average).
+
+``SCORERS`` is the registry: each name carries its function, its default thresholds and its parameters
+(entropy's ``bins``). ``register_scorer`` adds yours, which a converted model then saves by name.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -184,8 +188,98 @@ def upsampling_error_scores(gray: torch.Tensor, sizes: Sequence[int], base_size:
     return out
 
 
-SCORERS: Dict[str, Scorer] = {
-    "entropy": entropy_scores,
-    "laplacian": laplacian_scores,
-    "upsample": upsampling_error_scores,
-}
+# ---------------------------------------------------------------------------------------------- registry
+MAX_BINS = 65536
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """A registered scorer: the function, its default thresholds, and its keyword parameters.
+
+    Attributes:
+        fn: ``fn(gray, sizes, base_size, **params) -> {size: scores}``.
+        thresholds: default threshold by scale factor (patch size / base size, 2, 4, 8, ...); a larger
+            factor without an entry uses the smallest default.
+        params: the keyword parameters of ``fn`` a model may set, with their defaults (saved with the model).
+        check: ``check(params) -> None``, raising ValueError for a bad value (optional).
+    """
+
+    fn: Scorer
+    thresholds: Mapping[int, float]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    check: Optional[Callable[[Mapping[str, Any]], None]] = None
+
+    def resolve_params(self, name: str, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+        """The defaults updated with ``given``; an unknown parameter or a bad value is a ValueError."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.params))
+        if unknown:
+            known = ", ".join(self.params) or "none"
+            raise ValueError(f"scorer {name!r} has no parameter(s) {unknown}; its parameters: {known}")
+        out = {**self.params, **given}
+        if self.check is not None:
+            self.check(out)
+        return out
+
+
+SCORERS: Dict[str, ScorerSpec] = {}
+
+
+def register_scorer(
+    name: str,
+    fn: Scorer,
+    thresholds: Mapping[int, float],
+    params: Optional[Mapping[str, Any]] = None,
+    check: Optional[Callable[[Mapping[str, Any]], None]] = None,
+    overwrite: bool = False,
+) -> ScorerSpec:
+    """Make ``fn`` a scorer that models can use, save and load by ``name``.
+
+    A converted model stores the scorer's name and parameters, not the function: register the scorer
+    (at import time of your module) before loading a model saved with it.
+
+    Args:
+        name: the name models and the command line use.
+        fn: ``fn(gray (B, H, W) in [0, 255], sizes, base_size, **params) -> {size: (B, H // size, W // size)}``;
+            low scores mean plain patches that may merge.
+        thresholds: default thresholds by scale factor, e.g. ``{2: 5.5, 4: 4.0}``.
+        params: keyword parameters of ``fn`` with their defaults.
+        check: validates a full set of parameters (raise ValueError).
+        overwrite: replace a scorer of the same name.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a scorer name must be a non-empty string, got {name!r}")
+    if name in SCORERS and not overwrite:
+        raise ValueError(f"scorer {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(fn):
+        raise TypeError(f"scorer {name!r}: fn must be callable, got {fn!r}")
+    factors = {int(k): float(v) for k, v in dict(thresholds).items()}
+    if not factors or any(k < 2 or k & (k - 1) for k in factors):
+        raise ValueError(f"scorer {name!r}: thresholds must be keyed by scale factors 2, 4, 8, ..., got {thresholds!r}")
+    spec = ScorerSpec(fn, factors, dict(params or {}), check)
+    spec.resolve_params(name, None)  # the defaults themselves must pass the check
+    SCORERS[name] = spec
+    return spec
+
+
+def get_scorer(name: str) -> ScorerSpec:
+    """The registered scorer ``name``, or a ValueError that lists the registered ones."""
+    if not isinstance(name, str) or name not in SCORERS:
+        raise ValueError(
+            f"unknown scorer {name!r}; choose one of {sorted(SCORERS)} (or register yours with "
+            "aptvit.core.scoring.register_scorer)"
+        )
+    return SCORERS[name]
+
+
+def _check_bins(params: Mapping[str, Any]) -> None:
+    bins = params["bins"]
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be an int from 2 to {MAX_BINS}, got {bins!r}")
+
+
+# Defaults by scale factor. Entropy: the APT paper's 5.5 bits for 2x; the others were calibrated to keep about as
+# many tokens as entropy on the scikit-image photos (benchmarks/calibrate_thresholds.py).
+register_scorer("entropy", entropy_scores, {2: 5.5, 4: 4.0, 8: 3.5}, params={"bins": 512}, check=_check_bins)
+register_scorer("laplacian", laplacian_scores, {2: 0.069, 4: 0.012, 8: 0.007})
+register_scorer("upsample", upsampling_error_scores, {2: 2.4e-4, 4: 1.9e-5, 8: 2.9e-6})

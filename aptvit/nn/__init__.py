@@ -1,7 +1,15 @@
 """nn.Module layers: adaptive patch embedding, varlen attention, the converted model."""
 
-from .attention import BACKENDS, available_backends, varlen_attention
+from .attention import BACKENDS, available_backends, register_backend, varlen_attention
 from .embed import AdaptivePatchEmbed
 from .model import APTConfig, APTViT
 
-__all__ = ["BACKENDS", "available_backends", "varlen_attention", "AdaptivePatchEmbed", "APTConfig", "APTViT"]
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "register_backend",
+    "varlen_attention",
+    "AdaptivePatchEmbed",
+    "APTConfig",
+    "APTViT",
+]

@@ -14,7 +14,10 @@ Backends:
               (the fp32 backend on CUDA), trains, no dropout. (It runs eagerly on the CPU without
               gradients, which the tests use to check its values.)
     "auto"    the fastest available: "loop" on CPU; on CUDA "flash", then "varlen" (half precision), then
-              "flex", then "pad".
+              "flex", then "pad" (``AUTO_ORDER``).
+
+``BACKENDS`` is the registry: each name carries its kernel and its availability check (device, dtype,
+dropout); ``register_backend`` adds one. The backend is a runtime choice of a model, never saved with it.
 
 Every backend reads what it needs from the planned batch (``core.packed.PackedBatch``): the device offsets,
 the host offsets ("loop"), the padded-row index ("pad"), the sequence id of each token ("flex"); none reads a
@@ -24,7 +27,8 @@ value from the device.
 from __future__ import annotations
 
 import importlib.util
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +37,16 @@ from torch import nn
 from ..core.packed import pad_rows
 from ..core.packing import seq_index
 
-BACKENDS = ("auto", "loop", "pad", "flash", "varlen", "flex")
-CUDA_ORDER = ("flash", "varlen", "flex", "pad")  # what "auto" tries on CUDA, fastest first
+AUTO_ORDER = {"cuda": ("flash", "varlen", "flex", "pad")}  # what "auto" tries per device type, fastest first
+AUTO_DEFAULT = "loop"  # "auto" on any other device
+
+
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
 
 
 def _has_flash_attn() -> bool:
@@ -57,23 +69,49 @@ def _has_flex() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Backend:
+    """An attention backend: its kernel and where it can run.
+
+    Attributes:
+        run: ``run(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq) -> out``, with the
+            arguments of ``varlen_attention``.
+        available: ``available(device, dtype, dropout) -> bool``: whether it runs there (``dropout``: attention
+            dropout is on, i.e. training with ``attn_drop > 0``).
+    """
+
+    run: Callable[..., torch.Tensor]
+    available: Callable[[torch.device, torch.dtype, bool], bool]
+
+
+BACKENDS: Dict[str, Backend] = {}
+
+
+def register_backend(
+    name: str, run: Callable[..., torch.Tensor], available: Callable, overwrite: bool = False
+) -> Backend:
+    """Make an attention kernel selectable by name (``convert(..., attention=name)``, ``--attention``)."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"a backend name must be a non-empty string other than 'auto', got {name!r}")
+    if name in BACKENDS and not overwrite:
+        raise ValueError(f"attention backend {name!r} is already registered; pass overwrite=True to replace it")
+    BACKENDS[name] = Backend(run, available)
+    return BACKENDS[name]
+
+
+def backend_choices() -> Tuple[str, ...]:
+    """Every name ``attention=`` accepts: "auto" and the registered backends."""
+    return ("auto", *BACKENDS)
+
+
 def available_backends(device: torch.device, dtype: torch.dtype, dropout: bool = False) -> List[str]:
     """Backends that can run on ``device`` with ``dtype`` (``dropout``: attention dropout is on)."""
-    out = ["loop", "pad"]
-    cuda = torch.device(device).type == "cuda"
-    if cuda and dtype in (torch.float16, torch.bfloat16):
-        if _has_flash_attn():
-            out.append("flash")
-        if _has_torch_varlen() and not dropout:
-            out.append("varlen")
-    if cuda and _has_flex() and not dropout:  # no flex backward on the CPU; the CPU has faster backends anyway
-        out.append("flex")
-    return out
+    return [name for name, b in BACKENDS.items() if b.available(torch.device(device), dtype, dropout)]
 
 
 def check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    if name not in backend_choices():
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {backend_choices()}")
     return name
 
 
@@ -82,11 +120,10 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, dropout
     check_backend(name)
     ok = available_backends(device, dtype, dropout)
     if name == "auto":
-        if torch.device(device).type != "cuda":
-            return "loop"
-        for candidate in CUDA_ORDER:
+        for candidate in AUTO_ORDER.get(torch.device(device).type, (AUTO_DEFAULT,)):
             if candidate in ok:
                 return candidate
+        return AUTO_DEFAULT
     if name not in ok:
         raise ValueError(
             f"attention backend {name!r} cannot run on {device} with {dtype}"
@@ -124,37 +161,46 @@ def varlen_attention(
     Returns:
         (N, H, hd).
     """
-    if backend == "loop":
-        bounds = offsets if offsets is not None else cu_seqlens.tolist()
-        outs = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            qi, ki, vi = (t[lo:hi].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, n, hd)
-            outs.append(F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, scale=scale)[0].transpose(0, 1))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-    if backend == "pad":
-        return _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, pad_index)
-    if backend == "flex":
-        return _flex_attention(q, k, v, cu_seqlens, scale, seq)
-    if backend in ("flash", "varlen"):
-        # half-precision kernels: under autocast q/k may come out of a float32 LayerNorm (qk_norm)
-        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
-        q, k, v = (t.to(half) for t in (q, k, v))
-    if backend == "flash":
-        from flash_attn import flash_attn_varlen_func
-
-        cu = cu_seqlens.to(torch.int32)
-        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p, softmax_scale=scale)
-    if backend == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        if dropout_p:
-            raise ValueError("the 'varlen' backend has no attention dropout; use 'flash' or 'pad' when training")
-        cu = cu_seqlens.to(torch.int32)
-        return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS[1:]}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {tuple(BACKENDS)}")
+    return BACKENDS[backend].run(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq)
 
 
-def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, pad_index):
+def _loop_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq):
+    """SDPA once per sequence, on views of the packed tensor."""
+    bounds = offsets if offsets is not None else cu_seqlens.tolist()
+    outs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        qi, ki, vi = (t[lo:hi].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, n, hd)
+        outs.append(F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, scale=scale)[0].transpose(0, 1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _as_autocast_half(q, k, v):
+    """Half-precision kernels: under autocast q/k may come out of a float32 LayerNorm (qk_norm)."""
+    half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
+    return (t.to(half) for t in (q, k, v))
+
+
+def _flash_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq):
+    from flash_attn import flash_attn_varlen_func
+
+    q, k, v = _as_autocast_half(q, k, v)
+    cu = cu_seqlens.to(torch.int32)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p, softmax_scale=scale)
+
+
+def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq):
+    from torch.nn.attention.varlen import varlen_attn
+
+    if dropout_p:
+        raise ValueError("the 'varlen' backend has no attention dropout; use 'flash' or 'pad' when training")
+    q, k, v = _as_autocast_half(q, k, v)
+    cu = cu_seqlens.to(torch.int32)
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
+
+
+def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq):
     """One batched SDPA over the sequences padded to ``max_seqlen``; padded keys get no weight."""
     n, heads, hd = q.shape
     s = cu_seqlens.shape[0] - 1
@@ -175,7 +221,7 @@ def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, pad_index)
 _COMPILED_FLEX = None
 
 
-def _flex_attention(q, k, v, cu_seqlens, scale, seq):
+def _flex_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq):
     """flex_attention with a block-diagonal mask: token i sees token j iff they belong to the same sequence."""
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -197,6 +243,20 @@ def _flex_attention(q, k, v, cu_seqlens, scale, seq):
     if v.dtype != q.dtype or k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
     return fn(q, k, v, block_mask=mask, scale=scale)[0].transpose(0, 1)
+
+
+register_backend("loop", _loop_attention, lambda device, dtype, dropout: True)
+register_backend("pad", _pad_attention, lambda device, dtype, dropout: True)
+register_backend(
+    "flash", _flash_attention, lambda device, dtype, dropout: _cuda(device) and _half(dtype) and _has_flash_attn()
+)
+register_backend(
+    "varlen",
+    _torch_varlen_attention,
+    lambda device, dtype, dropout: _cuda(device) and _half(dtype) and not dropout and _has_torch_varlen(),
+)
+# no flex backward on the CPU, and the CPU has faster backends anyway
+register_backend("flex", _flex_attention, lambda device, dtype, dropout: _cuda(device) and not dropout and _has_flex())
 
 
 def packed_self_attention(

@@ -1,57 +1,78 @@
-"""``APTConfig``: the conversion settings of an APT model, validated once, saved with the weights."""
+"""``APTConfig``: the conversion settings of an APT model, validated once, saved with the weights.
+
+These are the settings that change what the model computes (which patches merge). How it computes them
+(the attention backend, the device, the precision) is a runtime choice of ``APTViT`` and is not saved.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
-from typing import Dict, Mapping, Optional, Tuple, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from ..core.layout import check_patch_sizes
 from ..core.quadtree import check_budget, check_layout_settings
-from ..core.scoring import SCORERS
-from .attention import check_backend
+from ..core.scoring import get_scorer
 
 
 @dataclass(frozen=True)
 class APTConfig:
-    """Conversion settings. Construction validates everything and fills the default thresholds.
+    """Conversion settings. Construction validates everything and fills the defaults.
 
     Attributes:
-        patch_sizes: ascending sizes, the first is the ViT's patch size.
+        patch_sizes: ascending sizes, the first is the ViT's patch size; None: the ViT's (p, 2p, 4p), filled in
+            when the model is converted (``for_patch_size``).
         thresholds: {size: threshold} in scorer units; the scorer's defaults when neither this nor
             ``budget`` is given.
         budget: tokens per image (fraction of base tokens in (0, 1], or an int), instead of thresholds.
-        scorer: "entropy", "laplacian" or "upsample".
-        bins: histogram bins of the entropy scorer.
-        attention: attention backend ("auto", "loop", "pad", "flash", "varlen").
+        scorer: a registered scorer ("entropy", "laplacian", "upsample", or yours: ``core.scoring.register_scorer``).
+        scorer_args: the scorer's parameters (entropy: ``{"bins": 512}``); its registered defaults fill the rest.
     """
 
-    patch_sizes: Tuple[int, ...]
+    patch_sizes: Optional[Tuple[int, ...]] = None
     thresholds: Optional[Dict[int, float]] = None
     budget: Optional[Union[int, float]] = None
     scorer: str = "entropy"
-    bins: int = 512
-    attention: str = "auto"
+    scorer_args: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        sizes = check_patch_sizes(self.patch_sizes)
-        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:  # saved by name: no callables
-            raise ValueError(f"unknown scorer {self.scorer!r}; choose one of {sorted(SCORERS)}")
-        thresholds = check_layout_settings(sizes, self.thresholds, self.budget, self.scorer, self.bins)
-        check_backend(self.attention)
-        object.__setattr__(self, "patch_sizes", sizes)
-        object.__setattr__(self, "thresholds", thresholds)
+        spec = get_scorer(self.scorer)  # saved by name: a registered scorer, no callables
+        object.__setattr__(self, "scorer_args", spec.resolve_params(self.scorer, self.scorer_args))
         if self.budget is not None:  # a Python number (numpy scalars are accepted), as saved
             object.__setattr__(self, "budget", check_budget(self.budget))
+        if self.thresholds is not None and self.budget is not None:
+            raise ValueError("pass either thresholds= or budget=, not both")
+        if self.patch_sizes is None:  # thresholds keyed by size are checked once the sizes are known
+            if self.thresholds is not None and not isinstance(self.thresholds, Mapping):
+                raise TypeError(
+                    f"thresholds must be a dict keyed by patch size such as {{32: 5.5}}, got {self.thresholds!r}"
+                )
+            return
+        sizes = check_patch_sizes(self.patch_sizes)
+        thresholds, _ = check_layout_settings(sizes, self.thresholds, self.budget, self.scorer, self.scorer_args)
+        object.__setattr__(self, "patch_sizes", sizes)
+        object.__setattr__(self, "thresholds", thresholds)
+
+    def for_patch_size(self, p: int) -> "APTConfig":
+        """These settings for a ViT of patch size ``p``: the sizes (p, 2p, 4p) when none were given."""
+        if self.patch_sizes is not None:
+            return self
+        return dataclasses.replace(self, patch_sizes=(p, 2 * p, 4 * p))
 
     def replace(self, **changes) -> "APTConfig":
         """A validated copy with ``changes``; setting thresholds clears the budget and vice versa.
 
         A new scorer without new thresholds gets its own default thresholds (scores of different
-        scorers have different units); a budget needs no change.
+        scorers have different units) and its own default parameters; a budget needs no change.
         """
-        if changes.get("scorer", self.scorer) != self.scorer and "thresholds" not in changes and self.budget is None:
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown setting(s) {unknown}; APTConfig has {[f.name for f in dataclasses.fields(self)]}")
+        new_scorer = changes.get("scorer", self.scorer) != self.scorer
+        if new_scorer and "thresholds" not in changes and self.budget is None:
             changes["thresholds"] = None
+        if new_scorer:
+            changes.setdefault("scorer_args", {})
         if changes.get("thresholds") is not None:
             changes.setdefault("budget", None)
         if changes.get("budget") is not None:
@@ -60,24 +81,35 @@ class APTConfig:
 
     def layout_kwargs(self) -> dict:
         """The ``patch_layout`` arguments these settings stand for."""
+        if self.patch_sizes is None:
+            raise ValueError("these settings have no patch_sizes yet; use config.for_patch_size(p)")
         return {
             "patch_sizes": self.patch_sizes,
             "thresholds": self.thresholds,
             "budget": self.budget,
             "scorer": self.scorer,
-            "bins": self.bins,
+            "scorer_args": dict(self.scorer_args),
         }
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["patch_sizes"] = list(self.patch_sizes)
+        d["patch_sizes"] = list(self.patch_sizes) if self.patch_sizes is not None else None
+        d["scorer_args"] = dict(self.scorer_args)
         if self.thresholds is not None:
             d["thresholds"] = {str(k): v for k, v in self.thresholds.items()}
         return d
 
     @staticmethod
     def from_dict(d: Mapping) -> "APTConfig":
+        """Settings saved by ``to_dict``, or by aptvit 0.1 (``bins`` at the top, the attention backend saved too)."""
         d = dict(d)
+        d.pop("attention", None)  # 0.1 saved the backend; it is a runtime choice now
+        if "bins" in d:
+            bins = d.pop("bins")
+            if d.get("scorer", "entropy") == "entropy":
+                d["scorer_args"] = {"bins": bins, **dict(d.get("scorer_args") or {})}
         if d.get("thresholds") is not None:
             d["thresholds"] = {int(k): float(v) for k, v in d["thresholds"].items()}
+        if d.get("patch_sizes") is not None:
+            d["patch_sizes"] = tuple(d["patch_sizes"])
         return APTConfig(**d)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -53,34 +53,28 @@ TIMM_ARGS = (
 )
 
 
-def convert(
-    model: nn.Module,
-    patch_sizes: Optional[Sequence[int]] = None,
-    thresholds: Optional[Mapping[int, float]] = None,
-    budget: Optional[Union[int, float]] = None,
-    scorer: str = "entropy",
-    bins: int = 512,
-    attention: str = "auto",
-) -> APTViT:
+def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: str = "auto", **settings) -> APTViT:
     """Wrap a timm ViT so that it runs on adaptive patch layouts.
 
     Args:
         model: a supported timm ``VisionTransformer`` (pretrained or fine-tuned); shared, not copied.
-        patch_sizes: default (p, 2p, 4p) for the model's patch size p.
-        thresholds: {size: threshold}; default ``DEFAULT_THRESHOLDS[scorer]`` when no budget is given.
-        budget: tokens per image (fraction of base tokens in (0, 1], or an int), instead of thresholds.
-        scorer: "entropy", "laplacian" or "upsample".
-        bins: histogram bins of the entropy scorer.
-        attention: "auto", "loop", "pad", "flash" or "varlen".
+        config: the conversion settings; default ``APTConfig()`` (entropy scorer, its default thresholds,
+            patch sizes (p, 2p, 4p) for the model's patch size p).
+        attention: the attention backend, a runtime choice not saved with the model (see ``APTViT``).
+        **settings: ``APTConfig`` fields that override ``config``'s: ``patch_sizes``, ``thresholds``, ``budget``
+            (tokens per image: fraction of base tokens in (0, 1], or an int), ``scorer``, ``scorer_args``.
 
     Returns:
         APTViT whose state dict is the timm model's plus ``apt.*``. With thresholds that never merge
         it computes exactly what the timm model computes.
     """
     check_supported(model)
-    p = model.patch_embed.patch_size[0]
-    sizes = patch_sizes if patch_sizes is not None else (p, 2 * p, 4 * p)
-    return APTViT(model, APTConfig(sizes, thresholds, budget, scorer, bins, attention))
+    config = config if config is not None else APTConfig()
+    if not isinstance(config, APTConfig):
+        raise TypeError(f"config must be an APTConfig, got {type(config).__name__}")
+    settings = {k: v for k, v in settings.items() if not (k == "patch_sizes" and v is None)}
+    config = config.replace(**settings) if settings else config
+    return APTViT(model, config, attention=attention)
 
 
 def _timm_args(vit: nn.Module) -> Dict:

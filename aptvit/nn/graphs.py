@@ -85,7 +85,7 @@ class CUDAGraphRunner:
             packed.total,
             packed.num_seqs,
             self.dtype,
-            self.model.config.attention,
+            self.model.attention,
         )
         entry = self.graphs.pop(key, None) or self._capture(images, packed)
         self.graphs[key] = entry  # most recently used last

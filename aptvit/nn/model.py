@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.layout import PatchLayout, to_device
 from ..core.packed import PackedBatch, groups_of, pad_rows, plan_packed
 from ..core.quadtree import patch_layout
-from .attention import packed_self_attention, resolve_backend
+from .attention import check_backend, packed_self_attention, resolve_backend
 from .config import APTConfig
 from .dense import DenseMixin
 from .embed import AdaptivePatchEmbed, position_bank
@@ -53,20 +53,24 @@ class APTViT(DenseMixin, nn.Module):
     Args:
         vit: a supported timm ``VisionTransformer`` (see ``aptvit.nn.support``); its modules and
             parameters are shared, not copied.
-        config: conversion settings.
+        config: conversion settings (saved with the weights); patch sizes None become the ViT's (p, 2p, 4p).
+        attention: the attention backend, a runtime choice (not saved): "auto" or a name in
+            ``nn.attention.BACKENDS``; change it with ``configure(attention=...)``.
     """
 
-    def __init__(self, vit: nn.Module, config: APTConfig) -> None:
+    def __init__(self, vit: nn.Module, config: APTConfig, attention: str = "auto") -> None:
         super().__init__()
         check_supported(vit)
         if not isinstance(config, APTConfig):
             raise TypeError(f"config must be an APTConfig, got {type(config).__name__}")
+        config = config.for_patch_size(vit.patch_embed.patch_size[0])
         sizes = config.patch_sizes
         if sizes[0] != vit.patch_embed.patch_size[0]:
             raise ValueError(
                 f"patch_sizes must start with the model's patch size {vit.patch_embed.patch_size[0]}, got {sizes}"
             )
         self.config = config
+        self.attention = check_backend(attention)  # a runtime choice: not part of the saved settings
         object.__setattr__(self, "timm_model", vit)  # a handle for users; not a registered submodule
         for name, module in vit.named_children():
             self.add_module(name, module)
@@ -92,14 +96,17 @@ class APTViT(DenseMixin, nn.Module):
     def patch_sizes(self) -> Tuple[int, ...]:
         return tuple(self.config.patch_sizes)
 
-    def configure(self, **changes) -> "APTViT":
-        """Change layout / attention settings (thresholds=, budget=, scorer=, bins=, attention=), validated.
+    def configure(self, attention: Optional[str] = None, **changes) -> "APTViT":
+        """Change the layout settings (``APTConfig`` fields: thresholds=, budget=, scorer=, scorer_args=) and/or
+        the attention backend (``attention=``, see ``nn.attention.BACKENDS``), validated.
 
         The patch sizes are fixed at conversion (they own the detail-path weights).
         """
-        if "patch_sizes" in changes and tuple(changes["patch_sizes"]) != self.patch_sizes:
+        if "patch_sizes" in changes and tuple(changes["patch_sizes"] or ()) != self.patch_sizes:
             raise ValueError(f"patch_sizes are fixed at conversion ({self.patch_sizes}); convert again to change them")
-        self.config = self.config.replace(**changes)
+        config = self.config.replace(**changes) if changes else self.config
+        self.attention = check_backend(attention) if attention is not None else self.attention
+        self.config = config
         return self
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
@@ -158,7 +165,7 @@ class APTViT(DenseMixin, nn.Module):
     def make_layout(self, images: Images, **overrides) -> PatchLayout:
         """The layout for normalised images: undo the normalisation, then score the pixels.
 
-        ``overrides`` replace this model's settings for one call (thresholds=, budget=, scorer=, bins=).
+        ``overrides`` replace this model's settings for one call (thresholds=, budget=, scorer=, scorer_args=).
         """
         c = self.config.replace(**overrides) if overrides else self.config
         mean, std = self.pixel_mean_std()
@@ -422,7 +429,7 @@ class APTViT(DenseMixin, nn.Module):
         dropout = bool(attn is not None and self.training and attn.attn_drop.p > 0)
         # under autocast the matmuls run in the autocast dtype even though x may be float32
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return resolve_backend(self.config.attention, x.device, dtype, dropout)
+        return resolve_backend(self.attention, x.device, dtype, dropout)
 
     def _block(self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -273,7 +273,8 @@ def test_from_dict_rejects_boxes_that_do_not_tile():
         (dict(thresholds={48: 1.0}), "not a non-base patch size"),
         (dict(thresholds={16: 1.0}), "not a non-base patch size"),
         (dict(thresholds={32: float("nan")}), "must be a number"),
-        (dict(bins=1), "bins"),
+        (dict(scorer_args={"bins": 1}), "bins"),
+        (dict(scorer_args={"sigma": 1}), "no parameter"),
         (dict(scorer="sobel"), "unknown scorer"),
     ],
 )
@@ -331,4 +332,4 @@ def test_custom_scorer_on_the_wrong_dtype_is_reported():
     with pytest.raises(ValueError, match="floating point scores"):
         aptvit.patch_layout(torch.zeros(1, 3, 64, 64), thresholds={32: 1.0}, scorer=ints)
     with pytest.raises(ValueError, match="bins must be an int from 2 to 65536"):
-        aptvit.patch_layout(torch.zeros(1, 3, 64, 64), bins=1 << 20)
+        aptvit.patch_layout(torch.zeros(1, 3, 64, 64), scorer_args={"bins": 1 << 20})

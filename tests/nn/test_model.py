@@ -97,7 +97,8 @@ def test_configure_validates_and_config_is_frozen():
         (dict(scorer="x"), ValueError),
         (dict(attention="cuda"), ValueError),
         (dict(patch_sizes=(16, 32)), ValueError),
-        (dict(bins=True), ValueError),
+        (dict(scorer_args={"bins": True}), ValueError),
+        (dict(bins=512), TypeError),  # not a setting of its own: scorer_args={"bins": ...}
     ]:
         with pytest.raises(kind):
             apt.configure(**bad)
