@@ -73,6 +73,18 @@ def layout_settings(args) -> dict:
     return {}
 
 
+def default_of(source, name: str):
+    """The default of field ``name`` of a dataclass, or of parameter ``name`` of a function: the one source
+    of every default that the command line shows or uses."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(source):
+        (f,) = [f for f in dataclasses.fields(source) if f.name == name]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return inspect.signature(source).parameters[name].default
+
+
 def check_model_name(name: str) -> str:
     import timm
 
@@ -270,6 +282,14 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import functools
+
+    from .bench import bench_command
+    from .evaluate import eval_command
+    from .train import TrainConfig
+    from .viz import show
+
+    d = functools.partial(default_of, TrainConfig)
     parser = argparse.ArgumentParser(
         prog="aptvit",
         description="Adaptive Patch Transformers: faster timm ViTs with a content-aware mix of patch sizes.",
@@ -281,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="draw the patch layout of images")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--size", help="resize: one number = shorter side (keeps aspect, pads to the base patch), or HxW")
-    add_layout_options(p, "16,32,64")
+    add_layout_options(p, ",".join(map(str, default_of(show, "patch_sizes"))))
     p.add_argument("--out", help="folder for the pictures (default: beside each image)")
     p.add_argument("--json", action="store_true", help="also write the boxes as JSON")
     p.add_argument("--heatmap", action="store_true", help="add a panel with the score of the 2x patches")
@@ -294,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of images (default: the photos bundled with scikit-image)")
     add_layout_options(p, None)
     add_weights_options(p)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--runs", type=int, default=default_of(bench_command, "runs"))
+    p.add_argument("--warmup", type=int, default=default_of(bench_command, "warmup"))
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--plot", help="write a PNG of speedup and tokens kept")
     add_runtime_options(p)
@@ -313,24 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights_options(p)
     p.add_argument("--data", required=True, help="folder with train/ and val/, one sub-folder per class")
     p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
-    p.add_argument("--epochs", type=int, help="default 1")
+    p.add_argument("--epochs", type=int, help=f"default {d('epochs')}")
     # defaults None: TrainConfig's defaults for a new run, the run's own on --resume (a given option is a change)
-    p.add_argument("--size", type=int, help=f"input size (default 384, at most {MAX_SIDE})")
+    p.add_argument("--size", type=int, help=f"input size (default {d('size')}, at most {MAX_SIDE})")
     add_layout_options(p, None)
-    p.add_argument("--batch-size", type=int, help="per process (default 64)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
-    p.add_argument("--warmup", type=float, help="warm-up as a fraction of all steps (default 0.05)")
+    p.add_argument("--batch-size", type=int, help=f"per process (default {d('batch_size')})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d('lr')})")
+    p.add_argument("--warmup", type=float, help=f"warm-up as a fraction of all steps (default {d('warmup')})")
     p.add_argument(
         "--new-layer-lr-scale",
         type=float,
-        help="lr multiplier of the new zero-initialised detail-path layers apt.* (default 10)",
+        help=f"lr multiplier of the new zero-initialised detail-path layers apt.* (default {d('new_layer_lr_scale')})",
     )
-    p.add_argument("--drop-path", type=float, help="default 0.1")
+    p.add_argument("--drop-path", type=float, help=f"default {d('drop_path')}")
     p.add_argument(
-        "--augment", help="timm auto-augment string (default rand-m9-mstd0.5-inc1), or 'none' (no random crop either)"
+        "--augment", help=f"timm auto-augment string (default {d('augment')}), or 'none' (no random crop either)"
     )
-    p.add_argument("--workers", type=int, help="loader processes (default 4)")
-    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--workers", type=int, help=f"loader processes (default {d('workers')})")
+    p.add_argument("--seed", type=int, help=f"default {d('seed')}")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -342,8 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping"
     )
     p.add_argument("--max-steps", type=int, help="stop (and checkpoint) after this many optimizer steps")
-    p.add_argument("--save-every", type=int, help="also checkpoint every N steps (default 0: at epoch ends)")
-    p.add_argument("--log-every", type=int, help="default 10")
+    p.add_argument(
+        "--save-every", type=int, help=f"also checkpoint every N steps (default {d('save_every')}: at epoch ends)"
+    )
+    p.add_argument("--log-every", type=int, help=f"default {d('log_every')}")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end of each epoch")
     p.add_argument(
         "--deterministic", action="store_true", help="deterministic kernels: bit-exact --resume on CUDA too (slower)"
@@ -361,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=int, help=f"input size (default: the checkpoint's or the model's; at most {MAX_SIDE})"
     )
     add_layout_options(p, None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=default_of(eval_command, "batch_size"))
+    p.add_argument("--workers", type=int, default=default_of(eval_command, "workers"))
     p.add_argument("--json", help="write the metrics as JSON")
     p.add_argument("--skip-bad-images", action="store_true")
     add_runtime_options(p)
