@@ -7,20 +7,25 @@ image's patch tokens, so its packed sequence is, per image, [prefix (P), patches
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 
-def seq_index(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(T,) long: which sequence every packed token belongs to."""
+def seq_index(cu_seqlens: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
+    """(T,) long: which sequence every packed token belongs to.
+
+    Args:
+        total: T when the caller knows it (a tensor's length): then nothing waits for the device; without it
+            the output size is read back from ``cu_seqlens``.
+    """
     counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.shape[0], device=cu_seqlens.device), counts)
+    return torch.repeat_interleave(torch.arange(counts.shape[0], device=cu_seqlens.device), counts, output_size=total)
 
 
-def position_in_seq(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(T,) long: position of every packed token inside its own sequence."""
-    seq = seq_index(cu_seqlens)
+def position_in_seq(cu_seqlens: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
+    """(T,) long: position of every packed token inside its own sequence (``total``: as in ``seq_index``)."""
+    seq = seq_index(cu_seqlens, total)
     return torch.arange(seq.shape[0], device=cu_seqlens.device) - cu_seqlens.long()[seq]
 
 
@@ -52,7 +57,7 @@ def insert_prefix(patches: torch.Tensor, prefix: torch.Tensor, cu_seqlens: torch
     b, p = prefix.shape[:2]
     if p == 0:
         return patches
-    seq = seq_index(cu_seqlens)
+    seq = seq_index(cu_seqlens, patches.shape[0])
     patch_pos = torch.arange(patches.shape[0], device=patches.device) + (seq + 1) * p
     starts = add_prefix_to_cu_seqlens(cu_seqlens, p)[:-1].long()
     prefix_pos = (starts[:, None] + torch.arange(p, device=patches.device)).reshape(-1)
@@ -87,7 +92,7 @@ def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> Tu
         padded (B, L, ...) and valid (B, L) bool.
     """
     b = cu_seqlens.shape[0] - 1
-    seq, pos = seq_index(cu_seqlens), position_in_seq(cu_seqlens)
+    seq, pos = seq_index(cu_seqlens, x.shape[0]), position_in_seq(cu_seqlens, x.shape[0])
     padded = x.new_zeros(b, max_seqlen, *x.shape[1:])
     padded = padded.index_put((seq, pos), x)
     valid = torch.zeros(b, max_seqlen, dtype=torch.bool, device=x.device)

@@ -205,7 +205,7 @@ def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, p
     n, heads, hd = q.shape
     s = cu_seqlens.shape[0] - 1
     if pad_index is None:  # a direct call without a plan: derive it (data-dependent, fine off the hot path)
-        pad_index = pad_rows(seq_index(cu_seqlens), cu_seqlens, max_seqlen)
+        pad_index = pad_rows(seq_index(cu_seqlens, n), cu_seqlens, max_seqlen)
     rows = s * max_seqlen
 
     def pad(t):
@@ -226,9 +226,9 @@ def _flex_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, 
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if seq is None:
-        seq = seq_index(cu_seqlens)
     n = q.shape[0]
+    if seq is None:
+        seq = seq_index(cu_seqlens, n)
 
     def same_sequence(b, h, q_idx, kv_idx):
         return seq[q_idx] == seq[kv_idx]

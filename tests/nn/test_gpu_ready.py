@@ -156,3 +156,19 @@ def test_cuda_graph_replay_equals_the_plain_forward():
         for seed in range(3):  # the first call captures, the others replay with new images and layouts
             x = _batch(apt, 2, seed).cuda()
             assert rel_err(runner(x), apt(x)) <= 1e-5
+
+
+def test_packing_helpers_with_a_known_length_do_not_wait_for_the_device():
+    """Off the planned path too (a direct ``varlen_attention`` call, ``pad_packed``), the token count is the
+    tensor's length, so ``repeat_interleave`` needs no read-back of ``cu_seqlens``."""
+    from aptvit.core.packing import insert_prefix, pad_packed, seq_index
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    q = torch.randn(7, 2, 4)
+    with OpCounter() as ops:
+        seq = seq_index(cu, 7)
+        pad_packed(q, cu, 4)
+        insert_prefix(q.flatten(1), torch.zeros(2, 1, 8), cu)
+        attention.varlen_attention(q, q, q, cu, 4, "pad")
+    assert ops.data_dependent == []
+    assert seq.tolist() == [0, 0, 0, 1, 1, 1, 1]
