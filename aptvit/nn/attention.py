@@ -9,7 +9,8 @@ Backends:
               and the per-image call overhead is small next to the matmuls).
     "pad"     pad to the longest sequence, mask the padded keys, one batched SDPA (any device).
     "flash"   flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16, package installed).
-    "varlen"  torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, no dropout).
+    "varlen"  torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, no dropout; gradients only in
+              the torch versions that register its backward).
     "flex"    torch's ``flex_attention`` with a block-diagonal (document) mask, compiled: CUDA, any dtype
               (the fp32 backend on CUDA), trains, no dropout. (It runs eagerly on the CPU without
               gradients, which the tests use to check its values.)
@@ -26,7 +27,9 @@ value from the device.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -61,6 +64,24 @@ def _has_torch_varlen() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _varlen_takes_scale() -> bool:
+    """torch 2.9's ``varlen_attn`` has no ``scale`` argument; later versions do."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "scale" in inspect.signature(varlen_attn).parameters
+
+
+def _varlen_has_backward() -> bool:
+    """Whether this torch registers a backward for ``varlen_attn`` (the first versions had none)."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (registers the ops)
+
+        return hasattr(torch.ops.torch_attn, "_varlen_attn_backward")
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+
+
 def _has_flex() -> bool:
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
@@ -76,12 +97,12 @@ class Backend:
     Attributes:
         run: ``run(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq) -> out``, with the
             arguments of ``varlen_attention``.
-        available: ``available(device, dtype, dropout) -> bool``: whether it runs there (``dropout``: attention
-            dropout is on, i.e. training with ``attn_drop > 0``).
+        available: ``available(device, dtype, dropout, grad) -> bool``: whether it runs there (``dropout``:
+            attention dropout is on, i.e. training with ``attn_drop > 0``; ``grad``: a backward will follow).
     """
 
     run: Callable[..., torch.Tensor]
-    available: Callable[[torch.device, torch.dtype, bool], bool]
+    available: Callable[[torch.device, torch.dtype, bool, bool], bool]
 
 
 BACKENDS: Dict[str, Backend] = {}
@@ -104,9 +125,12 @@ def backend_choices() -> Tuple[str, ...]:
     return ("auto", *BACKENDS)
 
 
-def available_backends(device: torch.device, dtype: torch.dtype, dropout: bool = False) -> List[str]:
-    """Backends that can run on ``device`` with ``dtype`` (``dropout``: attention dropout is on)."""
-    return [name for name, b in BACKENDS.items() if b.available(torch.device(device), dtype, dropout)]
+def available_backends(
+    device: torch.device, dtype: torch.dtype, dropout: bool = False, grad: bool = False
+) -> List[str]:
+    """Backends that can run on ``device`` with ``dtype`` (``dropout``: attention dropout is on; ``grad``: a
+    backward will follow)."""
+    return [name for name, b in BACKENDS.items() if b.available(torch.device(device), dtype, dropout, grad)]
 
 
 def check_backend(name: str) -> str:
@@ -115,19 +139,22 @@ def check_backend(name: str) -> str:
     return name
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, dropout: bool = False) -> str:
+def resolve_backend(
+    name: str, device: torch.device, dtype: torch.dtype, dropout: bool = False, grad: bool = False
+) -> str:
     """The concrete backend for ``name`` ("auto" picks), or a ValueError if it cannot run here."""
     check_backend(name)
-    ok = available_backends(device, dtype, dropout)
+    ok = available_backends(device, dtype, dropout, grad)
     if name == "auto":
         for candidate in AUTO_ORDER.get(torch.device(device).type, (AUTO_DEFAULT,)):
             if candidate in ok:
                 return candidate
         return AUTO_DEFAULT
     if name not in ok:
+        needs = (" and attention dropout" if dropout else "") + (" with gradients" if grad else "")
         raise ValueError(
-            f"attention backend {name!r} cannot run on {device} with {dtype}"
-            f"{' and attention dropout' if dropout else ''}; available here: {ok} (apt.configure(attention='auto') picks one)"
+            f"attention backend {name!r} cannot run on {device} with {dtype}{needs}; available here: {ok} "
+            "(apt.configure(attention='auto') picks one)"
         )
     return name
 
@@ -197,7 +224,11 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, o
         raise ValueError("the 'varlen' backend has no attention dropout; use 'flash' or 'pad' when training")
     q, k, v = _as_autocast_half(q, k, v)
     cu = cu_seqlens.to(torch.int32)
-    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
+    if _varlen_takes_scale():
+        return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
+    if scale is not None:  # its fixed scale is head_dim ** -0.5: fold ours into q
+        q = q * (scale * q.shape[-1] ** 0.5)
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
 
 
 def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq):
@@ -245,18 +276,22 @@ def _flex_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, 
     return fn(q, k, v, block_mask=mask, scale=scale)[0].transpose(0, 1)
 
 
-register_backend("loop", _loop_attention, lambda device, dtype, dropout: True)
-register_backend("pad", _pad_attention, lambda device, dtype, dropout: True)
+def _varlen_available(device, dtype, dropout, grad) -> bool:
+    if not (_cuda(device) and _half(dtype) and not dropout and _has_torch_varlen()):
+        return False
+    return not grad or _varlen_has_backward()
+
+
+register_backend("loop", _loop_attention, lambda device, dtype, dropout, grad: True)
+register_backend("pad", _pad_attention, lambda device, dtype, dropout, grad: True)
 register_backend(
-    "flash", _flash_attention, lambda device, dtype, dropout: _cuda(device) and _half(dtype) and _has_flash_attn()
+    "flash", _flash_attention, lambda device, dtype, dropout, grad: _cuda(device) and _half(dtype) and _has_flash_attn()
 )
-register_backend(
-    "varlen",
-    _torch_varlen_attention,
-    lambda device, dtype, dropout: _cuda(device) and _half(dtype) and not dropout and _has_torch_varlen(),
-)
+register_backend("varlen", _torch_varlen_attention, _varlen_available)
 # no flex backward on the CPU, and the CPU has faster backends anyway
-register_backend("flex", _flex_attention, lambda device, dtype, dropout: _cuda(device) and not dropout and _has_flex())
+register_backend(
+    "flex", _flex_attention, lambda device, dtype, dropout, grad: _cuda(device) and not dropout and _has_flex()
+)
 
 
 def packed_self_attention(

@@ -429,7 +429,8 @@ class APTViT(DenseMixin, nn.Module):
         dropout = bool(attn is not None and self.training and attn.attn_drop.p > 0)
         # under autocast the matmuls run in the autocast dtype even though x may be float32
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return resolve_backend(self.attention, x.device, dtype, dropout)
+        grad = torch.is_grad_enabled() and x.requires_grad  # a backward will follow: only kernels that have one
+        return resolve_backend(self.attention, x.device, dtype, dropout, grad)
 
     def _block(self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -137,6 +137,38 @@ def test_auto_backend_order_on_cuda(monkeypatch, flash, varlen, flex, dtype, dro
     assert attention.resolve_backend("auto", torch.device("cpu"), dtype, dropout) == "loop"
 
 
+@pytest.mark.parametrize("has_backward, want", [(True, "varlen"), (False, "flex")])
+def test_auto_training_skips_a_varlen_without_backward(monkeypatch, has_backward, want):
+    """The first torch versions with ``varlen_attn`` had no backward: training must not pick it."""
+    monkeypatch.setattr(attention, "_has_flash_attn", lambda: False)
+    monkeypatch.setattr(attention, "_has_torch_varlen", lambda: True)
+    monkeypatch.setattr(attention, "_has_flex", lambda: True)
+    monkeypatch.setattr(attention, "_varlen_has_backward", lambda: has_backward)
+    cuda = torch.device("cuda")
+    assert attention.resolve_backend("auto", cuda, torch.bfloat16, grad=False) == "varlen"
+    assert attention.resolve_backend("auto", cuda, torch.bfloat16, grad=True) == want
+
+
+def test_varlen_without_a_scale_argument_folds_the_scale_into_q(monkeypatch):
+    """torch 2.9's ``varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)`` has a fixed scale head_dim ** -0.5."""
+    import torch.nn.attention.varlen as varlen
+
+    def fixed_scale_varlen(q, k, v, cu_q, cu_k, max_q, max_k):  # the 2.9 signature, computed with the loop
+        return attention._loop_attention(q, k, v, cu_q, max_q, 0.0, None, None, None, None)
+
+    monkeypatch.setattr(varlen, "varlen_attn", fixed_scale_varlen)
+    attention._varlen_takes_scale.cache_clear()
+    try:
+        torch.manual_seed(0)
+        cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+        q, k, v = (torch.randn(12, 2, 8) for _ in range(3))
+        out = attention._torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
+        ref = attention.varlen_attention(q, k, v, cu, 7, "loop", scale=0.1)
+        assert rel_err(out, ref) <= 1e-5
+    finally:
+        attention._varlen_takes_scale.cache_clear()
+
+
 def test_forward_head_takes_timms_pre_logits_position():
     apt = aptvit.convert(tiny_vit("vit_avg_no_cls"), thresholds={32: 6.0})
     x = _batch(apt, 2)

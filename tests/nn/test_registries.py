@@ -129,7 +129,9 @@ def test_a_registered_backend_is_selectable_and_auto_follows_availability(monkey
         calls.append(1)
         return attention.BACKENDS["loop"].run(*args)
 
-    monkeypatch.setitem(attention.BACKENDS, "mine", attention.Backend(counting, lambda device, dtype, dropout: True))
+    monkeypatch.setitem(
+        attention.BACKENDS, "mine", attention.Backend(counting, lambda device, dtype, dropout, grad: True)
+    )
     assert "mine" in attention.backend_choices()
     model = tiny_vit("vit_cls")
     apt = aptvit.convert(model, thresholds={32: 5.0, 64: 4.0}, attention="mine").eval()
@@ -137,7 +139,9 @@ def test_a_registered_backend_is_selectable_and_auto_follows_availability(monkey
     out = apt(x)
     assert len(calls) == len(model.blocks)
     assert rel_err(out, apt.configure(attention="loop")(x)) < 1e-6
-    monkeypatch.setitem(attention.BACKENDS, "mine", attention.Backend(counting, lambda device, dtype, dropout: False))
+    monkeypatch.setitem(
+        attention.BACKENDS, "mine", attention.Backend(counting, lambda device, dtype, dropout, grad: False)
+    )
     with pytest.raises(ValueError, match="cannot run on cpu"):
         apt.configure(attention="mine")(x)
     with pytest.raises(ValueError, match="unknown attention backend"):
