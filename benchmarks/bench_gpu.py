@@ -1,6 +1,6 @@
 """Everything the GPU runtime issue (#9) asks of a GPU, in one command: correctness first, then the timings.
 
-    PYTHONPATH=. python3 benchmarks/bench_gpu.py --out bench_gpu.json          # one GPU, under 5 minutes
+    PYTHONPATH=. python3 benchmarks/bench_gpu.py --out $OUT/bench_gpu.json     # one GPU, under 8 minutes
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --quick --device cpu          # the same code, tiny, on a CPU
 
 Correctness (random weights): nothing merged equals timm in fp32; every attention backend that runs here
@@ -23,16 +23,20 @@ import json
 import os
 import sys
 import time
+import traceback
 import warnings
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aptvit  # noqa: E402
-from aptvit.bench import alternating_medians, bench_config, format_table  # noqa: E402
+from aptvit.bench import BenchRow, alternating_medians, bench_config, format_table  # noqa: E402
+from aptvit.core.io import atomic_write  # noqa: E402
 from aptvit.images import center_crop_resize, normalise  # noqa: E402
-from aptvit.nn.attention import available_backends  # noqa: E402
+from aptvit.nn.attention import available_backends, resolve_backend  # noqa: E402
 from aptvit.nn.graphs import CUDAGraphRunner  # noqa: E402
 from aptvit.photos import PHOTO_NAMES, load_photo  # noqa: E402
 from aptvit.runtime import autocast, resolve_device  # noqa: E402
@@ -100,63 +104,151 @@ def count_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
+class Checks(dict):
+    """{name: value} of the checks; ``run`` records an exception as the check's value instead of stopping."""
+
+    def run(self, name: str, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- a broken kernel must not cost the rest of a lent GPU's minutes
+            self[name] = f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            traceback.print_exc(limit=3)
+
+
 def correctness(device, quick: bool) -> dict:
-    """The checks, as {name: value}; raises nothing so that the timings still run, but prints FAIL lines."""
-    out = {}
+    """The checks, as {name: value}; a failing check is recorded and printed as FAIL, the next ones still run."""
+    out = Checks()
     name, size = ("vit_tiny_patch16_224", 64) if quick else ("vit_base_patch16_224", 224)
     vit, apt = build(name, None, device)
     mean, std = apt.pixel_mean_std()
     x = normalise(photos_and_crops(4, size).to(device), mean, std)
     p = apt.patch_size
-    with torch.inference_mode():
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    state = {}
+
+    def exact():
         apt.configure(thresholds={2 * p: -1.0, 4 * p: -1.0})
         out["nothing_merged_vs_timm_fp32"] = rel(apt(x), vit(x))
         apt.configure(thresholds=None)
-        layout = apt.make_layout(x)
+
+    def layouts():
+        state["layout"] = layout = apt.make_layout(x)
         out["tokens_kept"] = layout.total_tokens / float(layout.num_base_tokens.sum())
         cpu_layout = apt.make_layout(x.cpu())  # the layout needs only the settings, not the weights
         out["layout_device_equals_cpu"] = bool(
             torch.equal(cpu_layout.cells, layout.cells.cpu()) and torch.equal(cpu_layout.size, layout.size.cpu())
         )
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def backends():
+        out["auto_backend_inference"] = resolve_backend("auto", device, dtype)
+        out["auto_backend_training"] = resolve_backend("auto", device, dtype, grad=True)
         ref = None
         for backend in available_backends(device, dtype):
             if backend == "loop" and device.type == "cuda":
                 continue
-            apt.configure(attention=backend)
-            with autocast(device, dtype):
-                y = apt(x, layout=layout)
-            ref = y if ref is None else ref
-            out[f"backend_{backend}_{str(dtype)[6:]}_vs_first"] = rel(y, ref)
+
+            def one(backend=backend):
+                nonlocal ref
+                apt.configure(attention=backend)
+                with autocast(device, dtype):
+                    y = apt(x, layout=state["layout"])
+                ref = y if ref is None else ref
+                out[f"backend_{backend}_{str(dtype)[6:]}_vs_first"] = rel(y, ref)
+
+            out.run(f"backend_{backend}_{str(dtype)[6:]}_vs_first", one)
         apt.configure(attention="auto")
+
+    def graphs(b):
+        runner = CUDAGraphRunner(apt, bucket=64, dtype=dtype)
+        # the first call captures, the second replays with other images (and another layout)
+        errors = [rel(runner(xs), _auto(apt, xs, device, dtype)) for xs in (x[:b], x[b : 2 * b].flip(-1))]
+        out[f"graph_runner_b{b}_vs_plain"] = max(errors)
+
+    with torch.inference_mode():
+        out.run("nothing_merged_vs_timm_fp32", exact)
+        out.run("layout_device_equals_cpu", layouts)
+        out.run("backends", backends)
         for b in (1, 2):
-            runner = CUDAGraphRunner(apt, bucket=64, dtype=dtype)
-            # the first call captures, the second replays with other images (and another layout)
-            errors = [rel(runner(xs), _auto(apt, xs, device, dtype)) for xs in (x[:b], x[b : 2 * b].flip(-1))]
-            out[f"graph_runner_b{b}_vs_plain"] = max(errors)
+            out.run(f"graph_runner_b{b}_vs_plain", lambda b=b: graphs(b))
         if device.type == "cuda":
-            out["syncs_apt_with_layout"] = count_syncs(lambda: apt(x, layout=layout))
-            out["syncs_apt_without_layout"] = count_syncs(lambda: apt(x))
-            out["syncs_patch_layout"] = count_syncs(lambda: apt.make_layout(x))
-    # training: fp32 on CUDA uses flex; gradients agree with pad
-    if device.type == "cuda":
+            layout = state.get("layout")
+            out.run(
+                "syncs_apt_with_layout",
+                lambda: out.__setitem__("syncs_apt_with_layout", count_syncs(lambda: apt(x, layout=layout))),
+            )
+            out.run(
+                "syncs_apt_without_layout",
+                lambda: out.__setitem__("syncs_apt_without_layout", count_syncs(lambda: apt(x))),
+            )
+            out.run(
+                "syncs_patch_layout",
+                lambda: out.__setitem__("syncs_patch_layout", count_syncs(lambda: apt.make_layout(x))),
+            )
+
+    def flex_training():  # fp32 on CUDA uses flex; gradients agree with pad
         apt.train()
         grads = {}
         for backend in ("flex", "pad"):
             apt.configure(attention=backend)
             apt.zero_grad()
-            apt(x, layout=layout).square().mean().backward()
+            apt(x, layout=state["layout"]).square().mean().backward()
             grads[backend] = torch.cat([q.grad.flatten() for q in apt.parameters() if q.grad is not None])
         out["flex_fp32_grad_vs_pad"] = rel(grads["flex"], grads["pad"])
-        apt.configure(attention="auto").eval()
+
+    def auto_training():  # a bf16 training step with whatever "auto" picks for training
+        apt.train().configure(attention="auto")
+        apt.zero_grad()
+        with autocast(device, dtype):
+            loss = apt(x).float().square().mean()
+        loss.backward()
+        out["auto_bf16_train_step_finite"] = bool(torch.isfinite(loss)) and all(
+            bool(torch.isfinite(q.grad).all()) for q in apt.parameters() if q.grad is not None
+        )
+
+    if device.type == "cuda":
+        out.run("flex_fp32_grad_vs_pad", flex_training)
+        out.run("auto_bf16_train_step_finite", auto_training)
+    apt.configure(attention="auto").eval()
+    report(out)
+    return dict(out)
+
+
+def report(out: dict) -> None:
     for k, v in out.items():
         bad = (
-            (isinstance(v, float) and "vs" in k and v > (2e-2 if "bfloat16" in k or "graph" in k else 1e-4))
+            (isinstance(v, str) and v.startswith("error"))
+            or (isinstance(v, float) and "vs" in k and v > (2e-2 if "bfloat16" in k or "graph" in k else 1e-4))
             or (k.startswith("syncs_") and v > (1 if "without" in k or "patch_layout" in k else 0))
             or v is False
         )
-        print(f"{'FAIL' if bad else 'ok  '} {k}: {v}")
-    return out
+        print(f"{'FAIL' if bad else 'ok  '} {k}: {v}", flush=True)
+
+
+def compiled(device, quick: bool) -> dict:
+    """``torch.compile(apt.forward_packed)`` (inductor) against eager, and its compile time."""
+    out = Checks()
+    name, size = ("vit_tiny_patch16_224", 64) if quick else ("vit_base_patch16_224", 224)
+    _, apt = build(name, None, device)
+    mean, std = apt.pixel_mean_std()
+    x = normalise(photos_and_crops(8, size).to(device), mean, std)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def run():
+        fn = torch.compile(apt.forward_packed, fullgraph=True, dynamic=True)
+        with torch.inference_mode(), autocast(device, dtype):
+            packed = apt.prepare(x)
+            start = time.time()
+            y = fn(x, packed)
+            out["compile_seconds"] = time.time() - start
+            out["compiled_vs_eager"] = rel(y, apt.forward_packed(x, packed))
+            other = apt.prepare(x.flip(-1))  # another token count: no recompile expected with dynamic shapes
+            start = time.time()
+            fn(x.flip(-1), other)
+            out["second_shape_seconds"] = time.time() - start
+
+    out.run("compiled_vs_eager", run)
+    report(out)
+    return dict(out)
 
 
 def _auto(apt, x, device, dtype):
@@ -164,56 +256,75 @@ def _auto(apt, x, device, dtype):
         return apt(x)
 
 
-def timings(device, configs, small, runs: int, warmup: int, quick: bool) -> list:
+def timings(device, configs, small, runs: int, warmup: int, save, deadline: float) -> list:
+    """The timing rows; each row is saved as soon as it is measured (``save(rows, graph_rows)``), a failing row is
+    recorded and skipped, and rows that would start after ``deadline`` (time.time()) are skipped."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows, graph_rows = [], []
-    built = {}
-    for name, size, batch, budget in configs + small:
-        key = (name, budget)
-        if key not in built:
-            built.clear()  # one model pair on the GPU at a time
-            torch.cuda.empty_cache() if device.type == "cuda" else None
-            built[key] = build(name, budget, device)
-        vit, apt = built[key]
-        mean, std = apt.pixel_mean_std()
-        n = batch * (2 if batch > 1 else 8)
-        images = normalise(photos_and_crops(n, size).to(device), mean, std)
-        label = f"{name}{'' if budget is None else f' budget {budget}'}"
-        t0 = time.time()
-        row = bench_config(vit, apt, images, batch, runs, warmup, label, dtype=dtype)
-        rows.append(row)
-        if (name, size, batch, budget) in small:
-            runner = CUDAGraphRunner(apt, bucket=64, dtype=dtype)
-            chunks = list(images.split(batch))
-            sync = torch.cuda.synchronize if device.type == "cuda" else None
-
-            def timm_fn(c):
-                with autocast(device, dtype):
-                    return vit(c)
-
-            def apt_fn(c):
-                with autocast(device, dtype):
-                    return apt(c)
-
-            sec = alternating_medians(
-                {"timm": timm_fn, "apt": apt_fn, "graph": runner}, chunks, runs, warmup, sync=sync
-            )
-            graph_rows.append(
-                {
-                    "model": label,
-                    "size": size,
-                    "batch": batch,
-                    "timm_img_s": n / sec["timm"],
-                    "apt_img_s": n / sec["apt"],
-                    "apt_graph_img_s": n / sec["graph"],
-                    "graph_speedup": sec["timm"] / sec["graph"],
-                    "flop_ratio": row.flop_ratio,
-                    "graph_speedup_over_flop_ratio": sec["timm"] / sec["graph"] / row.flop_ratio,
-                    "graphs_captured": len(runner.graphs),
-                }
-            )
-        print(f"  {label} {size} b{batch}: {time.time() - t0:.1f}s", flush=True)
+    for config in configs + small:
+        if time.time() > deadline:
+            print(f"  skipped {config}: past --deadline", flush=True)
+            rows.append({"config": list(config), "skipped": "past --deadline"})
+        else:
+            try:
+                _time_one(device, dtype, config, config in small, runs, warmup, rows, graph_rows)
+            except Exception as e:  # noqa: BLE001 -- e.g. out of memory: the other rows still run
+                traceback.print_exc(limit=3)
+                rows.append({"config": list(config), "error": f"{type(e).__name__}: {e}"[:300]})
+                _BUILT.clear()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        save(rows, graph_rows)
     return rows, graph_rows
+
+
+_BUILT: dict = {}
+
+
+def _time_one(device, dtype, config, with_graph, runs, warmup, rows, graph_rows) -> None:
+    name, size, batch, budget = config
+    key = (name, budget)
+    if key not in _BUILT:
+        _BUILT.clear()  # one model pair on the GPU at a time
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        _BUILT[key] = build(name, budget, device)
+    vit, apt = _BUILT[key]
+    mean, std = apt.pixel_mean_std()
+    n = batch * (2 if batch > 1 else 8)
+    images = normalise(photos_and_crops(n, size).to(device), mean, std)
+    label = f"{name}{'' if budget is None else f' budget {budget}'}"
+    t0 = time.time()
+    row = bench_config(vit, apt, images, batch, runs, warmup, label, dtype=dtype)
+    rows.append(asdict(row))
+    if with_graph:
+        runner = CUDAGraphRunner(apt, bucket=64, dtype=dtype)
+        chunks = list(images.split(batch))
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+        def timm_fn(c):
+            with autocast(device, dtype):
+                return vit(c)
+
+        def apt_fn(c):
+            with autocast(device, dtype):
+                return apt(c)
+
+        sec = alternating_medians({"timm": timm_fn, "apt": apt_fn, "graph": runner}, chunks, runs, warmup, sync=sync)
+        graph_rows.append(
+            {
+                "model": label,
+                "size": size,
+                "batch": batch,
+                "timm_img_s": n / sec["timm"],
+                "apt_img_s": n / sec["apt"],
+                "apt_graph_img_s": n / sec["graph"],
+                "graph_speedup": sec["timm"] / sec["graph"],
+                "flop_ratio": row.flop_ratio,
+                "graph_speedup_over_flop_ratio": sec["timm"] / sec["graph"] / row.flop_ratio,
+                "graphs_captured": len(runner.graphs),
+            }
+        )
+    print(f"  {label} {size} b{batch}: {time.time() - t0:.1f}s", flush=True)
 
 
 def main() -> int:
@@ -222,19 +333,49 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models and sizes (a smoke run, e.g. on a CPU)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default="bench_gpu.json")
+    parser.add_argument("--deadline", type=float, default=420, help="seconds after which no new timing row starts")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile check (the slowest)")
+    parser.add_argument("--out", default="bench_gpu.json", help="results, rewritten after every row")
     args = parser.parse_args()
     device = resolve_device(args.device)
     start = time.time()
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{datetime.date.today()}, {card}, torch {torch.__version__}", flush=True)
-    checks = correctness(device, args.quick)
+    import timm
+
+    payload = {
+        "date": str(datetime.date.today()),
+        "device": card,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "checks": {},
+        "rows": [],
+        "graph_rows": [],
+    }
+
+    def save(**parts) -> None:
+        payload.update(parts, seconds=time.time() - start)
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1, default=str)))
+
+    print(f"{payload['date']}, {card}, torch {torch.__version__}, timm {timm.__version__}", flush=True)
+    save(checks=correctness(device, args.quick))
     print(f"checks done in {time.time() - start:.0f}s", flush=True)
     configs, small = (QUICK, QUICK_SMALL) if args.quick else (FULL, SMALL)
     runs, warmup = (1, 1) if args.quick else (args.runs, args.warmup)
     with torch.inference_mode():
-        rows, graph_rows = timings(device, configs, small, runs, warmup, args.quick)
-    print(format_table(rows))
+        rows, graph_rows = timings(
+            device,
+            configs,
+            small,
+            runs,
+            warmup,
+            lambda r, g: save(rows=r, graph_rows=g),
+            deadline=start + args.deadline,
+        )
+    _BUILT.clear()
+    print(format_table([BenchRow(**r) for r in rows if "error" not in r and "skipped" not in r]))
+    for r in rows:
+        if "error" in r or "skipped" in r:
+            print(f"FAIL row {r}")
     print(
         "\n| model | size | batch | timm img/s | APT img/s | APT graph img/s | graph speedup | FLOP ratio | speedup / FLOP ratio |"
     )
@@ -244,22 +385,9 @@ def main() -> int:
             f"| {g['model']} | {g['size']} | {g['batch']} | {g['timm_img_s']:.1f} | {g['apt_img_s']:.1f} | "
             f"{g['apt_graph_img_s']:.1f} | {g['graph_speedup']:.2f}x | {g['flop_ratio']:.2f}x | {g['graph_speedup_over_flop_ratio']:.2f} |"
         )
-    from dataclasses import asdict
-
-    payload = {
-        "date": str(datetime.date.today()),
-        "device": card,
-        "torch": torch.__version__,
-        "checks": checks,
-        "rows": [asdict(r) for r in rows],
-        "graph_rows": graph_rows,
-        "seconds": time.time() - start,
-    }
-    from pathlib import Path
-
-    from aptvit.core.io import atomic_write
-
-    atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+    if not args.no_compile:
+        save(compile=compiled(device, args.quick))
+    save()
     print(f"{time.time() - start:.0f}s in all; results: {args.out}")
     return 0
 

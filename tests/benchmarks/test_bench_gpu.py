@@ -1,0 +1,40 @@
+"""benchmarks/bench_gpu.py is run for the first time on a lent GPU with minutes to spare: its code must already work.
+
+The quick variant (tiny model, CPU) goes through every line the GPU run does except the CUDA-only checks; a
+failing check or timing row is recorded in the JSON instead of stopping the run.
+"""
+
+import json
+import sys
+
+from benchmarks import bench_gpu
+
+
+def _run(tmp_path, monkeypatch, *extra):
+    out = tmp_path / "b.json"
+    argv = ["bench_gpu.py", "--quick", "--device", "cpu", "--no-compile", "--out", str(out), *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench_gpu.main() == 0
+    return json.loads(out.read_text())
+
+
+def test_quick_run_on_the_cpu_passes_its_checks_and_times_every_row(tmp_path, monkeypatch):
+    result = _run(tmp_path, monkeypatch)
+    checks = result["checks"]
+    assert checks["nothing_merged_vs_timm_fp32"] < 1e-4 and checks["layout_device_equals_cpu"] is True
+    assert checks["auto_backend_inference"] == "loop"
+    assert not [k for k, v in checks.items() if isinstance(v, str) and v.startswith("error")]
+    assert len(result["rows"]) == len(bench_gpu.QUICK + bench_gpu.QUICK_SMALL)
+    assert all(r["speedup"] > 0 for r in result["rows"]) and len(result["graph_rows"]) == 1
+
+
+def test_a_broken_kernel_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(bench_gpu, "bench_config", broken)
+    monkeypatch.setattr(bench_gpu.CUDAGraphRunner, "__call__", broken)
+    result = _run(tmp_path, monkeypatch, "--deadline", "0")
+    assert result["checks"]["graph_runner_b1_vs_plain"].startswith("error: RuntimeError: no kernel image")
+    assert result["checks"]["nothing_merged_vs_timm_fp32"] < 1e-4  # the checks after the broken one ran
+    assert [r.get("skipped") for r in result["rows"]] == ["past --deadline"] * 3
