@@ -97,12 +97,8 @@ def check_model_name(name: str) -> str:
     raise CLIError(f"unknown model {name!r}{hint}")
 
 
-def add_layout_options(p: argparse.ArgumentParser, patch_default: Optional[str]) -> None:
-    p.add_argument(
-        "--patch-sizes",
-        default=patch_default,
-        help="ascending patch sizes, e.g. 16,32,64 (default: the model's p,2p,4p)",
-    )
+def add_layout_options(p: argparse.ArgumentParser, patch_default: str = "the model's p,2p,4p") -> None:
+    p.add_argument("--patch-sizes", help=f"ascending patch sizes, e.g. 16,32,64 (default: {patch_default})")
     p.add_argument(
         "--thresholds", help="SIZE=VALUE pairs, e.g. 32=5.5,64=4.0 (default: the scorer's documented defaults)"
     )
@@ -146,15 +142,17 @@ def cmd_show(args) -> int:
     from .images import parse_size
     from .viz import show
 
-    size = parse_size(args.size) if args.size else None
+    given = {
+        "size": parse_size(args.size) if args.size else None,
+        "patch_sizes": parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
+        "scorer": args.scorer,
+    }  # only what was given: show's own defaults for the rest
     show(
         args.images,
-        size=size,
-        patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes"),
-        scorer=args.scorer or "entropy",
         out_dir=args.out,
         write_json=args.json,
         heatmap=args.heatmap,
+        **{k: v for k, v in given.items() if v is not None},
         **layout_settings(args),
     )
     return 0
@@ -287,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import bench_command
     from .evaluate import eval_command
     from .train import TrainConfig
-    from .viz import show
+    from .viz import SHOW_PATCH_SIZES
 
     d = functools.partial(default_of, TrainConfig)
     parser = argparse.ArgumentParser(
@@ -301,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="draw the patch layout of images")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--size", help="resize: one number = shorter side (keeps aspect, pads to the base patch), or HxW")
-    add_layout_options(p, ",".join(map(str, default_of(show, "patch_sizes"))))
+    add_layout_options(p, ",".join(map(str, SHOW_PATCH_SIZES)))
     p.add_argument("--out", help="folder for the pictures (default: beside each image)")
     p.add_argument("--json", action="store_true", help="also write the boxes as JSON")
     p.add_argument("--heatmap", action="store_true", help="add a panel with the score of the 2x patches")
@@ -312,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="384", help="comma-separated sizes (224,384) or HxW, multiples of the patch size")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--images", help="folder of images (default: the photos bundled with scikit-image)")
-    add_layout_options(p, None)
+    add_layout_options(p)
     add_weights_options(p)
     p.add_argument("--runs", type=int, default=default_of(bench_command, "runs"))
     p.add_argument("--warmup", type=int, default=default_of(bench_command, "warmup"))
@@ -336,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help=f"default {d('epochs')}")
     # defaults None: TrainConfig's defaults for a new run, the run's own on --resume (a given option is a change)
     p.add_argument("--size", type=int, help=f"input size (default {d('size')}, at most {MAX_SIDE})")
-    add_layout_options(p, None)
+    add_layout_options(p)
     p.add_argument("--batch-size", type=int, help=f"per process (default {d('batch_size')})")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {d('lr')})")
     p.add_argument("--warmup", type=float, help=f"warm-up as a fraction of all steps (default {d('warmup')})")
@@ -382,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--size", type=int, help=f"input size (default: the checkpoint's or the model's; at most {MAX_SIDE})"
     )
-    add_layout_options(p, None)
+    add_layout_options(p)
     p.add_argument("--batch-size", type=int, default=default_of(eval_command, "batch_size"))
     p.add_argument("--workers", type=int, default=default_of(eval_command, "workers"))
     p.add_argument("--json", help="write the metrics as JSON")

@@ -114,10 +114,13 @@ def _output_stems(paths: Sequence[Path], out_dir) -> list:
     return stems
 
 
+SHOW_PATCH_SIZES = (16, 32, 64)  # ``aptvit show`` draws layouts without a model: the patch sizes of a /16 ViT
+
+
 def show(
     paths: Sequence,
     size=None,
-    patch_sizes: Sequence[int] = (16, 32, 64),
+    patch_sizes: Sequence[int] = SHOW_PATCH_SIZES,
     thresholds=None,
     budget=None,
     scorer: str = "entropy",
