@@ -193,6 +193,7 @@ def _json_safe(value):
     return value
 
 
+# ------------------------------------------------------------------------------------ the run folder and its checkpoint
 class Run:
     """The files of one run directory, all written atomically (rank 0 only): settings, metrics, and which
     checkpoint is on disk (``TrainState.save`` / ``TrainState.restore`` write and read the checkpoint)."""
@@ -326,6 +327,7 @@ class TrainState:
         return state
 
 
+# ------------------------------------------------------------------------------------------------------------- settings
 def _validate(cfg: TrainConfig) -> None:
     for name, value, low in (
         ("epochs", cfg.epochs, 1),
@@ -459,21 +461,7 @@ def _check_layout(layout_fn: Callable, size: int) -> None:
             np.random.set_state(np_state)
 
 
-@contextlib.contextmanager
-def _quiet(when: bool):
-    """Hold back the package's INFO messages while ``when`` (other ranks repeat rank 0; a resume rebuilds the model
-    from its own checkpoint, which is nothing to report). Warnings still pass."""
-    package = logging.getLogger("aptvit")
-    level = package.level
-    if when:
-        package.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        package.setLevel(level)
-
-
-# ------------------------------------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------------------------------------------- data
 @dataclass
 class TrainData:
     """The run's datasets and this rank's share of the training set."""
@@ -542,7 +530,21 @@ def epoch_loader(data: TrainData, apt, state: TrainState, cfg: TrainConfig):
     return make_loader(data.train, data.sampler, cfg.batch_size, cfg.workers, drop_last=True, plan=apt.planner())
 
 
-# ------------------------------------------------------------------------------------------------------ model
+# ---------------------------------------------------------------------------------------------------------------- model
+@contextlib.contextmanager
+def _quiet(when: bool):
+    """Hold back the package's INFO messages while ``when`` (other ranks repeat rank 0; a resume rebuilds the model
+    from its own checkpoint, which is nothing to report). Warnings still pass."""
+    package = logging.getLogger("aptvit")
+    level = package.level
+    if when:
+        package.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        package.setLevel(level)
+
+
 def build_model(cfg: TrainConfig, continues: bool, dist: Dist):
     """The APT model on ``dist.device``: converted from ``cfg.model`` (+ ``cfg.checkpoint``), or, when the run
     ``continues``, its own last weights (the original source, file or hub, is not needed any more).
@@ -605,7 +607,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-# ---------------------------------------------------------------------------------------------------- the loop
+# ------------------------------------------------------------------------------------------------------------- the loop
 @dataclass(frozen=True)
 class Schedule:
     """The run's length in optimizer steps."""

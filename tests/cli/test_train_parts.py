@@ -1,5 +1,6 @@
 """The steps of ``finetune`` one by one: the checkpoint state, one epoch of training, the per-step lr schedule."""
 
+import logging
 import random
 
 import numpy as np
@@ -16,6 +17,7 @@ from aptvit.train import (
     Run,
     Schedule,
     TrainState,
+    build_model,
     epoch_loader,
     find_images,
     load_data,
@@ -172,3 +174,24 @@ def test_a_non_finite_loss_stops_before_its_step(tmp_path, data_dir):
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal, NaN where the other is NaN."""
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize(
+    "continues, dist, tells",
+    [(False, Dist(), True), (True, Dist(), False), (False, Dist(rank=1, world=2), False)],
+    ids=["new run", "resume", "rank 1"],
+)
+def test_build_model_says_how_it_built_the_model_once(
+    tmp_path, data_dir, monkeypatch, info_log, continues, dist, tells
+):
+    def fake_build_models(*args, **kwargs):
+        logging.getLogger("aptvit.models").info("weights: random")
+        logging.getLogger("aptvit.models").warning("a warning")
+        return tiny_apt(), None
+
+    monkeypatch.setattr("aptvit.train.build_models", fake_build_models)
+    build_model(train_config(data_dir, tmp_path / "run", classes=["plain", "stripes"]), continues, dist)
+    # a resume rebuilds from its own checkpoint (nothing to tell); other ranks would repeat rank 0
+    assert ("weights: random" in info_log.text) == tells
+    assert "a warning" in info_log.text  # warnings always pass
+    assert logging.getLogger("aptvit").level == logging.INFO  # as the caller had it
