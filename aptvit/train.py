@@ -664,6 +664,15 @@ def _count_bad(batch, cfg: TrainConfig) -> int:
     return len(batch.bad)
 
 
+def _update(apt, loss: torch.Tensor, optimizer, cfg: TrainConfig) -> None:
+    """One optimizer step on ``loss``'s gradients, clipped to norm ``cfg.clip_grad`` (0: no clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(apt.parameters(), cfg.clip_grad)
+    optimizer.step()
+
+
 def train_one_epoch(
     model, apt, loader, optimizer, state: TrainState, cfg: TrainConfig, schedule: Schedule, run: Run, dist: Dist
 ) -> dict:
@@ -709,14 +718,10 @@ def train_one_epoch(
         with autocast(dist.device, dtype):
             logits = model(images, packed=batch.packed.to(dist.device, non_blocking=True))  # planned in the workers
             loss = F.cross_entropy(logits.float(), batch.labels.to(dist.device), label_smoothing=cfg.label_smoothing)
-        loss_value = loss.item()
+        loss_value = loss.item()  # a host sync per step: a non-finite loss must stop the run before its update
         if all_reduce_sum([float(not math.isfinite(loss_value))], dist)[0] > 0:  # every rank stops, before the step
             raise run.diverged(state.global_step + 1, f"the loss is {loss_value}", cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(apt.parameters(), cfg.clip_grad)
-        optimizer.step()
+        _update(apt, loss, optimizer, cfg)
         state.global_step += 1
         window.add(loss_value, batch)
         step = state.global_step
