@@ -3,22 +3,29 @@
 Recipe defaults from the paper: AdamW (wd 0.05), cosine schedule with warm-up stepped per optimizer
 step, label smoothing 0.1, drop path 0.1, RandAugment m9 (timm's create_transform), gradient
 clipping; bf16 autocast on CUDA, fp32 on CPU. One process or many through torchrun (DDP: nccl on
-CUDA, gloo on CPU); only rank 0 writes. Every file is written atomically; ``--resume`` continues
+CUDA, gloo on CPU); only rank 0 writes and logs. Every file is written atomically; ``--resume`` continues
 mid-epoch exactly where the last checkpoint stopped.
+
+The steps of ``finetune``, each usable alone: ``resolve_config`` (the settings, new run or resume),
+``find_images`` + ``load_data`` (the data), ``build_model`` + ``make_optimizer``, ``TrainState`` (where
+the run stands; its ``save`` and ``restore`` are the checkpoint), ``train_one_epoch`` and ``evaluate_epoch``.
+Progress goes to the ``aptvit.train`` logger at INFO (the CLI prints it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,6 +51,11 @@ from .models import build_models
 from .nn.attention import backend_choices
 from .nn.convert import TIMM_ARGS, read_metadata, saver
 from .runtime import DEVICES, autocast, resolve_dtype, set_deterministic
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
+
+logger = logging.getLogger(__name__)
 
 # What a resumed run may change; everything else comes from the run's config.json.
 RUN_CONTROL = (
@@ -181,8 +193,10 @@ def _json_safe(value):
     return value
 
 
+# ------------------------------------------------------------------------------------ the run folder and its checkpoint
 class Run:
-    """The files of one run directory, all written atomically (rank 0 only); ``checkpoint`` and ``restore`` are a pair."""
+    """The files of one run directory, all written atomically (rank 0 only): settings, metrics, and which
+    checkpoint is on disk (``TrainState.save`` / ``TrainState.restore`` write and read the checkpoint)."""
 
     def __init__(self, folder: Path, main: bool):
         self.folder, self.main = Path(folder), main
@@ -217,68 +231,6 @@ class Run:
         text = "\n".join(self.metrics) + "\n"
         atomic_write(self.folder / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
 
-    def checkpoint(
-        self, apt, optimizer, cfg: TrainConfig, epoch: int, batches_in_epoch: int, global_step: int, dist: Dist
-    ) -> None:
-        """Weights (+ settings, classes, step) and the training state; every rank's RNG is kept.
-
-        Raises:
-            DivergedError when the weights are no longer finite: the last good checkpoint stays.
-        """
-        if not all(bool(torch.isfinite(p).all()) for p in apt.parameters()):  # the same weights on every rank
-            raise self.diverged(global_step, "the weights hold nan or inf", cfg)
-        rng = all_gather_objects(_rng_state(), dist)  # collective: every rank calls it
-        self.saved_step = global_step
-        if not self.main:
-            return
-        model = saver(
-            apt,
-            model_args=cfg.model_args,
-            extra_metadata={
-                "classes": json.dumps(cfg.classes),
-                "global_step": str(global_step),
-                "input_size": str(cfg.size),
-            },
-        )
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "batches_in_epoch": batches_in_epoch,
-            "global_step": global_step,
-            "rng": rng,
-        }
-        # both written first, then renamed back to back: the pair stays consistent
-        atomic_write_many(
-            [
-                (self.folder / "model.safetensors", model),
-                (self.folder / "train_state.pt", lambda tmp: torch.save(state, tmp)),
-            ]
-        )
-
-    def restore(self, optimizer, dist: Dist) -> Tuple[int, int, int]:
-        """What ``checkpoint`` saved: optimizer, RNGs, metrics; returns (epoch, batches_in_epoch, global_step)."""
-        out = self.folder
-        hint = "the checkpoint is damaged; delete model.safetensors and train_state.pt to start the run again"
-        with reading(out / "train_state.pt", "training state", hint):
-            state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
-            epoch, batches_in_epoch, global_step, rng = (
-                state[k] for k in ("epoch", "batches_in_epoch", "global_step", "rng")
-            )
-        saved_step = read_metadata(out / "model.safetensors").get("global_step")
-        if saved_step != str(global_step):
-            raise InputError(
-                f"{out}: model.safetensors (step {saved_step}) and train_state.pt (step {global_step}) "
-                "are from different steps (a crash between the two writes?); resume is not possible"
-            )
-        with reading(out / "train_state.pt", "training state", hint):
-            optimizer.load_state_dict(state["optimizer"])
-        if len(rng) != dist.world:
-            raise InputError(f"{out} was saved by {len(rng)} process(es); resume it with as many, not {dist.world}")
-        _set_rng_state(rng[dist.rank])
-        self.read_metrics(global_step)  # drop what the resume redoes
-        self.saved_step = global_step
-        return epoch, batches_in_epoch, global_step
-
     def diverged(self, step: int, what: str, cfg: TrainConfig) -> DivergedError:
         kept = (
             f"the last good checkpoint (step {self.saved_step}) stays in {self.folder}"
@@ -288,6 +240,94 @@ class Run:
         return DivergedError(f"step {step}: {what}: the run diverged (lower --lr, now {cfg.lr:g}); {kept}")
 
 
+@dataclass
+class TrainState:
+    """Where the run stands: what a checkpoint saves besides the weights and the optimizer.
+
+    On disk (the pair ``save`` writes and ``restore`` reads): model.safetensors (the weights, with the
+    settings, classes and ``global_step`` in its metadata) and train_state.pt, a dict with the keys
+    ``optimizer``, ``epoch``, ``batches_in_epoch``, ``global_step`` and ``rng`` (every rank's RNG states).
+    """
+
+    epoch: int = 0
+    batches_in_epoch: int = 0  # consumed batches of ``epoch``, steps or not: a resume skips that many
+    global_step: int = 0  # optimizer steps taken
+    bad_images: int = 0  # unreadable images this process skipped (not saved: a resumed run counts anew)
+
+    @property
+    def at_epoch_end(self) -> bool:
+        """Whether an epoch has just ended (no batch of the next one is done yet)."""
+        return self.epoch > 0 and self.batches_in_epoch == 0
+
+    def save(self, run: Run, apt, optimizer, cfg: TrainConfig, dist: Dist) -> None:
+        """Weights (+ settings, classes, step) and the training state; every rank's RNG is kept.
+
+        Every rank calls it (the RNG states are gathered); only rank 0 writes.
+
+        Raises:
+            DivergedError: the weights are no longer finite; the last good checkpoint stays.
+        """
+        if not all(bool(torch.isfinite(p).all()) for p in apt.parameters()):  # the same weights on every rank
+            raise run.diverged(self.global_step, "the weights hold nan or inf", cfg)
+        rng = all_gather_objects(_rng_state(), dist)  # collective: every rank calls it
+        run.saved_step = self.global_step
+        if not run.main:
+            return
+        model = saver(
+            apt,
+            model_args=cfg.model_args,
+            extra_metadata={
+                "classes": json.dumps(cfg.classes),
+                "global_step": str(self.global_step),
+                "input_size": str(cfg.size),
+            },
+        )
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "global_step": self.global_step,
+            "rng": rng,
+        }
+        # both written first, then renamed back to back: the pair stays consistent
+        atomic_write_many(
+            [
+                (run.folder / "model.safetensors", model),
+                (run.folder / "train_state.pt", lambda tmp: torch.save(state, tmp)),
+            ]
+        )
+
+    @classmethod
+    def restore(cls, run: Run, optimizer, dist: Dist) -> "TrainState":
+        """What ``save`` wrote into ``run``: the optimizer's state and this rank's RNGs are set, the metrics of
+        the steps to redo dropped. The weights are the caller's to load (``build_model``).
+
+        Raises:
+            InputError: a damaged pair, a pair from two different steps, or another number of processes.
+        """
+        out = run.folder
+        hint = "the checkpoint is damaged; delete model.safetensors and train_state.pt to start the run again"
+        with reading(out / "train_state.pt", "training state", hint):
+            saved = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+            state = cls(saved["epoch"], saved["batches_in_epoch"], saved["global_step"])
+            rng = saved["rng"]
+        saved_step = read_metadata(out / "model.safetensors").get("global_step")
+        if saved_step != str(state.global_step):
+            raise InputError(
+                f"{out}: model.safetensors (step {saved_step}) and train_state.pt (step {state.global_step}) "
+                "are from different steps (a crash between the two writes?); resume is not possible"
+            )
+        with reading(out / "train_state.pt", "training state", hint):
+            optimizer.load_state_dict(saved["optimizer"])
+        if len(rng) != dist.world:
+            raise InputError(f"{out} was saved by {len(rng)} process(es); resume it with as many, not {dist.world}")
+        _set_rng_state(rng[dist.rank])
+        run.read_metrics(state.global_step)  # drop what the resume redoes
+        run.saved_step = state.global_step
+        return state
+
+
+# ------------------------------------------------------------------------------------------------------------- settings
 def _validate(cfg: TrainConfig) -> None:
     for name, value, low in (
         ("epochs", cfg.epochs, 1),
@@ -421,17 +461,324 @@ def _check_layout(layout_fn: Callable, size: int) -> None:
             np.random.set_state(np_state)
 
 
+# ----------------------------------------------------------------------------------------------------------------- data
+@dataclass
+class TrainData:
+    """The run's datasets and this rank's share of the training set."""
+
+    train: LayoutDataset
+    val: LayoutDataset
+    sampler: ShardedSampler
+    batches_per_epoch: int  # full batches in this rank's share (the last partial one is dropped)
+
+
+def find_images(cfg: TrainConfig) -> Tuple[ImageFolder, ImageFolder]:
+    """The train/ and val/ folders of ``cfg.data`` (``torchvision.datasets.ImageFolder``), and their classes
+    set in ``cfg.classes``.
+
+    Raises:
+        InputError: a missing or empty split, train and val classes that differ, or classes that are not the
+            resumed run's own.
+    """
+    train_dir, val_dir = (check_image_folder(cfg.data, split, required=True) for split in ("train", "val"))
+    train_set, val_set = image_folder(train_dir), image_folder(val_dir)
+    if train_set.classes != val_set.classes:
+        only_train = sorted(set(train_set.classes) - set(val_set.classes))
+        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+        raise InputError(f"train and val classes differ: only in train {only_train[:5]}, only in val {only_val[:5]}")
+    if cfg.classes and cfg.classes != train_set.classes:
+        raise InputError("the data's classes differ from the run's (config.json); resume with the same data")
+    cfg.classes = list(train_set.classes)
+    return train_set, val_set
+
+
+def load_data(
+    cfg: TrainConfig, folders: Tuple[ImageFolder, ImageFolder], apt, layout_fn: Optional[Callable], dist: Dist
+) -> TrainData:
+    """Datasets that crop with the model's normalisation and lay out every crop in the loader's workers.
+
+    Args:
+        folders: ``find_images(cfg)``.
+        apt: the model (its pixel mean/std, eval crop and layout settings).
+        layout_fn: ``layout_fn(crop (1, 3, S, S) uint8) -> PatchLayout``; None: ``patch_layout`` with the model's
+            settings.
+
+    Raises:
+        InputError: the layout fails on a blank crop (an impossible budget), or there is not one full batch.
+    """
+    train_set, val_set = folders
+    mean, std = apt.pixel_mean_std()
+    layout_fn = layout_fn or functools.partial(patch_layout, **apt.config.layout_kwargs())
+    _check_layout(layout_fn, cfg.size)
+    train = LayoutDataset(
+        train_set.samples, build_transform(cfg.size, True, mean, std, augment=cfg.augment), layout_fn, cfg.seed
+    )
+    # the model's own eval crop, as `aptvit eval` uses it on the saved checkpoint
+    val_transform = build_transform(cfg.size, False, mean, std, apt.pretrained_cfg.get("crop_pct"))
+    val = LayoutDataset(val_set.samples, val_transform, layout_fn, cfg.seed)
+    sampler = ShardedSampler(len(train), dist.rank, dist.world, shuffle=True, seed=cfg.seed)
+    batches_per_epoch = len(sampler) // cfg.batch_size
+    if batches_per_epoch == 0:
+        raise InputError(f"batch_size {cfg.batch_size} is larger than the {len(sampler)} training images per process")
+    return TrainData(train, val, sampler, batches_per_epoch)
+
+
+def epoch_loader(data: TrainData, apt, state: TrainState, cfg: TrainConfig):
+    """The loader of ``state.epoch`` from its next batch on (``state.batches_in_epoch`` are done)."""
+    data.sampler.set_epoch(state.epoch, skip=state.batches_in_epoch * cfg.batch_size)
+    data.train.set_epoch(state.epoch)
+    return make_loader(data.train, data.sampler, cfg.batch_size, cfg.workers, drop_last=True, plan=apt.planner())
+
+
+# ---------------------------------------------------------------------------------------------------------------- model
+@contextlib.contextmanager
+def _quiet(when: bool):
+    """Hold back the package's INFO messages while ``when`` (other ranks repeat rank 0; a resume rebuilds the model
+    from its own checkpoint, which is nothing to report). Warnings still pass."""
+    package = logging.getLogger("aptvit")
+    level = package.level
+    if when:
+        package.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        package.setLevel(level)
+
+
+def build_model(cfg: TrainConfig, continues: bool, dist: Dist):
+    """The APT model on ``dist.device``: converted from ``cfg.model`` (+ ``cfg.checkpoint``), or, when the run
+    ``continues``, its own last weights (the original source, file or hub, is not needed any more).
+
+    Raises:
+        InputError: ``cfg.size`` is not a multiple of the model's patch size (and ``build_models``' errors).
+    """
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    timm_kwargs = {"drop_path_rate": cfg.drop_path}
+    with _quiet(continues or not dist.main):
+        if continues:
+            apt, _ = build_models(
+                None,
+                checkpoint=Path(cfg.out) / "model.safetensors",
+                num_classes=len(cfg.classes),
+                timm_kwargs=timm_kwargs,
+                attention=cfg.attention,
+            )
+        else:
+            layout = {
+                "thresholds": cfg.thresholds,
+                "budget": cfg.budget,
+                "scorer": cfg.scorer,
+                "patch_sizes": tuple(cfg.patch_sizes) if cfg.patch_sizes else None,
+            }
+            apt, _ = build_models(
+                cfg.model,
+                cfg.pretrained,
+                cfg.checkpoint,
+                len(cfg.classes),
+                layout=layout,
+                timm_kwargs={**timm_kwargs, **cfg.model_args},
+                attention=cfg.attention,
+            )
+    apt.to(dist.device)
+    if cfg.size % apt.patch_size:
+        raise InputError(f"size {cfg.size} is not a multiple of the patch size {apt.patch_size}")
+    return apt
+
+
+def distribute(apt, dist: Dist) -> torch.nn.Module:
+    """``apt`` itself in one process; wrapped in DDP (which averages the gradients) under torchrun."""
+    if dist.world == 1:
+        return apt
+    return torch.nn.parallel.DistributedDataParallel(
+        apt, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+    )
+
+
+def make_optimizer(apt, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's AdamW over ``param_groups`` (each group keeps its ``lr_scale`` for ``set_lr``)."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(param_groups(apt, cfg), "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's ``lr`` times each group's ``lr_scale`` (the new apt.* layers learn faster)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------- the loop
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length in optimizer steps."""
+
+    batches_per_epoch: int
+    total: int  # the lr schedule's length: every epoch's batches (max_steps only stops early)
+    stop: int  # the step this call stops at: max_steps, or total
+
+    @staticmethod
+    def of(cfg: TrainConfig, batches_per_epoch: int) -> "Schedule":
+        total = batches_per_epoch * cfg.epochs
+        return Schedule(batches_per_epoch, total, cfg.max_steps if cfg.max_steps is not None else total)
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last metrics line (this rank's; ``record`` adds up the ranks')."""
+
+    loss: float = 0.0
+    steps: int = 0
+    images: int = 0
+    tokens: int = 0
+    base: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, batch) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.images += batch.images.shape[0]
+        self.tokens += batch.layout.total_tokens
+        self.base += int(batch.layout.num_base_tokens.sum())
+
+    def record(self, state: TrainState, optimizer, dist: Dist) -> dict:
+        """The metrics line of the window (a collective: every rank calls it)."""
+        loss, steps, images, tokens, base = all_reduce_sum(
+            [self.loss, self.steps, self.images, self.tokens, self.base], dist
+        )
+        return {
+            "kind": "train",
+            "epoch": state.epoch,
+            "step": state.global_step,
+            "loss": loss / max(1, steps),
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": images / (time.perf_counter() - self.start),
+            "tokens_kept": tokens / max(1, base),
+            "bad_images": state.bad_images,
+        }
+
+
+def _count_bad(batch, cfg: TrainConfig) -> int:
+    """How many of the batch's files could not be read; an error unless ``cfg.skip_bad_images``."""
+    if batch.bad and not cfg.skip_bad_images:
+        raise InputError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
+    return len(batch.bad)
+
+
+def _update(apt, loss: torch.Tensor, optimizer, cfg: TrainConfig) -> None:
+    """One optimizer step on ``loss``'s gradients, clipped to norm ``cfg.clip_grad`` (0: no clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(apt.parameters(), cfg.clip_grad)
+    optimizer.step()
+
+
+def train_one_epoch(
+    model, apt, loader, optimizer, state: TrainState, cfg: TrainConfig, schedule: Schedule, run: Run, dist: Dist
+) -> dict:
+    """One pass over ``loader`` (the rest of ``state.epoch``): one optimizer step per batch, the lr set per step.
+
+    Logs a metrics line every ``cfg.log_every`` steps, at the epoch's last batch and at ``schedule.stop``; saves
+    a checkpoint every ``cfg.save_every`` steps and at ``schedule.stop``, where it stops. Advances ``state``.
+
+    Args:
+        model: what computes the loss: ``apt`` or its DDP wrapper.
+        apt: the model itself (its parameters are clipped and saved).
+        loader: ``epoch_loader``'s batches (``aptvit.data.Batch``, planned for ``apt``).
+
+    Returns:
+        The last metrics line ({} when none was logged).
+
+    Raises:
+        DivergedError: a non-finite loss: the run stops before that step; the last good checkpoint stays.
+        InputError: an unreadable image without ``cfg.skip_bad_images``.
+    """
+    from tqdm import tqdm
+
+    model.train()
+    mean, std = apt.pixel_mean_std()
+    dtype = resolve_dtype(cfg.dtype, dist.device)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+        initial=state.batches_in_epoch,
+        total=schedule.batches_per_epoch,
+        disable=None if dist.main else True,
+        leave=False,
+    )
+    window, metrics = _Window(), {}
+    for batch in bar:
+        state.batches_in_epoch += 1  # consumed, whether or not it becomes a step (resume skips by batches)
+        state.bad_images += _count_bad(batch, cfg)
+        # every rank must take the step or none (DDP's collectives): skip when any rank has nothing
+        if all_reduce_sum([float(batch.images.shape[0] == 0)], dist)[0] > 0:
+            continue
+        set_lr(optimizer, lr_at(state.global_step, schedule.total, cfg))
+        images = normalise(batch.images.to(dist.device, non_blocking=True), mean, std)
+        with autocast(dist.device, dtype):
+            logits = model(images, packed=batch.packed.to(dist.device, non_blocking=True))  # planned in the workers
+            loss = F.cross_entropy(logits.float(), batch.labels.to(dist.device), label_smoothing=cfg.label_smoothing)
+        loss_value = loss.item()  # a host sync per step: a non-finite loss must stop the run before its update
+        if all_reduce_sum([float(not math.isfinite(loss_value))], dist)[0] > 0:  # every rank stops, before the step
+            raise run.diverged(state.global_step + 1, f"the loss is {loss_value}", cfg)
+        _update(apt, loss, optimizer, cfg)
+        state.global_step += 1
+        window.add(loss_value, batch)
+        step = state.global_step
+        if step % cfg.log_every == 0 or state.batches_in_epoch == schedule.batches_per_epoch or step == schedule.stop:
+            metrics = window.record(state, optimizer, dist)
+            run.log_metrics(metrics)
+            kept = f"{metrics['tokens_kept']:.0%}"
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['images_per_s']:.1f}", kept=kept)
+            window = _Window()
+        if step >= schedule.stop or (cfg.save_every and step % cfg.save_every == 0):
+            state.save(run, apt, optimizer, cfg, dist)
+        if step >= schedule.stop:
+            break
+    bar.close()
+    return metrics
+
+
+def evaluate_epoch(apt, data: TrainData, state: TrainState, cfg: TrainConfig, run: Run, dist: Dist) -> dict:
+    """Evaluate on the val split (as ``aptvit eval`` would on the checkpoint) and log the result as a metrics line."""
+    mean, std = apt.pixel_mean_std()
+    dtype = resolve_dtype(cfg.dtype, dist.device)
+    result = evaluate(apt, data.val, cfg.batch_size, cfg.workers, dist, mean, std, cfg.skip_bad_images, dtype=dtype)
+    result = {"kind": "eval", "epoch": state.epoch, "step": state.global_step, **result}
+    run.log_metrics(result)
+    if dist.main:
+        logger.info(
+            f"epoch {state.epoch}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
+            f"tokens kept {result['tokens_kept']:.1%}, {result['images_per_s']:.1f} img/s"
+        )
+    return result
+
+
+def start_or_restore(run: Run, optimizer, cfg: TrainConfig, continues: bool, resume: bool, dist: Dist) -> TrainState:
+    """The state to go on from: the run's last checkpoint when it ``continues``, the start otherwise; then the run
+    folder is made ready (``Run.start``)."""
+    state = TrainState()
+    if continues:
+        state = TrainState.restore(run, optimizer, dist)
+        if dist.main:
+            logger.info(f"resumed {run.folder} at epoch {state.epoch}, step {state.global_step}")
+    elif resume and dist.main:
+        logger.info(f"{run.folder} has no checkpoint yet: starting the run from the beginning")
+    run.start(cfg, fresh=not continues)
+    return state
+
+
 def finetune(
     cfg: TrainConfig,
     resume: bool = False,
     layout_fn: Optional[Callable] = None,
-    log: Callable = print,
     overrides: Optional[Dict] = None,
 ) -> dict:
     """Fine-tune an APT conversion of ``cfg.model`` on ``cfg.data``; returns the last metrics.
 
     Everything is checked (settings, data, model, budget against the size, a writable ``cfg.out``) before
-    anything is written; a failure before the first checkpoint leaves a folder that starts again.
+    anything is written; a failure before the first checkpoint leaves a folder that starts again. Progress
+    goes to the ``aptvit.train`` logger (INFO, rank 0 only).
 
     Args:
         resume: continue the run in ``cfg.out`` from its last checkpoint (or from its start when it has
@@ -446,204 +793,54 @@ def finetune(
     _validate(cfg)
     cfg, continues = resolve_config(cfg, resume, overrides)
     _validate(cfg)
-    out = Path(cfg.out)
     dist = setup_distributed(cfg.device)
-    log_main = log if dist.main else (lambda *a, **k: None)
     if dist.main:
-        check_writable(out, folder=True)
-
-    train_dir, val_dir = (check_image_folder(cfg.data, split, required=True) for split in ("train", "val"))
-    train_set, val_set = image_folder(train_dir), image_folder(val_dir)
-    if train_set.classes != val_set.classes:
-        only_train = sorted(set(train_set.classes) - set(val_set.classes))
-        only_val = sorted(set(val_set.classes) - set(train_set.classes))
-        raise InputError(f"train and val classes differ: only in train {only_train[:5]}, only in val {only_val[:5]}")
-    if cfg.classes and cfg.classes != train_set.classes:
-        raise InputError("the data's classes differ from the run's (config.json); resume with the same data")
-    cfg.classes = list(train_set.classes)
-
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    settings = {
-        "thresholds": cfg.thresholds,
-        "budget": cfg.budget,
-        "scorer": cfg.scorer,
-        "patch_sizes": tuple(cfg.patch_sizes) if cfg.patch_sizes else None,
-    }
-    if continues:  # the run's own last weights; the original source (file or hub) is not needed any more
-        apt, _ = build_models(
-            None,
-            checkpoint=out / "model.safetensors",
-            num_classes=len(cfg.classes),
-            timm_kwargs={"drop_path_rate": cfg.drop_path},
-            log=lambda *a, **k: None,
-            attention=cfg.attention,
-        )
-    else:
-        apt, _ = build_models(
-            cfg.model,
-            cfg.pretrained,
-            cfg.checkpoint,
-            len(cfg.classes),
-            layout=settings,
-            timm_kwargs={"drop_path_rate": cfg.drop_path, **cfg.model_args},
-            log=log_main,
-            attention=cfg.attention,
-        )
-    apt.to(dist.device)
-    if cfg.size % apt.patch_size:
-        raise InputError(f"size {cfg.size} is not a multiple of the patch size {apt.patch_size}")
-    mean, std = apt.pixel_mean_std()
-    layout_fn = layout_fn or functools.partial(patch_layout, **apt.config.layout_kwargs())
-    _check_layout(layout_fn, cfg.size)
-    train_data = LayoutDataset(
-        train_set.samples, build_transform(cfg.size, True, mean, std, augment=cfg.augment), layout_fn, cfg.seed
-    )
-    # the model's own eval crop, as `aptvit eval` uses it on the saved checkpoint
-    val_data = LayoutDataset(
-        val_set.samples,
-        build_transform(cfg.size, False, mean, std, apt.pretrained_cfg.get("crop_pct")),
-        layout_fn,
-        cfg.seed,
-    )
-    sampler = ShardedSampler(len(train_data), dist.rank, dist.world, shuffle=True, seed=cfg.seed)
-    batches_per_epoch = len(sampler) // cfg.batch_size
-    if batches_per_epoch == 0:
-        raise InputError(f"batch_size {cfg.batch_size} is larger than the {len(sampler)} training images per process")
-    total = batches_per_epoch * cfg.epochs  # the schedule's length; max_steps only stops early
-
-    from timm.optim import create_optimizer_v2
-
-    model = apt
-    if dist.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            apt, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
-        )
-    optimizer = create_optimizer_v2(param_groups(apt, cfg), "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = Run(out, dist.main)
+        check_writable(Path(cfg.out), folder=True)
+    folders = find_images(cfg)
+    apt = build_model(cfg, continues, dist)
+    data = load_data(cfg, folders, apt, layout_fn, dist)
+    model, optimizer, run = distribute(apt, dist), make_optimizer(apt, cfg), Run(Path(cfg.out), dist.main)
     torch.manual_seed(cfg.seed + 1000 * dist.rank)  # drop-path / dropout draws differ between ranks
-    epoch, batches_in_epoch, global_step = 0, 0, 0
-    if continues:
-        epoch, batches_in_epoch, global_step = run.restore(optimizer, dist)
-        log_main(f"resumed {out} at epoch {epoch}, step {global_step}")
-    elif resume:
-        log_main(f"{out} has no checkpoint yet: starting the run from the beginning")
-    run.start(cfg, fresh=not continues)
-    log_main(
-        f"{apt.pretrained_cfg.get('architecture', cfg.model)}: {len(train_data)} train / {len(val_data)} val images, "
-        f"{len(cfg.classes)} classes, {dist.world} process(es) on {dist.device.type}, {batches_per_epoch} steps per epoch"
-    )
-
+    state = start_or_restore(run, optimizer, cfg, continues, resume, dist)
+    schedule = Schedule.of(cfg, data.batches_per_epoch)
+    if dist.main:
+        logger.info(_summary(apt, data, cfg, dist))
     set_deterministic(cfg.deterministic)
-    dtype = resolve_dtype(cfg.dtype, dist.device)
-    bad_images = 0
     metrics: dict = {}
-    stop = cfg.max_steps if cfg.max_steps is not None else total
-    from tqdm import tqdm
-
-    def evaluate_epoch() -> dict:
-        result = {
-            "kind": "eval",
-            "epoch": epoch,
-            "step": global_step,
-            **evaluate(apt, val_data, cfg.batch_size, cfg.workers, dist, mean, std, cfg.skip_bad_images, dtype=dtype),
-        }
-        run.log_metrics(result)
-        log_main(
-            f"epoch {epoch}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
-            f"tokens kept {result['tokens_kept']:.1%}, {result['images_per_s']:.1f} img/s"
-        )
-        return result
-
-    if continues and cfg.eval and epoch > 0 and batches_in_epoch == 0 and not run.has_eval(global_step):
-        metrics = evaluate_epoch()  # the evaluation of that epoch's end failed or was killed: redo it
-
-    while epoch < cfg.epochs and global_step < stop:
-        model.train()
-        sampler.set_epoch(epoch, skip=batches_in_epoch * cfg.batch_size)
-        train_data.set_epoch(epoch)
-        loader = make_loader(train_data, sampler, cfg.batch_size, cfg.workers, drop_last=True, plan=apt.planner())
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            initial=batches_in_epoch,
-            total=batches_per_epoch,
-            disable=None if dist.main else True,
-            leave=False,
-        )
-        window = {"loss": 0.0, "images": 0, "tokens": 0, "base": 0, "start": time.perf_counter(), "steps": 0}
-        for batch in bar:
-            batches_in_epoch += 1  # consumed, whether or not it becomes a step (resume skips by batches)
-            if batch.bad:
-                if not cfg.skip_bad_images:
-                    raise InputError(
-                        f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files"
-                    )
-                bad_images += len(batch.bad)
-            # every rank must take the step or none (DDP's collectives): skip when any rank has nothing
-            if all_reduce_sum([float(batch.images.shape[0] == 0)], dist)[0] > 0:
-                continue
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(global_step, total, cfg) * group.get("lr_scale", 1.0)
-            images = normalise(batch.images.to(dist.device, non_blocking=True), mean, std)
-            labels = batch.labels.to(dist.device)
-            with autocast(dist.device, dtype):
-                logits = model(images, packed=batch.packed.to(dist.device, non_blocking=True))  # planned in the workers
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            loss_value = loss.item()
-            if all_reduce_sum([float(not math.isfinite(loss_value))], dist)[0] > 0:  # every rank stops, before the step
-                raise run.diverged(global_step + 1, f"the loss is {loss_value}", cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(apt.parameters(), cfg.clip_grad)
-            optimizer.step()
-            global_step += 1
-            window["loss"] += loss_value
-            window["steps"] += 1
-            window["images"] += images.shape[0]
-            window["tokens"] += batch.layout.total_tokens
-            window["base"] += int(batch.layout.num_base_tokens.sum())
-            if global_step % cfg.log_every == 0 or batches_in_epoch == batches_per_epoch or global_step == stop:
-                loss_sum, steps, imgs, tokens, base = all_reduce_sum(
-                    [window["loss"], window["steps"], window["images"], window["tokens"], window["base"]], dist
-                )
-                seconds = time.perf_counter() - window["start"]
-                metrics = {
-                    "kind": "train",
-                    "epoch": epoch,
-                    "step": global_step,
-                    "loss": loss_sum / max(1, steps),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": imgs / seconds,
-                    "tokens_kept": tokens / max(1, base),
-                    "bad_images": bad_images,
-                }
-                run.log_metrics(metrics)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.3f}",
-                    img_s=f"{metrics['images_per_s']:.1f}",
-                    kept=f"{metrics['tokens_kept']:.0%}",
-                )
-                window.update(loss=0.0, images=0, tokens=0, base=0, start=time.perf_counter(), steps=0)
-            if global_step >= stop or (cfg.save_every and global_step % cfg.save_every == 0):
-                run.checkpoint(apt, optimizer, cfg, epoch, batches_in_epoch, global_step, dist)
-            if global_step >= stop:
-                break
-        bar.close()
-        if batches_in_epoch >= batches_per_epoch:
-            epoch, batches_in_epoch = epoch + 1, 0
-            run.checkpoint(apt, optimizer, cfg, epoch, batches_in_epoch, global_step, dist)
+    if continues and cfg.eval and state.at_epoch_end and not run.has_eval(state.global_step):
+        metrics = evaluate_epoch(apt, data, state, cfg, run, dist)  # that epoch's evaluation failed or was killed
+    while state.epoch < cfg.epochs and state.global_step < schedule.stop:
+        loader = epoch_loader(data, apt, state, cfg)
+        metrics = train_one_epoch(model, apt, loader, optimizer, state, cfg, schedule, run, dist) or metrics
+        if state.batches_in_epoch >= schedule.batches_per_epoch:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            state.save(run, apt, optimizer, cfg, dist)
             if cfg.eval:
-                metrics = evaluate_epoch()
-    if dist.world > 1:
-        _check_in_sync(apt, dist, log_main)
-    if bad_images:
-        log_main(f"skipped {bad_images} unreadable image(s)")
-    log_main(f"run directory: {out}")
+                metrics = evaluate_epoch(apt, data, state, cfg, run, dist)
+    _finish(apt, state, run, dist)
     return metrics
 
 
-def _check_in_sync(apt, dist: Dist, log: Callable) -> None:
+def _summary(apt, data: TrainData, cfg: TrainConfig, dist: Dist) -> str:
+    return (
+        f"{apt.pretrained_cfg.get('architecture', cfg.model)}: {len(data.train)} train / {len(data.val)} val images, "
+        f"{len(cfg.classes)} classes, {dist.world} process(es) on {dist.device.type}, "
+        f"{data.batches_per_epoch} steps per epoch"
+    )
+
+
+def _finish(apt, state: TrainState, run: Run, dist: Dist) -> None:
+    """Check that the ranks agree, and say what was skipped and where the run is."""
+    if dist.world > 1:
+        _check_in_sync(apt, dist)
+    if not dist.main:
+        return
+    if state.bad_images:
+        logger.info(f"skipped {state.bad_images} unreadable image(s)")
+    logger.info(f"run directory: {run.folder}")
+
+
+def _check_in_sync(apt, dist: Dist) -> None:
     """All ranks must hold the same weights after DDP steps; say so (or fail loudly)."""
     total = torch.stack([p.detach().double().sum() for p in apt.parameters()]).sum().reshape(1).to(dist.device)
     gathered = [torch.zeros_like(total) for _ in range(dist.world)]
@@ -651,4 +848,5 @@ def _check_in_sync(apt, dist: Dist, log: Callable) -> None:
     values = [float(g) for g in gathered]
     if max(values) != min(values):
         raise RuntimeError(f"ranks diverged: parameter sums {values}")
-    log(f"weights identical across {dist.world} ranks (parameter sum {values[0]:.6f})")
+    if dist.main:
+        logger.info(f"weights identical across {dist.world} ranks (parameter sum {values[0]:.6f})")

@@ -135,7 +135,6 @@ def main():
         log_every=20,
         eval=False,
     )
-    quiet = lambda *a, **k: None  # noqa: E731
 
     source_dir = out / "source"
     if not (source_dir / "model.safetensors").is_file():
@@ -149,7 +148,6 @@ def main():
                 drop_path=0.1,
                 **common,
             ),
-            log=quiet,
         )
     t_source = time.perf_counter() - t0
     tuned = {}
@@ -168,7 +166,6 @@ def main():
                     **common,
                 ),
                 layout_fn=layout_fn,
-                log=quiet,
             )
         tuned[name] = load(run_dir / "model.safetensors", model=None).eval()
 

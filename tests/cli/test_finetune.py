@@ -10,59 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from aptvit.cli import main
-from aptvit.train import TrainConfig, finetune
+from aptvit.train import finetune
 
-MODEL = "vit_tiny_patch16_224"
-
-
-def make_folder(root: Path, classes=("plain", "stripes"), train=8, val=4, size=48, seed=0) -> Path:
-    """ImageFolder whose class is visible everywhere: a reddish plain image vs a bluish one with stripes."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", train), ("val", val)):
-        for c, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.full((size, size, 3), rng.integers(60, 120), dtype=np.uint8)
-                img[..., 0 if c == 0 else 2] = 220
-                if c == 1:
-                    img[: size // 2, : size // 2][::2] = 255
-                img = (img.astype(int) + rng.integers(-3, 4, img.shape)).clip(0, 255).astype(np.uint8)
-                Image.fromarray(img).save(root / split / name / f"{i}.png")
-    return root
-
-
-def run(capsys, *argv):
-    argv = [str(a) for a in argv]
-    if argv[0] in ("finetune", "eval"):
-        argv += ["--device", "cpu"]  # these tests mean the CPU, whatever the machine has
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def cfg(data, out, **kw):
-    base = dict(
-        model=MODEL,
-        data=str(data),
-        out=str(out),
-        size=32,
-        batch_size=4,
-        workers=0,
-        log_every=1,
-        lr=1e-3,
-        drop_path=0.0,
-        thresholds={32: 6.0},
-        device="cpu",
-    )  # these tests mean the CPU, GPU or not
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def metrics(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+from .helpers import MODEL, finetune_argv, make_folder, metrics, run
+from .helpers import train_config as cfg
 
 
 def test_finetune_cli_writes_every_file_and_eval_reads_them(tmp_path, capsys):
@@ -147,7 +99,7 @@ def test_uniform_baseline_eval(tmp_path, capsys):
 
 def test_loss_falls_on_a_set_the_model_can_memorise(tmp_path):
     data = make_folder(tmp_path / "data", train=4, val=2)
-    finetune(cfg(data, tmp_path / "run", epochs=10, eval=False, lr=3e-4), log=lambda *a: None)
+    finetune(cfg(data, tmp_path / "run", epochs=10, eval=False, lr=3e-4))
     losses = [m["loss"] for m in metrics(tmp_path / "run") if m["kind"] == "train"]
     assert len(losses) == 20
     assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])
@@ -167,11 +119,10 @@ def test_loss_falls_on_a_set_the_model_can_memorise(tmp_path):
 )
 def test_resume_is_exact(tmp_path, device):
     data = make_folder(tmp_path / "data")  # 16 train images, batch 4: 4 steps per epoch
-    quiet = lambda *a: None  # noqa: E731
     kw = dict(epochs=2, eval=False, drop_path=0.1, workers=2, device=device, deterministic=device == "cuda")
-    finetune(cfg(data, tmp_path / "whole", max_steps=6, **kw), log=quiet)
-    finetune(cfg(data, tmp_path / "split", max_steps=2, **kw), log=quiet)  # stop mid-epoch
-    finetune(cfg(data, tmp_path / "split", max_steps=6, **kw), resume=True, log=quiet)
+    finetune(cfg(data, tmp_path / "whole", max_steps=6, **kw))
+    finetune(cfg(data, tmp_path / "split", max_steps=2, **kw))  # stop mid-epoch
+    finetune(cfg(data, tmp_path / "split", max_steps=6, **kw), resume=True)
     whole = [(m["step"], m["loss"]) for m in metrics(tmp_path / "whole") if m["kind"] == "train"]
     split = [(m["step"], m["loss"]) for m in metrics(tmp_path / "split") if m["kind"] == "train"]
     assert [s for s, _ in split] == [1, 2, 3, 4, 5, 6]  # each step logged once, in order
@@ -186,13 +137,12 @@ def test_resume_is_exact(tmp_path, device):
 
 def test_resume_refuses_a_checkpoint_pair_from_different_steps(tmp_path):
     data = make_folder(tmp_path / "data")
-    quiet = lambda *a: None  # noqa: E731
-    finetune(cfg(data, tmp_path / "run", max_steps=2, eval=False), log=quiet)
+    finetune(cfg(data, tmp_path / "run", max_steps=2, eval=False))
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
     state["global_step"] = 1
     torch.save(state, tmp_path / "run" / "train_state.pt")
     with pytest.raises(ValueError, match="different steps"):
-        finetune(cfg(data, tmp_path / "run", max_steps=4, eval=False), resume=True, log=quiet)
+        finetune(cfg(data, tmp_path / "run", max_steps=4, eval=False), resume=True)
 
 
 def test_loading_samples_leaves_the_callers_rngs_alone(tmp_path):
@@ -215,7 +165,7 @@ def test_loading_samples_leaves_the_callers_rngs_alone(tmp_path):
 
 def test_eval_layout_options_override_the_checkpoint(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
-    finetune(cfg(data, tmp_path / "run", max_steps=1, eval=False), log=lambda *a: None)
+    finetune(cfg(data, tmp_path / "run", max_steps=1, eval=False))
     code, out, err = run(
         capsys,
         "eval",
@@ -304,7 +254,7 @@ def test_bad_input_is_one_clear_message(tmp_path, capsys, kind, extra, message):
     assert re.search(message, err), err
 
 
-def test_skip_bad_images_skips_and_counts(tmp_path, capsys):
+def test_skip_bad_images_skips_and_counts(tmp_path, capsys, info_log):
     data = _bad_data(tmp_path, "skip")
     code, out, err = run(
         capsys,
@@ -327,7 +277,7 @@ def test_skip_bad_images_skips_and_counts(tmp_path, capsys):
         "--skip-bad-images",
     )
     assert code == 0, err
-    assert "skipped 1 unreadable image" in out
+    assert "skipped 1 unreadable image" in info_log.text
     assert metrics(tmp_path / "run")[-1]["bad_images"] == 1
 
 
@@ -370,29 +320,13 @@ def test_ddp_two_cpu_processes_step_in_sync(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights identical across 2 ranks" in result.stdout
     assert "2 process(es)" in result.stdout
+    assert result.stdout.count("steps per epoch") == 1, result.stdout  # rank 1 logs nothing
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_resume_takes_run_control_options_from_the_command_line(tmp_path, capsys):
     data = _bad_data(tmp_path, "skip")
-    base = [
-        "finetune",
-        "--model",
-        MODEL,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "run",
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--no-eval",
-        "--log-every",
-        "1",
-    ]
+    base = finetune_argv(data, tmp_path / "run", "--log-every", "1", thresholds=None)
     code, out, err = run(capsys, *base, "--max-steps", "1", "--skip-bad-images")
     assert code == 0, err
     (data / "train" / "stripes" / "1.png").write_text("broken too")
@@ -416,16 +350,13 @@ def test_finetune_from_a_headless_checkpoint_and_from_an_aptvit_checkpoint_with_
     data = make_folder(tmp_path / "data")
     tower = timm.create_model(MODEL, num_classes=0)  # a DINOv2/CLIP-style tower: no head
     torch.save(tower.state_dict(), tmp_path / "tower.pth")
-    finetune(
-        cfg(data, tmp_path / "a", checkpoint=str(tmp_path / "tower.pth"), max_steps=1, eval=False), log=lambda *a: None
-    )
+    finetune(cfg(data, tmp_path / "a", checkpoint=str(tmp_path / "tower.pth"), max_steps=1, eval=False))
     ten = aptvit.convert(timm.create_model(MODEL, num_classes=10), budget=0.5)
     aptvit.save(ten, tmp_path / "ten.safetensors")
     finetune(
         cfg(
             data, tmp_path / "b", checkpoint=str(tmp_path / "ten.safetensors"), thresholds=None, max_steps=1, eval=False
-        ),
-        log=lambda *a: None,
+        )
     )
     again = aptvit.load(tmp_path / "b" / "model.safetensors")
     assert again.num_classes == 2 and again.config.budget == 0.5  # new head, the checkpoint's own settings
@@ -433,7 +364,7 @@ def test_finetune_from_a_headless_checkpoint_and_from_an_aptvit_checkpoint_with_
 
 def test_in_run_eval_equals_aptvit_eval_on_the_saved_checkpoint(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
-    finetune(cfg(data, tmp_path / "run", epochs=1, eval=True), log=lambda *a: None)
+    finetune(cfg(data, tmp_path / "run", epochs=1, eval=True))
     in_run = [m for m in metrics(tmp_path / "run") if m["kind"] == "eval"][-1]
     code, out, err = run(
         capsys,

@@ -23,16 +23,7 @@ from aptvit.cli import main
 from aptvit.distributed import Dist
 
 from ..tiny import tiny_vit
-from .test_finetune import MODEL, make_folder
-
-
-def run(capsys, *argv):
-    argv = [str(a) for a in argv]
-    if argv[0] in ("finetune", "eval"):
-        argv += ["--device", "cpu"]  # these tests mean the CPU, whatever the machine has
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+from .helpers import MODEL, finetune_argv, make_folder, run
 
 
 def one_line(err: str) -> str:
@@ -168,26 +159,7 @@ def _set(argv, option, value):
 def test_item1_resume_refuses_changed_settings_by_name_and_runs_from_anywhere(tmp_path, capsys, monkeypatch):
     make_folder(tmp_path / "data", train=4, val=2)
     monkeypatch.chdir(tmp_path)
-    base = [
-        "finetune",
-        "--model",
-        MODEL,
-        "--data",
-        "data",
-        "--out",
-        "run",
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--no-eval",
-        "--thresholds",
-        "32=6",
-        "--lr",
-        "1e-3",
-    ]
+    base = finetune_argv("data", "run", "--lr", "1e-3")
     code, out, err = run(capsys, *base, "--max-steps", "1")
     assert code == 0, err
     config = (tmp_path / "run" / "config.json").read_text()
@@ -240,29 +212,10 @@ def _strict_json(line: str):
 def test_item2_a_diverged_run_fails_keeps_the_last_good_checkpoint_and_eval_refuses_nan(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from aptvit.train import DivergedError, Run
+    from aptvit.train import DivergedError, Run, TrainState
 
     data = make_folder(tmp_path / "data", train=16, val=2)  # 8 steps per epoch
-    argv = [
-        "finetune",
-        "--model",
-        MODEL,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "run",
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--no-eval",
-        "--thresholds",
-        "32=6",
-        "--log-every",
-        "1",
-    ]
+    argv = finetune_argv(data, tmp_path / "run", "--log-every", "1")
     code, out, err = run(capsys, *argv, "--max-steps", "1")
     assert code == 0, err
     good = load_file(str(tmp_path / "run" / "model.safetensors"))
@@ -283,8 +236,8 @@ def test_item2_a_diverged_run_fails_keeps_the_last_good_checkpoint_and_eval_refu
     folder = Run(tmp_path / "run", main=True)
     folder.saved_step = 8
     with pytest.raises(DivergedError, match="weights hold nan or inf.*last good checkpoint \\(step 8\\)"):
-        folder.checkpoint(
-            model, torch.optim.SGD(model.parameters(), lr=1.0), cfg_for(data, tmp_path / "run"), 1, 0, 9, Dist()
+        TrainState(epoch=1, batches_in_epoch=0, global_step=9).save(
+            folder, model, torch.optim.SGD(model.parameters(), lr=1.0), cfg_for(data, tmp_path / "run"), Dist()
         )
     assert load_file(str(tmp_path / "run" / "model.safetensors")).keys() == good.keys()
     assert all(bool(torch.isfinite(t).all()) for t in load_file(str(tmp_path / "run" / "model.safetensors")).values())
@@ -308,26 +261,7 @@ def cfg_for(data, out):
 # ---------------------------------------------------------------------------------------------- item 3
 def test_item3_a_failed_start_leaves_a_restartable_folder(tmp_path, capsys):
     data = make_folder(tmp_path / "data", train=4, val=2)
-    argv = [
-        "finetune",
-        "--model",
-        MODEL,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "run",
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--no-eval",
-        "--thresholds",
-        "32=6",
-        "--max-steps",
-        "1",
-    ]
+    argv = finetune_argv(data, tmp_path / "run", "--max-steps", "1")
     # an impossible budget is found before anything is written
     code, out, err = run(capsys, *argv[:6], tmp_path / "budget", *argv[7:-4], "--patch-sizes", "16", "--budget", "1")
     assert code == 2 and "budget" in one_line(err) and not (tmp_path / "budget").exists(), err
@@ -403,27 +337,11 @@ def test_item4_eval_counts_what_it_evaluated_and_show_keeps_every_picture(tmp_pa
     assert len(list((tmp_path / "shown").glob("*.png"))) == 2
 
 
-def test_item4_an_evaluation_that_failed_at_an_epoch_end_is_redone_on_resume(tmp_path, capsys):
+def test_item4_an_evaluation_that_failed_at_an_epoch_end_is_redone_on_resume(tmp_path, capsys, info_log):
     data = make_folder(tmp_path / "data", train=2, val=1)
     good = (data / "val" / "plain" / "0.png").read_bytes()
     (data / "val" / "plain" / "0.png").write_text("broken")
-    argv = [
-        "finetune",
-        "--model",
-        MODEL,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "run",
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--thresholds",
-        "32=6",
-    ]
+    argv = finetune_argv(data, tmp_path / "run", evaluate=True)
     code, out, err = run(capsys, *argv)
     assert code == 2 and "cannot read image" in one_line(err)
     (data / "val" / "plain" / "0.png").write_bytes(good)
@@ -432,7 +350,7 @@ def test_item4_an_evaluation_that_failed_at_an_epoch_end_is_redone_on_resume(tmp
     evals = [
         m for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "eval"
     ]
-    assert [m["epoch"] for m in evals] == [1] and "top-1" in out
+    assert [m["epoch"] for m in evals] == [1] and "top-1" in info_log.text
 
 
 # ---------------------------------------------------------------------------------------------- item 5
@@ -453,26 +371,7 @@ def tmpfs(path: Path, size: str, readonly: bool = False):
 
 def test_item5_file_failures_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
     data = make_folder(tmp_path / "data", train=4, val=2)
-    argv = [
-        "finetune",
-        "--model",
-        MODEL,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "run",
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--no-eval",
-        "--thresholds",
-        "32=6",
-        "--max-steps",
-        "1",
-    ]
+    argv = finetune_argv(data, tmp_path / "run", "--max-steps", "1")
     assert run(capsys, *argv)[0] == 0
     blob = (tmp_path / "run" / "model.safetensors").read_bytes()
     (tmp_path / "run" / "model.safetensors").write_bytes(blob[:1000])
@@ -534,26 +433,7 @@ def test_item7_messages_say_what_is_wrong(world, tmp_path, capsys):
 
     # malformed run files name the file
     data = make_folder(tmp_path / "data", train=4, val=2)
-    argv = [
-        "finetune",
-        "--model",
-        MODEL,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "run",
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--no-eval",
-        "--thresholds",
-        "32=6",
-        "--max-steps",
-        "1",
-    ]
+    argv = finetune_argv(data, tmp_path / "run", "--max-steps", "1")
     assert run(capsys, *argv)[0] == 0
     (tmp_path / "run" / "config.json").write_text("{not json")
     code, out, err = run(capsys, *argv, "--resume")

@@ -6,40 +6,14 @@ import torch
 from safetensors.torch import load_file
 
 from aptvit.train import TrainConfig, finetune, param_groups
-from tests.cli.test_finetune import cfg, make_folder, run
 
-MODEL = "vit_tiny_patch16_224"
+from .helpers import MODEL, finetune_argv, make_folder, run, train_config
 
 
 def test_cli_option_gives_the_apt_layers_a_scaled_lr(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
-    code, _, err = run(
-        capsys,
-        "finetune",
-        "--model",
-        MODEL,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "run",
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--max-steps",
-        "2",
-        "--thresholds",
-        "32=6",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "0",
-        "--no-eval",
-        "--new-layer-lr-scale",
-        "8",
-    )
+    argv = finetune_argv(data, tmp_path / "run", "--max-steps", "2", "--lr", "1e-3", "--warmup", "0")
+    code, _, err = run(capsys, *argv, "--new-layer-lr-scale", "8")
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["new_layer_lr_scale"] == 8.0
     groups = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["optimizer"]["param_groups"]
@@ -56,8 +30,7 @@ def test_scaled_new_layers_move_that_much_further(tmp_path):
     for scale in (1.0, 10.0):
         out = tmp_path / f"run{scale}"
         finetune(
-            cfg(data, out, max_steps=3, warmup=0.0, eval=False, new_layer_lr_scale=scale, augment="none"),
-            log=lambda *a: None,
+            train_config(data, out, max_steps=3, warmup=0.0, eval=False, new_layer_lr_scale=scale, augment="none"),
         )
         weights = load_file(out / "model.safetensors")
         moved[scale] = float(weights["apt.detail_proj.32.weight"].abs().max())  # started at zero
