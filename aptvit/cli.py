@@ -213,6 +213,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    from .models import conversion_settings
     from .train import TrainConfig, finetune
 
     layout = layout_settings(args)
@@ -249,7 +250,10 @@ def cmd_finetune(args) -> int:
         "new_layer_lr_scale": args.new_layer_lr_scale,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    finetune(TrainConfig(**given), resume=args.resume, overrides=given)
+    settings = {k: given.pop(k) for k in ("patch_sizes", "thresholds", "budget", "scorer") if k in given}
+    # the conversion settings: the given ones on top of an aptvit --checkpoint's own (or APTConfig's defaults)
+    apt = conversion_settings(args.checkpoint, **settings) if settings else None
+    finetune(TrainConfig(**given, apt=apt), resume=args.resume, overrides={**given, **settings})
     return 0
 
 

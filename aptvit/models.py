@@ -7,12 +7,14 @@ command line are applied through the validated ``configure``.
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .core.io import InputError, UserError, reading
+from .nn.config import APTConfig
 from .nn.convert import convert, load, load_timm_weights, read_metadata, read_state_dict
 from .nn.model import APTViT
 from .nn.support import SUPPORTED
@@ -69,6 +71,19 @@ def check_finite(model: nn.Module, source) -> None:
 
 
 HEAD_KEYS = ("head.weight", "head.bias")
+
+
+def conversion_settings(checkpoint=None, **given) -> APTConfig:
+    """The conversion settings of a run: ``given`` (``APTConfig`` fields) on top of an aptvit ``checkpoint``'s own
+    settings, or on top of ``APTConfig()``'s defaults for a timm model."""
+    base = APTConfig()
+    if checkpoint:
+        check_readable(checkpoint)
+        meta = read_metadata(checkpoint)
+        if meta.get("format") == "aptvit":
+            with reading(checkpoint, "checkpoint", "its 'aptvit' settings are not valid"):
+                base = APTConfig.from_dict(json.loads(meta["aptvit"]))
+    return base.replace(**given) if given else base
 
 
 def checkpoint_classes(path) -> Optional[int]:

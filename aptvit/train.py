@@ -23,7 +23,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
@@ -49,6 +49,7 @@ from .evaluate import evaluate
 from .images import normalise
 from .models import build_models
 from .nn.attention import backend_choices
+from .nn.config import APTConfig
 from .nn.convert import TIMM_ARGS, read_metadata, saver
 from .runtime import DEVICES, autocast, resolve_dtype, set_deterministic
 
@@ -83,10 +84,9 @@ class TrainConfig:
     checkpoint: Optional[str] = None
     epochs: int = 1
     size: int = 384
-    patch_sizes: Optional[List[int]] = None
-    thresholds: Optional[Dict[int, float]] = None
-    budget: Optional[float] = None
-    scorer: Optional[str] = None  # None: entropy, or the checkpoint's own
+    # the conversion settings (saved with the weights); None: APTConfig's defaults for a timm model, an aptvit
+    # checkpoint's own settings; given with an aptvit checkpoint, they replace its settings
+    apt: Optional[APTConfig] = None
     augment: str = "rand-m9-mstd0.5-inc1"  # timm auto-augment string, or "none"
     model_args: Dict = field(default_factory=dict)  # extra timm.create_model arguments
     batch_size: int = 64
@@ -115,17 +115,23 @@ class TrainConfig:
     classes: List[str] = field(default_factory=list)
 
     def to_json(self) -> str:
-        d = asdict(self)
-        if self.thresholds is not None:
-            d["thresholds"] = {str(k): v for k, v in self.thresholds.items()}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["apt"] = self.apt.to_dict() if self.apt is not None else None
         return json.dumps(d, indent=2)
 
     @staticmethod
     def from_json(text: str) -> "TrainConfig":
+        """Settings saved by ``to_json``, or by aptvit 0.1 (the layout settings as four top-level fields)."""
         d = json.loads(text)
-        if d.get("thresholds") is not None:
-            d["thresholds"] = {int(k): float(v) for k, v in d["thresholds"].items()}
+        old = {k: d.pop(k) for k in LAYOUT_FIELDS if k in d}
+        if any(v is not None for v in old.values()):
+            d["apt"] = {k: v for k, v in old.items() if v is not None}
+        if d.get("apt") is not None:
+            d["apt"] = APTConfig.from_dict(d["apt"])
         return TrainConfig(**d)
+
+
+LAYOUT_FIELDS = ("patch_sizes", "thresholds", "budget", "scorer")  # what the command line sets of an APTConfig
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -181,6 +187,8 @@ class DivergedError(UserError, FloatingPointError):
 
 
 def _option(key: str) -> str:
+    if key == "apt":
+        return "/".join(_option(k) for k in LAYOUT_FIELDS)
     return "--no-eval" if key == "eval" else f"--{key.replace('_', '-')}"
 
 
@@ -379,6 +387,13 @@ def _validate(cfg: TrainConfig) -> None:
     build_transform(cfg.size, True, (0.5,) * 3, (0.5,) * 3, augment=cfg.augment)  # timm parses the augment string
 
 
+def _saved_setting(saved: TrainConfig, key: str):
+    """The run's value of ``key``: a TrainConfig field, or one of the conversion settings it holds."""
+    if key in LAYOUT_FIELDS and not hasattr(saved, key):
+        return getattr(saved.apt, key) if saved.apt is not None else None
+    return getattr(saved, key)
+
+
 def _same_setting(key: str, given, saved) -> bool:
     if given is None or saved is None:
         return given is saved
@@ -421,11 +436,12 @@ def resolve_config(cfg: TrainConfig, resume: bool, overrides: Optional[Dict]) ->
         )
     with reading(config, "run settings", "fix it, or delete the run directory and start again"):
         saved = TrainConfig.from_json(config.read_text())
-    changes = overrides if overrides is not None else asdict(cfg)
+    # overrides may name the conversion settings one by one (the command line's options) or as "apt"
+    changes = overrides if overrides is not None else {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     refused = [
-        f"{_option(k)} {v!r} (the run's: {getattr(saved, k)!r})"
+        f"{_option(k)} {v!r} (the run's: {_saved_setting(saved, k)!r})"
         for k, v in changes.items()
-        if k not in RUN_CONTROL and k not in ("out", "classes") and not _same_setting(k, v, getattr(saved, k))
+        if k not in RUN_CONTROL and k not in ("out", "classes") and not _same_setting(k, v, _saved_setting(saved, k))
     ]
     if refused:
         allowed = ", ".join(_option(k) for k in RUN_CONTROL)
@@ -564,12 +580,7 @@ def build_model(cfg: TrainConfig, continues: bool, dist: Dist):
                 attention=cfg.attention,
             )
         else:
-            layout = {
-                "thresholds": cfg.thresholds,
-                "budget": cfg.budget,
-                "scorer": cfg.scorer,
-                "patch_sizes": tuple(cfg.patch_sizes) if cfg.patch_sizes else None,
-            }
+            layout = cfg.apt.to_kwargs() if cfg.apt is not None else {}
             apt, _ = build_models(
                 cfg.model,
                 cfg.pretrained,

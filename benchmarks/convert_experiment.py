@@ -36,6 +36,7 @@ from aptvit.data import LayoutDataset, build_transform, image_folder
 from aptvit.distributed import Dist
 from aptvit.evaluate import evaluate
 from aptvit.images import normalise
+from aptvit.nn.config import APTConfig
 from aptvit.nn.convert import load
 from aptvit.train import TrainConfig, finetune
 
@@ -128,7 +129,6 @@ def main():
         model_args=MODEL_ARGS,
         data=str(data),
         size=SIZE,
-        patch_sizes=PATCH_SIZES,
         augment="none",
         batch_size=64,
         workers=2,
@@ -142,7 +142,7 @@ def main():
             TrainConfig(
                 out=str(source_dir),
                 epochs=args.source_epochs,
-                thresholds=NEVER,
+                apt=APTConfig(PATCH_SIZES, thresholds=NEVER),
                 lr=1e-3,
                 warmup=0.1,
                 drop_path=0.1,
@@ -159,7 +159,7 @@ def main():
                     out=str(run_dir),
                     checkpoint=str(source_dir / "model.safetensors"),
                     epochs=1,
-                    thresholds=APT_THRESHOLDS,
+                    apt=APTConfig(PATCH_SIZES, thresholds=APT_THRESHOLDS),
                     lr=3e-4,
                     warmup=0.1,
                     drop_path=0.1,

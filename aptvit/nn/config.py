@@ -91,6 +91,13 @@ class APTConfig:
             "scorer_args": dict(self.scorer_args),
         }
 
+    def to_kwargs(self) -> dict:
+        """The fields as keyword arguments of ``convert`` / ``APTViT.configure`` (patch sizes only when set)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if out["patch_sizes"] is None:
+            del out["patch_sizes"]
+        return out
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["patch_sizes"] = list(self.patch_sizes) if self.patch_sizes is not None else None

@@ -7,7 +7,8 @@ import numpy as np
 from PIL import Image
 
 from aptvit.cli import main
-from aptvit.train import TrainConfig
+from aptvit.nn.config import APTConfig
+from aptvit.train import LAYOUT_FIELDS, TrainConfig
 
 MODEL = "vit_tiny_patch16_224"
 
@@ -63,11 +64,13 @@ def train_config(data, out, **kw) -> TrainConfig:
         log_every=1,
         lr=1e-3,
         drop_path=0.0,
-        thresholds={32: 6.0},
         device="cpu",
     )  # these tests mean the CPU, GPU or not
+    layout = {"thresholds": {32: 6.0}}  # the conversion settings, given one by one (None: not given)
+    layout.update({k: kw.pop(k) for k in LAYOUT_FIELDS if k in kw})
+    layout = {k: v for k, v in layout.items() if v is not None}
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(**base, apt=APTConfig(**layout) if layout else None)
 
 
 def metrics(run_dir) -> list:

@@ -49,7 +49,7 @@ def test_finetune_cli_writes_every_file_and_eval_reads_them(tmp_path, capsys):
     train = [m for m in metrics(tmp_path / "run") if m["kind"] == "train"]
     assert [m["step"] for m in train] == [1, 2, 3] and all(0 < m["tokens_kept"] <= 1 for m in train)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["classes"] == ["plain", "stripes"] and config["thresholds"] == {"32": 6.0}
+    assert config["classes"] == ["plain", "stripes"] and config["apt"]["thresholds"] == {"32": 6.0}
 
     code, out, err = run(
         capsys,

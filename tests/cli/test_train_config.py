@@ -1,0 +1,55 @@
+"""``TrainConfig`` holds an ``APTConfig`` (one source of the conversion settings), reads the config.json of aptvit
+0.1 (four top-level layout fields), and the command line's layout options go on top of an aptvit checkpoint's own."""
+
+import json
+import re
+
+import aptvit
+from aptvit.models import conversion_settings
+from aptvit.nn.config import APTConfig
+from aptvit.nn.convert import read_metadata
+from aptvit.train import TrainConfig
+
+from ..tiny import tiny_vit
+from .helpers import finetune_argv, make_folder, run
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_config_json_round_trip_and_the_0_1_layout_fields():
+    cfg = TrainConfig("m", "d", "o", apt=APTConfig(budget=0.5, scorer="laplacian"))
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    assert json.loads(cfg.to_json())["apt"]["budget"] == 0.5
+    old = json.loads(TrainConfig("m", "d", "o").to_json())
+    del old["apt"]
+    old.update(patch_sizes=[16, 32, 64], thresholds={"32": 6.0}, budget=None, scorer=None)
+    assert TrainConfig.from_json(json.dumps(old)).apt == APTConfig((16, 32, 64), thresholds={32: 6.0})
+    old.update(patch_sizes=None, thresholds=None)  # nothing given then: the model's defaults
+    assert TrainConfig.from_json(json.dumps(old)).apt is None
+
+
+def test_given_settings_go_on_top_of_an_aptvit_checkpoints_own(tmp_path):
+    path = tmp_path / "m.safetensors"
+    aptvit.save(aptvit.convert(tiny_vit("vit_cls"), scorer="laplacian", budget=0.7), path)
+    settings = conversion_settings(path, budget=0.5)
+    assert (settings.scorer, settings.budget, settings.patch_sizes) == ("laplacian", 0.5, (16, 32, 64))
+    assert conversion_settings(None, budget=0.5) == APTConfig(budget=0.5)  # a timm model: APTConfig's defaults
+    changed = conversion_settings(path, scorer="entropy")  # a new scorer: its own parameters, the budget stays
+    assert (changed.scorer_args, changed.budget) == ({"bins": 512}, 0.7)
+
+
+def test_finetune_from_an_aptvit_checkpoint_keeps_its_scorer_and_resume_compares_given_options(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", train=4, val=2)
+    source = tmp_path / "source.safetensors"
+    aptvit.save(aptvit.convert(tiny_vit("vit_cls", num_classes=2), scorer="laplacian", budget=0.7), source)
+    argv = finetune_argv(data, tmp_path / "run", "--checkpoint", source, "--budget", "0.5", thresholds=None)
+    code, out, err = run(capsys, *argv, "--max-steps", "1")
+    assert code == 0, err
+    saved = json.loads(read_metadata(tmp_path / "run" / "model.safetensors")["aptvit"])
+    assert (saved["scorer"], saved["budget"]) == ("laplacian", 0.5)
+    code, out, err = run(capsys, *argv, "--max-steps", "2", "--resume")  # the same options: accepted
+    assert code == 0, err
+    code, out, err = run(capsys, *argv, "--scorer", "entropy", "--resume")
+    assert code == 2 and re.search(r"--scorer 'entropy' \(the run's: 'laplacian'\) cannot change", _one_line(err))
