@@ -6,7 +6,8 @@ score; the same transformer and weights; fewer tokens.
 
 from .core import PatchLayout, pad_to_multiple, patch_layout
 from .nn import APTConfig, APTViT
-from .nn.convert import convert, load, save
+from .nn.checkpoint import load, save
+from .nn.convert import convert
 from .nn.dense import SimpleFeaturePyramid, simple_pyramid
 
 __version__ = "0.1.0"

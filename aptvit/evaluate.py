@@ -126,7 +126,7 @@ def eval_command(
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from .models import build_models, build_timm
-    from .nn.convert import read_metadata
+    from .nn.checkpoint import read_metadata
 
     compute_dtype = resolve_dtype(dtype, "cpu")  # checks the name before any work; resolved below
     if size is not None:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .core.io import InputError, UserError, reading
-from .nn.convert import convert, load, load_timm_weights, read_metadata, read_state_dict
+from .nn.checkpoint import load, load_timm_weights, read_metadata, read_state_dict
+from .nn.convert import convert
 from .nn.model import APTViT
 from .nn.support import SUPPORTED
 

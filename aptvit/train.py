@@ -42,7 +42,7 @@ from .evaluate import evaluate
 from .images import normalise
 from .models import build_models
 from .nn.attention import backend_choices
-from .nn.convert import TIMM_ARGS, read_metadata, saver
+from .nn.checkpoint import TIMM_ARGS, read_metadata, saver
 from .runtime import DEVICES, autocast, resolve_dtype, set_deterministic
 
 # What a resumed run may change; everything else comes from the run's config.json.
