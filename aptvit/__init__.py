@@ -8,7 +8,8 @@ from .core import PatchLayout, pad_to_multiple, patch_layout
 from .nn import APTConfig, APTViT
 from .nn.checkpoint import load, save
 from .nn.convert import convert
-from .nn.dense import SimpleFeaturePyramid, simple_pyramid
+from .nn.dense import simple_pyramid
+from .nn.heads import BoxAwareProjector, SegmentationDecoder, SimpleFeaturePyramid
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,5 +23,7 @@ __all__ = [
     "load",
     "simple_pyramid",
     "SimpleFeaturePyramid",
+    "SegmentationDecoder",
+    "BoxAwareProjector",
     "__version__",
 ]
