@@ -152,7 +152,7 @@ def eval_command(
         )
     # evaluation never replaces a head: the model's classes must be the folders'
     if uniform:
-        model = timm_model = build_timm(model_name, pretrained, checkpoint)  # logs on rank 0 only
+        model = timm_model = build_timm(model_name, pretrained, checkpoint)  # models.py logs on rank 0 only
         cfg = timm_model.pretrained_cfg or {}
         mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
         layout_fn = None
