@@ -4,10 +4,17 @@ Large patches where an image is plain, small ones where it is busy, chosen by a 
 score; the same transformer and weights; fewer tokens.
 """
 
+import logging
+
 from .core import PatchLayout, pad_to_multiple, patch_layout
 from .nn import APTConfig, APTViT
-from .nn.convert import convert, load, save
-from .nn.dense import SimpleFeaturePyramid, simple_pyramid
+from .nn.checkpoint import load, save
+from .nn.convert import convert
+from .nn.dense import simple_pyramid
+from .nn.heads import BoxAwareProjector, SegmentationDecoder, SimpleFeaturePyramid
+
+# a library logs, the application decides what to show: nothing unless it configures logging (the CLI prints INFO)
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 __all__ = [
@@ -21,5 +28,7 @@ __all__ = [
     "load",
     "simple_pyramid",
     "SimpleFeaturePyramid",
+    "SegmentationDecoder",
+    "BoxAwareProjector",
     "__version__",
 ]

@@ -10,6 +10,7 @@ time is also reported on its own.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +23,8 @@ from .core.io import atomic_write
 from .images import center_crop_resize, normalise
 from .nn.model import APTViT, model_flops
 from .runtime import autocast
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -249,7 +252,6 @@ def bench_command(
     plot_path=None,
     pretrained=False,
     checkpoint=None,
-    log=print,
     device: str = "auto",
     dtype: str = "auto",
     attention: str = "auto",
@@ -273,7 +275,7 @@ def bench_command(
     where = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, where)
     settings = dict(layout or {}, scorer=scorer, patch_sizes=patch_sizes)
-    apt, timm_model = build_models(model, pretrained, checkpoint, layout=settings, log=log, attention=attention)
+    apt, timm_model = build_models(model, pretrained, checkpoint, layout=settings, attention=attention)
     apt.eval().to(where), timm_model.eval().to(where)
     p = apt.patch_size
     parsed = []
@@ -289,16 +291,16 @@ def bench_command(
             )
         parsed.append(hw)
     photos = [read_image(f) for f in list_images(images)] if images else [load_photo(n) for n in PHOTO_NAMES]
-    log(
+    logger.info(
         f"{len(photos)} images from {images or 'scikit-image (bundled photos)'}; settings: "
         f"{apt.config.thresholds if apt.config.budget is None else f'budget {apt.config.budget}'}, scorer {apt.config.scorer}"
     )
     name = apt.pretrained_cfg.get("architecture") or model
-    log(f"device {where}, {str(compute_dtype).replace('torch.', '')}")
+    logger.info(f"device {where}, {str(compute_dtype).replace('torch.', '')}")
     rows = run_bench(
         [(name, timm_model, apt)], parsed, batches, photos, runs, warmup, device=where, dtype=compute_dtype
     )
-    log(format_table(rows))
+    logger.info(format_table(rows))
     if out:
         write_json(
             rows,
@@ -310,8 +312,8 @@ def bench_command(
                 "device": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu",
             },
         )
-        log(f"results: {out}")
+        logger.info(f"results: {out}")
     if plot_path:
         plot(rows, plot_path)
-        log(f"plot: {plot_path}")
+        logger.info(f"plot: {plot_path}")
     return rows

@@ -6,6 +6,9 @@ comes from, not by its type: a ``UserError`` (raised at the boundaries: reading 
 checking an argument), or an error that aptvit's own code raises on purpose (the documented ValueError /
 TypeError of the Python API for bad arguments). An error raised anywhere else (inside torch, by the
 interpreter) is a bug and keeps its traceback.
+
+What the commands report goes through ``logging`` (the "aptvit" loggers, at INFO); while ``main`` runs, a handler
+prints each message bare on stdout, so the command line shows them and a library user sees nothing unasked.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import linecache
+import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -424,6 +429,39 @@ def is_user_error(e: BaseException) -> bool:
     return isinstance(e, (ValueError, TypeError, OSError, ImportError)) and raised_on_purpose(e)
 
 
+class _PrintHandler(logging.Handler):
+    """Prints each record's bare message on the current ``sys.stdout`` (looked up per record: tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stdout, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def printing_logs():
+    """While it is open, the "aptvit" loggers' INFO messages are printed on stdout, once each.
+
+    Idempotent: inside another ``printing_logs`` (``main`` called from a command) it adds nothing. The handler
+    goes away on exit, so that ``main`` called twice in one process prints each line once and the library,
+    used after it, is silent again.
+    """
+    logger = logging.getLogger("aptvit")
+    if any(isinstance(h, _PrintHandler) for h in logger.handlers):
+        yield
+        return
+    handler, level = _PrintHandler(), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -431,7 +469,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        with printing_logs():
+            return args.func(args)
     except KeyboardInterrupt:
         print("aptvit: interrupted", file=sys.stderr)
         return 130

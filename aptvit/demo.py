@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .core.io import atomic_write
 
+logger = logging.getLogger(__name__)
 
-def demo(out="aptvit-demo", model: str = "vit_small_patch16_224", size: int = 384, runs: int = 3, log=print) -> None:
+
+def demo(out="aptvit-demo", model: str = "vit_small_patch16_224", size: int = 384, runs: int = 3) -> None:
     """Draw the layouts of the bundled photos into ``out`` and benchmark ``model`` at ``size`` on them."""
     from .bench import bench_command
     from .images import fit_image
@@ -24,10 +27,8 @@ def demo(out="aptvit-demo", model: str = "vit_small_patch16_224", size: int = 38
         path = out / f"{name}.png"
         atomic_write(path, lambda tmp: Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
         files.append(path)
-    log(f"== layouts (entropy, thresholds 32=5.5,64=4.0) of {len(files)} scikit-image photos at 448 ==")
-    show(files, out_dir=out, heatmap=True, log=log)
-    log(f"pictures: {out.resolve()}/*_apt.png")
-    log(f"\n== benchmark: timm {model} vs its APT conversion at {size}, {len(PHOTO_NAMES)} photos ==")
-    bench_command(
-        model, str(size), [1, 8], runs=runs, warmup=1, out=out / "bench.json", plot_path=out / "bench.png", log=log
-    )
+    logger.info(f"== layouts (entropy, thresholds 32=5.5,64=4.0) of {len(files)} scikit-image photos at 448 ==")
+    show(files, out_dir=out, heatmap=True)
+    logger.info(f"pictures: {out.resolve()}/*_apt.png")
+    logger.info(f"\n== benchmark: timm {model} vs its APT conversion at {size}, {len(PHOTO_NAMES)} photos ==")
+    bench_command(model, str(size), [1, 8], runs=runs, warmup=1, out=out / "bench.json", plot_path=out / "bench.png")

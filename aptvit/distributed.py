@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import List
@@ -38,6 +39,18 @@ def setup_distributed(device: str = "auto") -> Dist:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0
     return Dist(rank, world, device)
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its torchrun job (True without one, or before it is joined)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def main_process_only(record: logging.LogRecord) -> bool:
+    """A logging filter that drops the records of every rank but 0, so that a torchrun job says things once."""
+    return is_main_process()
 
 
 def all_reduce_sum(values: List[float], dist: Dist) -> List[float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .data import LayoutDataset, ShardedSampler, build_transform, check_image_fo
 from .distributed import all_reduce_sum, setup_distributed
 from .images import normalise
 from .runtime import autocast, resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -111,7 +114,6 @@ def eval_command(
     json_path=None,
     skip_bad_images=False,
     layout=None,
-    log=print,
     device: str = "auto",
     dtype: str = "auto",
     attention: str = "auto",
@@ -126,7 +128,7 @@ def eval_command(
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from .models import build_models, build_timm
-    from .nn.convert import read_metadata
+    from .nn.checkpoint import read_metadata
 
     compute_dtype = resolve_dtype(dtype, "cpu")  # checks the name before any work; resolved below
     if size is not None:
@@ -138,7 +140,6 @@ def eval_command(
         check_writable(json_path)  # now, not after the whole evaluation
     dist = setup_distributed(device)
     compute_dtype = resolve_dtype(dtype, dist.device)
-    quiet = log if dist.main else (lambda *a, **k: None)
     folder = check_image_folder(data, "val")
     items = image_folder(folder)
     meta = read_metadata(checkpoint) if checkpoint else {}
@@ -151,14 +152,12 @@ def eval_command(
         )
     # evaluation never replaces a head: the model's classes must be the folders'
     if uniform:
-        model = timm_model = build_timm(model_name, pretrained, checkpoint, log=quiet)
+        model = timm_model = build_timm(model_name, pretrained, checkpoint)  # models.py logs on rank 0 only
         cfg = timm_model.pretrained_cfg or {}
         mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
         layout_fn = None
     else:
-        model, timm_model = build_models(
-            model_name, pretrained, checkpoint, layout=layout, log=quiet, attention=attention
-        )
+        model, timm_model = build_models(model_name, pretrained, checkpoint, layout=layout, attention=attention)
         cfg = timm_model.pretrained_cfg or {}
         mean, std = model.pixel_mean_std()
         layout_fn = functools.partial(patch_layout, **model.config.layout_kwargs())
@@ -184,7 +183,7 @@ def eval_command(
     if dist.main:
         bad = result["bad_images"]
         skipped = f", {bad} unreadable image{'s' if bad != 1 else ''} skipped" if bad else ""
-        log(
+        logger.info(
             f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  tokens kept {result['tokens_kept']:.1%}  "
             f"{result['images_per_s']:.1f} img/s  ({result['images']} images{skipped}{', uniform ViT' if uniform else ''})"
         )

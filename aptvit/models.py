@@ -8,16 +8,22 @@ command line are applied through the validated ``configure``.
 from __future__ import annotations
 
 import json
-from typing import Callable, Dict, Optional, Tuple
+import logging
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .core.io import InputError, UserError, reading
+from .distributed import main_process_only
+from .nn.checkpoint import load, load_timm_weights, read_metadata, read_state_dict
 from .nn.config import APTConfig
-from .nn.convert import convert, load, load_timm_weights, read_metadata, read_state_dict
+from .nn.convert import convert
 from .nn.model import APTViT
 from .nn.support import SUPPORTED
+
+logger = logging.getLogger(__name__)
+logger.addFilter(main_process_only)  # eval and finetune build the model on every rank; rank 0 tells
 
 # timm modules whose models are (or subclass) VisionTransformer; check_supported says which of them convert
 VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
@@ -92,14 +98,14 @@ def checkpoint_classes(path) -> Optional[int]:
     return int(head.shape[0]) if head is not None and head.dim() == 2 else None
 
 
-def load_timm_checkpoint(model: nn.Module, path, new_head_ok: bool, log: Callable = print) -> None:
+def load_timm_checkpoint(model: nn.Module, path, new_head_ok: bool) -> None:
     """Strictly load timm weights; with ``new_head_ok`` a head of another size, or none, leaves a fresh one."""
     state = read_state_dict(path)
     own = model.state_dict()
     fresh = [k for k in HEAD_KEYS if k in own and (k not in state or state[k].shape != own[k].shape)]
     if fresh and new_head_ok:
         had = state["head.weight"].shape[0] if "head.weight" in state else "no"
-        log(f"{path}: head has {had} classes, the data {own['head.weight'].shape[0]}: new head")
+        logger.info(f"{path}: head has {had} classes, the data {own['head.weight'].shape[0]}: new head")
         state = {**{k: v for k, v in state.items() if k not in HEAD_KEYS}, **{k: own[k] for k in fresh}}
     load_timm_weights(model, state)
 
@@ -111,7 +117,6 @@ def build_models(
     num_classes: Optional[int] = None,
     layout: Optional[Dict] = None,
     timm_kwargs: Optional[Dict] = None,
-    log: Callable = print,
     attention: str = "auto",
 ) -> Tuple[APTViT, nn.Module]:
     """The APT model and the timm model it wraps.
@@ -134,13 +139,13 @@ def build_models(
         apt = load(checkpoint, timm_kwargs={k: v for k, v in timm_kwargs.items() if k != "num_classes"})
         arch = apt.pretrained_cfg.get("architecture", "?")
         if name and name != arch:
-            log(f"{checkpoint} holds a {arch}; using it instead of {name}")
+            logger.info(f"{checkpoint} holds a {arch}; using it instead of {name}")
         if num_classes is not None and num_classes != apt.num_classes:
-            log(f"{checkpoint}: head has {apt.num_classes} classes, the data {num_classes}: new head")
+            logger.info(f"{checkpoint}: head has {apt.num_classes} classes, the data {num_classes}: new head")
             apt.reset_classifier(num_classes)
         apt.configure(attention=attention, **layout)
         check_finite(apt, checkpoint)
-        log(f"weights: {checkpoint} (aptvit checkpoint)")
+        logger.info(f"weights: {checkpoint} (aptvit checkpoint)")
         return apt, apt.timm_model
     if not name:
         raise ValueError("give --model NAME (with --pretrained or a timm --checkpoint), or an aptvit --checkpoint")
@@ -149,13 +154,13 @@ def build_models(
         timm_kwargs["num_classes"] = classes if classes is not None else 0
     model = create_timm(name, pretrained, **timm_kwargs)
     if checkpoint:
-        load_timm_checkpoint(model, checkpoint, new_head_ok=num_classes is not None, log=log)
+        load_timm_checkpoint(model, checkpoint, new_head_ok=num_classes is not None)
         check_finite(model, checkpoint)
-        log(f"weights: {checkpoint}")
+        logger.info(f"weights: {checkpoint}")
     elif pretrained:
-        log(f"weights: timm pretrained {name}")
+        logger.info(f"weights: timm pretrained {name}")
     else:
-        log("weights: random (no --pretrained or --checkpoint): timings are valid, predictions are not")
+        logger.info("weights: random (no --pretrained or --checkpoint): timings are valid, predictions are not")
     return convert(model, attention=attention, **layout), model
 
 
@@ -164,7 +169,6 @@ def build_timm(
     pretrained: bool = False,
     checkpoint=None,
     num_classes: Optional[int] = None,
-    log: Callable = print,
 ) -> nn.Module:
     """The unconverted timm model (the uniform baseline), with its weights."""
     check_readable(checkpoint)
@@ -177,6 +181,6 @@ def build_timm(
         num_classes = classes if classes is not None else 0
     model = create_timm(name, pretrained, **({"num_classes": num_classes} if num_classes is not None else {}))
     if checkpoint:
-        load_timm_checkpoint(model, checkpoint, new_head_ok=False, log=log)
+        load_timm_checkpoint(model, checkpoint, new_head_ok=False)
         check_finite(model, checkpoint)
     return model

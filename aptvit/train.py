@@ -49,8 +49,8 @@ from .evaluate import evaluate
 from .images import normalise
 from .models import build_models
 from .nn.attention import backend_choices
+from .nn.checkpoint import TIMM_ARGS, read_metadata, saver
 from .nn.config import APTConfig
-from .nn.convert import TIMM_ARGS, read_metadata, saver
 from .runtime import DEVICES, autocast, resolve_dtype, set_deterministic
 
 if TYPE_CHECKING:

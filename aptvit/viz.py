@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -9,6 +10,8 @@ import torch
 
 from .core.io import InputError, atomic_write
 from .core.layout import PatchLayout
+
+logger = logging.getLogger(__name__)
 
 # One colour per scale factor (1x, 2x, 4x, 8x, ...): base patches stay light so that the merges stand out.
 SIZE_COLOURS = ("#f2f2f2", "#2b8cbe", "#f03b20", "#31a354", "#756bb1", "#fd8d3c")
@@ -127,7 +130,6 @@ def show(
     out_dir=None,
     write_json: bool = False,
     heatmap: bool = False,
-    log=print,
 ) -> list:
     """``aptvit show``: draw the layout of every image file, print tokens kept, optionally write JSON.
 
@@ -191,7 +193,7 @@ def show(
             }
             atomic_write(jpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
             result["json"] = str(jpath)
-        log(
+        logger.info(
             f"{path.name}: {tokens}/{base} tokens ({tokens / base:.1%}) at {img.shape[-2]}x{img.shape[-1]}{note} -> {png}"
         )
         results.append(result)

@@ -28,7 +28,7 @@ def main():
     photos = [load_photo(name) for name in PHOTO_NAMES]
     models = []
     for name in args.models.split(","):
-        apt, vit = build_models(name, log=lambda *_: None)
+        apt, vit = build_models(name)
         models.append((name, vit.eval(), apt.eval()))
     rows = run_bench(models, [int(s) for s in args.sizes.split(",")], [1, 8], photos, runs=args.runs)
     when = datetime.date.today().isoformat()

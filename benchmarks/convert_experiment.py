@@ -36,8 +36,8 @@ from aptvit.data import LayoutDataset, build_transform, image_folder
 from aptvit.distributed import Dist
 from aptvit.evaluate import evaluate
 from aptvit.images import normalise
+from aptvit.nn.checkpoint import load
 from aptvit.nn.config import APTConfig
-from aptvit.nn.convert import load
 from aptvit.train import TrainConfig, finetune
 
 CLASSES = ("horizontal", "vertical", "checker", "diagonal")

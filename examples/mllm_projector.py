@@ -15,32 +15,9 @@ model is needed to run this; the "LLM" below is only an embedding width.
 
 import timm
 import torch
-from torch import nn
 
 import aptvit
-
-
-class BoxAwareProjector(nn.Module):
-    """LLaVA's MLP projector plus a position code for variable-size tokens.
-
-    Args:
-        vision_dim: D of the ViT.
-        llm_dim: embedding width of the language model.
-    """
-
-    def __init__(self, vision_dim: int, llm_dim: int):
-        super().__init__()
-        self.box = nn.Linear(3, vision_dim)  # (centre y, centre x, size), all normalised to the image
-        self.proj = nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
-
-    def forward(self, tokens: torch.Tensor, layout: aptvit.PatchLayout) -> list:
-        """(T, D) packed tokens -> list of (N_i, llm_dim), one per image, ready to splice into prompts."""
-        heights = torch.tensor([h for h, _ in layout.image_sizes], device=tokens.device)[layout.image_index]
-        widths = torch.tensor([w for _, w in layout.image_sizes], device=tokens.device)[layout.image_index]
-        half = layout.size / 2
-        box = torch.stack([(layout.y + half) / heights, (layout.x + half) / widths, layout.size / heights], dim=1)
-        out = self.proj(tokens + self.box(box.to(tokens.dtype)))
-        return list(out.split(layout.num_tokens.tolist()))
+from aptvit.nn.heads import BoxAwareProjector
 
 
 def main():

@@ -7,10 +7,10 @@ Data: generated 256x256 scenes, a plain gradient or a textured background (or ha
 are a flat warm colour, class 2 objects carry fine cool stripes; class 0 is the background.
 
 Model: a small ViT (patch 16, dim 192, depth 6) trained from scratch with a light decoder on the
-learned ViTDet simple pyramid (scales 4, 2, 1). The uniform model runs timm's forward_features; each
-APT variant runs ``apt.forward_dense`` with a scorer (entropy, upsampling error, Laplacian, at their
-default thresholds) and an unmerge mode ("repeat" or "smooth"). All start from the same weights and
-see the same batches.
+learned ViTDet simple pyramid (scales 4, 2, 1; ``aptvit.nn.heads.SegmentationDecoder``). The uniform
+model runs timm's forward_features; each APT variant runs ``apt.forward_dense`` with a scorer (entropy,
+upsampling error, Laplacian, at their default thresholds) and an unmerge mode ("repeat" or "smooth"). All
+start from the same weights and see the same batches.
 
 Reported: mIoU on 160 held-out scenes, training images/s and inference images/s (encoder + head,
 batch 8, alternating, warm-up, medians, torch.inference_mode; APT's layout included).
@@ -27,11 +27,10 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import aptvit
 from aptvit.bench import alternating_medians
-from aptvit.nn.dense import SimpleFeaturePyramid
+from aptvit.nn.heads import SegmentationDecoder
 
 SIZE, CLASSES = 256, 3
 
@@ -78,25 +77,6 @@ def dataset(n: int, seed: int):
     images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(np.stack([p[1] for p in pairs]))
     return images, labels
-
-
-class Decoder(nn.Module):
-    """Light decoder: learned simple pyramid (4x, 2x, 1x), summed at the finest level, 3x3 conv, classes."""
-
-    def __init__(self, dim: int, width: int = 64):
-        super().__init__()
-        self.pyramid = SimpleFeaturePyramid(dim, width, scales=(4, 2, 1))
-        self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(1, width), nn.GELU())
-        self.classify = nn.Conv2d(width, CLASSES, 1)
-
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        levels = self.pyramid(grid)
-        top = levels[0]
-        x = sum(
-            F.interpolate(l, size=top.shape[-2:], mode="bilinear", align_corners=False) if l is not top else l
-            for l in levels
-        )
-        return F.interpolate(self.classify(self.fuse(x)), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
 
 
 def make_encoder(seed: int):
@@ -191,7 +171,7 @@ def main():
     std = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
 
     results, fns = {}, {}
-    base_decoder = Decoder(192)
+    base_decoder = SegmentationDecoder(192, CLASSES)  # patch 16: logits at SIZE x SIZE
     uniform_vit = make_encoder(0)
     kept = {"uniform": 1.0}
     for name in ["uniform"] + [f"APT {v.replace(':', ' ')}" for v in args.variants.split(",")]:

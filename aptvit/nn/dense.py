@@ -1,5 +1,6 @@
 """Dense features from an APT encoder: back onto the base grid for segmentation / detection heads,
 timm-compatible intermediates, a ViTDet-style simple pyramid, and packed tokens for multimodal LLMs.
+Parameter-free only: the trainable heads are in ``aptvit.nn.heads``.
 
 Unmerging is a gather through the layout's cell index: each base cell takes the feature of the token
 that covers it ("repeat"). ``smooth=True`` instead box-filters each large token's area with a
@@ -14,7 +15,6 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..core.layout import PatchLayout
 from ..core.packing import gather_to_grid
@@ -59,7 +59,7 @@ def simple_pyramid(grid: torch.Tensor, scales: Sequence[float] = (4, 2, 1, 0.5))
     """ViTDet's simple feature pyramid without parameters: one map per scale of the base grid.
 
     Scales above 1 upsample bilinearly, 1 is the grid itself, below 1 max-pools (as ViTDet's 1/2 level).
-    For the learned version (deconvolutions and convs), see ``SimpleFeaturePyramid``.
+    For the learned version (deconvolutions and convs), see ``aptvit.nn.heads.SimpleFeaturePyramid``.
 
     Args:
         grid: (B, D, h, w).
@@ -89,42 +89,6 @@ def _check_scales(scales, hw) -> None:
             raise ValueError(f"scales must be powers of two such as 4, 2, 1, 0.5; got {s!r} in {tuple(scales)}")
         if s < 1 and min(hw) * s < 1:
             raise ValueError(f"scale {s} would make the {hw[0]}x{hw[1]} grid empty")
-
-
-class SimpleFeaturePyramid(nn.Module):
-    """The learned ViTDet simple feature pyramid: deconvolutions up, max-pool down, then 1x1 + 3x3 convs.
-
-    Args:
-        dim: channels of the ViT grid.
-        out_dim: channels of every pyramid level.
-        scales: powers of two, as in ``simple_pyramid``.
-    """
-
-    def __init__(self, dim: int, out_dim: int = 256, scales: Sequence[float] = (4, 2, 1, 0.5)) -> None:
-        super().__init__()
-        _check_scales(scales, (64, 64))
-        self.scales = tuple(scales)
-        self.levels = nn.ModuleList()
-        for s in self.scales:
-            layers: List[nn.Module] = []
-            if s > 1:
-                for step in range(int(math.log2(s))):
-                    layers += [nn.ConvTranspose2d(dim, dim, 2, stride=2)] + (
-                        [nn.GELU()] if step + 1 < math.log2(s) else []
-                    )
-            elif s < 1:
-                layers.append(nn.MaxPool2d(int(round(1 / s))))
-            layers += [
-                nn.Conv2d(dim, out_dim, 1),
-                nn.GroupNorm(1, out_dim),
-                nn.Conv2d(out_dim, out_dim, 3, padding=1),
-                nn.GroupNorm(1, out_dim),
-            ]
-            self.levels.append(nn.Sequential(*layers))
-
-    def forward(self, grid: torch.Tensor) -> List[torch.Tensor]:
-        """(B, dim, h, w) -> [(B, out_dim, h * s, w * s) for s in scales]."""
-        return [level(grid) for level in self.levels]
 
 
 def _take_indices(depth: int, indices) -> Tuple[List[int], int]:

@@ -72,7 +72,7 @@ def world(tmp_path_factory):
     torch.save(tiny_vit("vit_cls").state_dict(), root / "weights.pth")
     (root / "renamed.safetensors").write_bytes((root / "weights.pth").read_bytes())
     with_metadata(good, root / "nometa.safetensors", aptvit=None)
-    args = json.loads(aptvit.nn.convert.read_metadata(good)["timm_args"])
+    args = json.loads(aptvit.nn.checkpoint.read_metadata(good)["timm_args"])
     with_metadata(
         good,
         root / "checkpoint_path.safetensors",

@@ -6,8 +6,8 @@ import re
 
 import aptvit
 from aptvit.models import conversion_settings
+from aptvit.nn.checkpoint import read_metadata
 from aptvit.nn.config import APTConfig
-from aptvit.nn.convert import read_metadata
 from aptvit.train import TrainConfig
 
 from ..tiny import tiny_vit

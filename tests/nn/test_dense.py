@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import aptvit
-from aptvit.nn.dense import SimpleFeaturePyramid, simple_pyramid, unmerge
+from aptvit.nn.dense import simple_pyramid, unmerge
+from aptvit.nn.heads import SimpleFeaturePyramid
 
 from ..tiny import rel_err, tiny_vit
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import aptvit
 from aptvit.core import scoring
 from aptvit.nn import attention
-from aptvit.nn.convert import read_metadata
+from aptvit.nn.checkpoint import read_metadata
 
 from ..tiny import rel_err, tiny_vit
 

@@ -1,0 +1,342 @@
+"""Checkpoint I/O: ``save`` and ``load`` an APT model, and read timm checkpoints.
+
+The file format. An aptvit checkpoint is one safetensors file:
+    tensors: the timm model's state dict under timm's own keys (``blocks.0.attn.qkv.weight``, ...) plus the
+        APT parameters under ``apt.*`` (the detail path), so timm's tools read the timm part as is.
+    metadata (strings; JSON where noted):
+        ``format``: "aptvit"; ``format_version``: ``FORMAT_VERSION``;
+        ``aptvit``: the conversion settings (``APTConfig.to_dict``, JSON);
+        ``architecture``: the timm model name (re-created with ``timm.create_model(..., pretrained=False)``
+            when ``load`` gets no model);
+        ``timm_args``: the ``timm.create_model`` arguments that re-create the structure (JSON; only the keys in
+            ``TIMM_ARGS``, checked against the file's own tensors before anything is allocated);
+        ``pretrained_cfg``: the preprocessing the weights expect (``PRETRAINED_CFG_KEYS``, JSON);
+        plus any ``extra_metadata`` (e.g. ``classes`` and ``input_size`` of a fine-tuning run).
+A timm checkpoint (safetensors, or a torch file read with ``weights_only=True``) has no such metadata; ``load``
+then needs the timm ``model=`` to load it into, and converts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from ..core.io import MAX_SIDE, InputError, atomic_write, reading
+from .config import APTConfig
+from .convert import convert
+from .model import APTViT
+
+FORMAT_VERSION = "1"
+# what a loaded model needs to preprocess like the saved one (normalisation, eval crop, size)
+PRETRAINED_CFG_KEYS = ("architecture", "tag", "mean", "std", "crop_pct", "crop_mode", "input_size", "interpolation")
+# The only ``timm.create_model`` arguments a checkpoint may carry: the structure that ``_timm_args`` records and
+# the regularisation rates. Nothing that names a file (checkpoint_path, pretrained_cfg_overlay) or a class.
+TIMM_ARGS = (
+    "class_token",
+    "reg_tokens",
+    "no_embed_class",
+    "pos_embed",
+    "pre_norm",
+    "fc_norm",
+    "final_norm",
+    "qkv_bias",
+    "qk_norm",
+    "init_values",
+    "num_classes",
+    "global_pool",
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "drop_rate",
+    "drop_path_rate",
+    "attn_drop_rate",
+    "proj_drop_rate",
+    "pos_drop_rate",
+)
+
+
+def _timm_args(vit: nn.Module) -> Dict:
+    """``timm.create_model`` arguments that re-create this model's structure, read off the instance.
+
+    Everything a supported family varies (prefix tokens, norms, q/k norm, layer scale, biases) is
+    recorded, so a tiny or customised model re-creates from its architecture name alone.
+    """
+    blk = vit.blocks[0] if len(vit.blocks) else None
+    identity = lambda m: isinstance(m, nn.Identity)  # noqa: E731
+    args = {
+        "class_token": bool(vit.has_class_token),
+        "reg_tokens": int(vit.num_reg_tokens),
+        "no_embed_class": bool(vit.no_embed_class),
+        "pos_embed": "learn" if vit.pos_embed is not None else "none",
+        "pre_norm": not identity(vit.norm_pre),
+        "fc_norm": not identity(vit.fc_norm),
+        "final_norm": not (identity(vit.norm) and identity(vit.fc_norm)),
+        "qkv_bias": blk is not None and blk.attn.qkv.bias is not None,
+        "qk_norm": blk is not None and not identity(blk.attn.q_norm),
+        "init_values": 1e-5 if blk is not None and not identity(blk.ls1) else None,  # value: from the weights
+        "num_classes": vit.num_classes,
+        "global_pool": vit.global_pool,
+        "img_size": list(vit.patch_embed.img_size),
+        "patch_size": vit.patch_embed.patch_size[0],
+        "in_chans": vit.patch_embed.proj.in_channels,
+        "embed_dim": vit.embed_dim,
+        "depth": len(vit.blocks),
+        "num_heads": vit.blocks[0].attn.num_heads if len(vit.blocks) else 1,
+    }
+    fc1 = getattr(vit.blocks[0].mlp, "fc1", None) if len(vit.blocks) else None
+    if isinstance(fc1, nn.Linear) and type(vit.blocks[0].mlp).__name__ == "Mlp":
+        args["mlp_ratio"] = fc1.out_features / vit.embed_dim
+    return args
+
+
+def save(
+    model: APTViT,
+    path: Union[str, os.PathLike],
+    extra_metadata: Optional[Mapping[str, str]] = None,
+    model_args: Optional[Mapping] = None,
+) -> Path:
+    """Save an APT model as safetensors with its conversion settings as metadata (atomically).
+
+    Args:
+        extra_metadata: more string metadata (e.g. the class names of a fine-tuning run).
+        model_args: extra ``timm.create_model`` arguments the model was built with, stored with the
+            structure read off the model, so that ``load`` can re-create it without ``model=``.
+    """
+    path = Path(path)
+    atomic_write(path, saver(model, extra_metadata, model_args))
+    return path
+
+
+def saver(model: APTViT, extra_metadata: Optional[Mapping[str, str]] = None, model_args: Optional[Mapping] = None):
+    """A ``write(tmp_path)`` that stores ``model`` as ``save`` does, to be written together with other files."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, APTViT):
+        raise TypeError(f"model must be an APTViT (from aptvit.convert), got {type(model).__name__}")
+    unknown = sorted(set(model_args or {}) - set(TIMM_ARGS))
+    if unknown:
+        raise ValueError(f"model_args {unknown} cannot be saved (a checkpoint may carry only {', '.join(TIMM_ARGS)})")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": "aptvit",
+        "format_version": FORMAT_VERSION,
+        "aptvit": json.dumps(model.config.to_dict()),
+        "architecture": str(model.pretrained_cfg.get("architecture", "")),
+        "timm_args": json.dumps({**dict(model_args or {}), **_timm_args(model.timm_model)}),
+        "pretrained_cfg": json.dumps({k: v for k, v in model.pretrained_cfg.items() if k in PRETRAINED_CFG_KEYS}),
+    }
+    metadata.update(extra_metadata or {})
+    return lambda tmp: save_file(state, tmp, metadata=metadata)
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
+    """The metadata of a safetensors file ({} for other files)."""
+    from safetensors import safe_open
+
+    if not str(path).endswith(".safetensors"):
+        return {}
+    with reading(path, "checkpoint", "is it a complete .safetensors file?"):
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+
+
+def _tensor_shapes(path) -> Dict[str, tuple]:
+    """Names and shapes of a safetensors file's tensors, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with reading(path, "checkpoint"):
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _metadata_json(meta: Mapping[str, str], key: str, path, default=None):
+    """A JSON metadata entry of an aptvit checkpoint, or an error naming the file and the entry."""
+    if key not in meta:
+        if default is not None:
+            return default
+        raise InputError(
+            f"checkpoint {str(path)!r} says format=aptvit but has no {key!r} metadata (a damaged or edited file?)"
+        )
+    with reading(path, "checkpoint", f"its {key!r} metadata is not valid JSON"):
+        return json.loads(meta[key])
+
+
+def check_timm_args(args, path) -> Dict:
+    """The ``timm_args`` of a checkpoint, allow-listed and checked against its own tensors before anything is allocated.
+
+    Only ``TIMM_ARGS`` may reach ``timm.create_model``; ``img_size`` is at most ``MAX_SIDE`` per side; the width,
+    depth, patch size, channels and classes must be those of the tensors in the file.
+    """
+    where = f"checkpoint {str(path)!r}: timm_args"
+    if not isinstance(args, dict):
+        raise InputError(f"{where} is not a JSON object")
+    unknown = sorted(set(args) - set(TIMM_ARGS))
+    if unknown:
+        raise InputError(
+            f"{where} holds {', '.join(unknown)}, which a checkpoint may not set (allowed: {', '.join(TIMM_ARGS)})"
+        )
+    img = args.get("img_size")
+    sides = (
+        [img] if isinstance(img, int) else list(img) if isinstance(img, (list, tuple)) else [] if img is None else [img]
+    )
+    if len(sides) > 2 or any(isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIDE for v in sides):
+        raise InputError(f"{where} img_size {img!r} is not one or two sides from 1 to the limit of {MAX_SIDE} pixels")
+    for key in ("reg_tokens", "num_classes", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+        value = args.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InputError(f"{where} {key} {value!r} is not a count")
+    mlp = args.get("mlp_ratio")
+    if mlp is not None and (isinstance(mlp, bool) or not isinstance(mlp, (int, float)) or not 0 < mlp <= 64):
+        raise InputError(f"{where} mlp_ratio {mlp!r} is not a number in (0, 64]")
+    shapes = _tensor_shapes(path)
+    proj = shapes.get("patch_embed.proj.weight")
+    depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+    head = shapes.get("head.weight")
+    found = {
+        "embed_dim": proj[0] if proj else None,
+        "in_chans": proj[1] if proj else None,
+        "patch_size": proj[-1] if proj else None,
+        "depth": depth,
+        "num_classes": head[0] if head else 0 if "head.weight" not in shapes and proj else None,
+    }
+    fc1 = shapes.get("blocks.0.mlp.fc1.weight")
+    if fc1 and mlp is not None and args.get("embed_dim"):
+        found["mlp_ratio"] = fc1[0] / args["embed_dim"]
+    for key, value in found.items():
+        if value is not None and args.get(key) is not None and args[key] != value:
+            raise InputError(f"{where} {key} {args[key]!r} does not match the file's tensors ({value})")
+    pos, p = shapes.get("pos_embed"), found["patch_size"] or args.get("patch_size")
+    if pos and len(pos) == 3 and sides and p:
+        h, w = (sides * 2)[:2]
+        grid, prefix = (h // p) * (w // p), pos[1] - (h // p) * (w // p)
+        if not 0 <= prefix <= 1 + (args.get("reg_tokens") or 0):
+            raise InputError(
+                f"{where} img_size {img!r} gives a {grid}-cell grid; the file's position embedding has {pos[1]} entries"
+            )
+    return args
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint: safetensors, or a torch file loaded with ``weights_only=True``.
+
+    Accepts plain state dicts and the usual wrappers ({"state_dict": ...}, {"model": ...}, "module." prefixes).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        with reading(path, "checkpoint", "is it a complete .safetensors file?"):
+            return load_file(str(path))
+    # unpickling errors name the offending global; weights_only refuses anything but tensors and containers
+    with reading(path, "checkpoint", "expected weights saved with torch.save or safetensors"):
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_ema", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def load_timm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load timm weights strictly (position embeddings resampled as timm does), or say which keys differ."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        state = checkpoint_filter_fn(dict(state_dict), vit)
+    except Exception:  # a checkpoint of another shape breaks timm's resampling; the key check below says why
+        state = dict(state_dict)
+    own = vit.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or mismatched:
+
+        def show(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        parts = [
+            f"{name}: {show(keys)}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+            if keys
+        ]
+        raise ValueError("checkpoint does not match the model; " + "; ".join(parts))
+    vit.load_state_dict(state, strict=True)
+
+
+def load(
+    path: Union[str, os.PathLike],
+    model: Optional[nn.Module] = None,
+    timm_kwargs: Optional[Mapping] = None,
+    **convert_kwargs,
+) -> APTViT:
+    """Load an APT model saved by ``save``, or convert a timm model after loading a timm checkpoint.
+
+    Args:
+        path: an aptvit ``.safetensors`` file, or a timm checkpoint (safetensors / torch file).
+        model: the timm ViT to load into. Optional for aptvit files whose architecture is a
+            registered timm name (re-created with ``timm.create_model(..., pretrained=False)``).
+        timm_kwargs: extra ``timm.create_model`` arguments when re-creating it (e.g. drop_path_rate).
+        convert_kwargs: settings for ``convert`` when ``path`` is a plain timm checkpoint (aptvit
+            files carry their own; change them with ``.configure(...)``).
+
+    Returns:
+        APTViT with the checkpoint's weights (timm part and ``apt.*``).
+    """
+    meta = read_metadata(path)
+    state = read_state_dict(path)
+    if meta.get("format") != "aptvit":
+        if model is None:
+            raise ValueError(
+                f"{str(path)!r} is not an aptvit checkpoint; pass model=timm.create_model(...) to load timm weights into"
+            )
+        load_timm_weights(model, state)
+        return convert(model, **convert_kwargs)
+    settings = _metadata_json(meta, "aptvit", path)
+    with reading(path, "checkpoint", "its 'aptvit' settings are not valid"):
+        config = APTConfig.from_dict(settings)
+    if convert_kwargs:
+        raise TypeError(
+            f"{str(path)!r} carries its own conversion settings; change them afterwards with .configure(...)"
+        )
+    if model is None:
+        import timm
+
+        arch = meta.get("architecture", "")
+        if not arch:
+            raise ValueError(
+                f"{str(path)!r} does not name a timm architecture; pass model= (the timm model it was converted from)"
+            )
+        if not timm.is_model(arch):
+            raise InputError(f"checkpoint {str(path)!r} names architecture {arch!r}, which this timm does not know")
+        args = check_timm_args(_metadata_json(meta, "timm_args", path, default={}), path)
+        args["img_size"] = tuple(args.get("img_size", ())) or None
+        args["dynamic_img_size"] = True  # any input size, like the APT model itself (weights unchanged)
+        args.update(timm_kwargs or {})
+        model = timm.create_model(arch, pretrained=False, **{k: v for k, v in args.items() if v is not None})
+    saved_cfg = _metadata_json(meta, "pretrained_cfg", path, default={})
+    if not isinstance(saved_cfg, dict):
+        raise InputError(f"checkpoint {str(path)!r}: pretrained_cfg metadata is not a JSON object")
+    saved_cfg = {k: v for k, v in saved_cfg.items() if k in PRETRAINED_CFG_KEYS}
+    if saved_cfg:  # the weights were trained with this normalisation: keep it, on both models
+        model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), **saved_cfg}
+    apt = APTViT(model, config)
+    timm_keys = {k: v for k, v in state.items() if not k.startswith("apt.")}
+    load_timm_weights(model, timm_keys)
+    apt_state = {k[len("apt.") :]: v for k, v in state.items() if k.startswith("apt.")}
+    missing, unexpected = apt.apt.load_state_dict(apt_state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint's apt.* weights do not match the model (missing {missing}, unexpected {unexpected})"
+        )
+    return apt
