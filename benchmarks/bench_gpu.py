@@ -115,15 +115,20 @@ class Checks(dict):
             traceback.print_exc(limit=3)
 
 
-def correctness(device, quick: bool) -> dict:
-    """The checks, as {name: value}; a failing check is recorded and printed as FAIL, the next ones still run."""
-    out = Checks()
+def check_setup(device, quick: bool, n: int):
+    """The model pair of the checks (ViT-B/16 at 224, or a tiny one), ``n`` photos for it, and the compute dtype."""
     name, size = ("vit_tiny_patch16_224", 64) if quick else ("vit_base_patch16_224", 224)
     vit, apt = build(name, None, device)
     mean, std = apt.pixel_mean_std()
-    x = normalise(photos_and_crops(4, size).to(device), mean, std)
+    x = normalise(photos_and_crops(n, size).to(device), mean, std)
+    return vit, apt, x, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def correctness(device, quick: bool) -> dict:
+    """The checks, as {name: value}; a failing check is recorded and printed as FAIL, the next ones still run."""
+    out = Checks()
+    vit, apt, x, dtype = check_setup(device, quick, 4)
     p = apt.patch_size
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     state = {}
 
     def exact():
@@ -227,11 +232,7 @@ def report(out: dict) -> None:
 def compiled(device, quick: bool) -> dict:
     """``torch.compile(apt.forward_packed)`` (inductor) against eager, and its compile time."""
     out = Checks()
-    name, size = ("vit_tiny_patch16_224", 64) if quick else ("vit_base_patch16_224", 224)
-    _, apt = build(name, None, device)
-    mean, std = apt.pixel_mean_std()
-    x = normalise(photos_and_crops(8, size).to(device), mean, std)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    _, apt, x, dtype = check_setup(device, quick, 8)
 
     def run():
         fn = torch.compile(apt.forward_packed, fullgraph=True, dynamic=True)
