@@ -219,7 +219,7 @@ def cmd_demo(args) -> int:
 
 def cmd_finetune(args) -> int:
     from .models import conversion_settings
-    from .train import TrainConfig, finetune
+    from .train import LAYOUT_FIELDS, TrainConfig, finetune
 
     layout = layout_settings(args)
     # only the options given on the command line: the others keep TrainConfig's defaults, or on --resume the run's
@@ -255,9 +255,11 @@ def cmd_finetune(args) -> int:
         "new_layer_lr_scale": args.new_layer_lr_scale,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    settings = {k: given.pop(k) for k in ("patch_sizes", "thresholds", "budget", "scorer") if k in given}
-    # the conversion settings: the given ones on top of an aptvit --checkpoint's own (or APTConfig's defaults)
-    apt = conversion_settings(args.checkpoint, **settings) if settings else None
+    settings = {k: given.pop(k) for k in LAYOUT_FIELDS if k in given}
+    # the conversion settings: the given ones on top of an aptvit --checkpoint's own (or APTConfig's defaults); a
+    # resumed run has its own (its config.json, its weights) and only compares what was given: the original
+    # --checkpoint need not exist any more
+    apt = conversion_settings(args.checkpoint, **settings) if settings and not args.resume else None
     finetune(TrainConfig(**given, apt=apt), resume=args.resume, overrides={**given, **settings})
     return 0
 

@@ -118,6 +118,7 @@ def build_models(
     layout: Optional[Dict] = None,
     timm_kwargs: Optional[Dict] = None,
     attention: str = "auto",
+    config: Optional[APTConfig] = None,
 ) -> Tuple[APTViT, nn.Module]:
     """The APT model and the timm model it wraps.
 
@@ -129,6 +130,8 @@ def build_models(
             they override an aptvit checkpoint's own.
         timm_kwargs: extra ``timm.create_model`` arguments (drop_path_rate=, model arguments).
         attention: the attention backend to run with (a runtime choice; checkpoints do not carry one).
+        config: the conversion settings as a whole (a fine-tuning run's): they replace an aptvit checkpoint's own;
+            ``layout`` then overrides single fields of them.
     """
     check_readable(checkpoint)
     layout = {k: v for k, v in (layout or {}).items() if v is not None}
@@ -143,7 +146,8 @@ def build_models(
         if num_classes is not None and num_classes != apt.num_classes:
             logger.info(f"{checkpoint}: head has {apt.num_classes} classes, the data {num_classes}: new head")
             apt.reset_classifier(num_classes)
-        apt.configure(attention=attention, **layout)
+        # a config replaces the checkpoint's settings as a whole (every field, None included), not merged
+        apt.configure(attention=attention, **({**config.to_kwargs(), **layout} if config is not None else layout))
         check_finite(apt, checkpoint)
         logger.info(f"weights: {checkpoint} (aptvit checkpoint)")
         return apt, apt.timm_model
@@ -161,7 +165,7 @@ def build_models(
         logger.info(f"weights: timm pretrained {name}")
     else:
         logger.info("weights: random (no --pretrained or --checkpoint): timings are valid, predictions are not")
-    return convert(model, attention=attention, **layout), model
+    return convert(model, config, attention=attention, **layout), model
 
 
 def build_timm(

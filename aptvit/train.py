@@ -47,8 +47,8 @@ from .data import LayoutDataset, ShardedSampler, build_transform, check_image_fo
 from .distributed import Dist, all_gather_objects, all_reduce_sum, setup_distributed
 from .evaluate import evaluate
 from .images import normalise
-from .models import build_models
-from .nn.attention import backend_choices
+from .models import build_models, conversion_settings
+from .nn.attention import backend_choices, resolve_backend
 from .nn.checkpoint import TIMM_ARGS, read_metadata, saver
 from .nn.config import APTConfig
 from .runtime import DEVICES, autocast, resolve_dtype, set_deterministic
@@ -123,10 +123,13 @@ class TrainConfig:
     def from_json(text: str) -> "TrainConfig":
         """Settings saved by ``to_json``, or by aptvit 0.1 (the layout settings as four top-level fields)."""
         d = json.loads(text)
-        old = {k: d.pop(k) for k in LAYOUT_FIELDS if k in d}
-        if any(v is not None for v in old.values()):
-            d["apt"] = {k: v for k, v in old.items() if v is not None}
-        if d.get("apt") is not None:
+        old = {k: v for k in LAYOUT_FIELDS if k in d and (v := d.pop(k)) is not None}
+        if old:  # 0.1: the given fields on top of an aptvit checkpoint's own settings (as its command line did)
+            if old.get("thresholds") is not None:
+                old["thresholds"] = {int(k): float(v) for k, v in old["thresholds"].items()}
+            source = d.get("checkpoint")
+            d["apt"] = conversion_settings(source if source and os.path.isfile(source) else None, **old)
+        elif d.get("apt") is not None:
             d["apt"] = APTConfig.from_dict(d["apt"])
         return TrainConfig(**d)
 
@@ -395,6 +398,11 @@ def _saved_setting(saved: TrainConfig, key: str):
 
 
 def _same_setting(key: str, given, saved) -> bool:
+    if key == "apt":  # config.json holds the settings the run resolved (patch sizes filled in, defaults)
+        if given is None:
+            return True  # nothing given: the run's own
+        if saved is not None and given.patch_sizes is None and saved.patch_sizes is not None:
+            given = given.for_patch_size(saved.patch_sizes[0])
     if given is None or saved is None:
         return given is saved
     if key in ("data", "checkpoint"):
@@ -580,19 +588,21 @@ def build_model(cfg: TrainConfig, continues: bool, dist: Dist):
                 attention=cfg.attention,
             )
         else:
-            layout = cfg.apt.to_kwargs() if cfg.apt is not None else {}
             apt, _ = build_models(
                 cfg.model,
                 cfg.pretrained,
                 cfg.checkpoint,
                 len(cfg.classes),
-                layout=layout,
                 timm_kwargs={**timm_kwargs, **cfg.model_args},
                 attention=cfg.attention,
+                config=cfg.apt,  # the run's settings as a whole (they replace an aptvit checkpoint's own)
             )
+            cfg.apt = apt.config  # config.json records the settings the run trains with
     apt.to(dist.device)
     if cfg.size % apt.patch_size:
         raise InputError(f"size {cfg.size} is not a multiple of the patch size {apt.patch_size}")
+    # an attention backend that cannot train here fails now, not at the first step after config.json is written
+    resolve_backend(apt.attention, dist.device, resolve_dtype(cfg.dtype, dist.device), grad=True)
     return apt
 
 

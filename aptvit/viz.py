@@ -158,7 +158,8 @@ def show(
         png = folder / f"{stem}_apt.png"
         grid = None
         if heatmap and len(sizes) > 1:
-            grid = get_scorer(scorer).fn(grayscale_255(img[None]), [sizes[1]], p)[sizes[1]][0]
+            spec = get_scorer(scorer)
+            grid = spec.fn(grayscale_255(img[None]), [sizes[1]], p, **spec.params)[sizes[1]][0]
         draw_layout(
             img,
             layout,

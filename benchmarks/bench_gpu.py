@@ -218,15 +218,19 @@ def correctness(device, quick: bool) -> dict:
     return dict(out)
 
 
+def failed(k: str, v) -> bool:
+    """Whether check ``k`` with value ``v`` failed (an error, a difference past its tolerance, a host sync)."""
+    return (
+        (isinstance(v, str) and v.startswith("error"))
+        or (isinstance(v, float) and "vs" in k and v > (2e-2 if "bfloat16" in k or "graph" in k else 1e-4))
+        or (k.startswith("syncs_") and v > (1 if "without" in k or "patch_layout" in k else 0))
+        or v is False
+    )
+
+
 def report(out: dict) -> None:
     for k, v in out.items():
-        bad = (
-            (isinstance(v, str) and v.startswith("error"))
-            or (isinstance(v, float) and "vs" in k and v > (2e-2 if "bfloat16" in k or "graph" in k else 1e-4))
-            or (k.startswith("syncs_") and v > (1 if "without" in k or "patch_layout" in k else 0))
-            or v is False
-        )
-        print(f"{'FAIL' if bad else 'ok  '} {k}: {v}", flush=True)
+        print(f"{'FAIL' if failed(k, v) else 'ok  '} {k}: {v}", flush=True)
 
 
 def compiled(device, quick: bool) -> dict:
@@ -389,8 +393,10 @@ def main() -> int:
     if not args.no_compile:
         save(compile=compiled(device, args.quick))
     save()
-    print(f"{time.time() - start:.0f}s in all; results: {args.out}")
-    return 0
+    checks = {**payload["checks"], **payload.get("compile", {})}
+    bad = [k for k, v in checks.items() if failed(k, v)] + [str(r["config"]) for r in rows if "error" in r]
+    print(f"{time.time() - start:.0f}s in all; results: {args.out}; {len(bad)} failed{': ' if bad else ''}{bad or ''}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

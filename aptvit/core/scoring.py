@@ -24,6 +24,7 @@ coarser grid by combining 2x2 children (histograms add, means average).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
@@ -217,6 +218,15 @@ class ScorerSpec:
             known = ", ".join(self.params) or "none"
             raise ValueError(f"scorer {name!r} has no parameter(s) {unknown}; its parameters: {known}")
         out = {**self.params, **given}
+        try:  # saved with the model as JSON: they must come back equal
+            same = json.loads(json.dumps(out)) == out
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(
+                f"scorer {name!r} parameters {out!r} must be JSON values (numbers, strings, lists, dicts): "
+                "they are saved with the model"
+            )
         if self.check is not None:
             self.check(out)
         return out

@@ -27,7 +27,6 @@ value from the device.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 from dataclasses import dataclass
@@ -52,42 +51,57 @@ def _cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def _has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def _has_torch_varlen() -> bool:
+def _find_torch_varlen() -> dict:
+    """What torch's ``varlen_attn`` offers: present, a ``scale`` argument (not in torch 2.9), a backward (not in
+    the first versions)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn  # registers its ops too
     except ImportError:
-        return False
-    return True
+        return {"varlen": False, "varlen_scale": False, "varlen_backward": False}
+    return {
+        "varlen": True,
+        "varlen_scale": "scale" in inspect.signature(varlen_attn).parameters,
+        "varlen_backward": hasattr(torch.ops.torch_attn, "_varlen_attn_backward"),
+    }
 
 
-@functools.lru_cache(maxsize=None)
-def _varlen_takes_scale() -> bool:
-    """torch 2.9's ``varlen_attn`` has no ``scale`` argument; later versions do."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    return "scale" in inspect.signature(varlen_attn).parameters
-
-
-def _varlen_has_backward() -> bool:
-    """Whether this torch registers a backward for ``varlen_attn`` (the first versions had none)."""
-    try:
-        import torch.nn.attention.varlen  # noqa: F401  (registers the ops)
-
-        return hasattr(torch.ops.torch_attn, "_varlen_attn_backward")
-    except (ImportError, AttributeError, RuntimeError):
-        return False
-
-
-def _has_flex() -> bool:
+def _find_flex() -> bool:
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+# What this environment offers, found once at import: the availability checks run inside the forward, and
+# torch.compile(fullgraph=True) traces constants where an import or ``inspect`` would break the graph.
+_FOUND = {
+    "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+    "flex": _find_flex(),
+    **_find_torch_varlen(),
+}
+
+
+def _has_flash_attn() -> bool:
+    return _FOUND["flash_attn"]
+
+
+def _has_torch_varlen() -> bool:
+    return _FOUND["varlen"]
+
+
+def _varlen_takes_scale() -> bool:
+    """torch 2.9's ``varlen_attn`` has no ``scale`` argument; later versions do."""
+    return _FOUND["varlen_scale"]
+
+
+def _varlen_has_backward() -> bool:
+    """Whether this torch registers a backward for ``varlen_attn`` (the first versions had none)."""
+    return _FOUND["varlen_backward"]
+
+
+def _has_flex() -> bool:
+    return _FOUND["flex"]
 
 
 @dataclass(frozen=True)

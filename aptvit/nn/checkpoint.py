@@ -31,7 +31,9 @@ from .config import APTConfig
 from .convert import convert
 from .model import APTViT
 
-FORMAT_VERSION = "1"
+# 2: the settings hold ``scorer_args`` (1 had entropy's ``bins``) and no attention backend (a runtime choice now);
+# files of version 1 still load (``APTConfig.from_dict``), a newer version is refused by name
+FORMAT_VERSION = "2"
 # what a loaded model needs to preprocess like the saved one (normalisation, eval crop, size)
 PRETRAINED_CFG_KEYS = ("architecture", "tag", "mean", "std", "crop_pct", "crop_mode", "input_size", "interpolation")
 # The only ``timm.create_model`` arguments a checkpoint may carry: the structure that ``_timm_args`` records and
@@ -278,6 +280,7 @@ def load(
     path: Union[str, os.PathLike],
     model: Optional[nn.Module] = None,
     timm_kwargs: Optional[Mapping] = None,
+    attention: str = "auto",
     **convert_kwargs,
 ) -> APTViT:
     """Load an APT model saved by ``save``, or convert a timm model after loading a timm checkpoint.
@@ -287,6 +290,7 @@ def load(
         model: the timm ViT to load into. Optional for aptvit files whose architecture is a
             registered timm name (re-created with ``timm.create_model(..., pretrained=False)``).
         timm_kwargs: extra ``timm.create_model`` arguments when re-creating it (e.g. drop_path_rate).
+        attention: the attention backend to run with (a runtime choice, never saved).
         convert_kwargs: settings for ``convert`` when ``path`` is a plain timm checkpoint (aptvit
             files carry their own; change them with ``.configure(...)``).
 
@@ -301,7 +305,13 @@ def load(
                 f"{str(path)!r} is not an aptvit checkpoint; pass model=timm.create_model(...) to load timm weights into"
             )
         load_timm_weights(model, state)
-        return convert(model, **convert_kwargs)
+        return convert(model, attention=attention, **convert_kwargs)
+    version = meta.get("format_version", "1")
+    if not version.isdigit() or int(version) > int(FORMAT_VERSION):
+        raise InputError(
+            f"checkpoint {str(path)!r} has format version {version!r}, newer than this aptvit reads "
+            f"({FORMAT_VERSION}); upgrade aptvit"
+        )
     settings = _metadata_json(meta, "aptvit", path)
     with reading(path, "checkpoint", "its 'aptvit' settings are not valid"):
         config = APTConfig.from_dict(settings)
@@ -330,7 +340,7 @@ def load(
     saved_cfg = {k: v for k, v in saved_cfg.items() if k in PRETRAINED_CFG_KEYS}
     if saved_cfg:  # the weights were trained with this normalisation: keep it, on both models
         model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), **saved_cfg}
-    apt = APTViT(model, config)
+    apt = APTViT(model, config, attention=attention)
     timm_keys = {k: v for k, v in state.items() if not k.startswith("apt.")}
     load_timm_weights(model, timm_keys)
     apt_state = {k[len("apt.") :]: v for k, v in state.items() if k.startswith("apt.")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 from torch import nn
@@ -27,6 +28,13 @@ def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: 
         it computes exactly what the timm model computes.
     """
     check_supported(model)
+    if isinstance(config, (tuple, list)):  # aptvit 0.1: convert(model, patch_sizes, ...)
+        warnings.warn(
+            "convert(model, patch_sizes) is deprecated: pass convert(model, patch_sizes=...) or an APTConfig",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        config, settings = None, {"patch_sizes": config, **settings}
     config = config if config is not None else APTConfig()
     if not isinstance(config, APTConfig):
         raise TypeError(f"config must be an APTConfig, got {type(config).__name__}")

@@ -429,7 +429,9 @@ class APTViT(DenseMixin, nn.Module):
         dropout = bool(attn is not None and self.training and attn.attn_drop.p > 0)
         # under autocast the matmuls run in the autocast dtype even though x may be float32
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        grad = torch.is_grad_enabled() and x.requires_grad  # a backward will follow: only kernels that have one
+        # a backward will follow (only kernels that have one): the tokens need gradients, or the blocks do even when
+        # the embedding is frozen; host-side checks of flags only
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks.parameters()))
         return resolve_backend(self.attention, x.device, dtype, dropout, grad)
 
     def _block(self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index) -> torch.Tensor:

@@ -49,7 +49,40 @@ def test_finetune_from_an_aptvit_checkpoint_keeps_its_scorer_and_resume_compares
     assert code == 0, err
     saved = json.loads(read_metadata(tmp_path / "run" / "model.safetensors")["aptvit"])
     assert (saved["scorer"], saved["budget"]) == ("laplacian", 0.5)
+    source.unlink()  # a resumed run has its own weights and settings: the original source is not read again
     code, out, err = run(capsys, *argv, "--max-steps", "2", "--resume")  # the same options: accepted
     assert code == 0, err
     code, out, err = run(capsys, *argv, "--scorer", "entropy", "--resume")
     assert code == 2 and re.search(r"--scorer 'entropy' \(the run's: 'laplacian'\) cannot change", _one_line(err))
+
+
+def test_config_json_records_the_settings_the_run_resolved(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", train=4, val=2)
+    code, out, err = run(capsys, *finetune_argv(data, tmp_path / "run", "--max-steps", "1"))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["apt"]
+    assert saved["patch_sizes"] == [16, 32, 64] and saved["thresholds"] == {"32": 6.0}
+    assert saved["scorer_args"] == {"bins": 512}
+
+
+def test_an_attention_backend_that_cannot_train_here_fails_before_any_file(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", train=4, val=2)
+    code, out, err = run(capsys, *finetune_argv(data, tmp_path / "run", "--attention", "flash"))
+    assert code == 2 and "attention backend 'flash' cannot run on cpu" in err, err
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_library_run_replaces_an_aptvit_checkpoints_settings_as_a_whole(tmp_path):
+    """``TrainConfig(apt=...)`` replaces the source's settings: a budget in the source does not survive."""
+    from aptvit.train import finetune
+
+    from .helpers import train_config
+
+    data = make_folder(tmp_path / "data", train=4, val=2)
+    source = tmp_path / "source.safetensors"
+    aptvit.save(aptvit.convert(tiny_vit("vit_cls", num_classes=2), budget=0.7), source)
+    cfg = train_config(data, tmp_path / "run", checkpoint=str(source), max_steps=1, eval=False)
+    cfg.apt = APTConfig()  # APTConfig's defaults, given: the entropy scorer's thresholds, no budget
+    finetune(cfg)
+    saved = json.loads(read_metadata(tmp_path / "run" / "model.safetensors")["aptvit"])
+    assert (saved["budget"], saved["thresholds"]) == (None, {"32": 5.5, "64": 4.0})

@@ -157,16 +157,13 @@ def test_varlen_without_a_scale_argument_folds_the_scale_into_q(monkeypatch):
         return attention._loop_attention(q, k, v, cu_q, max_q, 0.0, None, None, None, None)
 
     monkeypatch.setattr(varlen, "varlen_attn", fixed_scale_varlen)
-    attention._varlen_takes_scale.cache_clear()
-    try:
-        torch.manual_seed(0)
-        cu = torch.tensor([0, 5, 12], dtype=torch.int32)
-        q, k, v = (torch.randn(12, 2, 8) for _ in range(3))
-        out = attention._torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
-        ref = attention.varlen_attention(q, k, v, cu, 7, "loop", scale=0.1)
-        assert rel_err(out, ref) <= 1e-5
-    finally:
-        attention._varlen_takes_scale.cache_clear()
+    monkeypatch.setattr(attention, "_varlen_takes_scale", lambda: False)
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, v = (torch.randn(12, 2, 8) for _ in range(3))
+    out = attention._torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
+    ref = attention.varlen_attention(q, k, v, cu, 7, "loop", scale=0.1)
+    assert rel_err(out, ref) <= 1e-5
 
 
 def test_forward_head_takes_timms_pre_logits_position():

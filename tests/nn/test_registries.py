@@ -114,7 +114,7 @@ def test_checkpoints_of_aptvit_0_1_still_load(tmp_path):
     old = json.loads(meta["aptvit"])
     old.pop("scorer_args")
     old.update(bins=256, attention="flash")
-    meta["aptvit"] = json.dumps(old)
+    meta.update(aptvit=json.dumps(old), format_version="1")
     save_file(load_file(path), tmp_path / "old.safetensors", metadata=meta)
     back = aptvit.load(tmp_path / "old.safetensors").eval()
     assert back.config == apt.config and back.attention == "auto"
@@ -146,3 +146,43 @@ def test_a_registered_backend_is_selectable_and_auto_follows_availability(monkey
         apt.configure(attention="mine")(x)
     with pytest.raises(ValueError, match="unknown attention backend"):
         apt.configure(attention="nope")
+
+
+def test_scorer_parameters_must_survive_the_checkpoint(column_scorer):
+    with pytest.raises(ValueError, match="JSON values"):
+        aptvit.APTConfig(scorer="columns", scorer_args={"weight": (1.0, 2.0)})  # a tuple comes back as a list
+
+
+def test_a_newer_checkpoint_format_is_refused_by_name_and_load_takes_the_backend(tmp_path):
+    apt = aptvit.convert(tiny_vit("vit_cls"))
+    path = tmp_path / "m.safetensors"
+    aptvit.save(apt, path)
+    assert aptvit.load(path, attention="pad").attention == "pad"
+    meta = read_metadata(path)
+    meta["format_version"] = "99"
+    save_file(load_file(path), tmp_path / "new.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match="format version '99', newer than this aptvit reads.*upgrade"):
+        aptvit.load(tmp_path / "new.safetensors")
+
+
+def test_convert_with_patch_sizes_as_second_argument_still_works():
+    with pytest.warns(DeprecationWarning, match="patch_sizes"):
+        apt = aptvit.convert(tiny_vit("vit_cls"), (16, 32))
+    assert apt.patch_sizes == (16, 32)
+
+
+def test_backward_support_is_asked_for_when_only_the_blocks_train(monkeypatch):
+    """A frozen embedding with trained blocks still needs a backward through attention."""
+    monkeypatch.setitem(
+        attention.BACKENDS,
+        "forward_only",
+        attention.Backend(attention.BACKENDS["loop"].run, lambda device, dtype, dropout, grad: not grad),
+    )
+    apt = aptvit.convert(tiny_vit("vit_cls"), thresholds={32: 5.0, 64: 4.0}, attention="forward_only").eval()
+    for name, p in apt.named_parameters():
+        p.requires_grad_(name.startswith("blocks."))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        apt(x)  # no backward: the forward-only kernel is fine
+    with pytest.raises(ValueError, match="with gradients"):
+        apt(x)
