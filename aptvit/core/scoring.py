@@ -246,7 +246,8 @@ def register_scorer(
     """Make ``fn`` a scorer that models can use, save and load by ``name``.
 
     A converted model stores the scorer's name and parameters, not the function: register the scorer
-    (at import time of your module) before loading a model saved with it.
+    (at import time of your module) before loading a model saved with it. Data-loader workers started with
+    "spawn" (not "fork") see only what their imports register: register it in a module they import.
 
     Args:
         name: the name models and the command line use.
