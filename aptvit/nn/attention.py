@@ -168,7 +168,7 @@ def resolve_backend(
         needs = (" and attention dropout" if dropout else "") + (" with gradients" if grad else "")
         raise ValueError(
             f"attention backend {name!r} cannot run on {device} with {dtype}{needs}; available here: {ok} "
-            "(apt.configure(attention='auto') picks one)"
+            "(attention 'auto', or --attention auto, picks one)"
         )
     return name
 
