@@ -67,15 +67,32 @@ def parse_budget(text: str) -> Union[int, float]:
         raise CLIError(f"--budget {text!r} must be a fraction such as 0.5 or a token count such as 300") from None
 
 
+def parse_scorer_args(text: str) -> Dict[str, object]:
+    """'bins=256' -> {"bins": 256}: each value read as JSON (a number, true, a list...), else kept as a string."""
+    import json
+
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--scorer-args {text!r} is not NAME=VALUE[,NAME=VALUE...], e.g. bins=256")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 def layout_settings(args) -> dict:
-    """thresholds= / budget= from --thresholds / --budget (at most one)."""
+    """thresholds= / budget= from --thresholds / --budget (at most one), scorer_args= from --scorer-args."""
     if args.thresholds and args.budget:
         raise CLIError("give --thresholds or --budget, not both")
+    out = {"scorer_args": parse_scorer_args(args.scorer_args)} if args.scorer_args else {}
     if args.thresholds:
-        return {"thresholds": parse_thresholds(args.thresholds)}
+        out["thresholds"] = parse_thresholds(args.thresholds)
     if args.budget:
-        return {"budget": parse_budget(args.budget)}
-    return {}
+        out["budget"] = parse_budget(args.budget)
+    return out
 
 
 def default_of(source, name: str):
@@ -112,6 +129,10 @@ def add_layout_options(p: argparse.ArgumentParser, patch_default: str = "the mod
     from .nn.config import APTConfig
 
     p.add_argument("--scorer", choices=sorted(SCORERS), help=f"content score (default: {APTConfig.scorer})")
+    p.add_argument(
+        "--scorer-args",
+        help="the scorer's parameters as NAME=VALUE pairs, e.g. bins=256 for entropy (default: the registered ones)",
+    )
 
 
 def add_runtime_options(p: argparse.ArgumentParser, default: Optional[str] = "auto") -> None:
@@ -236,6 +257,7 @@ def cmd_finetune(args) -> int:
         "thresholds": layout.get("thresholds"),
         "budget": layout.get("budget"),
         "scorer": args.scorer,
+        "scorer_args": layout.get("scorer_args"),
         "augment": args.augment,
         "batch_size": args.batch_size,
         "lr": args.lr,

@@ -134,7 +134,8 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
-LAYOUT_FIELDS = ("patch_sizes", "thresholds", "budget", "scorer")  # what the command line sets of an APTConfig
+# what the command line sets of an APTConfig (aptvit 0.1 saved the first four at the top of config.json)
+LAYOUT_FIELDS = ("patch_sizes", "thresholds", "budget", "scorer", "scorer_args")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:

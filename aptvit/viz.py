@@ -130,8 +130,11 @@ def show(
     out_dir=None,
     write_json: bool = False,
     heatmap: bool = False,
+    scorer_args=None,
 ) -> list:
     """``aptvit show``: draw the layout of every image file, print tokens kept, optionally write JSON.
+
+    ``scorer_args``: the scorer's parameters (e.g. ``{"bins": 256}``); its registered defaults fill the rest.
 
     Returns:
         One dict per image: path, png, json, image size, padding, tokens, base tokens.
@@ -153,13 +156,16 @@ def show(
             img, padding = fit_image(original, size, p)
         else:
             img, padding = fit_image(original, (min(original.shape[-2:]), None), p)
-        layout = patch_layout(img[None], sizes, thresholds=thresholds, budget=budget, scorer=scorer)
+        layout = patch_layout(
+            img[None], sizes, thresholds=thresholds, budget=budget, scorer=scorer, scorer_args=scorer_args
+        )
         folder = Path(out_dir) if out_dir else path.parent
         png = folder / f"{stem}_apt.png"
         grid = None
         if heatmap and len(sizes) > 1:
             spec = get_scorer(scorer)
-            grid = spec.fn(grayscale_255(img[None]), [sizes[1]], p, **spec.params)[sizes[1]][0]
+            params = spec.resolve_params(scorer, scorer_args)
+            grid = spec.fn(grayscale_255(img[None]), [sizes[1]], p, **params)[sizes[1]][0]
         draw_layout(
             img,
             layout,
