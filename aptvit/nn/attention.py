@@ -58,10 +58,14 @@ def _find_torch_varlen() -> dict:
         from torch.nn.attention.varlen import varlen_attn  # registers its ops too
     except ImportError:
         return {"varlen": False, "varlen_scale": False, "varlen_backward": False}
+    try:
+        backward = hasattr(torch.ops.torch_attn, "_varlen_attn_backward")
+    except RuntimeError:  # no such op namespace in this build
+        backward = False
     return {
         "varlen": True,
         "varlen_scale": "scale" in inspect.signature(varlen_attn).parameters,
-        "varlen_backward": hasattr(torch.ops.torch_attn, "_varlen_attn_backward"),
+        "varlen_backward": backward,
     }
 
 
