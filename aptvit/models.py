@@ -7,7 +7,6 @@ command line are applied through the validated ``configure``.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Dict, Optional, Tuple
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from .core.io import InputError, UserError, reading
 from .distributed import main_process_only
-from .nn.checkpoint import load, load_timm_weights, read_metadata, read_state_dict
+from .nn.checkpoint import load, load_timm_weights, read_config, read_metadata, read_state_dict
 from .nn.config import APTConfig
 from .nn.convert import convert
 from .nn.model import APTViT
@@ -82,13 +81,8 @@ HEAD_KEYS = ("head.weight", "head.bias")
 def conversion_settings(checkpoint=None, **given) -> APTConfig:
     """The conversion settings of a run: ``given`` (``APTConfig`` fields) on top of an aptvit ``checkpoint``'s own
     settings, or on top of ``APTConfig()``'s defaults for a timm model."""
-    base = APTConfig()
-    if checkpoint:
-        check_readable(checkpoint)
-        meta = read_metadata(checkpoint)
-        if meta.get("format") == "aptvit":
-            with reading(checkpoint, "checkpoint", "its 'aptvit' settings are not valid"):
-                base = APTConfig.from_dict(json.loads(meta["aptvit"]))
+    check_readable(checkpoint)
+    base = (read_config(checkpoint) if checkpoint else None) or APTConfig()
     return base.replace(**given) if given else base
 
 

@@ -172,6 +172,27 @@ def _metadata_json(meta: Mapping[str, str], key: str, path, default=None):
         return json.loads(meta[key])
 
 
+def read_config(path: Union[str, os.PathLike], meta: Optional[Mapping[str, str]] = None) -> Optional[APTConfig]:
+    """The conversion settings an aptvit checkpoint carries (None for a timm checkpoint); a newer format, missing or
+    invalid settings are an error naming the file.
+
+    Args:
+        meta: the file's metadata when the caller has read it already (``read_metadata``).
+    """
+    meta = read_metadata(path) if meta is None else meta
+    if meta.get("format") != "aptvit":
+        return None
+    version = meta.get("format_version", "1")
+    if not version.isdigit() or int(version) > int(FORMAT_VERSION):
+        raise InputError(
+            f"checkpoint {str(path)!r} has format version {version!r}, newer than this aptvit reads "
+            f"({FORMAT_VERSION}); upgrade aptvit"
+        )
+    settings = _metadata_json(meta, "aptvit", path)
+    with reading(path, "checkpoint", "its 'aptvit' settings are not valid"):
+        return APTConfig.from_dict(settings)
+
+
 def check_timm_args(args, path) -> Dict:
     """The ``timm_args`` of a checkpoint, allow-listed and checked against its own tensors before anything is allocated.
 
@@ -298,23 +319,15 @@ def load(
         APTViT with the checkpoint's weights (timm part and ``apt.*``).
     """
     meta = read_metadata(path)
+    config = read_config(path, meta)
     state = read_state_dict(path)
-    if meta.get("format") != "aptvit":
+    if config is None:
         if model is None:
             raise ValueError(
                 f"{str(path)!r} is not an aptvit checkpoint; pass model=timm.create_model(...) to load timm weights into"
             )
         load_timm_weights(model, state)
         return convert(model, attention=attention, **convert_kwargs)
-    version = meta.get("format_version", "1")
-    if not version.isdigit() or int(version) > int(FORMAT_VERSION):
-        raise InputError(
-            f"checkpoint {str(path)!r} has format version {version!r}, newer than this aptvit reads "
-            f"({FORMAT_VERSION}); upgrade aptvit"
-        )
-    settings = _metadata_json(meta, "aptvit", path)
-    with reading(path, "checkpoint", "its 'aptvit' settings are not valid"):
-        config = APTConfig.from_dict(settings)
     if convert_kwargs:
         raise TypeError(
             f"{str(path)!r} carries its own conversion settings; change them afterwards with .configure(...)"
