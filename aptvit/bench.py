@@ -244,8 +244,6 @@ def bench_command(
     batches,
     images=None,
     layout=None,
-    scorer=None,
-    patch_sizes=None,
     runs=5,
     warmup=2,
     out=None,
@@ -259,6 +257,7 @@ def bench_command(
     """``aptvit bench``: build the models, check the sizes, run the grid, print/write the results.
 
     Args:
+        layout: ``APTConfig`` fields that override the model's settings (patch_sizes=, thresholds=, budget=, ...).
         device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 autocast when available, else CPU fp32).
         attention: the attention backend ("auto" or a name in ``aptvit.nn.attention.BACKENDS``).
     """
@@ -274,8 +273,7 @@ def bench_command(
     compute_dtype = resolve_dtype(dtype, "cpu")  # a bad name fails before any work
     where = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, where)
-    settings = dict(layout or {}, scorer=scorer, patch_sizes=patch_sizes)
-    apt, timm_model = build_models(model, pretrained, checkpoint, layout=settings, attention=attention)
+    apt, timm_model = build_models(model, pretrained, checkpoint, layout=layout, attention=attention)
     apt.eval().to(where), timm_model.eval().to(where)
     p = apt.patch_size
     parsed = []

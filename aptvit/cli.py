@@ -84,15 +84,18 @@ def parse_scorer_args(text: str) -> Dict[str, object]:
 
 
 def layout_settings(args) -> dict:
-    """thresholds= / budget= from --thresholds / --budget (at most one), scorer_args= from --scorer-args."""
+    """The layout options given on the command line, as ``APTConfig`` fields (those left out are not in it):
+    patch_sizes=, thresholds= or budget= (at most one), scorer=, scorer_args=."""
     if args.thresholds and args.budget:
         raise CLIError("give --thresholds or --budget, not both")
-    out = {"scorer_args": parse_scorer_args(args.scorer_args)} if args.scorer_args else {}
-    if args.thresholds:
-        out["thresholds"] = parse_thresholds(args.thresholds)
-    if args.budget:
-        out["budget"] = parse_budget(args.budget)
-    return out
+    out = {
+        "patch_sizes": parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
+        "thresholds": parse_thresholds(args.thresholds) if args.thresholds else None,
+        "budget": parse_budget(args.budget) if args.budget else None,
+        "scorer": args.scorer,
+        "scorer_args": parse_scorer_args(args.scorer_args) if args.scorer_args else None,
+    }
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def default_of(source, name: str):
@@ -168,17 +171,12 @@ def cmd_show(args) -> int:
     from .images import parse_size
     from .viz import show
 
-    given = {
-        "size": parse_size(args.size) if args.size else None,
-        "patch_sizes": parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
-        "scorer": args.scorer,
-    }  # only what was given: show's own defaults for the rest
-    show(
+    show(  # only the options given: show's own defaults for the rest
         args.images,
         out_dir=args.out,
         write_json=args.json,
         heatmap=args.heatmap,
-        **{k: v for k, v in given.items() if v is not None},
+        **({"size": parse_size(args.size)} if args.size else {}),
         **layout_settings(args),
     )
     return 0
@@ -214,8 +212,6 @@ def cmd_bench(args) -> int:
         batches=parse_int_list(args.batch, "--batch"),
         images=args.images,
         layout=layout_settings(args),
-        scorer=args.scorer,
-        patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
         runs=args.runs,
         warmup=args.warmup,
         out=args.out,
@@ -240,9 +236,8 @@ def cmd_demo(args) -> int:
 
 def cmd_finetune(args) -> int:
     from .models import conversion_settings
-    from .train import LAYOUT_FIELDS, TrainConfig, finetune
+    from .train import TrainConfig, finetune
 
-    layout = layout_settings(args)
     # only the options given on the command line: the others keep TrainConfig's defaults, or on --resume the run's
     # own, and only a given option can be a change that --resume refuses
     given = {
@@ -253,11 +248,6 @@ def cmd_finetune(args) -> int:
         "checkpoint": args.checkpoint,
         "epochs": args.epochs,
         "size": args.size,
-        "patch_sizes": parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
-        "thresholds": layout.get("thresholds"),
-        "budget": layout.get("budget"),
-        "scorer": args.scorer,
-        "scorer_args": layout.get("scorer_args"),
         "augment": args.augment,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -277,7 +267,7 @@ def cmd_finetune(args) -> int:
         "new_layer_lr_scale": args.new_layer_lr_scale,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    settings = {k: given.pop(k) for k in LAYOUT_FIELDS if k in given}
+    settings = layout_settings(args)
     # the conversion settings: the given ones on top of an aptvit --checkpoint's own (or APTConfig's defaults); a
     # resumed run has its own (its config.json, its weights) and only compares what was given: the original
     # --checkpoint need not exist any more
@@ -303,11 +293,7 @@ def cmd_eval(args) -> int:
         device=args.device,
         dtype=args.dtype,
         attention=args.attention,
-        layout=dict(
-            layout_settings(args),
-            scorer=args.scorer,
-            patch_sizes=parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
-        ),
+        layout=layout_settings(args),
     )
     return 0
 

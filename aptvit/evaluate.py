@@ -121,7 +121,7 @@ def eval_command(
     """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON.
 
     Args:
-        layout: settings that override the checkpoint's (thresholds=, budget=, scorer=, patch_sizes=).
+        layout: ``APTConfig`` fields that override the model's settings (thresholds=, budget=, scorer=, patch_sizes=, ...).
         device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 when available).
         attention: the attention backend of the APT model ("auto" or a name in ``aptvit.nn.attention.BACKENDS``).
     """
