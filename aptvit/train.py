@@ -393,7 +393,7 @@ def _validate(cfg: TrainConfig) -> None:
 
 def _saved_setting(saved: TrainConfig, key: str):
     """The run's value of ``key``: a TrainConfig field, or one of the conversion settings it holds."""
-    if key in LAYOUT_FIELDS and not hasattr(saved, key):
+    if key in LAYOUT_FIELDS:
         return getattr(saved.apt, key) if saved.apt is not None else None
     return getattr(saved, key)
 

@@ -37,21 +37,24 @@ class APTConfig:
 
     def __post_init__(self) -> None:
         spec = get_scorer(self.scorer)  # saved by name: a registered scorer, no callables
-        object.__setattr__(self, "scorer_args", spec.resolve_params(self.scorer, self.scorer_args))
-        if self.budget is not None:  # a Python number (numpy scalars are accepted), as saved
-            object.__setattr__(self, "budget", check_budget(self.budget))
-        if self.thresholds is not None and self.budget is not None:
-            raise ValueError("pass either thresholds= or budget=, not both")
         if self.patch_sizes is None:  # thresholds keyed by size are checked once the sizes are known
+            params = spec.resolve_params(self.scorer, self.scorer_args)
+            if self.thresholds is not None and self.budget is not None:
+                raise ValueError("pass either thresholds= or budget=, not both")
             if self.thresholds is not None and not isinstance(self.thresholds, Mapping):
                 raise TypeError(
                     f"thresholds must be a dict keyed by patch size such as {{32: 5.5}}, got {self.thresholds!r}"
                 )
-            return
-        sizes = check_patch_sizes(self.patch_sizes)
-        thresholds, _ = check_layout_settings(sizes, self.thresholds, self.budget, self.scorer, self.scorer_args)
-        object.__setattr__(self, "patch_sizes", sizes)
-        object.__setattr__(self, "thresholds", thresholds)
+        else:
+            sizes = check_patch_sizes(self.patch_sizes)
+            thresholds, params = check_layout_settings(
+                sizes, self.thresholds, self.budget, self.scorer, self.scorer_args
+            )
+            object.__setattr__(self, "patch_sizes", sizes)
+            object.__setattr__(self, "thresholds", thresholds)
+        object.__setattr__(self, "scorer_args", params)
+        if self.budget is not None:  # a Python number (numpy scalars are accepted), as saved
+            object.__setattr__(self, "budget", check_budget(self.budget))
 
     def for_patch_size(self, p: int) -> "APTConfig":
         """These settings for a ViT of patch size ``p``: the sizes (p, 2p, 4p) when none were given."""
@@ -83,13 +86,7 @@ class APTConfig:
         """The ``patch_layout`` arguments these settings stand for."""
         if self.patch_sizes is None:
             raise ValueError("these settings have no patch_sizes yet; use config.for_patch_size(p)")
-        return {
-            "patch_sizes": self.patch_sizes,
-            "thresholds": self.thresholds,
-            "budget": self.budget,
-            "scorer": self.scorer,
-            "scorer_args": dict(self.scorer_args),
-        }
+        return self.to_kwargs()  # the fields are named as patch_layout's arguments
 
     def to_kwargs(self) -> dict:
         """The fields as keyword arguments of ``convert`` / ``APTViT.configure`` (patch sizes only when set)."""
