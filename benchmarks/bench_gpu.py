@@ -105,11 +105,14 @@ def count_syncs(fn) -> int:
 
 
 class Checks(dict):
-    """{name: value} of the checks; ``run`` records an exception as the check's value instead of stopping."""
+    """{name: value} of the checks; ``run`` records ``fn``'s result (when not None) as ``name``'s value, and an
+    exception as the value instead of stopping."""
 
     def run(self, name: str, fn) -> None:
         try:
-            fn()
+            value = fn()
+            if value is not None:
+                self[name] = value
         except Exception as e:  # noqa: BLE001 -- a broken kernel must not cost the rest of a lent GPU's minutes
             self[name] = f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             traceback.print_exc(limit=3)
@@ -177,18 +180,9 @@ def correctness(device, quick: bool) -> dict:
             out.run(f"graph_runner_b{b}_vs_plain", lambda b=b: graphs(b))
         if device.type == "cuda":
             layout = state.get("layout")
-            out.run(
-                "syncs_apt_with_layout",
-                lambda: out.__setitem__("syncs_apt_with_layout", count_syncs(lambda: apt(x, layout=layout))),
-            )
-            out.run(
-                "syncs_apt_without_layout",
-                lambda: out.__setitem__("syncs_apt_without_layout", count_syncs(lambda: apt(x))),
-            )
-            out.run(
-                "syncs_patch_layout",
-                lambda: out.__setitem__("syncs_patch_layout", count_syncs(lambda: apt.make_layout(x))),
-            )
+            out.run("syncs_apt_with_layout", lambda: count_syncs(lambda: apt(x, layout=layout)))
+            out.run("syncs_apt_without_layout", lambda: count_syncs(lambda: apt(x)))
+            out.run("syncs_patch_layout", lambda: count_syncs(lambda: apt.make_layout(x)))
 
     def flex_training():  # fp32 on CUDA uses flex; gradients agree with pad
         apt.train()

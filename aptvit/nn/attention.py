@@ -17,8 +17,8 @@ Backends:
     "auto"    the fastest available: "loop" on CPU; on CUDA "flash", then "varlen" (half precision), then
               "flex", then "pad" (``AUTO_ORDER``).
 
-``BACKENDS`` is the registry: each name carries its kernel and its availability check (device, dtype,
-dropout); ``register_backend`` adds one. The backend is a runtime choice of a model, never saved with it.
+``BACKENDS`` is the registry: each name carries its kernel and its availability check (device, dtype, dropout,
+gradients); ``register_backend`` adds one. The backend is a runtime choice of a model, never saved with it.
 
 Every backend reads what it needs from the planned batch (``core.packed.PackedBatch``): the device offsets,
 the host offsets ("loop"), the padded-row index ("pad"), the sequence id of each token ("flex"); none reads a
