@@ -13,6 +13,13 @@ from aptvit.train import LAYOUT_FIELDS, TrainConfig
 MODEL = "vit_tiny_patch16_224"
 
 
+def one_line(err: str) -> str:
+    """The CLI's error output, checked to be one line without a traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def make_folder(root: Path, classes=("plain", "stripes"), train=8, val=4, size=48, seed=0) -> Path:
     """ImageFolder whose class is visible everywhere: a reddish plain image vs a bluish one with stripes."""
     rng = np.random.default_rng(seed)

@@ -23,13 +23,7 @@ from aptvit.cli import main
 from aptvit.distributed import Dist
 
 from ..tiny import tiny_vit
-from .helpers import MODEL, finetune_argv, make_folder, run
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+from .helpers import MODEL, finetune_argv, make_folder, one_line, run
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:

@@ -11,11 +11,7 @@ from aptvit.nn.config import APTConfig
 from aptvit.train import TrainConfig
 
 from ..tiny import tiny_vit
-from .helpers import finetune_argv, make_folder, run
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+from .helpers import finetune_argv, make_folder, one_line, run
 
 
 def test_config_json_round_trip_and_the_0_1_layout_fields():
@@ -53,7 +49,7 @@ def test_finetune_from_an_aptvit_checkpoint_keeps_its_scorer_and_resume_compares
     code, out, err = run(capsys, *argv, "--max-steps", "2", "--resume")  # the same options: accepted
     assert code == 0, err
     code, out, err = run(capsys, *argv, "--scorer", "entropy", "--resume")
-    assert code == 2 and re.search(r"--scorer 'entropy' \(the run's: 'laplacian'\) cannot change", _one_line(err))
+    assert code == 2 and re.search(r"--scorer 'entropy' \(the run's: 'laplacian'\) cannot change", one_line(err))
 
 
 def test_config_json_records_the_settings_the_run_resolved(tmp_path, capsys):
