@@ -389,3 +389,63 @@ def test_log_area_values():
     packed = apt.prepare(_merging_batch(apt, 1))
     values = set(round(v, 5) for v in packed.key_bias.tolist())
     assert values == {0.0, round(math.log(4), 5), round(math.log(16), 5)}
+
+
+@pytest.mark.parametrize("backend", ["loop", "pad"])
+def test_the_bucketed_padded_plan_gives_the_same_biased_result(backend):
+    from aptvit.nn.graphs import CUDAGraphRunner
+
+    model = tiny_vit("vit_cls")
+    apt = aptvit.convert(model, thresholds=_thresholds(model), area_bias=True, attention=backend).eval()
+    x = _merging_batch(model, 3)
+    runner = CUDAGraphRunner(apt, bucket=64)
+    with torch.no_grad():
+        assert runner.plan(x).pad > 0
+        assert rel_err(runner(x), apt(x)) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_captured_graph_follows_the_setting():
+    from aptvit.nn.graphs import CUDAGraphRunner
+
+    model = tiny_vit("vit_cls")
+    apt = aptvit.convert(model, thresholds=_thresholds(model)).eval().cuda()
+    runner = CUDAGraphRunner(apt, bucket=64)
+    x = _merging_batch(model, 2).cuda()
+    with torch.no_grad():
+        for on in (False, True, False):
+            apt.configure(area_bias=on)
+            assert rel_err(runner(x), apt(x)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_forward_packed_with_area_bias_compiles_with_fullgraph_and_dynamic_shapes():
+    torch._dynamo.reset()
+    model = tiny_vit("vit_cls", depth=1)
+    apt = aptvit.convert(model, thresholds=_thresholds(model), attention="pad", area_bias=True)
+    x = _merging_batch(model, 2)
+    with torch.no_grad():
+        packed = apt.prepare(x)
+        compiled = torch.compile(apt.forward_packed, fullgraph=True, dynamic=True, backend="aot_eager")
+        assert rel_err(compiled(x, packed), apt.forward_packed(x, packed)) <= 1e-5
+    torch._dynamo.reset()
+
+
+def test_the_flop_count_still_matches_what_runs():
+    """The bias is one add per logit (not counted, as softmax is not); the matmuls are those of area_bias=False,
+    which tests/nn/test_model.py checks against torch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aptvit.nn.model import model_flops
+
+    model = tiny_vit("vit_cls")
+    apt = aptvit.convert(model, thresholds=_thresholds(model))
+    x = _merging_batch(model, 2)
+    layout = apt.make_layout(x)
+    counted = {}
+    for on in (False, True):
+        apt.configure(area_bias=on)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            apt(x, layout=layout)
+        counted[on] = (counter.get_total_flops(), model_flops(apt, layout)["apt"].tolist())
+    assert counted[True] == counted[False]
