@@ -273,12 +273,11 @@ class APTViT(DenseMixin, nn.Module):
         x = self.norm_pre(self.pos_drop(self.embed_packed(images, packed)))
         backend = self._backend(x)
         pad_index = pad_rows(packed.seq, packed.cu_seqlens, packed.max_seqlen) if backend == "pad" else None
-        key_bias = packed.key_bias if self.config.area_bias else None  # area-proportional attention, every block
         kept: Dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
             if stop is not None and i > stop:
                 break
-            x = self._block(blk, x, packed, backend, pad_index, key_bias)
+            x = self._block(blk, x, packed, backend, pad_index)
             if i in take:
                 kept[i] = x
         return x, kept
@@ -435,16 +434,16 @@ class APTViT(DenseMixin, nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks.parameters()))
         return resolve_backend(self.attention, x.device, dtype, dropout, grad)
 
-    def _block(
-        self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index, key_bias=None
-    ) -> torch.Tensor:
+    def _block(self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._block_forward, blk, x, packed, backend, pad_index, key_bias, use_reentrant=False)
-        return self._block_forward(blk, x, packed, backend, pad_index, key_bias)
+            return checkpoint(self._block_forward, blk, x, packed, backend, pad_index, use_reentrant=False)
+        return self._block_forward(blk, x, packed, backend, pad_index)
 
     def _block_forward(
-        self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index, key_bias=None
+        self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index
     ) -> torch.Tensor:
+        # area-proportional attention: decided here, so every path through the blocks (all entry points) has it
+        key_bias = packed.key_bias if self.config.area_bias else None
         a = packed_self_attention(blk.attn, blk.norm1(x), packed, backend, pad_index, key_bias)
         x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, packed.seq, packed.num_seqs, self.training)
         return x + drop_path_packed(

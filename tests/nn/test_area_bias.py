@@ -341,11 +341,22 @@ def test_forward_packed_with_area_bias_has_no_data_dependent_op():
         assert inside.data_dependent == [] and inside.host_reads == 0, inside.data_dependent
 
 
-def test_gradients_flow_with_the_area_bias():
+def test_gradients_flow_with_the_area_bias_and_checkpointing_keeps_it():
     model = tiny_vit("vit_cls").train()
     apt = aptvit.convert(model, thresholds=_thresholds(model), area_bias=True, attention="pad")
-    apt(_merging_batch(model, 2)).square().mean().backward()
+    x = _merging_batch(model, 2)
+    grads = {}
+    for ckpt, on in ((False, True), (True, True), (False, False)):
+        apt.zero_grad()
+        apt.set_grad_checkpointing(ckpt)
+        apt.configure(area_bias=on)
+        out = apt(x)
+        out.square().mean().backward()
+        grads[ckpt, on] = (out.detach(), apt.blocks[0].attn.qkv.weight.grad.clone())
     assert all(p.grad is not None for n, p in apt.named_parameters() if n.startswith("blocks."))
+    assert rel_err(grads[True, True][0], grads[False, True][0]) <= 1e-6  # the checkpointed forward has the bias
+    assert rel_err(grads[True, True][1], grads[False, True][1]) <= 1e-5
+    assert rel_err(grads[False, False][1], grads[False, True][1]) > 1e-3
 
 
 # ---------------------------------------------------------------------- settings
