@@ -460,3 +460,20 @@ def test_the_flop_count_still_matches_what_runs():
             apt(x, layout=layout)
         counted[on] = (counter.get_total_flops(), model_flops(apt, layout)["apt"].tolist())
     assert counted[True] == counted[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flash", "varlen", "flex", "pad", "loop"])
+@pytest.mark.parametrize("hd", [64, 80])
+def test_the_cuda_kernels_add_the_bias(backend, hd):
+    """The real kernels (where installed) against the float64 reference, in bf16 and, where they run, fp32."""
+    for dtype in (torch.bfloat16, torch.float32):
+        if backend not in attention.available_backends(torch.device("cuda"), dtype):
+            continue
+        q, k, v, bias = _qkv_bias(300, 4, hd)
+        cu = torch.tensor([0, 5, 140, 300], dtype=torch.int32)
+        q, k, v, bias, cu = (t.cuda() for t in (q, k, v, bias, cu))
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        out = attention.varlen_attention(q, k, v, cu, 160, backend, scale=0.3, key_bias=bias)
+        want = reference(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 0.3, bias.cpu())
+        assert rel_err(out.cpu().double(), want) <= (1e-2 if dtype == torch.bfloat16 else 1e-4), (backend, dtype)
