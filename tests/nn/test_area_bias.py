@@ -24,6 +24,15 @@ from ..tiny import FAMILIES, rel_err, tiny_vit
 CU = torch.tensor([0, 5, 12, 30], dtype=torch.int32)
 
 
+@pytest.fixture(autouse=True)
+def _leave_torchs_warn_once_state(monkeypatch):
+    """torch warns once per process about eager flex; these tests must not use up a warning others check for."""
+    import torch.nn.attention.flex_attention as flex
+
+    if hasattr(flex, "_WARNINGS_SHOWN"):
+        monkeypatch.setattr(flex, "_WARNINGS_SHOWN", set(flex._WARNINGS_SHOWN))
+
+
 def reference(q, k, v, cu, scale, bias):
     """softmax(scale * q k^T + bias[key]) v per sequence, written out (float64)."""
     q, k, v, bias = q.double(), k.double(), v.double(), bias.double()
