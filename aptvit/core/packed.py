@@ -42,7 +42,8 @@ class PackedBatch:
         layout: the patch layout (T patch tokens in packing order).
         groups: per same-size group, the image indices and (H, W); the bank is built group by group.
         num_prefix: P, prefix tokens per image.
-        offsets: (B+1 [+1],) Python ints, sequence starts in the packed sequence (incl. prefix and padding).
+        offsets: (B+1 [+1],) Python ints, sequence starts in the packed sequence (incl. prefix and padding);
+            None for a static plan (``core.static``), whose offsets live on the device only.
         max_seqlen: longest sequence (Python int; an upper bound when padded for graphs).
         num_seqs: B, or B + 1 when padding tokens form their own sequence.
         cu_seqlens: (num_seqs + 1,) int32, ``offsets`` on the device.
@@ -55,12 +56,14 @@ class PackedBatch:
             normalised to sum to 1 per image; 0 for tokens left out.
         pool_seq: (N,) long, image of every pooled token; ``num_seqs`` (a dump row) for tokens left out.
         pad: dummy tokens at the end (0 unless padded to a bucket).
+        static: a static plan (``core.static.plan_static``): k slots per image, shapes from (B, H, W, k) only;
+            image i's padding slots are sequence 2i + 1 of their own and its real tokens sequence 2i.
     """
 
     layout: PatchLayout
     groups: Groups
     num_prefix: int
-    offsets: Tuple[int, ...]
+    offsets: Optional[Tuple[int, ...]]
     max_seqlen: int
     num_seqs: int
     cu_seqlens: torch.Tensor
@@ -72,6 +75,7 @@ class PackedBatch:
     pool_weight: torch.Tensor
     pool_seq: torch.Tensor
     pad: int = 0
+    static: bool = False
 
     @property
     def batch_size(self) -> int:
