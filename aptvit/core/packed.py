@@ -55,6 +55,9 @@ class PackedBatch:
         pool_weight: (N,) float32, average-pooling weight (area for patches, 1 for pooled prefix tokens),
             normalised to sum to 1 per image; 0 for tokens left out.
         pool_seq: (N,) long, image of every pooled token; ``num_seqs`` (a dump row) for tokens left out.
+        key_bias: (N,) float32, log of the base cells every token covers (log 4 for a 2x patch, 0 for base
+            patches, prefix and padding tokens): the attention-logit bias of area-proportional attention
+            (``APTConfig.area_bias``), which a merged key gets so that it weighs as much as the cells it replaces.
         pad: dummy tokens at the end (0 unless padded to a bucket).
         static: a static plan (``core.static.plan_static``): k slots per image, shapes from (B, H, W, k) only;
             image i's padding slots are sequence 2i + 1 of their own and its real tokens sequence 2i.
@@ -74,6 +77,7 @@ class PackedBatch:
     prefix_pos: torch.Tensor
     pool_weight: torch.Tensor
     pool_seq: torch.Tensor
+    key_bias: torch.Tensor
     pad: int = 0
     static: bool = False
 
@@ -301,6 +305,8 @@ def plan_packed(
         [torch.stack(list(patch_rows), 1), dev["prefix_rows"].view(-1, width), dev["pad_rows"].view(-1, width)]
     )
     rows = Row(*torch.empty_like(table).index_copy_(0, dest, table).unbind(1))
+    # the cells a patch covers, k * k, as a logit bias; prefix and padding tokens stand for one token: log 1 = 0
+    key_bias = torch.zeros(n, dtype=torch.float32, device=device).index_copy_(0, patch_pos, (k * k).float().log())
     return PackedBatch(
         layout=layout,
         groups=groups,
@@ -316,6 +322,7 @@ def plan_packed(
         prefix_pos=dev["prefix_pos"].view(b, P),
         pool_weight=rows.area / dev["cells"][rows.pool_seq],
         pool_seq=rows.pool_seq,
+        key_bias=key_bias,
         pad=pad,
     )
 

@@ -270,5 +270,6 @@ def plan_static(layout: PatchLayout, groups: Groups, num_prefix: int, pool_prefi
         prefix_pos=starts.view(b, 1) + j,
         pool_weight=rows.area / cells,
         pool_seq=rows.pool_seq,
+        key_bias=torch.cat([torch.zeros(b, P, device=device), slots.area.clamp(min=1).float().log()], 1).view(-1),
         static=True,
     )

@@ -1,7 +1,8 @@
 """``APTConfig``: the conversion settings of an APT model, validated once, saved with the weights.
 
-These are the settings that change what the model computes (which patches merge). How it computes them
-(the attention backend, the device, the precision) is a runtime choice of ``APTViT`` and is not saved.
+These are the settings that change what the model computes (which patches merge, how merged tokens are attended,
+whether the token count is fixed). How it computes them (the attention backend, the device, the precision) is a
+runtime choice of ``APTViT`` and is not saved.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class APTConfig:
             nothing attends to or pools), layout and plan built on the device with no host read, so the whole
             forward is one CUDA graph or one ``torch.compile(fullgraph=True)`` graph (``core.static``). Needs a
             ``budget`` and a (B, C, H, W) batch of same-size images. Absent in older checkpoints: False.
+        area_bias: area-proportional attention: every key's attention logit gets + log(base cells it covers), so a
+            merged token is attended as much as the patches it replaces together (ToMe's proportional attention).
+            Nothing changes where nothing merges. Settings saved without it (before aptvit 0.2) load as False.
     """
 
     patch_sizes: Optional[Tuple[int, ...]] = None
@@ -40,9 +44,12 @@ class APTConfig:
     budget: Optional[Union[int, float]] = None
     scorer: str = "entropy"
     scorer_args: Mapping[str, Any] = field(default_factory=dict)
+    area_bias: bool = False
     static: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.area_bias, bool):
+            raise TypeError(f"area_bias must be True or False, got {self.area_bias!r}")
         if not isinstance(self.static, bool):
             raise TypeError(f"static must be True or False, got {self.static!r}")
         if self.static and self.budget is None:

@@ -72,6 +72,19 @@ def test_static_forward_equals_the_dynamic_one_per_image(family):
             x, dynamic.prepare(x, layout), pre_logits=True)) <= 1e-5  # fmt: skip
 
 
+def test_static_with_area_bias_equals_the_dynamic_one():
+    """The static plan biases real keys by their log area like ``plan_packed`` (padding: 0, and unseen)."""
+    model = tiny_vit("vit_cls")
+    dynamic = aptvit.convert(model, budget=0.5, area_bias=True)
+    static = aptvit.convert(model, budget=0.5, area_bias=True, static=True)
+    x = _batch(16, 3)
+    with torch.no_grad():
+        packed, layout = static.prepare(x), dynamic.make_layout(x)
+        plain = dynamic.prepare(x, layout)
+        assert torch.equal(packed.key_bias[packed.patch_pos][packed.layout.size > 0], plain.key_bias[plain.patch_pos])
+        assert rel_err(static(x), dynamic(x, layout=layout)) <= 1e-5
+
+
 def test_static_dense_features_equal_the_dynamic_ones():
     dynamic, static = _pair("vit_avg_no_cls")
     x = _batch(16, 3)
