@@ -30,6 +30,7 @@ import math
 import numbers
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from .layout import PatchLayout, check_patch_sizes, to_device
@@ -388,13 +389,24 @@ def _join_groups(sizes, groups, parts: List[_Tokens]) -> PatchLayout:
     return _layout(sizes, image_sizes, _Tokens(y, x, size, cu, torch.cat(cells), tuple(offsets)))
 
 
+_HOST_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _exact_threshold(value: float, b: int, dtype: torch.dtype, device) -> torch.Tensor:
     """(B,) threshold in the scores' dtype such that ``score < it`` iff ``score < value`` exactly.
 
     Rounding a float64 threshold to float32 to nearest could make a score equal to the rounded
     value merge or not merge by accident; rounding towards +inf keeps the strict comparison exact.
-    Built on the device from the Python value (no copy from the host, no read back).
+    Built on the device from the Python value (no copy from the host, no read back): rounded on the host for the
+    dtypes numpy has (one op instead of seven), on the device otherwise (bfloat16).
     """
+    host = _HOST_FLOATS.get(dtype)
+    if host is not None:
+        with np.errstate(over="ignore"):  # beyond the dtype's range: inf, as on the device
+            t = host(value)
+        if float(t) < value:
+            t = np.nextafter(t, host(math.inf))
+        return torch.full((b,), float(t), dtype=dtype, device=device)  # exactly representable: no rounding
     exact = torch.full((b,), value, dtype=host_read_dtype(device), device=device)
     t = exact.to(dtype)
     return torch.where(t.to(exact.dtype) < exact, torch.nextafter(t, torch.full_like(t, math.inf)), t)
