@@ -292,6 +292,7 @@ def bench_command(
     logger.info(
         f"{len(photos)} images from {images or 'scikit-image (bundled photos)'}; settings: "
         f"{apt.config.thresholds if apt.config.budget is None else f'budget {apt.config.budget}'}, scorer {apt.config.scorer}"
+        + (" (static: exactly k tokens per image, padding counted as tokens)" if apt.config.static else "")
     )
     name = apt.pretrained_cfg.get("architecture") or model
     logger.info(f"device {where}, {str(compute_dtype).replace('torch.', '')}")

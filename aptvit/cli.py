@@ -85,7 +85,8 @@ def parse_scorer_args(text: str) -> Dict[str, object]:
 
 def layout_settings(args) -> dict:
     """The layout options given on the command line, as ``APTConfig`` fields (those left out are not in it):
-    patch_sizes=, thresholds= or budget= (at most one), scorer=, scorer_args=, area_bias= (commands that run a model)."""
+    patch_sizes=, thresholds= or budget= (at most one), scorer=, scorer_args=, area_bias= (commands that run a model),
+    static= (bench, eval)."""
     if args.thresholds and args.budget:
         raise CLIError("give --thresholds or --budget, not both")
     out = {
@@ -95,6 +96,7 @@ def layout_settings(args) -> dict:
         "scorer": args.scorer,
         "scorer_args": parse_scorer_args(args.scorer_args) if args.scorer_args else None,
         "area_bias": getattr(args, "area_bias", None),  # None: not given (show draws layouts, it has no model)
+        "static": True if getattr(args, "static", False) else None,  # bench and eval have --static
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -121,6 +123,15 @@ def check_model_name(name: str) -> str:
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
     hint = f"; closest timm names: {', '.join(close)}" if close else "; see timm.list_models('vit_*')"
     raise CLIError(f"unknown model {name!r}{hint}")
+
+
+def add_static_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="the fully static path: exactly k tokens per image (k from the budget; needs --budget or a checkpoint "
+        "with one), layout and plan on the device with no host read (one CUDA graph holds the whole forward)",
+    )
 
 
 def add_layout_options(
@@ -341,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--images", help="folder of images (default: the photos bundled with scikit-image)")
     add_layout_options(p)
+    add_static_option(p)
     add_weights_options(p)
     p.add_argument("--runs", type=int, default=default_of(bench_command, "runs"))
     p.add_argument("--warmup", type=int, default=default_of(bench_command, "warmup"))
@@ -411,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=int, help=f"input size (default: the checkpoint's or the model's; at most {MAX_SIDE})"
     )
     add_layout_options(p)
+    add_static_option(p)
     p.add_argument("--batch-size", type=int, default=default_of(eval_command, "batch_size"))
     p.add_argument("--workers", type=int, default=default_of(eval_command, "workers"))
     p.add_argument("--json", help="write the metrics as JSON")

@@ -52,8 +52,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     sampler = ShardedSampler(len(dataset), dist.rank, dist.world, shuffle=False, equal_shares=False)
+    static = not uniform and model.config.static  # the whole forward on the device: no plan from the workers
     loader = make_loader(
-        dataset, sampler, batch_size, workers, drop_last=False, plan=None if uniform else model.planner()
+        dataset, sampler, batch_size, workers, drop_last=False, plan=None if uniform or static else model.planner()
     )
     correct1 = correct5 = seen = tokens = base = bad = 0.0
     model_seconds = 0.0
@@ -68,8 +69,14 @@ def evaluate(
         labels = batch.labels.to(dist.device)
         start = time.perf_counter()
         with autocast(dist.device, dtype):
-            logits = model(images) if uniform else model(images, packed=batch.packed.to(dist.device, non_blocking=True))
-        if uniform:
+            if uniform or static:
+                logits = model(images)
+            else:
+                logits = model(images, packed=batch.packed.to(dist.device, non_blocking=True))
+        if static:  # what runs: k slots per image, padding included
+            n_tokens = images.shape[0] * model.static_tokens(tuple(images.shape[-2:]))
+            n_base = images.shape[0] * (images.shape[-2] // model.patch_size) * (images.shape[-1] // model.patch_size)
+        elif uniform:
             n_tokens = n_base = (
                 images.shape[0]
                 * (images.shape[-2] // model.patch_embed.patch_size[0])
@@ -160,7 +167,8 @@ def eval_command(
         model, timm_model = build_models(model_name, pretrained, checkpoint, layout=layout, attention=attention)
         cfg = timm_model.pretrained_cfg or {}
         mean, std = model.pixel_mean_std()
-        layout_fn = functools.partial(patch_layout, **model.config.layout_kwargs())
+        # static: the model makes its layout on the device (exactly k tokens per image), the workers only read images
+        layout_fn = None if model.config.static else functools.partial(patch_layout, **model.config.layout_kwargs())
     if timm_model.num_classes != len(items.classes):
         raise ValueError(
             f"the model has {timm_model.num_classes} classes but {folder} has {len(items.classes)} class folders; "

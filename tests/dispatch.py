@@ -13,6 +13,7 @@ from collections import Counter
 from typing import List
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ALWAYS_DATA_DEPENDENT = {
@@ -81,3 +82,23 @@ class OpCounter(TorchDispatchMode):
             ):
                 self.host_reads += 1
         return func(*args, **kwargs)
+
+
+class HostReads(TorchFunctionMode):
+    """Records every read of tensor values into Python (``.tolist()``, ``.item()``, ``bool()``, ``int()``, ...).
+
+    ``OpCounter.host_reads`` sees a read only as a device-to-CPU copy, so on the CPU ``.tolist()`` (which
+    dispatches no aten op) is invisible to it; a torch-function mode sees the Python call itself.
+    """
+
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "__array__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: List[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))

@@ -30,6 +30,7 @@ import math
 import numbers
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from .layout import PatchLayout, check_patch_sizes, to_device
@@ -164,6 +165,16 @@ def budget_thresholds(
 ) -> torch.Tensor:
     """Per image, the smallest shared threshold that leaves at most ``max_tokens`` tokens.
 
+    The token count of every candidate threshold at once, in a number of ops that depends on neither the
+    batch nor the image size: a patch p of area a_p (in base cells) merges at a threshold "score <= c" exactly
+    when s_p <= c < m_p, where m_p is the smallest score of the larger patches that contain it (a larger patch
+    that merges covers p; one that does not leaves p free, see ``select_patches``). So
+
+        tokens(c) = cells - sum_p (a_p - 1) * ([s_p <= c] - [max(m_p, s_p) <= c]),
+
+    two weighted step functions of c, read off sorted scores with ``searchsorted``. The smallest candidate whose
+    count is within budget is the one a binary search over the sorted scores would find (the count is monotone).
+
     Args:
         scores: {size: (B, h_s, w_s)} for every non-base size, finite or NaN (no +inf: see ``patch_layout``).
         max_tokens: (B,) long, token budget per image (feasible: not below the all-merged count).
@@ -171,20 +182,45 @@ def budget_thresholds(
     Returns:
         (B,) float thresholds to use for every size (``-inf`` where no merge is needed).
     """
-    cand = torch.cat([v.flatten(1) for v in scores.values()], dim=1).sort(dim=1).values  # (B, M)
-    b, m = cand.shape
-    inf = torch.full((b, 1), math.inf, device=cand.device, dtype=cand.dtype)
-    # Threshold for "merge every score <= cand[:, j]"; index -1 (stored at 0) means merge nothing.
-    thr_table = torch.cat([-inf, torch.nextafter(cand, inf.expand_as(cand))], dim=1)  # (B, M + 1)
-    lo = torch.full((b,), -1, dtype=torch.long, device=cand.device)  # known too many tokens (or sentinel)
-    hi = torch.full((b,), m, dtype=torch.long, device=cand.device)  # known within budget
-    for _ in range(max(1, math.ceil(math.log2(m + 2)))):
-        mid = ((lo + hi) // 2).clamp_(min=0)
-        thr = thr_table.gather(1, mid[:, None])[:, 0]
-        ok = select_patches(scores, {s: thr for s in scores}, base_size, grid)[1] <= max_tokens
-        hi = torch.where(ok, mid, hi)
-        lo = torch.where(ok, lo, mid)
-    return thr_table.gather(1, hi[:, None])[:, 0]
+    sizes = sorted(s for s, v in scores.items() if v.shape[1] and v.shape[2])  # the sizes with a patch at all
+    first = next(iter(scores.values()))
+    b, device, dtype = first.shape[0], first.device, first.dtype
+    if not sizes:  # no patch larger than the base fits: nothing can merge
+        return torch.full((b,), -math.inf, dtype=dtype, device=device)
+    own, above, weight = [], [], []
+    parent, parent_size, m = None, 0, None  # the next larger size's scores; per patch, the least score holding it
+    for s in reversed(sizes):
+        v = scores[s]
+        if parent is None:
+            m = torch.full_like(v, math.inf)  # the largest size: nothing holds it
+        else:
+            r = parent_size // s
+            lo = torch.minimum(parent.nan_to_num(nan=math.inf), m)  # a NaN patch never merges: it leaves p free
+            up = lo.repeat_interleave(r, 1).repeat_interleave(r, 2)
+            m = torch.full_like(v, math.inf)  # a patch outside the larger grid has no parent
+            m[:, : up.shape[1], : up.shape[2]] = up
+        own.append(v.flatten(1))
+        above.append(torch.maximum(m, v).flatten(1))  # m_p <= s_p: the interval is empty (NaN s_p: never merges)
+        weight.append((s // base_size) ** 2 - 1)
+        parent, parent_size = v, s
+    w = torch.cat([torch.full((o.shape[1],), x, dtype=torch.long, device=device) for o, x in zip(own, weight)])
+    w = w.expand(b, -1)
+
+    def steps(values: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """sum of the weights of ``values`` <= ``at``, per image (NaN sorts last and is never <= anything)."""
+        order = values.sort(dim=1)
+        cum = torch.cat([w.new_zeros(b, 1), w.gather(1, order.indices).cumsum(1)], 1)
+        return cum.gather(1, torch.searchsorted(order.values.contiguous(), at.contiguous(), right=True))
+
+    cand = torch.cat(own, 1).sort(dim=1).values  # (B, M): "merge every score <= cand[:, j]"
+    cells = grid[0] * grid[1]
+    merged = steps(torch.cat(own, 1), cand) - steps(torch.cat(above, 1), cand)  # base cells saved, (B, M)
+    ok = ((cells - merged) <= max_tokens[:, None]) & ~cand.isnan()  # a NaN threshold would merge nothing
+    # the first candidate within budget (the count only falls as j grows); none within budget: all of them merge
+    idx = torch.where(ok.any(1), ok.long().argmax(1), cand.shape[1] - 1)
+    thr = torch.nextafter(cand.gather(1, idx[:, None])[:, 0], torch.full((b,), math.inf, dtype=dtype, device=device))
+    none_needed = torch.full((b,), cells, dtype=torch.long, device=device) <= max_tokens
+    return torch.where(none_needed, torch.full_like(thr, -math.inf), thr)
 
 
 def all_merged_tokens(image_size: Tuple[int, int], sizes: Sequence[int]) -> int:
@@ -388,13 +424,24 @@ def _join_groups(sizes, groups, parts: List[_Tokens]) -> PatchLayout:
     return _layout(sizes, image_sizes, _Tokens(y, x, size, cu, torch.cat(cells), tuple(offsets)))
 
 
+_HOST_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _exact_threshold(value: float, b: int, dtype: torch.dtype, device) -> torch.Tensor:
     """(B,) threshold in the scores' dtype such that ``score < it`` iff ``score < value`` exactly.
 
     Rounding a float64 threshold to float32 to nearest could make a score equal to the rounded
     value merge or not merge by accident; rounding towards +inf keeps the strict comparison exact.
-    Built on the device from the Python value (no copy from the host, no read back).
+    Built on the device from the Python value (no copy from the host, no read back): rounded on the host for the
+    dtypes numpy has (one op instead of seven), on the device otherwise (bfloat16).
     """
+    host = _HOST_FLOATS.get(dtype)
+    if host is not None:
+        with np.errstate(over="ignore"):  # beyond the dtype's range: inf, as on the device
+            t = host(value)
+        if float(t) < value:
+            t = np.nextafter(t, host(math.inf))
+        return torch.full((b,), float(t), dtype=dtype, device=device)  # exactly representable: no rounding
     exact = torch.full((b,), value, dtype=host_read_dtype(device), device=device)
     t = exact.to(dtype)
     return torch.where(t.to(exact.dtype) < exact, torch.nextafter(t, torch.full_like(t, math.inf)), t)

@@ -191,7 +191,8 @@ class DenseMixin:
         Returns:
             tokens (T, D) patch tokens (prefix tokens dropped), packed image by image in raster order,
             and the layout: ``layout.y``, ``layout.x``, ``layout.size`` (T,) give each token's box in
-            pixels and ``layout.cu_seqlens`` where each image's tokens start.
+            pixels and ``layout.cu_seqlens`` where each image's tokens start. On the static path
+            (``config.static``) every image has exactly k tokens: its padding tokens (``layout.size == 0``) last.
         """
         if layer is None:
             x, _, packed = self._run(images, layout)

@@ -242,3 +242,17 @@ def test_alternating_medians_alternate_the_order_and_skip_warmup():
     assert set(result) == {"a", "b"} and all(v >= 0 for v in result.values())
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then runs in alternating order
     assert runs == [4, 6, 8]
+
+
+def test_bench_and_eval_take_static(tmp_path, capsys):
+    """--static: k tokens per image exactly (padding counted: it is computed); without a budget one clear error."""
+    write_images(tmp_path / "imgs", size=(64, 64))
+    args = ["--model", "vit_tiny_patch16_224", "--size", "64", "--batch", "1,2", "--images", tmp_path / "imgs"]
+    args += ["--runs", "1", "--warmup", "0", "--out", tmp_path / "r.json", "--static"]
+    code, out, err = run(capsys, "bench", *args, "--budget", "5")
+    assert code == 0, err
+    assert "static: exactly k tokens per image" in out
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["tokens"] == 5 and r["base_tokens"] == 16 for r in rows)
+    code, out, err = run(capsys, "bench", *args)
+    assert code == 2 and "static=True needs a token budget" in err and len(err.strip().splitlines()) == 1

@@ -186,6 +186,20 @@ def test_eval_layout_options_override_the_checkpoint(tmp_path, capsys):
     assert json.loads((tmp_path / "e.json").read_text())["tokens_kept"] <= 0.25
 
 
+def test_eval_static_gives_the_dynamic_accuracy_at_exactly_k_tokens(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    finetune(cfg(data, tmp_path / "run", max_steps=1, eval=False))
+    results = {}
+    for extra in ((), ("--static",)):
+        argv = ["eval", "--checkpoint", tmp_path / "run" / "model.safetensors", "--data", data, "--size", "64"]
+        code, out, err = run(capsys, *argv, "--budget", "0.3", "--workers", "0", "--json", tmp_path / "e.json", *extra)
+        assert code == 0, err
+        results[extra] = json.loads((tmp_path / "e.json").read_text())
+    dynamic, static = results[()], results[("--static",)]
+    assert static["tokens_kept"] == 4 / 16 and dynamic["tokens_kept"] <= 4 / 16  # k = floor(0.3 * 16), padding counted
+    assert (static["top1"], static["top5"]) == (dynamic["top1"], dynamic["top5"])
+
+
 def test_existing_run_dir_without_resume_is_refused(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
     (tmp_path / "run").mkdir()

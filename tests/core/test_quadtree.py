@@ -333,3 +333,19 @@ def test_custom_scorer_on_the_wrong_dtype_is_reported():
         aptvit.patch_layout(torch.zeros(1, 3, 64, 64), thresholds={32: 1.0}, scorer=ints)
     with pytest.raises(ValueError, match="bins must be an int from 2 to 65536"):
         aptvit.patch_layout(torch.zeros(1, 3, 64, 64), scorer_args={"bins": 1 << 20})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_thresholds_rounded_on_the_host_are_the_devices(monkeypatch, dtype):
+    """The host rounding (numpy, one op) keeps ``score < threshold`` exact, as the device rounding does."""
+    from aptvit.core import quadtree
+
+    values = [5.5, 1 / 3, 6.000000001, -2.7, 1e-30, 1e5, 3.4e38] + torch.randn(300, dtype=torch.float64).mul(5).tolist()
+    host = [quadtree._exact_threshold(v, 2, dtype, "cpu") for v in values]
+    monkeypatch.setattr(quadtree, "_HOST_FLOATS", {})
+    device = [quadtree._exact_threshold(v, 2, dtype, "cpu") for v in values]
+    for v, a, b in zip(values, host, device):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b), (v, a, b)
+        assert float(a[0]) >= v and (
+            float(a[0]) == v or float(torch.nextafter(a[:1], torch.full_like(a[:1], -math.inf))) < v
+        )

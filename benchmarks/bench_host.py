@@ -1,0 +1,111 @@
+"""Host cost at batch 1 (issue 16): a ViT so thin that its math is free, so the wall time is the host's work.
+
+    python benchmarks/bench_host.py [--runs 200] [--sizes 224,384] [--json out.json]
+    python benchmarks/bench_host.py --smoke        # seconds: what the test suite runs
+
+Width 16, depth 12 (every timm ViT the issue lists has 12+ blocks), random weights, one bundled photo resized
+to each size, batch 1, one thread. Alternating medians (``aptvit.bench.alternating_medians``) of:
+
+* ``timm``: the timm model's forward;
+* ``apt(x)``: layout, plan and forward (default thresholds, the dynamic path);
+* ``forward_packed``: the same model with the plan made beforehand (what data-loader workers give it);
+* ``static apt(x)``: the fully static path (``static=True``, budget 0.5), layout on the device, no host read:
+  in eager mode its host cost is its op count (the budget's binary search is ~log2(candidates) selections);
+  captured as one CUDA graph, all of it is one replay.
+
+Targets (issue 16): ``apt(x)`` <= 1.2x timm and ``forward_packed`` <= 1.0x timm. Also printed: aten ops
+dispatched per call (tests/dispatch.py's counter, when run from the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import timm
+import torch
+
+import aptvit
+from aptvit.bench import alternating_medians, resize
+from aptvit.images import normalise
+from aptvit.photos import load_photo
+
+
+def thin_vit(depth: int = 12, width: int = 16) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, embed_dim=width, depth=depth, num_heads=1, dynamic_img_size=True
+    ).eval()
+
+
+def count_ops(fn) -> int:
+    """aten ops one call dispatches (0 when the counter is not importable, i.e. outside the repository)."""
+    try:
+        from tests.dispatch import OpCounter
+    except ImportError:
+        return 0
+    with torch.inference_mode(), OpCounter() as ops:
+        fn()
+    return ops.total
+
+
+def measure(size: int, runs: int, warmup: int, depth: int = 12) -> dict:
+    vit = thin_vit(depth)
+    apt = aptvit.convert(vit).eval()
+    static = aptvit.convert(vit, budget=0.5, static=True).eval()
+    mean, std = apt.pixel_mean_std()
+    x = normalise(resize([load_photo("astronaut")], (size, size)), mean, std)
+    with torch.inference_mode():
+        packed = apt.prepare(x)
+    fns = {
+        "timm": lambda _: vit(x),
+        "apt(x)": lambda _: apt(x),
+        "forward_packed": lambda _: apt.forward_packed(x, packed),
+        "static apt(x)": lambda _: static(x),
+    }
+    seconds = alternating_medians(fns, [0], runs=runs, warmup=warmup)
+    ops = {name: count_ops(lambda f=fn: f(0)) for name, fn in fns.items()}
+    base = seconds["timm"]
+    return {
+        "size": size,
+        "tokens": packed.layout.total_tokens,
+        "static_k": static.static_tokens((size, size)),
+        "ms": {name: 1000 * s for name, s in seconds.items()},
+        "vs_timm": {name: s / base for name, s in seconds.items()},
+        "ops": ops,
+    }
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--sizes", default="224,384")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny and quick (seconds): the test suite's run")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.smoke:
+        rows = [measure(64, runs=2, warmup=1, depth=2)]
+    else:
+        rows = [measure(int(s), args.runs, args.warmup) for s in args.sizes.split(",")]
+    print(
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, timm {timm.__version__}, 1 thread, batch 1, runs={args.runs}"
+    )
+    names = list(rows[0]["ms"])
+    print("| size | tokens (static k) | " + " | ".join(f"{n} ms (x timm, ops)" for n in names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for r in rows:
+        cells = [f"{r['ms'][n]:.2f} ({r['vs_timm'][n]:.2f}x, {r['ops'][n]})" for n in names]
+        print(f"| {r['size']} | {r['tokens']} ({r['static_k']}) | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
