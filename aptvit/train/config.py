@@ -132,6 +132,21 @@ class TrainConfig:
     dtype: str = setting("auto", "compute precision (auto: bf16 autocast on CUDA, fp32 on the CPU)")
     deterministic: bool = setting(False, "deterministic kernels: bit-exact --resume on CUDA too (slower)", resume=True)
     attention: str = setting("auto", "attention backend (a runtime choice)", resume=True)
+    # label-free conversion (issue 19 section 3): match the frozen uniform teacher instead of labels
+    distill: bool = setting(
+        False,
+        "train to match a frozen uniform teacher instead of labels (any images: --data DIR with train/ and val/, "
+        "or one folder of them): KL on softened logits where there is a head, 1 - cosine on the pre-logits and "
+        "the dense features where there is none",
+    )
+    teacher: Optional[str] = setting(
+        None,
+        "with --distill: an aptvit checkpoint, timm weights of --model's architecture, or a timm model name "
+        "(default: the source weights, run uniformly)",
+    )
+    temperature: float = setting(
+        2.0, "with --distill: the softening of the logits in the KL (the loss is T^2-scaled)", bounds=POSITIVE
+    )
     classes: List[str] = setting(help="the data's classes (found in train/)", cli=False, factory=list)
 
     def to_json(self) -> str:
@@ -187,6 +202,8 @@ def validate(cfg: TrainConfig) -> None:
     unknown = sorted(set(cfg.model_args) - set(TIMM_ARGS))
     if unknown:
         raise InputError(f"model_args {unknown} are not allowed; choose among {', '.join(TIMM_ARGS)}")
+    if cfg.teacher is not None and not cfg.distill:
+        raise InputError("--teacher names the model to distil from: give it with --distill")
     build_transform(cfg.size, True, (0.5,) * 3, (0.5,) * 3, augment=cfg.augment)  # timm parses the augment string
 
 
@@ -212,6 +229,8 @@ def _same_setting(key: str, given, saved) -> bool:
         return given is saved
     if key in ("data", "checkpoint"):
         return os.path.abspath(given) == os.path.abspath(saved)
+    if key == "teacher":
+        return _absolute_teacher(given) == saved
     if key == "patch_sizes":
         return list(given) == list(saved)
     if key == "thresholds":
@@ -219,10 +238,15 @@ def _same_setting(key: str, given, saved) -> bool:
     return given == saved
 
 
+def _absolute_teacher(teacher: Optional[str]) -> Optional[str]:
+    """A teacher file's absolute path; a teacher that is no file is a timm model name and stays as it is."""
+    return os.path.abspath(teacher) if teacher and os.path.exists(teacher) else teacher
+
+
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its file settings absolute: the run resumes from anywhere."""
     paths = {k: os.path.abspath(v) for k in ("data", "checkpoint") if (v := getattr(cfg, k))}
-    return dataclasses.replace(cfg, **paths)
+    return dataclasses.replace(cfg, **paths, teacher=_absolute_teacher(cfg.teacher))
 
 
 def resolve_config(cfg: TrainConfig, resume: bool, overrides: Optional[Dict]) -> Tuple[TrainConfig, bool]:

@@ -6,14 +6,23 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..core.io import InputError
 from ..core.quadtree import patch_layout
-from ..data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, image_folder, make_loader
+from ..data import (
+    LayoutDataset,
+    ShardedSampler,
+    build_transform,
+    check_image_folder,
+    image_files,
+    image_folder,
+    make_loader,
+)
 from ..distributed import Dist
 from .config import TrainConfig
 from .run import TrainState
@@ -27,19 +36,28 @@ class TrainData:
     """The run's datasets and this rank's share of the training set."""
 
     train: LayoutDataset
-    val: LayoutDataset
+    val: Optional[LayoutDataset]  # None: nothing to evaluate on (a --distill run on one folder of images)
     sampler: ShardedSampler
     batches_per_epoch: int  # full batches in this rank's share (the last partial one is dropped)
 
 
-def find_images(cfg: TrainConfig) -> Tuple[ImageFolder, ImageFolder]:
+@dataclass
+class Unlabelled:
+    """The images of a --distill split (paths with the label 0, as ``LayoutDataset`` takes them)."""
+
+    samples: List[Tuple[str, int]]
+
+
+def find_images(cfg: TrainConfig) -> Tuple[ImageFolder, Optional[ImageFolder]]:
     """The train/ and val/ folders of ``cfg.data`` (``torchvision.datasets.ImageFolder``), and their classes
-    set in ``cfg.classes``.
+    set in ``cfg.classes``; with ``cfg.distill``, ``find_unlabelled``.
 
     Raises:
         InputError: a missing or empty split, train and val classes that differ, or classes that are not the
             resumed run's own.
     """
+    if cfg.distill:
+        return find_unlabelled(cfg.data)
     train_dir, val_dir = (check_image_folder(cfg.data, split, required=True) for split in ("train", "val"))
     train_set, val_set = image_folder(train_dir), image_folder(val_dir)
     if train_set.classes != val_set.classes:
@@ -50,6 +68,22 @@ def find_images(cfg: TrainConfig) -> Tuple[ImageFolder, ImageFolder]:
         raise InputError("the data's classes differ from the run's (config.json); resume with the same data")
     cfg.classes = list(train_set.classes)
     return train_set, val_set
+
+
+def find_unlabelled(data) -> Tuple[Unlabelled, Optional[Unlabelled]]:
+    """The images of a --distill run, labels or not: those under ``data``/train/ and ``data``/val/ (in class
+    folders or not) when ``data`` has a train/ folder; otherwise every image under ``data``, and no val split.
+
+    Raises:
+        InputError: ``data`` is not a folder, or a split holds no image.
+    """
+    root = Path(data)
+    if not root.is_dir():
+        raise InputError(f"--data {str(root)!r} is not a folder; give a folder of images (or with train/ and val/)")
+    if not (root / "train").is_dir():
+        return Unlabelled(image_files(root)), None
+    val = Unlabelled(image_files(root / "val")) if (root / "val").is_dir() else None
+    return Unlabelled(image_files(root / "train")), val
 
 
 def load_data(
@@ -75,7 +109,7 @@ def load_data(
     )
     # the model's own eval crop, as `aptvit eval` uses it on the saved checkpoint
     val_transform = build_transform(cfg.size, False, mean, std, apt.pretrained_cfg.get("crop_pct"))
-    val = LayoutDataset(val_set.samples, val_transform, layout_fn, cfg.seed)
+    val = LayoutDataset(val_set.samples, val_transform, layout_fn, cfg.seed) if val_set is not None else None
     sampler = ShardedSampler(len(train), dist.rank, dist.world, shuffle=True, seed=cfg.seed)
     batches_per_epoch = len(sampler) // cfg.batch_size
     if batches_per_epoch == 0:

@@ -13,14 +13,16 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..core.distill import distill_loss
 from ..core.io import InputError, check_writable
 from ..distributed import Dist, all_reduce_sum, setup_distributed
 from ..evaluate import evaluate
 from ..images import normalise
 from ..runtime import autocast, resolve_dtype, set_deterministic
+from ..teacher import Student, Teacher, agreement
 from .config import TrainConfig, resolve_config, validate
 from .data import TrainData, epoch_loader, find_images, load_data
-from .model import build_model, distribute, lr_at, make_optimizer, set_lr
+from .model import build_model, build_teacher, distribute, lr_at, make_optimizer, set_lr
 from .run import Run, TrainState
 
 logger = logging.getLogger("aptvit.train")
@@ -56,8 +58,10 @@ def finetune(
         check_writable(Path(cfg.out), folder=True)
     folders = find_images(cfg)
     apt = build_model(cfg, continues, dist)
+    teacher = build_teacher(cfg, apt, continues, dist)  # None unless --distill
     data = load_data(cfg, folders, apt, layout_fn, dist)
-    model, optimizer, run = distribute(apt, dist), make_optimizer(apt, cfg), Run(Path(cfg.out), dist.main)
+    model = distribute(Student(apt) if teacher is not None else apt, dist)  # what computes the loss
+    optimizer, run = make_optimizer(apt, cfg), Run(Path(cfg.out), dist.main)
     torch.manual_seed(cfg.seed + 1000 * dist.rank)  # drop-path / dropout draws differ between ranks
     state = start_or_restore(run, optimizer, cfg, continues, resume, dist)
     schedule = Schedule.of(cfg, data.batches_per_epoch)
@@ -66,21 +70,30 @@ def finetune(
     set_deterministic(cfg.deterministic)
     metrics: dict = {}
     if continues and cfg.eval and state.at_epoch_end and not run.has_eval(state.global_step):
-        metrics = evaluate_epoch(apt, data, state, cfg, run, dist)  # that epoch's evaluation failed or was killed
+        metrics = evaluate_epoch(apt, data, state, cfg, run, dist, teacher)  # that epoch's evaluation was killed
     while state.epoch < cfg.epochs and state.global_step < schedule.stop:
         loader = epoch_loader(data, apt, state, cfg)
-        metrics = train_one_epoch(model, apt, loader, optimizer, state, cfg, schedule, run, dist) or metrics
+        metrics = train_one_epoch(model, apt, loader, optimizer, state, cfg, schedule, run, dist, teacher) or metrics
         if state.batches_in_epoch >= schedule.batches_per_epoch:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             state.save(run, apt, optimizer, cfg, dist)
             if cfg.eval:
-                metrics = evaluate_epoch(apt, data, state, cfg, run, dist)
+                metrics = evaluate_epoch(apt, data, state, cfg, run, dist, teacher) or metrics
     _finish(apt, state, run, dist)
     return metrics
 
 
 def train_one_epoch(
-    model, apt, loader, optimizer, state: TrainState, cfg: TrainConfig, schedule: Schedule, run: Run, dist: Dist
+    model,
+    apt,
+    loader,
+    optimizer,
+    state: TrainState,
+    cfg: TrainConfig,
+    schedule: Schedule,
+    run: Run,
+    dist: Dist,
+    teacher: Optional[Teacher] = None,
 ) -> dict:
     """One pass over ``loader`` (the rest of ``state.epoch``): one optimizer step per batch, the lr set per step.
 
@@ -88,9 +101,11 @@ def train_one_epoch(
     a checkpoint every ``cfg.save_every`` steps and at ``schedule.stop``, where it stops. Advances ``state``.
 
     Args:
-        model: what computes the loss: ``apt`` or its DDP wrapper.
+        model: what computes the loss: ``apt`` (``aptvit.teacher.Student(apt)`` with a teacher) or its DDP wrapper.
         apt: the model itself (its parameters are clipped and saved).
         loader: ``epoch_loader``'s batches (``aptvit.data.Batch``, planned for ``apt``).
+        teacher: distil from it (``cfg.distill``: ``distill_loss`` against its outputs on the same crops) instead
+            of the cross entropy with the labels.
 
     Returns:
         The last metrics line ({} when none was logged).
@@ -122,8 +137,11 @@ def train_one_epoch(
         set_lr(optimizer, lr_at(state.global_step, schedule.total, cfg))
         images = normalise(batch.images.to(dist.device, non_blocking=True), mean, std)
         with autocast(dist.device, dtype):
-            logits = model(images, packed=batch.packed.to(dist.device, non_blocking=True))  # planned in the workers
-            loss = F.cross_entropy(logits.float(), batch.labels.to(dist.device), label_smoothing=cfg.label_smoothing)
+            out = model(images, packed=batch.packed.to(dist.device, non_blocking=True))  # planned in the workers
+            if teacher is None:
+                loss = F.cross_entropy(out.float(), batch.labels.to(dist.device), label_smoothing=cfg.label_smoothing)
+            else:  # the teacher sees the same crops, uniformly, normalised its own way
+                loss = distill_loss(out, teacher(batch.images.to(dist.device)), cfg.temperature)
         loss_value = loss.item()  # a host sync per step: a non-finite loss must stop the run before its update
         if all_reduce_sum([float(not math.isfinite(loss_value))], dist)[0] > 0:  # every rank stops, before the step
             raise run.diverged(state.global_step + 1, f"the loss is {loss_value}", cfg)
@@ -145,19 +163,38 @@ def train_one_epoch(
     return metrics
 
 
-def evaluate_epoch(apt, data: TrainData, state: TrainState, cfg: TrainConfig, run: Run, dist: Dist) -> dict:
-    """Evaluate on the val split (as ``aptvit eval`` would on the checkpoint) and log the result as a metrics line."""
-    mean, std = apt.pixel_mean_std()
+def evaluate_epoch(
+    apt, data: TrainData, state: TrainState, cfg: TrainConfig, run: Run, dist: Dist, teacher: Optional[Teacher] = None
+) -> dict:
+    """Evaluate on the val split (as ``aptvit eval`` would on the checkpoint: with the teacher, as ``aptvit eval
+    --teacher``) and log the result as a metrics line; {} when there is no val split."""
     dtype = resolve_dtype(cfg.dtype, dist.device)
-    result = evaluate(apt, data.val, cfg.batch_size, cfg.workers, dist, mean, std, cfg.skip_bad_images, dtype=dtype)
+    if data.val is None:
+        return {}
+    if teacher is not None:
+        result = agreement(apt, teacher, data.val, cfg.batch_size, cfg.workers, dist, cfg.skip_bad_images, dtype)
+    else:
+        mean, std = apt.pixel_mean_std()
+        result = evaluate(apt, data.val, cfg.batch_size, cfg.workers, dist, mean, std, cfg.skip_bad_images, dtype=dtype)
     result = {"kind": "eval", "epoch": state.epoch, "step": state.global_step, **result}
     run.log_metrics(result)
     if dist.main:
-        logger.info(
-            f"epoch {state.epoch}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
-            f"tokens kept {result['tokens_kept']:.1%}, {result['images_per_s']:.1f} img/s"
-        )
+        logger.info(f"epoch {state.epoch}: {describe(result)}")
     return result
+
+
+def describe(result: dict) -> str:
+    """The figures of an evaluation (``evaluate``'s or ``agreement``'s) in one line."""
+    parts = [f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%"] if "top1" in result else []
+    if "agreement" in result:
+        parts.append(f"top-1 agreement with the teacher {result['agreement']:.2f}%")
+    if "cosine_dense" in result:
+        parts.append(
+            f"cosine to the teacher {result['cosine_pre_logits']:.4f} (pre-logits) / "
+            f"{result['cosine_dense']:.4f} (dense)"
+        )
+    parts.append(f"tokens kept {result['tokens_kept']:.1%}, {result['images_per_s']:.1f} img/s")
+    return ", ".join(parts)
 
 
 def start_or_restore(run: Run, optimizer, cfg: TrainConfig, continues: bool, resume: bool, dist: Dist) -> TrainState:
@@ -240,10 +277,11 @@ def _update(apt, loss: torch.Tensor, optimizer, cfg: TrainConfig) -> None:
 
 
 def _summary(apt, data: TrainData, cfg: TrainConfig, dist: Dist) -> str:
+    val = f"{len(data.val)} val images" if data.val is not None else "no val split"
+    target = "distilled from a uniform teacher" if cfg.distill else f"{len(cfg.classes)} classes"
     return (
-        f"{apt.pretrained_cfg.get('architecture', cfg.model)}: {len(data.train)} train / {len(data.val)} val images, "
-        f"{len(cfg.classes)} classes, {dist.world} process(es) on {dist.device.type}, "
-        f"{data.batches_per_epoch} steps per epoch"
+        f"{apt.pretrained_cfg.get('architecture', cfg.model)}: {len(data.train)} train images / {val}, "
+        f"{target}, {dist.world} process(es) on {dist.device.type}, {data.batches_per_epoch} steps per epoch"
     )
 
 

@@ -42,12 +42,13 @@ def build_model(cfg: TrainConfig, continues: bool, dist: Dist):
     """
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     timm_kwargs = {"drop_path_rate": cfg.drop_path}
+    num_classes = None if cfg.distill else len(cfg.classes)  # --distill keeps the source's head (or none)
     with _quiet(continues or not dist.main):
         if continues:
             apt, _ = build_models(
                 None,
                 checkpoint=Path(cfg.out) / "model.safetensors",
-                num_classes=len(cfg.classes),
+                num_classes=num_classes,
                 timm_kwargs=timm_kwargs,
                 attention=cfg.attention,
             )
@@ -56,7 +57,7 @@ def build_model(cfg: TrainConfig, continues: bool, dist: Dist):
                 cfg.model,
                 cfg.pretrained,
                 cfg.checkpoint,
-                len(cfg.classes),
+                num_classes,
                 timm_kwargs={**timm_kwargs, **cfg.model_args},
                 attention=cfg.attention,
                 config=cfg.apt,  # the run's settings as a whole (they replace an aptvit checkpoint's own)
@@ -68,6 +69,37 @@ def build_model(cfg: TrainConfig, continues: bool, dist: Dist):
     # an attention backend that cannot train here fails now, not at the first step after config.json is written
     resolve_backend(apt.attention, dist.device, resolve_dtype(cfg.dtype, dist.device), grad=True)
     return apt
+
+
+def build_teacher(cfg: TrainConfig, apt, continues: bool, dist: Dist):
+    """The frozen uniform ``aptvit.teacher.Teacher`` of a --distill run on ``dist.device`` (None without --distill),
+    checked against the student.
+
+    ``cfg.teacher``, or the source weights: in a new run a copy of ``apt``'s own before any step; a resumed run
+    rebuilds them from ``cfg.model`` / ``cfg.checkpoint`` with the run's seed (the same random weights too), so the
+    source must still be there.
+
+    Raises:
+        InputError: a teacher that cannot be compared with the student (``Teacher.check_student``).
+    """
+    from ..teacher import build_teacher as build
+
+    if not cfg.distill:
+        return None
+    with _quiet(not dist.main):
+        source = None
+        if cfg.teacher is None:
+            if continues:
+                torch.manual_seed(cfg.seed)
+                with _quiet(True):
+                    _, source = build_models(
+                        cfg.model, cfg.pretrained, cfg.checkpoint, None, timm_kwargs=cfg.model_args, config=cfg.apt
+                    )
+            else:
+                source = apt.timm_model
+        teacher = build(cfg.teacher, source, cfg.model)
+    teacher.check_student(apt, cfg.size)
+    return teacher.to(dist.device)
 
 
 def distribute(apt, dist: Dist) -> torch.nn.Module:

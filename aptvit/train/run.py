@@ -135,7 +135,8 @@ class TrainState:
             apt,
             model_args=cfg.model_args,
             extra_metadata={
-                "classes": json.dumps(cfg.classes),
+                # a --distill run keeps the source's head: it learnt no class names
+                **({} if cfg.distill else {"classes": json.dumps(cfg.classes)}),
                 "global_step": str(self.global_step),
                 "input_size": str(cfg.size),
             },
