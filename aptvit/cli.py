@@ -265,6 +265,9 @@ def cmd_finetune(args) -> int:
         "deterministic": args.deterministic or None,
         "attention": args.attention,
         "new_layer_lr_scale": args.new_layer_lr_scale,
+        "distill": args.distill or None,
+        "teacher": args.teacher,
+        "temperature": args.temperature,
     }
     given = {k: v for k, v in given.items() if v is not None}
     settings = layout_settings(args)
@@ -294,8 +297,16 @@ def cmd_eval(args) -> int:
         dtype=args.dtype,
         attention=args.attention,
         layout=layout_settings(args),
+        teacher=args.teacher,
     )
     return 0
+
+
+def _train_help(name: str) -> str:
+    """A finetune option's help as ``TrainConfig`` declares it."""
+    from .train import FIELDS
+
+    return FIELDS[name].metadata["help"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--deterministic", action="store_true", help="deterministic kernels: bit-exact --resume on CUDA too (slower)"
     )
+    p.add_argument("--distill", action="store_true", help=_train_help("distill"))
+    p.add_argument("--teacher", help=_train_help("teacher"))
+    p.add_argument("--temperature", type=float, help=f"{_train_help('temperature')} (default {d('temperature')})")
     add_runtime_options(p, default=None)  # None: the run's own device and dtype on --resume
     p.set_defaults(func=cmd_finetune)
 
@@ -404,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=default_of(eval_command, "workers"))
     p.add_argument("--json", help="write the metrics as JSON")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument(
+        "--teacher",
+        help="also report agreement with this teacher, run uniformly (top-1 agreement, feature cosines; labels or "
+        "not): an aptvit checkpoint, timm weights of --model's architecture, a timm model name, or 'uniform' "
+        "(the evaluated model's own weights)",
+    )
     add_runtime_options(p)
     p.set_defaults(func=cmd_eval)
     return parser

@@ -47,6 +47,25 @@ def check_image_folder(root, split: str, required: bool = False) -> Path:
     return folder
 
 
+def image_files(folder: Path) -> List[tuple]:
+    """Every image under ``folder`` (sub-folders included, sorted) as (path, 0): unlabelled samples for
+    ``LayoutDataset`` (a --distill run, ``aptvit eval --teacher``).
+
+    Raises:
+        InputError: ``folder`` is not a folder, or holds no image.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{str(folder)!r} is not a folder; give a folder of images")
+    with reading(folder, "data folder"):
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    if not paths:
+        raise InputError(f"{str(folder)!r} holds no image ({', '.join(IMG_EXTENSIONS)})")
+    return [(str(p), 0) for p in paths]
+
+
 def image_folder(folder: Path):
     """torchvision's ImageFolder (paths and labels only; images are read by ``LayoutDataset``)."""
     from torchvision.datasets import ImageFolder

@@ -97,7 +97,7 @@ class APTViT(DenseMixin, nn.Module):
         return tuple(self.config.patch_sizes)
 
     def configure(self, attention: Optional[str] = None, **changes) -> "APTViT":
-        """Change the layout settings (``APTConfig`` fields: thresholds=, budget=, scorer=, scorer_args=) and/or
+        """Change the settings (``APTConfig`` fields: thresholds=, budget=, scorer=, scorer_args=, area_bias=) and/or
         the attention backend (``attention=``, see ``nn.attention.BACKENDS``), validated.
 
         The patch sizes are fixed at conversion (they own the detail-path weights).
@@ -273,11 +273,12 @@ class APTViT(DenseMixin, nn.Module):
         x = self.norm_pre(self.pos_drop(self.embed_packed(images, packed)))
         backend = self._backend(x)
         pad_index = pad_rows(packed.seq, packed.cu_seqlens, packed.max_seqlen) if backend == "pad" else None
+        key_bias = packed.key_bias if self.config.area_bias else None  # area-proportional attention, every block
         kept: Dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
             if stop is not None and i > stop:
                 break
-            x = self._block(blk, x, packed, backend, pad_index)
+            x = self._block(blk, x, packed, backend, pad_index, key_bias)
             if i in take:
                 kept[i] = x
         return x, kept
@@ -434,15 +435,17 @@ class APTViT(DenseMixin, nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks.parameters()))
         return resolve_backend(self.attention, x.device, dtype, dropout, grad)
 
-    def _block(self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index) -> torch.Tensor:
+    def _block(
+        self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index, key_bias=None
+    ) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._block_forward, blk, x, packed, backend, pad_index, use_reentrant=False)
-        return self._block_forward(blk, x, packed, backend, pad_index)
+            return checkpoint(self._block_forward, blk, x, packed, backend, pad_index, key_bias, use_reentrant=False)
+        return self._block_forward(blk, x, packed, backend, pad_index, key_bias)
 
     def _block_forward(
-        self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index
+        self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index, key_bias=None
     ) -> torch.Tensor:
-        a = packed_self_attention(blk.attn, blk.norm1(x), packed, backend, pad_index)
+        a = packed_self_attention(blk.attn, blk.norm1(x), packed, backend, pad_index, key_bias)
         x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, packed.seq, packed.num_seqs, self.training)
         return x + drop_path_packed(
             blk.ls2(blk.mlp(blk.norm2(x))), blk.drop_path2, packed.seq, packed.num_seqs, self.training
