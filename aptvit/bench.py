@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .core.io import atomic_write
+from .core.io import InputError, atomic_write
 from .images import center_crop_resize, normalise
 from .nn.model import APTViT, model_flops
 from .runtime import autocast
@@ -267,9 +267,9 @@ def bench_command(
     from .runtime import resolve_device, resolve_dtype
 
     if runs < 1 or warmup < 0:
-        raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
+        raise InputError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
     if not batches or min(batches) < 1:
-        raise ValueError(f"--batch sizes must be >= 1, got {batches}")
+        raise InputError(f"--batch sizes must be >= 1, got {batches}")
     compute_dtype = resolve_dtype(dtype, "cpu")  # a bad name fails before any work
     where = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, where)
@@ -282,9 +282,9 @@ def bench_command(
         try:
             hw = (int(h), int(w or h))
         except ValueError:
-            raise ValueError(f"--size {text!r} must be a number or HxW, e.g. 384 or 384x640") from None
+            raise InputError(f"--size {text!r} must be a number or HxW, e.g. 384 or 384x640") from None
         if hw[0] % p or hw[1] % p or min(hw) <= 0:
-            raise ValueError(
+            raise InputError(
                 f"--size {hw[0]}x{hw[1]} is not a multiple of the base patch size {p} of {apt.pretrained_cfg.get('architecture') or model}"
             )
         parsed.append(hw)

@@ -68,7 +68,7 @@ def evaluate(
     for batch in tqdm(loader, desc="eval", disable=None if (progress and dist.main) else True, leave=False):
         if batch.bad:
             if not skip_bad_images:
-                raise ValueError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
+                raise InputError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
             bad += len(batch.bad)
         if batch.images.shape[0] == 0:
             continue
@@ -99,7 +99,7 @@ def evaluate(
     seconds = all_reduce_sum([model_seconds], dist)[0] / dist.world
     model.train(was_training)
     if seen == 0:
-        raise ValueError("no image of the evaluation set could be read")
+        raise InputError("no image of the evaluation set could be read")
     return {
         "top1": 100 * correct1 / seen,
         "top5": 100 * correct5 / seen,
@@ -164,7 +164,7 @@ def eval_command(
         logger.info(f"{folder}: the checkpoint's classes are not these class folders: agreement with the teacher only")
         items = None
     if items is not None and classes is not None and classes != items.classes:
-        raise ValueError(
+        raise InputError(
             f"the checkpoint's {len(classes)} classes differ from the {len(items.classes)} class folders of {folder}"
         )
     # evaluation never replaces a head: the model's classes must be the folders'
@@ -184,7 +184,7 @@ def eval_command(
         )
         items = None
     if items is not None and timm_model.num_classes != len(items.classes):
-        raise ValueError(
+        raise InputError(
             f"the model has {timm_model.num_classes} classes but {folder} has {len(items.classes)} class folders; "
             "evaluate a checkpoint trained on these classes"
         )

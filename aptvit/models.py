@@ -146,7 +146,7 @@ def build_models(
         logger.info(f"weights: {checkpoint} (aptvit checkpoint)")
         return apt, apt.timm_model
     if not name:
-        raise ValueError("give --model NAME (with --pretrained or a timm --checkpoint), or an aptvit --checkpoint")
+        raise InputError("give --model NAME (with --pretrained or a timm --checkpoint), or an aptvit --checkpoint")
     if checkpoint and num_classes is None:  # e.g. a fine-tuned .pth: the head it was trained with
         classes = checkpoint_classes(checkpoint)
         timm_kwargs["num_classes"] = classes if classes is not None else 0
@@ -171,9 +171,9 @@ def build_timm(
     """The unconverted timm model (the uniform baseline), with its weights."""
     check_readable(checkpoint)
     if checkpoint and read_metadata(checkpoint).get("format") == "aptvit":
-        raise ValueError("--uniform evaluates a timm model; this checkpoint is an aptvit model (drop --uniform)")
+        raise InputError("--uniform evaluates a timm model; this checkpoint is an aptvit model (drop --uniform)")
     if not name:
-        raise ValueError("--uniform needs --model NAME")
+        raise InputError("--uniform needs --model NAME")
     if checkpoint and num_classes is None:
         classes = checkpoint_classes(checkpoint)
         num_classes = classes if classes is not None else 0

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+from ..core.io import InputError, UserTypeError
 from ..core.layout import check_patch_sizes
 from ..core.quadtree import check_budget, check_layout_settings
 from ..core.scoring import get_scorer
@@ -44,14 +45,14 @@ class APTConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.area_bias, bool):
-            raise TypeError(f"area_bias must be True or False, got {self.area_bias!r}")
+            raise UserTypeError(f"area_bias must be True or False, got {self.area_bias!r}")
         spec = get_scorer(self.scorer)  # saved by name: a registered scorer, no callables
         if self.patch_sizes is None:  # thresholds keyed by size are checked once the sizes are known
             params = spec.resolve_params(self.scorer, self.scorer_args)
             if self.thresholds is not None and self.budget is not None:
-                raise ValueError("pass either thresholds= or budget=, not both")
+                raise InputError("pass either thresholds= or budget=, not both")
             if self.thresholds is not None and not isinstance(self.thresholds, Mapping):
-                raise TypeError(
+                raise UserTypeError(
                     f"thresholds must be a dict keyed by patch size such as {{32: 5.5}}, got {self.thresholds!r}"
                 )
         else:
@@ -79,7 +80,9 @@ class APTConfig:
         """
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise TypeError(f"unknown setting(s) {unknown}; APTConfig has {[f.name for f in dataclasses.fields(self)]}")
+            raise UserTypeError(
+                f"unknown setting(s) {unknown}; APTConfig has {[f.name for f in dataclasses.fields(self)]}"
+            )
         new_scorer = changes.get("scorer", self.scorer) != self.scorer
         if new_scorer and "thresholds" not in changes and self.budget is None:
             changes["thresholds"] = None
@@ -94,7 +97,7 @@ class APTConfig:
     def layout_kwargs(self) -> dict:
         """The ``patch_layout`` arguments these settings stand for."""
         if self.patch_sizes is None:
-            raise ValueError("these settings have no patch_sizes yet; use config.for_patch_size(p)")
+            raise InputError("these settings have no patch_sizes yet; use config.for_patch_size(p)")
         kwargs = self.to_kwargs()  # the layout fields are named as patch_layout's arguments
         for name in MODEL_FIELDS:
             del kwargs[name]
