@@ -21,6 +21,7 @@ import torch
 
 from .core.io import InputError, atomic_write
 from .images import center_crop_resize, normalise
+from .models import ModelSource
 from .nn.model import APTViT, model_flops
 from .runtime import autocast
 
@@ -239,30 +240,22 @@ def run_bench(
 
 
 def bench_command(
-    model,
+    source: ModelSource,
     sizes,
     batches,
     images=None,
-    layout=None,
     runs=5,
     warmup=2,
     out=None,
     plot_path=None,
-    pretrained=False,
-    checkpoint=None,
-    device: str = "auto",
-    dtype: str = "auto",
-    attention: str = "auto",
 ) -> List[BenchRow]:
     """``aptvit bench``: build the models, check the sizes, run the grid, print/write the results.
 
     Args:
-        layout: ``APTConfig`` fields that override the model's settings (patch_sizes=, thresholds=, budget=, ...).
-        device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 autocast when available, else CPU fp32).
-        attention: the attention backend ("auto" or a name in ``aptvit.nn.attention.BACKENDS``).
+        source: the model, its weights, device, dtype, attention backend and layout settings
+            (``aptvit.models.ModelSource``).
     """
     from .images import list_images, read_image
-    from .models import build_models
     from .photos import PHOTO_NAMES, load_photo
     from .runtime import resolve_device, resolve_dtype
 
@@ -270,10 +263,11 @@ def bench_command(
         raise InputError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
     if not batches or min(batches) < 1:
         raise InputError(f"--batch sizes must be >= 1, got {batches}")
-    compute_dtype = resolve_dtype(dtype, "cpu")  # a bad name fails before any work
-    where = resolve_device(device)
-    compute_dtype = resolve_dtype(dtype, where)
-    apt, timm_model = build_models(model, pretrained, checkpoint, layout=layout, attention=attention)
+    compute_dtype = resolve_dtype(source.dtype, "cpu")  # a bad name fails before any work
+    where = resolve_device(source.device)
+    compute_dtype = resolve_dtype(source.dtype, where)
+    apt, timm_model = source.build()
+    model = source.model
     apt.eval().to(where), timm_model.eval().to(where)
     p = apt.patch_size
     parsed = []

@@ -108,6 +108,21 @@ def default_of(source, name: str):
     return inspect.signature(source).parameters[name].default
 
 
+def model_source(args, model: Optional[str]):
+    """The ``ModelSource`` of bench's and eval's shared options (weights, runtime, layout; see their adders)."""
+    from .models import ModelSource
+
+    return ModelSource(
+        model=model,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        layout=layout_settings(args),
+    )
+
+
 def check_model_name(name: str) -> str:
     import timm
 
@@ -205,20 +220,14 @@ def cmd_bench(args) -> int:
         if path:
             check_writable(path)
     bench_command(
-        model=check_model_name(args.model),
+        model_source(args, check_model_name(args.model)),
         sizes=args.size,
         batches=parse_int_list(args.batch, "--batch"),
         images=args.images,
-        layout=layout_settings(args),
         runs=args.runs,
         warmup=args.warmup,
         out=args.out,
         plot_path=args.plot,
-        pretrained=args.pretrained,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
     )
     return 0
 
@@ -253,9 +262,7 @@ def cmd_eval(args) -> int:
     from .evaluate import eval_command
 
     eval_command(
-        checkpoint=args.checkpoint,
-        model_name=check_model_name(args.model) if args.model else None,
-        pretrained=args.pretrained,
+        model_source(args, check_model_name(args.model) if args.model else None),
         data=args.data,
         uniform=args.uniform,
         size=args.size,
@@ -263,10 +270,6 @@ def cmd_eval(args) -> int:
         workers=args.workers,
         json_path=args.json,
         skip_bad_images=args.skip_bad_images,
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
-        layout=layout_settings(args),
         teacher=args.teacher,
     )
     return 0

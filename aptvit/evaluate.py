@@ -27,6 +27,7 @@ from .data import (
 )
 from .distributed import all_reduce_sum, setup_distributed
 from .images import normalise
+from .models import ModelSource
 from .runtime import autocast, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -111,9 +112,7 @@ def evaluate(
 
 
 def eval_command(
-    checkpoint=None,
-    model_name=None,
-    pretrained=False,
+    source: ModelSource,
     data=None,
     uniform=False,
     size=None,
@@ -121,26 +120,21 @@ def eval_command(
     workers=4,
     json_path=None,
     skip_bad_images=False,
-    layout=None,
-    device: str = "auto",
-    dtype: str = "auto",
-    attention: str = "auto",
     teacher=None,
 ) -> dict:
     """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON.
 
     Args:
-        layout: ``APTConfig`` fields that override the model's settings (thresholds=, budget=, scorer=, patch_sizes=, ...).
-        device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 when available).
-        attention: the attention backend of the APT model ("auto" or a name in ``aptvit.nn.attention.BACKENDS``).
+        source: the model, its weights, device, dtype, attention backend and layout settings
+            (``aptvit.models.ModelSource``); ``uniform`` evaluates its timm model unconverted.
         teacher: also measure agreement with this uniform teacher (``aptvit.teacher.build_teacher``: a checkpoint,
             a timm model name, or "uniform" for the model's own weights), on labelled or unlabelled images.
     """
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from .models import build_models, build_timm
     from .nn.checkpoint import read_metadata
 
+    checkpoint, model_name, device, dtype = source.checkpoint, source.model, source.device, source.dtype
     compute_dtype = resolve_dtype(dtype, "cpu")  # checks the name before any work; resolved below
     if size is not None:
         check_side(size, "--size")
@@ -169,12 +163,12 @@ def eval_command(
         )
     # evaluation never replaces a head: the model's classes must be the folders'
     if uniform:
-        model = timm_model = build_timm(model_name, pretrained, checkpoint)  # models.py logs on rank 0 only
+        model = timm_model = source.build_timm()  # models.py logs on rank 0 only
         cfg = timm_model.pretrained_cfg or {}
         mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
         layout_fn = None
     else:
-        model, timm_model = build_models(model_name, pretrained, checkpoint, layout=layout, attention=attention)
+        model, timm_model = source.build()
         cfg = timm_model.pretrained_cfg or {}
         mean, std = model.pixel_mean_std()
         layout_fn = functools.partial(patch_layout, **model.config.layout_kwargs())

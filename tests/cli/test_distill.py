@@ -14,6 +14,7 @@ from aptvit.core.distill import Outputs, distill_loss
 from aptvit.data import LayoutDataset, build_transform, image_files
 from aptvit.evaluate import eval_command
 from aptvit.images import normalise
+from aptvit.models import ModelSource
 from aptvit.teacher import Teacher, apt_outputs, timm_outputs
 from aptvit.train import finetune
 
@@ -21,6 +22,11 @@ from ..tiny import tiny_vit
 from .helpers import one_line, run, train_config
 
 NEVER = {32: -1.0, 64: -1.0}  # every score is >= 0: nothing merges, the APT model computes what timm computes
+
+
+def eval_source(checkpoint, device="cpu", **kwargs):
+    """``eval_command`` of an aptvit checkpoint on ``device``."""
+    return eval_command(ModelSource(checkpoint=checkpoint, device=device), **kwargs)
 
 
 def photos(folder, n=8, size=48, seed=0):
@@ -90,7 +96,7 @@ def test_a_few_distill_steps_on_unlabelled_images_bring_the_student_closer_to_it
     data = photos(tmp_path / "photos", n=8)  # one folder, no classes, no train/ or val/
     source = _source(tmp_path, nc, thresholds={32: 6.0, 64: 6.0})  # merges: the zero-shot student differs
     common = dict(data=str(data), batch_size=4, workers=0, device="cpu")
-    before = eval_command(checkpoint=source, size=64, teacher="uniform", **common)
+    before = eval_source(checkpoint=source, size=64, teacher="uniform", **common)
     assert before["tokens_kept"] < 0.9  # there is something to learn
     cfg = train_config(
         data,
@@ -106,7 +112,7 @@ def test_a_few_distill_steps_on_unlabelled_images_bring_the_student_closer_to_it
         eval=False,
     )
     finetune(cfg)
-    after = eval_command(checkpoint=tmp_path / "run" / "model.safetensors", size=64, teacher=str(source), **common)
+    after = eval_source(checkpoint=tmp_path / "run" / "model.safetensors", size=64, teacher=str(source), **common)
     assert after["tokens_kept"] == pytest.approx(before["tokens_kept"])  # the same layouts: only the weights moved
     if nc:  # with a head the loss is the logits' KL: that is what comes closer
         assert after["kl"] < 0.8 * before["kl"], (before["kl"], after["kl"])
@@ -124,11 +130,11 @@ def test_eval_teacher_numbers(tmp_path, capsys):
     data = photos(tmp_path / "photos", n=6)
     source = _source(tmp_path, 10, thresholds=NEVER)
     common = dict(data=str(data), batch_size=4, workers=0, device="cpu", size=64)
-    same = eval_command(checkpoint=source, teacher=str(source), **common)
+    same = eval_source(checkpoint=source, teacher=str(source), **common)
     assert same["agreement"] == 100.0 and same["images"] == 6 and same["kl"] == pytest.approx(0, abs=1e-6)
     assert same["cosine_pre_logits"] == pytest.approx(1.0, abs=1e-5)
     assert same["cosine_dense"] == pytest.approx(1.0, abs=1e-5)
-    assert eval_command(checkpoint=source, teacher="uniform", **common)["cosine_dense"] == pytest.approx(1, abs=1e-5)
+    assert eval_source(checkpoint=source, teacher="uniform", **common)["cosine_dense"] == pytest.approx(1, abs=1e-5)
 
     student = aptvit.load(source)
     with torch.no_grad():
@@ -136,7 +142,7 @@ def test_eval_teacher_numbers(tmp_path, capsys):
             p.add_(0.1 * torch.randn_like(p, generator=None))
     perturbed = tmp_path / "perturbed.safetensors"
     aptvit.save(student, perturbed)
-    got = eval_command(checkpoint=perturbed, teacher=str(source), json_path=str(tmp_path / "m.json"), **common)
+    got = eval_source(checkpoint=perturbed, teacher=str(source), json_path=str(tmp_path / "m.json"), **common)
     # by hand: the eval crops, both timm models uniformly (nothing merges, so the student is its timm model)
     teacher_vit, student_vit = aptvit.load(source).timm_model.eval(), aptvit.load(perturbed).timm_model.eval()
     mean, std = student.pixel_mean_std()
@@ -163,7 +169,7 @@ def test_eval_teacher_with_labels_reports_both(tmp_path):
 
     data = make_folder(tmp_path / "data", train=1, val=2)
     source = _source(tmp_path, 2, thresholds=NEVER)
-    got = eval_command(checkpoint=source, data=str(data), teacher="uniform", size=32, workers=0, device="cpu")
+    got = eval_source(checkpoint=source, data=str(data), teacher="uniform", size=32, workers=0, device="cpu")
     assert {"top1", "top5", "agreement", "cosine_dense"} <= set(got) and got["agreement"] == 100.0
 
 
