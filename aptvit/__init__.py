@@ -16,7 +16,7 @@ from .nn.heads import BoxAwareProjector, SegmentationDecoder, SimpleFeaturePyram
 # a library logs, the application decides what to show: nothing unless it configures logging (the CLI prints INFO)
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "PatchLayout",
     "pad_to_multiple",

@@ -19,8 +19,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .core.io import atomic_write
+from .core.io import InputError, atomic_write
 from .images import center_crop_resize, normalise
+from .models import ModelSource
 from .nn.model import APTViT, model_flops
 from .runtime import autocast
 
@@ -239,41 +240,34 @@ def run_bench(
 
 
 def bench_command(
-    model,
+    source: ModelSource,
     sizes,
     batches,
     images=None,
-    layout=None,
     runs=5,
     warmup=2,
     out=None,
     plot_path=None,
-    pretrained=False,
-    checkpoint=None,
-    device: str = "auto",
-    dtype: str = "auto",
-    attention: str = "auto",
 ) -> List[BenchRow]:
     """``aptvit bench``: build the models, check the sizes, run the grid, print/write the results.
 
     Args:
-        layout: ``APTConfig`` fields that override the model's settings (patch_sizes=, thresholds=, budget=, ...).
-        device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 autocast when available, else CPU fp32).
-        attention: the attention backend ("auto" or a name in ``aptvit.nn.attention.BACKENDS``).
+        source: the model, its weights, device, dtype, attention backend and layout settings
+            (``aptvit.models.ModelSource``).
     """
     from .images import list_images, read_image
-    from .models import build_models
     from .photos import PHOTO_NAMES, load_photo
     from .runtime import resolve_device, resolve_dtype
 
     if runs < 1 or warmup < 0:
-        raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
+        raise InputError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
     if not batches or min(batches) < 1:
-        raise ValueError(f"--batch sizes must be >= 1, got {batches}")
-    compute_dtype = resolve_dtype(dtype, "cpu")  # a bad name fails before any work
-    where = resolve_device(device)
-    compute_dtype = resolve_dtype(dtype, where)
-    apt, timm_model = build_models(model, pretrained, checkpoint, layout=layout, attention=attention)
+        raise InputError(f"--batch sizes must be >= 1, got {batches}")
+    compute_dtype = resolve_dtype(source.dtype, "cpu")  # a bad name fails before any work
+    where = resolve_device(source.device)
+    compute_dtype = resolve_dtype(source.dtype, where)
+    apt, timm_model = source.build()
+    model = source.model
     apt.eval().to(where), timm_model.eval().to(where)
     p = apt.patch_size
     parsed = []
@@ -282,9 +276,9 @@ def bench_command(
         try:
             hw = (int(h), int(w or h))
         except ValueError:
-            raise ValueError(f"--size {text!r} must be a number or HxW, e.g. 384 or 384x640") from None
+            raise InputError(f"--size {text!r} must be a number or HxW, e.g. 384 or 384x640") from None
         if hw[0] % p or hw[1] % p or min(hw) <= 0:
-            raise ValueError(
+            raise InputError(
                 f"--size {hw[0]}x{hw[1]} is not a multiple of the base patch size {p} of {apt.pretrained_cfg.get('architecture') or model}"
             )
         parsed.append(hw)

@@ -1,11 +1,11 @@
 """The ``aptvit`` command line: argument parsing only; the work is in viz, bench, train, evaluate.
 
 Every user error (a missing file, a bad option, an unknown model, a full disk) is one line on stderr and
-exit code 2; ``--debug`` shows the traceback instead. What counts as a user error is decided by where it
-comes from, not by its type: a ``UserError`` (raised at the boundaries: reading a file, writing a file,
-checking an argument), or an error that aptvit's own code raises on purpose (the documented ValueError /
-TypeError of the Python API for bad arguments). An error raised anywhere else (inside torch, by the
-interpreter) is a bug and keeps its traceback.
+exit code 2; ``--debug`` shows the traceback instead. A user error is exactly a ``UserError`` (``core.io``: raised
+wherever the user's input is at fault: reading or writing a file, checking an argument; its subclasses are also
+the ``ValueError`` / ``TypeError`` / ``OSError`` / ``ImportError`` the Python API documents), or torch running out
+of memory (the machine's limit: a smaller batch or size fixes it). Anything else (inside torch, by the
+interpreter, a ``ValueError`` from aptvit's own arithmetic) is a bug and keeps its traceback.
 
 What the commands report goes through ``logging`` (the "aptvit" loggers, at INFO); while ``main`` runs, a handler
 prints each message bare on stdout, so the command line shows them and a library user sees nothing unasked.
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import linecache
 import logging
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from . import __version__
@@ -111,6 +109,21 @@ def default_of(source, name: str):
         (f,) = [f for f in dataclasses.fields(source) if f.name == name]
         return f.default_factory() if f.default is dataclasses.MISSING else f.default
     return inspect.signature(source).parameters[name].default
+
+
+def model_source(args, model: Optional[str]):
+    """The ``ModelSource`` of bench's and eval's shared options (weights, runtime, layout; see their adders)."""
+    from .models import ModelSource
+
+    return ModelSource(
+        model=model,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        layout=layout_settings(args),
+    )
 
 
 def check_model_name(name: str) -> str:
@@ -229,20 +242,14 @@ def cmd_bench(args) -> int:
         if path:
             check_writable(path)
     bench_command(
-        model=check_model_name(args.model),
+        model_source(args, check_model_name(args.model)),
         sizes=args.size,
         batches=parse_int_list(args.batch, "--batch"),
         images=args.images,
-        layout=layout_settings(args),
         runs=args.runs,
         warmup=args.warmup,
         out=args.out,
         plot_path=args.plot,
-        pretrained=args.pretrained,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
     )
     return 0
 
@@ -260,35 +267,10 @@ def cmd_finetune(args) -> int:
     from .models import conversion_settings
     from .train import TrainConfig, finetune
 
-    # only the options given on the command line: the others keep TrainConfig's defaults, or on --resume the run's
-    # own, and only a given option can be a change that --resume refuses
-    given = {
-        "model": check_model_name(args.model),
-        "data": args.data,
-        "out": args.out,
-        "pretrained": args.pretrained or None,
-        "checkpoint": args.checkpoint,
-        "epochs": args.epochs,
-        "size": args.size,
-        "augment": args.augment,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "warmup": args.warmup,
-        "drop_path": args.drop_path,
-        "workers": args.workers,
-        "seed": args.seed,
-        "skip_bad_images": args.skip_bad_images or None,
-        "max_steps": args.max_steps,
-        "save_every": args.save_every,
-        "log_every": args.log_every,
-        "eval": False if args.no_eval else None,
-        "device": args.device,
-        "dtype": args.dtype,
-        "deterministic": args.deterministic or None,
-        "attention": args.attention,
-        "new_layer_lr_scale": args.new_layer_lr_scale,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
+    # only the options given on the command line (every default is None): the others keep TrainConfig's defaults,
+    # or on --resume the run's own, and only a given option can be a change that --resume refuses
+    given = {name: getattr(args, name) for name in finetune_settings() if getattr(args, name) is not None}
+    given["model"] = check_model_name(given["model"])
     settings = layout_settings(args)
     # the conversion settings: the given ones on top of an aptvit --checkpoint's own (or APTConfig's defaults); a
     # resumed run has its own (its config.json, its weights) and only compares what was given: the original
@@ -302,9 +284,7 @@ def cmd_eval(args) -> int:
     from .evaluate import eval_command
 
     eval_command(
-        checkpoint=args.checkpoint,
-        model_name=check_model_name(args.model) if args.model else None,
-        pretrained=args.pretrained,
+        model_source(args, check_model_name(args.model) if args.model else None),
         data=args.data,
         uniform=args.uniform,
         size=args.size,
@@ -312,23 +292,66 @@ def cmd_eval(args) -> int:
         workers=args.workers,
         json_path=args.json,
         skip_bad_images=args.skip_bad_images,
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
-        layout=layout_settings(args),
+        teacher=args.teacher,
     )
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import functools
+def finetune_settings() -> Dict[str, object]:
+    """The ``TrainConfig`` fields that ``aptvit finetune`` has an option for (declared ``cli=True``), by name."""
+    from .train import FIELDS
 
+    return {name: f for name, f in FIELDS.items() if f.metadata["cli"]}
+
+
+def add_setting_options(p: argparse.ArgumentParser) -> None:
+    """One option per ``finetune_settings()`` field, generated from its declaration: the name (``option_name``),
+    the type (the field's), the help (with the field's default) and ``--resume``'s list (``RUN_CONTROL``).
+
+    Every default is None: the command line passes on only what was given (a new run takes TrainConfig's defaults,
+    a resumed run its own). A field without a default is a required option; booleans are flags.
+    """
+    import dataclasses
+    import typing
+
+    from .nn.attention import backend_choices
+    from .train import RUN_CONTROL, TrainConfig, option_name
+
+    choices = {"device": DEVICES, "dtype": DTYPE_CHOICES, "attention": backend_choices()}
+    extra = {"size": f"at most {MAX_SIDE}"}
+    hints = typing.get_type_hints(TrainConfig)
+    weights = p.add_mutually_exclusive_group()  # --pretrained or --checkpoint
+    for name, f in finetune_settings().items():
+        kind = hints[name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else default_of(TrainConfig, name)
+        notes = [f"default {default}"] if kind is not bool and default is not None else []
+        notes += [extra[name]] if name in extra else []
+        text = " ".join([f.metadata["help"]] * bool(f.metadata["help"]) + [f"({', '.join(notes)})"] * bool(notes))
+        group = weights if name in ("pretrained", "checkpoint") else p
+        if kind is bool:
+            # a flag gives the value that is not the default (--no-eval: eval=False)
+            group.add_argument(option_name(name), dest=name, action="store_const", const=not default, help=text)
+        else:
+            group.add_argument(
+                option_name(name), dest=name, type=kind, required=required, choices=choices.get(name), help=text
+            )
+    may_change = ", ".join(option_name(n) for n in RUN_CONTROL)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue the run in --out from its last checkpoint (or from its start when it has none); only "
+        f"{may_change} may change",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     from .bench import bench_command
     from .evaluate import eval_command
-    from .train import TrainConfig
     from .viz import SHOW_PATCH_SIZES
 
-    d = functools.partial(default_of, TrainConfig)
     parser = argparse.ArgumentParser(
         prog="aptvit",
         description="Adaptive Patch Transformers: faster timm ViTs with a content-aware mix of patch sizes.",
@@ -369,48 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("finetune", help="convert a timm ViT and fine-tune it on an ImageFolder (train/ and val/)")
-    p.add_argument("--model", required=True)
-    add_weights_options(p)
-    p.add_argument("--data", required=True, help="folder with train/ and val/, one sub-folder per class")
-    p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
-    p.add_argument("--epochs", type=int, help=f"default {d('epochs')}")
-    # defaults None: TrainConfig's defaults for a new run, the run's own on --resume (a given option is a change)
-    p.add_argument("--size", type=int, help=f"input size (default {d('size')}, at most {MAX_SIDE})")
+    add_setting_options(p)  # generated from TrainConfig's declarations
     add_layout_options(p)
-    p.add_argument("--batch-size", type=int, help=f"per process (default {d('batch_size')})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d('lr')})")
-    p.add_argument("--warmup", type=float, help=f"warm-up as a fraction of all steps (default {d('warmup')})")
-    p.add_argument(
-        "--new-layer-lr-scale",
-        type=float,
-        help=f"lr multiplier of the new zero-initialised detail-path layers apt.* (default {d('new_layer_lr_scale')})",
-    )
-    p.add_argument("--drop-path", type=float, help=f"default {d('drop_path')}")
-    p.add_argument(
-        "--augment", help=f"timm auto-augment string (default {d('augment')}), or 'none' (no random crop either)"
-    )
-    p.add_argument("--workers", type=int, help=f"loader processes (default {d('workers')})")
-    p.add_argument("--seed", type=int, help=f"default {d('seed')}")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out from its last checkpoint (or from "
-        "its start when it has none); only --epochs, --max-steps, --workers, --save-every, --log-every, --no-eval, "
-        "--skip-bad-images, --device, --deterministic and --attention may change",
-    )
-    p.add_argument(
-        "--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping"
-    )
-    p.add_argument("--max-steps", type=int, help="stop (and checkpoint) after this many optimizer steps")
-    p.add_argument(
-        "--save-every", type=int, help=f"also checkpoint every N steps (default {d('save_every')}: at epoch ends)"
-    )
-    p.add_argument("--log-every", type=int, help=f"default {d('log_every')}")
-    p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end of each epoch")
-    p.add_argument(
-        "--deterministic", action="store_true", help="deterministic kernels: bit-exact --resume on CUDA too (slower)"
-    )
-    add_runtime_options(p, default=None)  # None: the run's own device and dtype on --resume
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="top-1/top-5, tokens kept and img/s on an ImageFolder split")
@@ -428,39 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=default_of(eval_command, "workers"))
     p.add_argument("--json", help="write the metrics as JSON")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument(
+        "--teacher",
+        help="also report agreement with this teacher, run uniformly (top-1 agreement, feature cosines; labels or "
+        "not): an aptvit checkpoint, timm weights of --model's architecture, a timm model name, or 'uniform' "
+        "(the evaluated model's own weights)",
+    )
     add_runtime_options(p)
     p.set_defaults(func=cmd_eval)
     return parser
 
 
-_PACKAGE = Path(__file__).resolve().parent
-
-
-def raised_on_purpose(e: BaseException) -> bool:
-    """True when aptvit's own code raised ``e`` with a ``raise`` statement (a documented argument check).
-
-    A ValueError from ``int("x")`` in aptvit, or one from inside torch or timm, is not on purpose: a bug.
-    """
-    tb = e.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    filename = tb.tb_frame.f_code.co_filename
-    try:
-        inside = Path(filename).resolve().is_relative_to(_PACKAGE)
-    except (OSError, ValueError):
-        inside = False
-    return inside and linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
-
-
 def is_user_error(e: BaseException) -> bool:
-    """Whether ``e`` is the user's to fix (one line, exit 2) rather than a bug (a traceback)."""
+    """Whether ``e`` is the user's to fix (one line, exit 2) rather than a bug (a traceback): its type says."""
     import torch
 
-    if isinstance(e, (UserError, torch.OutOfMemoryError)):
-        return True
-    return isinstance(e, (ValueError, TypeError, OSError, ImportError)) and raised_on_purpose(e)
+    return isinstance(e, (UserError, torch.OutOfMemoryError))
 
 
 class _PrintHandler(logging.Handler):

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .core.io import InputError, reading
+from .core.io import InputError, reading, user_os_error
 from .core.layout import PatchLayout
 from .core.packed import PackedBatch
 from .images import to_rgb
@@ -32,8 +32,9 @@ def check_image_folder(root, split: str, required: bool = False) -> Path:
     """
     root = Path(root)
     if required and not (root / split).is_dir():
-        raise FileNotFoundError(
-            f"{str(root)!r} has no {split}/ folder; expected {root}/train/<class>/... and {root}/val/<class>/..."
+        raise user_os_error(
+            FileNotFoundError(),
+            f"{str(root)!r} has no {split}/ folder; expected {root}/train/<class>/... and {root}/val/<class>/...",
         )
     folder = root / split if (root / split).is_dir() else root
     if folder.exists() and not folder.is_dir():
@@ -43,8 +44,27 @@ def check_image_folder(root, split: str, required: bool = False) -> Path:
     with reading(folder, "data folder", f"expected {split}/ with one folder per class"):
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{str(folder)!r} has no class folders; expected ImageFolder layout {folder}/<class>/<image>")
+        raise InputError(f"{str(folder)!r} has no class folders; expected ImageFolder layout {folder}/<class>/<image>")
     return folder
+
+
+def image_files(folder: Path) -> List[tuple]:
+    """Every image under ``folder`` (sub-folders included, sorted) as (path, 0): unlabelled samples for
+    ``LayoutDataset`` (a --distill run, ``aptvit eval --teacher``).
+
+    Raises:
+        InputError: ``folder`` is not a folder, or holds no image.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{str(folder)!r} is not a folder; give a folder of images")
+    with reading(folder, "data folder"):
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    if not paths:
+        raise InputError(f"{str(folder)!r} holds no image ({', '.join(IMG_EXTENSIONS)})")
+    return [(str(p), 0) for p in paths]
 
 
 def image_folder(folder: Path):
@@ -54,7 +74,7 @@ def image_folder(folder: Path):
     try:
         return ImageFolder(str(folder), loader=lambda p: p)
     except FileNotFoundError as e:
-        raise ValueError(f"{folder}: {str(e).splitlines()[0]} (a class folder with no images?)") from None
+        raise InputError(f"{folder}: {str(e).splitlines()[0]} (a class folder with no images?)") from None
 
 
 @dataclass

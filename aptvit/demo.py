@@ -14,6 +14,7 @@ def demo(out="aptvit-demo", model: str = "vit_small_patch16_224", size: int = 38
     """Draw the layouts of the bundled photos into ``out`` and benchmark ``model`` at ``size`` on them."""
     from .bench import bench_command
     from .images import fit_image
+    from .models import ModelSource
     from .photos import PHOTO_NAMES, load_photo
     from .viz import show
 
@@ -31,4 +32,6 @@ def demo(out="aptvit-demo", model: str = "vit_small_patch16_224", size: int = 38
     show(files, out_dir=out, heatmap=True)
     logger.info(f"pictures: {out.resolve()}/*_apt.png")
     logger.info(f"\n== benchmark: timm {model} vs its APT conversion at {size}, {len(PHOTO_NAMES)} photos ==")
-    bench_command(model, str(size), [1, 8], runs=runs, warmup=1, out=out / "bench.json", plot_path=out / "bench.png")
+    bench_command(
+        ModelSource(model), str(size), [1, 8], runs=runs, warmup=1, out=out / "bench.json", plot_path=out / "bench.png"
+    )

@@ -16,9 +16,18 @@ import torch
 
 from .core.io import InputError, atomic_write, check_side, check_writable, reading
 from .core.quadtree import patch_layout
-from .data import LayoutDataset, ShardedSampler, build_transform, check_image_folder, image_folder, make_loader
+from .data import (
+    LayoutDataset,
+    ShardedSampler,
+    build_transform,
+    check_image_folder,
+    image_files,
+    image_folder,
+    make_loader,
+)
 from .distributed import all_reduce_sum, setup_distributed
 from .images import normalise
+from .models import ModelSource
 from .runtime import autocast, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -61,7 +70,7 @@ def evaluate(
     for batch in tqdm(loader, desc="eval", disable=None if (progress and dist.main) else True, leave=False):
         if batch.bad:
             if not skip_bad_images:
-                raise ValueError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
+                raise InputError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
             bad += len(batch.bad)
         if batch.images.shape[0] == 0:
             continue
@@ -98,7 +107,7 @@ def evaluate(
     seconds = all_reduce_sum([model_seconds], dist)[0] / dist.world
     model.train(was_training)
     if seen == 0:
-        raise ValueError("no image of the evaluation set could be read")
+        raise InputError("no image of the evaluation set could be read")
     return {
         "top1": 100 * correct1 / seen,
         "top5": 100 * correct5 / seen,
@@ -110,9 +119,7 @@ def evaluate(
 
 
 def eval_command(
-    checkpoint=None,
-    model_name=None,
-    pretrained=False,
+    source: ModelSource,
     data=None,
     uniform=False,
     size=None,
@@ -120,23 +127,21 @@ def eval_command(
     workers=4,
     json_path=None,
     skip_bad_images=False,
-    layout=None,
-    device: str = "auto",
-    dtype: str = "auto",
-    attention: str = "auto",
+    teacher=None,
 ) -> dict:
     """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON.
 
     Args:
-        layout: ``APTConfig`` fields that override the model's settings (thresholds=, budget=, scorer=, patch_sizes=, ...).
-        device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 when available).
-        attention: the attention backend of the APT model ("auto" or a name in ``aptvit.nn.attention.BACKENDS``).
+        source: the model, its weights, device, dtype, attention backend and layout settings
+            (``aptvit.models.ModelSource``); ``uniform`` evaluates its timm model unconverted.
+        teacher: also measure agreement with this uniform teacher (``aptvit.teacher.build_teacher``: a checkpoint,
+            a timm model name, or "uniform" for the model's own weights), on labelled or unlabelled images.
     """
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from .models import build_models, build_timm
     from .nn.checkpoint import read_metadata
 
+    checkpoint, model_name, device, dtype = source.checkpoint, source.model, source.device, source.dtype
     compute_dtype = resolve_dtype(dtype, "cpu")  # checks the name before any work; resolved below
     if size is not None:
         check_side(size, "--size")
@@ -147,39 +152,69 @@ def eval_command(
         check_writable(json_path)  # now, not after the whole evaluation
     dist = setup_distributed(device)
     compute_dtype = resolve_dtype(dtype, dist.device)
-    folder = check_image_folder(data, "val")
-    items = image_folder(folder)
+    if teacher is not None and uniform:
+        raise InputError("--teacher measures how an APT model follows a uniform one; drop --uniform")
+    labelled = teacher is None or _has_class_folders(data)
+    folder = check_image_folder(data, "val") if labelled else _split_folder(data)
+    items = image_folder(folder) if labelled else None
     meta = read_metadata(checkpoint) if checkpoint else {}
     with reading(checkpoint, "checkpoint", "its 'classes' or 'input_size' metadata is malformed"):
         classes = json.loads(meta["classes"]) if "classes" in meta else None
         saved_size = int(meta.get("input_size", 0))
-    if classes is not None and classes != items.classes:
-        raise ValueError(
+    if teacher is not None and items is not None and classes is not None and classes != items.classes:
+        logger.info(f"{folder}: the checkpoint's classes are not these class folders: agreement with the teacher only")
+        items = None
+    if items is not None and classes is not None and classes != items.classes:
+        raise InputError(
             f"the checkpoint's {len(classes)} classes differ from the {len(items.classes)} class folders of {folder}"
         )
     # evaluation never replaces a head: the model's classes must be the folders'
     if uniform:
-        model = timm_model = build_timm(model_name, pretrained, checkpoint)  # models.py logs on rank 0 only
+        model = timm_model = source.build_timm()  # models.py logs on rank 0 only
         cfg = timm_model.pretrained_cfg or {}
         mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
         layout_fn = None
     else:
-        model, timm_model = build_models(model_name, pretrained, checkpoint, layout=layout, attention=attention)
+        model, timm_model = source.build()
         cfg = timm_model.pretrained_cfg or {}
         mean, std = model.pixel_mean_std()
         # static: the model makes its layout on the device (exactly k tokens per image), the workers only read images
         layout_fn = None if model.config.static else functools.partial(patch_layout, **model.config.layout_kwargs())
-    if timm_model.num_classes != len(items.classes):
-        raise ValueError(
+    if teacher is not None and items is not None and timm_model.num_classes != len(items.classes):
+        logger.info(
+            f"{folder}: {len(items.classes)} class folders for {timm_model.num_classes} classes: agreement only"
+        )
+        items = None
+    if items is not None and timm_model.num_classes != len(items.classes):
+        raise InputError(
             f"the model has {timm_model.num_classes} classes but {folder} has {len(items.classes)} class folders; "
             "evaluate a checkpoint trained on these classes"
         )
     model.to(dist.device)
     size = check_side(size or saved_size or cfg.get("input_size", (3, 224, 224))[-1], "input size")
-    dataset = LayoutDataset(items.samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)
-    result = evaluate(
-        model, dataset, batch_size, workers, dist, mean, std, skip_bad_images, uniform=uniform, dtype=compute_dtype
-    )
+    samples = items.samples if items is not None else image_files(folder)
+    dataset = LayoutDataset(samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)
+    result = {}
+    if items is not None:
+        result = evaluate(
+            model, dataset, batch_size, workers, dist, mean, std, skip_bad_images, uniform=uniform, dtype=compute_dtype
+        )
+    if teacher is not None:
+        result.update(
+            _teacher_agreement(
+                model,
+                timm_model,
+                teacher,
+                model_name,
+                dataset,
+                size,
+                batch_size,
+                workers,
+                dist,
+                skip_bad_images,
+                compute_dtype,
+            )
+        )
     result.update(
         device=dist.device.type,
         dtype=str(compute_dtype).replace("torch.", ""),
@@ -191,10 +226,44 @@ def eval_command(
     if dist.main:
         bad = result["bad_images"]
         skipped = f", {bad} unreadable image{'s' if bad != 1 else ''} skipped" if bad else ""
+        accuracy = f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  " if "top1" in result else ""
         logger.info(
-            f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  tokens kept {result['tokens_kept']:.1%}  "
+            f"{accuracy}tokens kept {result['tokens_kept']:.1%}  "
             f"{result['images_per_s']:.1f} img/s  ({result['images']} images{skipped}{', uniform ViT' if uniform else ''})"
         )
+        if teacher is not None:
+            same = f"top-1 agreement {result['agreement']:.2f}%  " if "agreement" in result else ""
+            logger.info(
+                f"teacher {result['teacher']}: {same}cosine pre-logits {result['cosine_pre_logits']:.4f}  "
+                f"dense {result['cosine_dense']:.4f}"
+            )
         if json_path:
             atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     return result
+
+
+def _has_class_folders(data) -> bool:
+    """Whether the split ``aptvit eval --data`` names (DIR/val/ or DIR) has class folders."""
+    folder = _split_folder(data)
+    return folder.is_dir() and any(p.is_dir() for p in folder.iterdir())
+
+
+def _split_folder(data) -> Path:
+    root = Path(data)
+    return root / "val" if (root / "val").is_dir() else root
+
+
+def _teacher_agreement(
+    model, timm_model, teacher, model_name, dataset, size, batch_size, workers, dist, skip_bad_images, dtype
+) -> dict:
+    """``aptvit.teacher.agreement`` of the APT ``model`` with ``teacher`` (keys prefixed by nothing: agreement,
+    cosine_pre_logits, cosine_dense; tokens and speed are the student's, as ``evaluate``'s)."""
+    from .teacher import agreement, build_teacher
+
+    # "uniform": the model's own weights (a copy: the APT model shares the timm model's modules)
+    built = build_teacher(teacher, timm_model, model_name or timm_model.pretrained_cfg.get("architecture"))
+    built.check_student(model, size)
+    result = agreement(
+        model.to(dist.device), built.to(dist.device), dataset, batch_size, workers, dist, skip_bad_images, dtype
+    )
+    return {**result, "teacher": str(teacher)}

@@ -113,7 +113,7 @@ def fit_image(
         img = _resize(img, max(1, round(h * scale)), max(1, round(w * scale)))
     else:
         if size[0] % multiple or size[1] % multiple:
-            raise ValueError(
+            raise InputError(
                 f"--size {size[0]}x{size[1]} is not a multiple of the base patch size {multiple}; "
                 f"use multiples of {multiple}, or one number to keep the aspect and pad"
             )

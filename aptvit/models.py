@@ -8,6 +8,7 @@ command line are applied through the validated ``configure``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -78,6 +79,43 @@ def check_finite(model: nn.Module, source) -> None:
 HEAD_KEYS = ("head.weight", "head.bias")
 
 
+def is_aptvit_checkpoint(path) -> bool:
+    """Whether ``path`` is an aptvit checkpoint (weights and conversion settings) rather than timm weights."""
+    return read_metadata(path).get("format") == "aptvit"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a command's model comes from and how it runs: the options ``bench`` and ``eval`` share.
+
+    Attributes:
+        model: timm architecture name (an aptvit checkpoint brings its own and may leave this None).
+        pretrained: timm's pretrained weights (needs the model hub).
+        checkpoint: an aptvit ``.safetensors`` (weights and settings) or timm weights.
+        device, dtype: see ``aptvit.runtime`` (auto: CUDA with bf16 autocast when available, else CPU fp32).
+        attention: the APT model's attention backend ("auto" or a name in ``aptvit.nn.attention.BACKENDS``).
+        layout: ``APTConfig`` fields that override the model's settings (patch_sizes=, thresholds=, budget=, ...).
+    """
+
+    model: Optional[str] = None
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "auto"
+    layout: Dict = field(default_factory=dict)
+
+    def build(self, num_classes: Optional[int] = None) -> Tuple[APTViT, nn.Module]:
+        """The APT model and the timm model it wraps (``build_models``), on the CPU."""
+        return build_models(
+            self.model, self.pretrained, self.checkpoint, num_classes, layout=self.layout, attention=self.attention
+        )
+
+    def build_timm(self, num_classes: Optional[int] = None) -> nn.Module:
+        """The unconverted timm model (``build_timm``: the uniform baseline), on the CPU."""
+        return build_timm(self.model, self.pretrained, self.checkpoint, num_classes)
+
+
 def conversion_settings(checkpoint=None, **given) -> APTConfig:
     """The conversion settings of a run: ``given`` (``APTConfig`` fields) on top of an aptvit ``checkpoint``'s own
     settings, or on top of ``APTConfig()``'s defaults for a timm model."""
@@ -132,7 +170,7 @@ def build_models(
     timm_kwargs = dict(timm_kwargs or {})
     if num_classes is not None:
         timm_kwargs["num_classes"] = num_classes
-    if checkpoint and read_metadata(checkpoint).get("format") == "aptvit":
+    if checkpoint and is_aptvit_checkpoint(checkpoint):
         apt = load(checkpoint, timm_kwargs={k: v for k, v in timm_kwargs.items() if k != "num_classes"})
         arch = apt.pretrained_cfg.get("architecture", "?")
         if name and name != arch:
@@ -146,7 +184,7 @@ def build_models(
         logger.info(f"weights: {checkpoint} (aptvit checkpoint)")
         return apt, apt.timm_model
     if not name:
-        raise ValueError("give --model NAME (with --pretrained or a timm --checkpoint), or an aptvit --checkpoint")
+        raise InputError("give --model NAME (with --pretrained or a timm --checkpoint), or an aptvit --checkpoint")
     if checkpoint and num_classes is None:  # e.g. a fine-tuned .pth: the head it was trained with
         classes = checkpoint_classes(checkpoint)
         timm_kwargs["num_classes"] = classes if classes is not None else 0
@@ -170,10 +208,10 @@ def build_timm(
 ) -> nn.Module:
     """The unconverted timm model (the uniform baseline), with its weights."""
     check_readable(checkpoint)
-    if checkpoint and read_metadata(checkpoint).get("format") == "aptvit":
-        raise ValueError("--uniform evaluates a timm model; this checkpoint is an aptvit model (drop --uniform)")
+    if checkpoint and is_aptvit_checkpoint(checkpoint):
+        raise InputError("--uniform evaluates a timm model; this checkpoint is an aptvit model (drop --uniform)")
     if not name:
-        raise ValueError("--uniform needs --model NAME")
+        raise InputError("--uniform needs --model NAME")
     if checkpoint and num_classes is None:
         classes = checkpoint_classes(checkpoint)
         num_classes = classes if classes is not None else 0

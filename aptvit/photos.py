@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .core.io import MissingDependency
+
 PHOTO_NAMES = (
     "astronaut",
     "coffee",
@@ -25,7 +27,7 @@ def load_photo(name: str, size: Union[int, Tuple[int, int], None] = None) -> tor
     try:
         import skimage.data
     except ImportError as e:  # pragma: no cover - scikit-image is a dev/demo dependency
-        raise ImportError("the bundled photos need scikit-image: pip install scikit-image") from e
+        raise MissingDependency("the bundled photos need scikit-image: pip install scikit-image") from e
     img = getattr(skimage.data, name)()
     img = img[..., :3] if img.ndim == 3 else np.stack([img] * 3, -1)
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from .core.io import InputError
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CHOICES = ("auto",) + tuple(DTYPES)
@@ -25,14 +27,14 @@ def resolve_device(name: str = "auto", local_rank: Optional[int] = None) -> torc
         ValueError: for an unknown name, or "cuda" on a machine without a usable CUDA device.
     """
     if name not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+        raise InputError(f"device must be one of {DEVICES}, got {name!r}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+        raise InputError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     local = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
     if local >= torch.cuda.device_count():
-        raise ValueError(
+        raise InputError(
             f"process {local} asks for GPU {local}, but this machine has {torch.cuda.device_count()}; "
             "start fewer processes per node or use --device cpu"
         )
@@ -44,7 +46,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {name!r}")
+        raise InputError(f"dtype must be one of {DTYPE_CHOICES}, got {name!r}")
     return DTYPES[name]
 
 

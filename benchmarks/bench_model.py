@@ -1,10 +1,11 @@
 """timm forward vs APT forward on the scikit-image photos: tokens kept, FLOP ratio, speedup, efficiency.
 
-    python benchmarks/bench_model.py [--runs 5] [--json out.json]
+    python benchmarks/bench_model.py [--runs 5] [--json out.json] [--smoke]
 
 ViT-S/16 and ViT-B/16 (random weights, dynamic_img_size=True), photos resized to 224, 384 and 448,
 batch 1 and 8, default thresholds {32: 5.5, 64: 4.0}. Runs alternate between the two models after
 warm-up, under torch.inference_mode; times are medians per image. Same code as `aptvit bench`.
+``--smoke``: a tiny ViT at 64, one run, in seconds (what the test suite runs).
 """
 
 import argparse
@@ -18,13 +19,16 @@ from aptvit.models import build_models
 from aptvit.photos import PHOTO_NAMES, load_photo
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224")
     parser.add_argument("--sizes", default="224,384,448")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="seconds: vit_tiny_patch16_224 at 64, one run")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.runs, args.models, args.sizes = 1, "vit_tiny_patch16_224", "64"
     photos = [load_photo(name) for name in PHOTO_NAMES]
     models = []
     for name in args.models.split(","):

@@ -4,8 +4,12 @@ For each scale factor k, the threshold of scorer X is the quantile of X's scores
 scikit-image photos at 224, 384 and 448) that lets the same fraction of k-size patches pass as
 entropy's default threshold does. Prints the table to put in the ``register_scorer`` calls of ``aptvit/core/scoring.py``.
 
-    python benchmarks/calibrate_thresholds.py
+    python benchmarks/calibrate_thresholds.py [--smoke]
+
+``--smoke``: two photos at 64, in seconds (what the test suite runs).
 """
+
+import argparse
 
 import numpy as np
 import skimage.data
@@ -25,11 +29,15 @@ def load(name, size):
     return F.interpolate(x, size=(size, size), mode="area").round().clamp(0, 255).to(torch.uint8)
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="seconds: two photos at 128")
+    args = parser.parse_args(argv)
+    photos, sizes = (PHOTOS[:2], (128,)) if args.smoke else (PHOTOS, (224, 384, 448))
     base = 16
     pooled = {name: {k: [] for k in (2, 4, 8)} for name in SCORERS}
-    for photo in PHOTOS:
-        for size in (224, 384, 448):
+    for photo in photos:
+        for size in sizes:
             gray = grayscale_255(load(photo, size))
             for name, spec in SCORERS.items():
                 scores = spec.fn(gray, [base * k for k in (2, 4, 8)], base)

@@ -1,6 +1,6 @@
 """Table 2's conversion protocol in miniature, on this machine (< 30 min on 2 CPU cores).
 
-    python benchmarks/convert_experiment.py [--out /tmp/aptvit-convert] [--quick]
+    python benchmarks/convert_experiment.py [--out /tmp/aptvit-convert] [--quick | --smoke]
 
 1. Generate a 4-class data set (64x64): a smooth colour gradient with mild noise (large plain
    regions) and one 12x12 textured glyph at a random place whose 1-2 px pattern is the class
@@ -111,15 +111,18 @@ def throughput(fns: dict, images: torch.Tensor, runs: int = 7, warmup: int = 2, 
     return {k: images.shape[0] / v for k, v in seconds.items()}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/aptvit-convert")
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--val", type=int, default=1000)
     parser.add_argument("--source-epochs", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="a tiny run to check the pipeline")
-    args = parser.parse_args()
-    if args.quick:
+    parser.add_argument("--quick", action="store_true", help="a small run of the whole pipeline (minutes)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: every step on a few images (the test suite's)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.train, args.val, args.source_epochs = 16, 8, 1
+    elif args.quick:
         args.train, args.val, args.source_epochs = 256, 128, 1
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -130,8 +133,8 @@ def main():
         data=str(data),
         size=SIZE,
         augment="none",
-        batch_size=64,
-        workers=2,
+        batch_size=8 if args.smoke else 64,
+        workers=0 if args.smoke else 2,
         log_every=20,
         eval=False,
     )

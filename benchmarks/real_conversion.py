@@ -1,6 +1,6 @@
 """The one-epoch conversion on real labelled images (Fashion-MNIST), beside ToMe, lower resolution and Random.
 
-    python benchmarks/real_conversion.py [--data FOLDER] [--work /tmp/aptvit-real] [--results docs/real_conversion] [--quick]
+    python benchmarks/real_conversion.py [--data FOLDER] [--work /tmp/aptvit-real] [--results docs/real_conversion] [--quick | --smoke]
 
 Data: ``apt-get install dataset-fashion-mnist`` (or ``--data`` with the four IDX files). 5,000 training
 images are held out as the validation split used for every choice; the official 10,000-image test
@@ -230,22 +230,25 @@ def evaluate(method: Method, data: Tuple[torch.Tensor, torch.Tensor], batch: int
 
 @torch.inference_mode()
 def detail_share(apt, data, n: int = 250) -> float:
-    """How much the detail path adds to a large token: mean |detail| / mean |base-grid patch embedding|."""
+    """How much the detail path adds to a large token: mean |detail| / mean |base-grid patch embedding|.
+
+    The detail layers are hooked (their output is what a large token gains); the base-grid embedding is the
+    ViT's own projection applied to the images here, not hooked, because the model calls its weight directly.
+    """
     seen = {}
 
-    def keep(key, dim):
-        def hook(module, inputs, output):  # returns None: the output is left alone
-            seen.setdefault(key, output.norm(dim=dim).mean())
+    def hook(module, inputs, output):  # returns None: the output is left alone
+        seen.setdefault("detail", output.norm(dim=-1).mean())
 
-        return hook
-
-    hooks = [layer.register_forward_hook(keep("detail", -1)) for layer in apt.apt.detail_proj.values()]
-    hooks.append(apt.patch_embed.proj.register_forward_hook(keep("proj", 1)))
+    hooks = [layer.register_forward_hook(hook) for layer in apt.apt.detail_proj.values()]
     px, x = batch_pixels(data[0][:n])
-    apt(x, layout=apt.make_layout(x))
-    for h in hooks:
-        h.remove()
-    return float(seen.get("detail", torch.tensor(0.0)) / seen["proj"])
+    try:
+        apt(x, layout=apt.make_layout(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    base = apt.patch_embed.proj(x).norm(dim=1).mean()  # (B, D, H/p, W/p): one norm per base patch
+    return float(seen.get("detail", torch.tensor(0.0)) / base)
 
 
 def layout_gflops(method: Method, images: torch.Tensor) -> float:
@@ -342,20 +345,28 @@ def parse_args(argv=None):
     p.add_argument(
         "--lr-scales", default="1,10,30", help="new-layer lr multipliers tried on the val split (middle budget)"
     )
-    p.add_argument("--val", type=int, default=5000, help="validation images used (of the 5,000 held out)")
+    p.add_argument("--holdout", type=int, default=5000, help="training images held out as the validation split")
+    p.add_argument("--val", type=int, default=5000, help="validation images used (of those held out)")
     p.add_argument("--test", type=int, default=10000, help="test images used (the official split has 10,000)")
     p.add_argument("--speed-images", type=int, default=256)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a smoke run (< 5 minutes)")
+    p.add_argument("--quick", action="store_true", help="a small run of the whole experiment (< 5 minutes)")
+    p.add_argument("--smoke", action="store_true", help="seconds: every step on a few images (the test suite's)")
     args = p.parse_args(argv)
-    if args.quick:
+    if args.smoke:  # every row and output, too small to mean anything: what `make test` runs
+        args.width, args.depth, args.source_train, args.source_epochs, args.finetune_train = 16, 1, 64, 1, 64
+        args.holdout, args.val, args.test, args.speed_images, args.runs = 64, 64, 64, 64, 1
+        args.lr_scales = "1,10"
+    elif args.quick:
         args.source_train, args.source_epochs, args.finetune_train = 512, 1, 128
         args.val, args.test, args.speed_images, args.runs = 250, 500, 128, 1
         args.lr_scales = "1,10"
-        args.work = args.work + "-quick"
-        args.results = args.results + "-quick" if args.results == "docs/real_conversion" else args.results
+    if args.quick or args.smoke:
+        tag = "-smoke" if args.smoke else "-quick"
+        args.work = args.work + tag
+        args.results = args.results + tag if args.results == "docs/real_conversion" else args.results
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.lr_scales = [float(s) for s in args.lr_scales.split(",")]
     return args
@@ -370,7 +381,7 @@ def main(argv=None) -> int:
         print(f"[{(time.perf_counter() - t0) / 60:5.1f} min] {msg}", flush=True)
 
     try:
-        splits = load_splits(args.data, val=5000, seed=args.seed)
+        splits = load_splits(args.data, val=args.holdout, seed=args.seed)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

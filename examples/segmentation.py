@@ -1,6 +1,6 @@
 """Semantic segmentation with an APT encoder vs the uniform ViT, same step budget (runs on 2 CPU cores).
 
-    python examples/segmentation.py [--steps 400] [--quick]
+    python examples/segmentation.py [--steps 400] [--quick | --smoke]
 
 Data: generated 256x256 scenes, a plain gradient or a textured background (or half of each), with
 1-3 objects (ellipses, rectangles, triangles: fine, anti-aliasing-free boundaries). Class 1 objects
@@ -148,7 +148,7 @@ def inference_speed(fns: dict, images, mean, std, batch=8, runs=5, warmup=1):
     return {k: x.shape[0] / v for k, v in seconds.items()}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=8)
@@ -159,9 +159,13 @@ def main():
         default="entropy:repeat,entropy:smooth,upsample:repeat,laplacian:repeat",
         help="APT encoders to train, SCORER:UNMERGE (unmerge: repeat or smooth)",
     )
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    if args.quick:
+    parser.add_argument("--quick", action="store_true", help="10 steps on 32 scenes")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 1 step, 2 scenes, 2 variants (the test suite's)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch, args.train, args.val = 1, 2, 2, 2
+        args.variants = "entropy:repeat,upsample:smooth"
+    elif args.quick:
         args.steps, args.train, args.val = 10, 32, 16
     torch.set_num_threads(torch.get_num_threads())
     t0 = time.perf_counter()
@@ -195,7 +199,7 @@ def main():
             m.eval()
         results[name] = {"miou": evaluate(fn, decoder, val_x, val_y, mean, std), "train_img_s": train_speed}
         fns[name] = (lambda f, d: lambda x: d(f(x)))(fn, decoder)
-    speeds = inference_speed(fns, val_x, mean, std)
+    speeds = inference_speed(fns, val_x, mean, std, runs=1 if args.smoke else 5)
     print(
         f"\n{args.train} train / {args.val} val scenes at {SIZE}px, {args.steps} steps of batch {args.batch}; "
         f"{(time.perf_counter() - t0) / 60:.1f} min in all"

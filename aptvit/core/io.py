@@ -30,6 +30,14 @@ class InputError(UserError, ValueError):
     """A bad argument or a file whose content cannot be used (a ``ValueError`` for API callers)."""
 
 
+class UserTypeError(UserError, TypeError):
+    """An argument of the wrong kind, e.g. a model aptvit does not support (a ``TypeError`` for API callers)."""
+
+
+class MissingDependency(UserError, ImportError):
+    """An optional package that a feature needs is not installed (an ``ImportError`` for API callers)."""
+
+
 @functools.lru_cache(maxsize=None)
 def _user_os_error_type(kind: type) -> type:
     """``UserError`` combined with an ``OSError`` subclass, so that API callers still catch what they did."""

@@ -22,6 +22,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .io import InputError, UserTypeError
 from .packing import seq_index
 
 
@@ -57,7 +58,7 @@ class PatchLayout:
             self.offsets = tuple(int(v) for v in self.cu_seqlens.tolist())
         self.offsets = tuple(self.offsets)
         if len(self.offsets) != len(self.image_sizes) + 1:
-            raise ValueError(f"offsets must have {len(self.image_sizes) + 1} entries (B+1), got {len(self.offsets)}")
+            raise InputError(f"offsets must have {len(self.image_sizes) + 1} entries (B+1), got {len(self.offsets)}")
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -126,7 +127,7 @@ class PatchLayout:
     def cell_index(self) -> torch.Tensor:
         """(B, H/p, W/p) long: packed index of the token covering every base cell (same-size images)."""
         if not self.same_size:
-            raise ValueError(
+            raise InputError(
                 f"images in this layout differ in size ({sorted(set(self.image_sizes))}); use cell_index_of(i)"
             )
         gh, gw = self.grid_sizes[0]
@@ -208,10 +209,10 @@ class PatchLayout:
     def cat(layouts: Sequence["PatchLayout"]) -> "PatchLayout":
         """Join layouts (e.g. one per image from data-loader workers) into one batch layout."""
         if len(layouts) == 0:
-            raise ValueError("layouts is empty; nothing to join")
+            raise InputError("layouts is empty; nothing to join")
         sizes = {tuple(l.patch_sizes) for l in layouts}
         if len(sizes) != 1:
-            raise ValueError(f"cannot join layouts with different patch_sizes: {sorted(sizes)}")
+            raise InputError(f"cannot join layouts with different patch_sizes: {sorted(sizes)}")
         if len(layouts) == 1:
             return layouts[0]
         device = layouts[0].device
@@ -267,17 +268,19 @@ def check_patch_sizes(patch_sizes) -> Tuple[int, ...]:
     try:
         sizes = tuple(patch_sizes)
     except TypeError:
-        raise TypeError(f"patch_sizes must be a sequence of ints such as (16, 32, 64), got {patch_sizes!r}") from None
+        raise UserTypeError(
+            f"patch_sizes must be a sequence of ints such as (16, 32, 64), got {patch_sizes!r}"
+        ) from None
     if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-        raise ValueError(f"patch_sizes must be positive ints such as (16, 32, 64), got {patch_sizes!r}")
+        raise InputError(f"patch_sizes must be positive ints such as (16, 32, 64), got {patch_sizes!r}")
     base = sizes[0]
     for a, b in zip(sizes, sizes[1:]):
         if b <= a:
-            raise ValueError(f"patch_sizes must be strictly ascending, got {sizes}")
+            raise InputError(f"patch_sizes must be strictly ascending, got {sizes}")
     for s in sizes[1:]:
         k = s // base
         if s % base or k & (k - 1):
-            raise ValueError(f"patch_sizes must be the base size {base} times powers of two, got {s} in {sizes}")
+            raise InputError(f"patch_sizes must be the base size {base} times powers of two, got {s} in {sizes}")
     return sizes
 
 
@@ -304,7 +307,7 @@ def from_boxes(
     device = y.device
     t = y.shape[0]
     if not (x.shape == size.shape == (t,)):
-        raise ValueError(
+        raise InputError(
             f"y, x, size must be (T,) tensors of one length, got {tuple(y.shape)}, {tuple(x.shape)}, {tuple(size.shape)}"
         )
     cu = cu_seqlens.long()
@@ -315,15 +318,15 @@ def from_boxes(
         or offsets[-1] != t
         or any(b < a for a, b in zip(offsets, offsets[1:]))
     ):
-        raise ValueError(
+        raise InputError(
             f"cu_seqlens must be ({len(image_sizes) + 1},) offsets from 0 to {t}, non-decreasing; got {cu.tolist()}"
         )
     for h, w in image_sizes:
         if h % p or w % p or h <= 0 or w <= 0:
-            raise ValueError(f"image size {h}x{w} is not a positive multiple of the base patch size {p}")
+            raise InputError(f"image size {h}x{w} is not a positive multiple of the base patch size {p}")
     allowed = torch.tensor(patch_sizes, device=device)
     if t and (bool((~torch.isin(size, allowed)).any()) or bool((y % size).any()) or bool((x % size).any())):
-        raise ValueError(
+        raise InputError(
             f"every box must have a size in {patch_sizes} and sit on the grid of its size (y, x multiples of it)"
         )
     image = seq_index(cu)
@@ -346,7 +349,7 @@ def from_boxes(
     total = int(cell_offsets[-1])
     hits = torch.bincount(flat[~outside], minlength=total)
     if bool(outside.any()) or bool((hits != 1).any()):
-        raise ValueError("boxes do not tile the images: every base cell must be covered exactly once")
+        raise InputError("boxes do not tile the images: every base cell must be covered exactly once")
     cells = torch.empty(total, dtype=torch.long, device=device)
     cells[flat] = cover
     return PatchLayout(

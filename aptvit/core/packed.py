@@ -29,6 +29,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .io import InputError
 from .layout import PatchLayout, to_device
 
 Groups = Tuple[Tuple[Tuple[int, ...], Tuple[int, int]], ...]  # ((image indices), (H, W)) per same-size group
@@ -244,7 +245,7 @@ def plan_packed(
     longest = max((seq_offsets[i + 1] - seq_offsets[i] for i in range(num_seqs)), default=0)
     if max_seqlen is not None:
         if max_seqlen < longest:
-            raise ValueError(f"max_seqlen {max_seqlen} is below the longest sequence {longest}")
+            raise InputError(f"max_seqlen {max_seqlen} is below the longest sequence {longest}")
         longest = max_seqlen
 
     # ---- host tables, one copy to the device

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .io import InputError, UserTypeError
+
 # ITU-R BT.601 luma weights, as the APT reference code uses.
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
@@ -41,19 +43,19 @@ def check_image_shape(images: torch.Tensor, name: str = "images") -> None:
         name: argument name used in the error messages.
     """
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+        raise UserTypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
     if images.dim() != 4:
         hint = " (a single image? add a batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""
-        raise ValueError(f"{name} must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
+        raise InputError(f"{name} must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
     b, c, h, w = images.shape
     if b == 0:
-        raise ValueError(f"{name} is an empty batch (shape {tuple(images.shape)}); pass at least one image")
+        raise InputError(f"{name} is an empty batch (shape {tuple(images.shape)}); pass at least one image")
     if c not in (1, 3):
-        raise ValueError(f"{name} must have 1 or 3 channels (B, C, H, W), got C={c} in shape {tuple(images.shape)}")
+        raise InputError(f"{name} must have 1 or 3 channels (B, C, H, W), got C={c} in shape {tuple(images.shape)}")
     if h == 0 or w == 0:
-        raise ValueError(f"{name} has an empty side: shape {tuple(images.shape)}")
+        raise InputError(f"{name} has an empty side: shape {tuple(images.shape)}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
-        raise TypeError(f"{name} must be uint8 (0..255) or floating point (0..1), got dtype {images.dtype}")
+        raise UserTypeError(f"{name} must be uint8 (0..255) or floating point (0..1), got dtype {images.dtype}")
 
 
 def pixel_range(images: torch.Tensor) -> Optional[torch.Tensor]:
@@ -71,9 +73,9 @@ def pixel_range(images: torch.Tensor) -> Optional[torch.Tensor]:
 def check_pixel_range(lo: float, hi: float, name: str = "images") -> None:
     """Raise a clear error unless float pixels with these bounds (from ``pixel_range``) are finite and in [0, 1]."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{name} contains NaN or inf values")
+        raise InputError(f"{name} contains NaN or inf values")
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(
+        raise InputError(
             f"{name} are floating point with values in [{lo:.4g}, {hi:.4g}]; float images must be in [0, 1] "
             "(scale uint8 by 1/255 or pass uint8; undo any mean/std normalisation first)"
         )
@@ -98,17 +100,17 @@ def group_by_size(images, name: str = "images") -> List[Tuple[List[int], torch.T
     if isinstance(images, torch.Tensor):
         if images.dim() != 4:
             hint = "; add a batch dimension with images.unsqueeze(0)" if images.dim() == 3 else ""
-            raise ValueError(f"{name} must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
+            raise InputError(f"{name} must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
         return [(list(range(images.shape[0])), images)]
     if not isinstance(images, (list, tuple)) or len(images) == 0:
-        raise TypeError(
+        raise UserTypeError(
             f"{name} must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}"
         )
     groups: Dict[tuple, List[int]] = {}
     for i, im in enumerate(images):
         if not isinstance(im, torch.Tensor) or im.dim() != 3:
             shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
-            raise ValueError(f"{name}[{i}] must be a (C, H, W) tensor, got {shape}")
+            raise InputError(f"{name}[{i}] must be a (C, H, W) tensor, got {shape}")
         groups.setdefault((tuple(im.shape), im.dtype, im.device), []).append(i)
     return [(idx, torch.stack([images[i] for i in idx])) for idx in groups.values()]
 
@@ -146,9 +148,9 @@ def pad_to_multiple(images: torch.Tensor, multiple: int, value: float = 0.0) -> 
         (..., H', W') with H' = ceil(H / multiple) * multiple; the input itself when nothing is padded.
     """
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+        raise InputError(f"multiple must be a positive int, got {multiple!r}")
     if not isinstance(images, torch.Tensor) or images.dim() < 2:
-        raise TypeError("images must be a tensor of shape (..., H, W)")
+        raise UserTypeError("images must be a tensor of shape (..., H, W)")
     h, w = images.shape[-2:]
     pad_h, pad_w = -h % multiple, -w % multiple
     if pad_h == 0 and pad_w == 0:

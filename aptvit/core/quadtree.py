@@ -33,6 +33,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, U
 import numpy as np
 import torch
 
+from .io import InputError, UserTypeError
 from .layout import PatchLayout, check_patch_sizes, to_device
 from .pixels import check_image_shape, check_pixel_range, grayscale_255, group_by_size, host_read_dtype, pixel_range
 from .scoring import SCORERS, Scorer, get_scorer
@@ -50,19 +51,19 @@ def default_thresholds(patch_sizes: Sequence[int], scorer: str = "entropy") -> D
 def check_thresholds(thresholds: Mapping[int, float], sizes: Tuple[int, ...]) -> Dict[int, float]:
     """Validate thresholds keyed by patch size (every key a non-base size of ``sizes``)."""
     if not isinstance(thresholds, Mapping):
-        raise TypeError(
+        raise UserTypeError(
             f"thresholds must be a dict keyed by patch size such as {{32: 5.5, 64: 4.0}}, got {thresholds!r}"
         )
     out = {}
     for key, value in thresholds.items():
         key = int(key) if isinstance(key, numbers.Integral) and not isinstance(key, bool) else key  # numpy ints too
         if isinstance(key, bool) or not isinstance(key, int) or key not in sizes[1:]:
-            raise ValueError(
+            raise InputError(
                 f"thresholds key {key!r} is not a non-base patch size of patch_sizes={sizes}; "
                 f"keys must be among {sizes[1:]}"
             )
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-            raise ValueError(f"thresholds[{key}] must be a number, got {value!r}")
+            raise InputError(f"thresholds[{key}] must be a number, got {value!r}")
         out[key] = float(value)
     return out
 
@@ -74,12 +75,12 @@ def check_budget(budget) -> Union[int, float]:
         The budget as a Python int or float (numpy scalars are numbers too).
     """
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget must be a fraction in (0, 1] or an int token count, got {budget!r}")
+        raise UserTypeError(f"budget must be a fraction in (0, 1] or an int token count, got {budget!r}")
     budget = int(budget) if isinstance(budget, numbers.Integral) else float(budget)
     if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget as a float is a fraction of base tokens in (0, 1], got {budget}")
+        raise InputError(f"budget as a float is a fraction of base tokens in (0, 1], got {budget}")
     if isinstance(budget, int) and budget < 1:
-        raise ValueError(f"budget as an int is a token count per image and must be >= 1, got {budget}")
+        raise InputError(f"budget as an int is a token count per image and must be >= 1, got {budget}")
     return budget
 
 
@@ -102,7 +103,7 @@ def check_layout_settings(
         defaults updated with ``scorer_args``; ``scorer_args`` as given for a callable).
     """
     if thresholds is not None and budget is not None:
-        raise ValueError("pass either thresholds= or budget=, not both")
+        raise InputError("pass either thresholds= or budget=, not both")
     if isinstance(scorer, str):
         params = get_scorer(scorer).resolve_params(scorer, scorer_args)
         if thresholds is None and budget is None:
@@ -110,9 +111,9 @@ def check_layout_settings(
     elif callable(scorer):
         params = dict(scorer_args or {})
         if thresholds is None and budget is None:
-            raise ValueError("a custom scorer has no default thresholds; pass thresholds= or budget= (or register it)")
+            raise InputError("a custom scorer has no default thresholds; pass thresholds= or budget= (or register it)")
     else:
-        raise TypeError(f"scorer must be a name in {sorted(SCORERS)} or a callable, got {scorer!r}")
+        raise UserTypeError(f"scorer must be a name in {sorted(SCORERS)} or a callable, got {scorer!r}")
     if budget is not None:
         check_budget(budget)
     return (check_thresholds(thresholds, sizes) if thresholds is not None else None), params
@@ -287,14 +288,14 @@ def patch_layout(
         check_image_shape(batch, name=name)
         _, _, h, w = batch.shape
         if h % base or w % base:
-            raise ValueError(
+            raise InputError(
                 f"image size {h}x{w} is not a multiple of the base patch size {base}; "
                 f"pad it first with aptvit.pad_to_multiple(images, {base}) or resize it"
             )
         if budget is not None:
             max_tokens, min_tokens = _budget_tokens(budget, (h // base) * (w // base)), all_merged_tokens((h, w), sizes)
             if max_tokens < min_tokens:
-                raise ValueError(
+                raise InputError(
                     f"budget of {max_tokens} tokens is below the {min_tokens} tokens that the largest patch sizes "
                     f"allow for a {h}x{w} image; raise budget or add larger patch_sizes"
                 )
@@ -356,7 +357,7 @@ def _group_tokens(batch: torch.Tensor, name: str, sizes, scored, score_fn, fixed
         check_pixel_range(values[b], values[b + 1], name)
     if scored and values[-1]:
         bad = [s for s, v in scores.items() if bool(v.isnan().any())]  # error path only
-        raise ValueError(f"scorer returned NaN scores for patch size {bad[0]}")
+        raise InputError(f"scorer returned NaN scores for patch size {bad[0]}")
     offsets = tuple(itertools.accumulate([0] + [int(c) for c in values[:b]]))
     return _pack(cover, counts, base, offsets)
 
@@ -454,8 +455,8 @@ def _check_scores(scores, sizes, b, h, w, device) -> None:
         want = (b, h // s, w // s)
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else got
-            raise ValueError(f"scorer returned {shape} for patch size {s}; expected a tensor of shape {want}")
+            raise InputError(f"scorer returned {shape} for patch size {s}; expected a tensor of shape {want}")
         if not got.is_floating_point() or got.device != torch.device(device):
-            raise ValueError(
+            raise InputError(
                 f"scorer must return floating point scores on {device}, got {got.dtype} on {got.device} for patch size {s}"
             )

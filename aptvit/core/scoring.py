@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .io import InputError, UserTypeError
+
 Scorer = Callable[[torch.Tensor, Sequence[int], int], Dict[int, torch.Tensor]]
 
 # Bound on the dense (images x cells x bins) histogram built at once; larger batches are chunked.
@@ -216,14 +218,14 @@ class ScorerSpec:
         unknown = sorted(set(given) - set(self.params))
         if unknown:
             known = ", ".join(self.params) or "none"
-            raise ValueError(f"scorer {name!r} has no parameter(s) {unknown}; its parameters: {known}")
+            raise InputError(f"scorer {name!r} has no parameter(s) {unknown}; its parameters: {known}")
         out = {**self.params, **given}
         try:  # saved with the model as JSON: they must come back equal
             same = json.loads(json.dumps(out)) == out
         except (TypeError, ValueError):
             same = False
         if not same:
-            raise ValueError(
+            raise InputError(
                 f"scorer {name!r} parameters {out!r} must be JSON values (numbers, strings, lists, dicts): "
                 "they are saved with the model"
             )
@@ -259,14 +261,14 @@ def register_scorer(
         overwrite: replace a scorer of the same name.
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"a scorer name must be a non-empty string, got {name!r}")
+        raise UserTypeError(f"a scorer name must be a non-empty string, got {name!r}")
     if name in SCORERS and not overwrite:
-        raise ValueError(f"scorer {name!r} is already registered; pass overwrite=True to replace it")
+        raise InputError(f"scorer {name!r} is already registered; pass overwrite=True to replace it")
     if not callable(fn):
-        raise TypeError(f"scorer {name!r}: fn must be callable, got {fn!r}")
+        raise UserTypeError(f"scorer {name!r}: fn must be callable, got {fn!r}")
     factors = {int(k): float(v) for k, v in dict(thresholds).items()}
     if not factors or any(k < 2 or k & (k - 1) for k in factors):
-        raise ValueError(f"scorer {name!r}: thresholds must be keyed by scale factors 2, 4, 8, ..., got {thresholds!r}")
+        raise InputError(f"scorer {name!r}: thresholds must be keyed by scale factors 2, 4, 8, ..., got {thresholds!r}")
     spec = ScorerSpec(fn, factors, dict(params or {}), check)
     spec.resolve_params(name, None)  # the defaults themselves must pass the check
     SCORERS[name] = spec
@@ -276,7 +278,7 @@ def register_scorer(
 def get_scorer(name: str) -> ScorerSpec:
     """The registered scorer ``name``, or a ValueError that lists the registered ones."""
     if not isinstance(name, str) or name not in SCORERS:
-        raise ValueError(
+        raise InputError(
             f"unknown scorer {name!r}; choose one of {sorted(SCORERS)} (or register yours with "
             "aptvit.core.scoring.register_scorer)"
         )
@@ -286,7 +288,7 @@ def get_scorer(name: str) -> ScorerSpec:
 def _check_bins(params: Mapping[str, Any]) -> None:
     bins = params["bins"]
     if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
-        raise ValueError(f"bins must be an int from 2 to {MAX_BINS}, got {bins!r}")
+        raise InputError(f"bins must be an int from 2 to {MAX_BINS}, got {bins!r}")
 
 
 # Defaults by scale factor. Entropy: the APT paper's 5.5 bits for 2x; the others were calibrated to keep about as

@@ -26,6 +26,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from .io import InputError, UserTypeError
 from .layout import PatchLayout, check_patch_sizes
 from .packed import Groups, PackedBatch, Row, bank_entries, bank_size, pos_bank_size
 from .pixels import check_image_shape, grayscale_255
@@ -45,7 +46,7 @@ def static_tokens(budget: Union[int, float], image_size, patch_sizes) -> int:
     k = min(_budget_tokens(budget, base_cells), base_cells)
     fewest = all_merged_tokens((h, w), sizes)
     if k < fewest:
-        raise ValueError(
+        raise InputError(
             f"budget of {k} tokens is below the {fewest} tokens that the largest patch sizes allow for a "
             f"{h}x{w} image; raise budget or add larger patch_sizes"
         )
@@ -72,10 +73,10 @@ def static_layout(
     """
     sizes = check_patch_sizes(patch_sizes)
     if budget is None:
-        raise ValueError("a static layout needs a token budget (budget=0.5 or an int count), not thresholds")
+        raise InputError("a static layout needs a token budget (budget=0.5 or an int count), not thresholds")
     check_budget(budget)
     if not isinstance(images, torch.Tensor):
-        raise TypeError(
+        raise UserTypeError(
             f"a static layout needs one (B, C, H, W) tensor of same-size images, got {type(images).__name__}; "
             "stack same-size images, or turn static off for a list of different sizes"
         )
@@ -83,7 +84,7 @@ def static_layout(
     base = sizes[0]
     b, _, h, w = images.shape
     if h % base or w % base:
-        raise ValueError(
+        raise InputError(
             f"image size {h}x{w} is not a multiple of the base patch size {base}; "
             f"pad it first with aptvit.pad_to_multiple(images, {base}) or resize it"
         )
@@ -151,10 +152,10 @@ def pad_static(layout: PatchLayout, k: int) -> PatchLayout:
         k: slots per image.
     """
     if not layout.same_size:
-        raise ValueError(f"a static layout needs same-size images, got sizes {sorted(set(layout.image_sizes))}")
+        raise InputError(f"a static layout needs same-size images, got sizes {sorted(set(layout.image_sizes))}")
     counts = layout.token_counts
     if max(counts) > k:
-        raise ValueError(f"an image of this layout has {max(counts)} tokens, more than the static k = {k}")
+        raise InputError(f"an image of this layout has {max(counts)} tokens, more than the static k = {k}")
     b, device = layout.batch_size, layout.device
     # destination slot of every token: its rank in its image, after image i's start i * k
     img = layout.image_index
@@ -179,7 +180,7 @@ def real_tokens(layout: PatchLayout) -> PatchLayout:
     keep = layout.size > 0
     counts = keep.view(layout.batch_size, -1).sum(1) if layout.same_size else None
     if counts is None:
-        raise ValueError("real_tokens expects a static layout (same-size images)")
+        raise InputError("real_tokens expects a static layout (same-size images)")
     new_index = keep.long().cumsum(0) - 1
     offsets = [0]
     for c in counts.tolist():
@@ -209,12 +210,12 @@ def plan_static(layout: PatchLayout, groups: Groups, num_prefix: int, pool_prefi
         PackedBatch with ``static=True`` and ``offsets=None`` (the sequence offsets live on the device only).
     """
     if len(groups) != 1:
-        raise ValueError("a static plan needs one (B, C, H, W) batch of same-size images")
+        raise InputError("a static plan needs one (B, C, H, W) batch of same-size images")
     sizes, device = layout.patch_sizes, layout.device
     p, b, P = sizes[0], layout.batch_size, num_prefix
     k = layout.max_seqlen
     if layout.total_tokens != b * k or tuple(layout.offsets) != tuple(i * k for i in range(b + 1)):
-        raise ValueError("plan_static needs a static layout (k tokens per image, padding included): see pad_static")
+        raise InputError("plan_static needs a static layout (k tokens per image, padding included): see pad_static")
     seqlen, num_seqs = P + k, 2 * b
     m, pos_zero = bank_size(groups, sizes), pos_bank_size(groups, sizes)
     h, w = groups[0][1]

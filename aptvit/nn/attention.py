@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.io import InputError
 from ..core.packed import pad_rows
 from ..core.packing import seq_index
 
@@ -137,9 +138,9 @@ def register_backend(
 ) -> Backend:
     """Make an attention kernel selectable by name (``convert(..., attention=name)``, ``--attention``)."""
     if not isinstance(name, str) or not name or name == "auto":
-        raise ValueError(f"a backend name must be a non-empty string other than 'auto', got {name!r}")
+        raise InputError(f"a backend name must be a non-empty string other than 'auto', got {name!r}")
     if name in BACKENDS and not overwrite:
-        raise ValueError(f"attention backend {name!r} is already registered; pass overwrite=True to replace it")
+        raise InputError(f"attention backend {name!r} is already registered; pass overwrite=True to replace it")
     BACKENDS[name] = Backend(run, available)
     return BACKENDS[name]
 
@@ -159,7 +160,7 @@ def available_backends(
 
 def check_backend(name: str) -> str:
     if name not in backend_choices():
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {backend_choices()}")
+        raise InputError(f"unknown attention backend {name!r}; choose one of {backend_choices()}")
     return name
 
 
@@ -176,7 +177,7 @@ def resolve_backend(
         return AUTO_DEFAULT
     if name not in ok:
         needs = (" and attention dropout" if dropout else "") + (" with gradients" if grad else "")
-        raise ValueError(
+        raise InputError(
             f"attention backend {name!r} cannot run on {device} with {dtype}{needs}; available here: {ok} "
             "(attention 'auto', or --attention auto, picks one)"
         )
@@ -216,9 +217,9 @@ def varlen_attention(
         (N, H, hd).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {tuple(BACKENDS)}")
+        raise InputError(f"unknown attention backend {backend!r}; choose one of {tuple(BACKENDS)}")
     if key_bias is not None and tuple(key_bias.shape) != (q.shape[0],):
-        raise ValueError(f"key_bias must have one value per token, shape ({q.shape[0]},), got {tuple(key_bias.shape)}")
+        raise InputError(f"key_bias must have one value per token, shape ({q.shape[0]},), got {tuple(key_bias.shape)}")
     return BACKENDS[backend].run(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias)
 
 
@@ -297,7 +298,7 @@ def _with_bias_columns(q, k, v, key_bias, scale, name):
     hd = q.shape[-1]
     scale = hd**-0.5 if scale is None else scale  # the padded head size would change the kernel's default
     if bias_head_dim(hd) > MAX_KERNEL_HEAD_DIM:
-        raise ValueError(
+        raise InputError(
             f"the {name!r} backend adds key_bias through {BIAS_COLUMNS} extra head dimensions, and head size {hd} "
             f"leaves no room under its limit of {MAX_KERNEL_HEAD_DIM}; use attention 'flex' or 'pad'"
         )
@@ -320,7 +321,7 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, o
     from torch.nn.attention.varlen import varlen_attn
 
     if dropout_p:
-        raise ValueError("the 'varlen' backend has no attention dropout; use 'flash' or 'pad' when training")
+        raise InputError("the 'varlen' backend has no attention dropout; use 'flash' or 'pad' when training")
     q, k, v = _as_autocast_half(q, k, v)
     hd, fixed = v.shape[-1], not _varlen_takes_scale()  # fixed: its scale is the given head size ** -0.5
     if key_bias is not None:

@@ -26,7 +26,7 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..core.io import MAX_SIDE, InputError, atomic_write, reading
+from ..core.io import MAX_SIDE, InputError, UserTypeError, atomic_write, reading
 from .config import APTConfig
 from .convert import convert
 from .model import APTViT
@@ -123,10 +123,10 @@ def saver(model: APTViT, extra_metadata: Optional[Mapping[str, str]] = None, mod
     from safetensors.torch import save_file
 
     if not isinstance(model, APTViT):
-        raise TypeError(f"model must be an APTViT (from aptvit.convert), got {type(model).__name__}")
+        raise UserTypeError(f"model must be an APTViT (from aptvit.convert), got {type(model).__name__}")
     unknown = sorted(set(model_args or {}) - set(TIMM_ARGS))
     if unknown:
-        raise ValueError(f"model_args {unknown} cannot be saved (a checkpoint may carry only {', '.join(TIMM_ARGS)})")
+        raise InputError(f"model_args {unknown} cannot be saved (a checkpoint may carry only {', '.join(TIMM_ARGS)})")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {
         "format": "aptvit",
@@ -267,7 +267,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+        raise InputError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
     return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
@@ -293,7 +293,7 @@ def load_timm_weights(vit: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
             for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
             if keys
         ]
-        raise ValueError("checkpoint does not match the model; " + "; ".join(parts))
+        raise InputError("checkpoint does not match the model; " + "; ".join(parts))
     vit.load_state_dict(state, strict=True)
 
 
@@ -323,13 +323,13 @@ def load(
     state = read_state_dict(path)
     if config is None:
         if model is None:
-            raise ValueError(
+            raise InputError(
                 f"{str(path)!r} is not an aptvit checkpoint; pass model=timm.create_model(...) to load timm weights into"
             )
         load_timm_weights(model, state)
         return convert(model, attention=attention, **convert_kwargs)
     if convert_kwargs:
-        raise TypeError(
+        raise UserTypeError(
             f"{str(path)!r} carries its own conversion settings; change them afterwards with .configure(...)"
         )
     if model is None:
@@ -337,7 +337,7 @@ def load(
 
         arch = meta.get("architecture", "")
         if not arch:
-            raise ValueError(
+            raise InputError(
                 f"{str(path)!r} does not name a timm architecture; pass model= (the timm model it was converted from)"
             )
         if not timm.is_model(arch):
@@ -359,7 +359,7 @@ def load(
     apt_state = {k[len("apt.") :]: v for k, v in state.items() if k.startswith("apt.")}
     missing, unexpected = apt.apt.load_state_dict(apt_state, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"checkpoint's apt.* weights do not match the model (missing {missing}, unexpected {unexpected})"
         )
     return apt

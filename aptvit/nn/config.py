@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+from ..core.io import InputError, UserTypeError
 from ..core.layout import check_patch_sizes
 from ..core.quadtree import check_budget, check_layout_settings
 from ..core.scoring import get_scorer
@@ -49,21 +50,21 @@ class APTConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.area_bias, bool):
-            raise TypeError(f"area_bias must be True or False, got {self.area_bias!r}")
+            raise UserTypeError(f"area_bias must be True or False, got {self.area_bias!r}")
         if not isinstance(self.static, bool):
-            raise TypeError(f"static must be True or False, got {self.static!r}")
+            raise UserTypeError(f"static must be True or False, got {self.static!r}")
         if self.static and self.budget is None:
-            raise ValueError(
+            raise InputError(
                 "static=True needs a token budget (exactly k tokens per image): pass budget= as well, "
-                "e.g. budget=0.5 (a fraction of the base tokens) or budget=100 (a count); thresholds cannot be static"
+                "e.g. budget=0.5 (a fraction of the base tokens) or budget=100 (a count); for thresholds, static=False"
             )
         spec = get_scorer(self.scorer)  # saved by name: a registered scorer, no callables
         if self.patch_sizes is None:  # thresholds keyed by size are checked once the sizes are known
             params = spec.resolve_params(self.scorer, self.scorer_args)
             if self.thresholds is not None and self.budget is not None:
-                raise ValueError("pass either thresholds= or budget=, not both")
+                raise InputError("pass either thresholds= or budget=, not both")
             if self.thresholds is not None and not isinstance(self.thresholds, Mapping):
-                raise TypeError(
+                raise UserTypeError(
                     f"thresholds must be a dict keyed by patch size such as {{32: 5.5}}, got {self.thresholds!r}"
                 )
         else:
@@ -91,7 +92,9 @@ class APTConfig:
         """
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise TypeError(f"unknown setting(s) {unknown}; APTConfig has {[f.name for f in dataclasses.fields(self)]}")
+            raise UserTypeError(
+                f"unknown setting(s) {unknown}; APTConfig has {[f.name for f in dataclasses.fields(self)]}"
+            )
         new_scorer = changes.get("scorer", self.scorer) != self.scorer
         if new_scorer and "thresholds" not in changes and self.budget is None:
             changes["thresholds"] = None
@@ -106,7 +109,7 @@ class APTConfig:
     def layout_kwargs(self) -> dict:
         """The ``patch_layout`` arguments these settings stand for (the fields named as its arguments)."""
         if self.patch_sizes is None:
-            raise ValueError("these settings have no patch_sizes yet; use config.for_patch_size(p)")
+            raise InputError("these settings have no patch_sizes yet; use config.for_patch_size(p)")
         return {k: v for k, v in self.to_kwargs().items() if k in LAYOUT_FIELDS}
 
     def to_kwargs(self) -> dict:

@@ -7,6 +7,7 @@ from typing import Optional
 
 from torch import nn
 
+from ..core.io import UserTypeError
 from .config import APTConfig
 from .model import APTViT
 from .support import check_supported
@@ -38,7 +39,7 @@ def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: 
         config, settings = None, {"patch_sizes": config, **settings}
     config = config if config is not None else APTConfig()
     if not isinstance(config, APTConfig):
-        raise TypeError(f"config must be an APTConfig, got {type(config).__name__}")
+        raise UserTypeError(f"config must be an APTConfig, got {type(config).__name__}")
     settings = {k: v for k, v in settings.items() if not (k == "patch_sizes" and v is None)}
     config = config.replace(**settings) if settings else config
     return APTViT(model, config, attention=attention)

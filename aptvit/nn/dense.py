@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..core.io import InputError
 from ..core.layout import PatchLayout
 from ..core.packing import gather_to_grid
 
@@ -83,12 +84,12 @@ def simple_pyramid(grid: torch.Tensor, scales: Sequence[float] = (4, 2, 1, 0.5))
 
 def _check_scales(scales, hw) -> None:
     if isinstance(scales, (int, float)) or not len(scales):
-        raise ValueError(f"scales must be a non-empty sequence such as (4, 2, 1, 0.5), got {scales!r}")
+        raise InputError(f"scales must be a non-empty sequence such as (4, 2, 1, 0.5), got {scales!r}")
     for s in scales:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 or not math.log2(s).is_integer():
-            raise ValueError(f"scales must be powers of two such as 4, 2, 1, 0.5; got {s!r} in {tuple(scales)}")
+            raise InputError(f"scales must be powers of two such as 4, 2, 1, 0.5; got {s!r} in {tuple(scales)}")
         if s < 1 and min(hw) * s < 1:
-            raise ValueError(f"scale {s} would make the {hw[0]}x{hw[1]} grid empty")
+            raise InputError(f"scale {s} would make the {hw[0]}x{hw[1]} grid empty")
 
 
 def _take_indices(depth: int, indices) -> Tuple[List[int], int]:
@@ -97,16 +98,16 @@ def _take_indices(depth: int, indices) -> Tuple[List[int], int]:
         indices = depth
     if isinstance(indices, int) and not isinstance(indices, bool):
         if not 0 < indices <= depth:
-            raise ValueError(f"indices={indices} must be between 1 and the model depth {depth} (the last n blocks)")
+            raise InputError(f"indices={indices} must be between 1 and the model depth {depth} (the last n blocks)")
         take = list(range(depth - indices, depth))
     else:
         try:
             take = [int(i) for i in indices]
         except (TypeError, ValueError):
-            raise ValueError(f"indices must be an int or a sequence of block indices, got {indices!r}") from None
+            raise InputError(f"indices must be an int or a sequence of block indices, got {indices!r}") from None
         bad = [i for i in take if not -depth <= i < depth]
         if bad or not take:
-            raise ValueError(f"indices {list(indices)} out of range for a model of depth {depth}")
+            raise InputError(f"indices {list(indices)} out of range for a model of depth {depth}")
         take = [i % depth for i in take]
     return take, max(take)
 
@@ -115,7 +116,7 @@ def _require_one_size(images, layout: Optional[PatchLayout]) -> None:
     """Grids of different sizes cannot be stacked: say so before any work."""
     sizes = {tuple(t.shape[-2:]) for t in images} if isinstance(images, (list, tuple)) else set()
     if len(sizes) > 1 or (layout is not None and not layout.same_size):
-        raise ValueError("dense outputs need images of one size; call once per image size")
+        raise InputError("dense outputs need images of one size; call once per image size")
 
 
 class DenseMixin:
@@ -154,7 +155,7 @@ class DenseMixin:
         "image_features") instead.
         """
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+            raise InputError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, last = _take_indices(len(self.blocks), indices)
         _require_one_size(images, layout)
         x, kept, packed = self._run(images, layout, take, last if stop_early else None)

