@@ -391,10 +391,15 @@ def main(argv=None) -> int:
     log(f"source: head weight decay {source_info['weight_decay']} (val accuracy {source_info})")
 
     # the one APT choice, on val: area-proportional attention or not
-    val_acc = {}
-    for ab in (False, True):
-        val_acc[ab] = score(apt_row("", aptvit.convert(source, budget=args.budget, area_bias=ab)), x["val"], y["val"],
-                            args.batch)["accuracy"]  # fmt: skip
+    choice = work / f"area_bias_{tag(args)}.json"
+    if choice.is_file() and not args.quick:
+        val_acc = {k == "True": v for k, v in json.loads(choice.read_text()).items()}
+    else:
+        val_acc = {}
+        for ab in (False, True):
+            apt = aptvit.convert(source, budget=args.budget, area_bias=ab)
+            val_acc[ab] = score(apt_row("", apt), x["val"], y["val"], args.batch)["accuracy"]
+        atomic_write(choice, lambda tmp: Path(tmp).write_text(json.dumps({str(k): v for k, v in val_acc.items()})))
     area_bias = val_acc[True] > val_acc[False]
     log(f"val accuracy of APT zero-shot without / with area bias: {val_acc[False]:.1f} / {val_acc[True]:.1f}")
 
