@@ -105,7 +105,7 @@ class Teacher:
         tp = t.patch_embed.patch_size[0]
         if size % tp:
             raise InputError(f"{name} has patch size {tp}, which does not divide the input size {size}")
-        if bool(t.num_classes) != bool(apt.num_classes) or t.num_classes != apt.num_classes:
+        if t.num_classes != apt.num_classes:
             raise InputError(
                 f"{name} has {t.num_classes or 'no'} output classes and the student {apt.num_classes or 'no'}; "
                 "distil from a teacher with the student's head (or both without one)"
