@@ -71,3 +71,12 @@ def test_the_cli_maps_exactly_the_family_to_exit_code_2(tmp_path, capsys, monkey
         monkeypatch.setattr("aptvit.viz.show", raising(error))
         with pytest.raises(type(error), match="a plain"):
             main(["show", str(tmp_path / "x.png")])
+
+
+def test_only_out_of_memory_says_out_of_memory(tmp_path, capsys, monkeypatch):
+    from aptvit.models import HubError
+
+    for error, says in ((HubError("could not load pretrained weights"), False), (torch.OutOfMemoryError("CUDA"), True)):
+        monkeypatch.setattr("aptvit.viz.show", lambda *a, _e=error, **k: (_ for _ in ()).throw(_e))
+        assert main(["show", str(tmp_path / "x.png")]) == 2
+        assert ("out of memory" in one_line(capsys.readouterr().err)) == says
