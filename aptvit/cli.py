@@ -478,7 +478,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.debug or not is_user_error(e):
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, RuntimeError):  # out of memory
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):  # not HubError, the other RuntimeError of the family
             message = f"out of memory ({message}); lower --batch-size or --size"
         print(f"aptvit {args.command}: error: {message}", file=sys.stderr)
         return 2

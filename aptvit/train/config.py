@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..core.io import InputError, check_side, reading
+from ..core.io import InputError, check_side, reading, user_os_error
 from ..data import build_transform
 from ..models import conversion_settings
 from ..nn.attention import backend_choices
@@ -267,8 +267,9 @@ def resolve_config(cfg: TrainConfig, resume: bool, overrides: Optional[Dict]) ->
             else []
         )
         if others or present & set(CHECKPOINT_FILES):
-            raise FileExistsError(
-                f"run directory {str(out)!r} exists and is not empty; pass --resume to continue it or choose another --out"
+            raise user_os_error(
+                FileExistsError(),
+                f"run directory {str(out)!r} exists and is not empty; pass --resume to continue it or choose another --out",
             )
         return absolute_paths(cfg), False
     config = out / "config.json"

@@ -22,9 +22,13 @@ PACKAGE = Path(aptvit.__file__).resolve().parent
 
 
 def test_every_raise_of_a_builtin_user_error_type_is_the_family():
-    """aptvit raises no bare ValueError / TypeError / FileNotFoundError / ImportError: a raise statement is
+    """aptvit raises no bare ValueError / TypeError / OSError (FileExistsError...) / ImportError: a raise statement is
     a check of the user's input, and such a check raises the family (the CLI decides by type only)."""
-    bare = re.compile(r"raise (ValueError|TypeError|OSError|FileNotFoundError|ImportError)\(")
+    import builtins
+
+    kinds = (ValueError, TypeError, OSError, ImportError)  # what 0.1 took for the user's when raised on purpose
+    names = [n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, kinds)]
+    bare = re.compile(rf"raise ({'|'.join(names)})\(")
     found = [
         f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}"
         for path in sorted(PACKAGE.rglob("*.py"))
@@ -71,3 +75,12 @@ def test_the_cli_maps_exactly_the_family_to_exit_code_2(tmp_path, capsys, monkey
         monkeypatch.setattr("aptvit.viz.show", raising(error))
         with pytest.raises(type(error), match="a plain"):
             main(["show", str(tmp_path / "x.png")])
+
+
+def test_only_out_of_memory_says_out_of_memory(tmp_path, capsys, monkeypatch):
+    from aptvit.models import HubError
+
+    for error, says in ((HubError("could not load pretrained weights"), False), (torch.OutOfMemoryError("CUDA"), True)):
+        monkeypatch.setattr("aptvit.viz.show", lambda *a, _e=error, **k: (_ for _ in ()).throw(_e))
+        assert main(["show", str(tmp_path / "x.png")]) == 2
+        assert ("out of memory" in one_line(capsys.readouterr().err)) == says
