@@ -85,7 +85,7 @@ def parse_scorer_args(text: str) -> Dict[str, object]:
 
 def layout_settings(args) -> dict:
     """The layout options given on the command line, as ``APTConfig`` fields (those left out are not in it):
-    patch_sizes=, thresholds= or budget= (at most one), scorer=, scorer_args=."""
+    patch_sizes=, thresholds= or budget= (at most one), scorer=, scorer_args=, area_bias= (commands that run a model)."""
     if args.thresholds and args.budget:
         raise CLIError("give --thresholds or --budget, not both")
     out = {
@@ -94,6 +94,7 @@ def layout_settings(args) -> dict:
         "budget": parse_budget(args.budget) if args.budget else None,
         "scorer": args.scorer,
         "scorer_args": parse_scorer_args(args.scorer_args) if args.scorer_args else None,
+        "area_bias": getattr(args, "area_bias", None),  # None: not given (show draws layouts, it has no model)
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -122,7 +123,10 @@ def check_model_name(name: str) -> str:
     raise CLIError(f"unknown model {name!r}{hint}")
 
 
-def add_layout_options(p: argparse.ArgumentParser, patch_default: str = "the model's p,2p,4p") -> None:
+def add_layout_options(
+    p: argparse.ArgumentParser, patch_default: str = "the model's p,2p,4p", model: bool = True
+) -> None:
+    """The conversion settings as options; ``model``: the command runs a model (adds --area-bias)."""
     p.add_argument("--patch-sizes", help=f"ascending patch sizes, e.g. 16,32,64 (default: {patch_default})")
     p.add_argument(
         "--thresholds", help="SIZE=VALUE pairs, e.g. 32=5.5,64=4.0 (default: the scorer's documented defaults)"
@@ -136,6 +140,13 @@ def add_layout_options(p: argparse.ArgumentParser, patch_default: str = "the mod
         "--scorer-args",
         help="the scorer's parameters as NAME=VALUE pairs, e.g. bins=256 for entropy (default: the registered ones)",
     )
+    if model:
+        p.add_argument(
+            "--area-bias",
+            action=argparse.BooleanOptionalAction,
+            help="area-proportional attention: a merged token is attended as much as the patches it replaces "
+            f"(default: the checkpoint's setting, else {APTConfig.area_bias})",
+        )
 
 
 def add_runtime_options(p: argparse.ArgumentParser, default: Optional[str] = "auto") -> None:
@@ -318,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="draw the patch layout of images")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--size", help="resize: one number = shorter side (keeps aspect, pads to the base patch), or HxW")
-    add_layout_options(p, ",".join(map(str, SHOW_PATCH_SIZES)))
+    add_layout_options(p, ",".join(map(str, SHOW_PATCH_SIZES)), model=False)
     p.add_argument("--out", help="folder for the pictures (default: beside each image)")
     p.add_argument("--json", action="store_true", help="also write the boxes as JSON")
     p.add_argument("--heatmap", action="store_true", help="add a panel with the score of the 2x patches")

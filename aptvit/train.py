@@ -135,7 +135,7 @@ class TrainConfig:
 
 
 # what the command line sets of an APTConfig (aptvit 0.1 saved the first four at the top of config.json)
-LAYOUT_FIELDS = ("patch_sizes", "thresholds", "budget", "scorer", "scorer_args")
+LAYOUT_FIELDS = ("patch_sizes", "thresholds", "budget", "scorer", "scorer_args", "area_bias")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:

@@ -86,6 +86,7 @@ class CUDAGraphRunner:
             packed.num_seqs,
             self.dtype,
             self.model.attention,
+            self.model.config.area_bias,  # captured in the graph's math (the bias values are copied in like the plan)
         )
         entry = self.graphs.pop(key, None) or self._capture(images, packed)
         self.graphs[key] = entry  # most recently used last
