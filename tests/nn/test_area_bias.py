@@ -254,14 +254,14 @@ def test_with_nothing_merged_the_area_bias_model_is_exactly_timm(family, backend
 
 
 def _calls(monkeypatch):
-    from aptvit.nn import model as model_module
+    from aptvit.nn.families import vit as model_module  # the ViT family's blocks call it
 
     seen = []
     original = model_module.packed_self_attention
 
-    def recording(attn, x, packed, backend, pad_index=None, key_bias=None):
+    def recording(attn, x, packed, backend, pad_index=None, key_bias=None, rotate=None):
         seen.append((packed, key_bias))
-        return original(attn, x, packed, backend, pad_index, key_bias)
+        return original(attn, x, packed, backend, pad_index, key_bias, rotate)
 
     monkeypatch.setattr(model_module, "packed_self_attention", recording)
     return seen
