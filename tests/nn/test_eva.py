@@ -16,11 +16,23 @@ from .test_reference import boxes_of, make_images, reference_token
 
 EVA = sorted(EvaFamily.tiny)
 TOL = 1e-5
+# structure variants of the tiny models, not worth a family of their own in every generic test
+VARIANTS = {
+    # grouped-query attention (separate projections, one k / v head) with axial RoPE in AttentionRope
+    "gqa_axial": ("rope_mixed", dict(rope_type="cat", qkv_fused=False, num_kv_heads=1)),
+    # EVA-01 / CLIP style post-norm blocks
+    "post_norm": ("eva02", dict(use_post_norm=True)),
+    # q / k norms, the attention's inner norm, a layer scale on the attention branch only
+    "inner_norms": ("eva02", dict(qk_norm=True, scale_attn_inner=True, init_values=0.5, attn_only_layer_scale=True)),
+}
+CASES = {**{name: (name, {}) for name in EVA}, **VARIANTS}
 
 
-def tiny_eva(name, seed=0, **overrides):
-    """A tiny Eva with healthy layer scales (near 1) and mixed RoPE frequencies of timm's own scale."""
-    model = tiny_vit(name, seed=seed, **overrides)
+def tiny_eva(case, seed=0, **overrides):
+    """A tiny Eva (a name of ``CASES``) with healthy layer scales (near 1) and mixed RoPE frequencies of timm's own
+    scale."""
+    family, extra = CASES[case]
+    model = tiny_vit(family, seed=seed, **{**extra, **overrides})
     g = torch.Generator().manual_seed(seed + 11)
     with torch.no_grad():
         for pname, param in model.named_parameters():
@@ -38,7 +50,7 @@ def never_merge(model):
     return aptvit.convert(model, thresholds={2 * p: -1.0, 4 * p: -1.0})
 
 
-@pytest.mark.parametrize("name", EVA)
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_nothing_merged_equals_timm(name):
     model = tiny_eva(name)
     apt = never_merge(model)
@@ -142,7 +154,7 @@ def eva_reference(model, apt, image, boxes, p):
 
 
 def merged_setup(name):
-    p = 14 if name.startswith("eva02") else 16
+    p = tiny_eva(name).patch_embed.patch_size[0]
     model = tiny_eva(name, img_size=(8 * p, 12 * p))
     apt = aptvit.convert(model, thresholds={2 * p: 5.0, 4 * p: 4.0}).eval()
     g = torch.Generator().manual_seed(7)
@@ -156,7 +168,7 @@ def merged_setup(name):
     return model, apt, p, x, layout
 
 
-@pytest.mark.parametrize("name", EVA)
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_merged_forward_equals_timm_blocks_with_rope_at_patch_centres(name):
     model, apt, p, x, layout = merged_setup(name)
     with torch.no_grad():
