@@ -18,14 +18,11 @@ from .distributed import main_process_only
 from .nn.checkpoint import load, load_timm_weights, read_config, read_metadata, read_state_dict
 from .nn.config import APTConfig
 from .nn.convert import convert
+from .nn.families import supported, timm_modules
 from .nn.model import APTViT
-from .nn.support import SUPPORTED
 
 logger = logging.getLogger(__name__)
 logger.addFilter(main_process_only)  # eval and finetune build the model on every rank; rank 0 tells
-
-# timm modules whose models are (or subclass) VisionTransformer; check_supported says which of them convert
-VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
 
 
 class HubError(UserError, RuntimeError):
@@ -37,8 +34,8 @@ def check_vit_name(name: str) -> str:
     import timm
 
     module = timm.models.model_entrypoint(name).__module__ if timm.is_model(name) else ""
-    if module not in VIT_MODULES:
-        raise InputError(f"{name} is not a supported ViT ({module or 'not a timm model'}); supported: {SUPPORTED}")
+    if module not in timm_modules():  # the families' modules; each family's check then says which models convert
+        raise InputError(f"{name} is not a supported ViT ({module or 'not a timm model'}); supported: {supported()}")
     return name
 
 

@@ -1,21 +1,15 @@
-"""Tiny timm ViTs (depth 2, width 64) built with timm's own classes, one per supported family."""
+"""Tiny timm ViTs (depth 2, width 64) built with timm's own classes: the tiny models of every family adapter."""
 
 import timm
 import torch
 
+from aptvit.nn.families import FAMILIES as ADAPTERS
+
 TINY = dict(pretrained=False, depth=2, embed_dim=64, num_heads=2, num_classes=10, dynamic_img_size=True)
 
-FAMILIES = {
-    "vit_cls": ("vit_tiny_patch16_224", {}),
-    "vit_avg_no_cls": ("vit_tiny_patch16_224", dict(global_pool="avg", class_token=False)),
-    "deit": ("deit_tiny_patch16_224", {}),
-    "clip_prenorm": ("vit_base_patch16_clip_224", {}),
-    "reg_dinov2_p14": ("vit_small_patch14_reg4_dinov2", dict(img_size=56)),
-    "qknorm_layerscale": (
-        "vit_tiny_patch16_224",
-        dict(qk_norm=True, init_values=0.5, global_pool="avgmax", reg_tokens=2),
-    ),
-}
+# every family adapter's tiny models, by name (``Family.tiny``): {name: (timm model name, create_model arguments)}
+FAMILIES = {name: spec for family in ADAPTERS.values() for name, spec in family.tiny.items()}
+FAMILY_OF = {name: family.name for family in ADAPTERS.values() for name in family.tiny}
 
 
 def tiny_vit(family: str = "vit_cls", seed: int = 0, **overrides) -> torch.nn.Module:

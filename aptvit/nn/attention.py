@@ -313,7 +313,12 @@ register_backend(
 
 
 def packed_self_attention(
-    attn: nn.Module, x: torch.Tensor, packed, backend: str, pad_index: Optional[torch.Tensor] = None
+    attn: nn.Module,
+    x: torch.Tensor,
+    packed,
+    backend: str,
+    pad_index: Optional[torch.Tensor] = None,
+    rotate: Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """Run a timm ``Attention`` module on packed tokens, using its own layers and settings.
 
@@ -326,6 +331,8 @@ def packed_self_attention(
         packed: the batch's ``PackedBatch`` (offsets, indices).
         backend: a concrete backend.
         pad_index: ``core.packed.pad_rows`` of the batch, for the "pad" backend (computed once per forward).
+        rotate: ``rotate(q, k) -> (q, k)`` on (N, H, hd) tensors, applied after the q/k norms and before the
+            kernel: rotary positions (a RoPE family's per-token tables, ``nn.families.base``), on every backend.
 
     Returns:
         (N, D).
@@ -334,6 +341,8 @@ def packed_self_attention(
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = attn.qkv(x).view(t, 3, attn.num_heads, attn.head_dim).unbind(1)  # (N, H, hd) each
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if rotate is not None:
+        q, k = rotate(q, k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     out = varlen_attention(
         q,

@@ -29,6 +29,7 @@ from torch import nn
 from ..core.io import MAX_SIDE, InputError, atomic_write, reading
 from .config import APTConfig
 from .convert import convert
+from .families import FAMILIES, family_of, timm_args_allowed
 from .model import APTViT
 
 # 2: the settings hold ``scorer_args`` (1 had entropy's ``bins``) and no attention backend (a runtime choice now);
@@ -36,68 +37,15 @@ from .model import APTViT
 FORMAT_VERSION = "2"
 # what a loaded model needs to preprocess like the saved one (normalisation, eval crop, size)
 PRETRAINED_CFG_KEYS = ("architecture", "tag", "mean", "std", "crop_pct", "crop_mode", "input_size", "interpolation")
-# The only ``timm.create_model`` arguments a checkpoint may carry: the structure that ``_timm_args`` records and
-# the regularisation rates. Nothing that names a file (checkpoint_path, pretrained_cfg_overlay) or a class.
-TIMM_ARGS = (
-    "class_token",
-    "reg_tokens",
-    "no_embed_class",
-    "pos_embed",
-    "pre_norm",
-    "fc_norm",
-    "final_norm",
-    "qkv_bias",
-    "qk_norm",
-    "init_values",
-    "num_classes",
-    "global_pool",
-    "img_size",
-    "patch_size",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "drop_rate",
-    "drop_path_rate",
-    "attn_drop_rate",
-    "proj_drop_rate",
-    "pos_drop_rate",
-)
+# The only ``timm.create_model`` arguments a checkpoint may carry: the structure that each family's ``timm_args``
+# records and the regularisation rates (``Family.TIMM_ARGS``). Nothing that names a file (checkpoint_path,
+# pretrained_cfg_overlay) or a class.
+TIMM_ARGS = timm_args_allowed()
 
 
 def _timm_args(vit: nn.Module) -> Dict:
-    """``timm.create_model`` arguments that re-create this model's structure, read off the instance.
-
-    Everything a supported family varies (prefix tokens, norms, q/k norm, layer scale, biases) is
-    recorded, so a tiny or customised model re-creates from its architecture name alone.
-    """
-    blk = vit.blocks[0] if len(vit.blocks) else None
-    identity = lambda m: isinstance(m, nn.Identity)  # noqa: E731
-    args = {
-        "class_token": bool(vit.has_class_token),
-        "reg_tokens": int(vit.num_reg_tokens),
-        "no_embed_class": bool(vit.no_embed_class),
-        "pos_embed": "learn" if vit.pos_embed is not None else "none",
-        "pre_norm": not identity(vit.norm_pre),
-        "fc_norm": not identity(vit.fc_norm),
-        "final_norm": not (identity(vit.norm) and identity(vit.fc_norm)),
-        "qkv_bias": blk is not None and blk.attn.qkv.bias is not None,
-        "qk_norm": blk is not None and not identity(blk.attn.q_norm),
-        "init_values": 1e-5 if blk is not None and not identity(blk.ls1) else None,  # value: from the weights
-        "num_classes": vit.num_classes,
-        "global_pool": vit.global_pool,
-        "img_size": list(vit.patch_embed.img_size),
-        "patch_size": vit.patch_embed.patch_size[0],
-        "in_chans": vit.patch_embed.proj.in_channels,
-        "embed_dim": vit.embed_dim,
-        "depth": len(vit.blocks),
-        "num_heads": vit.blocks[0].attn.num_heads if len(vit.blocks) else 1,
-    }
-    fc1 = getattr(vit.blocks[0].mlp, "fc1", None) if len(vit.blocks) else None
-    if isinstance(fc1, nn.Linear) and type(vit.blocks[0].mlp).__name__ == "Mlp":
-        args["mlp_ratio"] = fc1.out_features / vit.embed_dim
-    return args
+    """``timm.create_model`` arguments that re-create this model's structure, read off the instance by its family."""
+    return family_of(vit).timm_args(vit)
 
 
 def save(
@@ -241,7 +189,8 @@ def check_timm_args(args, path) -> Dict:
     if pos and len(pos) == 3 and sides and p:
         h, w = (sides * 2)[:2]
         grid, prefix = (h // p) * (w // p), pos[1] - (h // p) * (w // p)
-        if not 0 <= prefix <= 1 + (args.get("reg_tokens") or 0):
+        # the file does not say its family before the model exists: the most prefix entries any family allows
+        if not 0 <= prefix <= max(f.max_position_prefix(args) for f in FAMILIES.values()):
             raise InputError(
                 f"{where} img_size {img!r} gives a {grid}-cell grid; the file's position embedding has {pos[1]} entries"
             )

@@ -8,15 +8,16 @@ from typing import Optional
 from torch import nn
 
 from .config import APTConfig
+from .families import check_supported
 from .model import APTViT
-from .support import check_supported
 
 
 def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: str = "auto", **settings) -> APTViT:
     """Wrap a timm ViT so that it runs on adaptive patch layouts.
 
     Args:
-        model: a supported timm ``VisionTransformer`` (pretrained or fine-tuned); shared, not copied.
+        model: a timm model of a supported family (``aptvit.nn.families``; pretrained or fine-tuned); shared, not
+            copied.
         config: the conversion settings; default ``APTConfig()`` (entropy scorer, its default thresholds,
             patch sizes (p, 2p, 4p) for the model's patch size p).
         attention: the attention backend, a runtime choice not saved with the model (see ``APTViT``).

@@ -111,25 +111,27 @@ def _take_indices(depth: int, indices) -> Tuple[List[int], int]:
     return take, max(take)
 
 
-def _require_one_size(images, layout: Optional[PatchLayout]) -> None:
+def _require_one_size(images, layout: Optional[PatchLayout], packed=None) -> None:
     """Grids of different sizes cannot be stacked: say so before any work."""
+    layout = packed.layout if packed is not None else layout
     sizes = {tuple(t.shape[-2:]) for t in images} if isinstance(images, (list, tuple)) else set()
     if len(sizes) > 1 or (layout is not None and not layout.same_size):
         raise ValueError("dense outputs need images of one size; call once per image size")
 
 
 class DenseMixin:
-    """Dense and MLLM entry points of ``APTViT`` (built on its ``_run``)."""
+    """Dense and MLLM entry points of ``APTViT`` (built on its ``_run``). Each takes ``layout=`` (planned here) or
+    a finished plan ``packed=`` (e.g. made in data-loader workers)."""
 
     def forward_dense(
-        self, images, layout: Optional[PatchLayout] = None, smooth: bool = SMOOTH_DEFAULT
+        self, images, layout: Optional[PatchLayout] = None, smooth: bool = SMOOTH_DEFAULT, packed=None
     ) -> torch.Tensor:
         """(B, D, H/p, W/p): the final normalised features, each token's over the cells it covers.
 
         Equal to timm's ``forward_features`` without prefix tokens, reshaped to NCHW, when nothing merges.
         """
-        _require_one_size(images, layout)
-        x, _, packed = self._run(images, layout)
+        _require_one_size(images, layout, packed)
+        x, _, packed = self._run(images, layout, packed=packed)
         return unmerge_packed(self.norm(x), packed, smooth)
 
     def forward_intermediates(
@@ -144,6 +146,7 @@ class DenseMixin:
         output_dict: bool = False,
         layout: Optional[PatchLayout] = None,
         smooth: bool = SMOOTH_DEFAULT,
+        packed=None,
     ):
         """timm's ``forward_intermediates`` on an APT layout: the same arguments, shapes and semantics.
 
@@ -156,8 +159,8 @@ class DenseMixin:
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, last = _take_indices(len(self.blocks), indices)
-        _require_one_size(images, layout)
-        x, kept, packed = self._run(images, layout, take, last if stop_early else None)
+        _require_one_size(images, layout, packed)
+        x, kept, packed = self._run(images, layout, take, last if stop_early else None, packed=packed)
         p = self.num_prefix_tokens
         feats, prefixes = [], []
         for i in take:
@@ -181,7 +184,7 @@ class DenseMixin:
         results = list(zip(feats, prefixes)) if return_prefix_tokens and p else feats
         return results if intermediates_only else (final, results)
 
-    def encode_tokens(self, images, layout: Optional[PatchLayout] = None, layer: Optional[int] = None):
+    def encode_tokens(self, images, layout: Optional[PatchLayout] = None, layer: Optional[int] = None, packed=None):
         """Packed visual tokens for a multimodal LLM, fewer than the uniform ViT gives.
 
         Args:
@@ -194,10 +197,10 @@ class DenseMixin:
             pixels and ``layout.cu_seqlens`` where each image's tokens start.
         """
         if layer is None:
-            x, _, packed = self._run(images, layout)
+            x, _, packed = self._run(images, layout, packed=packed)
             x = self.norm(x)
         else:
             (i,), _ = _take_indices(len(self.blocks), [layer])
-            _, kept, packed = self._run(images, layout, [i], i)
+            _, kept, packed = self._run(images, layout, [i], i, packed=packed)
             x = kept[i]
         return x.index_select(0, packed.patch_pos), packed.layout

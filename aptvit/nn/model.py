@@ -1,4 +1,4 @@
-"""``APTViT``: a timm VisionTransformer run on packed, variable-length sequences of mixed-size patches.
+"""``APTViT``: a timm ViT run on packed, variable-length sequences of mixed-size patches.
 
 The wrapper registers the timm model's own modules and parameters under their own names (so the
 state dict keys stay timm's) and adds only ``apt.*`` (the detail path). A forward has two halves:
@@ -12,11 +12,16 @@ state dict keys stay timm's) and adds only ``apt.*`` (the detail path). A forwar
 
 Every linear layer runs on the packed (N, D) tensor; attention goes through ``varlen_attention``.
 With a layout of base-size patches only, the result equals timm's to float rounding.
+
+What differs between model families (prefix tokens, positions, the block, the pooling and head, what a checkpoint
+records) is asked of the model's family adapter (``self.family``, see ``nn.families``); this module knows none.
+The model keeps no per-call state: every entry point takes ``layout=`` or a finished plan ``packed=``, and
+``forward_features`` returns the plan with the tokens for ``forward_head``.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,34 +30,48 @@ from torch.utils.checkpoint import checkpoint
 from ..core.layout import PatchLayout, to_device
 from ..core.packed import PackedBatch, groups_of, pad_rows, plan_packed
 from ..core.quadtree import patch_layout
-from .attention import check_backend, packed_self_attention, resolve_backend
+from .attention import check_backend, resolve_backend
 from .config import APTConfig
 from .dense import DenseMixin
-from .embed import AdaptivePatchEmbed, position_bank
-from .support import check_supported
+from .embed import AdaptivePatchEmbed
+from .families import BlockContext, drop_path_packed, family_of
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
+__all__ = ["APTViT", "Features", "drop_path_packed", "model_flops"]
 
 
-def drop_path_packed(
-    y: torch.Tensor, module: nn.Module, seq: torch.Tensor, num_seqs: int, training: bool
-) -> torch.Tensor:
-    """timm's per-sample stochastic depth, per image of a packed batch (timm's DropPath would drop per token)."""
-    prob = float(getattr(module, "drop_prob", 0.0) or 0.0)
-    if not training or prob == 0.0:
-        return y
-    keep = y.new_empty(num_seqs).bernoulli_(1.0 - prob)
-    if getattr(module, "scale_by_keep", True) and prob < 1.0:
-        keep = keep / (1.0 - prob)
-    return y * keep[seq][:, None]
+class Features(tuple):
+    """What ``forward_features`` returns: the pair (tokens, layout) of aptvit 0.1, carrying the plan as well.
+
+    ``tokens, layout = apt.forward_features(x)`` unpacks as before; ``apt.forward_head(features)`` pools with
+    ``features.packed``, the plan the tokens were computed with (the model keeps no state between calls).
+
+    Attributes:
+        tokens: (N, D) packed final normalised tokens, per image [prefix tokens, patch tokens].
+        layout: the batch's ``PatchLayout``.
+        packed: the batch's ``PackedBatch``.
+    """
+
+    def __new__(cls, tokens: torch.Tensor, packed: PackedBatch) -> "Features":
+        self = super().__new__(cls, (tokens, packed.layout))
+        self.packed = packed
+        return self
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def layout(self) -> PatchLayout:
+        return self[1]
 
 
 class APTViT(DenseMixin, nn.Module):
-    """A timm VisionTransformer that runs on adaptive patch layouts. Build it with ``aptvit.convert``.
+    """A timm ViT that runs on adaptive patch layouts. Build it with ``aptvit.convert``.
 
     Args:
-        vit: a supported timm ``VisionTransformer`` (see ``aptvit.nn.support``); its modules and
-            parameters are shared, not copied.
+        vit: a timm model of a supported family (``aptvit.nn.families``); its modules and parameters are shared,
+            not copied.
         config: conversion settings (saved with the weights); patch sizes None become the ViT's (p, 2p, 4p).
         attention: the attention backend, a runtime choice (not saved): "auto" or a name in
             ``nn.attention.BACKENDS``; change it with ``configure(attention=...)``.
@@ -60,7 +79,7 @@ class APTViT(DenseMixin, nn.Module):
 
     def __init__(self, vit: nn.Module, config: APTConfig, attention: str = "auto") -> None:
         super().__init__()
-        check_supported(vit)
+        family = family_of(vit)  # raises a TypeError naming the class and why when it cannot convert
         if not isinstance(config, APTConfig):
             raise TypeError(f"config must be an APTConfig, got {type(config).__name__}")
         config = config.for_patch_size(vit.patch_embed.patch_size[0])
@@ -71,12 +90,13 @@ class APTViT(DenseMixin, nn.Module):
             )
         self.config = config
         self.attention = check_backend(attention)  # a runtime choice: not part of the saved settings
+        self.family = family  # a stateless adapter shared by every model of its kind (not a module)
         object.__setattr__(self, "timm_model", vit)  # a handle for users; not a registered submodule
         for name, module in vit.named_children():
             self.add_module(name, module)
         for name, param in vit.named_parameters(recurse=False):
             self.register_parameter(name, param)
-        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.num_prefix_tokens = family.num_prefix(vit)
         self.no_embed_class = vit.no_embed_class
         self.global_pool = vit.global_pool
         self.pool_include_prefix = getattr(vit, "pool_include_prefix", False)
@@ -112,13 +132,25 @@ class APTViT(DenseMixin, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """timm's ``reset_classifier`` on the wrapped model, re-registered here (a new label set)."""
         self.timm_model.reset_classifier(num_classes, global_pool)
-        self.head, self.num_classes = self.timm_model.head, num_classes
-        self.global_pool = self.timm_model.global_pool
-        check_supported(self.timm_model)
+        children = dict(self.timm_model.named_children())
+        gone = [n for n in self._modules if n != "apt" and n not in children]  # e.g. an attention pool removed
+        for name in gone:
+            del self._modules[name]
+        for name, module in children.items():  # the new heads (and a new attention pool), re-registered
+            setattr(self, name, module)
+        self.num_classes, self.global_pool = num_classes, self.timm_model.global_pool
+        family_of(self.timm_model)
+        self.__dict__.pop("_position_cache", None)
 
-    def get_classifier(self) -> nn.Module:
-        """timm's ``get_classifier``: the head."""
-        return self.head
+    def get_classifier(self):
+        """timm's ``get_classifier``: the head (distilled models: the pair of heads)."""
+        return self.timm_model.get_classifier()
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """timm's switch of distilled models: in training, return (class logits, distillation logits)."""
+        if not hasattr(self.timm_model, "set_distilled_training"):
+            raise ValueError(f"{type(self.timm_model).__name__} has no distillation head")
+        self.timm_model.set_distilled_training(enable)
 
     def group_matcher(self, coarse: bool = False) -> Dict:
         """timm's parameter groups (layer-wise LR decay, ``timm.optim``): the new ``apt.*`` layers join the stem,
@@ -148,7 +180,7 @@ class APTViT(DenseMixin, nn.Module):
 
     def no_weight_decay(self) -> set:
         """Parameters timm exempts from weight decay (used by timm's optimizer factory)."""
-        return {"pos_embed", "cls_token", "reg_token", "dist_token"}
+        return self.family.no_weight_decay()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -219,8 +251,8 @@ class APTViT(DenseMixin, nn.Module):
 
     @property
     def _pool_prefix(self) -> bool:
-        """Prefix tokens take part in average/max pooling (timm's ``pool_include_prefix``)."""
-        return bool(self.pool_include_prefix and self.global_pool in ("avg", "max", "avgmax"))
+        """Prefix tokens take part in pooling (timm's ``pool_include_prefix``, where the family's pool reads it)."""
+        return self.family.pool_prefix(self)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -232,9 +264,7 @@ class APTViT(DenseMixin, nn.Module):
             layout: a precomputed layout (planned here), or
             packed: a precomputed plan (e.g. from the data-loader workers): nothing is planned here.
         """
-        if packed is not None:
-            return self.forward_packed(images, packed)
-        return self.forward_packed(images, self.prepare(images, layout))
+        return self.forward_packed(images, self._plan(images, layout, packed))
 
     def forward_packed(self, images: Images, packed: PackedBatch, pre_logits: bool = False) -> torch.Tensor:
         """Logits (B, num_classes) from a planned batch: static control flow, no host sync.
@@ -248,24 +278,42 @@ class APTViT(DenseMixin, nn.Module):
         return self.forward_head(self.norm(x), pre_logits=pre_logits, packed=packed)
 
     def forward_features(
-        self, images: Images, layout: Optional[PatchLayout] = None
-    ) -> Tuple[torch.Tensor, PatchLayout]:
-        """Packed final tokens (T + B * P, D), per image [prefix tokens, patch tokens], and the layout.
+        self, images: Images, layout: Optional[PatchLayout] = None, packed: Optional[PackedBatch] = None
+    ) -> Features:
+        """Packed final tokens (N, D), per image [prefix tokens, patch tokens], with their layout and plan.
 
-        ``forward_head(x)`` then pools them (this call's plan is kept for it).
+        Returns:
+            ``Features``: unpacks as ``tokens, layout``; ``forward_head(features)`` pools it (``features.packed``).
         """
-        packed = self.prepare(images, layout)
+        packed = self._plan(images, layout, packed)
         x, _ = self._run_packed(images, packed)
-        self._last_packed = packed
-        return self.norm(x), packed.layout
+        return Features(self.norm(x), packed)
 
-    def embed(self, images: Images, layout: PatchLayout) -> torch.Tensor:
-        """Packed input tokens (T + B * P, D): patch embeddings plus positions, prefix tokens in front."""
-        return self.embed_packed(images, self.prepare(images, layout))
+    def embed(self, images: Images, layout: Optional[PatchLayout] = None, packed: Optional[PackedBatch] = None):
+        """Packed input tokens (N, D): patch embeddings plus positions, prefix tokens in front."""
+        return self.embed_packed(images, self._plan(images, layout, packed))
 
-    def _run(self, images: Images, layout: Optional[PatchLayout], take: Sequence[int] = (), stop: Optional[int] = None):
-        """Plan, embed and run the blocks (up to block ``stop``): (x before the final norm, {i: x after block i}, plan)."""
-        packed = self.prepare(images, layout)
+    def _plan(self, images: Images, layout: Optional[PatchLayout], packed: Optional[PackedBatch]) -> PackedBatch:
+        """The given plan, or one made here (from ``layout`` when given)."""
+        if packed is not None:
+            if layout is not None and layout is not packed.layout:
+                raise ValueError("pass layout= or packed= (which holds its layout), not both")
+            if not isinstance(packed, PackedBatch):
+                raise TypeError(f"packed must be a PackedBatch (from apt.prepare), got {type(packed).__name__}")
+            return packed
+        return self.prepare(images, layout)
+
+    def _run(
+        self,
+        images: Images,
+        layout: Optional[PatchLayout],
+        take: Sequence[int] = (),
+        stop: Optional[int] = None,
+        packed: Optional[PackedBatch] = None,
+    ):
+        """Plan (unless ``packed``), embed and run the blocks (up to block ``stop``): (x before the final norm,
+        {i: x after block i}, plan)."""
+        packed = self._plan(images, layout, packed)
         x, kept = self._run_packed(images, packed, take, stop)
         return x, kept, packed
 
@@ -273,45 +321,37 @@ class APTViT(DenseMixin, nn.Module):
         x = self.norm_pre(self.pos_drop(self.embed_packed(images, packed)))
         backend = self._backend(x)
         pad_index = pad_rows(packed.seq, packed.cu_seqlens, packed.max_seqlen) if backend == "pad" else None
+        ctx = BlockContext(packed, backend, pad_index, self.family.token_tables(self, packed), self.training)
         kept: Dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
             if stop is not None and i > stop:
                 break
-            x = self._block(blk, x, packed, backend, pad_index)
+            x = self._block(blk, x, ctx)
             if i in take:
                 kept[i] = x
         return x, kept
 
-    def forward_head(
-        self, x: torch.Tensor, pre_logits: bool = False, packed: Optional[PackedBatch] = None
-    ) -> torch.Tensor:
-        """Pool like timm (average weighted by the base cells each token covers), fc_norm, head.
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, packed: Optional[PackedBatch] = None) -> Any:
+        """Pool like timm (an average weighs each token by the base cells it covers), fc_norm, head.
 
         Args:
-            x: (N, D) packed final tokens, as ``forward_features`` returns them.
+            x: what ``forward_features`` returns (it carries its plan), or (N, D) packed final tokens with
+            packed: the plan they were computed with.
             pre_logits: return the pooled features (B, D) before the classifier (timm's keyword, timm's position).
-            packed: the plan ``x`` was computed with; default: the last ``forward_features`` call's.
+
+        Returns:
+            (B, num_classes) logits (a distilled model in distilled training: the pair of logits, as timm).
         """
-        if isinstance(pre_logits, (PatchLayout, PackedBatch)):  # the 0.1 signature forward_head(x, layout)
-            pre_logits, packed = False, (packed if isinstance(packed, PackedBatch) else None)
-        packed = packed if packed is not None else getattr(self, "_last_packed", None)
-        if packed is None:
-            raise ValueError("forward_head needs the plan of its tokens: pass packed=, or call forward_features first")
-        b, pool = packed.batch_size, self.global_pool
-        if pool == "token":
-            x = x.index_select(0, packed.prefix_pos[:, 0])
-        elif pool in ("avg", "max", "avgmax"):
-            rows = packed.num_seqs + 1  # one dump row for the tokens that are not pooled
-            avg = mx = None
-            if pool != "max":
-                weighted = x * packed.pool_weight.to(x.dtype)[:, None]
-                avg = x.new_zeros(rows, x.shape[1]).index_add_(0, packed.pool_seq, weighted)[:b]
-            if pool != "avg":
-                index = packed.pool_seq[:, None].expand_as(x)
-                mx = x.new_full((rows, x.shape[1]), float("-inf")).scatter_reduce_(0, index, x, "amax")[:b]
-            x = avg if pool == "avg" else mx if pool == "max" else 0.5 * (mx + avg)
-        x = self.head_drop(self.fc_norm(x))
-        return x if pre_logits else self.head(x)
+        if isinstance(pre_logits, PackedBatch):  # the 0.1 signature forward_head(x, packed)
+            pre_logits, packed = False, pre_logits
+        if isinstance(x, Features):
+            x, packed = x.tokens, (packed if packed is not None else x.packed)
+        if not isinstance(packed, PackedBatch):
+            raise ValueError(
+                "forward_head needs the plan of its tokens: pass what forward_features returned "
+                "(forward_head(apt.forward_features(x))), or forward_head(tokens, packed=plan)"
+            )
+        return self.family.forward_head(self, x, packed, pre_logits)
 
     # ------------------------------------------------------------------ pieces
     def _check_images(self, images: Images):
@@ -350,20 +390,6 @@ class APTViT(DenseMixin, nn.Module):
                 )
         return groups_of(images)
 
-    def _pos_embed_grid(self, grid: Tuple[int, int]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Position embeddings for a (H/p, W/p) grid, resampled as timm does: (1, D, h, w) and prefix (1, P', D)."""
-        pos = getattr(self, "pos_embed", None)
-        if pos is None:
-            return None, None
-        from timm.layers import resample_abs_pos_embed
-
-        n_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-        old = tuple(self.patch_embed.grid_size)
-        if tuple(grid) != old:
-            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=old, num_prefix_tokens=n_prefix)
-        grid_pos = pos[:, n_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
-        return grid_pos, (pos[:, :n_prefix] if n_prefix else None)
-
     def embed_packed(self, images: Images, packed: PackedBatch) -> torch.Tensor:
         """Packed input tokens (N, D): patch embeddings plus positions, prefix tokens, padding.
 
@@ -382,20 +408,15 @@ class APTViT(DenseMixin, nn.Module):
         return tokens + pos.index_select(0, packed.pos_src) if pos is not None else tokens
 
     def _position_rows(self, groups) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The position bank of ``groups`` (with its final zero row) and the prefix rows (P, D) with their positions.
+        """The family's position bank of ``groups`` (with its final zero row) and its prefix rows (P, D).
 
-        Both depend on the weights and the image sizes only: outside autograd they are cached (keyed by the
-        parameters' versions, so an optimizer step or a load refreshes them), saving ~20 ops per forward.
+        Both depend on the weights and the image sizes only: outside autograd they are cached (~20 ops saved per
+        forward). A cache, not state: the result is the same with or without it. The key holds the image sizes and
+        each tensor's identity, version and storage (an optimizer step, a load or a ``.to()`` refreshes it); the
+        entry is one (key, value) pair swapped in by a single assignment, so threads sharing the model never see a
+        half-written entry (at worst each computes it once).
         """
-        params = [
-            t
-            for t in (
-                getattr(self, "pos_embed", None),
-                getattr(self, "cls_token", None),
-                getattr(self, "reg_token", None),
-            )
-            if t is not None
-        ]
+        params = [t for t in self.family.position_params(self) if t is not None]
         cacheable = not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in params)
         )
@@ -403,29 +424,18 @@ class APTViT(DenseMixin, nn.Module):
             key = (
                 tuple(hw for _, hw in groups),
                 torch.is_inference_mode_enabled(),
-                *((id(t), 0 if t.is_inference() else t._version) for t in params),
+                *((id(t), 0 if t.is_inference() else t._version, t.data_ptr(), t.dtype) for t in params),
             )
-            cache = self.__dict__.setdefault("_position_cache", {})
-            if key in cache:
-                return cache[key]
-        pos_banks, prefix_pos = [], None
-        for _, (h, w) in groups:
-            pos_grid, prefix_pos = self._pos_embed_grid((h // self.patch_size, w // self.patch_size))
-            if pos_grid is not None:
-                pos_banks.append(position_bank(pos_grid, self.patch_sizes))
-        pos = torch.cat(pos_banks + [pos_banks[0].new_zeros(1, pos_banks[0].shape[1])]) if pos_banks else None
-        prefix = [t for t in (getattr(self, "cls_token", None), getattr(self, "reg_token", None)) if t is not None]
-        if prefix:
-            prefix = torch.cat(prefix, dim=1)[0]  # (P, D)
-            prefix = prefix + prefix_pos[0] if prefix_pos is not None else prefix
-        result = (pos, prefix if len(prefix) else None)
+            entry = self.__dict__.get("_position_cache")
+            if entry is not None and entry[0] == key:
+                return entry[1]
+        result = self.family.positions(self, groups)
         if cacheable:
-            cache.clear()  # one entry: the sizes of the current workload
-            cache[key] = result
+            self.__dict__["_position_cache"] = (key, result)  # one entry: the sizes of the current workload
         return result
 
     def _backend(self, x: torch.Tensor) -> str:
-        attn = self.blocks[0].attn if len(self.blocks) else None
+        attn = self.family.attention_module(self.blocks[0]) if len(self.blocks) else None
         dropout = bool(attn is not None and self.training and attn.attn_drop.p > 0)
         # under autocast the matmuls run in the autocast dtype even though x may be float32
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -434,19 +444,14 @@ class APTViT(DenseMixin, nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks.parameters()))
         return resolve_backend(self.attention, x.device, dtype, dropout, grad)
 
-    def _block(self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index) -> torch.Tensor:
+    def _block(self, blk: nn.Module, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._block_forward, blk, x, packed, backend, pad_index, use_reentrant=False)
-        return self._block_forward(blk, x, packed, backend, pad_index)
+            return checkpoint(self._block_forward, blk, x, ctx, use_reentrant=False)
+        return self._block_forward(blk, x, ctx)
 
-    def _block_forward(
-        self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index
-    ) -> torch.Tensor:
-        a = packed_self_attention(blk.attn, blk.norm1(x), packed, backend, pad_index)
-        x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, packed.seq, packed.num_seqs, self.training)
-        return x + drop_path_packed(
-            blk.ls2(blk.mlp(blk.norm2(x))), blk.drop_path2, packed.seq, packed.num_seqs, self.training
-        )
+    def _block_forward(self, blk: nn.Module, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        """One block on packed tokens, as the family runs it."""
+        return self.family.block(self, blk, x, ctx)
 
 
 def _device_of(images: Images) -> torch.device:
@@ -486,7 +491,9 @@ def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
 
     p, prefix, dim = model.patch_size, model.num_prefix_tokens, model.embed_dim
     in_chans = model.patch_embed.proj.in_channels
-    head = 2.0 * dim * model.num_classes
+    head = sum(
+        2.0 * m.in_features * m.out_features for m in model.family.classifiers(model) if isinstance(m, nn.Linear)
+    )
     cells = torch.tensor([h * w for h, w in layout.grid_sizes], dtype=torch.float64)
     embed = patch_embed_flops(cells, in_chans, p, dim)
     blocks = lambda n: sum(  # noqa: E731

@@ -170,11 +170,13 @@ def test_forward_head_takes_timms_pre_logits_position():
     apt = aptvit.convert(tiny_vit("vit_avg_no_cls"), thresholds={32: 6.0})
     x = _batch(apt, 2)
     with torch.no_grad():
-        tokens, layout = apt.forward_features(x)
-        pooled = apt.forward_head(tokens, True)  # timm's forward_head(x, pre_logits)
+        features = apt.forward_features(x)  # carries its plan: the model keeps none (issue 18)
+        tokens, layout = features
+        pooled = apt.forward_head(features, True)  # timm's forward_head(x, pre_logits)
         assert pooled.shape == (2, apt.embed_dim)
-        assert torch.equal(apt.head(pooled), apt.forward_head(tokens))
-        assert rel_err(apt.forward_head(tokens), apt(x, layout=layout)) <= 1e-6
+        assert torch.equal(apt.head(pooled), apt.forward_head(features))
+        assert rel_err(apt.forward_head(features), apt(x, layout=layout)) <= 1e-6
+        assert torch.equal(apt.forward_head(tokens, packed=features.packed), apt.forward_head(features))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -86,7 +86,7 @@ def reference_forward(model, apt, image, boxes, p):
         pos_prefix = pos[:, :n_pos_prefix]
         pos_grid = pos[0, n_pos_prefix:].reshape(h // p, w // p, -1).permute(2, 0, 1)
     tokens = torch.stack([reference_token(model, apt, image, y, x, s, p, pos_grid) for y, x, s in boxes])[None]
-    prefix = [t for t in (model.cls_token, model.reg_token) if t is not None]
+    prefix = [t for t in (model.cls_token, getattr(model, "dist_token", None), model.reg_token) if t is not None]
     if prefix:
         prefix = torch.cat(prefix, dim=1)
         if pos_prefix is not None and pos_prefix.shape[1]:
@@ -103,7 +103,14 @@ def reference_forward(model, apt, image, boxes, p):
     avg = (patches * area[:, None]).sum(0) / area.sum()  # each token counts for the cells it covers
     pool = model.global_pool
     assert not getattr(model, "pool_include_prefix", False)
-    pooled = {"token": final[0, 0], "avg": avg, "max": patches.amax(0), "avgmax": 0.5 * (avg + patches.amax(0))}[pool]
+    if hasattr(model, "head_dist"):  # distilled: both tokens, both heads, averaged (timm's eval mode)
+        logits = (model.head(final[0, 0]) + model.head_dist(final[0, 1])) / 2
+        return {"blocks": after, "final": final, "logits": logits}
+    if pool == "map":  # timm's attention pool on this image's patch tokens alone
+        pooled = model.attn_pool(final[:, n_prefix:])[0]
+    else:
+        pooled = {"token": final[0, 0], "avg": avg, "max": patches.amax(0), "avgmax": 0.5 * (avg + patches.amax(0))}
+        pooled = pooled[pool]
     logits = model.head(model.head_drop(model.fc_norm(pooled)))
     return {"blocks": after, "final": final, "logits": logits}
 
