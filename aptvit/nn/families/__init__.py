@@ -13,6 +13,7 @@ from torch import nn
 
 from .base import BlockContext, Family, drop_path_packed, patch_centres
 from .distilled import DistilledFamily
+from .eva import EvaFamily
 from .vit import ViTFamily
 
 FAMILIES: Dict[str, Family] = {}
@@ -30,6 +31,7 @@ def register_family(family: Family, overwrite: bool = False) -> Family:
 
 register_family(ViTFamily())
 register_family(DistilledFamily())
+register_family(EvaFamily())
 
 
 def supported() -> str:
@@ -78,6 +80,7 @@ __all__ = [
     "FAMILIES",
     "ViTFamily",
     "DistilledFamily",
+    "EvaFamily",
     "check_supported",
     "drop_path_packed",
     "family_of",
