@@ -250,3 +250,21 @@ def test_models_it_cannot_run_are_refused_with_the_reason():
         aptvit.convert(timm.create_model("eva02_tiny_patch14_224", patch_drop_rate=0.1, **kw))
     with pytest.raises(TypeError, match="coordinate augmentation"):
         aptvit.convert(timm.create_model("vit_small_patch16_dinov3", rope_shift_coords=0.5, **kw))
+
+
+@pytest.mark.slow
+def test_forward_packed_compiles_with_fullgraph_and_dynamic_shapes():
+    """The RoPE tables and the per-block lookup of mixed frequencies trace without a graph break (depth 1: both
+    depths 1 and 2 compiled here, the second in ~5 minutes on 2 busy cores)."""
+    torch._dynamo.reset()
+    model = tiny_eva("rope_mixed", depth=1)
+    p = model.patch_embed.patch_size[0]
+    apt = aptvit.convert(model, thresholds={2 * p: 6.0, 4 * p: 5.0}, attention="pad")
+    img = torch.rand(2, 3, 8 * p, 8 * p)
+    img[:, :, : 4 * p, : 4 * p] = 0.5
+    x = (img - 0.5) / 0.5
+    with torch.no_grad():
+        packed = apt.prepare(x)
+        compiled = torch.compile(apt.forward_packed, fullgraph=True, dynamic=True, backend="aot_eager")
+        assert rel_err(compiled(x, packed), apt.forward_packed(x, packed)) <= TOL
+    torch._dynamo.reset()
