@@ -54,6 +54,9 @@ class PackedBatch:
         pool_weight: (N,) float32, average-pooling weight (area for patches, 1 for pooled prefix tokens),
             normalised to sum to 1 per image; 0 for tokens left out.
         pool_seq: (N,) long, image of every pooled token; ``num_seqs`` (a dump row) for tokens left out.
+        key_bias: (N,) float32, log of the base cells every token covers (log 4 for a 2x patch, 0 for base
+            patches, prefix and padding tokens): the attention-logit bias of area-proportional attention
+            (``APTConfig.area_bias``), which a merged key gets so that it weighs as much as the cells it replaces.
         pad: dummy tokens at the end (0 unless padded to a bucket).
     """
 
@@ -71,6 +74,7 @@ class PackedBatch:
     prefix_pos: torch.Tensor
     pool_weight: torch.Tensor
     pool_seq: torch.Tensor
+    key_bias: torch.Tensor
     pad: int = 0
 
     @property
@@ -244,6 +248,8 @@ def plan_packed(
         [torch.stack([bank_row, pos_row, img, img, k * k], 1), prefix_cols.view(-1, 5), pad_cols.view(-1, 5)]
     )
     token_src, pos_src, seq, pool_seq, weight = torch.empty_like(cols).index_copy_(0, dest, cols).unbind(1)
+    # the cells a patch covers, k * k, as a logit bias; prefix and padding tokens stand for one token: log 1 = 0
+    key_bias = torch.zeros(n, dtype=torch.float32, device=device).index_copy_(0, patch_pos, (k * k).float().log())
     return PackedBatch(
         layout=layout,
         groups=groups,
@@ -259,6 +265,7 @@ def plan_packed(
         prefix_pos=prefix_pos.view(b, P),
         pool_weight=weight / cells[pool_seq],
         pool_seq=pool_seq,
+        key_bias=key_bias,
         pad=pad,
     )
 

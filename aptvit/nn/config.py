@@ -1,6 +1,7 @@
 """``APTConfig``: the conversion settings of an APT model, validated once, saved with the weights.
 
-These are the settings that change what the model computes (which patches merge). How it computes them
+These are the settings that change what the model computes (which patches merge, how merged tokens are attended).
+How it computes them
 (the attention backend, the device, the precision) is a runtime choice of ``APTViT`` and is not saved.
 """
 
@@ -13,6 +14,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from ..core.layout import check_patch_sizes
 from ..core.quadtree import check_budget, check_layout_settings
 from ..core.scoring import get_scorer
+
+MODEL_FIELDS = ("area_bias",)  # the settings of how the model attends, not of the layout (not patch_layout's)
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class APTConfig:
         budget: tokens per image (fraction of base tokens in (0, 1], or an int), instead of thresholds.
         scorer: a registered scorer ("entropy", "laplacian", "upsample", or yours: ``core.scoring.register_scorer``).
         scorer_args: the scorer's parameters (entropy: ``{"bins": 512}``); its registered defaults fill the rest.
+        area_bias: area-proportional attention: every key's attention logit gets + log(base cells it covers), so a
+            merged token is attended as much as the patches it replaces together (ToMe's proportional attention).
+            Nothing changes where nothing merges. Settings saved without it (before aptvit 0.2) load as False.
     """
 
     patch_sizes: Optional[Tuple[int, ...]] = None
@@ -34,8 +40,11 @@ class APTConfig:
     budget: Optional[Union[int, float]] = None
     scorer: str = "entropy"
     scorer_args: Mapping[str, Any] = field(default_factory=dict)
+    area_bias: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.area_bias, bool):
+            raise TypeError(f"area_bias must be True or False, got {self.area_bias!r}")
         spec = get_scorer(self.scorer)  # saved by name: a registered scorer, no callables
         if self.patch_sizes is None:  # thresholds keyed by size are checked once the sizes are known
             params = spec.resolve_params(self.scorer, self.scorer_args)
@@ -86,7 +95,10 @@ class APTConfig:
         """The ``patch_layout`` arguments these settings stand for."""
         if self.patch_sizes is None:
             raise ValueError("these settings have no patch_sizes yet; use config.for_patch_size(p)")
-        return self.to_kwargs()  # the fields are named as patch_layout's arguments
+        kwargs = self.to_kwargs()  # the layout fields are named as patch_layout's arguments
+        for name in MODEL_FIELDS:
+            del kwargs[name]
+        return kwargs
 
     def to_kwargs(self) -> dict:
         """The fields as keyword arguments of ``convert`` / ``APTViT.configure`` (patch sizes only when set)."""

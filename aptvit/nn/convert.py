@@ -22,7 +22,8 @@ def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: 
             patch sizes (p, 2p, 4p) for the model's patch size p).
         attention: the attention backend, a runtime choice not saved with the model (see ``APTViT``).
         **settings: ``APTConfig`` fields that override ``config``'s: ``patch_sizes``, ``thresholds``, ``budget``
-            (tokens per image: fraction of base tokens in (0, 1], or an int), ``scorer``, ``scorer_args``.
+            (tokens per image: fraction of base tokens in (0, 1], or an int), ``scorer``, ``scorer_args``,
+            ``area_bias`` (area-proportional attention, see ``APTConfig``).
 
     Returns:
         APTViT whose state dict is the timm model's plus ``apt.*``. With thresholds that never merge

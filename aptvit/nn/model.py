@@ -117,7 +117,7 @@ class APTViT(DenseMixin, nn.Module):
         return tuple(self.config.patch_sizes)
 
     def configure(self, attention: Optional[str] = None, **changes) -> "APTViT":
-        """Change the layout settings (``APTConfig`` fields: thresholds=, budget=, scorer=, scorer_args=) and/or
+        """Change the settings (``APTConfig`` fields: thresholds=, budget=, scorer=, scorer_args=, area_bias=) and/or
         the attention backend (``attention=``, see ``nn.attention.BACKENDS``), validated.
 
         The patch sizes are fixed at conversion (they own the detail-path weights).
@@ -321,7 +321,10 @@ class APTViT(DenseMixin, nn.Module):
         x = self.norm_pre(self.pos_drop(self.embed_packed(images, packed)))
         backend = self._backend(x)
         pad_index = pad_rows(packed.seq, packed.cu_seqlens, packed.max_seqlen) if backend == "pad" else None
-        ctx = BlockContext(packed, backend, pad_index, self.family.token_tables(self, packed), self.training)
+        key_bias = packed.key_bias if self.config.area_bias else None  # area-proportional attention, every block
+        ctx = BlockContext(
+            packed, backend, pad_index, self.family.token_tables(self, packed), self.training, key_bias=key_bias
+        )
         kept: Dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
             if stop is not None and i > stop:
@@ -491,9 +494,7 @@ def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
 
     p, prefix, dim = model.patch_size, model.num_prefix_tokens, model.embed_dim
     in_chans = model.patch_embed.proj.in_channels
-    head = sum(
-        2.0 * m.in_features * m.out_features for m in model.family.classifiers(model) if isinstance(m, nn.Linear)
-    )
+    head = lambda n: model.family.head_flops(model, n)  # noqa: E731  (an attention pool reads every token)
     cells = torch.tensor([h * w for h, w in layout.grid_sizes], dtype=torch.float64)
     embed = patch_embed_flops(cells, in_chans, p, dim)
     blocks = lambda n: sum(  # noqa: E731
@@ -507,5 +508,5 @@ def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
     bank = torch.tensor(
         [bank_flops(g, model.patch_sizes, in_chans, dim) for g in layout.grid_sizes], dtype=torch.float64
     )
-    apt = embed + bank + blocks(layout.num_tokens.cpu().double()) + head
-    return {"uniform": embed + blocks(cells) + head, "apt": apt}
+    tokens = layout.num_tokens.cpu().double()
+    return {"uniform": embed + blocks(cells) + head(cells), "apt": embed + bank + blocks(tokens) + head(tokens)}

@@ -56,6 +56,8 @@ class BlockContext:
         pad_index: ``core.packed.pad_rows`` of the batch for the "pad" backend (None otherwise).
         tables: the family's per-token tables of this forward (``Family.token_tables``; None when it has none).
         training: the model's mode (stochastic depth, dropouts).
+        key_bias: (N,) log-area key bias of every packed row when the model's ``area_bias`` is on (``packed.key_bias``),
+            else None: every self-attention passes it on (``packed_self_attention(..., key_bias)``).
     """
 
     packed: PackedBatch
@@ -63,6 +65,7 @@ class BlockContext:
     pad_index: Optional[torch.Tensor]
     tables: Any
     training: bool
+    key_bias: Optional[torch.Tensor] = None
 
 
 def drop_path_packed(
@@ -144,6 +147,11 @@ class Family:
     def classifiers(self, apt) -> Tuple[nn.Module, ...]:
         """The classifier layers (timm's ``get_classifier``; FLOP counts)."""
         return (apt.head,)
+
+    def head_flops(self, apt, tokens: torch.Tensor) -> torch.Tensor:
+        """FLOPs of pooling and classifying images of ``tokens`` (B,) patch tokens (the classifiers' matmuls)."""
+        linear = sum(2.0 * m.in_features * m.out_features for m in self.classifiers(apt) if isinstance(m, nn.Linear))
+        return torch.full_like(tokens, linear, dtype=torch.float64)
 
     def no_weight_decay(self) -> set:
         return set()

@@ -149,7 +149,7 @@ class ViTFamily(Family):
     def block(self, apt, blk: nn.Module, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         """timm's ``Block.forward`` on packed tokens (drop path per image)."""
         packed = ctx.packed
-        a = packed_self_attention(blk.attn, blk.norm1(x), packed, ctx.backend, ctx.pad_index)
+        a = packed_self_attention(blk.attn, blk.norm1(x), packed, ctx.backend, ctx.pad_index, ctx.key_bias)
         x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, packed.seq, packed.num_seqs, ctx.training)
         return x + drop_path_packed(
             blk.ls2(blk.mlp(blk.norm2(x))), blk.drop_path2, packed.seq, packed.num_seqs, ctx.training
@@ -159,13 +159,30 @@ class ViTFamily(Family):
         """timm's ``VisionTransformer.pool`` on packed tokens: (N, D) -> (B, D)."""
         pool = apt.timm_model.attn_pool  # a registered module of ``apt`` too, when present
         if pool is not None:
-            bias = packed.key_bias if getattr(apt.config, "area_bias", False) else None
+            bias = packed.key_bias if apt.config.area_bias else None  # keys weigh as the cells they cover
             return attention_pool(pool, x, packed, key_bias=bias)
         return pool_tokens(x, packed, apt.global_pool)
 
     def forward_head(self, apt, x: torch.Tensor, packed: PackedBatch, pre_logits: bool = False) -> torch.Tensor:
         x = apt.head_drop(apt.fc_norm(self.pool(apt, x, packed)))
         return x if pre_logits else apt.head(x)
+
+    def head_flops(self, apt, tokens: torch.Tensor) -> torch.Tensor:
+        """The classifier, plus an attention pool's matmuls: keys and values of every token, the latent queries'
+        scores and weighted sums over them, and its projection and MLP per latent."""
+        flops = super().head_flops(apt, tokens)
+        pool = apt.timm_model.attn_pool
+        if pool is None:
+            return flops
+        n = tokens.double() + (apt.num_prefix_tokens if self.pool_prefix(apt) else 0)
+        width, latents = pool.num_heads * pool.head_dim, pool.latent_len
+        kv = 2.0 * pool.kv.in_features * pool.kv.out_features * n
+        per_latent = sum(  # q, proj and the MLP: once per latent query
+            2.0 * m.in_features * m.out_features
+            for m in pool.modules()
+            if isinstance(m, nn.Linear) and m is not pool.kv
+        )
+        return flops + kv + latents * (per_latent + 4.0 * width * n)
 
     def no_weight_decay(self) -> set:
         return {"pos_embed", "cls_token", "reg_token", "dist_token"}
