@@ -268,3 +268,28 @@ def test_forward_packed_compiles_with_fullgraph_and_dynamic_shapes():
         compiled = torch.compile(apt.forward_packed, fullgraph=True, dynamic=True, backend="aot_eager")
         assert rel_err(compiled(x, packed), apt.forward_packed(x, packed)) <= TOL
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("area_bias", [False, True])
+def test_every_eva_attention_gets_the_area_bias_when_it_is_on(monkeypatch, area_bias):
+    import aptvit.nn.families.eva as eva
+
+    seen = []
+
+    def recording(*args, key_bias=None, **kwargs):
+        seen.append(key_bias)
+        return attention_kernel(*args, key_bias=key_bias, **kwargs)
+
+    attention_kernel = eva.varlen_attention
+    monkeypatch.setattr(eva, "varlen_attention", recording)
+    model = tiny_eva("dinov3")
+    apt = aptvit.convert(model, thresholds={32: 5.0, 64: 4.0}, area_bias=area_bias)
+    img = torch.rand(2, 3, 64, 96)
+    img[:, :, :32] = 0.5
+    x = (img - 0.5) / 0.5
+    packed = apt.prepare(x)
+    with torch.no_grad():
+        apt(x, packed=packed)
+    assert len(seen) == len(model.blocks)
+    for bias in seen:
+        assert (bias is packed.key_bias) if area_bias else bias is None

@@ -325,7 +325,7 @@ class EvaFamily(ViTFamily):
         if tables is not None:
             index = next(i for i, b in enumerate(apt.blocks) if b is blk) if tables.per_block else 0
             table, half = tables.for_block(index), tables.half
-        bias = ctx.packed.key_bias if getattr(apt.config, "area_bias", False) else None
+        bias = ctx.key_bias  # area-proportional attention (``APTConfig.area_bias``), None when off
         packed, training = ctx.packed, ctx.training
 
         def drop(y, module):
