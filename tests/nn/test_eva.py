@@ -293,3 +293,21 @@ def test_every_eva_attention_gets_the_area_bias_when_it_is_on(monkeypatch, area_
     assert len(seen) == len(model.blocks)
     for bias in seen:
         assert (bias is packed.key_bias) if area_bias else bias is None
+
+
+def test_eva_checkpoints_run_in_the_cli_bench_from_their_metadata(tmp_path, capsys):
+    """A saved Eva (DINOv3: registers and RoPE; PE: attention pool) re-creates from its metadata in the CLI."""
+    import json
+
+    from aptvit.cli import main
+
+    for name in ("dinov3", "pe_map"):
+        path = aptvit.save(aptvit.convert(tiny_eva(name), budget=0.5), tmp_path / f"{name}.safetensors")
+        code = main(
+            ["bench", "--checkpoint", str(path), "--size", "64", "--batch", "2", "--runs", "1", "--warmup", "0"]
+            + ["--device", "cpu", "--out", str(tmp_path / f"{name}.json")]
+        )
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        (row,) = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        assert 0 < row["tokens"] <= row["base_tokens"] and row["flop_ratio"] > 0 and not math.isnan(row["apt_ms"])
