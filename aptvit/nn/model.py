@@ -57,6 +57,9 @@ class Features(tuple):
         self.packed = packed
         return self
 
+    def __reduce__(self):  # a tuple subclass pickles through __new__'s arguments: give it the plan
+        return (Features, (self[0], self.packed))
+
     @property
     def tokens(self) -> torch.Tensor:
         return self[0]
@@ -296,10 +299,10 @@ class APTViT(DenseMixin, nn.Module):
     def _plan(self, images: Images, layout: Optional[PatchLayout], packed: Optional[PackedBatch]) -> PackedBatch:
         """The given plan, or one made here (from ``layout`` when given)."""
         if packed is not None:
-            if layout is not None and layout is not packed.layout:
-                raise ValueError("pass layout= or packed= (which holds its layout), not both")
             if not isinstance(packed, PackedBatch):
                 raise TypeError(f"packed must be a PackedBatch (from apt.prepare), got {type(packed).__name__}")
+            if layout is not None and layout is not packed.layout:
+                raise ValueError("pass layout= or packed= (which holds its layout), not both")
             return packed
         return self.prepare(images, layout)
 

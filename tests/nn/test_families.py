@@ -2,6 +2,7 @@
 ``packed=`` on every entry point, README's table rendered from the adapters."""
 
 import math
+import pickle
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from aptvit.nn.families import FAMILIES as ADAPTERS
 from aptvit.nn.families import supported_table
 from aptvit.nn.families.pool import attention_pool
 
-from ..tiny import FAMILIES, rel_err, tiny_vit
+from ..tiny import FAMILIES, FAMILY_OF, rel_err, tiny_vit
 
 NEW = ["siglip_map", "deit_distilled"]
 
@@ -154,6 +155,9 @@ def test_no_attribute_is_written_during_a_forward():
         assert torch.equal(apt.forward_head(apt.forward_features(x)), apt.forward_head(features))
     with pytest.raises(ValueError, match="needs the plan"):
         apt.forward_head(features.tokens)
+    again = pickle.loads(pickle.dumps(features))  # e.g. handed between processes: still carries its plan
+    tokens, layout = again
+    assert torch.equal(tokens, features.tokens) and again.packed.total == features.packed.total
 
 
 def test_position_cache_follows_the_weights_device_and_dtype():
@@ -313,3 +317,45 @@ def test_flop_counts_include_the_attention_pool_and_both_heads(family):
         model(x)
     assert flops["uniform"].sum().item() == pytest.approx(counter.get_total_flops(), rel=1e-9)
     assert flops["apt"][0] < flops["uniform"][0]
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_finetune_and_eval_from_the_command_line(tmp_path, capsys, family):
+    import json
+
+    from ..cli.helpers import make_folder, run
+
+    data = make_folder(tmp_path / "data")
+    path = aptvit.save(aptvit.convert(tiny_vit(family), budget=0.5), tmp_path / "start.safetensors")
+    name = FAMILIES[family][0]
+    argv = [
+        "finetune",
+        "--model",
+        name,
+        "--checkpoint",
+        path,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--size",
+        "32",
+    ]
+    code, out, err = run(capsys, *argv, "--batch-size", "4", "--workers", "0", "--no-eval", "--max-steps", "2")
+    assert code == 0, err
+    tuned = aptvit.load(tmp_path / "run" / "model.safetensors")
+    assert tuned.num_classes == 2 and tuned.family.name == ADAPTERS[FAMILY_OF[family]].name
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--checkpoint",
+        tmp_path / "run" / "model.safetensors",
+        "--data",
+        data,
+        "--workers",
+        "0",
+        "--json",
+        tmp_path / "e.json",
+    )
+    assert code == 0, err
+    assert 0.0 <= json.loads((tmp_path / "e.json").read_text())["top1"] <= 100.0  # percent
