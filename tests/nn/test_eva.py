@@ -311,3 +311,15 @@ def test_eva_checkpoints_run_in_the_cli_bench_from_their_metadata(tmp_path, caps
         assert code == 0, err
         (row,) = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
         assert 0 < row["tokens"] <= row["base_tokens"] and row["flop_ratio"] > 0 and not math.isnan(row["apt_ms"])
+
+
+@pytest.mark.parametrize("name", ["eva02", "pe_map"])
+def test_reset_classifier_gives_a_new_label_set_equal_to_timms(name):
+    model = tiny_eva(name)
+    apt = never_merge(model)
+    apt.reset_classifier(5)
+    p = model.patch_embed.patch_size[0]
+    x = torch.randn(2, 3, 4 * p, 4 * p)
+    with torch.no_grad():
+        out = apt(x)
+        assert out.shape == (2, 5) and rel_err(out, model(x)) <= TOL
