@@ -12,9 +12,9 @@ from typing import Dict, Tuple
 from torch import nn
 
 from ...core.io import InputError, UserTypeError
-
 from .base import BlockContext, Family, drop_path_packed, patch_centres
 from .distilled import DistilledFamily
+from .eva import EvaFamily
 from .vit import ViTFamily
 
 FAMILIES: Dict[str, Family] = {}
@@ -32,6 +32,7 @@ def register_family(family: Family, overwrite: bool = False) -> Family:
 
 register_family(ViTFamily())
 register_family(DistilledFamily())
+register_family(EvaFamily())
 
 
 def supported() -> str:
@@ -80,6 +81,7 @@ __all__ = [
     "FAMILIES",
     "ViTFamily",
     "DistilledFamily",
+    "EvaFamily",
     "check_supported",
     "drop_path_packed",
     "family_of",
