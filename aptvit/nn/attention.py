@@ -117,24 +117,34 @@ class Backend:
             arguments of ``varlen_attention``.
         available: ``available(device, dtype, dropout, grad) -> bool``: whether it runs there (``dropout``:
             attention dropout is on, i.e. training with ``attn_drop > 0``; ``grad``: a backward will follow).
+        reads_host_offsets: the kernel reads ``offsets`` (Python ints) rather than device tensors, so a captured
+            CUDA graph would freeze the first batch's sequence boundaries (``CUDAGraphRunner`` refuses it).
     """
 
     run: Callable[..., torch.Tensor]
     available: Callable[[torch.device, torch.dtype, bool, bool], bool]
+    reads_host_offsets: bool = False
 
 
 BACKENDS: Dict[str, Backend] = {}
 
 
 def register_backend(
-    name: str, run: Callable[..., torch.Tensor], available: Callable, overwrite: bool = False
+    name: str,
+    run: Callable[..., torch.Tensor],
+    available: Callable,
+    overwrite: bool = False,
+    reads_host_offsets: bool = False,
 ) -> Backend:
-    """Make an attention kernel selectable by name (``convert(..., attention=name)``, ``--attention``)."""
+    """Make an attention kernel selectable by name (``convert(..., attention=name)``, ``--attention``).
+
+    ``reads_host_offsets``: the kernel uses the host offsets (see ``Backend``), so CUDA graphs cannot hold it.
+    """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"a backend name must be a non-empty string other than 'auto', got {name!r}")
     if name in BACKENDS and not overwrite:
         raise ValueError(f"attention backend {name!r} is already registered; pass overwrite=True to replace it")
-    BACKENDS[name] = Backend(run, available)
+    BACKENDS[name] = Backend(run, available, reads_host_offsets)
     return BACKENDS[name]
 
 
@@ -300,7 +310,7 @@ def _varlen_available(device, dtype, dropout, grad) -> bool:
     return not grad or _varlen_has_backward()
 
 
-register_backend("loop", _loop_attention, lambda device, dtype, dropout, grad: True)
+register_backend("loop", _loop_attention, lambda device, dtype, dropout, grad: True, reads_host_offsets=True)
 register_backend("pad", _pad_attention, lambda device, dtype, dropout, grad: True)
 register_backend(
     "flash", _flash_attention, lambda device, dtype, dropout, grad: _cuda(device) and _half(dtype) and _has_flash_attn()
