@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,7 +42,8 @@ class PackedBatch:
         layout: the patch layout (T patch tokens in packing order).
         groups: per same-size group, the image indices and (H, W); the bank is built group by group.
         num_prefix: P, prefix tokens per image.
-        offsets: (B+1 [+1],) Python ints, sequence starts in the packed sequence (incl. prefix and padding).
+        offsets: (B+1 [+1],) Python ints, sequence starts in the packed sequence (incl. prefix and padding);
+            None for a static plan (``core.static``), whose offsets live on the device only.
         max_seqlen: longest sequence (Python int; an upper bound when padded for graphs).
         num_seqs: B, or B + 1 when padding tokens form their own sequence.
         cu_seqlens: (num_seqs + 1,) int32, ``offsets`` on the device.
@@ -55,12 +56,14 @@ class PackedBatch:
             normalised to sum to 1 per image; 0 for tokens left out.
         pool_seq: (N,) long, image of every pooled token; ``num_seqs`` (a dump row) for tokens left out.
         pad: dummy tokens at the end (0 unless padded to a bucket).
+        static: a static plan (``core.static.plan_static``): k slots per image, shapes from (B, H, W, k) only;
+            image i's padding slots are sequence 2i + 1 of their own and its real tokens sequence 2i.
     """
 
     layout: PatchLayout
     groups: Groups
     num_prefix: int
-    offsets: Tuple[int, ...]
+    offsets: Optional[Tuple[int, ...]]
     max_seqlen: int
     num_seqs: int
     cu_seqlens: torch.Tensor
@@ -72,6 +75,7 @@ class PackedBatch:
     pool_weight: torch.Tensor
     pool_seq: torch.Tensor
     pad: int = 0
+    static: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -157,6 +161,57 @@ def pos_bank_size(groups: Groups, patch_sizes: Sequence[int]) -> int:
     return sum((h // s) * (w // s) for _, (h, w) in groups for s in patch_sizes)
 
 
+class BankEntry(NamedTuple):
+    """Where one (group, patch size) lives in the banks: the host table ``plan_packed`` looks tokens up in."""
+
+    start: int  # first row in the token bank
+    per_image: int  # rows per image, (H // s) * (W // s)
+    cols: int  # grid width, W // s
+    pos_start: int  # first row in the position bank (no image dimension: positions are shared)
+    pos_cols: int  # grid width in the position bank, W // s
+
+
+class Row(NamedTuple):
+    """The named columns of every packed row (a patch token, a prefix token or a padding token).
+
+    ``plan_packed`` fills them per kind of row and scatters them into place in one ``index_copy``.
+    """
+
+    token_src: object  # bank row
+    pos_src: object  # position-bank row (the zero row for prefix and padding)
+    seq: object  # attention sequence
+    pool_seq: object  # pooling row: the image, or the dump row for tokens left out
+    area: object  # pooling weight before normalisation: base cells covered (1 for a pooled prefix token)
+
+
+class HostTable:
+    """Named lists of host ints, sent to the device in one copy (``to``), then read back by name."""
+
+    def __init__(self) -> None:
+        self.parts: Dict[str, List[int]] = {}
+
+    def add(self, name: str, values) -> None:
+        self.parts[name] = list(values)
+
+    def add_rows(self, name: str, rows: Sequence[NamedTuple]) -> None:
+        """Rows of a NamedTuple, flattened in the order of its fields (``to`` gives them back as (n, fields))."""
+        self.parts[name] = [v for r in rows for v in r]
+
+    def to(self, device) -> Dict[str, torch.Tensor]:
+        flat = [v for part in self.parts.values() for v in part]
+        tensors = to_device(flat, torch.long, device).split([len(p) for p in self.parts.values()])
+        return dict(zip(self.parts, tensors))
+
+
+def bank_entries(groups: Groups, patch_sizes: Sequence[int]) -> List[BankEntry]:
+    """``BankEntry`` of every (group, patch size), group-major, sizes ascending (index ``g * len(sizes) + level``)."""
+    return [
+        BankEntry(*e, *q)
+        for pg, qg in zip(bank_rows(groups, patch_sizes), pos_bank_rows(groups, patch_sizes))
+        for e, q in zip(pg, qg)
+    ]
+
+
 def plan_packed(
     layout: PatchLayout,
     groups: Groups,
@@ -168,7 +223,8 @@ def plan_packed(
     """Plan the packed sequence of ``layout`` for a ViT with ``num_prefix`` prefix tokens.
 
     Everything that depends only on host integers (image sizes, offsets) is computed on the host and moved
-    in one copy; the per-token work is a few elementwise ops and one scatter on the layout's device.
+    in one copy (a ``HostTable``); the per-token work is a few elementwise ops and one scatter on the layout's
+    device.
 
     Args:
         layout: the patch layout (on any device; the plan is built there without device syncs).
@@ -197,62 +253,63 @@ def plan_packed(
         longest = max_seqlen
 
     # ---- host tables, one copy to the device
-    plan, pos_plan = bank_rows(groups, sizes), pos_bank_rows(groups, sizes)
     n_sizes, m, pos_zero = len(sizes), bank_size(groups, sizes), pos_bank_size(groups, sizes)
     level_of = [0] * (sizes[-1] // p + 1)  # scale factor -> index of its size
     for lv, s in enumerate(sizes):
         level_of[s // p] = lv
-    group_key, local = [0] * b, [0] * b  # per image: its group's first row in the (group, size) table; index in group
+    group_key, local = [0] * b, [0] * b  # per image: its group's first entry in the bank table; index in group
     cells = [1] * (num_seqs + 1)  # pooled weight per image: its base cells (+ prefix tokens), for normalising
     for g, (idx, (h, w)) in enumerate(groups):
         for j, i in enumerate(idx):
             group_key[i], local[i], cells[i] = g * n_sizes, j, (h // p) * (w // p) + (P if pool_prefix else 0)
-    table = [v for pg, qg in zip(plan, pos_plan) for e, q in zip(pg, qg) for v in (*e, *q)]  # (G * S, 5)
-    prefix_pos = [seq_offsets[i] + j for i in range(b) for j in range(P)]
     dump = num_seqs  # the pooling row of tokens that are not pooled
-    prefix_cols = [
-        v
+    prefix_rows = [
+        Row(token_src=m + j, pos_src=pos_zero, seq=i, pool_seq=i if pool_prefix else dump, area=int(pool_prefix))
         for i in range(b)
         for j in range(P)
-        for v in (m + j, pos_zero, i, i if pool_prefix else dump, int(pool_prefix))
     ]
-    pad_cols = [v for _ in range(pad) for v in (0, pos_zero, b, dump, 0)]
-    counts = [offsets[i + 1] - offsets[i] for i in range(b)]
+    pad_rows_ = [Row(token_src=0, pos_src=pos_zero, seq=b, pool_seq=dump, area=0)] * pad
     one_group = len(groups) == 1
-    parts = [
-        level_of,
-        table,
-        cells,
-        prefix_pos,
-        prefix_cols,
-        pad_cols,
-        list(range(n_real, n)),
-        list(seq_offsets),
-        counts,
-    ] + ([] if one_group else [group_key, local])
-    host = to_device([v for part in parts for v in part], torch.long, device)
-    level_of, table, cells, prefix_pos, prefix_cols, pad_cols, pad_pos, cu_seqlens, counts, *per_image = host.split(
-        [len(part) for part in parts]
-    )
+    host = HostTable()
+    host.add("level_of", level_of)
+    host.add_rows("bank", bank_entries(groups, sizes))
+    host.add("cells", cells)
+    host.add("prefix_pos", [seq_offsets[i] + j for i in range(b) for j in range(P)])
+    host.add_rows("prefix_rows", prefix_rows)
+    host.add_rows("pad_rows", pad_rows_)
+    host.add("pad_pos", list(range(n_real, n)))
+    host.add("cu_seqlens", list(seq_offsets))
+    host.add("counts", [offsets[i + 1] - offsets[i] for i in range(b)])
+    if not one_group:
+        host.add("group_key", group_key)
+        host.add("local", local)
+    dev = host.to(device)
 
-    # ---- per patch token: image, packed position, bank rows (a (group, size) table lookup)
-    img = torch.repeat_interleave(counts, output_size=t)
+    # ---- per patch token: image, packed position, bank rows (a lookup in the bank table)
+    img = torch.repeat_interleave(dev["counts"], output_size=t)
     patch_pos = torch.arange(t, dtype=torch.long, device=device)
     if P:
         patch_pos = patch_pos + (img + 1) * P
     k = layout.size // p
-    key = level_of[k] if one_group else per_image[0][img] + level_of[k]
-    e0, e1, e2, e3, e4 = table.view(-1, 5)[key].unbind(1)  # bank start, rows per image, cols, pos start, pos cols
+    key = dev["level_of"][k] if one_group else dev["group_key"][img] + dev["level_of"][k]
+    e = BankEntry(*dev["bank"].view(-1, len(BankEntry._fields))[key].unbind(1))
     row, col = layout.y // layout.size, layout.x // layout.size
-    bank_row = e0 + (img if one_group else per_image[1][img]) * e1 + row * e2 + col
-    pos_row = e3 + row * e4 + col
-
-    # ---- every packed row at once: [bank row, position row, sequence, pooling row, pooling weight]
-    dest = torch.cat([patch_pos, prefix_pos, pad_pos])
-    cols = torch.cat(
-        [torch.stack([bank_row, pos_row, img, img, k * k], 1), prefix_cols.view(-1, 5), pad_cols.view(-1, 5)]
+    local_img = img if one_group else dev["local"][img]
+    patch_rows = Row(
+        token_src=e.start + local_img * e.per_image + row * e.cols + col,
+        pos_src=e.pos_start + row * e.pos_cols + col,
+        seq=img,
+        pool_seq=img,
+        area=k * k,
     )
-    token_src, pos_src, seq, pool_seq, weight = torch.empty_like(cols).index_copy_(0, dest, cols).unbind(1)
+
+    # ---- every packed row at once, by name
+    width = len(Row._fields)
+    dest = torch.cat([patch_pos, dev["prefix_pos"], dev["pad_pos"]])
+    table = torch.cat(
+        [torch.stack(list(patch_rows), 1), dev["prefix_rows"].view(-1, width), dev["pad_rows"].view(-1, width)]
+    )
+    rows = Row(*torch.empty_like(table).index_copy_(0, dest, table).unbind(1))
     return PackedBatch(
         layout=layout,
         groups=groups,
@@ -260,14 +317,14 @@ def plan_packed(
         offsets=seq_offsets,
         max_seqlen=longest,
         num_seqs=num_seqs,
-        cu_seqlens=cu_seqlens.to(torch.int32),
-        seq=seq,
-        token_src=token_src,
-        pos_src=pos_src,
+        cu_seqlens=dev["cu_seqlens"].to(torch.int32),
+        seq=rows.seq,
+        token_src=rows.token_src,
+        pos_src=rows.pos_src,
         patch_pos=patch_pos,
-        prefix_pos=prefix_pos.view(b, P),
-        pool_weight=weight / cells[pool_seq],
-        pool_seq=pool_seq,
+        prefix_pos=dev["prefix_pos"].view(b, P),
+        pool_weight=rows.area / dev["cells"][rows.pool_seq],
+        pool_seq=rows.pool_seq,
         pad=pad,
     )
 

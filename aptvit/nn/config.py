@@ -14,6 +14,8 @@ from ..core.layout import check_patch_sizes
 from ..core.quadtree import check_budget, check_layout_settings
 from ..core.scoring import get_scorer
 
+LAYOUT_FIELDS = ("patch_sizes", "thresholds", "budget", "scorer", "scorer_args")  # patch_layout's own arguments
+
 
 @dataclass(frozen=True)
 class APTConfig:
@@ -27,6 +29,10 @@ class APTConfig:
         budget: tokens per image (fraction of base tokens in (0, 1], or an int), instead of thresholds.
         scorer: a registered scorer ("entropy", "laplacian", "upsample", or yours: ``core.scoring.register_scorer``).
         scorer_args: the scorer's parameters (entropy: ``{"bins": 512}``); its registered defaults fill the rest.
+        static: exactly k tokens per image (k from ``budget``; an image that needs fewer gets padding tokens that
+            nothing attends to or pools), layout and plan built on the device with no host read, so the whole
+            forward is one CUDA graph or one ``torch.compile(fullgraph=True)`` graph (``core.static``). Needs a
+            ``budget`` and a (B, C, H, W) batch of same-size images. Absent in older checkpoints: False.
     """
 
     patch_sizes: Optional[Tuple[int, ...]] = None
@@ -34,8 +40,16 @@ class APTConfig:
     budget: Optional[Union[int, float]] = None
     scorer: str = "entropy"
     scorer_args: Mapping[str, Any] = field(default_factory=dict)
+    static: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.static, bool):
+            raise TypeError(f"static must be True or False, got {self.static!r}")
+        if self.static and self.budget is None:
+            raise ValueError(
+                "static=True needs a token budget (exactly k tokens per image): pass budget= as well, "
+                "e.g. budget=0.5 (a fraction of the base tokens) or budget=100 (a count); thresholds cannot be static"
+            )
         spec = get_scorer(self.scorer)  # saved by name: a registered scorer, no callables
         if self.patch_sizes is None:  # thresholds keyed by size are checked once the sizes are known
             params = spec.resolve_params(self.scorer, self.scorer_args)
@@ -83,10 +97,10 @@ class APTConfig:
         return dataclasses.replace(self, **changes)
 
     def layout_kwargs(self) -> dict:
-        """The ``patch_layout`` arguments these settings stand for."""
+        """The ``patch_layout`` arguments these settings stand for (the fields named as its arguments)."""
         if self.patch_sizes is None:
             raise ValueError("these settings have no patch_sizes yet; use config.for_patch_size(p)")
-        return self.to_kwargs()  # the fields are named as patch_layout's arguments
+        return {k: v for k, v in self.to_kwargs().items() if k in LAYOUT_FIELDS}
 
     def to_kwargs(self) -> dict:
         """The fields as keyword arguments of ``convert`` / ``APTViT.configure`` (patch sizes only when set)."""

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.layout import PatchLayout, to_device
 from ..core.packed import PackedBatch, groups_of, pad_rows, plan_packed
 from ..core.quadtree import patch_layout
+from ..core.static import pad_static, plan_static, static_layout, static_tokens
 from .attention import check_backend, packed_self_attention, resolve_backend
 from .config import APTConfig
 from .dense import DenseMixin
@@ -168,17 +169,36 @@ class APTViT(DenseMixin, nn.Module):
         ``overrides`` replace this model's settings for one call (thresholds=, budget=, scorer=, scorer_args=).
         """
         c = self.config.replace(**overrides) if overrides else self.config
-        mean, std = self.pixel_mean_std()
 
         def pixels(t: torch.Tensor) -> torch.Tensor:
+            m, s = self._pixel_stats(t.device)
             shape = (-1, 1, 1) if t.dim() == 3 else (1, -1, 1, 1)
-            m = to_device(mean, torch.float32, t.device).view(shape)  # no stream sync (issue #9)
-            s = to_device(std, torch.float32, t.device).view(shape)
-            return (t.float() * s + m).clamp_(0.0, 1.0)  # NaN stays NaN and is reported by patch_layout
+            return (t.float() * s.view(shape) + m.view(shape)).clamp_(0.0, 1.0)  # NaN stays NaN: patch_layout says
 
         with torch.no_grad():
             px = pixels(images) if isinstance(images, torch.Tensor) else [pixels(t) for t in images]
+            if c.static:  # on the device, no host read: exactly k tokens per image (core.static)
+                return static_layout(px, c.patch_sizes, c.budget, c.scorer, c.scorer_args)
             return patch_layout(px, **c.layout_kwargs())
+
+    def _pixel_stats(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) (C,) float32 on ``device``, cached: a host-to-device copy per call would cost host time, and
+        a captured CUDA graph cannot hold one (the static path). Inside ``torch.compile`` they are constants."""
+        mean, std = self.pixel_mean_std()
+        if torch.compiler.is_compiling():
+            return to_device(mean, torch.float32, device), to_device(std, torch.float32, device)
+        cache = self.__dict__.setdefault("_pixel_cache", {})
+        key = (str(device), mean, std)
+        if key not in cache:
+            cache.clear()
+            cache[key] = (to_device(mean, torch.float32, device), to_device(std, torch.float32, device))
+        return cache[key]
+
+    def static_tokens(self, image_size: Tuple[int, int]) -> int:
+        """k, the tokens per image of the static path (``config.static``) for (H, W) images, padding included."""
+        if not self.config.static:
+            raise ValueError("static_tokens is the token count of the static path; configure(static=True, budget=...)")
+        return static_tokens(self.config.budget, image_size, self.patch_sizes)
 
     # ------------------------------------------------------------------ planning (host side)
     def prepare(
@@ -199,10 +219,35 @@ class APTViT(DenseMixin, nn.Module):
             PackedBatch on the images' device.
         """
         groups = self._check_images(images)
+        if self.config.static:
+            return self._prepare_static(images, groups, layout, pad_to, max_seqlen)
         layout = self.make_layout(images) if layout is None else layout
         device = _device_of(images)
         _check_layout(layout, groups, self.patch_sizes, device)
         packed = plan_packed(layout, groups, self.num_prefix_tokens, self._pool_prefix, pad_to, max_seqlen)
+        return packed if packed.device == device else packed.to(device, non_blocking=True)
+
+    def _prepare_static(self, images: Images, groups, layout: Optional[PatchLayout], pad_to, max_seqlen) -> PackedBatch:
+        """``prepare`` of the static path: k slots per image, everything on the images' device, no host read.
+
+        A given layout (e.g. from data-loader workers, at most k tokens per image) is padded to k slots on the host.
+        """
+        if pad_to or max_seqlen is not None:
+            raise ValueError("a static plan has fixed shapes already; pad_to= and max_seqlen= are for dynamic plans")
+        if len(groups) != 1:
+            raise ValueError(
+                "the static path (static=True) needs one (B, C, H, W) batch of same-size images; "
+                "stack them, or configure(static=False) for a list of different sizes"
+            )
+        device = _device_of(images)
+        if layout is None:
+            layout = self.make_layout(images)
+        else:
+            _check_layout(layout, groups, self.patch_sizes, device)
+            k = self.static_tokens(groups[0][1])
+            if layout.max_seqlen != k or tuple(layout.offsets) != tuple(i * k for i in range(layout.batch_size + 1)):
+                layout = pad_static(layout, k)
+        packed = plan_static(layout, groups, self.num_prefix_tokens, self._pool_prefix)
         return packed if packed.device == device else packed.to(device, non_blocking=True)
 
     def planner(self):
@@ -271,7 +316,7 @@ class APTViT(DenseMixin, nn.Module):
 
     def _run_packed(self, images: Images, packed: PackedBatch, take: Sequence[int] = (), stop: Optional[int] = None):
         x = self.norm_pre(self.pos_drop(self.embed_packed(images, packed)))
-        backend = self._backend(x)
+        backend = self._backend(x, packed)
         pad_index = pad_rows(packed.seq, packed.cu_seqlens, packed.max_seqlen) if backend == "pad" else None
         kept: Dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
@@ -424,7 +469,7 @@ class APTViT(DenseMixin, nn.Module):
             cache[key] = result
         return result
 
-    def _backend(self, x: torch.Tensor) -> str:
+    def _backend(self, x: torch.Tensor, packed: Optional[PackedBatch] = None) -> str:
         attn = self.blocks[0].attn if len(self.blocks) else None
         dropout = bool(attn is not None and self.training and attn.attn_drop.p > 0)
         # under autocast the matmuls run in the autocast dtype even though x may be float32
@@ -432,7 +477,15 @@ class APTViT(DenseMixin, nn.Module):
         # a backward will follow (only kernels that have one): the tokens need gradients, or the blocks do even when
         # the embedding is frozen; host-side checks of flags only
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks.parameters()))
-        return resolve_backend(self.attention, x.device, dtype, dropout, grad)
+        backend = resolve_backend(self.attention, x.device, dtype, dropout, grad)
+        if packed is not None and packed.offsets is None and backend == "loop":  # a static plan: offsets on the device
+            if self.attention != "auto":
+                raise ValueError(
+                    "attention 'loop' reads the sequence offsets on the host, which a static plan (static=True) "
+                    "does not have; use attention='auto' or 'pad' (or flash, varlen, flex on CUDA)"
+                )
+            backend = "pad"
+        return backend
 
     def _block(self, blk: nn.Module, x: torch.Tensor, packed: PackedBatch, backend: str, pad_index) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
