@@ -267,6 +267,7 @@ def varlen_attention(
 def _loop_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq):
     """SDPA once per sequence, on views of the packed tensor."""
     bounds = offsets if offsets is not None else cu_seqlens.tolist()
+    _record("loop", "scaled_dot_product_attention (per sequence)")
     outs = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         qi, ki, vi = (t[lo:hi].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, n, hd)
