@@ -313,6 +313,7 @@ def timings(device, configs, small, runs: int, warmup: int, save, deadline: floa
                 traceback.print_exc(limit=3)
                 rows.append({"config": list(config), "error": f"{type(e).__name__}: {e}"[:300]})
                 _BUILT.clear()
+                _COMPILED.clear()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         save(rows, graph_rows)
@@ -323,8 +324,16 @@ _BUILT: dict = {}
 
 
 def _compiled_timm(vit, device):
-    """timm's model through ``torch.compile`` (inductor on CUDA; aot_eager elsewhere, which compiles in seconds)."""
-    return torch.compile(vit, backend="inductor" if device.type == "cuda" else "aot_eager")
+    """timm's model through ``torch.compile`` (inductor on CUDA; aot_eager elsewhere, which compiles in seconds),
+    one per model: the batch sizes after the first recompile once with a dynamic batch, not once each."""
+    key = id(vit)
+    if key not in _COMPILED:
+        _COMPILED.clear()
+        _COMPILED[key] = torch.compile(vit, backend="inductor" if device.type == "cuda" else "aot_eager")
+    return _COMPILED[key]
+
+
+_COMPILED: dict = {}
 
 
 def _time_one(device, dtype, config, with_graph, runs, warmup, rows, graph_rows, compile_timm=True) -> None:
@@ -332,6 +341,7 @@ def _time_one(device, dtype, config, with_graph, runs, warmup, rows, graph_rows,
     key = (name, budget)
     if key not in _BUILT:
         _BUILT.clear()  # one model pair on the GPU at a time
+        _COMPILED.clear()
         torch.cuda.empty_cache() if device.type == "cuda" else None
         _BUILT[key] = build(name, budget, device)
     vit, apt = _BUILT[key]
