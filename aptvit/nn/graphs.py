@@ -152,6 +152,8 @@ class CUDAGraphRunner:
             raise TypeError("CUDAGraphRunner takes a (B, C, H, W) tensor: graphs need one image size per batch")
         if self.model.training:
             raise ValueError("CUDAGraphRunner is for inference: call model.eval() first")
+        if self.compute is not self.model:  # the half-precision copy attends as the model is configured now
+            self.compute.attention = self.model.attention
         capture = images.device.type == "cuda" if self.capture is None else self.capture
         if capture:
             self.backend(images.device)
