@@ -52,6 +52,8 @@ def test_flex_builds_one_block_mask_per_forward(monkeypatch):
     real_build, real_create = attention.flex_block_mask, fa.create_block_mask
     monkeypatch.setattr(attention, "flex_block_mask", lambda *a, **k: builds.append(1) or real_build(*a, **k))
     monkeypatch.setattr(fa, "create_block_mask", lambda *a, **k: builds.append(1) or real_create(*a, **k))
+    # torch warns once per process about eager flex; this test's warning must not use up another test's
+    monkeypatch.setattr(fa, "_WARNINGS_SHOWN", set(getattr(fa, "_WARNINGS_SHOWN", set())))
     monkeypatch.setitem(  # flex on the CPU (eager), as the value tests run it
         attention.BACKENDS, "flex", attention.Backend(attention._flex_attention, lambda *args: True)
     )
