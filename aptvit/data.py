@@ -87,6 +87,17 @@ class Batch:
     bad: List[str]
     packed: Optional[PackedBatch] = None  # the model's plan of the batch, made in the worker (see make_loader)
 
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked host memory: ``DataLoader(pin_memory=True)`` calls this on custom batch types
+        (without it the batch stays unpinned and the "non-blocking" copies to the GPU block). Needs an accelerator."""
+        return Batch(
+            self.images.pin_memory(),
+            self.labels.pin_memory(),
+            None if self.layout is None else self.layout.pin_memory(),
+            self.bad,
+            None if self.packed is None else self.packed.pin_memory(),
+        )
+
 
 class LayoutDataset(torch.utils.data.Dataset):
     """ImageFolder samples as (uint8 crop, label, layout or None, bad path or None).

@@ -3,21 +3,28 @@
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --out $OUT/bench_gpu.json     # one GPU, under 8 minutes
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --quick --device cpu          # the same code, tiny, on a CPU
 
-Correctness (random weights): nothing merged equals timm in fp32; every attention backend that runs here
-agrees with "pad" (bf16 forward, fp32 flex forward and backward); the CUDA-graph runner equals the plain forward;
-the layout computed on the device equals the CPU one; host synchronisations counted with
-``torch.cuda.set_sync_debug_mode`` (0 in ``apt(x, layout=...)``, at most 1 in ``patch_layout``).
+Correctness (random weights): nothing merged equals timm in fp32 (TF32 off, attention "pad": an exactness check
+must not compare TF32 convolutions or a compiled kernel); every attention backend that runs here agrees with
+"pad" (bf16 forward, fp32 flex forward and backward), and the kernel each one ran is recorded; the CUDA-graph
+runner (bucketed and static) equals the plain forward; the layout computed on the device equals the CPU one; host
+synchronisations counted with ``torch.cuda.set_sync_debug_mode`` (0 in ``apt(x, layout=...)``, at most 1 in
+``patch_layout``).
 
 Timings (bf16 autocast on CUDA, ``torch.inference_mode``, real photos center-cropped plus random crops, default
 thresholds unless said): timm vs APT end to end (layout included), the layout alone, APT with the plan made
-beforehand ("layout given"), FLOP ratio, speedup; batch 1 and 8 also through ``CUDAGraphRunner``. Timm and APT
-alternate, warm-up first, medians (``aptvit.bench.alternating_medians``). Needs only torch, timm, numpy and
+beforehand ("layout given"), FLOP ratio, speedup. ViT-B/384 at batch 1, 8 and 64 also: eager timm, ``torch.compile``d
+timm (the fair baseline for a graphed APT), ``CUDAGraphRunner`` bucketed (bf16 weights), the static path
+(``static=True``, the budget's or the measured token count) eager and through the static runner, and the attention
+kernel that ran. Timm and APT alternate, warm-up first, medians (``aptvit.bench.alternating_medians``). Every row
+is saved as soon as it is measured; no row starts after ``--deadline``. Needs only torch, timm, numpy and
 scikit-image (no aptvit install: run from the repository with PYTHONPATH=.).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime
 import json
 import os
@@ -36,6 +43,7 @@ import aptvit  # noqa: E402
 from aptvit.bench import BenchRow, alternating_medians, bench_config, format_table  # noqa: E402
 from aptvit.core.io import atomic_write  # noqa: E402
 from aptvit.images import center_crop_resize, normalise  # noqa: E402
+from aptvit.nn import attention  # noqa: E402
 from aptvit.nn.attention import available_backends, resolve_backend  # noqa: E402
 from aptvit.nn.graphs import CUDAGraphRunner  # noqa: E402
 from aptvit.photos import PHOTO_NAMES, load_photo  # noqa: E402
@@ -52,6 +60,7 @@ FULL = [  # model, input size, batch, budget (None: default thresholds)
 SMALL = [
     ("vit_base_patch16_384", 384, 1, None),
     ("vit_base_patch16_384", 384, 8, None),
+    ("vit_base_patch16_384", 384, 64, None),
     ("vit_base_patch16_384", 384, 1, 0.45),
 ]
 QUICK = [("vit_tiny_patch16_224", 64, 4, None), ("vit_tiny_patch16_224", 64, 4, 0.45)]
@@ -89,6 +98,23 @@ def build(name: str, budget, device, num_classes: int = 1000, **kw):
     )
     apt = aptvit.convert(vit, budget=budget).eval()
     return vit, apt
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """fp32 as IEEE fp32 on CUDA: cuDNN convolutions and cuBLAS matmuls default to TF32 (10-bit mantissas), which
+    alone puts timm's patch embedding ~2e-4 away from an fp32 reference."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def static_copy(apt, budget):
+    """A copy of ``apt`` on the static path (``static=True``) with ``budget`` tokens per image."""
+    return copy.deepcopy(apt).configure(budget=budget, static=True)
 
 
 def count_syncs(fn) -> int:
@@ -134,10 +160,17 @@ def correctness(device, quick: bool) -> dict:
     p = apt.patch_size
     state = {}
 
-    def exact():
-        apt.configure(thresholds={2 * p: -1.0, 4 * p: -1.0})
-        out["nothing_merged_vs_timm_fp32"] = rel(apt(x), vit(x))
-        apt.configure(thresholds=None)
+    def exact():  # fp32 as fp32 (no TF32) and the plain "pad" kernel on both sides of the comparison
+        apt.configure(thresholds={2 * p: -1.0, 4 * p: -1.0}, attention="pad")
+        try:
+            with no_tf32():
+                out["nothing_merged_ieee_fp32"] = not (
+                    torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+                )
+                out["nothing_merged_vs_timm_fp32"] = rel(apt(x), vit(x))
+                out["nothing_merged_attention"] = resolve_backend(apt.attention, device, torch.float32)
+        finally:
+            apt.configure(thresholds=None, attention="auto")
 
     def layouts():
         state["layout"] = layout = apt.make_layout(x)
@@ -165,12 +198,25 @@ def correctness(device, quick: bool) -> dict:
 
             out.run(f"backend_{backend}_{str(dtype)[6:]}_vs_first", one)
         apt.configure(attention="auto")
+        out["attention_kernels"] = dict(attention.KERNELS)
+
+    def graph_check(model, name, b):
+        runner = CUDAGraphRunner(model, dtype=dtype)
+        # the first call captures, the second replays with other images (and another layout, maybe one bucket);
+        # judged against the plain forward of the runner's own (bf16-weight) model, and reported, not judged,
+        # against the autocast forward, which rounds differently (fp32 weights, fp32 layer norms)
+        batches = (x[:b], x[b : 2 * b].flip(-1))
+        got = [runner(xs) for xs in batches]
+        out[f"{name}_vs_plain"] = max(rel(y, _plain(runner, xs)) for y, xs in zip(got, batches))
+        out[f"{name}_rel_diff_to_autocast"] = max(
+            rel(y, _auto(model, xs, device, dtype)) for y, xs in zip(got, batches)
+        )
 
     def graphs(b):
-        runner = CUDAGraphRunner(apt, bucket=64, dtype=dtype)
-        # the first call captures, the second replays with other images (and another layout)
-        errors = [rel(runner(xs), _auto(apt, xs, device, dtype)) for xs in (x[:b], x[b : 2 * b].flip(-1))]
-        out[f"graph_runner_b{b}_vs_plain"] = max(errors)
+        graph_check(apt, f"graph_runner_b{b}", b)
+
+    def static_graphs(b):
+        graph_check(static_copy(apt, 0.5), f"graph_runner_static_b{b}", b)
 
     with torch.inference_mode():
         out.run("nothing_merged_vs_timm_fp32", exact)
@@ -178,6 +224,8 @@ def correctness(device, quick: bool) -> dict:
         out.run("backends", backends)
         for b in (1, 2):
             out.run(f"graph_runner_b{b}_vs_plain", lambda b=b: graphs(b))
+        for b in (1, 2):
+            out.run(f"graph_runner_static_b{b}_vs_plain", lambda b=b: static_graphs(b))
         if device.type == "cuda":
             layout = state.get("layout")
             out.run("syncs_apt_with_layout", lambda: count_syncs(lambda: apt(x, layout=layout)))
@@ -250,12 +298,18 @@ def compiled(device, quick: bool) -> dict:
     return dict(out)
 
 
+def _plain(runner, x):
+    """The runner's model (its bf16 copy for bf16) run eagerly on ``x``: what its graphs must reproduce."""
+    model = runner.compute
+    return model.forward_packed(x.to(runner.dtype), model.prepare(x))
+
+
 def _auto(apt, x, device, dtype):
     with autocast(device, dtype):
         return apt(x)
 
 
-def timings(device, configs, small, runs: int, warmup: int, save, deadline: float) -> list:
+def timings(device, configs, small, runs: int, warmup: int, save, deadline: float, compile_timm: bool = True) -> list:
     """The timing rows; each row is saved as soon as it is measured (``save(rows, graph_rows)``), a failing row is
     recorded and skipped, and rows that would start after ``deadline`` (time.time()) are skipped."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -266,11 +320,12 @@ def timings(device, configs, small, runs: int, warmup: int, save, deadline: floa
             rows.append({"config": list(config), "skipped": "past --deadline"})
         else:
             try:
-                _time_one(device, dtype, config, config in small, runs, warmup, rows, graph_rows)
+                _time_one(device, dtype, config, config in small, runs, warmup, rows, graph_rows, compile_timm)
             except Exception as e:  # noqa: BLE001 -- e.g. out of memory: the other rows still run
                 traceback.print_exc(limit=3)
                 rows.append({"config": list(config), "error": f"{type(e).__name__}: {e}"[:300]})
                 _BUILT.clear()
+                _COMPILED.clear()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         save(rows, graph_rows)
@@ -280,11 +335,25 @@ def timings(device, configs, small, runs: int, warmup: int, save, deadline: floa
 _BUILT: dict = {}
 
 
-def _time_one(device, dtype, config, with_graph, runs, warmup, rows, graph_rows) -> None:
+def _compiled_timm(vit, device):
+    """timm's model through ``torch.compile`` (inductor on CUDA; aot_eager elsewhere, which compiles in seconds),
+    one per model: the batch sizes after the first recompile once with a dynamic batch, not once each."""
+    key = id(vit)
+    if key not in _COMPILED:
+        _COMPILED.clear()
+        _COMPILED[key] = torch.compile(vit, backend="inductor" if device.type == "cuda" else "aot_eager")
+    return _COMPILED[key]
+
+
+_COMPILED: dict = {}
+
+
+def _time_one(device, dtype, config, with_graph, runs, warmup, rows, graph_rows, compile_timm=True) -> None:
     name, size, batch, budget = config
     key = (name, budget)
     if key not in _BUILT:
         _BUILT.clear()  # one model pair on the GPU at a time
+        _COMPILED.clear()
         torch.cuda.empty_cache() if device.type == "cuda" else None
         _BUILT[key] = build(name, budget, device)
     vit, apt = _BUILT[key]
@@ -296,31 +365,54 @@ def _time_one(device, dtype, config, with_graph, runs, warmup, rows, graph_rows)
     row = bench_config(vit, apt, images, batch, runs, warmup, label, dtype=dtype)
     rows.append(asdict(row))
     if with_graph:
-        runner = CUDAGraphRunner(apt, bucket=64, dtype=dtype)
+        runner = CUDAGraphRunner(apt, dtype=dtype)
         chunks = list(images.split(batch))
         sync = torch.cuda.synchronize if device.type == "cuda" else None
+        budget_used = budget if budget is not None else row.kept  # the static path at the measured token count
+        static = static_copy(apt, budget_used)
+        static_runner = CUDAGraphRunner(static, dtype=dtype)
+        timm_compiled = _compiled_timm(vit, device) if compile_timm else None
 
-        def timm_fn(c):
-            with autocast(device, dtype):
-                return vit(c)
+        def under_autocast(model):
+            def fn(c):
+                with autocast(device, dtype):
+                    return model(c)
 
-        def apt_fn(c):
-            with autocast(device, dtype):
-                return apt(c)
+            return fn
 
-        sec = alternating_medians({"timm": timm_fn, "apt": apt_fn, "graph": runner}, chunks, runs, warmup, sync=sync)
+        fns = {
+            "timm": under_autocast(vit),
+            "apt": under_autocast(apt),
+            "graph": runner,
+            "static": under_autocast(static),
+            "static_graph": static_runner,
+        }
+        if timm_compiled is not None:
+            fns["timm_compiled"] = under_autocast(timm_compiled)
+        attention.KERNELS.clear()
+        sec = alternating_medians(fns, chunks, runs, warmup, sync=sync)
         graph_rows.append(
             {
                 "model": label,
                 "size": size,
                 "batch": batch,
                 "timm_img_s": n / sec["timm"],
+                "timm_compiled_img_s": n / sec["timm_compiled"] if "timm_compiled" in sec else None,
                 "apt_img_s": n / sec["apt"],
                 "apt_graph_img_s": n / sec["graph"],
+                "static_budget": budget_used,
+                "static_img_s": n / sec["static"],
+                "static_graph_img_s": n / sec["static_graph"],
                 "graph_speedup": sec["timm"] / sec["graph"],
+                "static_graph_speedup": sec["timm"] / sec["static_graph"],
+                "static_graph_vs_compiled_timm": sec["timm_compiled"] / sec["static_graph"]
+                if "timm_compiled" in sec
+                else None,
                 "flop_ratio": row.flop_ratio,
                 "graph_speedup_over_flop_ratio": sec["timm"] / sec["graph"] / row.flop_ratio,
-                "graphs_captured": len(runner.graphs),
+                "graphs_captured": runner.captures,
+                "static_graphs_captured": static_runner.captures,
+                "attention_kernels": dict(attention.KERNELS),
             }
         )
     print(f"  {label} {size} b{batch}: {time.time() - t0:.1f}s", flush=True)
@@ -369,6 +461,7 @@ def main() -> int:
             warmup,
             lambda r, g: save(rows=r, graph_rows=g),
             deadline=start + args.deadline,
+            compile_timm=not args.no_compile,
         )
     _BUILT.clear()
     print(format_table([BenchRow(**r) for r in rows if "error" not in r and "skipped" not in r]))
@@ -376,13 +469,17 @@ def main() -> int:
         if "error" in r or "skipped" in r:
             print(f"FAIL row {r}")
     print(
-        "\n| model | size | batch | timm img/s | APT img/s | APT graph img/s | graph speedup | FLOP ratio | speedup / FLOP ratio |"
+        "\n| model | size | batch | timm img/s | timm compiled img/s | APT img/s | APT graph img/s | static img/s "
+        "| static graph img/s | static graph speedup | FLOP ratio | graph speedup / FLOP ratio | attention |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for g in graph_rows:
+        compiled_timm = "-" if g["timm_compiled_img_s"] is None else f"{g['timm_compiled_img_s']:.1f}"
         print(
-            f"| {g['model']} | {g['size']} | {g['batch']} | {g['timm_img_s']:.1f} | {g['apt_img_s']:.1f} | "
-            f"{g['apt_graph_img_s']:.1f} | {g['graph_speedup']:.2f}x | {g['flop_ratio']:.2f}x | {g['graph_speedup_over_flop_ratio']:.2f} |"
+            f"| {g['model']} | {g['size']} | {g['batch']} | {g['timm_img_s']:.1f} | {compiled_timm} | "
+            f"{g['apt_img_s']:.1f} | {g['apt_graph_img_s']:.1f} | {g['static_img_s']:.1f} | "
+            f"{g['static_graph_img_s']:.1f} | {g['static_graph_speedup']:.2f}x | {g['flop_ratio']:.2f}x | "
+            f"{g['graph_speedup_over_flop_ratio']:.2f} | {', '.join(sorted(set(g['attention_kernels'].values())))} |"
         )
     if not args.no_compile:
         save(compile=compiled(device, args.quick))

@@ -185,6 +185,22 @@ class PatchLayout:
             self.offsets,
         )
 
+    def pin_memory(self) -> "PatchLayout":
+        """The same layout in page-locked host memory (``DataLoader(pin_memory=True)`` calls this), so that
+        ``to(device, non_blocking=True)`` copies asynchronously. Needs an accelerator."""
+        pin = lambda t: t.pin_memory()  # noqa: E731
+        return PatchLayout(
+            self.patch_sizes,
+            self.image_sizes,
+            pin(self.y),
+            pin(self.x),
+            pin(self.size),
+            pin(self.cu_seqlens),
+            pin(self.cells),
+            self.max_seqlen,
+            self.offsets,
+        )
+
     def image(self, i: int) -> "PatchLayout":
         """Layout of image i alone."""
         if not -self.batch_size <= i < self.batch_size:

@@ -110,6 +110,15 @@ class PackedBatch:
 
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
+    def pin_memory(self) -> "PackedBatch":
+        """The same plan in page-locked host memory (``DataLoader(pin_memory=True)`` calls this; without it the
+        loader hands the plan back unpinned and every "non-blocking" copy to the GPU blocks). Needs an accelerator."""
+
+        def pin(t):
+            return t.pin_memory() if isinstance(t, (torch.Tensor, PatchLayout)) else t
+
+        return replace(self, **{f.name: pin(getattr(self, f.name)) for f in fields(self)})
+
 
 def layout_offsets(layout: PatchLayout) -> Tuple[int, ...]:
     """The layout's sequence offsets as Python ints (its host copy; a device read only for old layouts)."""

@@ -152,13 +152,17 @@ def laplacian_scores(gray: torch.Tensor, sizes: Sequence[int], base_size: int) -
     Returns:
         {size: (B, H // size, W // size) float32}.
     """
-    x = (gray / 255.0)[:, None]
-    mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
-    # the 8-neighbour kernel built on the device: copying a CPU constant there would wait for the GPU
-    kernel = torch.ones(1, 1, 3, 3, dtype=x.dtype, device=x.device)
-    kernel[..., 1, 1] = -8.0
-    lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), kernel).abs()
-    base = F.avg_pool2d(lap, base_size)[:, 0]  # (B, hc, wc)
+    # Elementwise fp32 sums, not a 3x3 conv: a conv follows the caller's autocast (bf16 on the CPU and CUDA) and,
+    # on CUDA, cuDNN's TF32 default (10-bit mantissas), so the layout would depend on where and under what context
+    # it is computed. The 8-neighbour Laplacian is the 3x3 box sum minus 9 times the centre (separable sums).
+    with torch.autocast(gray.device.type, enabled=False):
+        x = (gray.float() / 255.0)[:, None]
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect" if min(h, w) > 1 else "replicate")
+        rows = padded[..., :w] + padded[..., 1 : w + 1] + padded[..., 2:]  # (B, 1, H + 2, W)
+        box = rows[..., :h, :] + rows[..., 1 : h + 1, :] + rows[..., 2:, :]
+        lap = (box - 9.0 * x).abs()
+        base = F.avg_pool2d(lap, base_size)[:, 0]  # (B, hc, wc)
     return _per_scale(base, sizes, base_size, "mean", lambda grid, size: grid)
 
 

@@ -2,6 +2,7 @@
 
 from .attention import BACKENDS, available_backends, register_backend, varlen_attention
 from .embed import AdaptivePatchEmbed
+from .graphs import CUDAGraphRunner
 from .model import APTConfig, APTViT
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "register_backend",
     "varlen_attention",
     "AdaptivePatchEmbed",
+    "CUDAGraphRunner",
     "APTConfig",
     "APTViT",
 ]

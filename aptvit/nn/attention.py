@@ -10,14 +10,18 @@ Backends:
     "loop"    SDPA once per sequence, on views of the packed tensor (fastest on CPU: no padding,
               and the per-image call overhead is small next to the matmuls).
     "pad"     pad to the longest sequence, mask the padded keys, one batched SDPA (any device).
-    "flash"   flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16, package installed).
-    "varlen"  torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, no dropout; gradients only in
-              the torch versions that register its backward).
+    "flash"   flash-attn's ``flash_attn_varlen_func`` (CUDA sm80+, fp16/bf16, the package importable).
+    "varlen"  torch's flash kernel on packed sequences (CUDA sm80+, fp16/bf16, no dropout). Inference calls
+              ``aten._flash_attention_forward`` directly: ``varlen_attn`` would route sequences longer than 128
+              through cuDNN on sm90/sm100, whose graph cache is keyed by the total token count (a rebuild per
+              batch) and whose custom op costs ~2x flash's host time. With gradients, ``varlen_attn`` (its
+              backward; only in the torch versions that register one).
     "flex"    torch's ``flex_attention`` with a block-diagonal (document) mask, compiled: CUDA, any dtype
-              (the fp32 backend on CUDA), trains, no dropout. (It runs eagerly on the CPU without
-              gradients, which the tests use to check its values.)
+              (the fp32 training backend on CUDA), no dropout. The ``BlockMask`` is built once per forward from
+              the plan (``backend_context``) at the level of 128 x 128 blocks, never as an N x N mask. (It runs
+              eagerly on the CPU without gradients, which the tests use to check its values.)
     "auto"    the fastest available: "loop" on CPU; on CUDA "flash", then "varlen" (half precision), then
-              "flex", then "pad" (``AUTO_ORDER``).
+              "flex", then "pad" (``AUTO_ORDER``), except fp32 inference, which prefers "pad" (``resolve_backend``).
 
 ``BACKENDS`` is the registry: each name carries its kernel and its availability check (device, dtype, dropout,
 gradients); ``register_backend`` adds one. The backend is a runtime choice of a model, never saved with it.
@@ -33,7 +37,7 @@ dimensions (``key_bias_columns``).
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -76,6 +80,16 @@ def _find_torch_varlen() -> dict:
     }
 
 
+def _find_flash_attn() -> bool:
+    """flash-attn importable, not merely installed: a wheel built for another torch or CUDA is found by
+    ``find_spec`` and then fails at import (undefined symbols), so only a real import counts."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception:  # noqa: BLE001 -- ImportError, OSError or RuntimeError from a broken build: unavailable
+        return False
+    return True
+
+
 def _find_flex() -> bool:
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
@@ -87,8 +101,9 @@ def _find_flex() -> bool:
 # What this environment offers, found once at import: the availability checks run inside the forward, and
 # torch.compile(fullgraph=True) traces constants where an import or ``inspect`` would break the graph.
 _FOUND = {
-    "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+    "flash_attn": _find_flash_attn(),
     "flex": _find_flex(),
+    "aten_flash": hasattr(torch.ops.aten, "_flash_attention_forward"),
     **_find_torch_varlen(),
 }
 
@@ -115,6 +130,28 @@ def _has_flex() -> bool:
     return _FOUND["flex"]
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> Tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def _has_sm80(device) -> bool:
+    """Compute capability 8.0 or above (Ampere+), which the flash kernels need; read once per device."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 0)
+
+
+# the kernel each backend last ran ({backend: kernel}), for benchmarks; written outside compiled code only
+KERNELS: Dict[str, str] = {}
+
+
+def _record(backend: str, kernel: str) -> None:
+    if not torch.compiler.is_compiling():
+        KERNELS[backend] = kernel
+
+
 @dataclass(frozen=True)
 class Backend:
     """An attention backend: its kernel and where it can run.
@@ -124,24 +161,34 @@ class Backend:
             with the arguments of ``varlen_attention`` (``key_bias`` last, None for no bias).
         available: ``available(device, dtype, dropout, grad) -> bool``: whether it runs there (``dropout``:
             attention dropout is on, i.e. training with ``attn_drop > 0``; ``grad``: a backward will follow).
+        reads_host_offsets: the kernel reads ``offsets`` (Python ints) rather than device tensors, so a captured
+            CUDA graph would freeze the first batch's sequence boundaries (``CUDAGraphRunner`` refuses it).
     """
 
     run: Callable[..., torch.Tensor]
     available: Callable[[torch.device, torch.dtype, bool, bool], bool]
+    reads_host_offsets: bool = False
 
 
 BACKENDS: Dict[str, Backend] = {}
 
 
 def register_backend(
-    name: str, run: Callable[..., torch.Tensor], available: Callable, overwrite: bool = False
+    name: str,
+    run: Callable[..., torch.Tensor],
+    available: Callable,
+    overwrite: bool = False,
+    reads_host_offsets: bool = False,
 ) -> Backend:
-    """Make an attention kernel selectable by name (``convert(..., attention=name)``, ``--attention``)."""
+    """Make an attention kernel selectable by name (``convert(..., attention=name)``, ``--attention``).
+
+    ``reads_host_offsets``: the kernel uses the host offsets (see ``Backend``), so CUDA graphs cannot hold it.
+    """
     if not isinstance(name, str) or not name or name == "auto":
         raise InputError(f"a backend name must be a non-empty string other than 'auto', got {name!r}")
     if name in BACKENDS and not overwrite:
         raise InputError(f"attention backend {name!r} is already registered; pass overwrite=True to replace it")
-    BACKENDS[name] = Backend(run, available)
+    BACKENDS[name] = Backend(run, available, reads_host_offsets)
     return BACKENDS[name]
 
 
@@ -171,7 +218,13 @@ def resolve_backend(
     check_backend(name)
     ok = available_backends(device, dtype, dropout, grad)
     if name == "auto":
-        for candidate in AUTO_ORDER.get(torch.device(device).type, (AUTO_DEFAULT,)):
+        order = AUTO_ORDER.get(torch.device(device).type, (AUTO_DEFAULT,))
+        if torch.device(device).type == "cuda" and not grad and not _half(dtype):
+            # fp32 inference: "pad" is SDPA's memory-efficient kernel on the padded batch, nothing to compile;
+            # flex would compile (seconds on each new shape class) and run its fp32 Triton kernel, with a block
+            # mask built per forward, to save only the padding (at most the spread of token counts in a batch)
+            order = ("pad",) + tuple(c for c in order if c != "pad")
+        for candidate in order:
             if candidate in ok:
                 return candidate
         return AUTO_DEFAULT
@@ -226,6 +279,7 @@ def varlen_attention(
 def _loop_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias=None):
     """SDPA once per sequence, on views of the packed tensor (``key_bias`` as an additive float mask)."""
     bounds = offsets if offsets is not None else cu_seqlens.tolist()
+    _record("loop", "scaled_dot_product_attention (per sequence)")
     bias = key_bias.to(q.dtype) if key_bias is not None else None  # SDPA wants a float mask in the query's dtype
     # (H, N, hd) once, then per sequence a slice (none for a single one): few ops, since at batch 1 the host's
     # work per op is what a thin model's time is made of (benchmarks/bench_host.py)
@@ -313,6 +367,7 @@ def _flash_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets,
     if key_bias is not None:
         q, k, v, scale = _with_bias_columns(q, k, v, key_bias, scale, "flash")
     cu = cu_seqlens.to(torch.int32)
+    _record("flash", "flash_attn.flash_attn_varlen_func")
     out = flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p, softmax_scale=scale)
     return out[..., :hd]
 
@@ -323,7 +378,14 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, o
     if dropout_p:
         raise InputError("the 'varlen' backend has no attention dropout; use 'flash' or 'pad' when training")
     q, k, v = _as_autocast_half(q, k, v)
-    hd, fixed = v.shape[-1], not _varlen_takes_scale()  # fixed: its scale is the given head size ** -0.5
+    hd, cu = v.shape[-1], cu_seqlens.to(torch.int32)
+    if _direct_flash(q) and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        # inference: the flash kernel itself, never cuDNN (see the module docstring), no custom-op overhead
+        if key_bias is not None:
+            q, k, v, scale = _with_bias_columns(q, k, v, key_bias, scale, "varlen")
+        _record("varlen", "aten._flash_attention_forward")
+        return _aten_flash(q, k, v, cu, max_seqlen, scale)[..., :hd]
+    fixed = not _varlen_takes_scale()  # fixed: its scale is the given head size ** -0.5
     if key_bias is not None:
         if fixed:  # fold our scale into q; the bias columns are then built for the padded head size's scale
             q = q * ((hd**-0.5 if scale is None else scale) * bias_head_dim(hd) ** 0.5)
@@ -331,9 +393,30 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, o
         q, k, v, scale = _with_bias_columns(q, k, v, key_bias, scale, "varlen")
     elif fixed and scale is not None:  # fold ours into q
         q = q * (scale * hd**0.5)
-    cu = cu_seqlens.to(torch.int32)
+    _record("varlen", f"varlen_attn ({_varlen_route(q, k, v, max_seqlen)})")
     out = varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **({} if fixed else {"scale": scale}))
     return out[..., :hd]
+
+
+def _direct_flash(q: torch.Tensor) -> bool:
+    """torch's flash kernel can be called directly here (CUDA tensors, the aten op present)."""
+    return q.is_cuda and _FOUND["aten_flash"]
+
+
+def _aten_flash(q, k, v, cu, max_seqlen, scale):
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, False, False, scale=scale
+    )[0]
+
+
+def _varlen_route(q, k, v, max_seqlen) -> str:
+    """Which kernel ``varlen_attn`` picks inside (its private check; "flash or cuDNN" when it cannot be read)."""
+    try:
+        from torch.nn.attention.varlen import _can_use_cudnn
+
+        return "cuDNN" if _can_use_cudnn(q, k, v, max_seqlen, [-1, -1]) else "flash"
+    except Exception:  # noqa: BLE001 -- a private helper of torch: absent or changed in other versions
+        return "flash or cuDNN"
 
 
 def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias=None):
@@ -352,6 +435,7 @@ def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, p
         mask = torch.zeros(rows, dtype=torch.bool, device=q.device).index_fill_(0, pad_index, True)
     else:  # SDPA wants a float mask in the query's dtype
         mask = q.new_full((rows,), float("-inf")).index_copy_(0, pad_index, key_bias.to(q.dtype))
+    _record("pad", "scaled_dot_product_attention (padded, masked)")
     out = F.scaled_dot_product_attention(
         pad(q), pad(k), pad(v), attn_mask=mask.view(s, 1, 1, max_seqlen), dropout_p=dropout_p, scale=scale
     )
@@ -359,22 +443,67 @@ def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, p
 
 
 _COMPILED_FLEX = None
+FLEX_BLOCK = 128  # flex_attention's default sparse block size
 
 
-def _flex_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias=None):
-    """flex_attention with a block-diagonal mask: token i sees token j iff they belong to the same sequence;
-    ``key_bias`` is a score modifier (in the kernel's float32 scores)."""
-    global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_block_mask(seq: torch.Tensor, block: int = FLEX_BLOCK):
+    """The block-diagonal ``BlockMask`` of a packed batch, from its (N,) nondecreasing sequence ids.
 
-    n = q.shape[0]
-    if seq is None:
-        seq = seq_index(cu_seqlens, n)
+    Built at the level of ``block`` x ``block`` tiles (a (N / block)^2 table, not the N x N mask that
+    ``create_block_mask`` evaluates in eager mode: 1.4 GB for N = 37k), with static shapes and no host read:
+    a tile is skipped when its query and key tiles share no sequence, *full* (no mask evaluated) when both lie
+    inside one sequence, and partial otherwise (the mask ``seq[q] == seq[kv]`` decides per element).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = seq.shape[0]
+    nb = -(-n // block)
+    padded = torch.cat([seq, seq[-1:].expand(nb * block - n)]).view(nb, block)
+    first, last = padded[:, 0], padded[:, -1]
+    touch = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])  # (nb, nb) tiles sharing a sequence
+    whole = first == last
+    if n % block:  # the last tile is partly past the end: let the mask (and flex's bounds) handle it
+        whole = whole & (torch.arange(nb, device=seq.device) < nb - 1)
+    full = touch & whole[:, None] & whole[None, :]  # two single-sequence tiles that touch: the same sequence
+    partial = touch & ~full
+
+    def ordered(dense):  # (num_blocks, indices) per query tile: the kept tiles first
+        num = dense.sum(-1, dtype=torch.int32)
+        idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return num[None, None], idx[None, None]
 
     def same_sequence(b, h, q_idx, kv_idx):
         return seq[q_idx] == seq[kv_idx]
 
-    mask = create_block_mask(same_sequence, None, None, n, n, device=q.device)
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, block, same_sequence, seq_lengths=(n, n))
+
+
+def backend_context(backend: str, packed):
+    """What ``backend`` needs once per forward, built from the plan (not per layer): the padded-row index
+    ("pad"), the ``BlockMask`` ("flex"), else None. Pass it to ``packed_self_attention`` in every block."""
+    if backend == "pad":
+        return pad_rows(packed.seq, packed.cu_seqlens, packed.max_seqlen)
+    if backend == "flex":
+        return flex_block_mask(packed.seq)
+    return None
+
+
+def _flex_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias=None):
+    """flex_attention with a block-diagonal mask: token i sees token j iff they belong to the same sequence;
+    ``key_bias`` is a score modifier (in the kernel's float32 scores).
+
+    ``seq``: the (N,) sequence ids, or the batch's ``BlockMask`` (``backend_context``, built once per forward).
+    """
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if isinstance(seq, BlockMask):
+        mask = seq
+    else:  # a direct call: build the mask here
+        mask = flex_block_mask(seq if seq is not None else seq_index(cu_seqlens, q.shape[0]))
+    _record("flex", "flex_attention (compiled)" if q.device.type == "cuda" else "flex_attention (eager)")
     fn = flex_attention
     if q.device.type == "cuda":  # eager flex_attention materialises the scores; compiled, it is a fused kernel
         if _COMPILED_FLEX is None:
@@ -394,15 +523,17 @@ def _flex_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, 
 
 
 def _varlen_available(device, dtype, dropout, grad) -> bool:
-    if not (_cuda(device) and _half(dtype) and not dropout and _has_torch_varlen()):
+    if not (_cuda(device) and _half(dtype) and not dropout and _has_torch_varlen() and _has_sm80(device)):
         return False
     return not grad or _varlen_has_backward()
 
 
-register_backend("loop", _loop_attention, lambda device, dtype, dropout, grad: True)
+register_backend("loop", _loop_attention, lambda device, dtype, dropout, grad: True, reads_host_offsets=True)
 register_backend("pad", _pad_attention, lambda device, dtype, dropout, grad: True)
 register_backend(
-    "flash", _flash_attention, lambda device, dtype, dropout, grad: _cuda(device) and _half(dtype) and _has_flash_attn()
+    "flash",
+    _flash_attention,
+    lambda device, dtype, dropout, grad: _cuda(device) and _half(dtype) and _has_flash_attn() and _has_sm80(device),
 )
 register_backend("varlen", _torch_varlen_attention, _varlen_available)
 # no flex backward on the CPU, and the CPU has faster backends anyway
@@ -430,7 +561,8 @@ def packed_self_attention(
         x: (N, D) packed tokens.
         packed: the batch's ``PackedBatch`` (offsets, indices).
         backend: a concrete backend.
-        pad_index: ``core.packed.pad_rows`` of the batch, for the "pad" backend (computed once per forward).
+        pad_index: ``backend_context(backend, packed)``, computed once per forward: the padded-row index ("pad")
+            or the ``BlockMask`` ("flex").
         key_bias: (N,) logit bias of every key (``packed.key_bias`` for area-proportional attention), or None.
         rotate: ``rotate(q, k) -> (q, k)`` on (N, H, hd) tensors, applied after the q/k norms and before the
             kernel: rotary positions (a RoPE family's per-token tables, ``nn.families.base``), on every backend.
@@ -455,8 +587,8 @@ def packed_self_attention(
         dropout_p,
         attn.scale,
         offsets=packed.offsets,
-        pad_index=pad_index,
-        seq=packed.seq,
+        pad_index=pad_index if backend == "pad" else None,
+        seq=pad_index if backend == "flex" and pad_index is not None else packed.seq,
         key_bias=key_bias,
     )
     out = out.reshape(t, attn.num_heads * attn.head_dim)

@@ -29,10 +29,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.io import InputError, UserTypeError
 from ..core.layout import PatchLayout, to_device
-from ..core.packed import PackedBatch, groups_of, pad_rows, plan_packed
+from ..core.packed import PackedBatch, groups_of, plan_packed
 from ..core.quadtree import patch_layout
 from ..core.static import pad_static, plan_static, static_layout, static_tokens
-from .attention import check_backend, resolve_backend
+from .attention import backend_context, check_backend, resolve_backend
 from .config import APTConfig
 from .dense import DenseMixin
 from .embed import AdaptivePatchEmbed
@@ -369,7 +369,7 @@ class APTViT(DenseMixin, nn.Module):
     def _run_packed(self, images: Images, packed: PackedBatch, take: Sequence[int] = (), stop: Optional[int] = None):
         x = self.norm_pre(self.pos_drop(self.embed_packed(images, packed)))
         backend = self._backend(x, packed)
-        pad_index = pad_rows(packed.seq, packed.cu_seqlens, packed.max_seqlen) if backend == "pad" else None
+        pad_index = backend_context(backend, packed)  # once per forward: pad rows, or the flex BlockMask
         key_bias = packed.key_bias if self.config.area_bias else None  # area-proportional attention, every block
         ctx = BlockContext(
             packed, backend, pad_index, self.family.token_tables(self, packed), self.training, key_bias=key_bias

@@ -19,8 +19,22 @@ def _run(tmp_path, monkeypatch, *extra, code=0):
 
 
 def test_quick_run_on_the_cpu_passes_its_checks_and_times_every_row(tmp_path, monkeypatch):
-    result = _run(tmp_path, monkeypatch)
+    import torch
+
+    # TF32 on, as cuDNN's default is: the exactness check must turn it off (and restore it)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        result = _run(tmp_path, monkeypatch)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     checks = result["checks"]
+    assert checks["nothing_merged_ieee_fp32"] is True and checks["nothing_merged_attention"] == "pad"
+    assert checks["graph_runner_static_b1_vs_plain"] <= 1e-5 and checks["attention_kernels"]
+    small = result["graph_rows"][0]
+    assert small["static_graph_img_s"] > 0 and small["static_img_s"] > 0 and small["attention_kernels"]
+    assert small["graphs_captured"] >= 1 and small["static_graphs_captured"] == 1
     assert checks["nothing_merged_vs_timm_fp32"] < 1e-4 and checks["layout_device_equals_cpu"] is True
     assert checks["auto_backend_inference"] == "loop"
     assert not [k for k, v in checks.items() if isinstance(v, str) and v.startswith("error")]

@@ -130,3 +130,21 @@ def test_upsampling_error_matches_per_patch_loop_and_is_zero_on_flat_patches():
                         ((back - patch) ** 2).mean().item(), rel=1e-5, abs=1e-9
                     )
     assert scores[16][:, 0, 0].abs().max() < 1e-12
+
+
+def test_laplacian_ignores_the_callers_autocast():
+    """The layout must not depend on the context it is computed in: under autocast a conv would run in bf16 (and
+    on CUDA in TF32), moving scores across thresholds."""
+    from aptvit.core.quadtree import patch_layout
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 3, 64, 64, generator=g) ** 3  # a spread of local contrasts around the thresholds
+    gray = grayscale_255(images)
+    ref = laplacian_scores(gray, [8, 16, 32], 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = laplacian_scores(gray, [8, 16, 32], 8)
+        layout = patch_layout(images, (8, 16, 32), scorer="laplacian", budget=0.5)
+    for s in ref:
+        assert got[s].dtype == torch.float32 and torch.equal(got[s], ref[s]), s
+    plain = patch_layout(images, (8, 16, 32), scorer="laplacian", budget=0.5)
+    assert torch.equal(layout.size, plain.size) and torch.equal(layout.cells, plain.cells)

@@ -123,13 +123,14 @@ def test_flex_backend_agrees_with_the_loop():
         (True, True, True, torch.bfloat16, False, "flash"),
         (False, True, True, torch.bfloat16, False, "varlen"),
         (False, False, True, torch.bfloat16, False, "flex"),
-        (True, True, True, torch.float32, False, "flex"),  # fp32 on CUDA: the flex kernel, not padding
+        (True, True, True, torch.float32, False, "pad"),  # fp32 inference on CUDA: padding, not flex (issue 16.2)
         (False, False, False, torch.float32, False, "pad"),
         (True, True, True, torch.bfloat16, True, "flash"),  # attention dropout: flash has it
         (False, True, True, torch.bfloat16, True, "pad"),  # varlen and flex have no dropout
     ],
 )
 def test_auto_backend_order_on_cuda(monkeypatch, flash, varlen, flex, dtype, dropout, want):
+    monkeypatch.setattr(attention, "_has_sm80", lambda device: True)
     monkeypatch.setattr(attention, "_has_flash_attn", lambda: flash)
     monkeypatch.setattr(attention, "_has_torch_varlen", lambda: varlen)
     monkeypatch.setattr(attention, "_has_flex", lambda: flex)
@@ -140,6 +141,7 @@ def test_auto_backend_order_on_cuda(monkeypatch, flash, varlen, flex, dtype, dro
 @pytest.mark.parametrize("has_backward, want", [(True, "varlen"), (False, "flex")])
 def test_auto_training_skips_a_varlen_without_backward(monkeypatch, has_backward, want):
     """The first torch versions with ``varlen_attn`` had no backward: training must not pick it."""
+    monkeypatch.setattr(attention, "_has_sm80", lambda device: True)
     monkeypatch.setattr(attention, "_has_flash_attn", lambda: False)
     monkeypatch.setattr(attention, "_has_torch_varlen", lambda: True)
     monkeypatch.setattr(attention, "_has_flex", lambda: True)

@@ -53,7 +53,8 @@ class BlockContext:
     Attributes:
         packed: the batch's plan.
         backend: the concrete attention backend.
-        pad_index: ``core.packed.pad_rows`` of the batch for the "pad" backend (None otherwise).
+        pad_index: ``attention.backend_context`` of the batch: the padded-row index ("pad"), the flex ``BlockMask``
+            ("flex"), else None (built once per forward).
         tables: the family's per-token tables of this forward (``Family.token_tables``; None when it has none).
         training: the model's mode (stochastic depth, dropouts).
         key_bias: (N,) log-area key bias of every packed row when the model's ``area_bias`` is on (``packed.key_bias``),

@@ -193,8 +193,8 @@ def eva_attention(
         attn.attn_drop.p if attn.training else 0.0,
         attn.scale,
         offsets=packed.offsets,
-        pad_index=ctx.pad_index,
-        seq=packed.seq,
+        pad_index=ctx.pad_index if ctx.backend == "pad" else None,  # backend_context: pad rows or the BlockMask
+        seq=ctx.pad_index if ctx.backend == "flex" and ctx.pad_index is not None else packed.seq,
         **extra,
     )
     out = attn.norm(out.reshape(t, -1))
