@@ -239,8 +239,9 @@ def has_area_bias() -> bool:
     return "area_bias" in {f.name for f in dataclasses.fields(aptvit.APTConfig)}
 
 
-def convert(vit, budget: float, scorer: str, area_bias: Optional[bool]):
+def convert(vit, budget: float, scorer: str, area_bias: Optional[bool], sizes: Optional[Tuple[int, ...]] = None):
     kw = {} if area_bias is None else {"area_bias": area_bias}
+    kw.update({} if sizes is None else {"patch_sizes": sizes})
     return aptvit.convert(vit, budget=budget, scorer=scorer, **kw)
 
 
@@ -294,9 +295,17 @@ def smooth_of(dense: torch.Tensor, layout) -> torch.Tensor:
 
 
 def apt_method(
-    src: Source, budget: float, scorer: str, area_bias: Optional[bool], positions=None, smooth: bool = False
+    src: Source,
+    budget: float,
+    scorer: str,
+    area_bias: Optional[bool],
+    positions=None,
+    smooth: bool = False,
+    sizes: Optional[Tuple[int, ...]] = None,
 ) -> Method:
-    apt = convert(src.vit, budget, "entropy" if scorer == "random" else scorer, area_bias)
+    three = (PATCH, 2 * PATCH, 4 * PATCH)  # the rows without a "sizes=" mark (aptvit 0.1's default sizes)
+    sizes = three if sizes is None else tuple(sizes)
+    apt = convert(src.vit, budget, "entropy" if scorer == "random" else scorer, area_bias, sizes)
     base = (src.size // PATCH) ** 2
 
     def layout_of(x):
@@ -314,8 +323,10 @@ def apt_method(
 
     bias = "" if area_bias is None else (" + area bias" if area_bias else "")
     label = "Random" if scorer == "random" else f"APT {scorer}"
+    mark = "" if sizes == three else f" sizes={'/'.join(map(str, sizes))}"
     extra = f" pos={positions}" if positions else ""
-    return Method(f"{label}{bias}{extra}", f"{label}{bias}", budget, run, lambda x: apt(x, layout=layout_of(x)))
+    name = f"{label}{bias}{mark}{extra}"
+    return Method(name, f"{label}{bias}{mark}", budget, run, lambda x: apt(x, layout=layout_of(x)))
 
 
 def lowres_method(src: Source, budget: float) -> Method:
@@ -449,6 +460,43 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: List[dict], split: str = "test") -> str:
+    """One line per method and size: dense / class cosine and saliency r at each budget, images/s."""
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}, reverse=True)
+    head = " | ".join(f"{b:.0%}: tokens, dense / class / saliency, img/s" for b in budgets)
+    lines = [f"| size | method | {head} |", "|---|---|" + "---|" * len(budgets)]
+    for size in sorted({r["size"] for r in rows}):
+        names = []
+        for r in rows:
+            if r["size"] == size and r["split"] == split and r["budget"] is not None and r["name"] not in names:
+                names.append(r["name"])
+        names = [re.sub(r" \(r=\d+\)| \(\d+ px\)", "", n) for n in names]
+        for name in dict.fromkeys(names):
+            cells = []
+            for b in budgets:
+                hit = [
+                    r
+                    for r in rows
+                    if r["size"] == size
+                    and r["split"] == split
+                    and r["budget"] == b
+                    and re.sub(r" \(r=\d+\)| \(\d+ px\)", "", r["name"]) == name
+                ]
+                if not hit:
+                    cells.append("-")
+                    continue
+                r = hit[0]
+                cells.append(
+                    f"{r['tokens_kept']:.0%}, {fmt(r.get('dense_cos'))} / {fmt(r.get('class_cos'))} / "
+                    f"{fmt(r.get('saliency_r'))}, {fmt(r.get('images_per_s'), '.1f')}"
+                )
+            lines.append(f"| {size} | {name} | " + " | ".join(cells) + " |")
+        src = [r for r in rows if r["size"] == size and r["split"] == split and r["budget"] is None]
+        if src:
+            lines.append(f"| {size} | uniform (source) | images/s {fmt(src[0].get('images_per_s'), '.1f')} |")
+    return "\n".join(lines)
+
+
 def plot(rows: List[dict], sizes: Sequence[int], path: Path) -> None:
     """Test split: dense cosine (class cosine for ToMe, dashed) against tokens kept, a panel per size."""
     import matplotlib
@@ -494,12 +542,13 @@ def parse_args(argv=None):
     p.add_argument("--work", default="/tmp/aptvit-fidelity", help="cache: reference outputs, finished rows")
     p.add_argument("--weights", type=Path, default=None, help="cache of the converted weights (real_weights.py)")
     p.add_argument("--results", default="docs/real_fidelity", help="prefix of the .json, .png and _table.md outputs")
-    p.add_argument("--large-photos", type=int, default=8, help="test photos at the larger sizes")
+    p.add_argument("--large-photos", type=int, default=6, help="test photos at the larger sizes")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--speed-images", type=int, default=8)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cached-only", action="store_true", help="write the outputs from the cached rows only")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny random ViT, scikit-image photos")
     args = p.parse_args(argv)
     if args.quick:  # sizes and budgets as given, else the smoke run's own
@@ -520,6 +569,8 @@ def val_methods(src: Source, budget: float, variants: bool) -> List[Method]:
     ms += [apt_method(src, budget, "random", a) for a in biases]
     if variants:
         ms += [apt_method(src, budget, s, biases[-1], positions="bicubic") for s in ("entropy", "upsample")]
+    # the largest merge: at 224 px a 4p patch is a quarter of the image side; two sizes (p, 2p) instead
+    ms += [apt_method(src, budget, s, biases[-1], sizes=(PATCH, 2 * PATCH)) for s in ("entropy", "upsample", "random")]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
 
 
@@ -532,6 +583,9 @@ def test_methods(src: Source, budget: float, large: bool = False) -> List[Method
     else:
         ms = [apt_method(src, budget, s, a) for s in SCORERS for a in biases]
         ms += [apt_method(src, budget, "random", a) for a in biases]
+    # the library's defaults since this experiment: two sizes (p, 2p), area bias
+    two = (PATCH, 2 * PATCH)
+    ms += [apt_method(src, budget, s, biases[-1], sizes=two) for s in ("entropy", "upsample", "random")]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
 
 
@@ -608,12 +662,18 @@ def main(argv=None) -> int:
             px = load_photos(here[split], size)
             x = normalise(px)
             ref_file = work / f"ref-{key}-{size}-{split}-{len(here[split])}.pt"
-            if ref_file.is_file():
-                ref = torch.load(ref_file)
-            else:
-                ref = reference(src, x, args.batch)
-                atomic_write(ref_file, lambda tmp, r=ref: torch.save(r, tmp))
-            log(f"{size} px {split}: {len(x)} photos, reference ready")
+            refs: Dict[str, dict] = {}
+
+            def ref_of() -> dict:  # the uniform model's outputs, computed (and cached) only when a row needs them
+                if not refs:
+                    if ref_file.is_file():
+                        refs["ref"] = torch.load(ref_file)
+                    else:
+                        refs["ref"] = reference(src, x, args.batch)
+                        atomic_write(ref_file, lambda tmp: torch.save(refs["ref"], tmp))
+                    log(f"{size} px {split}: {len(x)} photos, reference ready")
+                return refs["ref"]
+
             if split == "val":
                 dk = f"{size}|val|default-thresholds"
                 if dk not in cache:
@@ -626,9 +686,11 @@ def main(argv=None) -> int:
                     methods = test_methods(src, budget, large)
                 for m in methods:
                     rk = f"{size}|{split}|{len(x)}|{budget}|{m.name}"
+                    if rk not in cache and args.cached_only:
+                        continue
                     if rk not in cache:
                         start = time.perf_counter()
-                        cache[rk] = evaluate(m, x, px, ref, src, args.batch)
+                        cache[rk] = evaluate(m, x, px, ref_of(), src, args.batch)
                         atomic_write(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1)))
                         log(f"  {rk}: {cache[rk]} ({time.perf_counter() - start:.0f} s)")
                     for v, metrics in cache[rk].items():
@@ -643,6 +705,8 @@ def main(argv=None) -> int:
             )  # fmt: skip
         # images/s on the test photos: the source and the timed methods, alternating medians
         sk = f"{size}|speed"
+        if sk not in cache and args.cached_only:
+            cache[sk] = {}
         if sk not in cache:
             n = args.speed_images // 2 if large else args.speed_images
             xs = normalise(load_photos(splits["test"][:n], size))
@@ -665,12 +729,14 @@ def main(argv=None) -> int:
         "photos": {k: [Path(s).name for s in v] for k, v in splits.items()},
         "threads": args.threads,
         "area_bias_available": has_area_bias(),
+        "default_threshold_tokens": thresholds_rows,
         "minutes": (time.perf_counter() - t0) / 60,
     }
     atomic_write(
         out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**meta, "rows": rows}, indent=1))
     )
-    write_text(out.parent / (out.name + "_table.md"), table(rows) + "\n")
+    text = "## Test split\n\n" + summary(rows, "test") + "\n\n## Validation split\n\n" + summary(rows, "val")
+    write_text(out.parent / (out.name + "_table.md"), text + "\n\n## Every row\n\n" + table(rows) + "\n")
     plot(rows, args.sizes, out.with_suffix(".png"))
     log(f"wrote {out}.json, {out}.png, {out}_table.md")
     return 0

@@ -15,6 +15,13 @@ from ..core.layout import check_patch_sizes
 from ..core.quadtree import check_budget, check_layout_settings
 from ..core.scoring import get_scorer
 
+# The default patch sizes, in multiples of the ViT's patch size p: (p, 2p). Chosen on the validation photos of
+# benchmarks/real_fidelity.py (DINOv2 ViT-S/14, entropy, area bias, budget mode, cosine to the uniform model):
+# at 224 px dropping the 4p size raised dense / class from 0.885 / 0.955 to 0.909 / 0.963 at 50% of the tokens
+# and from 0.825 / 0.931 to 0.862 / 0.939 at 35% (a 4p patch is a quarter of the image side there); see
+# BENCHMARKS.md for 448 px. Pass patch_sizes=(p, 2p, 4p) (or thresholds keyed by those sizes) for three.
+DEFAULT_SCALES = (1, 2)
+
 MODEL_FIELDS = ("area_bias",)  # the settings of how the model attends, not of the layout (not patch_layout's)
 
 
@@ -23,8 +30,9 @@ class APTConfig:
     """Conversion settings. Construction validates everything and fills the defaults.
 
     Attributes:
-        patch_sizes: ascending sizes, the first is the ViT's patch size; None: the ViT's (p, 2p, 4p), filled in
-            when the model is converted (``for_patch_size``).
+        patch_sizes: ascending sizes, the first is the ViT's patch size; None: p and the sizes ``thresholds`` are
+            keyed by, or else the ViT's (p, 2p) (``DEFAULT_SCALES``), filled in when the model is converted
+            (``for_patch_size``).
         thresholds: {size: threshold} in scorer units; the scorer's defaults when neither this nor
             ``budget`` is given.
         budget: tokens per image (fraction of base tokens in (0, 1], or an int), instead of thresholds.
@@ -32,7 +40,8 @@ class APTConfig:
         scorer_args: the scorer's parameters (entropy: ``{"bins": 512}``); its registered defaults fill the rest.
         area_bias: area-proportional attention: every key's attention logit gets + log(base cells it covers), so a
             merged token is attended as much as the patches it replaces together (ToMe's proportional attention).
-            Nothing changes where nothing merges. Settings saved without it (before aptvit 0.2) load as False.
+            Nothing changes where nothing merges. On by default (measured on real photos, see the field's comment);
+            settings saved without it (before aptvit 0.2) load as False, as they were computed.
     """
 
     patch_sizes: Optional[Tuple[int, ...]] = None
@@ -40,7 +49,12 @@ class APTConfig:
     budget: Optional[Union[int, float]] = None
     scorer: str = "entropy"
     scorer_args: Mapping[str, Any] = field(default_factory=dict)
-    area_bias: bool = False
+    # True: chosen on the validation photos of benchmarks/real_fidelity.py (DINOv2 ViT-S/14, 224 px, 35 photos,
+    # budget mode, cosine to the uniform model). With the entropy scorer the bias raised the dense / class cosine
+    # at 50% of the tokens from 0.878 / 0.950 to 0.885 / 0.955 and at 35% from 0.818 / 0.921 to 0.825 / 0.931;
+    # with upsample from 0.874 / 0.950 to 0.895 / 0.958 (50%) and 0.816 / 0.930 to 0.828 / 0.925 (35%).
+    # (It hurt Laplacian and Random layouts, whose merged tokens are not the plain ones.) See BENCHMARKS.md.
+    area_bias: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.area_bias, bool):
@@ -66,10 +80,13 @@ class APTConfig:
             object.__setattr__(self, "budget", check_budget(self.budget))
 
     def for_patch_size(self, p: int) -> "APTConfig":
-        """These settings for a ViT of patch size ``p``: the sizes (p, 2p, 4p) when none were given."""
+        """These settings for a ViT of patch size ``p`` when no sizes were given: p and the sizes the thresholds
+        are keyed by, or else ``DEFAULT_SCALES`` times p."""
         if self.patch_sizes is not None:
             return self
-        return dataclasses.replace(self, patch_sizes=(p, 2 * p, 4 * p))
+        if self.thresholds is not None:
+            return dataclasses.replace(self, patch_sizes=(p, *sorted(int(s) for s in self.thresholds if int(s) != p)))
+        return dataclasses.replace(self, patch_sizes=tuple(k * p for k in DEFAULT_SCALES))
 
     def replace(self, **changes) -> "APTConfig":
         """A validated copy with ``changes``; setting thresholds clears the budget and vice versa.
@@ -120,6 +137,7 @@ class APTConfig:
         """Settings saved by ``to_dict``, or by aptvit 0.1 (``bins`` at the top, the attention backend saved too)."""
         d = dict(d)
         d.pop("attention", None)  # 0.1 saved the backend; it is a runtime choice now
+        d.setdefault("area_bias", False)  # saved before the setting existed: computed without it, not the new default
         if "bins" in d:
             bins = d.pop("bins")
             if d.get("scorer", "entropy") == "entropy":

@@ -53,7 +53,7 @@ class APTViT(DenseMixin, nn.Module):
     Args:
         vit: a supported timm ``VisionTransformer`` (see ``aptvit.nn.support``); its modules and
             parameters are shared, not copied.
-        config: conversion settings (saved with the weights); patch sizes None become the ViT's (p, 2p, 4p).
+        config: conversion settings (saved with the weights); patch sizes None become p and the thresholds' sizes, or (p, 2p).
         attention: the attention backend, a runtime choice (not saved): "auto" or a name in
             ``nn.attention.BACKENDS``; change it with ``configure(attention=...)``.
     """

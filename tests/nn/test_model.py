@@ -13,9 +13,21 @@ from aptvit.nn.model import drop_path_packed, model_flops
 from ..tiny import grads_rel_err, rel_err, tiny_vit
 
 
+def test_default_patch_sizes_are_p_2p_unless_the_thresholds_name_more():
+    """(p, 2p): chosen on the validation photos of benchmarks/real_fidelity.py (numbers in nn/config.py)."""
+    model = tiny_vit("vit_cls")
+    assert aptvit.APTConfig().for_patch_size(16).patch_sizes == (16, 32)
+    apt = aptvit.convert(model)
+    assert apt.config.patch_sizes == (16, 32) and apt.config.thresholds == {32: 5.5}
+    assert aptvit.convert(model, budget=0.5).config.patch_sizes == (16, 32)
+    # thresholds keyed by size say which sizes: the README's thresholds={32: 5.5, 64: 4.0} keeps three
+    assert aptvit.convert(model, thresholds={32: 5.5, 64: 4.0}).config.patch_sizes == (16, 32, 64)
+    assert aptvit.convert(model, thresholds={64: 4.0}).config.patch_sizes == (16, 64)
+
+
 def test_wraps_without_copying_and_keeps_timm_keys():
     model = tiny_vit("vit_cls")
-    apt = aptvit.convert(model)
+    apt = aptvit.convert(model, patch_sizes=(16, 32, 64))
     assert apt.blocks is model.blocks and apt.pos_embed is model.pos_embed and apt.timm_model is model
     keys = set(apt.state_dict())
     timm_keys = set(model.state_dict())
@@ -33,7 +45,7 @@ def test_wraps_without_copying_and_keeps_timm_keys():
 
 def test_scores_come_from_unnormalised_pixels():
     model = tiny_vit("clip_prenorm")  # CLIP mean/std, not ImageNet's
-    apt = aptvit.convert(model)
+    apt = aptvit.convert(model, patch_sizes=(16, 32, 64))
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
     img = torch.rand(2, 3, 64, 128)
@@ -82,7 +94,7 @@ def test_ddp_without_find_unused_parameters_survives_batches_without_large_patch
 def test_configure_validates_and_config_is_frozen():
     import dataclasses
 
-    apt = aptvit.convert(tiny_vit("vit_cls"))
+    apt = aptvit.convert(tiny_vit("vit_cls"), patch_sizes=(16, 32, 64))
     with pytest.raises(dataclasses.FrozenInstanceError):
         apt.config.budget = 0.5
     apt.configure(budget=0.5)

@@ -81,9 +81,9 @@ def test_scorer_choice_on_the_command_line_comes_from_the_registry(column_scorer
 
 def test_convert_takes_a_config_and_its_fields_as_overrides():
     config = aptvit.APTConfig(scorer="laplacian", budget=0.5)
-    assert config.patch_sizes is None  # the ViT's (p, 2p, 4p), filled in at conversion
+    assert config.patch_sizes is None  # the ViT's (p, 2p), filled in at conversion
     apt = aptvit.convert(tiny_vit("reg_dinov2_p14"), config)
-    assert apt.config.patch_sizes == (14, 28, 56) and apt.config.scorer == "laplacian" and apt.config.budget == 0.5
+    assert apt.config.patch_sizes == (14, 28) and apt.config.scorer == "laplacian" and apt.config.budget == 0.5
     apt = aptvit.convert(tiny_vit("vit_cls"), config, thresholds={32: 0.1})  # a field overrides: budget cleared
     assert apt.config.thresholds == {32: 0.1} and apt.config.budget is None
     with pytest.raises(TypeError, match="unknown setting"):
