@@ -122,7 +122,9 @@ def check_model_name(name: str) -> str:
     raise CLIError(f"unknown model {name!r}{hint}")
 
 
-def add_layout_options(p: argparse.ArgumentParser, patch_default: str = "the model's p and the thresholds' sizes, else p,2p") -> None:
+def add_layout_options(
+    p: argparse.ArgumentParser, patch_default: str = "the model's p and the thresholds' sizes, else p,2p"
+) -> None:
     p.add_argument("--patch-sizes", help=f"ascending patch sizes, e.g. 16,32,64 (default: {patch_default})")
     p.add_argument(
         "--thresholds", help="SIZE=VALUE pairs, e.g. 32=5.5,64=4.0 (default: the scorer's documented defaults)"

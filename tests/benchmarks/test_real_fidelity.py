@@ -2,10 +2,10 @@
 
 import json
 
-import aptvit
 import pytest
 import torch
 
+import aptvit
 from benchmarks import real_fidelity as rf
 
 
