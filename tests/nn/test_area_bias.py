@@ -280,7 +280,7 @@ ENTRY_POINTS = {
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 def test_every_block_of_every_entry_point_attends_with_the_area(monkeypatch, entry):
     model = tiny_vit("vit_cls", depth=3)
-    apt = aptvit.convert(model, thresholds=_thresholds(model))
+    apt = aptvit.convert(model, thresholds=_thresholds(model), area_bias=False)
     x = _merging_batch(model, 2)
     run = ENTRY_POINTS[entry]
     with torch.no_grad():
@@ -369,8 +369,18 @@ def test_gradients_flow_with_the_area_bias_and_checkpointing_keeps_it():
 
 
 # ---------------------------------------------------------------------- settings
+def test_the_default_is_on_as_chosen_on_the_validation_photos():
+    """benchmarks/real_fidelity.py's validation photos chose it (the numbers are in APTConfig's comment)."""
+    assert APTConfig().area_bias is True
+    apt = aptvit.convert(tiny_vit("vit_cls"), thresholds={32: 6.0, 64: 5.0})
+    assert apt.config.area_bias is True
+    x = _merging_batch(apt, 2)
+    with torch.no_grad():
+        assert rel_err(apt(x), apt.configure(area_bias=False)(x)) > 1e-3  # it changes what a merged model computes
+
+
 def test_the_setting_is_a_validated_config_field_and_not_a_layout_argument():
-    assert APTConfig().area_bias is False
+    assert APTConfig(area_bias=False).area_bias is False
     assert APTConfig(area_bias=True).replace(thresholds={32: 5.0}).area_bias is True
     with pytest.raises(TypeError, match="area_bias must be True or False"):
         APTConfig(area_bias=1)

@@ -30,7 +30,9 @@ def make_model(family):
     """A tiny model whose native grid is 8 x 12 cells (no position resampling), with a random detail path."""
     p = 14 if "p14" in family else 16
     model = tiny_vit(family, img_size=(8 * p, 12 * p))
-    apt = aptvit.convert(model, thresholds={2 * p: 5.0, 4 * p: 4.0})
+    # the reference runs plain timm blocks: no area-proportional attention (checked against brute force in
+    # test_area_bias.py)
+    apt = aptvit.convert(model, thresholds={2 * p: 5.0, 4 * p: 4.0}, area_bias=False)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # non-zero detail weights, as after fine-tuning (they start at zero)
         for param in apt.apt.parameters():

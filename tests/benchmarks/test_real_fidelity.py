@@ -1,0 +1,93 @@
+"""benchmarks/real_fidelity.py: its --quick run, and the shortcuts it takes being exact (tiny random ViT)."""
+
+import json
+
+import pytest
+import torch
+
+import aptvit
+from benchmarks import real_fidelity as rf
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    src = rf.tiny_source(112)
+    x = rf.normalise(rf.load_photos(["skimage:astronaut", "skimage:coffee"], 112))
+    return src, x
+
+
+def test_quick_run_writes_every_output(tmp_path):
+    out = tmp_path / "res"
+    argv = ["--quick", "--sizes", "56", "--budgets", "0.5", "--work", str(tmp_path / "w"), "--results", str(out)]
+    assert rf.main(argv) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 0 and (tmp_path / "res_table.md").is_file()
+    rows = {(r["split"], r["name"]): r for r in data["rows"]}
+    assert {"APT entropy", "APT upsample + area bias", "Random", "ToMe (r=8)"} <= {n for _, n in rows}
+    for (split, name), r in rows.items():
+        assert 0 < r["tokens_kept"] <= 1, name
+        assert -1 <= r["class_cos"] <= 1 + 1e-6, name
+    assert rows[("test", "uniform (source)")]["images_per_s"] > 0
+    assert rows[("test", "APT entropy")]["images_per_s"] > 0
+    # a rerun reads every row from the cache: nothing is evaluated again
+    calls = []
+    saved = rf.evaluate
+    rf.evaluate = lambda *a, **k: calls.append(1) or saved(*a, **k)
+    try:
+        assert rf.main(argv) == 0
+    finally:
+        rf.evaluate = saved
+    assert not calls
+
+
+def test_apt_outputs_are_forward_dense_and_the_pre_logits(tiny):
+    src, x = tiny
+    apt = aptvit.convert(src.vit, budget=0.35)
+    layout = apt.make_layout(x)
+    with torch.no_grad():
+        pre, dense = rf.apt_outputs(apt, x, layout)
+        assert torch.allclose(dense, apt.forward_dense(x, layout), atol=1e-5)
+        assert torch.allclose(pre, apt.forward_packed(x, apt.prepare(x, layout), pre_logits=True), atol=1e-5)
+        # the smooth unmerging taken from the same run equals forward_dense(smooth=True)
+        assert torch.allclose(rf.smooth_of(dense, layout), apt.forward_dense(x, layout, smooth=True), atol=1e-5)
+
+
+def test_uniform_reference_is_timm(tiny):
+    src, x = tiny
+    with torch.no_grad():
+        pre, dense = rf.final_tokens(src.vit, x)
+        feats = src.vit.forward_features(x)
+    assert torch.equal(pre, feats[:, 0])
+    assert torch.equal(dense.flatten(2).transpose(1, 2), feats[:, 1:])
+
+
+def test_random_layouts_have_the_budget_and_ignore_content(tiny):
+    src, x = tiny
+    m = rf.apt_method(src, 0.35, "random", False)
+    with torch.no_grad():
+        _, _, tokens, _ = m.run(x, None)
+    assert torch.allclose(tokens, torch.full_like(tokens, 0.34375))  # 22 of 64, as the entropy layouts
+    g = torch.zeros(1, 112, 112)
+    a = rf.random_scores(g, (28, 56), 14)
+    b = rf.random_scores(g + 0, (28, 56), 14)
+    assert all(torch.equal(a[s], b[s]) for s in a)  # the same images get the same layout (cached rows agree)
+
+
+def test_matched_token_counts():
+    assert rf.lowres_side(448, 0.5) == 23 * 14 and rf.lowres_side(224, 0.35) == 9 * 14
+    r, mean = rf.tome_r(1024, 0.5, 12)
+    assert abs(mean - 512) < 25
+    assert rf.tome_r(256, 1.0, 12)[0] == 0
+
+
+def test_splits_keep_scenes_whole():
+    sources = [f"/x/mvtbdata/images/campus/P10704{i:02d}.png" for i in range(10)]
+    sources += [f"/x/mvtbdata/images/flowers{i}.png" for i in range(1, 6)]
+    sources += [f"/x/interior_photos/images/pexels-{i}.jpg" for i in range(8)] + ["skimage:coffee"]
+    sp = rf.split_photos(0, sources)
+    assert not set(sp["val"]) & set(sp["test"])
+    for scene in ("campus", "flowers"):
+        where = {k for k, v in sp.items() for s in v if scene in s}
+        assert len(where) == 1, scene  # one scene never straddles the splits
+        assert sum(scene in s for v in sp.values() for s in v) == rf.PER_SCENE
+    assert sum("pexels" in s for v in sp.values() for s in v) == 8  # every interior photo is its own scene
