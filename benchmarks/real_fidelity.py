@@ -373,7 +373,7 @@ class position_variant:
     def __enter__(self):
         if self.kind is None:
             return self
-        import aptvit.nn.model as m
+        import aptvit.nn.families.vit as m  # where the ViT family builds its position bank
 
         self.saved = m.position_bank
         aa = self.kind == "bicubic-aa"
@@ -392,7 +392,7 @@ class position_variant:
 
     def __exit__(self, *exc):
         if self.kind is not None:
-            import aptvit.nn.model as m
+            import aptvit.nn.families.vit as m  # where the ViT family builds its position bank
 
             m.position_bank = self.saved
         return False

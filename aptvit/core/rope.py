@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .io import InputError
 from .layout import PatchLayout, to_device
 
 KINDS = ("index", "centered")
@@ -56,13 +57,13 @@ class RopeGrid:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"RopeGrid kind must be one of {KINDS}, got {self.kind!r}")
+            raise InputError(f"RopeGrid kind must be one of {KINDS}, got {self.kind!r}")
         if self.indexing not in ("ij", "xy"):
-            raise ValueError(f"RopeGrid indexing must be 'ij' or 'xy', got {self.indexing!r}")
+            raise InputError(f"RopeGrid indexing must be 'ij' or 'xy', got {self.indexing!r}")
         if self.normalize not in NORMALIZE:
-            raise ValueError(f"RopeGrid normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+            raise InputError(f"RopeGrid normalize must be one of {NORMALIZE}, got {self.normalize!r}")
         if self.ref is not None and self.kind != "index":
-            raise ValueError("RopeGrid ref (timm's ref_feat_shape) only applies to 'index' grids")
+            raise InputError("RopeGrid ref (timm's ref_feat_shape) only applies to 'index' grids")
 
 
 def patch_centres(y: torch.Tensor, x: torch.Tensor, size: torch.Tensor, base: int) -> torch.Tensor:

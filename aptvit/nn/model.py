@@ -154,7 +154,7 @@ class APTViT(DenseMixin, nn.Module):
     def set_distilled_training(self, enable: bool = True) -> None:
         """timm's switch of distilled models: in training, return (class logits, distillation logits)."""
         if not hasattr(self.timm_model, "set_distilled_training"):
-            raise ValueError(f"{type(self.timm_model).__name__} has no distillation head")
+            raise InputError(f"{type(self.timm_model).__name__} has no distillation head")
         self.timm_model.set_distilled_training(enable)
 
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -346,9 +346,9 @@ class APTViT(DenseMixin, nn.Module):
         """The given plan, or one made here (from ``layout`` when given)."""
         if packed is not None:
             if not isinstance(packed, PackedBatch):
-                raise TypeError(f"packed must be a PackedBatch (from apt.prepare), got {type(packed).__name__}")
+                raise UserTypeError(f"packed must be a PackedBatch (from apt.prepare), got {type(packed).__name__}")
             if layout is not None and layout is not packed.layout:
-                raise ValueError("pass layout= or packed= (which holds its layout), not both")
+                raise InputError("pass layout= or packed= (which holds its layout), not both")
             return packed
         return self.prepare(images, layout)
 

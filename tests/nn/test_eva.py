@@ -156,7 +156,7 @@ def eva_reference(model, apt, image, boxes, p):
 def merged_setup(name):
     p = tiny_eva(name).patch_embed.patch_size[0]
     model = tiny_eva(name, img_size=(8 * p, 12 * p))
-    apt = aptvit.convert(model, thresholds={2 * p: 5.0, 4 * p: 4.0}).eval()
+    apt = aptvit.convert(model, thresholds={2 * p: 5.0, 4 * p: 4.0}, area_bias=False).eval()
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # a non-zero detail path, as after fine-tuning
         for param in apt.apt.parameters():

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.io import InputError
 from ...core.packed import PackedBatch
 from ...core.rope import (
     RopeGrid,
@@ -57,7 +58,7 @@ def rope_flavour(rope: nn.Module) -> str:
         ps.RotaryEmbeddingMRope: "mrope",
     }
     if type(rope) not in kinds:
-        raise ValueError(f"rotary embedding {type(rope).__name__} is not supported")
+        raise InputError(f"rotary embedding {type(rope).__name__} is not supported")
     return kinds[type(rope)]
 
 
