@@ -69,6 +69,19 @@ class BlockContext:
     key_bias: Optional[torch.Tensor] = None
 
 
+def check_patch_embed(model: nn.Module) -> Optional[str]:
+    """Why ``model``'s patch embedding cannot be converted (None when it can): timm's conv ``PatchEmbed`` with
+    square, non-overlapping patches, which every adapter's embedding bank assumes."""
+    from timm.layers import PatchEmbed
+
+    if type(model.patch_embed) is not PatchEmbed or not isinstance(model.patch_embed.proj, nn.Conv2d):
+        return f"patch embedding {type(model.patch_embed).__name__} is not timm's conv PatchEmbed"
+    ph, pw = model.patch_embed.patch_size
+    if ph != pw or tuple(model.patch_embed.proj.stride) != (ph, pw):
+        return f"patches must be square and non-overlapping, got patch_size {(ph, pw)}"
+    return None
+
+
 def drop_path_packed(
     y: torch.Tensor, module: nn.Module, seq: torch.Tensor, num_seqs: int, training: bool
 ) -> torch.Tensor:

@@ -37,7 +37,7 @@ from ...core.rope import (
     sincos_table,
 )
 from ..attention import varlen_attention
-from .base import BlockContext, drop_path_packed
+from .base import BlockContext, check_patch_embed, drop_path_packed
 from .pool import GLOBAL_POOLS, check_attention_pool
 from .vit import ViTFamily
 
@@ -281,14 +281,12 @@ class EvaFamily(ViTFamily):
         return type(model) is Eva
 
     def check(self, model: nn.Module) -> Optional[str]:
-        from timm.layers import AttentionRope, PatchEmbed
+        from timm.layers import AttentionRope
         from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 
-        if type(model.patch_embed) is not PatchEmbed or not isinstance(model.patch_embed.proj, nn.Conv2d):
-            return f"patch embedding {type(model.patch_embed).__name__} is not timm's conv PatchEmbed"
-        ph, pw = model.patch_embed.patch_size
-        if ph != pw or tuple(model.patch_embed.proj.stride) != (ph, pw):
-            return f"patches must be square and non-overlapping, got patch_size {(ph, pw)}"
+        why = check_patch_embed(model)
+        if why:
+            return why
         if model.patch_drop is not None:
             return "patch dropout is not supported; create the model with patch_drop_rate=0"
         if model.attn_pool is not None:

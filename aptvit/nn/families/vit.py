@@ -16,7 +16,7 @@ from torch import nn
 from ...core.packed import PackedBatch
 from ..attention import packed_self_attention
 from ..embed import position_bank
-from .base import BlockContext, Family, drop_path_packed
+from .base import BlockContext, Family, check_patch_embed, drop_path_packed
 from .pool import GLOBAL_POOLS, attention_pool, check_attention_pool, pool_tokens
 
 
@@ -80,14 +80,12 @@ class ViTFamily(Family):
         return type(model) is VisionTransformer
 
     def check(self, model: nn.Module) -> Optional[str]:
-        from timm.layers import Attention, PatchEmbed
+        from timm.layers import Attention
         from timm.models.vision_transformer import Block
 
-        if type(model.patch_embed) is not PatchEmbed or not isinstance(model.patch_embed.proj, nn.Conv2d):
-            return f"patch embedding {type(model.patch_embed).__name__} is not timm's conv PatchEmbed"
-        ph, pw = model.patch_embed.patch_size
-        if ph != pw or tuple(model.patch_embed.proj.stride) != (ph, pw):
-            return f"patches must be square and non-overlapping, got patch_size {(ph, pw)}"
+        why = check_patch_embed(model)
+        if why:
+            return why
         if model.attn_pool is not None:
             if model.global_pool != "map":
                 return f"global_pool={model.global_pool!r} (attention pooling) is not supported"
