@@ -31,6 +31,7 @@ import torch
 
 from .io import InputError
 from .layout import PatchLayout, to_device
+from .pixels import size_groups
 
 Groups = Tuple[Tuple[Tuple[int, ...], Tuple[int, int]], ...]  # ((image indices), (H, W)) per same-size group
 
@@ -351,14 +352,12 @@ def pad_rows(seq: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> to
 def groups_of(images) -> Groups:
     """Same-size groups of a (B, C, H, W) tensor (one group) or a list of (C, H, W) tensors, by shape.
 
-    Only shapes are read: no tensor values, no device access.
+    Only shapes are read: no tensor values, no device access (``pixels.size_groups`` validates and groups).
     """
+    groups = size_groups(images)
     if isinstance(images, torch.Tensor):
-        return ((tuple(range(images.shape[0])), (int(images.shape[-2]), int(images.shape[-1]))),)
-    found = {}
-    for i, im in enumerate(images):
-        found.setdefault((int(im.shape[-2]), int(im.shape[-1])), []).append(i)
-    return tuple((tuple(idx), hw) for hw, idx in found.items())
+        return ((tuple(groups[0]), (int(images.shape[-2]), int(images.shape[-1]))),)
+    return tuple((tuple(idx), (int(images[idx[0]].shape[-2]), int(images[idx[0]].shape[-1]))) for idx in groups)
 
 
 def bucket(n: int, multiple: int) -> int:

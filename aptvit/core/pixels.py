@@ -86,22 +86,24 @@ def host_read_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def group_by_size(images, name: str = "images") -> List[Tuple[List[int], torch.Tensor]]:
-    """Split a batch into same-size batches.
+def size_groups(images, name: str = "images") -> List[List[int]]:
+    """The one validator of an image batch's structure: check it and group it by shape, dtype and device.
+
+    Only shapes, dtypes and devices are read (no tensor values, no device access); the model (``APTViT``), the
+    layout (``patch_layout``) and the plan (``core.packed.groups_of``) all call this.
 
     Args:
-        images: a (B, C, H, W) tensor (one group), or a non-empty list of (C, H, W) tensors whose
-            sizes may differ.
+        images: a (B, C, H, W) tensor (one group), or a non-empty list of (C, H, W) tensors whose sizes may differ.
+        name: how error messages call the argument.
 
     Returns:
-        [(indices into the input, (b, C, H, W) tensor)], one entry per distinct shape/dtype/device.
-        Values are not checked here.
+        Index lists into the input, one per distinct (shape, dtype, device), in order of first appearance.
     """
     if isinstance(images, torch.Tensor):
         if images.dim() != 4:
             hint = "; add a batch dimension with images.unsqueeze(0)" if images.dim() == 3 else ""
             raise InputError(f"{name} must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
-        return [(list(range(images.shape[0])), images)]
+        return [list(range(images.shape[0]))]
     if not isinstance(images, (list, tuple)) or len(images) == 0:
         raise UserTypeError(
             f"{name} must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}"
@@ -112,7 +114,20 @@ def group_by_size(images, name: str = "images") -> List[Tuple[List[int], torch.T
             shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
             raise InputError(f"{name}[{i}] must be a (C, H, W) tensor, got {shape}")
         groups.setdefault((tuple(im.shape), im.dtype, im.device), []).append(i)
-    return [(idx, torch.stack([images[i] for i in idx])) for idx in groups.values()]
+    return list(groups.values())
+
+
+def group_by_size(images, name: str = "images") -> List[Tuple[List[int], torch.Tensor]]:
+    """Split a batch into same-size batches (``size_groups``, then one stacked tensor per group).
+
+    Returns:
+        [(indices into the input, (b, C, H, W) tensor)], one entry per distinct shape/dtype/device.
+        Values are not checked here.
+    """
+    groups = size_groups(images, name)
+    if isinstance(images, torch.Tensor):
+        return [(groups[0], images)]
+    return [(idx, torch.stack([images[i] for i in idx])) for idx in groups]
 
 
 def grayscale_255(images: torch.Tensor) -> torch.Tensor:

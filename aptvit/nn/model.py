@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.io import InputError, UserTypeError
 from ..core.layout import PatchLayout, to_device
 from ..core.packed import PackedBatch, groups_of, plan_packed
+from ..core.pixels import size_groups
 from ..core.quadtree import patch_layout
 from ..core.static import pad_static, plan_static, static_layout, static_tokens
 from .attention import backend_context, check_backend, resolve_backend
@@ -408,24 +409,10 @@ class APTViT(DenseMixin, nn.Module):
     # ------------------------------------------------------------------ pieces
     def _check_images(self, images: Images):
         """Validate normalised model input (shapes and dtypes only: no device access) and return its size groups."""
-        if isinstance(images, torch.Tensor):
-            if images.dim() != 4:
-                hint = "; add a batch dimension with images.unsqueeze(0)" if images.dim() == 3 else ""
-                raise InputError(f"images must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}{hint}")
-            batch = [images]
-        elif isinstance(images, (list, tuple)) and len(images) and all(isinstance(t, torch.Tensor) for t in images):
-            bad = [i for i, t in enumerate(images) if t.dim() != 3]
-            if bad:
-                raise InputError(
-                    f"images[{bad[0]}] must be a (C, H, W) tensor, got shape {tuple(images[bad[0]].shape)}"
-                )
-            if len({(t.device, t.dtype) for t in images}) != 1:
-                raise InputError("images in a list must share one device and dtype")
-            batch = [t[None] for t in images]
-        else:
-            raise UserTypeError(
-                f"images must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, got {type(images).__name__}"
-            )
+        size_groups(images)  # the batch's structure (one validator for the model, the layout and the plan)
+        batch = [images] if isinstance(images, torch.Tensor) else [t[None] for t in images]
+        if len({(t.device, t.dtype) for t in batch}) != 1:
+            raise InputError("images in a list must share one device and dtype")
         p, in_chans = self.patch_size, self.patch_embed.proj.in_channels
         for t in batch:
             _, c, h, w = t.shape

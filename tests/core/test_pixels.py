@@ -78,3 +78,24 @@ def test_check_images_costs_at_most_one_sync(monkeypatch, dtype, syncs):
         bad[7, 2, 31, 31] = -math.inf
         with pytest.raises(ValueError, match="NaN or inf"):
             check_images(bad)
+
+
+def test_one_validator_gives_the_same_error_to_the_model_the_layout_and_the_plan():
+    """``size_groups`` is the one check of a batch's structure: ``patch_layout``, ``core.packed.groups_of`` and the
+    model refuse a malformed batch with the same message."""
+    import aptvit
+    from aptvit.core.packed import groups_of
+    from aptvit.core.pixels import size_groups
+
+    from ..tiny import tiny_vit
+
+    apt = aptvit.convert(tiny_vit("vit_cls"))
+    bad = [torch.rand(3, 32, 32), torch.rand(32, 32)]  # the second lacks its channel dimension
+    for batch in (torch.rand(3, 32, 32), [], bad):
+        with pytest.raises((ValueError, TypeError)) as want:
+            size_groups(batch)
+        for call in (lambda b: aptvit.patch_layout(b, patch_sizes=(16, 32)), groups_of, apt):
+            with pytest.raises(type(want.value)) as got:
+                call(batch)
+            assert str(got.value) == str(want.value)
+    assert size_groups([torch.rand(3, 32, 32), torch.rand(3, 64, 32), torch.rand(3, 32, 32)]) == [[0, 2], [1]]
