@@ -147,9 +147,7 @@ def add_static_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_layout_options(
-    p: argparse.ArgumentParser, patch_default: str = "the model's p,2p,4p", model: bool = True
-) -> None:
+def add_layout_options(p: argparse.ArgumentParser, patch_default: str = "the model's p,2p", model: bool = True) -> None:
     """The conversion settings as options; ``model``: the command runs a model (adds --area-bias)."""
     p.add_argument("--patch-sizes", help=f"ascending patch sizes, e.g. 16,32,64 (default: {patch_default})")
     p.add_argument(
@@ -350,7 +348,7 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .bench import bench_command
     from .evaluate import eval_command
-    from .viz import SHOW_PATCH_SIZES
+    from .viz import SHOW_BASE_SIZE
 
     parser = argparse.ArgumentParser(
         prog="aptvit",
@@ -363,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="draw the patch layout of images")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--size", help="resize: one number = shorter side (keeps aspect, pads to the base patch), or HxW")
-    add_layout_options(p, ",".join(map(str, SHOW_PATCH_SIZES)), model=False)
+    add_layout_options(
+        p, f"{SHOW_BASE_SIZE} and the sizes --thresholds names, else {SHOW_BASE_SIZE},{2 * SHOW_BASE_SIZE}", model=False
+    )
     p.add_argument("--out", help="folder for the pictures (default: beside each image)")
     p.add_argument("--json", action="store_true", help="also write the boxes as JSON")
     p.add_argument("--heatmap", action="store_true", help="add a panel with the score of the 2x patches")

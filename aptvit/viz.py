@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from .core.io import InputError, atomic_write
-from .core.layout import PatchLayout
+from .core.layout import PatchLayout, check_patch_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +117,22 @@ def _output_stems(paths: Sequence[Path], out_dir) -> list:
     return stems
 
 
-SHOW_PATCH_SIZES = (16, 32, 64)  # ``aptvit show`` draws layouts without a model: the patch sizes of a /16 ViT
+SHOW_BASE_SIZE = 16  # ``aptvit show`` draws layouts without a model: those a /16 ViT's conversion would make
+
+
+def show_patch_sizes(patch_sizes=None, thresholds=None) -> tuple:
+    """The sizes ``show`` draws: ``patch_sizes``, else those a /16 ViT's conversion picks (``APTConfig``'s rule)."""
+    from .nn.config import APTConfig
+
+    if patch_sizes is not None:
+        return check_patch_sizes(patch_sizes)
+    return APTConfig(thresholds=thresholds).for_patch_size(SHOW_BASE_SIZE).patch_sizes
 
 
 def show(
     paths: Sequence,
     size=None,
-    patch_sizes: Sequence[int] = SHOW_PATCH_SIZES,
+    patch_sizes: Optional[Sequence[int]] = None,
     thresholds=None,
     budget=None,
     scorer: str = "entropy",
@@ -142,11 +151,11 @@ def show(
     import json
 
     from .core.pixels import grayscale_255
-    from .core.quadtree import check_patch_sizes, patch_layout
+    from .core.quadtree import patch_layout
     from .core.scoring import get_scorer
     from .images import fit_image, read_image
 
-    sizes = check_patch_sizes(patch_sizes)
+    sizes = show_patch_sizes(patch_sizes, thresholds)
     p = sizes[0]
     results = []
     stems = _output_stems([Path(x) for x in paths], out_dir)

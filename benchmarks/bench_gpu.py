@@ -157,11 +157,10 @@ def correctness(device, quick: bool) -> dict:
     """The checks, as {name: value}; a failing check is recorded and printed as FAIL, the next ones still run."""
     out = Checks()
     vit, apt, x, dtype = check_setup(device, quick, 4)
-    p = apt.patch_size
     state = {}
 
     def exact():  # fp32 as fp32 (no TF32) and the plain "pad" kernel on both sides of the comparison
-        apt.configure(thresholds={2 * p: -1.0, 4 * p: -1.0}, attention="pad")
+        apt.configure(thresholds={s: -1.0 for s in apt.patch_sizes[1:]}, attention="pad")
         try:
             with no_tf32():
                 out["nothing_merged_ieee_fp32"] = not (

@@ -19,13 +19,22 @@ from ..core.scoring import get_scorer
 LAYOUT_FIELDS = ("patch_sizes", "thresholds", "budget", "scorer", "scorer_args")  # patch_layout's own arguments
 
 
+def _is_merged_size(size, p: int) -> bool:
+    """Whether ``size`` is an int p * 2^k, k >= 1 (a larger patch of a ViT of patch size p)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= p or size % p:
+        return False
+    k = size // p
+    return k & (k - 1) == 0
+
+
 @dataclass(frozen=True)
 class APTConfig:
     """Conversion settings. Construction validates everything and fills the defaults.
 
     Attributes:
-        patch_sizes: ascending sizes, the first is the ViT's patch size; None: the ViT's (p, 2p, 4p), filled in
-            when the model is converted (``for_patch_size``).
+        patch_sizes: ascending sizes, the first is the ViT's patch size; None: filled in when the model is
+            converted (``for_patch_size``): p and the sizes ``thresholds`` is keyed by, else the ViT's (p, 2p).
+            Saved with the weights, so a file keeps its sizes.
         thresholds: {size: threshold} in scorer units; the scorer's defaults when neither this nor
             ``budget`` is given.
         budget: tokens per image (fraction of base tokens in (0, 1], or an int), instead of thresholds.
@@ -85,15 +94,22 @@ class APTConfig:
             object.__setattr__(self, "budget", check_budget(self.budget))
 
     def for_patch_size(self, p: int) -> "APTConfig":
-        """These settings for a ViT of patch size ``p``: the sizes (p, 2p, 4p) when none were given.
+        """These settings for a ViT of patch size ``p``: when no sizes were given, p and the sizes that the
+        thresholds are keyed by, else (p, 2p).
 
-        (On the real-photo validation set, zero-shot, (p, 2p) kept the features closer at the same token count:
-        BENCHMARKS.md section 9. The default stays the paper's three sizes, which fine-tuning and the thresholds
-        keyed by 4p expect; pass ``patch_sizes=(p, 2 * p)`` for the zero-shot optimum.)
+        Why two sizes (aptvit 0.1 had p, 2p, 4p): on the real-photo validation split of
+        ``benchmarks/real_fidelity.py`` (DINOv2 ViT-S/14, zero-shot, entropy, area bias, same token count) dropping
+        4p raised the dense / class cosine to the uniform model at 224 px from 0.885 / 0.955 to 0.909 / 0.963 at
+        50% of the tokens and from 0.825 / 0.931 to 0.862 / 0.939 at 35%, and at 448 px from 0.933 / 0.981 to
+        0.947 / 0.985 (50%); a 4p patch is a quarter of a 224-px image's side. The paper's ImageNet runs use two
+        sizes as well. Pass ``patch_sizes=(p, 2 * p, 4 * p)`` for three (large images, dense tasks at 1024 px+).
         """
         if self.patch_sizes is not None:
             return self
-        return dataclasses.replace(self, patch_sizes=(p, 2 * p, 4 * p))
+        # thresholds keyed by size name the merged sizes: {32: 5.5, 64: 4.0} on a /16 ViT means 16, 32, 64 (a key
+        # that is no size of p, p times a power of two, is left out here and refused by the validation by name)
+        keys = [k for k in (self.thresholds or {}) if _is_merged_size(k, p)]
+        return dataclasses.replace(self, patch_sizes=(p, *sorted(keys)) if keys else (p, 2 * p))
 
     def replace(self, **changes) -> "APTConfig":
         """A validated copy with ``changes``; setting thresholds clears the budget and vice versa.

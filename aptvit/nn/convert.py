@@ -20,7 +20,7 @@ def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: 
         model: a timm model of a supported family (``aptvit.nn.families``; pretrained or fine-tuned); shared, not
             copied.
         config: the conversion settings; default ``APTConfig()`` (entropy scorer, its default thresholds,
-            patch sizes (p, 2p, 4p) for the model's patch size p).
+            patch sizes (p, 2p) for the model's patch size p).
         attention: the attention backend, a runtime choice not saved with the model (see ``APTViT``).
         **settings: ``APTConfig`` fields that override ``config``'s: ``patch_sizes``, ``thresholds``, ``budget``
             (tokens per image: fraction of base tokens in (0, 1], or an int), ``scorer``, ``scorer_args``,

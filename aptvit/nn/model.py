@@ -78,7 +78,7 @@ class APTViT(DenseMixin, nn.Module):
     Args:
         vit: a timm model of a supported family (``aptvit.nn.families``); its modules and parameters are shared,
             not copied.
-        config: conversion settings (saved with the weights); patch sizes None become the ViT's (p, 2p, 4p).
+        config: conversion settings (saved with the weights); patch sizes None become the ViT's (p, 2p).
         attention: the attention backend, a runtime choice (not saved): "auto" or a name in
             ``nn.attention.BACKENDS``; change it with ``configure(attention=...)``.
     """

@@ -76,6 +76,19 @@ def test_show_budget_and_scorers_beside_the_image(tmp_path, capsys):
     assert (tmp_path / f"{path.stem}_apt.png").is_file()
 
 
+def test_show_draws_the_sizes_a_conversion_would_use(tmp_path, capsys):
+    (path,) = write_images(tmp_path)[:1]
+    for extra, sizes in [
+        ([], (16, 32)),
+        (["--thresholds", "32=5,64=4"], (16, 32, 64)),
+        (["--patch-sizes", "16,64"], (16, 64)),
+    ]:
+        code, out, err = run(capsys, "show", path, "--json", *extra)
+        assert code == 0, err
+        data = json.loads((tmp_path / f"{path.stem}_apt.json").read_text())
+        assert PatchLayout.from_dict(data["layout"]).patch_sizes == sizes
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -20,8 +20,8 @@ def test_cli_option_gives_the_apt_layers_a_scaled_lr(tmp_path, capsys):
     lrs = {g["lr_scale"]: g["lr"] for g in groups}
     assert set(lrs) == {1.0, 8.0}
     assert abs(lrs[8.0] / lrs[1.0] - 8.0) < 1e-9
-    # the scaled groups hold exactly the detail path: merge conv weight + bias, the 32- and 64-px linears' weight + bias
-    assert sum(len(g["params"]) for g in groups if g["lr_scale"] == 8.0) == 6
+    # the scaled groups hold exactly the detail path: merge conv weight + bias, the 32-px linear's weight + bias
+    assert sum(len(g["params"]) for g in groups if g["lr_scale"] == 8.0) == 4
 
 
 def test_scaled_new_layers_move_that_much_further(tmp_path):

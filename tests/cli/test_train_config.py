@@ -30,7 +30,7 @@ def test_given_settings_go_on_top_of_an_aptvit_checkpoints_own(tmp_path):
     path = tmp_path / "m.safetensors"
     aptvit.save(aptvit.convert(tiny_vit("vit_cls"), scorer="laplacian", budget=0.7), path)
     settings = conversion_settings(path, budget=0.5)
-    assert (settings.scorer, settings.budget, settings.patch_sizes) == ("laplacian", 0.5, (16, 32, 64))
+    assert (settings.scorer, settings.budget, settings.patch_sizes) == ("laplacian", 0.5, (16, 32))
     assert conversion_settings(None, budget=0.5) == APTConfig(budget=0.5)  # a timm model: APTConfig's defaults
     changed = conversion_settings(path, scorer="entropy")  # a new scorer: its own parameters, the budget stays
     assert (changed.scorer_args, changed.budget) == ({"bins": 512}, 0.7)
@@ -57,7 +57,7 @@ def test_config_json_records_the_settings_the_run_resolved(tmp_path, capsys):
     code, out, err = run(capsys, *finetune_argv(data, tmp_path / "run", "--max-steps", "1"))
     assert code == 0, err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["apt"]
-    assert saved["patch_sizes"] == [16, 32, 64] and saved["thresholds"] == {"32": 6.0}
+    assert saved["patch_sizes"] == [16, 32] and saved["thresholds"] == {"32": 6.0}
     assert saved["scorer_args"] == {"bins": 512}
 
 
@@ -81,4 +81,4 @@ def test_a_library_run_replaces_an_aptvit_checkpoints_settings_as_a_whole(tmp_pa
     cfg.apt = APTConfig()  # APTConfig's defaults, given: the entropy scorer's thresholds, no budget
     finetune(cfg)
     saved = json.loads(read_metadata(tmp_path / "run" / "model.safetensors")["aptvit"])
-    assert (saved["budget"], saved["thresholds"]) == (None, {"32": 5.5, "64": 4.0})
+    assert (saved["budget"], saved["thresholds"]) == (None, {"32": 5.5})

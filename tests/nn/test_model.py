@@ -25,10 +25,23 @@ def test_wraps_without_copying_and_keeps_timm_keys():
         "apt.detail_merge.bias",
         "apt.detail_proj.32.weight",
         "apt.detail_proj.32.bias",
-        "apt.detail_proj.64.weight",
-        "apt.detail_proj.64.bias",
     }
-    assert apt.config.patch_sizes == (16, 32, 64) and apt.config.thresholds == {32: 5.5, 64: 4.0}
+    assert apt.config.patch_sizes == (16, 32) and apt.config.thresholds == {32: 5.5}
+
+
+def test_default_patch_sizes_are_p_2p_or_the_sizes_the_thresholds_name():
+    model = tiny_vit("vit_cls")
+    assert aptvit.convert(model).config.patch_sizes == (16, 32)
+    assert aptvit.convert(model, budget=0.5).config.patch_sizes == (16, 32)
+    assert aptvit.convert(model, thresholds={32: 5.5, 64: 4.0}).config.patch_sizes == (16, 32, 64)
+    assert aptvit.convert(model, thresholds={64: 4.0}).config.patch_sizes == (16, 64)
+    assert aptvit.convert(model, patch_sizes=(16, 32, 64)).config.thresholds == {32: 5.5, 64: 4.0}
+    with pytest.raises(ValueError, match="thresholds key 16 is not a non-base patch size"):
+        aptvit.convert(model, thresholds={16: 4.0})
+    p14 = tiny_vit("reg_dinov2_p14")
+    assert aptvit.convert(p14).config.patch_sizes == (14, 28)
+    with pytest.raises(ValueError, match="thresholds key 32 is not a non-base patch size"):
+        aptvit.convert(p14, thresholds={32: 5.5})  # sizes of a /16 ViT on a /14 one
 
 
 def test_scores_come_from_unnormalised_pixels():
@@ -39,7 +52,7 @@ def test_scores_come_from_unnormalised_pixels():
     img = torch.rand(2, 3, 64, 128)
     img[:, :, :, :64] = 0.25
     got = apt.make_layout((img - mean) / std)
-    want = aptvit.patch_layout(img, (16, 32, 64), thresholds={32: 5.5, 64: 4.0})
+    want = aptvit.patch_layout(img, (16, 32), thresholds={32: 5.5})
     assert torch.equal(got.cells, want.cells) and torch.equal(got.size, want.size)
 
 
@@ -90,13 +103,13 @@ def test_configure_validates_and_config_is_frozen():
     apt.configure(thresholds={32: 5.0})
     assert apt.config.budget is None and apt.config.thresholds == {32: 5.0}
     apt.configure(scorer="laplacian")  # thresholds in entropy bits would be meaningless: the scorer's defaults
-    assert apt.config.thresholds == {32: 0.069, 64: 0.012}
+    assert apt.config.thresholds == {32: 0.069}
     for bad, kind in [
         (dict(budget=2.0), ValueError),
         (dict(thresholds={48: 1.0}), ValueError),
         (dict(scorer="x"), ValueError),
         (dict(attention="cuda"), ValueError),
-        (dict(patch_sizes=(16, 32)), ValueError),
+        (dict(patch_sizes=(16, 32, 64)), ValueError),  # the detail layers are per size: not after conversion
         (dict(scorer_args={"bins": True}), ValueError),
         (dict(bins=512), TypeError),  # not a setting of its own: scorer_args={"bins": ...}
     ]:

@@ -39,10 +39,11 @@ def column_scorer():
 
 def test_custom_scorer_reaches_a_converted_model_and_its_checkpoint(column_scorer, tmp_path):
     apt = aptvit.convert(tiny_vit("vit_cls"), scorer="columns", scorer_args={"weight": 2.0})
-    assert apt.config.thresholds == {32: 0.5, 64: 0.5}  # the registered defaults, keyed by size
+    assert apt.config.thresholds == {32: 0.5}  # the registered default, keyed by size
     layout = apt.make_layout(torch.zeros(1, 3, 64, 64))
     assert column_scorer == [2.0]  # the model's parameter reached the scorer
-    assert layout.total_tokens == 1  # the 64 grid has one column, index 0, score 0 < 0.5: the image is one patch
+    # the 32 grid's two columns score 0 and 2: the left one merges (2 tokens), the right one stays 16 px (8)
+    assert layout.total_tokens == 10
     path = tmp_path / "m.safetensors"
     aptvit.save(apt, path)
     saved = json.loads(read_metadata(path)["aptvit"])
@@ -81,9 +82,9 @@ def test_scorer_choice_on_the_command_line_comes_from_the_registry(column_scorer
 
 def test_convert_takes_a_config_and_its_fields_as_overrides():
     config = aptvit.APTConfig(scorer="laplacian", budget=0.5)
-    assert config.patch_sizes is None  # the ViT's (p, 2p, 4p), filled in at conversion
+    assert config.patch_sizes is None  # the ViT's (p, 2p), filled in at conversion
     apt = aptvit.convert(tiny_vit("reg_dinov2_p14"), config)
-    assert apt.config.patch_sizes == (14, 28, 56) and apt.config.scorer == "laplacian" and apt.config.budget == 0.5
+    assert apt.config.patch_sizes == (14, 28) and apt.config.scorer == "laplacian" and apt.config.budget == 0.5
     apt = aptvit.convert(tiny_vit("vit_cls"), config, thresholds={32: 0.1})  # a field overrides: budget cleared
     assert apt.config.thresholds == {32: 0.1} and apt.config.budget is None
     with pytest.raises(TypeError, match="unknown setting"):
