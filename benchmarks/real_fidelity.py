@@ -88,6 +88,11 @@ def _scene(path: Path) -> str:
     return f"{path.parent.name}:{stem}"
 
 
+def scene_key(source: str) -> str:
+    """The scene of a photo source ('path' or 'skimage:name'): a split or a training set takes scenes whole."""
+    return source if source.startswith("skimage:") else _scene(Path(source))
+
+
 def photo_sources() -> List[str]:
     """Every usable photo as 'path' or 'skimage:name', grouped into scenes of at most PER_SCENE."""
     from PIL import Image
@@ -111,8 +116,7 @@ def split_photos(seed: int = 0, sources: Optional[List[str]] = None) -> Dict[str
     sources = photo_sources() if sources is None else sources
     scenes: Dict[str, List[str]] = {}
     for s in sources:
-        key = s if s.startswith("skimage:") else _scene(Path(s))
-        scenes.setdefault(key, []).append(s)
+        scenes.setdefault(scene_key(s), []).append(s)
     keys = sorted(scenes)
     order = np.random.default_rng(seed).permutation(len(keys))
     splits: Dict[str, List[str]] = {"val": [], "test": []}
@@ -161,6 +165,7 @@ class Source:
     vit: torch.nn.Module
     decoder: Callable  # dense (B, D, h, w) -> saliency (B, 1, size, size)
     make_vit: Callable[[int], torch.nn.Module]  # the same weights at another input size (lower resolution)
+    timm_args: dict  # timm.create_model("vit_small_patch14_dinov2", **timm_args) is ``vit``'s architecture
 
 
 def real_source(size: int, cache: Path) -> Source:
@@ -173,6 +178,7 @@ def real_source(size: int, cache: Path) -> Source:
         real_weights.load_backbone(size, state=backbone),
         lambda d: dec(d, (size, size)),
         lambda s: real_weights.load_backbone(s, state=backbone),
+        {"img_size": size, "num_classes": 0},
     )
 
 
@@ -201,7 +207,8 @@ def tiny_source(size: int) -> Source:
 
     torch.manual_seed(1)
     dec = SaliencyDecoder((32, 16, 8, 4)).eval()
-    return Source(size, make(size), lambda d: dec(d, (size, size)), make)
+    arch = {"img_size": size, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0}
+    return Source(size, make(size), lambda d: dec(d, (size, size)), make, arch)
 
 
 def final_tokens(vit, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -302,20 +309,31 @@ def apt_method(
     positions=None,
     smooth: bool = False,
     sizes: Optional[Tuple[int, ...]] = None,
+    model: Optional[Callable[[], torch.nn.Module]] = None,
+    suffix: str = "",
 ) -> Method:
+    """``model``: a function that gives the APT model to run (a distilled student, built when a row first needs
+    it), in place of the zero-shot conversion; ``suffix`` marks its rows."""
     three = (PATCH, 2 * PATCH, 4 * PATCH)  # the rows without a "sizes=" mark (aptvit 0.1's default sizes)
     sizes = three if sizes is None else tuple(sizes)
-    apt = convert(src.vit, budget, "entropy" if scorer == "random" else scorer, area_bias, sizes)
+    zero_shot = convert(src.vit, budget, "entropy" if scorer == "random" else scorer, area_bias, sizes)
+    built: Dict[str, torch.nn.Module] = {}
+
+    def apt_model():
+        if "apt" not in built:
+            built["apt"] = zero_shot if model is None else model()
+        return built["apt"]
+
     base = (src.size // PATCH) ** 2
 
     def layout_of(x):
         if scorer != "random":
-            return apt.make_layout(x)
+            return zero_shot.make_layout(x)  # a student's settings are its source conversion's
         px = (x * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]).clamp(0, 1)
-        return aptvit.patch_layout(px, apt.patch_sizes, budget=budget, scorer=random_scores)
+        return aptvit.patch_layout(px, zero_shot.patch_sizes, budget=budget, scorer=random_scores)
 
     def run(x, px):
-        layout = layout_of(x)
+        layout, apt = layout_of(x), apt_model()
         with position_variant(positions):
             pre, dense = apt_outputs(apt, x, layout)
         variants = {"": dense, " smooth": smooth_of(dense, layout)} if smooth else {"": dense}
@@ -325,26 +343,36 @@ def apt_method(
     label = "Random" if scorer == "random" else f"APT {scorer}"
     mark = "" if sizes == three else f" sizes={'/'.join(map(str, sizes))}"
     extra = f" pos={positions}" if positions else ""
-    name = f"{label}{bias}{mark}{extra}"
-    return Method(name, f"{label}{bias}{mark}", budget, run, lambda x: apt(x, layout=layout_of(x)))
+    name = f"{label}{bias}{mark}{extra}{suffix}"
+    return Method(name, f"{label}{bias}{mark}{suffix}", budget, run, lambda x: apt_model()(x, layout=layout_of(x)))
 
 
-def lowres_method(src: Source, budget: float) -> Method:
+def lowres_method(
+    src: Source, budget: float, model: Optional[Callable[[int], torch.nn.Module]] = None, suffix: str = ""
+) -> Method:
+    """``model(side)``: the uniform model to run at the lower side (a distilled student), built when a row needs it."""
     side = lowres_side(src.size, budget)
     vit = src.make_vit(side)
     g, tokens = src.size // PATCH, (side // PATCH) ** 2
     flops = tome_flops(vit, 0, tokens)
+    built: Dict[str, torch.nn.Module] = {}
+
+    def student():
+        if "vit" not in built:
+            built["vit"] = vit if model is None else model(side)
+        return built["vit"]
 
     def down(x):
         return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
     def run(x, px):
-        pre, dense = final_tokens(vit, down(x))
+        pre, dense = final_tokens(student(), down(x))
         dense = F.interpolate(dense, size=(g, g), mode="bilinear", align_corners=False)
         n = len(x)
         return pre, {"": dense}, torch.full((n,), tokens / g**2, dtype=torch.float64), torch.full((n,), flops)
 
-    return Method(f"lower resolution ({side} px)", "lower resolution", budget, run, lambda x: vit(down(x)))
+    name = f"lower resolution ({side} px){suffix}"
+    return Method(name, f"lower resolution{suffix}", budget, run, lambda x: student()(down(x)))
 
 
 def tome_method(src: Source, budget: float) -> Method:
@@ -548,12 +576,16 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distill-steps", type=int, default=150, help="one epoch of --distill at the first size (0: none)")
+    p.add_argument("--distill-batch", type=int, default=8)
+    p.add_argument("--distill-lr", type=float, default=2e-6, help="peak lr of the distillation epoch")
     p.add_argument("--cached-only", action="store_true", help="write the outputs from the cached rows only")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny random ViT, scikit-image photos")
     args = p.parse_args(argv)
     if args.quick:  # sizes and budgets as given, else the smoke run's own
         args.sizes = "56,112" if args.sizes == p.get_default("sizes") else args.sizes
         args.val, args.test, args.speed_images, args.runs, args.large_photos = 2, 3, 2, 1, 2
+        args.distill_steps, args.distill_batch = min(args.distill_steps, 2), 2
         args.work += "-quick"
         args.results = args.results + "-quick" if args.results == "docs/real_fidelity" else args.results
     args.sizes = [int(s) for s in args.sizes.split(",")]
@@ -587,6 +619,35 @@ def test_methods(src: Source, budget: float, large: bool = False) -> List[Method
     two = (PATCH, 2 * PATCH)
     ms += [apt_method(src, budget, s, biases[-1], sizes=two) for s in ("entropy", "upsample", "random")]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
+
+
+def distill_methods(src: Source, budget: float, students) -> List[Method]:
+    """After one epoch of distillation (``fidelity_distill``): APT with the chosen settings, lower resolution."""
+    r = students.recipe
+    tag = f" + distill ({r.steps} x {r.batch} crops, lr {r.lr:g})"
+    two = (PATCH, 2 * PATCH)
+    return [
+        apt_method(src, budget, "entropy", True, sizes=two, model=lambda: students.apt(budget), suffix=tag),
+        lowres_method(src, budget, model=lambda side: students.lowres(budget, side), suffix=tag),
+    ]
+
+
+def make_students(src: Source, args, sources: List[str], evaluated: List[str], work: Path):
+    """The distilled students at ``src.size`` (trained when a row first needs one)."""
+    from benchmarks import fidelity_distill as fd
+
+    train = fd.train_sources(sources, evaluated, scene_key)
+    recipe = fd.Recipe(args.distill_steps, args.distill_batch, args.distill_lr, args.seed)
+    return fd.Students(
+        recipe,
+        work,
+        src.vit,
+        src.make_vit,
+        "vit_small_patch14_dinov2",
+        src.timm_args,
+        lambda: [_open(s) for s in train],
+        lambda budget: aptvit.APTConfig(patch_sizes=(PATCH, 2 * PATCH), budget=budget, area_bias=True),
+    )
 
 
 def speed_methods(src: Source, budget: float, large: bool = False) -> List[Method]:
@@ -656,6 +717,8 @@ def main(argv=None) -> int:
         large = size > min(args.sizes)
         here = {k: v[: args.large_photos] if large else v for k, v in splits.items()}
         src = tiny_source(size) if args.quick else real_source(size, weights)
+        evaluated = splits["val"] + splits["test"]
+        students = make_students(src, args, sources, evaluated, work) if args.distill_steps and not large else None
         base = (size // PATCH) ** 2
         uni_flops = tome_flops(src.vit, 0, base)
         for split in ("test",) if large else ("val", "test"):  # every choice is made at the first size
@@ -684,6 +747,7 @@ def main(argv=None) -> int:
                     methods = val_methods(src, budget, variants=size == min(args.sizes) and budget == min(args.budgets))
                 else:
                     methods = test_methods(src, budget, large)
+                methods += distill_methods(src, budget, students) if students is not None else []
                 for m in methods:
                     rk = f"{size}|{split}|{len(x)}|{budget}|{m.name}"
                     if rk not in cache and args.cached_only:
