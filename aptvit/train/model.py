@@ -4,19 +4,23 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
-from ..core.io import InputError
+from ..core.io import InputError, reading
 from ..distributed import Dist
-from ..models import build_models
+from ..models import build_models, checkpoint_classes
 from ..nn.attention import resolve_backend
+from ..nn.checkpoint import read_metadata
 from ..runtime import resolve_dtype
 from .config import TrainConfig
+
+logger = logging.getLogger("aptvit.train")
 
 
 @contextlib.contextmanager
@@ -63,12 +67,55 @@ def build_model(cfg: TrainConfig, continues: bool, dist: Dist):
                 config=cfg.apt,  # the run's settings as a whole (they replace an aptvit checkpoint's own)
             )
             cfg.apt = apt.config  # config.json records the settings the run trains with
+            if cfg.checkpoint and not cfg.distill:  # --distill keeps the head as it is: no labels meet it
+                match_head_to_classes(apt, cfg.checkpoint, cfg.classes)
     apt.to(dist.device)
     if cfg.size % apt.patch_size:
         raise InputError(f"size {cfg.size} is not a multiple of the patch size {apt.patch_size}")
     # an attention backend that cannot train here fails now, not at the first step after config.json is written
     resolve_backend(apt.attention, dist.device, resolve_dtype(cfg.dtype, dist.device), grad=True)
     return apt
+
+
+def match_head_to_classes(apt, checkpoint, classes: Sequence[str]) -> None:
+    """Line up the head that ``apt`` kept from ``checkpoint`` with the data's ``classes`` (the class folders,
+    which ImageFolder numbers in sorted order).
+
+    A checkpoint that names its classes (the ``classes`` metadata of a .safetensors file: aptvit's runs write it)
+    has its head's rows put into the folders' order, or gets a new head when the names are others; a head that
+    names none is taken to be in the folders' order, with a warning. Without this, a head trained on another
+    order (e.g. "functional", "defective") would be trained against swapped labels without a word.
+
+    Raises:
+        InputError: the checkpoint's ``classes`` metadata is not a JSON list of names.
+    """
+    head = apt.get_classifier()
+    if not isinstance(head, torch.nn.Linear) or head.out_features != len(classes):
+        return  # a new head (build_models replaced one of another size), none, or a pair of distilled heads
+    meta = read_metadata(checkpoint)
+    if "classes" not in meta:
+        if checkpoint_classes(checkpoint) == len(classes):  # the checkpoint's own head was kept
+            logger.warning(
+                f"{checkpoint} does not name its classes: its head's rows are taken to be the class folders in "
+                f"sorted order ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
+            )
+        return
+    with reading(checkpoint, "checkpoint", "its 'classes' metadata is malformed"):
+        saved = json.loads(meta["classes"])
+        if not isinstance(saved, list) or len(saved) != len(set(saved)):
+            raise ValueError(f"'classes' is not a list of distinct names: {meta['classes'][:80]}")
+    if saved == list(classes):
+        return
+    if sorted(saved) != sorted(classes):
+        logger.info(f"{checkpoint}: head trained on other classes ({', '.join(map(str, saved[:5]))}): new head")
+        apt.reset_classifier(len(classes))
+        return
+    order = torch.tensor([saved.index(c) for c in classes])
+    with torch.no_grad():
+        head.weight.copy_(head.weight[order])
+        if head.bias is not None:
+            head.bias.copy_(head.bias[order])
+    logger.info(f"{checkpoint}: head rows reordered from its classes' order to the class folders'")
 
 
 def build_teacher(cfg: TrainConfig, apt, continues: bool, dist: Dist):
