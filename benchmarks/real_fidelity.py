@@ -579,6 +579,7 @@ def parse_args(argv=None):
     p.add_argument("--distill-steps", type=int, default=150, help="one epoch of --distill at the first size (0: none)")
     p.add_argument("--distill-batch", type=int, default=8)
     p.add_argument("--distill-lr", type=float, default=2e-6, help="peak lr of the distillation epoch")
+    p.add_argument("--distill-budgets", default="0.5", help="the budgets that get distilled students (CPU time)")
     p.add_argument("--cached-only", action="store_true", help="write the outputs from the cached rows only")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny random ViT, scikit-image photos")
     args = p.parse_args(argv)
@@ -590,6 +591,7 @@ def parse_args(argv=None):
         args.results = args.results + "-quick" if args.results == "docs/real_fidelity" else args.results
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.distill_budgets = [float(b) for b in args.distill_budgets.split(",")]
     return args
 
 
@@ -747,7 +749,8 @@ def main(argv=None) -> int:
                     methods = val_methods(src, budget, variants=size == min(args.sizes) and budget == min(args.budgets))
                 else:
                     methods = test_methods(src, budget, large)
-                methods += distill_methods(src, budget, students) if students is not None else []
+                if students is not None and budget in args.distill_budgets:
+                    methods += distill_methods(src, budget, students)
                 for m in methods:
                     rk = f"{size}|{split}|{len(x)}|{budget}|{m.name}"
                     if rk not in cache and args.cached_only:
