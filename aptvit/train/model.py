@@ -102,8 +102,11 @@ def match_head_to_classes(apt, checkpoint, classes: Sequence[str]) -> None:
         return
     with reading(checkpoint, "checkpoint", "its 'classes' metadata is malformed"):
         saved = json.loads(meta["classes"])
-        if not isinstance(saved, list) or len(saved) != len(set(saved)):
-            raise ValueError(f"'classes' is not a list of distinct names: {meta['classes'][:80]}")
+    if not (isinstance(saved, list) and all(isinstance(c, str) for c in saved) and len(set(saved)) == len(saved)):
+        raise InputError(
+            f"checkpoint {str(checkpoint)!r}: its 'classes' metadata is malformed (not a list of distinct names: "
+            f"{meta['classes'][:80]})"
+        )
     if saved == list(classes):
         return
     if sorted(saved) != sorted(classes):

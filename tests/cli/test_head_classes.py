@@ -77,7 +77,7 @@ def test_a_head_of_another_size_is_new_without_a_warning(tmp_path, caplog):
     assert head.out_features == 2 and "does not name its classes" not in caplog.text
 
 
-@pytest.mark.parametrize("bad", ["not json", json.dumps("plain"), json.dumps(["plain", "plain"])])
+@pytest.mark.parametrize("bad", ["not json", json.dumps("plain"), json.dumps(["plain", "plain"]), json.dumps([1, 2])])
 def test_malformed_classes_metadata_is_one_clear_error(tmp_path, bad):
     path, _, _ = _checkpoint(tmp_path, classes=bad)
     with pytest.raises(InputError, match="its 'classes' metadata is malformed"):
