@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +60,50 @@ def bin_index(gray: torch.Tensor, bins: int) -> torch.Tensor:
     idx = torch.div(scaled, 255.0).floor_()
     idx -= (idx * 255.0).gt_(scaled).to(idx.dtype)
     return idx.clamp_(0, bins - 1).to(torch.int32)
+
+
+def bin_edges(bins: int) -> np.ndarray:
+    """(bins - 1,) float32: the smallest float32 value of each bin 1 .. bins - 1 of ``bin_index``.
+
+    ``bin_index(v)`` = floor(fl(v * bins) / 255) (exactly, see there), clamped to [0, bins - 1]: monotone in v, so
+    it is the number of edges <= v, which ``torch.bucketize(v, edges, right=True)`` counts in one op. Each edge is
+    found on the host from its real value k * 255 / bins and moved by float32 steps until it is the first v whose
+    ``fl(v * bins) >= 255 k`` (float32 products, as on the device).
+    """
+    k = np.arange(1, bins, dtype=np.float64)
+    target = (255.0 * k).astype(np.float32)  # exact: 255 * 65535 < 2**24
+    scale = np.float32(bins)
+    edge = (255.0 * k / bins).astype(np.float32)
+    for _ in range(8):  # a few float32 steps at most
+        lower = np.nextafter(edge, np.float32(-np.inf))
+        edge = np.where(lower * scale >= target, lower, edge)
+        edge = np.where(edge * scale < target, np.nextafter(edge, np.float32(np.inf)), edge)
+    lower = np.nextafter(edge, np.float32(-np.inf))
+    assert bool(np.all(edge * scale >= target) and np.all(lower * scale < target)), "bin edges did not converge"
+    return edge
+
+
+_ENTROPY_TABLES: Dict[tuple, tuple] = {}
+_ENTROPY_TABLES_MAX = 16
+
+
+def _entropy_tables(bins: int, hc: int, wc: int, first: int, b: int, dtype: torch.dtype, device) -> tuple:
+    """(edges (bins - 1,) float32, cell keys (hc * first, wc * first) ``dtype``: cell * bins of every pixel, image
+    offsets (b, 1, 1)): constants of the shapes, built once and kept."""
+    key = (bins, hc, wc, first, b, dtype, str(device))
+    tables = _ENTROPY_TABLES.get(key)
+    if tables is not None:
+        return tables
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: usable in and out of inference mode
+        edges = torch.from_numpy(bin_edges(bins)).to(device)
+        cell = torch.arange(hc, dtype=dtype).repeat_interleave(first)[:, None] * wc
+        cell = (cell + torch.arange(wc, dtype=dtype).repeat_interleave(first)[None, :]) * bins
+        images = (torch.arange(b, dtype=dtype) * (hc * wc * bins)).view(b, 1, 1).to(device)
+        tables = (edges, cell.to(device), images)
+    if len(_ENTROPY_TABLES) >= _ENTROPY_TABLES_MAX:
+        _ENTROPY_TABLES.pop(next(iter(_ENTROPY_TABLES)))
+    _ENTROPY_TABLES[key] = tables
+    return tables
 
 
 def _coarsen(grid: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -119,23 +164,28 @@ def entropy_scores(
         parts = [entropy_scores(gray[i : i + chunk], sizes, base_size, bins) for i in range(0, b, chunk)]
         return {s: torch.cat([p[s] for p in parts]) for s in sizes}
 
-    # key = ((image * cells) + cell) * bins + bin, built in place on the bin indices (int32 when it fits)
+    # key = ((image * cells) + cell) * bins + bin (int32 when it fits): the bins in one bucketize (bin_edges), the
+    # rest from tables kept per shape
     dtype = torch.int32 if b * cells * bins < 2**31 else torch.int64
-    key = bin_index(gray[:, : hc * first, : wc * first], bins).to(dtype)
     dev = gray.device
-    cell = torch.arange(hc, device=dev, dtype=dtype).repeat_interleave(first)[:, None] * wc
-    cell = cell + torch.arange(wc, device=dev, dtype=dtype).repeat_interleave(first)[None, :]
-    key += cell * bins
-    key += (torch.arange(b, device=dev, dtype=dtype) * (cells * bins))[:, None, None]
+    g = gray if gray.shape[1:] == (hc * first, wc * first) else gray[:, : hc * first, : wc * first].contiguous()
+    if torch.compiler.is_compiling():  # traced: the elementwise bins, tables as ops (no host cache in a graph)
+        key = bin_index(g, bins).to(dtype)
+        cell = torch.arange(hc, device=dev, dtype=dtype).repeat_interleave(first)[:, None] * wc
+        key += (cell + torch.arange(wc, device=dev, dtype=dtype).repeat_interleave(first)[None, :]) * bins
+        key += (torch.arange(b, device=dev, dtype=dtype) * (cells * bins))[:, None, None]
+    else:
+        edges, cell, images = _entropy_tables(bins, hc, wc, first, b, dtype, dev)
+        key = torch.bucketize(g, edges, right=True, out_int32=dtype == torch.int32) + cell
+        key += images  # the same ops whatever the batch
     # index_add into zeros of a known size: bincount's output size depends on the largest key, which a
     # GPU would have to read back first; as fast as bincount on the CPU.
     ones = torch.ones((), dtype=torch.int32, device=dev).expand(key.numel())
     hist = torch.zeros(b * cells * bins, dtype=torch.int32, device=dev).index_add_(0, key.view(-1), ones)
-    hist = hist.view(b, hc, wc, bins)
+    hist = hist.view(b, hc, wc, bins).float()  # counts below 2**24: exact in float32, through every 2x2 sum
 
-    def finish(counts: torch.Tensor, size: int) -> torch.Tensor:
+    def finish(c: torch.Tensor, size: int) -> torch.Tensor:
         n = float(size * size)
-        c = counts.float()
         # H = log2(n) - sum(c log2 c) / n, with 0 log 0 = 0
         return math.log2(n) - torch.special.xlogy(c, c).sum(-1) / (n * math.log(2.0))
 
