@@ -29,7 +29,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,44 +61,22 @@ def bin_index(gray: torch.Tensor, bins: int) -> torch.Tensor:
     return idx.clamp_(0, bins - 1).to(torch.int32)
 
 
-def bin_edges(bins: int) -> np.ndarray:
-    """(bins - 1,) float32: the smallest float32 value of each bin 1 .. bins - 1 of ``bin_index``.
-
-    ``bin_index(v)`` = floor(fl(v * bins) / 255) (exactly, see there), clamped to [0, bins - 1]: monotone in v, so
-    it is the number of edges <= v, which ``torch.bucketize(v, edges, right=True)`` counts in one op. Each edge is
-    found on the host from its real value k * 255 / bins and moved by float32 steps until it is the first v whose
-    ``fl(v * bins) >= 255 k`` (float32 products, as on the device).
-    """
-    k = np.arange(1, bins, dtype=np.float64)
-    target = (255.0 * k).astype(np.float32)  # exact: 255 * 65535 < 2**24
-    scale = np.float32(bins)
-    edge = (255.0 * k / bins).astype(np.float32)
-    for _ in range(8):  # a few float32 steps at most
-        lower = np.nextafter(edge, np.float32(-np.inf))
-        edge = np.where(lower * scale >= target, lower, edge)
-        edge = np.where(edge * scale < target, np.nextafter(edge, np.float32(np.inf)), edge)
-    lower = np.nextafter(edge, np.float32(-np.inf))
-    assert bool(np.all(edge * scale >= target) and np.all(lower * scale < target)), "bin edges did not converge"
-    return edge
-
-
 _ENTROPY_TABLES: Dict[tuple, tuple] = {}
 _ENTROPY_TABLES_MAX = 16
 
 
 def _entropy_tables(bins: int, hc: int, wc: int, first: int, b: int, dtype: torch.dtype, device) -> tuple:
-    """(edges (bins - 1,) float32, cell keys (hc * first, wc * first) ``dtype``: cell * bins of every pixel, image
-    offsets (b, 1, 1)): constants of the shapes, built once and kept."""
+    """(cell keys (hc * first, wc * first) ``dtype``: cell * bins under every pixel, image offsets (b, 1, 1)):
+    constants of the shapes, built once and kept (a dozen ops per call otherwise)."""
     key = (bins, hc, wc, first, b, dtype, str(device))
     tables = _ENTROPY_TABLES.get(key)
     if tables is not None:
         return tables
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: usable in and out of inference mode
-        edges = torch.from_numpy(bin_edges(bins)).to(device)
         cell = torch.arange(hc, dtype=dtype).repeat_interleave(first)[:, None] * wc
         cell = (cell + torch.arange(wc, dtype=dtype).repeat_interleave(first)[None, :]) * bins
         images = (torch.arange(b, dtype=dtype) * (hc * wc * bins)).view(b, 1, 1).to(device)
-        tables = (edges, cell.to(device), images)
+        tables = (cell.to(device), images)
     if len(_ENTROPY_TABLES) >= _ENTROPY_TABLES_MAX:
         _ENTROPY_TABLES.pop(next(iter(_ENTROPY_TABLES)))
     _ENTROPY_TABLES[key] = tables
@@ -164,19 +141,19 @@ def entropy_scores(
         parts = [entropy_scores(gray[i : i + chunk], sizes, base_size, bins) for i in range(0, b, chunk)]
         return {s: torch.cat([p[s] for p in parts]) for s in sizes}
 
-    # key = ((image * cells) + cell) * bins + bin (int32 when it fits): the bins in one bucketize (bin_edges), the
-    # rest from tables kept per shape
+    # key = ((image * cells) + cell) * bins + bin (int32 when it fits), the cell and image terms from tables kept per
+    # shape
     dtype = torch.int32 if b * cells * bins < 2**31 else torch.int64
     dev = gray.device
-    g = gray if gray.shape[1:] == (hc * first, wc * first) else gray[:, : hc * first, : wc * first].contiguous()
-    if torch.compiler.is_compiling():  # traced: the elementwise bins, tables as ops (no host cache in a graph)
-        key = bin_index(g, bins).to(dtype)
+    g = gray if gray.shape[1:] == (hc * first, wc * first) else gray[:, : hc * first, : wc * first]
+    key = bin_index(g, bins).to(dtype)
+    if torch.compiler.is_compiling():  # traced: the tables as ops (no host cache inside a graph)
         cell = torch.arange(hc, device=dev, dtype=dtype).repeat_interleave(first)[:, None] * wc
         key += (cell + torch.arange(wc, device=dev, dtype=dtype).repeat_interleave(first)[None, :]) * bins
         key += (torch.arange(b, device=dev, dtype=dtype) * (cells * bins))[:, None, None]
     else:
-        edges, cell, images = _entropy_tables(bins, hc, wc, first, b, dtype, dev)
-        key = torch.bucketize(g, edges, right=True, out_int32=dtype == torch.int32) + cell
+        cell, images = _entropy_tables(bins, hc, wc, first, b, dtype, dev)
+        key += cell
         key += images  # the same ops whatever the batch
     # index_add into zeros of a known size: bincount's output size depends on the largest key, which a
     # GPU would have to read back first; as fast as bincount on the CPU.
