@@ -280,7 +280,7 @@ def _loop_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, 
     """SDPA once per sequence, on views of the packed tensor (``key_bias`` as an additive float mask)."""
     bounds = offsets if offsets is not None else cu_seqlens.tolist()
     _record("loop", "scaled_dot_product_attention (per sequence)")
-    bias = _in_dtype(key_bias, q.dtype) if key_bias is not None else None  # SDPA wants a float mask in q's dtype
+    bias = as_dtype(key_bias, q.dtype) if key_bias is not None else None  # SDPA wants a float mask in q's dtype
     # (H, N, hd) once, then per sequence a slice (none for a single one): few ops, since at batch 1 the host's
     # work per op is what a thin model's time is made of (benchmarks/bench_host.py)
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))
@@ -293,7 +293,7 @@ def _loop_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, 
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).transpose(0, 1)
 
 
-def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``, without dispatching a no-op ``to`` (an op per block is host time at batch 1)."""
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -439,7 +439,7 @@ def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, p
     if key_bias is None:
         mask = torch.zeros(rows, dtype=torch.bool, device=q.device).index_fill_(0, pad_index, True)
     else:  # SDPA wants a float mask in the query's dtype
-        mask = q.new_full((rows,), float("-inf")).index_copy_(0, pad_index, _in_dtype(key_bias, q.dtype))
+        mask = q.new_full((rows,), float("-inf")).index_copy_(0, pad_index, as_dtype(key_bias, q.dtype))
     _record("pad", "scaled_dot_product_attention (padded, masked)")
     out = F.scaled_dot_product_attention(
         pad(q), pad(k), pad(v), attn_mask=mask.view(s, 1, 1, max_seqlen), dropout_p=dropout_p, scale=scale
@@ -577,7 +577,7 @@ def _one_sequence_attention(attn: nn.Module, x: torch.Tensor, key_bias: Optional
     qkv = attn.qkv(x).reshape(1, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (1, H, N, hd) each
     q, k = attn.q_norm(q), attn.k_norm(k)
-    mask = _in_dtype(key_bias, q.dtype).view(1, 1, 1, t) if key_bias is not None else None  # one bias row per key
+    mask = as_dtype(key_bias, q.dtype).view(1, 1, 1, t) if key_bias is not None else None  # one bias row per key
     _record(backend, "scaled_dot_product_attention (one sequence)")
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=attn.scale)

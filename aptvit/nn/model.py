@@ -33,7 +33,7 @@ from ..core.packed import PackedBatch, groups_of, plan_packed
 from ..core.pixels import size_groups
 from ..core.quadtree import patch_layout
 from ..core.static import pad_static, plan_static, static_layout, static_tokens
-from .attention import SDPA_BACKENDS, backend_context, check_backend, resolve_backend
+from .attention import SDPA_BACKENDS, as_dtype, backend_context, check_backend, resolve_backend
 from .config import APTConfig
 from .dense import DenseMixin
 from .embed import AdaptivePatchEmbed
@@ -372,10 +372,8 @@ class APTViT(DenseMixin, nn.Module):
         backend = self._backend(x, packed)
         pad_index = backend_context(backend, packed)  # once per forward: pad rows, or the flex BlockMask
         key_bias = packed.key_bias if self.config.area_bias else None  # area-proportional attention, every block
-        if (
-            key_bias is not None and backend in SDPA_BACKENDS
-        ):  # SDPA's float mask in q's dtype: rounded once, not per block
-            key_bias = key_bias.to(self._compute_dtype(x))
+        if key_bias is not None and backend in SDPA_BACKENDS:  # SDPA's float mask in q's dtype: rounded once
+            key_bias = as_dtype(key_bias, self._compute_dtype(x))
         ctx = BlockContext(
             packed, backend, pad_index, self.family.token_tables(self, packed), self.training, key_bias=key_bias
         )
@@ -445,7 +443,7 @@ class APTViT(DenseMixin, nn.Module):
             banks.append(self.apt.bank(batch, self.patch_embed.proj, self.patch_embed.norm))
         pos, prefix = self._position_rows(packed.groups)
         if prefix is not None:
-            banks.append(prefix.to(banks[0].dtype))
+            banks.append(as_dtype(prefix, banks[0].dtype))
         tokens = torch.cat(banks) if len(banks) > 1 else banks[0]
         tokens = tokens.index_select(0, packed.token_src)
         return tokens + pos.index_select(0, packed.pos_src) if pos is not None else tokens
