@@ -93,3 +93,12 @@ def test_a_block_at_batch_1_dispatches_no_more_ops_than_timms():
     assert ours.ops["aten.transpose"] <= theirs.ops["aten.transpose"], ours.ops
     assert ours.ops["aten.dropout"] < theirs.ops["aten.dropout"] and "aten.to" not in ours.ops, ours.ops
     assert per_block < timm_block.total, (ours.total, theirs.total, timm_block.total)
+
+
+def test_entropy_of_flat_patches_after_smaller_ones():
+    """The kept c log c table of each patch size holds every count up to the patch's pixels (a flat 64-px patch puts
+    all 4096 in one bin), whichever size was scored first."""
+    flat = torch.full((1, 128, 128), 77.0)
+    for sizes in [(32,), (32, 64), (64,)]:
+        scores = scoring.entropy_scores(flat, sizes, 16)
+        assert all(torch.equal(v, torch.zeros_like(v)) for v in scores.values())
