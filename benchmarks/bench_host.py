@@ -1,6 +1,6 @@
 """Host cost at batch 1 (issue 16): a ViT so thin that its math is free, so the wall time is the host's work.
 
-    python benchmarks/bench_host.py [--runs 200] [--sizes 224,384] [--json out.json]
+    python benchmarks/bench_host.py [--runs 200] [--sizes 224,384] [--patch-sizes 16,32,64 16,32] [--json out.json]
     python benchmarks/bench_host.py --smoke        # seconds: what the test suite runs
 
 Width 16, depth 12 (every timm ViT the issue lists has 12+ blocks), random weights, one bundled photo resized
@@ -13,8 +13,13 @@ to each size, batch 1, one thread. Alternating medians (``aptvit.bench.alternati
   in eager mode its host cost is its op count (the budget's binary search is ~log2(candidates) selections);
   captured as one CUDA graph, all of it is one replay.
 
+Every row names its patch sizes (``--patch-sizes``, each a comma list starting at the ViT's 16; default both
+(16, 32, 64) and (16, 32)), so a change of the library's default sizes does not move these numbers.
+
 Targets (issue 16): ``apt(x)`` <= 1.2x timm and ``forward_packed`` <= 1.0x timm. Also printed: aten ops
-dispatched per call (tests/dispatch.py's counter, when run from the repository).
+dispatched per call (tests/dispatch.py's counter, when run from the repository), and per stage of ``apt(x)``
+(the layout, the plan given the layout, the packed forward: its embedding, one block against one of timm's, the
+head), the load-independent measure of the host's work.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -52,10 +58,32 @@ def count_ops(fn) -> int:
     return ops.total
 
 
-def measure(size: int, runs: int, warmup: int, depth: int = 12) -> dict:
+def stage_ops(vit: torch.nn.Module, apt, x: torch.Tensor) -> dict:
+    """aten ops of each stage of ``apt(x)`` (and of one timm block, next to one of ours)."""
+    from aptvit.nn.families import BlockContext
+
+    with torch.inference_mode():
+        layout = apt.make_layout(x)
+        packed = apt.prepare(x, layout=layout)
+        tokens = apt.embed_packed(x, packed)
+        backend = apt._backend(tokens, packed)
+        ctx = BlockContext(
+            packed, backend, None, None, False, key_bias=packed.key_bias if apt.config.area_bias else None
+        )
+    return {
+        "layout": count_ops(lambda: apt.make_layout(x)),
+        "plan": count_ops(lambda: apt.prepare(x, layout=layout)),
+        "embed": count_ops(lambda: apt.embed_packed(x, packed)),
+        "block": count_ops(lambda: apt._block(apt.blocks[0], tokens, ctx)),
+        "timm block": count_ops(lambda: vit.blocks[0](tokens[None])),
+        "head": count_ops(lambda: apt.forward_head(apt.norm(tokens), packed=packed)),
+    }
+
+
+def measure(size: int, runs: int, warmup: int, depth: int = 12, patch_sizes=(16, 32, 64)) -> dict:
     vit = thin_vit(depth)
-    apt = aptvit.convert(vit).eval()
-    static = aptvit.convert(vit, budget=0.5, static=True).eval()
+    apt = aptvit.convert(vit, patch_sizes=patch_sizes).eval()
+    static = aptvit.convert(vit, patch_sizes=patch_sizes, budget=0.5, static=True).eval()
     mean, std = apt.pixel_mean_std()
     x = normalise(resize([load_photo("astronaut")], (size, size)), mean, std)
     with torch.inference_mode():
@@ -71,11 +99,13 @@ def measure(size: int, runs: int, warmup: int, depth: int = 12) -> dict:
     base = seconds["timm"]
     return {
         "size": size,
+        "patch_sizes": tuple(patch_sizes),
         "tokens": packed.layout.total_tokens,
         "static_k": static.static_tokens((size, size)),
         "ms": {name: 1000 * s for name, s in seconds.items()},
         "vs_timm": {name: s / base for name, s in seconds.items()},
         "ops": ops,
+        "stage_ops": stage_ops(vit, apt, x),
     }
 
 
@@ -84,24 +114,39 @@ def main(argv=None) -> list:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--sizes", default="224,384")
+    parser.add_argument(
+        "--patch-sizes", nargs="+", default=["16,32,64", "16,32"], help="patch size lists, each like 16,32,64"
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny and quick (seconds): the test suite's run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    patch_sizes = [tuple(int(v) for v in p.split(",")) for p in args.patch_sizes]
     if args.smoke:
-        rows = [measure(64, runs=2, warmup=1, depth=2)]
+        rows = [measure(64, runs=2, warmup=1, depth=2, patch_sizes=patch_sizes[0])]
     else:
-        rows = [measure(int(s), args.runs, args.warmup) for s in args.sizes.split(",")]
+        rows = [
+            measure(int(s), args.runs, args.warmup, patch_sizes=ps) for ps in patch_sizes for s in args.sizes.split(",")
+        ]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, timm {timm.__version__}, 1 thread, batch 1, runs={args.runs}"
+        f"torch {torch.__version__}, timm {timm.__version__}, 1 thread, batch 1, runs={args.runs}, load {load:.2f}"
     )
     names = list(rows[0]["ms"])
-    print("| size | tokens (static k) | " + " | ".join(f"{n} ms (x timm, ops)" for n in names) + " |")
-    print("|---|---|" + "---|" * len(names))
+    print("| patch sizes | size | tokens (static k) | " + " | ".join(f"{n} ms (x timm, ops)" for n in names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
     for r in rows:
         cells = [f"{r['ms'][n]:.2f} ({r['vs_timm'][n]:.2f}x, {r['ops'][n]})" for n in names]
-        print(f"| {r['size']} | {r['tokens']} ({r['static_k']}) | " + " | ".join(cells) + " |")
+        sizes = ",".join(map(str, r["patch_sizes"]))
+        print(f"| {sizes} | {r['size']} | {r['tokens']} ({r['static_k']}) | " + " | ".join(cells) + " |")
+    stages = list(rows[0]["stage_ops"])
+    print("\naten ops per stage of apt(x)")
+    print("| patch sizes | size | " + " | ".join(stages) + " |")
+    print("|---|---|" + "---|" * len(stages))
+    for r in rows:
+        sizes = ",".join(map(str, r["patch_sizes"]))
+        print(f"| {sizes} | {r['size']} | " + " | ".join(str(r["stage_ops"][n]) for n in stages) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows

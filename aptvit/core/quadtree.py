@@ -25,7 +25,6 @@ layout is built. The boxes are valid by construction, so the layout skips ``from
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import numbers
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -329,61 +328,144 @@ def _group_tokens(batch: torch.Tensor, name: str, sizes, scored, score_fn, fixed
         gray = torch.nan_to_num_(gray, nan=0.0)  # the scorers never see NaN: bin indices stay in range
     scores = score_fn(gray, scored, base) if scored else {}
     _check_scores(scores, scored, b, h, w, device)
-    if not scored:
-        cover = torch.full((b, *grid), base, dtype=torch.long, device=device)
-        counts = torch.full((b,), grid[0] * grid[1], dtype=torch.long, device=device)
-    else:
+    tables = grid_tables(tuple(sizes), tuple(scored), grid, b, device)
+    z = None
+    if scored:
+        dtype = next(iter(scores.values())).dtype
         if budget is not None:
-            dtype = next(iter(scores.values())).dtype
             # +inf would never pass a threshold and could leave the budget unreachable; the largest finite
             # score sorts last all the same
             scores = {s: v.clamp(max=torch.finfo(dtype).max) for s, v in scores.items()}
+        # every scored size's scores side by side, then a NaN column: the column of cells outside a size's grid
+        z = torch.cat([scores[s].reshape(b, -1) for s in scored] + [tables.nan_column(b, dtype)], 1)
+        if budget is not None:
             limit = torch.full((b,), _budget_tokens(budget, grid[0] * grid[1]), dtype=torch.long, device=device)
-            thr = budget_thresholds(scores, base, grid, limit)
-            per_size = {s: thr for s in scored}
+            thr = budget_thresholds(scores, base, grid, limit).view(b, 1)
         else:
-            dtype = next(iter(scores.values())).dtype
-            per_size = {s: _exact_threshold(fixed[s], b, dtype, device) for s in scored}
-        cover, counts = select_patches(scores, per_size, base, grid)
+            thr = tables.thresholds(fixed, b, dtype)
+        # a cell is covered by the largest size whose patch over it merges (the grids nest; see select_patches)
+        lc = ((z < thr) * tables.code).index_select(1, tables.gather)  # (b, L * C): level * C if it merges, else 0
+        lc = lc.view(b, len(scored), -1).amax(1) if len(scored) > 1 else lc
+    else:
+        lc = torch.zeros((b, grid[0] * grid[1]), dtype=torch.long, device=device)
+    key = lc + tables.cell  # (b, C): level * C + cell, the row of every cell in the tables
+    anchor = tables.anchor.gather(1, key).view(-1)  # flat (image, cell) of the top-left cell of its patch
+    rank = (anchor == tables.flat).cumsum(0)  # a token sits at its top-left cell: 1-based packed index there
 
-    # The one host read: token counts, plus the pixel bounds and a NaN-score flag to raise on.
-    host = [counts.to(host_read_dtype(device))]
+    # The one host read: token counts (cumulative, per image), plus the pixel bounds and a NaN-score flag to raise on.
+    host = [rank.view(b, -1)[:, -1].to(host_read_dtype(device))]
     if lo_hi is not None:
         host.append(lo_hi.to(host[0].dtype))
     if scored:
-        host.append(torch.stack([v.isnan().any() for v in scores.values()]).any().view(1).to(host[0].dtype))
-    values = torch.cat(host).tolist()
+        host.append(z.isnan().sum().view(1).to(host[0].dtype))  # b of them are the NaN column
+    values = torch.cat(host).tolist() if len(host) > 1 else host[0].tolist()
     if lo_hi is not None:
         check_pixel_range(values[b], values[b + 1], name)
-    if scored and values[-1]:
+    if scored and values[-1] > b:
         bad = [s for s, v in scores.items() if bool(v.isnan().any())]  # error path only
         raise InputError(f"scorer returned NaN scores for patch size {bad[0]}")
-    offsets = tuple(itertools.accumulate([0] + [int(c) for c in values[:b]]))
-    return _pack(cover, counts, base, offsets)
+    offsets = (0, *(int(v) for v in values[:b]))
+    cells = rank.index_select(0, anchor).sub_(1)
+    # the n-th token is at the first cell where the running count reaches n
+    flat = torch.searchsorted(rank, torch.arange(1, offsets[-1] + 1, device=device))
+    y, x, size = tables.boxes.index_select(1, key.view(-1).index_select(0, flat)).unbind(0)
+    return _Tokens(y, x, size, to_device(offsets, torch.int32, device), cells, offsets)
 
 
-def _pack(cover: torch.Tensor, counts: torch.Tensor, base: int, offsets: Tuple[int, ...]) -> _Tokens:
-    """Packed tokens from the cover grid (``select_patches``); ``offsets`` gives their number T.
+class GridTables(NamedTuple):
+    """Constant index tables of ``_group_tokens`` for one (patch sizes, scored sizes, grid, batch, device).
 
-    A token sits at the cell that is its top-left corner, so the tokens in packing order (image by
-    image, raster order of the corner) are the corner cells in flat (image, row, column) order.
+    Levels are indices into the patch sizes (0 = base); C = cells per image; M = scored patches per image.
     """
-    b, hc, wc = cover.shape
-    device = cover.device
-    k = cover // base
-    rows = torch.arange(hc, device=device).view(1, hc, 1)
-    cols = torch.arange(wc, device=device).view(1, 1, wc)
-    row0, col0 = rows - rows % k, cols - cols % k  # top-left cell of the covering patch
-    corner = ((row0 == rows) & (col0 == cols)).view(-1)
-    rank = corner.cumsum(0)  # 1-based packed index at a corner
-    images = torch.arange(b, device=device).view(b, 1, 1) * (hc * wc)
-    cells = rank[(images + row0 * wc + col0).view(-1)] - 1
-    t = offsets[-1]
-    # the n-th corner in flat order is the first cell where the running count reaches n
-    flat = torch.searchsorted(rank, torch.arange(1, t + 1, device=device))
-    cell = flat % (hc * wc)
-    cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-    return _Tokens(cell // wc * base, cell % wc * base, cover.view(-1)[flat], cu, cells, offsets)
+
+    gather: torch.Tensor  # (L * C,): per scored size (in ``scored`` order), per cell, its patch's column, M outside
+    code: torch.Tensor  # (M + 1,) long: level * C of every column's size (0 for the NaN column)
+    cell: torch.Tensor  # (C,) long: 0 .. C - 1
+    anchor: torch.Tensor  # (b, levels * C) long: image * C + the top-left cell of the level's patch over the cell
+    flat: torch.Tensor  # (b * C,) long: 0 .. b * C - 1
+    boxes: torch.Tensor  # (3, levels * C) long: y, x in pixels of the cell, and the level's patch size
+    scored: Tuple[int, ...]  # the scored sizes, in the order of the columns
+    columns: Tuple[int, ...]  # scored patches per image, per scored size
+    nan: Dict  # {(b, dtype): (b, 1) NaN}, filled on use
+    thr: Dict  # {(thresholds, dtype): (M + 1,) thresholds}, filled on use
+
+    def nan_column(self, b: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (b, dtype)
+        if key not in self.nan:
+            self.nan[key] = torch.full((b, 1), math.nan, dtype=dtype, device=self.cell.device)
+        return self.nan[key]
+
+    def thresholds(self, fixed: Dict[int, float], b: int, dtype: torch.dtype) -> torch.Tensor:
+        """(M + 1,) or (b, M + 1) thresholds of every column, rounded so that ``score < it`` is exact."""
+        key = (tuple(fixed.items()), dtype)
+        if key in self.thr:
+            return self.thr[key]
+        device = self.cell.device
+        if dtype in _HOST_FLOATS:  # rounded on the host: one copy, kept
+            values = [v for s, n in zip(self.scored, self.columns) for v in [_host_threshold(fixed[s], dtype)] * n]
+            out = torch.tensor(values + [0.0], dtype=dtype).to(device)
+            self.thr[key] = out
+            return out
+        parts = [
+            _exact_threshold(fixed[s], b, dtype, device)[:, None].expand(b, n) for s, n in zip(fixed, self.columns)
+        ]
+        return torch.cat(parts + [torch.zeros((b, 1), dtype=dtype, device=device)], 1)
+
+
+_GRID_TABLES: Dict[tuple, GridTables] = {}
+_GRID_TABLES_MAX = 32  # distinct (sizes, grid, batch, device) kept; the oldest goes first
+
+
+def grid_tables(sizes: Tuple[int, ...], scored: Tuple[int, ...], grid: Tuple[int, int], b: int, device) -> GridTables:
+    """``GridTables`` for these shapes, built once (host arithmetic and one copy) and kept (a constant of the shapes:
+    rebuilding them per call would cost more host time than the selection itself)."""
+    key = (sizes, scored, grid, b, str(device))
+    tables = _GRID_TABLES.get(key)
+    if tables is None:
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: usable in and out of inference mode
+            tables = _build_grid_tables(sizes, scored, grid, b, torch.device(device))
+        if len(_GRID_TABLES) >= _GRID_TABLES_MAX:
+            _GRID_TABLES.pop(next(iter(_GRID_TABLES)))
+        _GRID_TABLES[key] = tables
+    return tables
+
+
+def _build_grid_tables(sizes, scored, grid, b, device) -> GridTables:
+    base, (hc, wc) = sizes[0], grid
+    c = hc * wc
+    r = torch.arange(hc).view(hc, 1).expand(hc, wc).reshape(-1)
+    q = torch.arange(wc).view(1, wc).expand(hc, wc).reshape(-1)
+    columns, gather, code, start = [], [], [], 0
+    for s in scored:
+        k = s // base
+        h, w = hc // k, wc // k
+        inside = (r < h * k) & (q < w * k)
+        columns.append(h * w)
+        code.append(torch.full((h * w,), sizes.index(s) * c))
+        gather.append(torch.where(inside, start + (r // k) * w + q // k, -1))
+        start += h * w
+    m = start
+    gather = torch.cat(gather) if gather else torch.zeros(0, dtype=torch.long)
+    gather = torch.where(gather < 0, m, gather)
+    code = torch.cat(code + [torch.zeros(1, dtype=torch.long)])
+    anchor, boxes = [], []
+    for s in sizes:
+        k = s // base
+        anchor.append((r - r % k) * wc + q - q % k)
+        boxes.append(torch.stack([r * base, q * base, torch.full_like(r, s)]))
+    anchor = torch.cat(anchor)[None] + torch.arange(b).view(b, 1) * c
+    return GridTables(
+        gather=gather.to(device),
+        code=code.to(device),
+        cell=torch.arange(c).to(device),
+        anchor=anchor.to(device),
+        flat=torch.arange(b * c).to(device),
+        boxes=torch.cat(boxes, 1).to(device),
+        scored=tuple(scored),
+        columns=tuple(columns),
+        nan={},
+        thr={},
+    )
 
 
 def _layout(sizes, image_sizes, tok: _Tokens) -> PatchLayout:
@@ -428,6 +510,16 @@ def _join_groups(sizes, groups, parts: List[_Tokens]) -> PatchLayout:
 _HOST_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
+def _host_threshold(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded towards +inf to ``dtype`` (one numpy has), so that ``score < it`` iff ``score < value``."""
+    host = _HOST_FLOATS[dtype]
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, as on the device
+        t = host(value)
+    if float(t) < value:
+        t = np.nextafter(t, host(math.inf))
+    return float(t)
+
+
 def _exact_threshold(value: float, b: int, dtype: torch.dtype, device) -> torch.Tensor:
     """(B,) threshold in the scores' dtype such that ``score < it`` iff ``score < value`` exactly.
 
@@ -436,13 +528,8 @@ def _exact_threshold(value: float, b: int, dtype: torch.dtype, device) -> torch.
     Built on the device from the Python value (no copy from the host, no read back): rounded on the host for the
     dtypes numpy has (one op instead of seven), on the device otherwise (bfloat16).
     """
-    host = _HOST_FLOATS.get(dtype)
-    if host is not None:
-        with np.errstate(over="ignore"):  # beyond the dtype's range: inf, as on the device
-            t = host(value)
-        if float(t) < value:
-            t = np.nextafter(t, host(math.inf))
-        return torch.full((b,), float(t), dtype=dtype, device=device)  # exactly representable: no rounding
+    if dtype in _HOST_FLOATS:
+        return torch.full((b,), _host_threshold(value, dtype), dtype=dtype, device=device)  # exact: no rounding
     exact = torch.full((b,), value, dtype=host_read_dtype(device), device=device)
     t = exact.to(dtype)
     return torch.where(t.to(exact.dtype) < exact, torch.nextafter(t, torch.full_like(t, math.inf)), t)

@@ -61,6 +61,48 @@ def bin_index(gray: torch.Tensor, bins: int) -> torch.Tensor:
     return idx.clamp_(0, bins - 1).to(torch.int32)
 
 
+_ENTROPY_TABLES: Dict[tuple, tuple] = {}
+_ENTROPY_TABLES_MAX = 16
+
+
+def _entropy_tables(bins: int, hc: int, wc: int, first: int, b: int, dtype: torch.dtype, device) -> tuple:
+    """(cell keys (hc * first, wc * first) ``dtype``: cell * bins under every pixel, image offsets (b, 1, 1)):
+    constants of the shapes, built once and kept (a dozen ops per call otherwise)."""
+    key = (bins, hc, wc, first, b, dtype, str(device))
+    tables = _ENTROPY_TABLES.get(key)
+    if tables is not None:
+        return tables
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: usable in and out of inference mode
+        cell = torch.arange(hc, dtype=dtype).repeat_interleave(first)[:, None] * wc
+        cell = (cell + torch.arange(wc, dtype=dtype).repeat_interleave(first)[None, :]) * bins
+        images = (torch.arange(b, dtype=dtype) * (hc * wc * bins)).view(b, 1, 1).to(device)
+        tables = (cell.to(device), images)
+    if len(_ENTROPY_TABLES) >= _ENTROPY_TABLES_MAX:
+        _ENTROPY_TABLES.pop(next(iter(_ENTROPY_TABLES)))
+    _ENTROPY_TABLES[key] = tables
+    return tables
+
+
+_XLOGX: Dict[tuple, torch.Tensor] = {}
+
+
+def _xlogx_table(n: int, device) -> torch.Tensor:
+    """(n + 1,) float32 ``xlogy(c, c)`` of every count c = 0 .. n, kept per (n, device) (not inside compiled code)."""
+    if torch.compiler.is_compiling():
+        c = torch.arange(n + 1, dtype=torch.float32, device=device)
+        return torch.special.xlogy(c, c)
+    key = (n, str(device))
+    table = _XLOGX.get(key)
+    if table is None:
+        with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor: usable in and out of inference mode
+            c = torch.arange(n + 1, dtype=torch.float32, device=device)
+            table = torch.special.xlogy(c, c)
+        if len(_XLOGX) >= _ENTROPY_TABLES_MAX:
+            _XLOGX.pop(next(iter(_XLOGX)))
+        _XLOGX[key] = table
+    return table
+
+
 def _coarsen(grid: torch.Tensor, reduce: str) -> torch.Tensor:
     """Combine 2x2 children into one parent; a trailing odd row/column has no parent and is dropped.
 
@@ -73,6 +115,9 @@ def _coarsen(grid: torch.Tensor, reduce: str) -> torch.Tensor:
     """
     b, h, w = grid.shape[:3]
     rest = grid.shape[3:]
+    if reduce == "sum" and not grid.is_floating_point():  # integer counts: any order is exact, and four strided
+        g = grid[:, : h // 2 * 2, : w // 2 * 2]  # adds take a fraction of a strided two-dimension reduction
+        return g[:, ::2, ::2] + g[:, ::2, 1::2] + g[:, 1::2, ::2] + g[:, 1::2, 1::2]
     g = grid[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, *rest)
     return g.sum((2, 4)) if reduce == "sum" else g.mean((2, 4))
 
@@ -119,14 +164,20 @@ def entropy_scores(
         parts = [entropy_scores(gray[i : i + chunk], sizes, base_size, bins) for i in range(0, b, chunk)]
         return {s: torch.cat([p[s] for p in parts]) for s in sizes}
 
-    # key = ((image * cells) + cell) * bins + bin, built in place on the bin indices (int32 when it fits)
+    # key = ((image * cells) + cell) * bins + bin (int32 when it fits), the cell and image terms from tables kept per
+    # shape
     dtype = torch.int32 if b * cells * bins < 2**31 else torch.int64
-    key = bin_index(gray[:, : hc * first, : wc * first], bins).to(dtype)
     dev = gray.device
-    cell = torch.arange(hc, device=dev, dtype=dtype).repeat_interleave(first)[:, None] * wc
-    cell = cell + torch.arange(wc, device=dev, dtype=dtype).repeat_interleave(first)[None, :]
-    key += cell * bins
-    key += (torch.arange(b, device=dev, dtype=dtype) * (cells * bins))[:, None, None]
+    g = gray if gray.shape[1:] == (hc * first, wc * first) else gray[:, : hc * first, : wc * first]
+    key = bin_index(g, bins).to(dtype)
+    if torch.compiler.is_compiling():  # traced: the tables as ops (no host cache inside a graph)
+        cell = torch.arange(hc, device=dev, dtype=dtype).repeat_interleave(first)[:, None] * wc
+        key += (cell + torch.arange(wc, device=dev, dtype=dtype).repeat_interleave(first)[None, :]) * bins
+        key += (torch.arange(b, device=dev, dtype=dtype) * (cells * bins))[:, None, None]
+    else:
+        cell, images = _entropy_tables(bins, hc, wc, first, b, dtype, dev)
+        key += cell
+        key += images  # the same ops whatever the batch
     # index_add into zeros of a known size: bincount's output size depends on the largest key, which a
     # GPU would have to read back first; as fast as bincount on the CPU.
     ones = torch.ones((), dtype=torch.int32, device=dev).expand(key.numel())
@@ -134,10 +185,11 @@ def entropy_scores(
     hist = hist.view(b, hc, wc, bins)
 
     def finish(counts: torch.Tensor, size: int) -> torch.Tensor:
-        n = float(size * size)
-        c = counts.float()
+        n = size * size
+        # c log c of every count 0..n, looked up: the same values as xlogy on each count, in a fraction of the time
+        xlogx = _xlogx_table(n, dev).index_select(0, counts.reshape(-1)).view(counts.shape)
         # H = log2(n) - sum(c log2 c) / n, with 0 log 0 = 0
-        return math.log2(n) - torch.special.xlogy(c, c).sum(-1) / (n * math.log(2.0))
+        return math.log2(n) - xlogx.sum(-1) / (n * math.log(2.0))
 
     return _per_scale(hist, sizes, first, "sum", finish)
 

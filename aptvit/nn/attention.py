@@ -280,7 +280,7 @@ def _loop_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, 
     """SDPA once per sequence, on views of the packed tensor (``key_bias`` as an additive float mask)."""
     bounds = offsets if offsets is not None else cu_seqlens.tolist()
     _record("loop", "scaled_dot_product_attention (per sequence)")
-    bias = key_bias.to(q.dtype) if key_bias is not None else None  # SDPA wants a float mask in the query's dtype
+    bias = as_dtype(key_bias, q.dtype) if key_bias is not None else None  # SDPA wants a float mask in q's dtype
     # (H, N, hd) once, then per sequence a slice (none for a single one): few ops, since at batch 1 the host's
     # work per op is what a thin model's time is made of (benchmarks/bench_host.py)
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))
@@ -291,6 +291,11 @@ def _loop_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, 
         mask = (bias if whole else bias[lo:hi]).view(1, 1, hi - lo) if bias is not None else None
         outs.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout_p, scale=scale))
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).transpose(0, 1)
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without dispatching a no-op ``to`` (an op per block is host time at batch 1)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 BIAS_COLUMNS = 2  # a bias value split into a high and a low half-precision part: ~16 mantissa bits instead of 8
@@ -434,7 +439,7 @@ def _pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, p
     if key_bias is None:
         mask = torch.zeros(rows, dtype=torch.bool, device=q.device).index_fill_(0, pad_index, True)
     else:  # SDPA wants a float mask in the query's dtype
-        mask = q.new_full((rows,), float("-inf")).index_copy_(0, pad_index, key_bias.to(q.dtype))
+        mask = q.new_full((rows,), float("-inf")).index_copy_(0, pad_index, as_dtype(key_bias, q.dtype))
     _record("pad", "scaled_dot_product_attention (padded, masked)")
     out = F.scaled_dot_product_attention(
         pad(q), pad(k), pad(v), attn_mask=mask.view(s, 1, 1, max_seqlen), dropout_p=dropout_p, scale=scale
@@ -542,6 +547,48 @@ register_backend(
 )
 
 
+SDPA_BACKENDS = ("loop", "pad")  # backends that are torch's SDPA with an additive float mask
+
+
+def one_sequence(packed, backend: str) -> bool:
+    """Attention over ``packed`` is one plain SDPA call: a single sequence spans every packed row (batch 1 without
+    padding; read from host ints, so a captured plan keeps its control flow: ``CUDAGraphRunner`` keys its graphs by
+    ``num_seqs``) and the backend is SDPA, so it needs no mask but the key bias, and no slicing.
+
+    Then ``packed_self_attention`` runs timm's own shapes ((1, H, N, hd), the same ops as timm's ``Attention``),
+    the same math as "loop" and "pad" on one sequence.
+    """
+    offsets = packed.offsets
+    return backend in SDPA_BACKENDS and offsets is not None and len(offsets) == 2
+
+
+def skip_dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, except that a ``nn.Dropout`` that does nothing (eval mode or p = 0) is not called at all: it
+    would still dispatch an op, and at batch 1 a thin model's time is its host's work per op."""
+    if type(module) is nn.Dropout and not (module.training and module.p > 0):
+        return x
+    return module(x)
+
+
+def _one_sequence_attention(attn: nn.Module, x: torch.Tensor, key_bias: Optional[torch.Tensor], backend: str):
+    """``packed_self_attention`` of a single sequence (``one_sequence``): timm's ``Attention.forward`` on (1, N, D)."""
+    t = x.shape[0]
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(1, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (1, H, N, hd) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    mask = as_dtype(key_bias, q.dtype).view(1, 1, 1, t) if key_bias is not None else None  # one bias row per key
+    _record(backend, "scaled_dot_product_attention (one sequence)")
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(t, attn.num_heads * attn.head_dim)
+    norm = getattr(attn, "norm", None)
+    out = norm(out) if norm is not None else out
+    if gate is not None:
+        out = out * gate
+    return skip_dropout(attn.proj_drop, attn.proj(out))
+
+
 def packed_self_attention(
     attn: nn.Module,
     x: torch.Tensor,
@@ -570,6 +617,8 @@ def packed_self_attention(
     Returns:
         (N, D).
     """
+    if rotate is None and one_sequence(packed, backend):  # batch 1: timm's own shapes, no mask, no slicing
+        return _one_sequence_attention(attn, x, key_bias, backend)
     t = x.shape[0]
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = attn.qkv(x).view(t, 3, attn.num_heads, attn.head_dim).unbind(1)  # (N, H, hd) each
@@ -592,7 +641,8 @@ def packed_self_attention(
         key_bias=key_bias,
     )
     out = out.reshape(t, attn.num_heads * attn.head_dim)
-    out = getattr(attn, "norm", nn.Identity())(out)
+    norm = getattr(attn, "norm", None)
+    out = norm(out) if norm is not None else out
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out))
+    return skip_dropout(attn.proj_drop, attn.proj(out))

@@ -33,7 +33,7 @@ from ..core.packed import PackedBatch, groups_of, plan_packed
 from ..core.pixels import size_groups
 from ..core.quadtree import patch_layout
 from ..core.static import pad_static, plan_static, static_layout, static_tokens
-from .attention import backend_context, check_backend, resolve_backend
+from .attention import SDPA_BACKENDS, as_dtype, backend_context, check_backend, resolve_backend
 from .config import APTConfig
 from .dense import DenseMixin
 from .embed import AdaptivePatchEmbed
@@ -372,6 +372,8 @@ class APTViT(DenseMixin, nn.Module):
         backend = self._backend(x, packed)
         pad_index = backend_context(backend, packed)  # once per forward: pad rows, or the flex BlockMask
         key_bias = packed.key_bias if self.config.area_bias else None  # area-proportional attention, every block
+        if key_bias is not None and backend in SDPA_BACKENDS:  # SDPA's float mask in q's dtype: rounded once
+            key_bias = as_dtype(key_bias, self._compute_dtype(x))
         ctx = BlockContext(
             packed, backend, pad_index, self.family.token_tables(self, packed), self.training, key_bias=key_bias
         )
@@ -441,7 +443,7 @@ class APTViT(DenseMixin, nn.Module):
             banks.append(self.apt.bank(batch, self.patch_embed.proj, self.patch_embed.norm))
         pos, prefix = self._position_rows(packed.groups)
         if prefix is not None:
-            banks.append(prefix.to(banks[0].dtype))
+            banks.append(as_dtype(prefix, banks[0].dtype))
         tokens = torch.cat(banks) if len(banks) > 1 else banks[0]
         tokens = tokens.index_select(0, packed.token_src)
         return tokens + pos.index_select(0, packed.pos_src) if pos is not None else tokens
@@ -476,8 +478,7 @@ class APTViT(DenseMixin, nn.Module):
     def _backend(self, x: torch.Tensor, packed: Optional[PackedBatch] = None) -> str:
         attn = self.family.attention_module(self.blocks[0]) if len(self.blocks) else None
         dropout = bool(attn is not None and self.training and attn.attn_drop.p > 0)
-        # under autocast the matmuls run in the autocast dtype even though x may be float32
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = self._compute_dtype(x)
         # a backward will follow (only kernels that have one): the tokens need gradients, or the blocks do even when
         # the embedding is frozen; host-side checks of flags only
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks.parameters()))
@@ -490,6 +491,11 @@ class APTViT(DenseMixin, nn.Module):
                 )
             backend = "pad"
         return backend
+
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+        """The dtype the blocks' matmuls (and so q, k, v) run in: under autocast its dtype, even for float32 x."""
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
     def _block(self, blk: nn.Module, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -37,6 +37,7 @@ Families hold no state: one instance serves every model of its kind (methods tak
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from ...core.packed import PackedBatch
+from ..attention import skip_dropout
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,22 @@ def drop_path_packed(
     if getattr(module, "scale_by_keep", True) and prob < 1.0:
         keep = keep / (1.0 - prob)
     return y * keep[seq][:, None]
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_mlp() -> type:
+    from timm.layers import Mlp  # timm is imported lazily here, once
+
+    return Mlp
+
+
+def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)``; for timm's plain ``Mlp`` its own layers in its own order, without calling dropouts that do nothing
+    (eval mode or p = 0: each would still dispatch an op, host time at batch 1; ``attention.skip_dropout``)."""
+    if type(mlp) is not _timm_mlp():
+        return mlp(x)
+    x = skip_dropout(mlp.drop1, mlp.act(mlp.fc1(x)))
+    return skip_dropout(mlp.drop2, mlp.fc2(mlp.norm(x)))
 
 
 def patch_centres(packed: PackedBatch) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from ...core.packed import PackedBatch
 from ..attention import packed_self_attention
 from ..embed import position_bank
-from .base import BlockContext, Family, check_patch_embed, drop_path_packed
+from .base import BlockContext, Family, check_patch_embed, drop_path_packed, mlp_forward
 from .pool import GLOBAL_POOLS, attention_pool, check_attention_pool, pool_tokens
 
 
@@ -150,7 +150,7 @@ class ViTFamily(Family):
         a = packed_self_attention(blk.attn, blk.norm1(x), packed, ctx.backend, ctx.pad_index, ctx.key_bias)
         x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, packed.seq, packed.num_seqs, ctx.training)
         return x + drop_path_packed(
-            blk.ls2(blk.mlp(blk.norm2(x))), blk.drop_path2, packed.seq, packed.num_seqs, ctx.training
+            blk.ls2(mlp_forward(blk.mlp, blk.norm2(x))), blk.drop_path2, packed.seq, packed.num_seqs, ctx.training
         )
 
     def pool(self, apt, x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:

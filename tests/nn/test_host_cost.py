@@ -1,0 +1,104 @@
+"""The batch-1 host-cost work (issue 16): fast paths that must give the results of the paths they replace, and the
+caches that must follow what they cache."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aptvit
+from aptvit.core import quadtree, scoring
+from aptvit.nn.attention import one_sequence
+from aptvit.nn.embed import area_halve
+
+from ..dispatch import OpCounter
+from ..tiny import rel_err, tiny_vit
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 224, 224), (2, 3, 56, 40), (1, 16, 7, 9), (1, 1, 3, 2)])
+def test_area_halve_gives_avg_pool2d_bits_on_the_cpu(shape):
+    torch.manual_seed(0)
+    t = torch.randn(shape) * 3
+    assert torch.equal(area_halve(t), F.avg_pool2d(t, 2))
+
+
+def _images(b: int, size=(96, 128), seed: int = 0) -> torch.Tensor:
+    """Flat regions with noisy ones, so that every size merges somewhere."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = F.interpolate(torch.rand(b, 3, size[0] // 32, size[1] // 32, generator=g), size=size, mode="nearest")
+    noise = torch.rand(b, 3, *size, generator=g) * (torch.rand(b, 1, *size, generator=g) > 0.6)
+    return (coarse + 0.3 * noise).clamp(0, 1)
+
+
+def _same_layout(a, b) -> None:
+    for name in ("y", "x", "size", "cu_seqlens", "cells"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.offsets == b.offsets and a.image_sizes == b.image_sizes
+
+
+@pytest.mark.parametrize("scorer", ["entropy", "laplacian"])
+def test_layout_tables_kept_per_shape_follow_batch_grid_and_thresholds(scorer):
+    """The index tables a layout keeps between calls (``quadtree.grid_tables``, the entropy keys) are constants of
+    the shapes: a batch, a grid or thresholds met after another must give what a fresh computation gives."""
+    sizes = (16, 32, 64)
+    images = _images(3)
+    other = _images(2, size=(128, 96), seed=1)
+    from aptvit.core.pixels import grayscale_255
+
+    scores = scoring.get_scorer(scorer).fn(grayscale_255(images), (32, 64), 16)
+    thr = {s: float(v.quantile(0.3)) for s, v in scores.items()}  # some patches of every size merge
+    looser = {s: float(v.quantile(0.7)) for s, v in scores.items()}
+    calls = [(images, thr), (images[:1], thr), (other, thr), (images[1:], looser), (images, thr), (other, looser)]
+    kept = [aptvit.patch_layout(x, sizes, thresholds=t, scorer=scorer) for x, t in calls]
+    for (x, t), layout in zip(calls, kept):
+        quadtree._GRID_TABLES.clear()
+        scoring._ENTROPY_TABLES.clear()
+        _same_layout(layout, aptvit.patch_layout(x, sizes, thresholds=t, scorer=scorer))
+        singles = [aptvit.patch_layout(x[i : i + 1], sizes, thresholds=t, scorer=scorer) for i in range(len(x))]
+        _same_layout(layout, aptvit.PatchLayout.cat(singles))
+    assert kept[3].total_tokens < aptvit.patch_layout(images[1:], sizes, thresholds=thr, scorer=scorer).total_tokens
+
+
+@pytest.mark.parametrize("area_bias", [True, False])
+@pytest.mark.parametrize("attention", ["loop", "pad"])
+def test_one_sequence_attention_equals_the_packed_kernels(monkeypatch, area_bias, attention):
+    """Batch 1 runs timm's own attention shapes (``one_sequence``); the general packed kernels give the same."""
+    apt = aptvit.convert(tiny_vit(), patch_sizes=(16, 32), area_bias=area_bias, attention=attention)
+    x = _images(1, size=(64, 96)) * 2 - 1
+    with torch.no_grad():
+        packed = apt.prepare(x)
+        assert one_sequence(packed, attention) and packed.layout.total_tokens < 24  # something merged
+        fast = apt.forward_packed(x, packed)
+        monkeypatch.setattr("aptvit.nn.attention.one_sequence", lambda packed, backend: False)
+        general = apt.forward_packed(x, packed)
+    assert rel_err(fast, general) <= 1e-6
+
+
+def test_a_block_at_batch_1_dispatches_no_more_ops_than_timms():
+    """The host cost of a block at batch 1 is its op count: no per-block transposes, dtype casts or no-op dropouts
+    beyond what timm's own block dispatches."""
+    vit = tiny_vit()
+    apt = aptvit.convert(vit, patch_sizes=(16, 32))
+    x = _images(1, size=(64, 96)) * 2 - 1
+    with torch.inference_mode():
+        packed = apt.prepare(x)
+        apt.forward_packed(x, packed)  # the position bank of this size, cached from then on
+        with OpCounter() as ours:
+            apt.forward_packed(x, packed)
+        with OpCounter() as theirs:
+            vit(x)
+        tokens = apt.embed_packed(x, packed)
+        with OpCounter() as timm_block:
+            vit.blocks[0](tokens[None])
+    per_block = (ours.total - theirs.total) / len(vit.blocks)  # the embedding and head differ by a few ops
+    assert ours.ops["aten.transpose"] <= theirs.ops["aten.transpose"], ours.ops
+    assert ours.ops["aten.dropout"] < theirs.ops["aten.dropout"] and "aten.to" not in ours.ops, ours.ops
+    assert per_block < timm_block.total, (ours.total, theirs.total, timm_block.total)
+
+
+def test_entropy_of_flat_patches_after_smaller_ones():
+    """The kept c log c table of each patch size holds every count up to the patch's pixels (a flat 64-px patch puts
+    all 4096 in one bin), whichever size was scored first."""
+    flat = torch.full((1, 128, 128), 77.0)
+    for sizes in [(32,), (32, 64), (64,)]:
+        scores = scoring.entropy_scores(flat, sizes, 16)
+        assert all(torch.equal(v, torch.zeros_like(v)) for v in scores.values())
