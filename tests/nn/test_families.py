@@ -245,9 +245,10 @@ def test_a_new_family_plugs_in_with_per_token_tables_applied_to_q_and_k(monkeypa
     ``packed_self_attention(rotate=...)`` applies them to q and k before the kernel, for every packed row."""
     import timm
 
+    from aptvit.core.rope import layout_centres
     from aptvit.nn import families
     from aptvit.nn.attention import packed_self_attention
-    from aptvit.nn.families import ViTFamily, drop_path_packed, patch_centres
+    from aptvit.nn.families import ViTFamily, drop_path_packed
 
     class RotaryViT(timm.models.vision_transformer.VisionTransformer):
         pass
@@ -262,7 +263,7 @@ def test_a_new_family_plugs_in_with_per_token_tables_applied_to_q_and_k(monkeypa
             return type(model) is RotaryViT
 
         def token_tables(self, apt, packed):
-            centres = torch.zeros(packed.total, 2).index_copy_(0, packed.patch_pos, patch_centres(packed))
+            centres = torch.zeros(packed.total, 2).index_copy_(0, packed.patch_pos, layout_centres(packed.layout)[0])
             return centres.sum(1)  # (N,) a per-token angle: 0 for prefix and padding rows
 
         def block(self, apt, blk, x, ctx):

@@ -14,9 +14,9 @@ answers, for its own timm class only:
       tensors they are made of);
     - rotary positions (RoPE): ``token_tables`` returns, once per forward, whatever per-token tables the family's
       attention needs, e.g. (N, head_dim) sin / cos of every packed row. They are built from the plan only
-      (``patch_centres(packed)``: each patch's centre in base-grid units, fractional for merged patches; prefix and
-      padding rows get the family's own treatment, e.g. no rotation), with shape-static ops: no host sync, no
-      data-dependent shape, so ``forward_packed`` stays capturable. Learned frequencies keep their gradients because
+      (``core.rope.layout_centres(packed.layout)``: each patch's centre in base-grid units, fractional for merged
+      patches; prefix and padding rows get the family's own treatment, e.g. no rotation), with shape-static ops: no
+      host sync, no data-dependent shape, so ``forward_packed`` stays capturable. Learned frequencies keep their gradients because
       the tables are made inside the forward; the coordinates come from the host plan.
     - both (EVA-02, PE): ``positions`` for the table and ``token_tables`` for the rotation;
 * **how one block runs on packed tokens** (``block(apt, blk, x, ctx)``): the block's own layers on the (N, D)
@@ -93,19 +93,6 @@ def drop_path_packed(
     if getattr(module, "scale_by_keep", True) and prob < 1.0:
         keep = keep / (1.0 - prob)
     return y * keep[seq][:, None]
-
-
-def patch_centres(packed: PackedBatch) -> torch.Tensor:
-    """(T, 2) float32 (row, col) centre of every patch token, in base-grid units, for rotary positions.
-
-    A base cell's coordinate is its index (timm's RoPE grids count cells 0, 1, ...); a merged patch of k x k cells
-    starting at cell (r, c) sits at (r + (k - 1) / 2, c + (k - 1) / 2), the mean of its cells' coordinates.
-    Shape-static elementwise ops on the layout: no host sync. Scatter into packed order with ``packed.patch_pos``.
-    """
-    layout = packed.layout
-    p = float(layout.base_size)
-    half = (layout.size.float() / p - 1.0) / 2.0
-    return torch.stack([layout.y.float() / p + half, layout.x.float() / p + half], dim=1)
 
 
 class Family:
