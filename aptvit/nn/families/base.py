@@ -37,6 +37,7 @@ Families hold no state: one instance serves every model of its kind (methods tak
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -80,6 +81,18 @@ def check_patch_embed(model: nn.Module) -> Optional[str]:
     if ph != pw or tuple(model.patch_embed.proj.stride) != (ph, pw):
         return f"patches must be square and non-overlapping, got patch_size {(ph, pw)}"
     return None
+
+
+def mlp_ratio_of(hidden: int, dim: int) -> float:
+    """The ``mlp_ratio`` for which timm builds ``hidden`` features from width ``dim`` (``int(dim * mlp_ratio)``).
+
+    ``hidden / dim`` is not always it: the quotient may round down, and then ``int(dim * ratio)`` is ``hidden - 1``
+    (e.g. 115 / 56); the next float up is (one step is always enough for widths of practical size).
+    """
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
 
 
 def drop_path_packed(
