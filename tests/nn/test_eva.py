@@ -29,20 +29,10 @@ CASES = {**{name: (name, {}) for name in EVA}, **VARIANTS}
 
 
 def tiny_eva(case, seed=0, **overrides):
-    """A tiny Eva (a name of ``CASES``) with healthy layer scales (near 1) and mixed RoPE frequencies of timm's own
-    scale."""
+    """A tiny Eva (a name of ``CASES``): ``tiny_vit``'s healthy layer scales (near 1) and mixed RoPE frequencies of
+    timm's own scale."""
     family, extra = CASES[case]
-    model = tiny_vit(family, seed=seed, **{**extra, **overrides})
-    g = torch.Generator().manual_seed(seed + 11)
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            if pname.split(".")[-1] in ("gamma_1", "gamma_2"):
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=g))
-        rope = model.rope
-        if isinstance(rope, ps.RotaryEmbeddingMixed):
-            torch.manual_seed(seed + 12)
-            rope.freqs.copy_(ps.init_random_2d_freqs(rope.dim // rope.num_heads, rope.depth, rope.num_heads, 10.0))
-    return model.eval()
+    return tiny_vit(family, seed=seed, **{**extra, **overrides})
 
 
 def never_merge(model):
@@ -323,3 +313,14 @@ def test_reset_classifier_gives_a_new_label_set_equal_to_timms(name):
     with torch.no_grad():
         out = apt(x)
         assert out.shape == (2, 5) and rel_err(out, model(x)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["dinov3", "rope_mixed", "inner_norms"])
+def test_tiny_layer_scales_are_near_one_so_an_error_inside_a_block_shows(name):
+    """A layer scale of 0.05 (timm's init for random weights) would shrink each block's branch, and an error in its
+    attention (RoPE at a wrong centre, swapped halves), twentyfold: the exactness tests would barely see it."""
+    model = tiny_eva(name)
+    gammas = [p for n, p in model.named_parameters() if n.split(".")[-1] in ("gamma_1", "gamma_2")]
+    assert gammas and all(0.7 < float(g.abs().mean()) < 1.3 for g in gammas)
+    if name == "rope_mixed":  # learned frequencies of timm's scale (init_random_2d_freqs at theta 10)
+        assert float(model.rope.freqs.abs().max()) > 0.5
