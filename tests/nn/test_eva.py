@@ -286,15 +286,18 @@ def test_every_eva_attention_gets_the_area_bias_when_it_is_on(monkeypatch, area_
 
 
 def test_eva_checkpoints_run_in_the_cli_bench_from_their_metadata(tmp_path, capsys):
-    """A saved Eva (DINOv3: registers and RoPE; PE: attention pool) re-creates from its metadata in the CLI."""
+    """A saved Eva (EVA-02: GluMlp; DINOv3: registers and RoPE; PE: attention pool) re-creates from its metadata in
+    the CLI."""
     import json
 
     from aptvit.cli import main
 
-    for name in ("dinov3", "pe_map"):
-        path = aptvit.save(aptvit.convert(tiny_eva(name), budget=0.5), tmp_path / f"{name}.safetensors")
+    for name, extra in (("eva02", dict(mlp_ratio=3.0)), ("dinov3", {}), ("pe_map", {})):  # EVA-02's own MLP width
+        model = tiny_eva(name, **extra)
+        path = aptvit.save(aptvit.convert(model, budget=0.5), tmp_path / f"{name}.safetensors")
+        size = str(4 * model.patch_embed.patch_size[0])
         code = main(
-            ["bench", "--checkpoint", str(path), "--size", "64", "--batch", "2", "--runs", "1", "--warmup", "0"]
+            ["bench", "--checkpoint", str(path), "--size", size, "--batch", "2", "--runs", "1", "--warmup", "0"]
             + ["--device", "cpu", "--out", str(tmp_path / f"{name}.json")]
         )
         out, err = capsys.readouterr()
