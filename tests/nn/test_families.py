@@ -301,7 +301,7 @@ def test_a_new_family_plugs_in_with_per_token_tables_applied_to_q_and_k(monkeypa
             assert rel_err(out[i], apt(x[i : i + 1])[0]) <= 1e-5
 
 
-@pytest.mark.parametrize("family", NEW)
+@pytest.mark.parametrize("family", NEW + ["eva02", "pe_map"])  # + EVA-02's GluMlp, PE's pool with its prefix
 def test_flop_counts_include_the_attention_pool_and_both_heads(family):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -311,8 +311,9 @@ def test_flop_counts_include_the_attention_pool_and_both_heads(family):
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False  # explicit matmuls, which FlopCounterMode counts
-    apt = aptvit.convert(model, thresholds={32: 5.0, 64: 4.0})
-    x = mixed_batch(2)
+    p = model.patch_embed.patch_size[0]
+    apt = aptvit.convert(model, thresholds={2 * p: 5.0, 4 * p: 4.0})
+    x = mixed_batch(2, p=p)
     flops = model_flops(apt, apt.make_layout(x))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
