@@ -63,12 +63,15 @@ def alternating_medians(
     warmup: int = 2,
     on_run: Optional[Callable[[], None]] = None,
     sync: Optional[Callable[[], None]] = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Dict[str, float]:
     """Median seconds for each ``fn`` to process every chunk once, under ``torch.inference_mode``.
 
     Warm-up passes first; then each run calls every fn in turn, the order reversed every other run
     so that drift in machine speed hits all alike. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before
-    each clock read, so that queued device work is timed.
+    each clock read, so that queued device work is timed. ``clock``: wall time by default; ``time.thread_time``
+    counts only this thread's CPU time, which other processes on a shared machine do not inflate (valid with
+    ``torch.set_num_threads(1)``, where every op runs on the calling thread).
     """
     times: Dict[str, List[float]] = {name: [] for name in fns}
     with torch.inference_mode():
@@ -76,13 +79,13 @@ def alternating_medians(
             for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
                 if sync:
                     sync()
-                start = time.perf_counter()
+                start = clock()
                 for c in chunks:
                     fns[name](c)
                 if sync:
                     sync()
                 if r >= warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(clock() - start)
             if r >= warmup and on_run:
                 on_run()
     return {name: statistics.median(ts) for name, ts in times.items()}
@@ -98,6 +101,7 @@ def bench_config(
     name: str = "",
     on_run: Optional[Callable[[], None]] = None,
     dtype: torch.dtype = torch.float32,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> BenchRow:
     """Time timm vs APT on ``images`` (N, 3, H, W) normalised, on their device, in batches of ``batch``.
 
@@ -126,7 +130,7 @@ def bench_config(
         "layout": timed(lambda i: apt.make_layout(parts[i])),
         "apt_given": timed(lambda i: apt.forward_packed(parts[i], plans[i])),
     }
-    seconds = alternating_medians(fns, chunks, runs, warmup, on_run, sync)
+    seconds = alternating_medians(fns, chunks, runs, warmup, on_run, sync, clock)
     uniform = torch.cat([f["uniform"] for f in flops]).sum().item()
     adaptive = torch.cat([f["apt"] for f in flops]).sum().item()
     base = sum(int(l.num_base_tokens.sum()) for l in layouts.values()) / n
@@ -211,6 +215,7 @@ def run_bench(
     progress: bool = True,
     device: torch.device = torch.device("cpu"),
     dtype: torch.dtype = torch.float32,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> List[BenchRow]:
     """The full grid: every model x size x batch.
 
@@ -233,7 +238,16 @@ def run_bench(
                     bar.set_postfix_str(f"{name} {size[0]}x{size[1]} batch {batch}")
                     rows.append(
                         bench_config(
-                            model, apt, images, batch, runs, warmup, name, on_run=lambda: bar.update(1), dtype=dtype
+                            model,
+                            apt,
+                            images,
+                            batch,
+                            runs,
+                            warmup,
+                            name,
+                            on_run=lambda: bar.update(1),
+                            dtype=dtype,
+                            clock=clock,
                         )
                     )
     return rows

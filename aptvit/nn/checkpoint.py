@@ -141,11 +141,28 @@ def read_config(path: Union[str, os.PathLike], meta: Optional[Mapping[str, str]]
         return APTConfig.from_dict(settings)
 
 
+def _mlp_hidden(args: Mapping, shapes: Mapping[str, tuple]) -> Optional[int]:
+    """The hidden width that timm's ``mlp_ratio`` sets (``int(embed_dim * mlp_ratio)``), as the file's first block has
+    it, or None when the file has no such MLP.
+
+    That is fc2's input width for ``Mlp``, ``SwiGLU`` (fc1_g / fc1_x) and Eva's ``GluMlp`` (whose fc1 holds both
+    halves: twice it). A ``VisionTransformer`` block hands a GLU MLP the doubled width instead (its fc1's); an Eva
+    checkpoint says which it is by ``swiglu_mlp``.
+    """
+    fc1, fc2 = shapes.get("blocks.0.mlp.fc1.weight"), shapes.get("blocks.0.mlp.fc2.weight")
+    if not fc2 or len(fc2) != 2:
+        return None
+    if fc1 and fc1[0] == 2 * fc2[1] and "swiglu_mlp" not in args:
+        return fc1[0]
+    return fc2[1]
+
+
 def check_timm_args(args, path) -> Dict:
     """The ``timm_args`` of a checkpoint, allow-listed and checked against its own tensors before anything is allocated.
 
     Only ``TIMM_ARGS`` may reach ``timm.create_model``; ``img_size`` is at most ``MAX_SIDE`` per side; the width,
-    depth, patch size, channels and classes must be those of the tensors in the file.
+    depth, patch size, channels and classes must be those of the tensors in the file, and ``mlp_ratio`` (and an
+    attention pool's) must give the hidden width its MLP has.
     """
     where = f"checkpoint {str(path)!r}: timm_args"
     if not isinstance(args, dict):
@@ -165,9 +182,10 @@ def check_timm_args(args, path) -> Dict:
         value = args.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise InputError(f"{where} {key} {value!r} is not a count")
-    mlp = args.get("mlp_ratio")
-    if mlp is not None and (isinstance(mlp, bool) or not isinstance(mlp, (int, float)) or not 0 < mlp <= 64):
-        raise InputError(f"{where} mlp_ratio {mlp!r} is not a number in (0, 64]")
+    for key in ("mlp_ratio", "attn_pool_mlp_ratio"):
+        mlp = args.get(key)
+        if mlp is not None and (isinstance(mlp, bool) or not isinstance(mlp, (int, float)) or not 0 < mlp <= 64):
+            raise InputError(f"{where} {key} {mlp!r} is not a number in (0, 64]")
     shapes = _tensor_shapes(path)
     proj = shapes.get("patch_embed.proj.weight")
     depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
@@ -179,12 +197,20 @@ def check_timm_args(args, path) -> Dict:
         "depth": depth,
         "num_classes": head[0] if head else 0 if "head.weight" not in shapes and proj else None,
     }
-    fc1 = shapes.get("blocks.0.mlp.fc1.weight")
-    if fc1 and mlp is not None and args.get("embed_dim"):
-        found["mlp_ratio"] = fc1[0] / args["embed_dim"]
     for key, value in found.items():
         if value is not None and args.get(key) is not None and args[key] != value:
             raise InputError(f"{where} {key} {args[key]!r} does not match the file's tensors ({value})")
+    dim = found["embed_dim"] or args.get("embed_dim")
+    for key, hidden, tensor in (
+        ("mlp_ratio", _mlp_hidden(args, shapes), "blocks.0.mlp"),
+        ("attn_pool_mlp_ratio", (shapes.get("attn_pool.mlp.fc1.weight") or (None,))[0], "attn_pool.mlp"),
+    ):
+        ratio = args.get(key)
+        if ratio is not None and dim and hidden is not None and int(dim * ratio) != hidden:
+            raise InputError(
+                f"{where} {key} {ratio!r} gives {int(dim * ratio)} hidden features at width {dim}; the file's {tensor} "
+                f"has {hidden} (a damaged or edited file?)"
+            )
     pos, p = shapes.get("pos_embed"), found["patch_size"] or args.get("patch_size")
     if pos and len(pos) == 3 and sides and p:
         h, w = (sides * 2)[:2]

@@ -257,6 +257,26 @@ def test_alternating_medians_alternate_the_order_and_skip_warmup():
     assert runs == [4, 6, 8]
 
 
+def test_alternating_medians_read_the_clock_they_are_given():
+    """``clock=`` (e.g. ``time.thread_time`` on a shared machine): medians of its differences, not wall time."""
+    from aptvit.bench import alternating_medians
+
+    steps = {"a": 2, "b": 5}  # seconds each call of a / b advances the fake clock
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def fn(name):
+        def run(c):
+            now[0] += steps[name]
+
+        return run
+
+    result = alternating_medians({n: fn(n) for n in steps}, [0, 1], runs=3, warmup=1, clock=clock)
+    assert result == {"a": 4.0, "b": 10.0}  # two chunks per run
+
+
 def test_bench_and_eval_take_static(tmp_path, capsys):
     """--static: k tokens per image exactly (padding counted: it is computed); without a budget one clear error."""
     write_images(tmp_path / "imgs", size=(64, 64))

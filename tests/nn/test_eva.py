@@ -29,20 +29,10 @@ CASES = {**{name: (name, {}) for name in EVA}, **VARIANTS}
 
 
 def tiny_eva(case, seed=0, **overrides):
-    """A tiny Eva (a name of ``CASES``) with healthy layer scales (near 1) and mixed RoPE frequencies of timm's own
-    scale."""
+    """A tiny Eva (a name of ``CASES``): ``tiny_vit``'s healthy layer scales (near 1) and mixed RoPE frequencies of
+    timm's own scale."""
     family, extra = CASES[case]
-    model = tiny_vit(family, seed=seed, **{**extra, **overrides})
-    g = torch.Generator().manual_seed(seed + 11)
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            if pname.split(".")[-1] in ("gamma_1", "gamma_2"):
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=g))
-        rope = model.rope
-        if isinstance(rope, ps.RotaryEmbeddingMixed):
-            torch.manual_seed(seed + 12)
-            rope.freqs.copy_(ps.init_random_2d_freqs(rope.dim // rope.num_heads, rope.depth, rope.num_heads, 10.0))
-    return model.eval()
+    return tiny_vit(family, seed=seed, **{**extra, **overrides})
 
 
 def never_merge(model):
@@ -296,15 +286,18 @@ def test_every_eva_attention_gets_the_area_bias_when_it_is_on(monkeypatch, area_
 
 
 def test_eva_checkpoints_run_in_the_cli_bench_from_their_metadata(tmp_path, capsys):
-    """A saved Eva (DINOv3: registers and RoPE; PE: attention pool) re-creates from its metadata in the CLI."""
+    """A saved Eva (EVA-02: GluMlp; DINOv3: registers and RoPE; PE: attention pool) re-creates from its metadata in
+    the CLI."""
     import json
 
     from aptvit.cli import main
 
-    for name in ("dinov3", "pe_map"):
-        path = aptvit.save(aptvit.convert(tiny_eva(name), budget=0.5), tmp_path / f"{name}.safetensors")
+    for name, extra in (("eva02", dict(mlp_ratio=3.0)), ("dinov3", {}), ("pe_map", {})):  # EVA-02's own MLP width
+        model = tiny_eva(name, **extra)
+        path = aptvit.save(aptvit.convert(model, budget=0.5), tmp_path / f"{name}.safetensors")
+        size = str(4 * model.patch_embed.patch_size[0])
         code = main(
-            ["bench", "--checkpoint", str(path), "--size", "64", "--batch", "2", "--runs", "1", "--warmup", "0"]
+            ["bench", "--checkpoint", str(path), "--size", size, "--batch", "2", "--runs", "1", "--warmup", "0"]
             + ["--device", "cpu", "--out", str(tmp_path / f"{name}.json")]
         )
         out, err = capsys.readouterr()
@@ -323,3 +316,14 @@ def test_reset_classifier_gives_a_new_label_set_equal_to_timms(name):
     with torch.no_grad():
         out = apt(x)
         assert out.shape == (2, 5) and rel_err(out, model(x)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["dinov3", "rope_mixed", "inner_norms"])
+def test_tiny_layer_scales_are_near_one_so_an_error_inside_a_block_shows(name):
+    """A layer scale of 0.05 (timm's init for random weights) would shrink each block's branch, and an error in its
+    attention (RoPE at a wrong centre, swapped halves), twentyfold: the exactness tests would barely see it."""
+    model = tiny_eva(name)
+    gammas = [p for n, p in model.named_parameters() if n.split(".")[-1] in ("gamma_1", "gamma_2")]
+    assert gammas and all(0.7 < float(g.abs().mean()) < 1.3 for g in gammas)
+    if name == "rope_mixed":  # learned frequencies of timm's scale (init_random_2d_freqs at theta 10)
+        assert float(model.rope.freqs.abs().max()) > 0.5

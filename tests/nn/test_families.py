@@ -245,9 +245,10 @@ def test_a_new_family_plugs_in_with_per_token_tables_applied_to_q_and_k(monkeypa
     ``packed_self_attention(rotate=...)`` applies them to q and k before the kernel, for every packed row."""
     import timm
 
+    from aptvit.core.rope import layout_centres
     from aptvit.nn import families
     from aptvit.nn.attention import packed_self_attention
-    from aptvit.nn.families import ViTFamily, drop_path_packed, patch_centres
+    from aptvit.nn.families import ViTFamily, drop_path_packed
 
     class RotaryViT(timm.models.vision_transformer.VisionTransformer):
         pass
@@ -262,7 +263,7 @@ def test_a_new_family_plugs_in_with_per_token_tables_applied_to_q_and_k(monkeypa
             return type(model) is RotaryViT
 
         def token_tables(self, apt, packed):
-            centres = torch.zeros(packed.total, 2).index_copy_(0, packed.patch_pos, patch_centres(packed))
+            centres = torch.zeros(packed.total, 2).index_copy_(0, packed.patch_pos, layout_centres(packed.layout)[0])
             return centres.sum(1)  # (N,) a per-token angle: 0 for prefix and padding rows
 
         def block(self, apt, blk, x, ctx):
@@ -300,7 +301,7 @@ def test_a_new_family_plugs_in_with_per_token_tables_applied_to_q_and_k(monkeypa
             assert rel_err(out[i], apt(x[i : i + 1])[0]) <= 1e-5
 
 
-@pytest.mark.parametrize("family", NEW)
+@pytest.mark.parametrize("family", NEW + ["eva02", "pe_map"])  # + EVA-02's GluMlp, PE's pool with its prefix
 def test_flop_counts_include_the_attention_pool_and_both_heads(family):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -310,8 +311,9 @@ def test_flop_counts_include_the_attention_pool_and_both_heads(family):
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False  # explicit matmuls, which FlopCounterMode counts
-    apt = aptvit.convert(model, thresholds={32: 5.0, 64: 4.0})
-    x = mixed_batch(2)
+    p = model.patch_embed.patch_size[0]
+    apt = aptvit.convert(model, thresholds={2 * p: 5.0, 4 * p: 4.0})
+    x = mixed_batch(2, p=p)
     flops = model_flops(apt, apt.make_layout(x))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
@@ -319,15 +321,21 @@ def test_flop_counts_include_the_attention_pool_and_both_heads(family):
     assert flops["apt"][0] < flops["uniform"][0]
 
 
-@pytest.mark.parametrize("family", NEW)
+# every family from the command line: SigLIP's attention pool, distilled DeiT, EVA-02 (GluMlp, RoPE + absolute
+# table, /14), DINOv3 (registers, its RoPE), PE (RoPE and an attention pool that sees the prefix)
+CLI = NEW + ["eva02", "dinov3", "pe_map"]
+
+
+@pytest.mark.parametrize("family", CLI)
 def test_finetune_and_eval_from_the_command_line(tmp_path, capsys, family):
     import json
 
     from ..cli.helpers import make_folder, run
 
     data = make_folder(tmp_path / "data")
-    path = aptvit.save(aptvit.convert(tiny_vit(family), budget=0.5), tmp_path / "start.safetensors")
-    name = FAMILIES[family][0]
+    model = tiny_vit(family, num_classes=2)  # the data's two classes: the converted model evaluates as it is
+    path = aptvit.save(aptvit.convert(model, budget=0.5), tmp_path / "start.safetensors")
+    name, p = FAMILIES[family][0], model.patch_embed.patch_size[0]
     argv = [
         "finetune",
         "--model",
@@ -339,23 +347,29 @@ def test_finetune_and_eval_from_the_command_line(tmp_path, capsys, family):
         "--out",
         tmp_path / "run",
         "--size",
-        "32",
+        str(2 * p),
     ]
     code, out, err = run(capsys, *argv, "--batch-size", "4", "--workers", "0", "--no-eval", "--max-steps", "2")
     assert code == 0, err
-    tuned = aptvit.load(tmp_path / "run" / "model.safetensors")
+    tuned = aptvit.load(tmp_path / "run" / "model.safetensors")  # re-created from its metadata alone
     assert tuned.num_classes == 2 and tuned.family.name == ADAPTERS[FAMILY_OF[family]].name
-    code, out, err = run(
-        capsys,
-        "eval",
-        "--checkpoint",
-        tmp_path / "run" / "model.safetensors",
-        "--data",
-        data,
-        "--workers",
-        "0",
-        "--json",
-        tmp_path / "e.json",
-    )
-    assert code == 0, err
-    assert 0.0 <= json.loads((tmp_path / "e.json").read_text())["top1"] <= 100.0  # percent
+    start, after = model.state_dict(), tuned.timm_model.state_dict()
+    assert {k: v.shape for k, v in start.items()} == {k: v.shape for k, v in after.items()}, "the same structure"
+    assert any(not torch.equal(start[k], after[k]) for k in start), "the steps trained it"
+    for i, checkpoint in enumerate((path, tmp_path / "run" / "model.safetensors")):  # converted, and fine-tuned
+        code, out, err = run(
+            capsys,
+            "eval",
+            "--checkpoint",
+            checkpoint,
+            "--data",
+            data,
+            "--size",
+            str(2 * p),
+            "--workers",
+            "0",
+            "--json",
+            tmp_path / f"e{i}.json",
+        )
+        assert code == 0, err
+        assert 0.0 <= json.loads((tmp_path / f"e{i}.json").read_text())["top1"] <= 100.0  # percent

@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 from torch import nn
 
 from ...core.io import InputError, UserTypeError
-from .base import BlockContext, Family, drop_path_packed, patch_centres
+from .base import BlockContext, Family, drop_path_packed
 from .distilled import DistilledFamily
 from .eva import EvaFamily
 from .vit import ViTFamily
@@ -85,7 +85,6 @@ __all__ = [
     "check_supported",
     "drop_path_packed",
     "family_of",
-    "patch_centres",
     "register_family",
     "supported",
     "supported_table",

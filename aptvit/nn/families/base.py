@@ -14,9 +14,9 @@ answers, for its own timm class only:
       tensors they are made of);
     - rotary positions (RoPE): ``token_tables`` returns, once per forward, whatever per-token tables the family's
       attention needs, e.g. (N, head_dim) sin / cos of every packed row. They are built from the plan only
-      (``patch_centres(packed)``: each patch's centre in base-grid units, fractional for merged patches; prefix and
-      padding rows get the family's own treatment, e.g. no rotation), with shape-static ops: no host sync, no
-      data-dependent shape, so ``forward_packed`` stays capturable. Learned frequencies keep their gradients because
+      (``core.rope.layout_centres(packed.layout)``: each patch's centre in base-grid units, fractional for merged
+      patches; prefix and padding rows get the family's own treatment, e.g. no rotation), with shape-static ops: no
+      host sync, no data-dependent shape, so ``forward_packed`` stays capturable. Learned frequencies keep their gradients because
       the tables are made inside the forward; the coordinates come from the host plan.
     - both (EVA-02, PE): ``positions`` for the table and ``token_tables`` for the rotation;
 * **how one block runs on packed tokens** (``block(apt, blk, x, ctx)``): the block's own layers on the (N, D)
@@ -38,6 +38,7 @@ Families hold no state: one instance serves every model of its kind (methods tak
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -84,6 +85,18 @@ def check_patch_embed(model: nn.Module) -> Optional[str]:
     return None
 
 
+def mlp_ratio_of(hidden: int, dim: int) -> float:
+    """The ``mlp_ratio`` for which timm builds ``hidden`` features from width ``dim`` (``int(dim * mlp_ratio)``).
+
+    ``hidden / dim`` is not always it: the quotient may round down, and then ``int(dim * ratio)`` is ``hidden - 1``
+    (e.g. 115 / 56); the next float up is (one step is always enough for widths of practical size).
+    """
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def drop_path_packed(
     y: torch.Tensor, module: nn.Module, seq: torch.Tensor, num_seqs: int, training: bool
 ) -> torch.Tensor:
@@ -111,19 +124,6 @@ def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return mlp(x)
     x = skip_dropout(mlp.drop1, mlp.act(mlp.fc1(x)))
     return skip_dropout(mlp.drop2, mlp.fc2(mlp.norm(x)))
-
-
-def patch_centres(packed: PackedBatch) -> torch.Tensor:
-    """(T, 2) float32 (row, col) centre of every patch token, in base-grid units, for rotary positions.
-
-    A base cell's coordinate is its index (timm's RoPE grids count cells 0, 1, ...); a merged patch of k x k cells
-    starting at cell (r, c) sits at (r + (k - 1) / 2, c + (k - 1) / 2), the mean of its cells' coordinates.
-    Shape-static elementwise ops on the layout: no host sync. Scatter into packed order with ``packed.patch_pos``.
-    """
-    layout = packed.layout
-    p = float(layout.base_size)
-    half = (layout.size.float() / p - 1.0) / 2.0
-    return torch.stack([layout.y.float() / p + half, layout.x.float() / p + half], dim=1)
 
 
 class Family:

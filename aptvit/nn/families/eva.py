@@ -37,7 +37,7 @@ from ...core.rope import (
     sincos_table,
 )
 from ..attention import varlen_attention
-from .base import BlockContext, check_patch_embed, drop_path_packed
+from .base import BlockContext, check_patch_embed, drop_path_packed, mlp_ratio_of
 from .pool import GLOBAL_POOLS, check_attention_pool
 from .vit import ViTFamily
 
@@ -400,16 +400,14 @@ class EvaFamily(ViTFamily):
             mlp = blk.mlp
             args["swiglu_mlp"] = isinstance(mlp, (GluMlp, SwiGLU))
             args["scale_mlp"] = not _identity(getattr(mlp, "norm", None))
-            if not isinstance(mlp, GluMlp):
-                # GluMlp's fc1 holds both halves (2x the hidden width), which the checkpoint's generic check of
-                # mlp_ratio against fc1 does not know: its ratio is left to the architecture name's default
-                hidden = mlp.fc1_g.out_features if isinstance(mlp, SwiGLU) else mlp.fc1.out_features
-                args["mlp_ratio"] = hidden / model.embed_dim
+            # timm's EvaBlock builds int(dim * mlp_ratio) hidden features for Mlp, SwiGLU and GluMlp alike (GluMlp's
+            # fc1 holds both halves, 2x that): fc2's input width is the hidden width of all three
+            args["mlp_ratio"] = mlp_ratio_of(mlp.fc2.in_features, model.embed_dim)
         if model.attn_pool is not None:
             pool = model.attn_pool
             args["attn_pool_num_heads"] = pool.num_heads
             if pool.mlp is not None:
-                args["attn_pool_mlp_ratio"] = pool.mlp.fc1.out_features / model.embed_dim
+                args["attn_pool_mlp_ratio"] = mlp_ratio_of(pool.mlp.fc1.out_features, model.embed_dim)
         return args
 
     def max_position_prefix(self, args: Dict) -> int:

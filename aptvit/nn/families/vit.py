@@ -16,7 +16,7 @@ from torch import nn
 from ...core.packed import PackedBatch
 from ..attention import packed_self_attention
 from ..embed import position_bank
-from .base import BlockContext, Family, check_patch_embed, drop_path_packed, mlp_forward
+from .base import BlockContext, Family, check_patch_embed, drop_path_packed, mlp_forward, mlp_ratio_of
 from .pool import GLOBAL_POOLS, attention_pool, check_attention_pool, pool_tokens
 
 
@@ -212,7 +212,7 @@ class ViTFamily(Family):
         }
         fc1 = getattr(vit.blocks[0].mlp, "fc1", None) if len(vit.blocks) else None
         if isinstance(fc1, nn.Linear) and type(vit.blocks[0].mlp).__name__ == "Mlp":
-            args["mlp_ratio"] = fc1.out_features / vit.embed_dim
+            args["mlp_ratio"] = mlp_ratio_of(fc1.out_features, vit.embed_dim)
         return args
 
     def max_position_prefix(self, args: Dict) -> int:
