@@ -87,6 +87,13 @@ class Batch:
     bad: List[str]
     packed: Optional[PackedBatch] = None  # the model's plan of the batch, made in the worker (see make_loader)
 
+    def count_bad(self, skip_bad_images: bool) -> int:
+        """How many of the batch's files could not be read; an ``InputError`` naming the first unless
+        ``skip_bad_images`` (training, evaluation and agreement all read images this way)."""
+        if self.bad and not skip_bad_images:
+            raise InputError(f"cannot read image {self.bad[0]}; pass --skip-bad-images to skip unreadable files")
+        return len(self.bad)
+
     def pin_memory(self) -> "Batch":
         """The batch in page-locked host memory: ``DataLoader(pin_memory=True)`` calls this on custom batch types
         (without it the batch stays unpinned and the "non-blocking" copies to the GPU block). Needs an accelerator."""

@@ -68,10 +68,7 @@ def evaluate(
     correct1 = correct5 = seen = tokens = base = bad = 0.0
     model_seconds = 0.0
     for batch in tqdm(loader, desc="eval", disable=None if (progress and dist.main) else True, leave=False):
-        if batch.bad:
-            if not skip_bad_images:
-                raise InputError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
-            bad += len(batch.bad)
+        bad += batch.count_bad(skip_bad_images)
         if batch.images.shape[0] == 0:
             continue
         images = normalise(batch.images.to(dist.device), mean, std)

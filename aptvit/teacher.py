@@ -187,10 +187,7 @@ def agreement(
     sums = dict.fromkeys(names, 0.0)
     seen = tokens = base = bad = seconds = 0.0
     for batch in tqdm(loader, desc="agreement", disable=None if (progress and dist.main) else True, leave=False):
-        if batch.bad:
-            if not skip_bad_images:
-                raise InputError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
-            bad += len(batch.bad)
+        bad += batch.count_bad(skip_bad_images)
         if batch.images.shape[0] == 0:
             continue
         crops = batch.images.to(dist.device)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.distill import distill_loss
-from ..core.io import InputError, check_writable
+from ..core.io import check_writable
 from ..distributed import Dist, all_reduce_sum, setup_distributed
 from ..evaluate import evaluate
 from ..images import normalise
@@ -130,7 +130,7 @@ def train_one_epoch(
     window, metrics = _Window(), {}
     for batch in bar:
         state.batches_in_epoch += 1  # consumed, whether or not it becomes a step (resume skips by batches)
-        state.bad_images += _count_bad(batch, cfg)
+        state.bad_images += batch.count_bad(cfg.skip_bad_images)
         # every rank must take the step or none (DDP's collectives): skip when any rank has nothing
         if all_reduce_sum([float(batch.images.shape[0] == 0)], dist)[0] > 0:
             continue
@@ -258,13 +258,6 @@ class _Window:
             "tokens_kept": tokens / max(1, base),
             "bad_images": state.bad_images,
         }
-
-
-def _count_bad(batch, cfg: TrainConfig) -> int:
-    """How many of the batch's files could not be read; an error unless ``cfg.skip_bad_images``."""
-    if batch.bad and not cfg.skip_bad_images:
-        raise InputError(f"cannot read image {batch.bad[0]}; pass --skip-bad-images to skip unreadable files")
-    return len(batch.bad)
 
 
 def _update(apt, loss: torch.Tensor, optimizer, cfg: TrainConfig) -> None:
