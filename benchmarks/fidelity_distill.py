@@ -8,8 +8,8 @@ AdamW over ``param_groups``, warm-up + cosine ``lr_at``, gradient clipping) and 
 is no head):
 
 - APT through the public training API, ``aptvit.train.finetune(TrainConfig(distill=True, ...))`` (what
-  ``aptvit finetune --distill`` runs), on a folder of the crops; its new ``apt.*`` layers at the library's lr
-  multiplier;
+  ``aptvit finetune --distill`` runs), on a folder of the crops; its new ``apt.*`` layers at the recipe's lr
+  multiplier (``new_layer_lr_scale``);
 - lower resolution through a loop of the same pieces: the crops downsized to the student's side, its dense grid
   upsampled (bilinear) to the teacher's, as ``real_fidelity.lowres_method`` evaluates it.
 
@@ -55,15 +55,22 @@ EXTRA_SKIMAGE = (
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """One epoch of distillation: ``steps`` optimizer steps of ``batch`` crops at peak ``lr`` (the source's
-    weights; the new APT layers at the library's multiplier), cosine to ``lr / 10``."""
+    weights), cosine to ``lr / 10``; an APT student's new layers at ``new_layer_lr_scale`` times that (the
+    library's ``TrainConfig.new_layer_lr_scale``, 10 by default)."""
 
     steps: int = 150
     batch: int = 8
     lr: float = 2e-6
     seed: int = 0
+    new_layer_lr_scale: float = 10.0
 
     def key(self) -> str:
+        """The epoch's name without the new layers' multiplier (a uniform student has none)."""
         return f"s{self.steps}-b{self.batch}-lr{self.lr:g}-seed{self.seed}"
+
+    def crops_key(self) -> str:
+        """What the crops depend on: every recipe of the same length and seed trains on the same crops."""
+        return f"s{self.steps}-b{self.batch}-seed{self.seed}"
 
     def train_config(self, **fields) -> TrainConfig:
         """The library's settings for this recipe (no augmentation: the crops are the randomness; no drop path)."""
@@ -80,6 +87,7 @@ class Recipe:
             device="cpu",
             distill=True,
             log_every=10,
+            new_layer_lr_scale=self.new_layer_lr_scale,
             **fields,
         )
 
@@ -142,6 +150,7 @@ def distill_apt(
     final = out / "model.safetensors"
     if not (out / "done.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
         weights = out.with_name(out.name + "-source.safetensors")
         from safetensors.torch import save_file
 
@@ -203,6 +212,7 @@ def distill_lowres(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
         optimizer.step()
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: torch.save(student.state_dict(), tmp))
     return student.eval()
 
@@ -236,16 +246,17 @@ class Students:
         self.timm_name, self.timm_args = timm_name, timm_args
         self.size = timm_args["img_size"]
         self.work = Path(work) / f"distill-{self.size}px-{recipe.key()}"
+        self.crops_dir = Path(work) / f"crops-{self.size}px-{recipe.crops_key()}"  # shared by the recipes
         self._crops = None
 
     def crops(self) -> torch.Tensor:
         """(steps * batch, 3, size, size) uint8, made once and cached."""
         if self._crops is None:
-            path = self.work / "crops.pt"
+            path = self.crops_dir / "crops.pt"
             if path.is_file():
                 self._crops = torch.load(path, weights_only=True)
             else:
-                self.work.mkdir(parents=True, exist_ok=True)
+                self.crops_dir.mkdir(parents=True, exist_ok=True)
                 n = self.recipe.steps * self.recipe.batch
                 self._crops = random_crops(self.photos(), n, self.size, self.recipe.seed)
                 atomic_write(path, lambda tmp: torch.save(self._crops, tmp))
@@ -255,9 +266,9 @@ class Students:
     @torch.inference_mode(False)
     @torch.enable_grad()
     def apt(self, budget: float) -> torch.nn.Module:
-        folder = write_folder(self.crops(), self.work / "crops")
+        folder = write_folder(self.crops(), self.crops_dir / "crops")
         settings = self.settings(budget)
-        out = self.work / f"apt-b{budget:g}"
+        out = self.work / f"apt-b{budget:g}-new{self.recipe.new_layer_lr_scale:g}"
         return distill_apt(
             self.source.state_dict(), folder, out, self.recipe, self.size, self.timm_name, settings, self.timm_args
         )

@@ -288,6 +288,7 @@ class Method:
     budget: Optional[float]
     run: Callable  # (x, px) -> (pre (B, D), dense (B, D, h, w) or None, tokens (B,), flops (B,))
     timed: Optional[Callable] = None  # x -> output, what a user runs (layouts included)
+    recipe: Optional[object] = None  # a distilled student's fidelity_distill.Recipe
 
 
 def smooth_of(dense: torch.Tensor, layout) -> torch.Tensor:
@@ -311,9 +312,11 @@ def apt_method(
     sizes: Optional[Tuple[int, ...]] = None,
     model: Optional[Callable[[], torch.nn.Module]] = None,
     suffix: str = "",
+    content: Optional[str] = None,
 ) -> Method:
     """``model``: a function that gives the APT model to run (a distilled student, built when a row first needs
-    it), in place of the zero-shot conversion; ``suffix`` marks its rows."""
+    it), in place of the zero-shot conversion; ``suffix`` marks its rows. ``positions`` / ``content``: the
+    variants of ``position_variant`` / ``content_variant``."""
     three = (PATCH, 2 * PATCH, 4 * PATCH)  # the rows without a "sizes=" mark (aptvit 0.1's default sizes)
     sizes = three if sizes is None else tuple(sizes)
     zero_shot = convert(src.vit, budget, "entropy" if scorer == "random" else scorer, area_bias, sizes)
@@ -334,7 +337,7 @@ def apt_method(
 
     def run(x, px):
         layout, apt = layout_of(x), apt_model()
-        with position_variant(positions):
+        with position_variant(positions), content_variant(content):
             pre, dense = apt_outputs(apt, x, layout)
         variants = {"": dense, " smooth": smooth_of(dense, layout)} if smooth else {"": dense}
         return pre, variants, layout.num_tokens.double() / base, model_flops(apt, layout)["apt"]
@@ -342,7 +345,7 @@ def apt_method(
     bias = "" if area_bias is None else (" + area bias" if area_bias else "")
     label = "Random" if scorer == "random" else f"APT {scorer}"
     mark = "" if sizes == three else f" sizes={'/'.join(map(str, sizes))}"
-    extra = f" pos={positions}" if positions else ""
+    extra = (f" pos={positions}" if positions else "") + (f" content={content}" if content else "")
     name = f"{label}{bias}{mark}{extra}{suffix}"
     return Method(name, f"{label}{bias}{mark}{suffix}", budget, run, lambda x: apt_model()(x, layout=layout_of(x)))
 
@@ -423,6 +426,46 @@ class position_variant:
             import aptvit.nn.families.vit as m  # where the ViT family builds its position bank
 
             m.position_bank = self.saved
+        return False
+
+
+class content_variant:
+    """A context that swaps how a merged token's content is embedded, zero-shot (the embedding experiment).
+
+    None: the library's (the patch area-averaged to p x p, then the ViT's projection: the content at 1/k of its
+    scale). "mean": the mean of the base embeddings of the k x k sub-patches it covers (the scale the ViT was
+    trained at; with the mean position, exactly the mean of the uniform model's input tokens there, ToMe's merge
+    before the first block). The detail path is zero in a fresh conversion and is left out.
+    """
+
+    def __init__(self, kind: Optional[str]) -> None:
+        self.kind = kind
+
+    def __enter__(self):
+        if self.kind is None:
+            return self
+        from aptvit.nn.embed import AdaptivePatchEmbed, area_halve
+
+        self.saved = AdaptivePatchEmbed.bank
+
+        def bank(embed, images, proj, norm):
+            p, b = embed.patch_sizes[0], images.shape[0]
+            grid = self.saved(embed, images, proj, norm)[: b * (images.shape[-2] // p) * (images.shape[-1] // p)]
+            grid, rows, k = grid.view(b, images.shape[-2] // p, images.shape[-1] // p, -1), [grid], 1
+            for s in embed.patch_sizes[1:]:
+                while k < s // p:
+                    grid, k = area_halve(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), k * 2
+                rows.append(grid.reshape(-1, grid.shape[-1]))
+            return torch.cat(rows)
+
+        AdaptivePatchEmbed.bank = bank
+        return self
+
+    def __exit__(self, *exc):
+        if self.kind is not None:
+            from aptvit.nn.embed import AdaptivePatchEmbed
+
+            AdaptivePatchEmbed.bank = self.saved
         return False
 
 
@@ -571,6 +614,12 @@ def parse_args(argv=None):
     p.add_argument("--weights", type=Path, default=None, help="cache of the converted weights (real_weights.py)")
     p.add_argument("--results", default="docs/real_fidelity", help="prefix of the .json, .png and _table.md outputs")
     p.add_argument("--large-photos", type=int, default=6, help="test photos at the larger sizes")
+    p.add_argument(
+        "--large-val",
+        type=int,
+        default=8,
+        help="validation photos at the larger sizes (the patch sizes there; 0: none)",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--speed-images", type=int, default=8)
     p.add_argument("--runs", type=int, default=3)
@@ -578,20 +627,32 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distill-steps", type=int, default=150, help="one epoch of --distill at the first size (0: none)")
     p.add_argument("--distill-batch", type=int, default=8)
-    p.add_argument("--distill-lr", type=float, default=2e-6, help="peak lr of the distillation epoch")
-    p.add_argument("--distill-budgets", default="0.5", help="the budgets that get distilled students (CPU time)")
+    p.add_argument(
+        "--distill-lrs", default="2e-6,5e-6", help="peak lrs of the distillation epoch tried (both students)"
+    )
+    p.add_argument(
+        "--distill-new-scales", default="10,100", help="the APT student's new-layer lr multipliers tried (each lr)"
+    )
+    p.add_argument(
+        "--distill-budgets",
+        default="0.5",
+        help="the budgets that get distilled students (CPU time); every recipe is tried on the validation photos at "
+        "the first, each student's best recipe there is used at the others and on the test photos",
+    )
     p.add_argument("--cached-only", action="store_true", help="write the outputs from the cached rows only")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny random ViT, scikit-image photos")
     args = p.parse_args(argv)
     if args.quick:  # sizes and budgets as given, else the smoke run's own
         args.sizes = "56,112" if args.sizes == p.get_default("sizes") else args.sizes
-        args.val, args.test, args.speed_images, args.runs, args.large_photos = 2, 3, 2, 1, 2
+        args.val, args.test, args.speed_images, args.runs, args.large_photos, args.large_val = 2, 3, 2, 1, 2, 1
         args.distill_steps, args.distill_batch = min(args.distill_steps, 2), 2
         args.work += "-quick"
         args.results = args.results + "-quick" if args.results == "docs/real_fidelity" else args.results
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.distill_budgets = [float(b) for b in args.distill_budgets.split(",")]
+    args.distill_lrs = [float(v) for v in args.distill_lrs.split(",")]
+    args.distill_new_scales = [float(v) for v in args.distill_new_scales.split(",")]
     return args
 
 
@@ -603,9 +664,22 @@ def val_methods(src: Source, budget: float, variants: bool) -> List[Method]:
     ms += [apt_method(src, budget, "random", a) for a in biases]
     if variants:
         ms += [apt_method(src, budget, s, biases[-1], positions="bicubic") for s in ("entropy", "upsample")]
+    # a merged token's content: the mean of its sub-patches' embeddings instead of the patch shrunk to p x p
+    two = (PATCH, 2 * PATCH)
+    ms += [apt_method(src, budget, s, biases[-1], sizes=two, content="mean") for s in ("entropy", "upsample")]
     # the largest merge: at 224 px a 4p patch is a quarter of the image side; two sizes (p, 2p) instead
     ms += [apt_method(src, budget, s, biases[-1], sizes=(PATCH, 2 * PATCH)) for s in ("entropy", "upsample", "random")]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
+
+
+def large_val_methods(src: Source, budget: float) -> List[Method]:
+    """Validation at the larger sizes: whether the patch sizes chosen at the first size hold there (two sizes
+    against three, entropy and upsample with the area bias), beside Random and lower resolution."""
+    bias = True if has_area_bias() else None
+    ms = [
+        apt_method(src, budget, s, bias, sizes=z) for s in ("entropy", "upsample") for z in (None, (PATCH, 2 * PATCH))
+    ]
+    return ms + [apt_method(src, budget, "random", bias, sizes=(PATCH, 2 * PATCH)), lowres_method(src, budget)]
 
 
 def test_methods(src: Source, budget: float, large: bool = False) -> List[Method]:
@@ -623,33 +697,73 @@ def test_methods(src: Source, budget: float, large: bool = False) -> List[Method
     return ms + [lowres_method(src, budget), tome_method(src, budget)]
 
 
-def distill_methods(src: Source, budget: float, students) -> List[Method]:
-    """After one epoch of distillation (``fidelity_distill``): APT with the chosen settings, lower resolution."""
-    r = students.recipe
-    tag = f" + distill ({r.steps} x {r.batch} crops, lr {r.lr:g})"
+def distill_methods(src: Source, budget: float, grid, chosen: Optional[Dict[str, object]] = None) -> List[Method]:
+    """After one epoch of distillation (``fidelity_distill``): APT with the chosen settings and lower resolution,
+    one row per recipe of ``grid`` (``{Recipe: Students}``), or only each student's ``chosen`` recipe
+    (``{"apt": Recipe, "lowres": Recipe}``)."""
     two = (PATCH, 2 * PATCH)
-    return [
-        apt_method(src, budget, "entropy", True, sizes=two, model=lambda: students.apt(budget), suffix=tag),
-        lowres_method(src, budget, model=lambda side: students.lowres(budget, side), suffix=tag),
-    ]
+    ms = []
+    for r, students in grid.items():
+        if chosen is None or chosen["apt"] == r:
+            tag = f" + distill ({r.steps} x {r.batch} crops, lr {r.lr:g}, new x{r.new_layer_lr_scale:g})"
+            model = lambda s=students: s.apt(budget)  # noqa: E731
+            m = apt_method(src, budget, "entropy", True, sizes=two, model=model, suffix=tag)
+            ms.append(dataclasses.replace(m, recipe=r))
+    lowres: Dict[str, tuple] = {}  # a uniform student has no new layers: one per lr, its first recipe
+    for r, students in grid.items():
+        lowres.setdefault(r.key(), (r, students))
+    for r, students in lowres.values():
+        if chosen is None or chosen["lowres"].key() == r.key():
+            tag = f" + distill ({r.steps} x {r.batch} crops, lr {r.lr:g})"
+            model = lambda side, s=students: s.lowres(budget, side)  # noqa: E731
+            ms.append(dataclasses.replace(lowres_method(src, budget, model=model, suffix=tag), recipe=r))
+    return ms
+
+
+def choose_recipes(grid, methods: List[Method], scores: Dict[str, dict]) -> Dict[str, object]:
+    """Each student's recipe with the highest mean of dense and class cosine in ``scores`` (the validation rows
+    of ``methods``, ``distill_methods(..., chosen=None)``'s, by name); the first recipe when a row is missing."""
+    best: Dict[str, Tuple[float, object]] = {}
+    for m in methods:
+        kind = "lowres" if m.curve.startswith("lower resolution") else "apt"
+        row = scores.get(m.name)
+        if row is None:
+            continue
+        value = (row[""]["dense_cos"] + row[""]["class_cos"]) / 2
+        if kind not in best or value > best[kind][0]:
+            best[kind] = (value, m.recipe)
+    first = next(iter(grid))
+    return {k: best[k][1] if k in best else first for k in ("apt", "lowres")}
 
 
 def make_students(src: Source, args, sources: List[str], evaluated: List[str], work: Path):
-    """The distilled students at ``src.size`` (trained when a row first needs one)."""
+    """The distilled students at ``src.size``, one ``Students`` per recipe tried (each trained when a row first
+    needs it)."""
     from benchmarks import fidelity_distill as fd
 
     train = fd.train_sources(sources, evaluated, scene_key)
-    recipe = fd.Recipe(args.distill_steps, args.distill_batch, args.distill_lr, args.seed)
-    return fd.Students(
-        recipe,
-        work,
-        src.vit,
-        src.make_vit,
-        "vit_small_patch14_dinov2",
-        src.timm_args,
-        lambda: [_open(s) for s in train],
-        lambda budget: aptvit.APTConfig(patch_sizes=(PATCH, 2 * PATCH), budget=budget, area_bias=True),
-    )
+    photos: Dict[str, list] = {}
+
+    def open_photos():  # opened once, for the crops of every recipe
+        if "p" not in photos:
+            photos["p"] = [_open(s) for s in train]
+        return photos["p"]
+
+    grid = {}
+    for lr in args.distill_lrs:
+        for scale in args.distill_new_scales:
+            recipe = fd.Recipe(args.distill_steps, args.distill_batch, lr, args.seed, scale)
+            grid[recipe] = fd.Students(
+                recipe,
+                work,
+                src.vit,
+                src.make_vit,
+                "vit_small_patch14_dinov2",
+                src.timm_args,
+                open_photos,
+                lambda budget: aptvit.APTConfig(patch_sizes=(PATCH, 2 * PATCH), budget=budget, area_bias=True),
+            )
+    return grid
 
 
 def speed_methods(src: Source, budget: float, large: bool = False) -> List[Method]:
@@ -717,13 +831,17 @@ def main(argv=None) -> int:
     for size in args.sizes:
         # larger inputs cost ~4-6x more on this CPU: fewer photos there (the first of each split)
         large = size > min(args.sizes)
-        here = {k: v[: args.large_photos] if large else v for k, v in splits.items()}
+        here = (
+            {"val": splits["val"][: args.large_val], "test": splits["test"][: args.large_photos]} if large else splits
+        )
         src = tiny_source(size) if args.quick else real_source(size, weights)
         evaluated = splits["val"] + splits["test"]
-        students = make_students(src, args, sources, evaluated, work) if args.distill_steps and not large else None
+        grid = make_students(src, args, sources, evaluated, work) if args.distill_steps and not large else None
+        chosen: Dict[str, object] = {}
         base = (size // PATCH) ** 2
         uni_flops = tome_flops(src.vit, 0, base)
-        for split in ("test",) if large else ("val", "test"):  # every choice is made at the first size
+        # every choice is made at the first size; at the larger ones validation checks the patch sizes only
+        for split in ("val", "test") if not large or args.large_val else ("test",):
             px = load_photos(here[split], size)
             x = normalise(px)
             ref_file = work / f"ref-{key}-{size}-{split}-{len(here[split])}.pt"
@@ -745,12 +863,26 @@ def main(argv=None) -> int:
                     cache[dk] = default_threshold_tokens(px)
                 thresholds_rows[size] = cache[dk]
             for budget in args.budgets:
-                if split == "val":
+                if split == "val" and large:
+                    methods = large_val_methods(src, budget)
+                elif split == "val":
                     methods = val_methods(src, budget, variants=size == min(args.sizes) and budget == min(args.budgets))
                 else:
                     methods = test_methods(src, budget, large)
-                if students is not None and budget in args.distill_budgets:
-                    methods += distill_methods(src, budget, students)
+                if grid is not None and budget in args.distill_budgets:
+                    first = args.distill_budgets[0]
+                    if split == "val" and budget == first:  # every recipe; the choice is made here
+                        tried = distill_methods(src, budget, grid)
+                        methods += tried
+                    else:
+                        if not chosen:
+                            tried = distill_methods(src, first, grid)
+                            scores = {
+                                m.name: cache.get(f"{size}|val|{len(splits['val'])}|{first}|{m.name}") for m in tried
+                            }
+                            chosen.update(choose_recipes(grid, tried, scores))
+                            log(f"  distillation recipes chosen on validation at {first:.0%}: {chosen}")
+                        methods += distill_methods(src, budget, grid, chosen)
                 for m in methods:
                     rk = f"{size}|{split}|{len(x)}|{budget}|{m.name}"
                     if rk not in cache and args.cached_only:

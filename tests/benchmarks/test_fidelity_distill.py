@@ -76,7 +76,7 @@ def test_the_lower_resolution_loss_is_zero_at_the_teachers_side_only():
 def test_the_apt_student_trains_through_the_library_and_reloads(tmp_path):
     src = rf.tiny_source(56)
     students = fd.Students(
-        fd.Recipe(steps=2, batch=2, lr=1e-4),
+        fd.Recipe(steps=2, batch=2, lr=1e-4, new_layer_lr_scale=30.0),
         tmp_path,
         src.vit,
         src.make_vit,
@@ -87,9 +87,11 @@ def test_the_apt_student_trains_through_the_library_and_reloads(tmp_path):
     )
     with torch.inference_mode():  # as real_fidelity.evaluate asks for it
         apt = students.apt(0.5)
-    run = tmp_path / "distill-56px-s2-b2-lr0.0001-seed0" / "apt-b0.5"
+    run = tmp_path / "distill-56px-s2-b2-lr0.0001-seed0" / "apt-b0.5-new30"
     config = json.loads((run / "config.json").read_text())
     assert config["distill"] and config["apt"]["budget"] == 0.5 and config["apt"]["patch_sizes"] == [14, 28]
+    assert config["new_layer_lr_scale"] == 30.0  # the recipe's multiplier reaches the library's run
+    assert (tmp_path / "crops-56px-s2-b2-seed0" / "crops.pt").is_file()  # shared by every lr of this length
     assert apt.config.budget == 0.5 and not apt.training
     moved = [k for k, v in apt.timm_model.state_dict().items() if not torch.equal(v, src.vit.state_dict()[k])]
     assert moved  # it trained

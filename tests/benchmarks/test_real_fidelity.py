@@ -91,3 +91,41 @@ def test_splits_keep_scenes_whole():
         assert len(where) == 1, scene  # one scene never straddles the splits
         assert sum(scene in s for v in sp.values() for s in v) == rf.PER_SCENE
     assert sum("pexels" in s for v in sp.values() for s in v) == 8  # every interior photo is its own scene
+
+
+def test_each_student_keeps_its_own_best_recipe_of_the_validation_rows(tiny):
+    from benchmarks import fidelity_distill as fd
+
+    src, _ = tiny
+    grid = {fd.Recipe(lr=lr, new_layer_lr_scale=k): None for lr in (2e-6, 5e-6) for k in (10.0, 100.0)}
+    tried = rf.distill_methods(src, 0.5, grid)  # students are built only when a row runs: none here
+    apt = [m for m in tried if m.curve.startswith("APT")]
+    low = [m for m in tried if m.curve.startswith("lower resolution")]
+    assert len(apt) == 4 and len(low) == 2  # a uniform student has no new layers: one per lr
+    assert len({m.name for m in tried}) == 6
+    best_apt, best_low = fd.Recipe(lr=5e-6, new_layer_lr_scale=100.0), fd.Recipe(lr=2e-6)
+    # the mean of dense and class decides: the APT winner is second on dense, first on the mean
+    scores = {}
+    for m in tried:
+        top = m.recipe == best_apt if m in apt else m.recipe.key() == best_low.key()
+        scores[m.name] = {"": {"dense_cos": 0.90 if top else 0.91, "class_cos": 0.99 if top else 0.95}}
+    chosen = rf.choose_recipes(grid, tried, scores)
+    assert chosen == {"apt": best_apt, "lowres": best_low}
+    again = rf.distill_methods(src, 0.5, grid, chosen)
+    assert [m.recipe for m in again] == [best_apt, best_low]
+    # no validation rows (e.g. --cached-only): the first recipe
+    first = next(iter(grid))
+    assert rf.choose_recipes(grid, tried, {}) == {"apt": first, "lowres": first}
+
+
+def test_the_larger_sizes_get_a_validation_of_the_patch_sizes(tmp_path):
+    out = tmp_path / "res"
+    argv = ["--quick", "--sizes", "56,112", "--budgets", "0.5", "--distill-steps", "0"]
+    assert rf.main(argv + ["--work", str(tmp_path / "w"), "--results", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    val112 = {r["name"] for r in rows if r["size"] == 112 and r["split"] == "val"}
+    two, three = "APT entropy + area bias sizes=14/28", "APT entropy + area bias"
+    assert {two, three, "APT upsample + area bias sizes=14/28", "APT upsample + area bias"} <= val112
+    assert all(r["photos"] == 1 for r in rows if r["size"] == 112 and r["split"] == "val")  # --large-val's count
+    val56 = {r["name"] for r in rows if r["size"] == 56 and r["split"] == "val"}
+    assert "APT laplacian" in val56 and "APT laplacian" not in val112  # the full comparison at the first size only
