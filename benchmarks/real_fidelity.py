@@ -32,6 +32,7 @@ curve per method, a panel per size) and RESULTS_table.md. Rows are cached in ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -42,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from unittest import mock
 
 import numpy as np
 import torch
@@ -391,45 +393,33 @@ def tome_method(src: Source, budget: float) -> Method:
     return Method(f"ToMe (r={r})", "ToMe", budget, run, model)
 
 
-class position_variant:
+def position_variant(kind: Optional[str]):
     """A context that swaps how a merged token's position embedding is made (the position-bank experiment).
 
     None: the library's (the mean of the base positions it covers). "bicubic" / "bicubic-aa": the base table
     resampled to that size's grid (timm's ``resample_abs_pos_embed``: bicubic, without / with antialiasing).
     """
+    if kind is None:
+        return contextlib.nullcontext()
+    import aptvit.nn.families.vit as m  # where the ViT family builds its position bank
 
-    def __init__(self, kind: Optional[str]) -> None:
-        self.kind = kind
+    def bank(pos_grid, patch_sizes):
+        h, w = pos_grid.shape[-2:]
+        rows = []
+        for s in patch_sizes:
+            k = s // patch_sizes[0]
+            g = (
+                pos_grid
+                if k == 1
+                else F.interpolate(pos_grid, (h // k, w // k), mode="bicubic", antialias=kind[-2:] == "aa")
+            )
+            rows.append(g[0].flatten(1).t())
+        return torch.cat(rows)
 
-    def __enter__(self):
-        if self.kind is None:
-            return self
-        import aptvit.nn.families.vit as m  # where the ViT family builds its position bank
-
-        self.saved = m.position_bank
-        aa = self.kind == "bicubic-aa"
-
-        def bank(pos_grid, patch_sizes):
-            h, w = pos_grid.shape[-2:]
-            rows = []
-            for s in patch_sizes:
-                k = s // patch_sizes[0]
-                g = pos_grid if k == 1 else F.interpolate(pos_grid, size=(h // k, w // k), mode="bicubic", antialias=aa)
-                rows.append(g[0].flatten(1).t())
-            return torch.cat(rows)
-
-        m.position_bank = bank
-        return self
-
-    def __exit__(self, *exc):
-        if self.kind is not None:
-            import aptvit.nn.families.vit as m  # where the ViT family builds its position bank
-
-            m.position_bank = self.saved
-        return False
+    return mock.patch.object(m, "position_bank", bank)
 
 
-class content_variant:
+def content_variant(kind: Optional[str]):
     """A context that swaps how a merged token's content is embedded, zero-shot (the embedding experiment).
 
     None: the library's (the patch area-averaged to p x p, then the ViT's projection: the content at 1/k of its
@@ -437,36 +427,23 @@ class content_variant:
     trained at; with the mean position, exactly the mean of the uniform model's input tokens there, ToMe's merge
     before the first block). The detail path is zero in a fresh conversion and is left out.
     """
+    if kind is None:
+        return contextlib.nullcontext()
+    from aptvit.nn.embed import AdaptivePatchEmbed, area_halve
 
-    def __init__(self, kind: Optional[str]) -> None:
-        self.kind = kind
+    library = AdaptivePatchEmbed.bank
 
-    def __enter__(self):
-        if self.kind is None:
-            return self
-        from aptvit.nn.embed import AdaptivePatchEmbed, area_halve
+    def bank(embed, images, proj, norm):
+        p, b, (h, w) = embed.patch_sizes[0], images.shape[0], images.shape[-2:]
+        base = library(embed, images, proj, norm)[: b * (h // p) * (w // p)]  # the base grid's rows come first
+        grid, rows, k = base.view(b, h // p, w // p, -1), [base], 1
+        for s in embed.patch_sizes[1:]:
+            while k < s // p:
+                grid, k = area_halve(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), k * 2
+            rows.append(grid.reshape(-1, grid.shape[-1]))
+        return torch.cat(rows)
 
-        self.saved = AdaptivePatchEmbed.bank
-
-        def bank(embed, images, proj, norm):
-            p, b = embed.patch_sizes[0], images.shape[0]
-            grid = self.saved(embed, images, proj, norm)[: b * (images.shape[-2] // p) * (images.shape[-1] // p)]
-            grid, rows, k = grid.view(b, images.shape[-2] // p, images.shape[-1] // p, -1), [grid], 1
-            for s in embed.patch_sizes[1:]:
-                while k < s // p:
-                    grid, k = area_halve(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), k * 2
-                rows.append(grid.reshape(-1, grid.shape[-1]))
-            return torch.cat(rows)
-
-        AdaptivePatchEmbed.bank = bank
-        return self
-
-    def __exit__(self, *exc):
-        if self.kind is not None:
-            from aptvit.nn.embed import AdaptivePatchEmbed
-
-            AdaptivePatchEmbed.bank = self.saved
-        return False
+    return mock.patch.object(AdaptivePatchEmbed, "bank", bank)
 
 
 @torch.inference_mode()

@@ -129,3 +129,23 @@ def test_the_larger_sizes_get_a_validation_of_the_patch_sizes(tmp_path):
     assert all(r["photos"] == 1 for r in rows if r["size"] == 112 and r["split"] == "val")  # --large-val's count
     val56 = {r["name"] for r in rows if r["size"] == 56 and r["split"] == "val"}
     assert "APT laplacian" in val56 and "APT laplacian" not in val112  # the full comparison at the first size only
+
+
+def test_the_mean_content_variant_gives_a_merged_token_the_mean_of_its_base_embeddings(tiny):
+    from aptvit.nn.embed import AdaptivePatchEmbed
+
+    src, x = tiny
+    apt = aptvit.convert(src.vit, patch_sizes=(14, 28))
+    pe = apt.patch_embed
+    library = AdaptivePatchEmbed.bank
+    with torch.no_grad():
+        plain = apt.apt.bank(x, pe.proj, pe.norm)
+        with rf.content_variant("mean"):
+            mean = apt.apt.bank(x, pe.proj, pe.norm)
+        n, g = len(x) * 8 * 8, x.shape[-1] // 14  # base rows come first (8 x 8 cells of 14 px)
+        grid = plain[:n].view(len(x), g, g, -1)
+        want = (grid[:, ::2, ::2] + grid[:, ::2, 1::2] + grid[:, 1::2, ::2] + grid[:, 1::2, 1::2]) / 4
+    assert AdaptivePatchEmbed.bank is library  # restored
+    assert torch.equal(mean[:n], plain[:n]) and mean.shape == plain.shape
+    assert torch.allclose(mean[n:], want.reshape(-1, want.shape[-1]), atol=1e-6 * want.abs().max().item())
+    assert not torch.allclose(plain[n:], mean[n:])  # the library's merged rows are another embedding
