@@ -380,6 +380,28 @@ def lowres_method(
     return Method(name, f"lower resolution{suffix}", budget, run, lambda x: student()(down(x)))
 
 
+def apt_lowres_method(src: Source, budget: float, kept: float) -> Method:
+    """APT on a lower resolution: the input downsized so that APT keeps about ``kept`` of the smaller grid and the
+    token count is still ``budget`` of the full one (the chosen settings: entropy, area bias, p and 2p); its dense
+    grid upsampled (bilinear) to the full grid, as lower resolution's is."""
+    side = max(2 * PATCH, round(src.size / PATCH * math.sqrt(budget / kept)) * PATCH)
+    g, cells = src.size // PATCH, (side // PATCH) ** 2
+    apt = convert(src.make_vit(side), budget * g * g / cells, "entropy", True, (PATCH, 2 * PATCH))
+
+    def down(x):
+        return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+
+    def run(x, px):
+        small = down(x)
+        layout = apt.make_layout(small)
+        pre, dense = apt_outputs(apt, small, layout)
+        dense = F.interpolate(dense, size=(g, g), mode="bilinear", align_corners=False)
+        return pre, {"": dense}, layout.num_tokens.double() / g**2, model_flops(apt, layout)["apt"]
+
+    name = f"APT at a lower resolution ({side} px, {kept:.0%} of its tokens)"
+    return Method(name, "APT at a lower resolution", budget, run, lambda x: apt(down(x)))
+
+
 def tome_method(src: Source, budget: float) -> Method:
     base = (src.size // PATCH) ** 2
     r, mean_tokens = tome_r(base, budget, len(src.vit.blocks))
@@ -644,6 +666,8 @@ def val_methods(src: Source, budget: float, variants: bool) -> List[Method]:
     # a merged token's content: the mean of its sub-patches' embeddings instead of the patch shrunk to p x p
     two = (PATCH, 2 * PATCH)
     ms += [apt_method(src, budget, s, biases[-1], sizes=two, content="mean") for s in ("entropy", "upsample")]
+    # at a tight budget, downsize a little and let APT remove the rest?
+    ms += [apt_lowres_method(src, budget, kept) for kept in (0.6, 0.75)]
     # the largest merge: at 224 px a 4p patch is a quarter of the image side; two sizes (p, 2p) instead
     ms += [apt_method(src, budget, s, biases[-1], sizes=(PATCH, 2 * PATCH)) for s in ("entropy", "upsample", "random")]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]

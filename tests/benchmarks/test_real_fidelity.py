@@ -149,3 +149,14 @@ def test_the_mean_content_variant_gives_a_merged_token_the_mean_of_its_base_embe
     assert torch.equal(mean[:n], plain[:n]) and mean.shape == plain.shape
     assert torch.allclose(mean[n:], want.reshape(-1, want.shape[-1]), atol=1e-6 * want.abs().max().item())
     assert not torch.allclose(plain[n:], mean[n:])  # the library's merged rows are another embedding
+
+
+def test_apt_at_a_lower_resolution_keeps_the_full_grids_budget(tiny):
+    src, x = tiny  # 112 px: 8 x 8 cells; 35% = 22.4 tokens
+    m = rf.apt_lowres_method(src, 0.35, 0.6)
+    assert "84 px" in m.name  # 6 x 6 cells, of which APT keeps ~62%
+    with torch.no_grad():
+        pre, dense, tokens, _ = m.run(x, None)
+    assert dense[""].shape == (len(x), 32, 8, 8) and pre.shape == (len(x), 32)
+    # one merge removes 3 tokens: the count is within a merge of 35% of the full grid (64 cells), not of 6 x 6's
+    assert ((tokens * 64 - 0.35 * 64).abs() <= 3).all() and (tokens * 64 < 36 * 0.7).all()
