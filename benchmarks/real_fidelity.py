@@ -627,10 +627,10 @@ def parse_args(argv=None):
     p.add_argument("--distill-steps", type=int, default=150, help="one epoch of --distill at the first size (0: none)")
     p.add_argument("--distill-batch", type=int, default=8)
     p.add_argument(
-        "--distill-lrs", default="2e-6,5e-6", help="peak lrs of the distillation epoch tried (both students)"
-    )
-    p.add_argument(
-        "--distill-new-scales", default="10,100", help="the APT student's new-layer lr multipliers tried (each lr)"
+        "--distill-recipes",
+        default="2e-6x10,2e-6x100,5e-6x10,5e-6x100,1e-5x100,5e-6x300",
+        help="the recipes tried, each LRxK: peak lr LR, the APT student's new layers at K times it; the lower "
+        "resolution student tries each LR",
     )
     p.add_argument(
         "--distill-budgets",
@@ -650,8 +650,13 @@ def parse_args(argv=None):
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.distill_budgets = [float(b) for b in args.distill_budgets.split(",")]
-    args.distill_lrs = [float(v) for v in args.distill_lrs.split(",")]
-    args.distill_new_scales = [float(v) for v in args.distill_new_scales.split(",")]
+    given = args.distill_recipes
+    try:
+        args.distill_recipes = [tuple(float(v) for v in r.split("x")) for r in given.split(",")]
+    except ValueError:
+        args.distill_recipes = []
+    if not args.distill_recipes or any(len(r) != 2 for r in args.distill_recipes):
+        p.error(f"--distill-recipes: LRxK pairs such as 2e-6x10,5e-6x100, got {given!r}")
     return args
 
 
@@ -751,19 +756,18 @@ def make_students(src: Source, args, sources: List[str], evaluated: List[str], w
         return photos["p"]
 
     grid = {}
-    for lr in args.distill_lrs:
-        for scale in args.distill_new_scales:
-            recipe = fd.Recipe(args.distill_steps, args.distill_batch, lr, args.seed, scale)
-            grid[recipe] = fd.Students(
-                recipe,
-                work,
-                src.vit,
-                src.make_vit,
-                "vit_small_patch14_dinov2",
-                src.timm_args,
-                open_photos,
-                lambda budget: aptvit.APTConfig(patch_sizes=(PATCH, 2 * PATCH), budget=budget, area_bias=True),
-            )
+    for lr, scale in args.distill_recipes:
+        recipe = fd.Recipe(args.distill_steps, args.distill_batch, lr, args.seed, scale)
+        grid[recipe] = fd.Students(
+            recipe,
+            work,
+            src.vit,
+            src.make_vit,
+            "vit_small_patch14_dinov2",
+            src.timm_args,
+            open_photos,
+            lambda budget: aptvit.APTConfig(patch_sizes=(PATCH, 2 * PATCH), budget=budget, area_bias=True),
+        )
     return grid
 
 

@@ -160,3 +160,10 @@ def test_apt_at_a_lower_resolution_keeps_the_full_grids_budget(tiny):
     assert dense[""].shape == (len(x), 32, 8, 8) and pre.shape == (len(x), 32)
     # one merge removes 3 tokens: the count is within a merge of 35% of the full grid (64 cells), not of 6 x 6's
     assert ((tokens * 64 - 0.35 * 64).abs() <= 3).all() and (tokens * 64 < 36 * 0.7).all()
+
+
+def test_a_malformed_recipe_list_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        rf.parse_args(["--distill-recipes", "2e-6x10,5e-6"])
+    assert "--distill-recipes: LRxK pairs" in capsys.readouterr().err
+    assert rf.parse_args(["--distill-recipes", "2e-6x10,5e-6x100"]).distill_recipes == [(2e-6, 10.0), (5e-6, 100.0)]
