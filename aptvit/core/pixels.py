@@ -141,13 +141,21 @@ def grayscale_255(images: torch.Tensor) -> torch.Tensor:
         A float image equal to ``uint8 / 255`` gives exactly the same values as the uint8 image.
     """
     x = images.float()
-    if images.dtype != torch.uint8:
-        x = x * 255.0
+    if images.dtype == torch.uint8:
+        if x.shape[1] == 1:
+            return x[:, 0]
+        gray = x[:, 0] * GRAY_WEIGHTS[0]
+        gray += x[:, 1] * GRAY_WEIGHTS[1]
+        gray += x[:, 2] * GRAY_WEIGHTS[2]
+        return gray
     if x.shape[1] == 1:
-        return x[:, 0]
-    gray = x[:, 0] * GRAY_WEIGHTS[0]
-    gray += x[:, 1] * GRAY_WEIGHTS[1]
-    gray += x[:, 2] * GRAY_WEIGHTS[2]
+        return x[:, 0] * 255.0
+    # Channel by channel, each scaled to 0..255 and weighted in place: the float32 steps of (x * 255)[:, c] * w
+    # summed in channel order (the same bits), without a full-size (B, 3, H, W) temporary: at batch 1 the passes
+    # over a 224 px image then stay in the cache (host time, issue 16).
+    gray = (x[:, 0] * 255.0).mul_(GRAY_WEIGHTS[0])
+    gray += (x[:, 1] * 255.0).mul_(GRAY_WEIGHTS[1])
+    gray += (x[:, 2] * 255.0).mul_(GRAY_WEIGHTS[2])
     return gray
 
 

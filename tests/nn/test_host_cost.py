@@ -102,3 +102,60 @@ def test_entropy_of_flat_patches_after_smaller_ones():
     for sizes in [(32,), (32, 64), (64,)]:
         scores = scoring.entropy_scores(flat, sizes, 16)
         assert all(torch.equal(v, torch.zeros_like(v)) for v in scores.values())
+
+
+def _reference_gray(images: torch.Tensor) -> torch.Tensor:
+    """``grayscale_255`` as it was before the channel-by-channel version: the bits it must keep."""
+    x = images.float()
+    if images.dtype != torch.uint8:
+        x = x * 255.0
+    if x.shape[1] == 1:
+        return x[:, 0]
+    gray = x[:, 0] * 0.2989
+    gray += x[:, 1] * 0.5870
+    gray += x[:, 2] * 0.1140
+    return gray
+
+
+def _edge_images() -> torch.Tensor:
+    """(4, 3, 64, 64) in [0, 1]: noise, uint8 / 255 levels, flat gray exactly on entropy bin edges (k * 255 / 512)
+    and next to them, and the extremes 0 and 1."""
+    g = torch.Generator().manual_seed(3)
+    noise = torch.rand(3, 64, 64, generator=g)
+    levels = torch.randint(0, 256, (3, 64, 64), generator=g).float() / 255
+    edge = torch.arange(64 * 64, dtype=torch.float32).remainder(512).view(64, 64) * 255 / 512 / 255
+    edges = torch.stack([edge, torch.nextafter(edge, torch.ones(())), torch.nextafter(edge, torch.zeros(()))])
+    extremes = (torch.rand(3, 64, 64, generator=g) > 0.5).float()
+    return torch.stack([noise, levels, edges.clamp(0, 1), extremes])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.uint8])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_grayscale_255_keeps_the_bits_of_the_full_size_version(dtype, channels):
+    images = _edge_images()[:, :channels]
+    images = (images * 255).round().to(dtype) if dtype == torch.uint8 else images.to(dtype)
+    for batch in (images, images[:1], images[1:3]):
+        assert torch.equal(aptvit.core.grayscale_255(batch), _reference_gray(batch))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"thresholds": {32: 5.0}}, {"budget": 0.5}, {"scorer": "laplacian"}, {"scorer": "upsample", "budget": 40}],
+)
+def test_make_layout_gives_the_layout_of_the_reference_pixels(settings):
+    """The model's un-normalising (in place, channel-by-channel gray) gives the layout of the plain formulas
+    ``(x * std + mean).clamp(0, 1)`` and the full-size gray, on images with pixels at bin edges and extremes."""
+    apt = aptvit.convert(tiny_vit(), patch_sizes=(16, 32), **settings)
+    apt.pretrained_cfg.update(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # ImageNet's: x * std rounds
+    pixels = torch.cat([_edge_images(), _images(2, size=(64, 64))])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in apt.pixel_mean_std())
+    x = (pixels - mean) / std
+    reference = (x * std + mean).clamp(0, 1)
+    raw = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # any value, not only round trips
+    for t in (x, raw):
+        for dtype in (torch.float32, torch.float64, torch.float16):  # the in-place steps keep the formula's bits
+            assert torch.equal(apt._pixels(t.to(dtype)), (t.to(dtype).float() * std + mean).clamp(0, 1))
+    assert torch.equal(apt._pixels(x[0]), reference[0])
+    assert torch.equal(aptvit.core.grayscale_255(reference), _reference_gray(reference))
+    for batch, want in ((x, reference), (x[:1], reference[:1]), (list(x[2:4]), list(reference[2:4]))):
+        _same_layout(apt.make_layout(batch), aptvit.patch_layout(want, **apt.config.layout_kwargs()))
