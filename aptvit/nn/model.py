@@ -33,7 +33,7 @@ from ..core.packed import PackedBatch, groups_of, plan_packed
 from ..core.pixels import size_groups
 from ..core.quadtree import patch_layout
 from ..core.static import pad_static, plan_static, static_layout, static_tokens
-from .attention import SDPA_BACKENDS, as_dtype, backend_context, check_backend, resolve_backend
+from .attention import SDPA_BACKENDS, as_dtype, backend_context, check_backend, resolve_backend, skip_noop
 from .config import APTConfig
 from .dense import DenseMixin
 from .embed import AdaptivePatchEmbed
@@ -372,7 +372,7 @@ class APTViT(DenseMixin, nn.Module):
         return x, kept, packed
 
     def _run_packed(self, images: Images, packed: PackedBatch, take: Sequence[int] = (), stop: Optional[int] = None):
-        x = self.norm_pre(self.pos_drop(self.embed_packed(images, packed)))
+        x = skip_noop(self.norm_pre, skip_noop(self.pos_drop, self.embed_packed(images, packed)))
         backend = self._backend(x, packed)
         pad_index = backend_context(backend, packed)  # once per forward: pad rows, or the flex BlockMask
         key_bias = packed.key_bias if self.config.area_bias else None  # area-proportional attention, every block

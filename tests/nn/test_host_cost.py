@@ -159,3 +159,23 @@ def test_make_layout_gives_the_layout_of_the_reference_pixels(settings):
     assert torch.equal(aptvit.core.grayscale_255(reference), _reference_gray(reference))
     for batch, want in ((x, reference), (x[:1], reference[:1]), (list(x[2:4]), list(reference[2:4]))):
         _same_layout(apt.make_layout(batch), aptvit.patch_layout(want, **apt.config.layout_kwargs()))
+
+
+def test_identity_modules_are_not_called_unless_hooked(monkeypatch):
+    """timm's blocks hold six ``nn.Identity`` (q/k norms, output norms, layer scales switched off), the model a few
+    more (norm_pre, fc_norm): the packed forward skips the Python call of each (``attention.skip_noop``), except for
+    one with a hook, whose hook still runs."""
+    apt = aptvit.convert(tiny_vit(), patch_sizes=(16, 32)).eval()
+    x = _images(2, size=(64, 96)) * 2 - 1
+    calls = []
+    monkeypatch.setattr(torch.nn.Identity, "forward", lambda self, t: calls.append(self) or t)
+    with torch.inference_mode():
+        for images in (x[:1], x):  # one sequence, and the general packed kernels
+            calls.clear()
+            apt(images)
+            assert all(c is apt.patch_embed.norm for c in calls), calls  # the embedding bank's norm: called
+        seen = []
+        apt.blocks[0].attn.q_norm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        apt.blocks[1].ls2.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+        apt(x[:1])
+    assert len(seen) == 2 and sum(c is not apt.patch_embed.norm for c in calls) == 2
