@@ -34,7 +34,15 @@ import torch
 
 from .io import InputError, UserTypeError
 from .layout import PatchLayout, check_patch_sizes, to_device
-from .pixels import check_image_shape, check_pixel_range, grayscale_255, group_by_size, host_read_dtype, pixel_range
+from .pixels import (
+    check_image_shape,
+    check_pixel_range,
+    grayscale_255,
+    group_by_size,
+    host_read_dtype,
+    normalised_gray_255,
+    pixel_range,
+)
 from .scoring import SCORERS, Scorer, get_scorer
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -249,6 +257,8 @@ def patch_layout(
     budget: Optional[Union[int, float]] = None,
     scorer: Union[str, Scorer] = "entropy",
     scorer_args: Optional[Mapping] = None,
+    *,
+    normalisation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> PatchLayout:
     """Cut every image into a mix of patch sizes.
 
@@ -268,6 +278,9 @@ def patch_layout(
             callable ``scorer(gray (B, H, W) in [0, 255], sizes, base_size) -> {size: (B, H // size, W // size)}``.
         scorer_args: keyword parameters of the scorer, e.g. ``{"bins": 256}`` for entropy (its histogram bins,
             equal width over [0, 255]); a registered scorer's defaults fill the rest.
+        normalisation: (mean, std), each (C,) float32 on the images' device: the images are normalised model
+            input (float), and the layout is that of the pixels ``(images * std + mean).clamp(0, 1)``, computed
+            without a full-size copy of them (``pixels.normalised_gray_255``; what ``APTViT.make_layout`` passes).
 
     With neither ``thresholds`` nor ``budget``, the registered scorer's default thresholds are used.
 
@@ -298,7 +311,7 @@ def patch_layout(
                     f"budget of {max_tokens} tokens is below the {min_tokens} tokens that the largest patch sizes "
                     f"allow for a {h}x{w} image; raise budget or add larger patch_sizes"
                 )
-    settings = dict(sizes=sizes, scored=scored, score_fn=score_fn, fixed=fixed, budget=budget)
+    settings = dict(sizes=sizes, scored=scored, score_fn=score_fn, fixed=fixed, budget=budget, norm=normalisation)
     parts = [_group_tokens(batch, name, **settings) for (_, batch), name in zip(groups, names)]
     if len(groups) == 1:
         return _layout(sizes, [groups[0][1].shape[-2:]] * len(groups[0][0]), parts[0])
@@ -316,14 +329,17 @@ class _Tokens(NamedTuple):
     offsets: Tuple[int, ...]  # cu_seqlens on the host
 
 
-def _group_tokens(batch: torch.Tensor, name: str, sizes, scored, score_fn, fixed, budget) -> _Tokens:
+def _group_tokens(batch: torch.Tensor, name: str, sizes, scored, score_fn, fixed, budget, norm) -> _Tokens:
     """The tokens of one same-size batch (b, C, H, W), already shape-checked, with one host read."""
     base = sizes[0]
     b, _, h, w = batch.shape
     grid = (h // base, w // base)
     device = batch.device
-    lo_hi = pixel_range(batch)  # checked after the one host read below
-    gray = grayscale_255(batch)
+    if norm is None:
+        lo_hi = pixel_range(batch)  # checked after the one host read below
+        gray = grayscale_255(batch)
+    else:  # normalised input: its pixels' gray and range, in one go
+        gray, lo_hi = normalised_gray_255(batch, *norm)
     if lo_hi is not None:
         gray = torch.nan_to_num_(gray, nan=0.0)  # the scorers never see NaN: bin indices stay in range
     scores = score_fn(gray, scored, base) if scored else {}

@@ -207,6 +207,10 @@ class APTViT(DenseMixin, nn.Module):
         """
         c = self.config.replace(**overrides) if overrides else self.config
         with torch.no_grad():
+            stats = self._pixel_stats(_device_of(images))
+            if not c.static and stats[0].numel() == self.patch_embed.proj.in_channels:
+                # the pixels' gray straight from the normalised input, no full-size pixels (pixels.normalised_gray_255)
+                return patch_layout(images, **c.layout_kwargs(), normalisation=stats)
             px = self._pixels(images) if isinstance(images, torch.Tensor) else [self._pixels(t) for t in images]
             if c.static:  # on the device, no host read: exactly k tokens per image (core.static)
                 return static_layout(px, c.patch_sizes, c.budget, c.scorer, c.scorer_args)

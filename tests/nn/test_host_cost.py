@@ -179,3 +179,41 @@ def test_identity_modules_are_not_called_unless_hooked(monkeypatch):
         apt.blocks[1].ls2.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
         apt(x[:1])
     assert len(seen) == 2 and sum(c is not apt.patch_embed.norm for c in calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_normalised_gray_gives_the_bits_of_the_gray_of_the_pixels(dtype, channels):
+    """``pixels.normalised_gray_255`` (the layout of normalised input, channel by channel) equals ``grayscale_255``
+    of ``(x * std + mean).clamp(0, 1)``; its range is the grayscale's / 255, NaN exactly when a pixel is NaN."""
+    from aptvit.core.pixels import normalised_gray_255
+
+    mean, std = torch.tensor([0.485, 0.456, 0.406][:channels]), torch.tensor([0.229, 0.224, 0.225][:channels])
+    x = torch.cat(
+        [
+            (_edge_images()[:, :channels] - mean.view(-1, 1, 1)) / std.view(-1, 1, 1),
+            torch.randn(2, channels, 64, 64) * 3,
+        ]
+    )
+    x = x.to(dtype)
+    pixels = (x.float() * std.view(-1, 1, 1) + mean.view(-1, 1, 1)).clamp(0, 1)
+    for batch, want in ((x, pixels), (x[:1], pixels[:1])):
+        gray, lo_hi = normalised_gray_255(batch, mean, std)
+        assert torch.equal(gray, _reference_gray(want))
+        assert lo_hi.tolist() == [gray.min().item() / 255, gray.max().item() / 255]
+    x[1, -1, 5, 7] = float("nan")
+    x[2, 0, 0, 0], x[3, 0, 0, 0] = float("inf"), -float("inf")  # clamped, as the plain formula does
+    gray, lo_hi = normalised_gray_255(x, mean, std)
+    assert torch.isnan(lo_hi).all() and torch.isnan(gray).sum() == 1
+    with pytest.raises(aptvit.core.io.InputError, match="one value per channel"):
+        normalised_gray_255(x, mean[:1].expand(2), std)
+
+
+def test_make_layout_reports_nan_input_and_clamps_inf():
+    apt = aptvit.convert(tiny_vit(), patch_sizes=(16, 32))
+    x = _images(2, size=(64, 64)) * 2 - 1
+    x[0, 0, 0, 0] = float("inf")
+    assert apt.make_layout(x).total_tokens > 0
+    x[1, 2, 3, 4] = float("nan")
+    with pytest.raises(aptvit.core.io.InputError, match="NaN"):
+        apt.make_layout(x)
