@@ -217,3 +217,40 @@ def test_make_layout_reports_nan_input_and_clamps_inf():
     x[1, 2, 3, 4] = float("nan")
     with pytest.raises(aptvit.core.io.InputError, match="NaN"):
         apt.make_layout(x)
+
+
+def test_layout_settings_kept_between_calls_follow_every_change(monkeypatch):
+    """``patch_layout`` checks its settings once per distinct settings (``quadtree._layout_settings``): a value of
+    another type is checked again (True is no threshold, 1 token is not a fraction 1.0), a scorer registered again
+    under its name is the one used, and the checks still run for every new value."""
+    from aptvit.core.io import InputError, UserTypeError
+
+    x = _images(1, size=(64, 64))
+    sizes = (16, 32)
+    checks = []
+    real = quadtree.check_layout_settings
+    monkeypatch.setattr(quadtree, "check_layout_settings", lambda *a: checks.append(a) or real(*a))
+    first = aptvit.patch_layout(x, sizes)
+    _same_layout(first, aptvit.patch_layout(x, sizes))
+    assert len(checks) <= 1  # kept (an earlier test may have checked these settings already)
+    assert aptvit.patch_layout(x, sizes, thresholds={32: 1}).total_tokens == 16  # nothing merges at 1 bit
+    with pytest.raises(InputError):
+        aptvit.patch_layout(x, sizes, thresholds={32: True})
+    assert aptvit.patch_layout(x, sizes, budget=1.0).total_tokens == 16  # a fraction: every base token allowed
+    assert aptvit.patch_layout(x, sizes, budget=4).total_tokens == 4  # a count
+    with pytest.raises(UserTypeError):
+        aptvit.patch_layout(x, sizes, budget=True)
+    with pytest.raises(InputError):
+        aptvit.patch_layout(x, sizes, scorer_args={"bins": 1})
+    spec = scoring.SCORERS["entropy"]
+    calls = []
+
+    def counted(gray, sizes, base, **params):
+        calls.append(params)
+        return spec.fn(gray, sizes, base, **params)
+
+    monkeypatch.setitem(
+        scoring.SCORERS, "entropy", scoring.ScorerSpec(counted, spec.thresholds, spec.params, spec.check)
+    )
+    _same_layout(first, aptvit.patch_layout(x, sizes))
+    assert calls == [{"bins": 512}]
