@@ -293,17 +293,17 @@ def plan_packed(
 
     # ---- per patch token: image, packed position, bank rows (a lookup in the bank table)
     img = torch.repeat_interleave(dev["counts"], output_size=t)
-    patch_pos = torch.arange(t, dtype=torch.long, device=device)
-    if P:
-        patch_pos = patch_pos + (img + 1) * P
+    # token j of image i sits after i + 1 images' prefix tokens: j + (i + 1) * P (fresh tensors: updated in place)
+    patch_pos = torch.arange(P, t + P, dtype=torch.long, device=device)
+    patch_pos = patch_pos.add_(img, alpha=P) if P else patch_pos
     k = layout.size // p
     key = dev["level_of"][k] if one_group else dev["group_key"][img] + dev["level_of"][k]
     e = BankEntry(*dev["bank"].view(-1, len(BankEntry._fields))[key].unbind(1))
     # the patch's cell on its size's grid, row-major: the token and the position grids of a size have the same width
-    cell = (layout.y // layout.size) * e.cols + layout.x // layout.size
+    cell = (layout.y // layout.size).mul_(e.cols).add_(layout.x // layout.size)
     local_img = img if one_group else dev["local"][img]
     patch_rows = Row(
-        token_src=e.start + local_img * e.per_image + cell,
+        token_src=(local_img * e.per_image).add_(e.start).add_(cell),
         pos_src=e.pos_start + cell,
         seq=img,
         pool_seq=img,

@@ -181,9 +181,9 @@ def normalised_gray_255(
     if tuple(mean.shape) != images.shape[1:2] or tuple(std.shape) != images.shape[1:2]:
         raise InputError(f"normalisation mean and std need one value per channel ({images.shape[1]})")
     weights = GRAY_WEIGHTS if images.shape[1] == 3 else (None,)
-    gray = None
+    x, gray = images.float(), None
     for c, (m, s, weight) in enumerate(zip(mean.unbind(), std.unbind(), weights)):
-        part = torch.mul(images[:, c].float(), s).add_(m).clamp_(0.0, 1.0).mul_(255.0)
+        part = torch.mul(x[:, c], s).add_(m).clamp_(0.0, 1.0).mul_(255.0)
         part = part.mul_(weight) if weight is not None else part
         gray = part if gray is None else gray.add_(part)
     lo, hi = torch.aminmax(gray)

@@ -254,3 +254,19 @@ def test_layout_settings_kept_between_calls_follow_every_change(monkeypatch):
     )
     _same_layout(first, aptvit.patch_layout(x, sizes))
     assert calls == [{"bins": 512}]
+
+
+def test_aten_ops_per_stage_at_batch_1_do_not_grow():
+    """The load-independent guard of the batch-1 host cost (benchmarks/bench_host.py's per-stage counts, BENCHMARKS
+    section 10): each stage of ``apt(x)`` dispatches at most the ops it does today. The layout's count rose from 76
+    when its pixel passes went channel by channel (more, smaller ops: less time); the plan's fell from 42."""
+    from benchmarks.bench_host import stage_ops, thin_vit
+
+    vit = thin_vit(depth=2)
+    apt = aptvit.convert(vit, patch_sizes=(16, 32)).eval()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in apt.pixel_mean_std())
+    x = (_images(1, size=(64, 64)) - mean) / std
+    ops = stage_ops(vit, apt, x)
+    most = {"layout": 82, "plan": 36, "embed": 41, "block": 16, "head": 4}
+    assert all(ops[k] <= n for k, n in most.items()), ops
+    assert ops["block"] < ops["timm block"], ops
