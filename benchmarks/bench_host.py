@@ -1,10 +1,13 @@
 """Host cost at batch 1 (issue 16): a ViT so thin that its math is free, so the wall time is the host's work.
 
-    python benchmarks/bench_host.py [--runs 200] [--sizes 224,384] [--patch-sizes 16,32,64 16,32] [--json out.json]
+    python benchmarks/bench_host.py [--runs 200] [--sizes 224,384] [--patch-sizes 16,32,64 16,32] [--clock wall|thread]
+                                    [--json out.json]
     python benchmarks/bench_host.py --smoke        # seconds: what the test suite runs
 
 Width 16, depth 12 (every timm ViT the issue lists has 12+ blocks), random weights, one bundled photo resized
-to each size, batch 1, one thread. Alternating medians (``aptvit.bench.alternating_medians``) of:
+to each size, batch 1, one thread. Alternating medians (``aptvit.bench.alternating_medians``), of wall time or, with
+``--clock thread``, of this thread's CPU time (``time.thread_time``: other processes on a shared machine inflate it far
+less than wall time; every op runs on the calling thread at one thread), of:
 
 * ``timm``: the timm model's forward;
 * ``apt(x)``: layout, plan and forward (default thresholds, the dynamic path);
@@ -29,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import timm
@@ -80,7 +84,9 @@ def stage_ops(vit: torch.nn.Module, apt, x: torch.Tensor) -> dict:
     }
 
 
-def measure(size: int, runs: int, warmup: int, depth: int = 12, patch_sizes=(16, 32, 64)) -> dict:
+def measure(
+    size: int, runs: int, warmup: int, depth: int = 12, patch_sizes=(16, 32, 64), clock=time.perf_counter
+) -> dict:
     vit = thin_vit(depth)
     apt = aptvit.convert(vit, patch_sizes=patch_sizes).eval()
     static = aptvit.convert(vit, patch_sizes=patch_sizes, budget=0.5, static=True).eval()
@@ -94,7 +100,7 @@ def measure(size: int, runs: int, warmup: int, depth: int = 12, patch_sizes=(16,
         "forward_packed": lambda _: apt.forward_packed(x, packed),
         "static apt(x)": lambda _: static(x),
     }
-    seconds = alternating_medians(fns, [0], runs=runs, warmup=warmup)
+    seconds = alternating_medians(fns, [0], runs=runs, warmup=warmup, clock=clock)
     ops = {name: count_ops(lambda f=fn: f(0)) for name, fn in fns.items()}
     base = seconds["timm"]
     return {
@@ -117,21 +123,31 @@ def main(argv=None) -> list:
     parser.add_argument(
         "--patch-sizes", nargs="+", default=["16,32,64", "16,32"], help="patch size lists, each like 16,32,64"
     )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="thread: this thread's CPU time, which other processes on a shared machine do not inflate",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny and quick (seconds): the test suite's run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     patch_sizes = [tuple(int(v) for v in p.split(",")) for p in args.patch_sizes]
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     if args.smoke:
-        rows = [measure(64, runs=2, warmup=1, depth=2, patch_sizes=patch_sizes[0])]
+        rows = [measure(64, runs=2, warmup=1, depth=2, patch_sizes=patch_sizes[0], clock=clock)]
     else:
         rows = [
-            measure(int(s), args.runs, args.warmup, patch_sizes=ps) for ps in patch_sizes for s in args.sizes.split(",")
+            measure(int(s), args.runs, args.warmup, patch_sizes=ps, clock=clock)
+            for ps in patch_sizes
+            for s in args.sizes.split(",")
         ]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, timm {timm.__version__}, 1 thread, batch 1, runs={args.runs}, load {load:.2f}"
+        f"torch {torch.__version__}, timm {timm.__version__}, 1 thread, batch 1, runs={args.runs}, {args.clock} clock, "
+        f"load {load:.2f}"
     )
     names = list(rows[0]["ms"])
     print("| patch sizes | size | tokens (static k) | " + " | ".join(f"{n} ms (x timm, ops)" for n in names) + " |")

@@ -172,9 +172,9 @@ class BankEntry(NamedTuple):
 
     start: int  # first row in the token bank
     per_image: int  # rows per image, (H // s) * (W // s)
-    cols: int  # grid width, W // s
+    cols: int  # grid width, W // s (of the token bank and of the position bank alike)
     pos_start: int  # first row in the position bank (no image dimension: positions are shared)
-    pos_cols: int  # grid width in the position bank, W // s
+    pos_cols: int  # grid width in the position bank, W // s: ``cols``
 
 
 class Row(NamedTuple):
@@ -293,17 +293,18 @@ def plan_packed(
 
     # ---- per patch token: image, packed position, bank rows (a lookup in the bank table)
     img = torch.repeat_interleave(dev["counts"], output_size=t)
-    patch_pos = torch.arange(t, dtype=torch.long, device=device)
-    if P:
-        patch_pos = patch_pos + (img + 1) * P
+    # token j of image i sits after i + 1 images' prefix tokens: j + (i + 1) * P (fresh tensors: updated in place)
+    patch_pos = torch.arange(P, t + P, dtype=torch.long, device=device)
+    patch_pos = patch_pos.add_(img, alpha=P) if P else patch_pos
     k = layout.size // p
     key = dev["level_of"][k] if one_group else dev["group_key"][img] + dev["level_of"][k]
     e = BankEntry(*dev["bank"].view(-1, len(BankEntry._fields))[key].unbind(1))
-    row, col = layout.y // layout.size, layout.x // layout.size
+    # the patch's cell on its size's grid, row-major: the token and the position grids of a size have the same width
+    cell = (layout.y // layout.size).mul_(e.cols).add_(layout.x // layout.size)
     local_img = img if one_group else dev["local"][img]
     patch_rows = Row(
-        token_src=e.start + local_img * e.per_image + row * e.cols + col,
-        pos_src=e.pos_start + row * e.pos_cols + col,
+        token_src=(local_img * e.per_image).add_(e.start).add_(cell),
+        pos_src=e.pos_start + cell,
         seq=img,
         pool_seq=img,
         area=k * k,
@@ -316,8 +317,9 @@ def plan_packed(
         [torch.stack(list(patch_rows), 1), dev["prefix_rows"].view(-1, width), dev["pad_rows"].view(-1, width)]
     )
     rows = Row(*torch.empty_like(table).index_copy_(0, dest, table).unbind(1))
-    # the cells a patch covers, k * k, as a logit bias; prefix and padding tokens stand for one token: log 1 = 0
-    key_bias = torch.zeros(n, dtype=torch.float32, device=device).index_copy_(0, patch_pos, (k * k).float().log())
+    # the cells a patch covers, k * k, as a logit bias; prefix and padding tokens (area 0 or 1) stand for one token:
+    # log 1 = 0
+    key_bias = rows.area.clamp(min=1).float().log_()
     return PackedBatch(
         layout=layout,
         groups=groups,

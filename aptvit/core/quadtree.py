@@ -34,7 +34,15 @@ import torch
 
 from .io import InputError, UserTypeError
 from .layout import PatchLayout, check_patch_sizes, to_device
-from .pixels import check_image_shape, check_pixel_range, grayscale_255, group_by_size, host_read_dtype, pixel_range
+from .pixels import (
+    check_image_shape,
+    check_pixel_range,
+    grayscale_255,
+    group_by_size,
+    host_read_dtype,
+    normalised_gray_255,
+    pixel_range,
+)
 from .scoring import SCORERS, Scorer, get_scorer
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -249,6 +257,8 @@ def patch_layout(
     budget: Optional[Union[int, float]] = None,
     scorer: Union[str, Scorer] = "entropy",
     scorer_args: Optional[Mapping] = None,
+    *,
+    normalisation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> PatchLayout:
     """Cut every image into a mix of patch sizes.
 
@@ -268,18 +278,17 @@ def patch_layout(
             callable ``scorer(gray (B, H, W) in [0, 255], sizes, base_size) -> {size: (B, H // size, W // size)}``.
         scorer_args: keyword parameters of the scorer, e.g. ``{"bins": 256}`` for entropy (its histogram bins,
             equal width over [0, 255]); a registered scorer's defaults fill the rest.
+        normalisation: (mean, std), each (C,) float32 on the images' device: the images are normalised model
+            input (float), and the layout is that of the pixels ``(images * std + mean).clamp(0, 1)``, computed
+            without a full-size copy of them (``pixels.normalised_gray_255``; what ``APTViT.make_layout`` passes).
 
     With neither ``thresholds`` nor ``budget``, the registered scorer's default thresholds are used.
 
     Returns:
         PatchLayout of the batch, tokens packed image by image in raster order.
     """
-    sizes = check_patch_sizes(patch_sizes)
+    sizes, fixed, score_fn, scored = _layout_settings(patch_sizes, thresholds, budget, scorer, scorer_args)
     base = sizes[0]
-    fixed, params = check_layout_settings(sizes, thresholds, budget, scorer, scorer_args)  # before any work
-    score_fn = get_scorer(scorer).fn if isinstance(scorer, str) else scorer
-    score_fn = functools.partial(score_fn, **params) if params else score_fn
-    scored = sorted(fixed) if fixed is not None else list(sizes[1:])
 
     groups = group_by_size(images)
     names = ["images" if isinstance(images, torch.Tensor) else f"images[{idx[0]}]" for idx, _ in groups]
@@ -298,11 +307,56 @@ def patch_layout(
                     f"budget of {max_tokens} tokens is below the {min_tokens} tokens that the largest patch sizes "
                     f"allow for a {h}x{w} image; raise budget or add larger patch_sizes"
                 )
-    settings = dict(sizes=sizes, scored=scored, score_fn=score_fn, fixed=fixed, budget=budget)
+    settings = dict(sizes=sizes, scored=scored, score_fn=score_fn, fixed=fixed, budget=budget, norm=normalisation)
     parts = [_group_tokens(batch, name, **settings) for (_, batch), name in zip(groups, names)]
     if len(groups) == 1:
         return _layout(sizes, [groups[0][1].shape[-2:]] * len(groups[0][0]), parts[0])
     return _join_groups(sizes, groups, parts)
+
+
+_SETTINGS: Dict[tuple, tuple] = {}
+_SETTINGS_MAX = 64
+
+
+def _settings_key(*values) -> Optional[tuple]:
+    """A hashable key of layout settings, every value with its type (1, 1.0 and True are different budgets and
+    thresholds), or None when a value is not hashable (then nothing is kept)."""
+
+    def typed(v):
+        if isinstance(v, Mapping):
+            return tuple((typed(k), typed(x)) for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return (type(v), tuple(typed(x) for x in v))
+        return (type(v), v)
+
+    try:
+        key = tuple(typed(v) for v in values)
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _layout_settings(patch_sizes, thresholds, budget, scorer, scorer_args) -> tuple:
+    """(sizes, checked thresholds or None, the scorer with its parameters bound, scored sizes) of ``patch_layout``'s
+    settings, checked once per distinct settings and kept: a model passes the same ones every batch, and checking
+    them (a JSON round trip of the scorer's parameters among them) costs host time per call (issue 16). A registered
+    scorer is looked up each call, so that registering a name again takes effect."""
+    spec = SCORERS.get(scorer) if isinstance(scorer, str) else None
+    key = _settings_key(patch_sizes, thresholds, budget, scorer, scorer_args)
+    kept = _SETTINGS.get(key) if key is not None else None
+    if kept is not None and kept[0] is spec:
+        return kept[1]
+    sizes = check_patch_sizes(patch_sizes)
+    fixed, params = check_layout_settings(sizes, thresholds, budget, scorer, scorer_args)  # before any work
+    score_fn = get_scorer(scorer).fn if isinstance(scorer, str) else scorer
+    score_fn = functools.partial(score_fn, **params) if params else score_fn
+    settings = (sizes, fixed, score_fn, tuple(sorted(fixed)) if fixed is not None else sizes[1:])
+    if key is not None:
+        if len(_SETTINGS) >= _SETTINGS_MAX:
+            _SETTINGS.pop(next(iter(_SETTINGS)))
+        _SETTINGS[key] = (spec, settings)
+    return settings
 
 
 class _Tokens(NamedTuple):
@@ -316,17 +370,20 @@ class _Tokens(NamedTuple):
     offsets: Tuple[int, ...]  # cu_seqlens on the host
 
 
-def _group_tokens(batch: torch.Tensor, name: str, sizes, scored, score_fn, fixed, budget) -> _Tokens:
+def _group_tokens(batch: torch.Tensor, name: str, sizes, scored, score_fn, fixed, budget, norm) -> _Tokens:
     """The tokens of one same-size batch (b, C, H, W), already shape-checked, with one host read."""
     base = sizes[0]
     b, _, h, w = batch.shape
     grid = (h // base, w // base)
     device = batch.device
-    lo_hi = pixel_range(batch)  # checked after the one host read below
-    gray = grayscale_255(batch)
+    if norm is None:
+        lo_hi = pixel_range(batch)  # checked after the one host read below
+        gray = grayscale_255(batch)
+    else:  # normalised input: its pixels' gray and range, in one go
+        gray, lo_hi = normalised_gray_255(batch, *norm)
     if lo_hi is not None:
         gray = torch.nan_to_num_(gray, nan=0.0)  # the scorers never see NaN: bin indices stay in range
-    scores = score_fn(gray, scored, base) if scored else {}
+    scores = score_fn(gray, list(scored), base) if scored else {}  # a list of its own for each call
     _check_scores(scores, scored, b, h, w, device)
     tables = grid_tables(tuple(sizes), tuple(scored), grid, b, device)
     z = None

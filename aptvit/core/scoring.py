@@ -57,7 +57,7 @@ def bin_index(gray: torch.Tensor, bins: int) -> torch.Tensor:
     """
     scaled = gray * bins
     idx = torch.div(scaled, 255.0).floor_()
-    idx -= (idx * 255.0).gt_(scaled).to(idx.dtype)
+    idx -= (idx * 255.0).gt_(scaled)  # an in-place comparison keeps the float dtype: 1.0 where it rounded up
     return idx.clamp_(0, bins - 1).to(torch.int32)
 
 
@@ -169,7 +169,8 @@ def entropy_scores(
     dtype = torch.int32 if b * cells * bins < 2**31 else torch.int64
     dev = gray.device
     g = gray if gray.shape[1:] == (hc * first, wc * first) else gray[:, : hc * first, : wc * first]
-    key = bin_index(g, bins).to(dtype)
+    key = bin_index(g, bins)
+    key = key if dtype == torch.int32 else key.to(dtype)
     if torch.compiler.is_compiling():  # traced: the tables as ops (no host cache inside a graph)
         cell = torch.arange(hc, device=dev, dtype=dtype).repeat_interleave(first)[:, None] * wc
         key += (cell + torch.arange(wc, device=dev, dtype=dtype).repeat_interleave(first)[None, :]) * bins

@@ -562,12 +562,15 @@ def one_sequence(packed, backend: str) -> bool:
     return backend in SDPA_BACKENDS and offsets is not None and len(offsets) == 2
 
 
-def skip_dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``, except that a ``nn.Dropout`` that does nothing (eval mode or p = 0) is not called at all: it
-    would still dispatch an op, and at batch 1 a thin model's time is its host's work per op."""
-    if type(module) is nn.Dropout and not (module.training and module.p > 0):
-        return x
-    return module(x)
+def skip_noop(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, except that a module that does nothing is not called at all: a ``nn.Dropout`` in eval mode or
+    with p = 0 (it would still dispatch an op) and a ``nn.Identity`` (a Python call; timm's blocks hold six, e.g.
+    q/k norms and layer scales switched off). At batch 1 a thin model's time is its host's work per op and per call.
+    A module with forward hooks is always called, so that the hooks run."""
+    kind = type(module)
+    if kind is not nn.Identity and not (kind is nn.Dropout and not (module.training and module.p > 0)):
+        return module(x)
+    return module(x) if module._forward_hooks or module._forward_pre_hooks else x
 
 
 def _one_sequence_attention(attn: nn.Module, x: torch.Tensor, key_bias: Optional[torch.Tensor], backend: str):
@@ -576,17 +579,17 @@ def _one_sequence_attention(attn: nn.Module, x: torch.Tensor, key_bias: Optional
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(1, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (1, H, N, hd) each
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = skip_noop(attn.q_norm, q), skip_noop(attn.k_norm, k)
     mask = as_dtype(key_bias, q.dtype).view(1, 1, 1, t) if key_bias is not None else None  # one bias row per key
     _record(backend, "scaled_dot_product_attention (one sequence)")
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=attn.scale)
     out = out.transpose(1, 2).reshape(t, attn.num_heads * attn.head_dim)
     norm = getattr(attn, "norm", None)
-    out = norm(out) if norm is not None else out
+    out = skip_noop(norm, out) if norm is not None else out
     if gate is not None:
         out = out * gate
-    return skip_dropout(attn.proj_drop, attn.proj(out))
+    return skip_noop(attn.proj_drop, attn.proj(out))
 
 
 def packed_self_attention(
@@ -622,7 +625,7 @@ def packed_self_attention(
     t = x.shape[0]
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = attn.qkv(x).view(t, 3, attn.num_heads, attn.head_dim).unbind(1)  # (N, H, hd) each
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = skip_noop(attn.q_norm, q), skip_noop(attn.k_norm, k)
     if rotate is not None:
         q, k = rotate(q, k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
@@ -642,7 +645,7 @@ def packed_self_attention(
     )
     out = out.reshape(t, attn.num_heads * attn.head_dim)
     norm = getattr(attn, "norm", None)
-    out = norm(out) if norm is not None else out
+    out = skip_noop(norm, out) if norm is not None else out
     if gate is not None:
         out = out * gate
-    return skip_dropout(attn.proj_drop, attn.proj(out))
+    return skip_noop(attn.proj_drop, attn.proj(out))

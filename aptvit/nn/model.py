@@ -33,7 +33,7 @@ from ..core.packed import PackedBatch, groups_of, plan_packed
 from ..core.pixels import size_groups
 from ..core.quadtree import patch_layout
 from ..core.static import pad_static, plan_static, static_layout, static_tokens
-from .attention import SDPA_BACKENDS, as_dtype, backend_context, check_backend, resolve_backend
+from .attention import SDPA_BACKENDS, as_dtype, backend_context, check_backend, resolve_backend, skip_noop
 from .config import APTConfig
 from .dense import DenseMixin
 from .embed import AdaptivePatchEmbed
@@ -206,17 +206,25 @@ class APTViT(DenseMixin, nn.Module):
         ``overrides`` replace this model's settings for one call (thresholds=, budget=, scorer=, scorer_args=).
         """
         c = self.config.replace(**overrides) if overrides else self.config
-
-        def pixels(t: torch.Tensor) -> torch.Tensor:
-            m, s = self._pixel_stats(t.device)
-            shape = (-1, 1, 1) if t.dim() == 3 else (1, -1, 1, 1)
-            return (t.float() * s.view(shape) + m.view(shape)).clamp_(0.0, 1.0)  # NaN stays NaN: patch_layout says
-
         with torch.no_grad():
-            px = pixels(images) if isinstance(images, torch.Tensor) else [pixels(t) for t in images]
+            stats = self._pixel_stats(_device_of(images))
+            if not c.static and stats[0].numel() == self.patch_embed.proj.in_channels:
+                # the pixels' gray straight from the normalised input, no full-size pixels (pixels.normalised_gray_255)
+                return patch_layout(images, **c.layout_kwargs(), normalisation=stats)
+            px = self._pixels(images) if isinstance(images, torch.Tensor) else [self._pixels(t) for t in images]
             if c.static:  # on the device, no host read: exactly k tokens per image (core.static)
                 return static_layout(px, c.patch_sizes, c.budget, c.scorer, c.scorer_args)
             return patch_layout(px, **c.layout_kwargs())
+
+    def _pixels(self, t: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] of normalised images (B, C, H, W) or (C, H, W): ``(t * std + mean).clamp(0, 1)`` in float32.
+
+        One new tensor, then in place: the same float32 steps (and bits) as the plain formula, one full-size
+        temporary fewer (host time at batch 1, issue 16). NaN stays NaN: ``patch_layout`` reports it.
+        """
+        m, s = self._pixel_stats(t.device)
+        shape = (-1, 1, 1) if t.dim() == 3 else (1, -1, 1, 1)
+        return torch.mul(t.float(), s.view(shape)).add_(m.view(shape)).clamp_(0.0, 1.0)
 
     def _pixel_stats(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) (C,) float32 on ``device``, cached: a host-to-device copy per call would cost host time, and
@@ -368,7 +376,7 @@ class APTViT(DenseMixin, nn.Module):
         return x, kept, packed
 
     def _run_packed(self, images: Images, packed: PackedBatch, take: Sequence[int] = (), stop: Optional[int] = None):
-        x = self.norm_pre(self.pos_drop(self.embed_packed(images, packed)))
+        x = skip_noop(self.norm_pre, skip_noop(self.pos_drop, self.embed_packed(images, packed)))
         backend = self._backend(x, packed)
         pad_index = backend_context(backend, packed)  # once per forward: pad rows, or the flex BlockMask
         key_bias = packed.key_bias if self.config.area_bias else None  # area-proportional attention, every block

@@ -8,3 +8,10 @@ def test_bench_host_smoke(capsys):
     assert set(row["ms"]) == {"timm", "apt(x)", "forward_packed", "static apt(x)"}
     assert all(v > 0 for v in row["ms"].values()) and row["static_k"] == 8  # budget 0.5 of 16 base tokens
     assert "| 64 |" in capsys.readouterr().out
+
+
+def test_bench_host_thread_clock(capsys):
+    """``--clock thread`` times this thread's CPU seconds (and says so in the header)."""
+    (row,) = main(["--smoke", "--clock", "thread"])
+    assert all(v > 0 for v in row["ms"].values())
+    assert "thread clock" in capsys.readouterr().out

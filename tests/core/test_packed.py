@@ -21,6 +21,11 @@ def test_plan_of_a_known_batch():
     assert packed.pool_weight.tolist() == [0, 1, 0, 0.25, 0.25, 0.25, 0.25, 0, 0, 0]
     assert packed.offsets == (0, 2, 7, 10) and packed.cu_seqlens.tolist() == [0, 2, 7, 10]
     assert packed.patch_pos.tolist() == [1, 3, 4, 5, 6] and packed.prefix_pos.tolist() == [[0], [2]]
+    log4 = torch.tensor(4.0).log().item()  # the 32-px patch covers 4 cells; prefix, base and padding rows: log 1
+    assert packed.key_bias.tolist() == [0, log4, 0, 0, 0, 0, 0, 0, 0, 0] and packed.key_bias.dtype == torch.float32
+    pooled = plan_packed(layout, groups_of(images), num_prefix=1, pad_to=5, pool_prefix=True)  # prefix area 1
+    assert pooled.key_bias.tolist() == packed.key_bias.tolist()
+    assert torch.equal(pooled.pool_weight, torch.tensor([1, 4, 1, 1, 1, 1, 1, 0, 0, 0]) / 5.0)  # 4 cells + the prefix
 
 
 def test_host_table_gives_every_part_back_by_name():

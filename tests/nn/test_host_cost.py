@@ -102,3 +102,171 @@ def test_entropy_of_flat_patches_after_smaller_ones():
     for sizes in [(32,), (32, 64), (64,)]:
         scores = scoring.entropy_scores(flat, sizes, 16)
         assert all(torch.equal(v, torch.zeros_like(v)) for v in scores.values())
+
+
+def _reference_gray(images: torch.Tensor) -> torch.Tensor:
+    """``grayscale_255`` as it was before the channel-by-channel version: the bits it must keep."""
+    x = images.float()
+    if images.dtype != torch.uint8:
+        x = x * 255.0
+    if x.shape[1] == 1:
+        return x[:, 0]
+    gray = x[:, 0] * 0.2989
+    gray += x[:, 1] * 0.5870
+    gray += x[:, 2] * 0.1140
+    return gray
+
+
+def _edge_images() -> torch.Tensor:
+    """(4, 3, 64, 64) in [0, 1]: noise, uint8 / 255 levels, flat gray exactly on entropy bin edges (k * 255 / 512)
+    and next to them, and the extremes 0 and 1."""
+    g = torch.Generator().manual_seed(3)
+    noise = torch.rand(3, 64, 64, generator=g)
+    levels = torch.randint(0, 256, (3, 64, 64), generator=g).float() / 255
+    edge = torch.arange(64 * 64, dtype=torch.float32).remainder(512).view(64, 64) * 255 / 512 / 255
+    edges = torch.stack([edge, torch.nextafter(edge, torch.ones(())), torch.nextafter(edge, torch.zeros(()))])
+    extremes = (torch.rand(3, 64, 64, generator=g) > 0.5).float()
+    return torch.stack([noise, levels, edges.clamp(0, 1), extremes])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.uint8])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_grayscale_255_keeps_the_bits_of_the_full_size_version(dtype, channels):
+    images = _edge_images()[:, :channels]
+    images = (images * 255).round().to(dtype) if dtype == torch.uint8 else images.to(dtype)
+    for batch in (images, images[:1], images[1:3]):
+        assert torch.equal(aptvit.core.grayscale_255(batch), _reference_gray(batch))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"thresholds": {32: 5.0}}, {"budget": 0.5}, {"scorer": "laplacian"}, {"scorer": "upsample", "budget": 40}],
+)
+def test_make_layout_gives_the_layout_of_the_reference_pixels(settings):
+    """The model's un-normalising (in place, channel-by-channel gray) gives the layout of the plain formulas
+    ``(x * std + mean).clamp(0, 1)`` and the full-size gray, on images with pixels at bin edges and extremes."""
+    apt = aptvit.convert(tiny_vit(), patch_sizes=(16, 32), **settings)
+    apt.pretrained_cfg.update(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # ImageNet's: x * std rounds
+    pixels = torch.cat([_edge_images(), _images(2, size=(64, 64))])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in apt.pixel_mean_std())
+    x = (pixels - mean) / std
+    reference = (x * std + mean).clamp(0, 1)
+    raw = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # any value, not only round trips
+    for t in (x, raw):
+        for dtype in (torch.float32, torch.float64, torch.float16):  # the in-place steps keep the formula's bits
+            assert torch.equal(apt._pixels(t.to(dtype)), (t.to(dtype).float() * std + mean).clamp(0, 1))
+    assert torch.equal(apt._pixels(x[0]), reference[0])
+    assert torch.equal(aptvit.core.grayscale_255(reference), _reference_gray(reference))
+    for batch, want in ((x, reference), (x[:1], reference[:1]), (list(x[2:4]), list(reference[2:4]))):
+        _same_layout(apt.make_layout(batch), aptvit.patch_layout(want, **apt.config.layout_kwargs()))
+
+
+def test_identity_modules_are_not_called_unless_hooked(monkeypatch):
+    """timm's blocks hold six ``nn.Identity`` (q/k norms, output norms, layer scales switched off), the model a few
+    more (norm_pre, fc_norm): the packed forward skips the Python call of each (``attention.skip_noop``), except for
+    one with a hook, whose hook still runs."""
+    apt = aptvit.convert(tiny_vit(), patch_sizes=(16, 32)).eval()
+    x = _images(2, size=(64, 96)) * 2 - 1
+    calls = []
+    monkeypatch.setattr(torch.nn.Identity, "forward", lambda self, t: calls.append(self) or t)
+    with torch.inference_mode():
+        for images in (x[:1], x):  # one sequence, and the general packed kernels
+            calls.clear()
+            apt(images)
+            assert all(c is apt.patch_embed.norm for c in calls), calls  # the embedding bank's norm: called
+        seen = []
+        apt.blocks[0].attn.q_norm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        apt.blocks[1].ls2.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+        apt(x[:1])
+    assert len(seen) == 2 and sum(c is not apt.patch_embed.norm for c in calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_normalised_gray_gives_the_bits_of_the_gray_of_the_pixels(dtype, channels):
+    """``pixels.normalised_gray_255`` (the layout of normalised input, channel by channel) equals ``grayscale_255``
+    of ``(x * std + mean).clamp(0, 1)``; its range is the grayscale's / 255, NaN exactly when a pixel is NaN."""
+    from aptvit.core.pixels import normalised_gray_255
+
+    mean, std = torch.tensor([0.485, 0.456, 0.406][:channels]), torch.tensor([0.229, 0.224, 0.225][:channels])
+    x = torch.cat(
+        [
+            (_edge_images()[:, :channels] - mean.view(-1, 1, 1)) / std.view(-1, 1, 1),
+            torch.randn(2, channels, 64, 64) * 3,
+        ]
+    )
+    x = x.to(dtype)
+    pixels = (x.float() * std.view(-1, 1, 1) + mean.view(-1, 1, 1)).clamp(0, 1)
+    for batch, want in ((x, pixels), (x[:1], pixels[:1])):
+        gray, lo_hi = normalised_gray_255(batch, mean, std)
+        assert torch.equal(gray, _reference_gray(want))
+        assert lo_hi.tolist() == [gray.min().item() / 255, gray.max().item() / 255]
+    x[1, -1, 5, 7] = float("nan")
+    x[2, 0, 0, 0], x[3, 0, 0, 0] = float("inf"), -float("inf")  # clamped, as the plain formula does
+    gray, lo_hi = normalised_gray_255(x, mean, std)
+    assert torch.isnan(lo_hi).all() and torch.isnan(gray).sum() == 1
+    with pytest.raises(aptvit.core.io.InputError, match="one value per channel"):
+        normalised_gray_255(x, mean[:1].expand(2), std)
+
+
+def test_make_layout_reports_nan_input_and_clamps_inf():
+    apt = aptvit.convert(tiny_vit(), patch_sizes=(16, 32))
+    x = _images(2, size=(64, 64)) * 2 - 1
+    x[0, 0, 0, 0] = float("inf")
+    assert apt.make_layout(x).total_tokens > 0
+    x[1, 2, 3, 4] = float("nan")
+    with pytest.raises(aptvit.core.io.InputError, match="NaN"):
+        apt.make_layout(x)
+
+
+def test_layout_settings_kept_between_calls_follow_every_change(monkeypatch):
+    """``patch_layout`` checks its settings once per distinct settings (``quadtree._layout_settings``): a value of
+    another type is checked again (True is no threshold, 1 token is not a fraction 1.0), a scorer registered again
+    under its name is the one used, and the checks still run for every new value."""
+    from aptvit.core.io import InputError, UserTypeError
+
+    x = _images(1, size=(64, 64))
+    sizes = (16, 32)
+    checks = []
+    real = quadtree.check_layout_settings
+    monkeypatch.setattr(quadtree, "check_layout_settings", lambda *a: checks.append(a) or real(*a))
+    first = aptvit.patch_layout(x, sizes)
+    _same_layout(first, aptvit.patch_layout(x, sizes))
+    assert len(checks) <= 1  # kept (an earlier test may have checked these settings already)
+    assert aptvit.patch_layout(x, sizes, thresholds={32: 1}).total_tokens == 16  # nothing merges at 1 bit
+    with pytest.raises(InputError):
+        aptvit.patch_layout(x, sizes, thresholds={32: True})
+    assert aptvit.patch_layout(x, sizes, budget=1.0).total_tokens == 16  # a fraction: every base token allowed
+    assert aptvit.patch_layout(x, sizes, budget=4).total_tokens == 4  # a count
+    with pytest.raises(UserTypeError):
+        aptvit.patch_layout(x, sizes, budget=True)
+    with pytest.raises(InputError):
+        aptvit.patch_layout(x, sizes, scorer_args={"bins": 1})
+    spec = scoring.SCORERS["entropy"]
+    calls = []
+
+    def counted(gray, sizes, base, **params):
+        calls.append(params)
+        return spec.fn(gray, sizes, base, **params)
+
+    monkeypatch.setitem(
+        scoring.SCORERS, "entropy", scoring.ScorerSpec(counted, spec.thresholds, spec.params, spec.check)
+    )
+    _same_layout(first, aptvit.patch_layout(x, sizes))
+    assert calls == [{"bins": 512}]
+
+
+def test_aten_ops_per_stage_at_batch_1_do_not_grow():
+    """The load-independent guard of the batch-1 host cost (benchmarks/bench_host.py's per-stage counts, BENCHMARKS
+    section 10): each stage of ``apt(x)`` dispatches at most the ops it does today. The layout's count rose from 76
+    when its pixel passes went channel by channel (more, smaller ops: less time); the plan's fell from 42."""
+    from benchmarks.bench_host import stage_ops, thin_vit
+
+    vit = thin_vit(depth=2)
+    apt = aptvit.convert(vit, patch_sizes=(16, 32)).eval()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in apt.pixel_mean_std())
+    x = (_images(1, size=(64, 64)) - mean) / std
+    ops = stage_ops(vit, apt, x)
+    most = {"layout": 82, "plan": 36, "embed": 41, "block": 16, "head": 4}
+    assert all(ops[k] <= n for k, n in most.items()), ops
+    assert ops["block"] < ops["timm block"], ops

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ...core.packed import PackedBatch
-from ..attention import skip_dropout
+from ..attention import skip_noop
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,11 @@ def _timm_mlp() -> type:
 
 def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``mlp(x)``; for timm's plain ``Mlp`` its own layers in its own order, without calling dropouts that do nothing
-    (eval mode or p = 0: each would still dispatch an op, host time at batch 1; ``attention.skip_dropout``)."""
+    (eval mode or p = 0: each would still dispatch an op, host time at batch 1; ``attention.skip_noop``)."""
     if type(mlp) is not _timm_mlp():
         return mlp(x)
-    x = skip_dropout(mlp.drop1, mlp.act(mlp.fc1(x)))
-    return skip_dropout(mlp.drop2, mlp.fc2(mlp.norm(x)))
+    x = skip_noop(mlp.drop1, mlp.act(mlp.fc1(x)))
+    return skip_noop(mlp.drop2, mlp.fc2(skip_noop(mlp.norm, x)))
 
 
 class Family:

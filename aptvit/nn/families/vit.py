@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...core.packed import PackedBatch
-from ..attention import packed_self_attention
+from ..attention import packed_self_attention, skip_noop
 from ..embed import position_bank
 from .base import BlockContext, Family, check_patch_embed, drop_path_packed, mlp_forward, mlp_ratio_of
 from .pool import GLOBAL_POOLS, attention_pool, check_attention_pool, pool_tokens
@@ -148,10 +148,9 @@ class ViTFamily(Family):
         """timm's ``Block.forward`` on packed tokens (drop path per image)."""
         packed = ctx.packed
         a = packed_self_attention(blk.attn, blk.norm1(x), packed, ctx.backend, ctx.pad_index, ctx.key_bias)
-        x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, packed.seq, packed.num_seqs, ctx.training)
-        return x + drop_path_packed(
-            blk.ls2(mlp_forward(blk.mlp, blk.norm2(x))), blk.drop_path2, packed.seq, packed.num_seqs, ctx.training
-        )
+        x = x + drop_path_packed(skip_noop(blk.ls1, a), blk.drop_path1, packed.seq, packed.num_seqs, ctx.training)
+        y = skip_noop(blk.ls2, mlp_forward(blk.mlp, blk.norm2(x)))
+        return x + drop_path_packed(y, blk.drop_path2, packed.seq, packed.num_seqs, ctx.training)
 
     def pool(self, apt, x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
         """timm's ``VisionTransformer.pool`` on packed tokens: (N, D) -> (B, D)."""
@@ -162,7 +161,7 @@ class ViTFamily(Family):
         return pool_tokens(x, packed, apt.global_pool)
 
     def forward_head(self, apt, x: torch.Tensor, packed: PackedBatch, pre_logits: bool = False) -> torch.Tensor:
-        x = apt.head_drop(apt.fc_norm(self.pool(apt, x, packed)))
+        x = skip_noop(apt.head_drop, skip_noop(apt.fc_norm, self.pool(apt, x, packed)))
         return x if pre_logits else apt.head(x)
 
     def head_flops(self, apt, tokens: torch.Tensor) -> torch.Tensor:
