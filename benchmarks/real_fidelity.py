@@ -643,7 +643,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:  # sizes and budgets as given, else the smoke run's own
         args.sizes = "56,112" if args.sizes == p.get_default("sizes") else args.sizes
-        args.val, args.test, args.speed_images, args.runs, args.large_photos, args.large_val = 2, 3, 2, 1, 2, 1
+        args.val, args.test = min(args.val, 2), min(args.test, 3)
+        args.speed_images, args.runs, args.large_photos, args.large_val = 2, 1, 2, 1
         args.distill_steps, args.distill_batch = min(args.distill_steps, 2), 2
         args.work += "-quick"
         args.results = args.results + "-quick" if args.results == "docs/real_fidelity" else args.results
@@ -847,6 +848,8 @@ def main(argv=None) -> int:
         uni_flops = tome_flops(src.vit, 0, base)
         # every choice is made at the first size; at the larger ones validation checks the patch sizes only
         for split in ("val", "test") if not large or args.large_val else ("test",):
+            if not here[split]:  # --val 0 / --test 0: this split is not run at this size
+                continue
             px = load_photos(here[split], size)
             x = normalise(px)
             ref_file = work / f"ref-{key}-{size}-{split}-{len(here[split])}.pt"
@@ -911,6 +914,8 @@ def main(argv=None) -> int:
         sk = f"{size}|speed"
         if sk not in cache and args.cached_only:
             cache[sk] = {}
+        if sk not in cache and not splits["test"]:
+            cache[sk] = {}  # no test photos to time
         if sk not in cache:
             n = args.speed_images // 2 if large else args.speed_images
             xs = normalise(load_photos(splits["test"][:n], size))

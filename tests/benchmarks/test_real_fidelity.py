@@ -167,3 +167,11 @@ def test_a_malformed_recipe_list_is_refused_by_name(capsys):
         rf.parse_args(["--distill-recipes", "2e-6x10,5e-6"])
     assert "--distill-recipes: LRxK pairs" in capsys.readouterr().err
     assert rf.parse_args(["--distill-recipes", "2e-6x10,5e-6x100"]).distill_recipes == [(2e-6, 10.0), (5e-6, 100.0)]
+
+
+def test_a_split_of_no_photos_is_skipped(tmp_path):
+    out = tmp_path / "res"
+    argv = ["--quick", "--sizes", "56", "--budgets", "0.5", "--distill-steps", "0", "--val", "0"]
+    assert rf.main(argv + ["--work", str(tmp_path / "w"), "--results", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert rows and {r["split"] for r in rows} == {"test"}
