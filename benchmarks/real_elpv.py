@@ -405,6 +405,7 @@ def one_epoch(kind: str, source: Path, data: Path, args, s: dict, work: Path) ->
         epochs=1,
         batch_size=args.batch,
         lr=args.lr,
+        new_layer_lr_scale=10.0,  # both epochs as section 8 ran them (before --distill's default became x100)
         warmup=0.0,
         drop_path=0.0,
         augment="none",

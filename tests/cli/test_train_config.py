@@ -82,3 +82,27 @@ def test_a_library_run_replaces_an_aptvit_checkpoints_settings_as_a_whole(tmp_pa
     finetune(cfg)
     saved = json.loads(read_metadata(tmp_path / "run" / "model.safetensors")["aptvit"])
     assert (saved["budget"], saved["thresholds"]) == (None, {"32": 5.5})
+
+
+def test_the_learning_rates_default_by_the_kind_of_run_and_a_given_one_wins():
+    from aptvit.train.config import KIND_DEFAULTS
+
+    labelled, distill = TrainConfig("m", "d", "o"), TrainConfig("m", "d", "o", distill=True)
+    assert (labelled.lr, labelled.new_layer_lr_scale) == (5e-5, 10.0)
+    assert (distill.lr, distill.new_layer_lr_scale) == (5e-6, 100.0) == tuple(KIND_DEFAULTS[True].values())
+    given = TrainConfig("m", "d", "o", distill=True, lr=1e-4, new_layer_lr_scale=3.0)
+    assert (given.lr, given.new_layer_lr_scale) == (1e-4, 3.0)
+    saved = json.loads(distill.to_json())  # config.json holds the values the run used
+    assert (saved["lr"], saved["new_layer_lr_scale"]) == (5e-6, 100.0)
+    assert TrainConfig.from_json(distill.to_json()) == distill
+
+
+def test_finetune_help_names_both_kinds_defaults(capsys):
+    import pytest
+
+    from aptvit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "default 5e-05; with --distill 5e-06" in text and "default 10; with --distill 100" in text
