@@ -567,18 +567,30 @@ def summary(rows: List[dict], split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def headline(curve: str) -> bool:
+    """The plot's curves: APT with the chosen settings (zero-shot, distilled) and aptvit 0.1's, Random with the
+    chosen sizes, lower resolution (zero-shot, distilled), ToMe; every other row is in the tables."""
+    return (
+        curve.startswith(("APT entropy + area bias sizes=", "Random + area bias sizes=", "lower resolution", "ToMe"))
+        or curve == "APT entropy"
+    )
+
+
 def plot(rows: List[dict], sizes: Sequence[int], path: Path) -> None:
-    """Test split: dense cosine (class cosine for ToMe, dashed) against tokens kept, a panel per size."""
+    """Test split: dense cosine (class cosine for ToMe, dashed) against tokens kept, a panel per size (the
+    ``headline`` curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    names = sorted({r["curve"] for r in rows if r["split"] == "test" and headline(r["curve"])})
+    colour = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}  # one colour per method in every panel
     for ax, size in zip(axes[0], sizes):
         curves: Dict[str, List[Tuple[float, float]]] = {}
         for r in rows:
-            if r["size"] != size or r["split"] != "test" or r.get("variant"):
+            if r["size"] != size or r["split"] != "test" or r.get("variant") or not headline(r["curve"]):
                 continue
             key, val = (
                 (r["curve"], r.get("dense_cos"))
@@ -591,7 +603,9 @@ def plot(rows: List[dict], sizes: Sequence[int], path: Path) -> None:
             curves.setdefault(key, []).append((r["tokens_kept"], val))
         for name, pts in sorted(curves.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o" if "(class)" in name else "-o", label=name, ms=4)
+            style = "--o" if "(class)" in name else "-o"
+            c = colour[name.removesuffix(" (class)")]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=4, color=c)
         ax.set_title(f"DINOv2 ViT-S/14 at {size} px, test photos")
         ax.set_xlabel("tokens kept (patch tokens per block / full grid)")
         ax.set_ylabel("dense cosine to the full model")
