@@ -652,6 +652,12 @@ def parse_args(argv=None):
         help="the budgets that get distilled students (CPU time); every recipe is tried on the validation photos at "
         "the first, each student's best recipe there is used at the others and on the test photos",
     )
+    p.add_argument(
+        "--large-distill-budgets",
+        default="",
+        help="budgets that also get distilled students at the larger sizes, each student with its recipe chosen at "
+        "the first size (CPU time: several times the first size's)",
+    )
     p.add_argument("--cached-only", action="store_true", help="write the outputs from the cached rows only")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny random ViT, scikit-image photos")
     args = p.parse_args(argv)
@@ -665,6 +671,7 @@ def parse_args(argv=None):
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.distill_budgets = [float(b) for b in args.distill_budgets.split(",")]
+    args.large_distill_budgets = [float(b) for b in args.large_distill_budgets.split(",") if b]
     given = args.distill_recipes
     try:
         args.distill_recipes = [tuple(float(v) for v in r.split("x")) for r in given.split(",")]
@@ -757,9 +764,9 @@ def choose_recipes(grid, methods: List[Method], scores: Dict[str, dict]) -> Dict
     return {k: best[k][1] if k in best else first for k in ("apt", "lowres")}
 
 
-def make_students(src: Source, args, sources: List[str], evaluated: List[str], work: Path):
-    """The distilled students at ``src.size``, one ``Students`` per recipe tried (each trained when a row first
-    needs it)."""
+def make_students(src: Source, args, sources: List[str], evaluated: List[str], work: Path, recipes=None):
+    """The distilled students at ``src.size``, one ``Students`` per recipe tried (``recipes``: (lr, new-layer
+    multiplier) pairs, default ``--distill-recipes``), each trained when a row first needs it."""
     from benchmarks import fidelity_distill as fd
 
     train = fd.train_sources(sources, evaluated, scene_key)
@@ -771,7 +778,7 @@ def make_students(src: Source, args, sources: List[str], evaluated: List[str], w
         return photos["p"]
 
     grid = {}
-    for lr, scale in args.distill_recipes:
+    for lr, scale in args.distill_recipes if recipes is None else recipes:
         recipe = fd.Recipe(args.distill_steps, args.distill_batch, lr, args.seed, scale)
         grid[recipe] = fd.Students(
             recipe,
@@ -847,6 +854,7 @@ def main(argv=None) -> int:
 
         weights = DEFAULT_CACHE
     thresholds_rows: Dict[int, Dict[str, float]] = {}
+    chosen: Dict[str, object] = {}  # each student's distillation recipe, chosen at the first size
     for size in args.sizes:
         # larger inputs cost ~4-6x more on this CPU: fewer photos there (the first of each split)
         large = size > min(args.sizes)
@@ -855,8 +863,12 @@ def main(argv=None) -> int:
         )
         src = tiny_source(size) if args.quick else real_source(size, weights)
         evaluated = splits["val"] + splits["test"]
-        grid = make_students(src, args, sources, evaluated, work) if args.distill_steps and not large else None
-        chosen: Dict[str, object] = {}
+        grid = None
+        if args.distill_steps and not large:
+            grid = make_students(src, args, sources, evaluated, work)
+        elif args.distill_steps and args.large_distill_budgets and chosen:  # the first size's choice, trained here
+            picked = [(r.lr, r.new_layer_lr_scale) for r in dict.fromkeys(chosen.values())]
+            grid = make_students(src, args, sources, evaluated, work, recipes=picked)
         base = (size // PATCH) ** 2
         uni_flops = tome_flops(src.vit, 0, base)
         # every choice is made at the first size; at the larger ones validation checks the patch sizes only
@@ -890,7 +902,9 @@ def main(argv=None) -> int:
                     methods = val_methods(src, budget, variants=size == min(args.sizes) and budget == min(args.budgets))
                 else:
                     methods = test_methods(src, budget, large)
-                if grid is not None and budget in args.distill_budgets:
+                if grid is not None and large and budget in args.large_distill_budgets:
+                    methods += distill_methods(src, budget, grid, chosen)
+                elif grid is not None and not large and budget in args.distill_budgets:
                     first = args.distill_budgets[0]
                     if split == "val" and budget == first:  # every recipe; the choice is made here
                         tried = distill_methods(src, budget, grid)

@@ -175,3 +175,20 @@ def test_a_split_of_no_photos_is_skipped(tmp_path):
     assert rf.main(argv + ["--work", str(tmp_path / "w"), "--results", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert rows and {r["split"] for r in rows} == {"test"}
+
+
+def test_the_larger_sizes_distil_with_the_recipes_chosen_at_the_first(tmp_path):
+    out = tmp_path / "res"
+    argv = ["--quick", "--sizes", "56,112", "--budgets", "0.5", "--distill-recipes", "1e-4x10,1e-4x100"]
+    argv += ["--large-distill-budgets", "0.5", "--work", str(tmp_path / "w"), "--results", str(out)]
+    assert rf.main(argv) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    tried = {r["name"] for r in rows if r["size"] == 56 and r["split"] == "val" and "distill" in r["name"]}
+    assert len(tried) == 3  # two APT recipes, one lower-resolution lr
+    for split in ("val", "test"):
+        large = [r["name"] for r in rows if r["size"] == 112 and r["split"] == split and "distill" in r["name"]]
+        assert len(large) == 2  # the chosen APT recipe and the chosen lower-resolution lr
+        first = {r["name"] for r in rows if r["size"] == 56 and r["split"] == "test" and "distill" in r["name"]}
+        strip = lambda n: n.split(" (")[0] + n[n.index(" + distill") :]  # noqa: E731  (the side differs by size)
+        assert {strip(n) for n in large} == {strip(n) for n in first}  # the same recipes as the first size's test rows
+    assert (tmp_path / "w-quick" / "distill-112px-s2-b2-lr0.0001-seed0").is_dir()  # trained at 112 px
