@@ -150,13 +150,14 @@ def bank_size(groups: Groups, patch_sizes: Sequence[int]) -> int:
     return sum(len(idx) * (h // s) * (w // s) for idx, (h, w) in groups for s in patch_sizes)
 
 
-def pos_bank_rows(groups: Groups, patch_sizes: Sequence[int]) -> List[List[Tuple[int, int]]]:
-    """Host plan of the position bank: per group, per patch size, (first row, grid width)."""
+def pos_bank_rows(groups: Groups, patch_sizes: Sequence[int]) -> List[List[int]]:
+    """Host plan of the position bank: per group, per patch size, its first row (the grid width is the token
+    bank's, ``bank_rows``)."""
     plan, row = [], 0
     for _, (h, w) in groups:
         per_group = []
         for s in patch_sizes:
-            per_group.append((row, w // s))
+            per_group.append(row)
             row += (h // s) * (w // s)
         plan.append(per_group)
     return plan
@@ -174,7 +175,6 @@ class BankEntry(NamedTuple):
     per_image: int  # rows per image, (H // s) * (W // s)
     cols: int  # grid width, W // s (of the token bank and of the position bank alike)
     pos_start: int  # first row in the position bank (no image dimension: positions are shared)
-    pos_cols: int  # grid width in the position bank, W // s: ``cols``
 
 
 class Row(NamedTuple):
@@ -212,7 +212,7 @@ class HostTable:
 def bank_entries(groups: Groups, patch_sizes: Sequence[int]) -> List[BankEntry]:
     """``BankEntry`` of every (group, patch size), group-major, sizes ascending (index ``g * len(sizes) + level``)."""
     return [
-        BankEntry(*e, *q)
+        BankEntry(*e, q)
         for pg, qg in zip(bank_rows(groups, patch_sizes), pos_bank_rows(groups, patch_sizes))
         for e, q in zip(pg, qg)
     ]

@@ -229,14 +229,14 @@ def plan_static(layout: PatchLayout, groups: Groups, num_prefix: int, pool_prefi
     entry = None  # per slot, the BankEntry of its size (a where over the few sizes; 0 for padding)
     for lv, e in enumerate(bank_entries(groups, sizes)):
         entry = [torch.where(here[lv], v, 0 if entry is None else old) for v, old in zip(e, entry or e)]
-    start, per_image, cols, pos_start, pos_cols = entry
+    start, per_image, cols, pos_start = entry
     safe = size.clamp(min=1)
     row, col = layout.y.view(b, k) // safe, layout.x.view(b, k) // safe
     img = torch.arange(b, device=device).view(b, 1)
     dump = num_seqs
     slots = Row(
         token_src=(start + img * per_image + row * cols + col) * real,
-        pos_src=torch.where(real, pos_start + row * pos_cols + col, pos_zero),
+        pos_src=torch.where(real, pos_start + row * cols + col, pos_zero),  # the position grid is as wide
         seq=2 * img + (~real).long(),
         pool_seq=torch.where(real, img, dump),
         area=scale * scale,
