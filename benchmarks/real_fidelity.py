@@ -352,6 +352,16 @@ def apt_method(
     return Method(name, f"{label}{bias}{mark}{suffix}", budget, run, lambda x: apt_model()(x, layout=layout_of(x)))
 
 
+def downsize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, S, S) model input -> (B, C, side, side): bilinear with antialiasing (a lower resolution's input)."""
+    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+
+
+def to_full_grid(dense: torch.Tensor, g: int) -> torch.Tensor:
+    """A lower resolution's dense grid (B, D, h, w) upsampled (bilinear) to the full (B, D, g, g) grid."""
+    return F.interpolate(dense, size=(g, g), mode="bilinear", align_corners=False)
+
+
 def lowres_method(
     src: Source, budget: float, model: Optional[Callable[[int], torch.nn.Module]] = None, suffix: str = ""
 ) -> Method:
@@ -367,17 +377,14 @@ def lowres_method(
             built["vit"] = vit if model is None else model(side)
         return built["vit"]
 
-    def down(x):
-        return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-
     def run(x, px):
-        pre, dense = final_tokens(student(), down(x))
-        dense = F.interpolate(dense, size=(g, g), mode="bilinear", align_corners=False)
+        pre, dense = final_tokens(student(), downsize(x, side))
+        dense = to_full_grid(dense, g)
         n = len(x)
         return pre, {"": dense}, torch.full((n,), tokens / g**2, dtype=torch.float64), torch.full((n,), flops)
 
     name = f"lower resolution ({side} px){suffix}"
-    return Method(name, f"lower resolution{suffix}", budget, run, lambda x: student()(down(x)))
+    return Method(name, f"lower resolution{suffix}", budget, run, lambda x: student()(downsize(x, side)))
 
 
 def apt_lowres_method(src: Source, budget: float, kept: float) -> Method:
@@ -388,18 +395,15 @@ def apt_lowres_method(src: Source, budget: float, kept: float) -> Method:
     g, cells = src.size // PATCH, (side // PATCH) ** 2
     apt = convert(src.make_vit(side), budget * g * g / cells, "entropy", True, (PATCH, 2 * PATCH))
 
-    def down(x):
-        return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-
     def run(x, px):
-        small = down(x)
+        small = downsize(x, side)
         layout = apt.make_layout(small)
         pre, dense = apt_outputs(apt, small, layout)
-        dense = F.interpolate(dense, size=(g, g), mode="bilinear", align_corners=False)
+        dense = to_full_grid(dense, g)
         return pre, {"": dense}, layout.num_tokens.double() / g**2, model_flops(apt, layout)["apt"]
 
     name = f"APT at a lower resolution ({side} px, {kept:.0%} of its tokens)"
-    return Method(name, "APT at a lower resolution", budget, run, lambda x: apt(down(x)))
+    return Method(name, "APT at a lower resolution", budget, run, lambda x: apt(downsize(x, side)))
 
 
 def tome_method(src: Source, budget: float) -> Method:
