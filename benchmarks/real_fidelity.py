@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -774,12 +775,10 @@ def make_students(src: Source, args, sources: List[str], evaluated: List[str], w
     from benchmarks import fidelity_distill as fd
 
     train = fd.train_sources(sources, evaluated, scene_key)
-    photos: Dict[str, list] = {}
 
-    def open_photos():  # opened once, for the crops of every recipe
-        if "p" not in photos:
-            photos["p"] = [_open(s) for s in train]
-        return photos["p"]
+    @functools.cache
+    def open_photos():  # opened once, for the crops of every recipe (and only if a recipe needs crops)
+        return [_open(s) for s in train]
 
     grid = {}
     for lr, scale in args.distill_recipes if recipes is None else recipes:
@@ -911,15 +910,14 @@ def main(argv=None) -> int:
                 elif grid is not None and not large and budget in args.distill_budgets:
                     first = args.distill_budgets[0]
                     if split == "val" and budget == first:  # every recipe; the choice is made here
-                        tried = distill_methods(src, budget, grid)
-                        methods += tried
+                        methods += distill_methods(src, budget, grid)
                     else:
-                        if not chosen:
+                        if not chosen:  # from the validation rows just made at the first budget
                             tried = distill_methods(src, first, grid)
-                            scores = {
-                                m.name: cache.get(f"{size}|val|{len(splits['val'])}|{first}|{m.name}") for m in tried
-                            }
-                            chosen.update(choose_recipes(grid, tried, scores))
+                            prefix = f"{size}|val|{len(splits['val'])}|{first}|"
+                            chosen.update(
+                                choose_recipes(grid, tried, {m.name: cache.get(prefix + m.name) for m in tried})
+                            )
                             log(f"  distillation recipes chosen on validation at {first:.0%}: {chosen}")
                         methods += distill_methods(src, budget, grid, chosen)
                 for m in methods:
@@ -943,10 +941,8 @@ def main(argv=None) -> int:
             )  # fmt: skip
         # images/s on the test photos: the source and the timed methods, alternating medians
         sk = f"{size}|speed"
-        if sk not in cache and args.cached_only:
-            cache[sk] = {}
-        if sk not in cache and not splits["test"]:
-            cache[sk] = {}  # no test photos to time
+        if sk not in cache and (args.cached_only or not splits["test"]):
+            cache[sk] = {}  # nothing timed: only cached rows asked for, or no test photos to time
         if sk not in cache:
             n = args.speed_images // 2 if large else args.speed_images
             xs = normalise(load_photos(splits["test"][:n], size))
