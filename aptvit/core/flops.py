@@ -28,7 +28,9 @@ def patch_embed_flops(cells: torch.Tensor, in_chans: int, patch: int, dim: int) 
     return 2.0 * cells.double() * in_chans * patch * patch * dim
 
 
-def bank_flops(grid: Tuple[int, int], patch_sizes: Sequence[int], in_chans: int, dim: int) -> float:
+def bank_flops(
+    grid: Tuple[int, int], patch_sizes: Sequence[int], in_chans: int, dim: int, detail: bool = True
+) -> float:
     """FLOPs of the APT embedding bank of one image beyond the base projection (``nn.embed``).
 
     Every larger size s is embedded over its whole (h // k, w // k) grid (k = s / p): the resize projection and
@@ -36,13 +38,15 @@ def bank_flops(grid: Tuple[int, int], patch_sizes: Sequence[int], in_chans: int,
 
     Args:
         grid: (h, w) base cells of the image.
+        detail: count the detail path (False: left out, as an inference forward does while its output layers are
+            zero, ``AdaptivePatchEmbed.detail_is_zero``).
     """
     h, w = grid
     p, total, k = patch_sizes[0], 0.0, 1
     for s in patch_sizes[1:]:
         while k < s // p:
             k *= 2
-            total += 2.0 * (h // k) * (w // k) * 4 * dim * dim  # merge into this octave
+            total += 2.0 * (h // k) * (w // k) * 4 * dim * dim * detail  # merge into this octave
         cells = (h // k) * (w // k)
-        total += 2.0 * cells * in_chans * p * p * dim + 2.0 * cells * dim * dim  # resize projection + detail output
+        total += 2.0 * cells * in_chans * p * p * dim + 2.0 * cells * dim * dim * detail  # resize proj. + detail out
     return total

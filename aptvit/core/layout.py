@@ -272,9 +272,11 @@ def to_device(values: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor
     """A small tensor of host ints on ``device`` without waiting for the device.
 
     ``torch.tensor(values, device="cuda")`` copies with ``non_blocking=False``, which synchronises the
-    stream; a non-blocking copy from pageable memory is staged at once and needs no wait.
+    stream; a non-blocking copy from pageable memory is staged at once and needs no wait. On the CPU there is
+    nothing to copy (and no ``to`` to dispatch).
     """
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    t = torch.tensor(values, dtype=dtype)
+    return t if t.device == torch.device(device) else t.to(device, non_blocking=True)
 
 
 def check_patch_sizes(patch_sizes) -> Tuple[int, ...]:

@@ -295,7 +295,7 @@ def plan_packed(
     img = torch.repeat_interleave(dev["counts"], output_size=t)
     # token j of image i sits after i + 1 images' prefix tokens: j + (i + 1) * P (fresh tensors: updated in place)
     patch_pos = torch.arange(P, t + P, dtype=torch.long, device=device)
-    patch_pos = patch_pos.add_(img, alpha=P) if P else patch_pos
+    patch_pos = patch_pos.add_(img, alpha=P) if P and b > 1 else patch_pos
     k = layout.size // p
     key = dev["level_of"][k] if one_group else dev["group_key"][img] + dev["level_of"][k]
     e = BankEntry(*dev["bank"].view(-1, len(BankEntry._fields))[key].unbind(1))
@@ -303,7 +303,7 @@ def plan_packed(
     cell = (layout.y // layout.size).mul_(e.cols).add_(layout.x // layout.size)
     local_img = img if one_group else dev["local"][img]
     patch_rows = Row(
-        token_src=(local_img * e.per_image).add_(e.start).add_(cell),
+        token_src=(local_img * e.per_image).add_(e.start).add_(cell) if b > 1 else e.start + cell,
         pos_src=e.pos_start + cell,
         seq=img,
         pool_seq=img,
@@ -312,11 +312,15 @@ def plan_packed(
 
     # ---- every packed row at once, by name
     width = len(Row._fields)
-    dest = torch.cat([patch_pos, dev["prefix_pos"], dev["pad_pos"]])
-    table = torch.cat(
-        [torch.stack(list(patch_rows), 1), dev["prefix_rows"].view(-1, width), dev["pad_rows"].view(-1, width)]
+    patch_table, prefix_table, pad_table = (
+        torch.stack(list(patch_rows), 1), dev["prefix_rows"].view(-1, width), dev["pad_rows"].view(-1, width)
     )
-    rows = Row(*torch.empty_like(table).index_copy_(0, dest, table).unbind(1))
+    if b == 1:  # already in packed order: prefix tokens, patches, padding (three ops fewer at batch 1)
+        rows = Row(*torch.cat([prefix_table, patch_table, pad_table]).unbind(1))
+    else:  # each image's prefix tokens in front of its patches
+        dest = torch.cat([patch_pos, dev["prefix_pos"], dev["pad_pos"]])
+        table = torch.cat([patch_table, prefix_table, pad_table])
+        rows = Row(*torch.empty_like(table).index_copy_(0, dest, table).unbind(1))
     # the cells a patch covers, k * k, as a logit bias; prefix and padding tokens (area 0 or 1) stand for one token:
     # log 1 = 0
     key_bias = rows.area.clamp(min=1).float().log_()

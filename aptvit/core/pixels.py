@@ -7,7 +7,7 @@ names the argument, instead of deep inside torch.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -160,34 +160,36 @@ def grayscale_255(images: torch.Tensor) -> torch.Tensor:
 
 
 def normalised_gray_255(
-    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``grayscale_255`` and ``pixel_range`` of the pixels ``(images * std + mean).clamp(0, 1)`` of normalised model
-    input, computed channel by channel: the same float32 steps (and bits), without the (B, C, H, W) pixels in
-    between, so that at batch 1 every pass over a 224 px image stays in the cache (host time, issue 16).
+    """``grayscale_255`` of the pixels ``(images * std + mean).clamp(0, 1)`` of normalised model input, and its bounds,
+    computed channel by channel: the same float32 steps (and bits), without the (B, C, H, W) pixels in between, so
+    that at batch 1 every pass over a 224 px image stays in the cache (host time, issue 16).
 
-    The pixels are clamped, so the only bad value left is NaN (it stays NaN through every step): the range is that
-    of the grayscale, divided by 255, which is NaN exactly when a pixel is (one reduction over a third of the values).
+    The pixels are clamped, so the only bad value left is NaN (it stays NaN through every step): the pixel range is
+    the grayscale's bounds divided by 255, NaN exactly when a pixel is (one reduction over a third of the values).
+    The bounds stay on the 0..255 scale and in float32: the caller divides them on the host, after its one read
+    (two ops fewer per call than converting and dividing them here).
 
     Args:
         images: (B, C, H, W) floating point, normalised; C in {1, 3}.
-        mean, std: (C,) float32 on the images' device.
+        mean, std: C Python floats each (a scalar operand is rounded to float32 as a float32 tensor of it would be:
+            the same bits, and no tensor to split or to copy to the device).
 
     Returns:
-        gray (B, H, W) float32 in [0, 255], and (2,) ``host_read_dtype`` (min, max) in [0, 1] or NaN.
+        gray (B, H, W) float32 in [0, 255], and (2,) float32 (min, max) of gray, in [0, 255] or NaN.
     """
     if not images.is_floating_point():
         raise UserTypeError(f"normalised images must be floating point, got {images.dtype}")
-    if tuple(mean.shape) != images.shape[1:2] or tuple(std.shape) != images.shape[1:2]:
+    if len(mean) != images.shape[1] or len(std) != images.shape[1]:
         raise InputError(f"normalisation mean and std need one value per channel ({images.shape[1]})")
     weights = GRAY_WEIGHTS if images.shape[1] == 3 else (None,)
-    x, gray = images.float(), None
-    for c, (m, s, weight) in enumerate(zip(mean.unbind(), std.unbind(), weights)):
+    x, gray = images if images.dtype == torch.float32 else images.float(), None
+    for c, (m, s, weight) in enumerate(zip(mean, std, weights)):
         part = torch.mul(x[:, c], s).add_(m).clamp_(0.0, 1.0).mul_(255.0)
         part = part.mul_(weight) if weight is not None else part
         gray = part if gray is None else gray.add_(part)
-    lo, hi = torch.aminmax(gray)
-    return gray, torch.stack([lo, hi]).to(host_read_dtype(images.device)).div_(255.0)
+    return gray, torch.stack(torch.aminmax(gray))
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:

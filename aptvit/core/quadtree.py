@@ -258,7 +258,7 @@ def patch_layout(
     scorer: Union[str, Scorer] = "entropy",
     scorer_args: Optional[Mapping] = None,
     *,
-    normalisation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    normalisation: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
 ) -> PatchLayout:
     """Cut every image into a mix of patch sizes.
 
@@ -278,7 +278,7 @@ def patch_layout(
             callable ``scorer(gray (B, H, W) in [0, 255], sizes, base_size) -> {size: (B, H // size, W // size)}``.
         scorer_args: keyword parameters of the scorer, e.g. ``{"bins": 256}`` for entropy (its histogram bins,
             equal width over [0, 255]); a registered scorer's defaults fill the rest.
-        normalisation: (mean, std), each (C,) float32 on the images' device: the images are normalised model
+        normalisation: (mean, std), each C Python floats: the images are normalised model
             input (float), and the layout is that of the pixels ``(images * std + mean).clamp(0, 1)``, computed
             without a full-size copy of them (``pixels.normalised_gray_255``; what ``APTViT.make_layout`` passes).
 
@@ -287,7 +287,7 @@ def patch_layout(
     Returns:
         PatchLayout of the batch, tokens packed image by image in raster order.
     """
-    sizes, fixed, score_fn, scored = _layout_settings(patch_sizes, thresholds, budget, scorer, scorer_args)
+    sizes, fixed, score_fn, scored, check_nan = _layout_settings(patch_sizes, thresholds, budget, scorer, scorer_args)
     base = sizes[0]
 
     groups = group_by_size(images)
@@ -307,7 +307,9 @@ def patch_layout(
                     f"budget of {max_tokens} tokens is below the {min_tokens} tokens that the largest patch sizes "
                     f"allow for a {h}x{w} image; raise budget or add larger patch_sizes"
                 )
-    settings = dict(sizes=sizes, scored=scored, score_fn=score_fn, fixed=fixed, budget=budget, norm=normalisation)
+    settings = dict(
+        sizes=sizes, scored=scored, score_fn=score_fn, fixed=fixed, budget=budget, norm=normalisation, check_nan=check_nan
+    )
     parts = [_group_tokens(batch, name, **settings) for (_, batch), name in zip(groups, names)]
     if len(groups) == 1:
         return _layout(sizes, [groups[0][1].shape[-2:]] * len(groups[0][0]), parts[0])
@@ -338,7 +340,8 @@ def _settings_key(*values) -> Optional[tuple]:
 
 
 def _layout_settings(patch_sizes, thresholds, budget, scorer, scorer_args) -> tuple:
-    """(sizes, checked thresholds or None, the scorer with its parameters bound, scored sizes) of ``patch_layout``'s
+    """(sizes, checked thresholds or None, the scorer with its parameters bound, scored sizes, whether its scores need
+    a NaN check (a callable, or a registered scorer not marked ``finite``)) of ``patch_layout``'s
     settings, checked once per distinct settings and kept: a model passes the same ones every batch, and checking
     them (a JSON round trip of the scorer's parameters among them) costs host time per call (issue 16). A registered
     scorer is looked up each call, so that registering a name again takes effect."""
@@ -351,7 +354,8 @@ def _layout_settings(patch_sizes, thresholds, budget, scorer, scorer_args) -> tu
     fixed, params = check_layout_settings(sizes, thresholds, budget, scorer, scorer_args)  # before any work
     score_fn = get_scorer(scorer).fn if isinstance(scorer, str) else scorer
     score_fn = functools.partial(score_fn, **params) if params else score_fn
-    settings = (sizes, fixed, score_fn, tuple(sorted(fixed)) if fixed is not None else sizes[1:])
+    scored = tuple(sorted(fixed)) if fixed is not None else sizes[1:]
+    settings = (sizes, fixed, score_fn, scored, bool(scored) and not (spec is not None and spec.finite))
     if key is not None:
         if len(_SETTINGS) >= _SETTINGS_MAX:
             _SETTINGS.pop(next(iter(_SETTINGS)))
@@ -370,17 +374,19 @@ class _Tokens(NamedTuple):
     offsets: Tuple[int, ...]  # cu_seqlens on the host
 
 
-def _group_tokens(batch: torch.Tensor, name: str, sizes, scored, score_fn, fixed, budget, norm) -> _Tokens:
+def _group_tokens(
+    batch: torch.Tensor, name: str, sizes, scored, score_fn, fixed, budget, norm, check_nan: bool
+) -> _Tokens:
     """The tokens of one same-size batch (b, C, H, W), already shape-checked, with one host read."""
     base = sizes[0]
     b, _, h, w = batch.shape
     grid = (h // base, w // base)
     device = batch.device
     if norm is None:
-        lo_hi = pixel_range(batch)  # checked after the one host read below
+        lo_hi, scale = pixel_range(batch), 1.0  # checked after the one host read below
         gray = grayscale_255(batch)
-    else:  # normalised input: its pixels' gray and range, in one go
-        gray, lo_hi = normalised_gray_255(batch, *norm)
+    else:  # normalised input: its pixels' gray and the gray's bounds (the pixel range times 255), in one go
+        (gray, lo_hi), scale = normalised_gray_255(batch, *norm), 255.0
     if lo_hi is not None:
         gray = torch.nan_to_num_(gray, nan=0.0)  # the scorers never see NaN: bin indices stay in range
     scores = score_fn(gray, list(scored), base) if scored else {}  # a list of its own for each call
@@ -409,16 +415,17 @@ def _group_tokens(batch: torch.Tensor, name: str, sizes, scored, score_fn, fixed
     anchor = tables.anchor.gather(1, key).view(-1)  # flat (image, cell) of the top-left cell of its patch
     rank = (anchor == tables.flat).cumsum(0)  # a token sits at its top-left cell: 1-based packed index there
 
-    # The one host read: token counts (cumulative, per image), plus the pixel bounds and a NaN-score flag to raise on.
+    # The one host read: token counts (cumulative, per image), plus the pixel bounds and a NaN-score flag to raise on;
+    # ``cat`` promotes the bounds and the flag to the counts' dtype (float64: counts exact to 2**53), no cast of its own
     host = [rank.view(b, -1)[:, -1].to(host_read_dtype(device))]
     if lo_hi is not None:
-        host.append(lo_hi.to(host[0].dtype))
-    if scored:
-        host.append(z.isnan().sum().view(1).to(host[0].dtype))  # b of them are the NaN column
+        host.append(lo_hi)
+    if check_nan:
+        host.append(z.isnan().sum().view(1))  # b of them are the NaN column
     values = torch.cat(host).tolist() if len(host) > 1 else host[0].tolist()
     if lo_hi is not None:
-        check_pixel_range(values[b], values[b + 1], name)
-    if scored and values[-1] > b:
+        check_pixel_range(values[b] / scale, values[b + 1] / scale, name)
+    if check_nan and values[-1] > b:
         bad = [s for s, v in scores.items() if bool(v.isnan().any())]  # error path only
         raise InputError(f"scorer returned NaN scores for patch size {bad[0]}")
     offsets = (0, *(int(v) for v in values[:b]))

@@ -83,24 +83,47 @@ def _entropy_tables(bins: int, hc: int, wc: int, first: int, b: int, dtype: torc
     return tables
 
 
-_XLOGX: Dict[tuple, torch.Tensor] = {}
+_XLOGX: Dict[tuple, tuple] = {}
 
 
-def _xlogx_table(n: int, device) -> torch.Tensor:
-    """(n + 1,) float32 ``xlogy(c, c)`` of every count c = 0 .. n, kept per (n, device) (not inside compiled code)."""
-    if torch.compiler.is_compiling():
+def _xlogx_table(n: int, device) -> tuple:
+    """((n + 1,) float32 ``xlogy(c, c)`` of every count c = 0 .. n, and the 0-d float32 log2(n) and n * ln 2 of
+    ``entropy_scores``' last step), kept per (n, device) (built as ops inside compiled code)."""
+
+    def build():
         c = torch.arange(n + 1, dtype=torch.float32, device=device)
-        return torch.special.xlogy(c, c)
+        consts = torch.tensor([math.log2(n), n * math.log(2.0)], dtype=torch.float32).to(device).unbind()
+        return (torch.special.xlogy(c, c), *consts)
+
+    if torch.compiler.is_compiling():
+        return build()
     key = (n, str(device))
-    table = _XLOGX.get(key)
-    if table is None:
-        with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor: usable in and out of inference mode
-            c = torch.arange(n + 1, dtype=torch.float32, device=device)
-            table = torch.special.xlogy(c, c)
+    tables = _XLOGX.get(key)
+    if tables is None:
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: usable in and out of inference mode
+            tables = build()
         if len(_XLOGX) >= _ENTROPY_TABLES_MAX:
             _XLOGX.pop(next(iter(_XLOGX)))
-        _XLOGX[key] = table
-    return table
+        _XLOGX[key] = tables
+    return tables
+
+
+_ONES: Dict[tuple, torch.Tensor] = {}
+
+
+def _ones(n: int, device) -> torch.Tensor:
+    """(n,) int32 ones (a stride-0 view of one), kept per (n, device): the histogram's increments."""
+    if torch.compiler.is_compiling():
+        return torch.ones((), dtype=torch.int32, device=device).expand(n)
+    key = (n, str(device))
+    ones = _ONES.get(key)
+    if ones is None:
+        with torch.inference_mode(False), torch.no_grad():
+            ones = torch.ones((), dtype=torch.int32, device=device).expand(n)
+        if len(_ONES) >= _ENTROPY_TABLES_MAX:
+            _ONES.pop(next(iter(_ONES)))
+        _ONES[key] = ones
+    return ones
 
 
 def _coarsen(grid: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -178,19 +201,21 @@ def entropy_scores(
     else:
         cell, images = _entropy_tables(bins, hc, wc, first, b, dtype, dev)
         key += cell
-        key += images  # the same ops whatever the batch
+        if b > 1:  # one image: its offset is 0 (a pass over every pixel saved)
+            key += images
     # index_add into zeros of a known size: bincount's output size depends on the largest key, which a
     # GPU would have to read back first; as fast as bincount on the CPU.
-    ones = torch.ones((), dtype=torch.int32, device=dev).expand(key.numel())
+    ones = _ones(key.numel(), dev)
     hist = torch.zeros(b * cells * bins, dtype=torch.int32, device=dev).index_add_(0, key.view(-1), ones)
     hist = hist.view(b, hc, wc, bins)
 
     def finish(counts: torch.Tensor, size: int) -> torch.Tensor:
-        n = size * size
+        xlogx, log2_n, n_ln2 = _xlogx_table(size * size, dev)
         # c log c of every count 0..n, looked up: the same values as xlogy on each count, in a fraction of the time
-        xlogx = _xlogx_table(n, dev).index_select(0, counts.reshape(-1)).view(counts.shape)
-        # H = log2(n) - sum(c log2 c) / n, with 0 log 0 = 0
-        return math.log2(n) - xlogx.sum(-1) / (n * math.log(2.0))
+        xlogx = xlogx.index_select(0, counts.reshape(-1)).view(counts.shape)
+        # H = log2(n) - sum(c log2 c) / n, with 0 log 0 = 0; addcdiv is the division and the subtraction in one op,
+        # with the same bits (-1 times the quotient is exact)
+        return torch.addcdiv(log2_n, xlogx.sum(-1), n_ln2, value=-1)
 
     return _per_scale(hist, sizes, first, "sum", finish)
 
@@ -262,12 +287,15 @@ class ScorerSpec:
             factor without an entry uses the smallest default.
         params: the keyword parameters of ``fn`` a model may set, with their defaults (saved with the model).
         check: ``check(params) -> None``, raising ValueError for a bad value (optional).
+        finite: the scores of a finite grayscale are always finite (the built-in scorers), so ``patch_layout`` does
+            not look for NaN scores (two ops per call fewer); False (checked) for anything registered without it.
     """
 
     fn: Scorer
     thresholds: Mapping[int, float]
     params: Mapping[str, Any] = field(default_factory=dict)
     check: Optional[Callable[[Mapping[str, Any]], None]] = None
+    finite: bool = False
 
     def resolve_params(self, name: str, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
         """The defaults updated with ``given``; an unknown parameter or a bad value is a ValueError."""
@@ -301,6 +329,7 @@ def register_scorer(
     params: Optional[Mapping[str, Any]] = None,
     check: Optional[Callable[[Mapping[str, Any]], None]] = None,
     overwrite: bool = False,
+    finite: bool = False,
 ) -> ScorerSpec:
     """Make ``fn`` a scorer that models can use, save and load by ``name``.
 
@@ -316,6 +345,7 @@ def register_scorer(
         params: keyword parameters of ``fn`` with their defaults.
         check: validates a full set of parameters (raise ValueError).
         overwrite: replace a scorer of the same name.
+        finite: promise that ``fn`` never returns NaN for a finite grayscale: the layout then skips its NaN check.
     """
     if not isinstance(name, str) or not name:
         raise UserTypeError(f"a scorer name must be a non-empty string, got {name!r}")
@@ -326,7 +356,7 @@ def register_scorer(
     factors = {int(k): float(v) for k, v in dict(thresholds).items()}
     if not factors or any(k < 2 or k & (k - 1) for k in factors):
         raise InputError(f"scorer {name!r}: thresholds must be keyed by scale factors 2, 4, 8, ..., got {thresholds!r}")
-    spec = ScorerSpec(fn, factors, dict(params or {}), check)
+    spec = ScorerSpec(fn, factors, dict(params or {}), check, bool(finite))
     spec.resolve_params(name, None)  # the defaults themselves must pass the check
     SCORERS[name] = spec
     return spec
@@ -350,6 +380,8 @@ def _check_bins(params: Mapping[str, Any]) -> None:
 
 # Defaults by scale factor. Entropy: the APT paper's 5.5 bits for 2x; the others were calibrated to keep about as
 # many tokens as entropy on the scikit-image photos (benchmarks/calibrate_thresholds.py).
-register_scorer("entropy", entropy_scores, {2: 5.5, 4: 4.0, 8: 3.5}, params={"bins": 512}, check=_check_bins)
-register_scorer("laplacian", laplacian_scores, {2: 0.069, 4: 0.012, 8: 0.007})
-register_scorer("upsample", upsampling_error_scores, {2: 2.4e-4, 4: 1.9e-5, 8: 2.9e-6})
+register_scorer(
+    "entropy", entropy_scores, {2: 5.5, 4: 4.0, 8: 3.5}, params={"bins": 512}, check=_check_bins, finite=True
+)
+register_scorer("laplacian", laplacian_scores, {2: 0.069, 4: 0.012, 8: 0.007}, finite=True)
+register_scorer("upsample", upsampling_error_scores, {2: 2.4e-4, 4: 1.9e-5, 8: 2.9e-6}, finite=True)

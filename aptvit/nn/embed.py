@@ -82,6 +82,49 @@ class AdaptivePatchEmbed(nn.Module):
         for layer in self.detail_proj.values():
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.detail_proj:
+            self.__dict__["_detail_zero"] = self._detail_key(self._detail_params())  # see detail_is_zero
+
+    def detail_is_zero(self) -> bool:
+        """True while every detail output layer is still the zeros ``reset_detail`` wrote (a fresh conversion) and
+        nothing needs its gradient: the detail path then adds exactly 0 to every large token, and ``bank`` leaves it
+        out (15 of the embedding's 41 ops at batch 1: host time, issue 16).
+
+        Known without reading the weights (the forward stays free of host reads): ``reset_detail`` records each
+        tensor's identity, version and storage, which any later change moves (an optimizer step, a load, an in-place
+        edit; ``.to()`` and the other conversions keep zeros zero and carry the record over, ``_apply``). Weights that
+        are zero for another reason (a checkpoint of a model never trained) take the full path, with the same result.
+        An inference-mode tensor has no version: one edited in place inside inference mode is not seen. Never while
+        compiling or capturing a CUDA graph: those hold the whole path, whatever the weights become.
+        """
+        if not self.detail_proj:
+            return False
+        params = self._detail_params()
+        if torch.compiler.is_compiling() or (params[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            return False
+        return self.detail_zero_recorded()
+
+    def detail_zero_recorded(self) -> bool:
+        """The weights are still the zeros ``reset_detail`` recorded (``detail_is_zero`` without its conditions on
+        the mode: what an inference forward runs, for ``model_flops``)."""
+        return bool(self.detail_proj) and self.__dict__.get("_detail_zero") == self._detail_key(self._detail_params())
+
+    def _detail_params(self) -> list:
+        return [t for layer in self.detail_proj.values() for t in (layer.weight, layer.bias)]
+
+    @staticmethod
+    def _detail_key(params) -> tuple:
+        return tuple((id(t), 0 if t.is_inference() else t._version, t.data_ptr()) for t in params)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Module conversions (``.to()``, ``.half()``, ...) keep zero weights zero: the record follows them."""
+        zero = self.detail_zero_recorded()
+        out = super()._apply(fn, *args, **kwargs)
+        if zero:
+            self.__dict__["_detail_zero"] = self._detail_key(self._detail_params())
+        return out
 
     def merge(self, grid: torch.Tensor) -> torch.Tensor:
         """The 2x2 stride-2 detail conv on a channels-last grid, as one matmul over 2x2 blocks.
@@ -119,7 +162,7 @@ class AdaptivePatchEmbed(nn.Module):
             grids.append(pixels)
         rows = torch.cat([patchify(g, p) for g in grids]) if len(grids) > 1 else patchify(images, p)
         tokens = norm(F.linear(rows, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias))  # (R, D)
-        if len(self.patch_sizes) == 1:
+        if len(self.patch_sizes) == 1 or self.detail_is_zero():
             return tokens
         gh, gw = images.shape[-2] // p, images.shape[-1] // p
         n_base = b * gh * gw

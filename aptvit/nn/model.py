@@ -207,8 +207,8 @@ class APTViT(DenseMixin, nn.Module):
         """
         c = self.config.replace(**overrides) if overrides else self.config
         with torch.no_grad():
-            stats = self._pixel_stats(_device_of(images))
-            if not c.static and stats[0].numel() == self.patch_embed.proj.in_channels:
+            stats = self.pixel_mean_std()
+            if not c.static and len(stats[0]) == self.patch_embed.proj.in_channels:
                 # the pixels' gray straight from the normalised input, no full-size pixels (pixels.normalised_gray_255)
                 return patch_layout(images, **c.layout_kwargs(), normalisation=stats)
             px = self._pixels(images) if isinstance(images, torch.Tensor) else [self._pixels(t) for t in images]
@@ -543,7 +543,8 @@ def _check_layout(layout: PatchLayout, groups, patch_sizes: Tuple[int, ...], dev
 def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
     """FLOPs per image of the uniform ViT and of the APT model on ``layout``, counting what runs.
 
-    The APT count includes the whole embedding bank (every size over its whole grid, see ``nn.embed``).
+    The APT count includes the whole embedding bank (every size over its whole grid, see ``nn.embed``), its detail
+    path only once trained (an inference forward leaves out the zeros of a fresh conversion).
 
     Returns:
         {"uniform": (B,), "apt": (B,)} float64.
@@ -563,8 +564,9 @@ def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
         )
         for blk in model.blocks
     )
+    detail = not model.apt.detail_zero_recorded()  # an inference forward leaves out a zero detail path
     bank = torch.tensor(
-        [bank_flops(g, model.patch_sizes, in_chans, dim) for g in layout.grid_sizes], dtype=torch.float64
+        [bank_flops(g, model.patch_sizes, in_chans, dim, detail) for g in layout.grid_sizes], dtype=torch.float64
     )
     tokens = layout.num_tokens.cpu().double()
     return {"uniform": embed + blocks(cells) + head(cells), "apt": embed + bank + blocks(tokens) + head(tokens)}

@@ -185,7 +185,7 @@ def test_identity_modules_are_not_called_unless_hooked(monkeypatch):
 @pytest.mark.parametrize("channels", [3, 1])
 def test_normalised_gray_gives_the_bits_of_the_gray_of_the_pixels(dtype, channels):
     """``pixels.normalised_gray_255`` (the layout of normalised input, channel by channel) equals ``grayscale_255``
-    of ``(x * std + mean).clamp(0, 1)``; its range is the grayscale's / 255, NaN exactly when a pixel is NaN."""
+    of ``(x * std + mean).clamp(0, 1)``; its bounds are the grayscale's, NaN exactly when a pixel is NaN."""
     from aptvit.core.pixels import normalised_gray_255
 
     mean, std = torch.tensor([0.485, 0.456, 0.406][:channels]), torch.tensor([0.229, 0.224, 0.225][:channels])
@@ -198,15 +198,15 @@ def test_normalised_gray_gives_the_bits_of_the_gray_of_the_pixels(dtype, channel
     x = x.to(dtype)
     pixels = (x.float() * std.view(-1, 1, 1) + mean.view(-1, 1, 1)).clamp(0, 1)
     for batch, want in ((x, pixels), (x[:1], pixels[:1])):
-        gray, lo_hi = normalised_gray_255(batch, mean, std)
+        gray, bounds = normalised_gray_255(batch, mean.tolist(), std.tolist())
         assert torch.equal(gray, _reference_gray(want))
-        assert lo_hi.tolist() == [gray.min().item() / 255, gray.max().item() / 255]
+        assert bounds.tolist() == [gray.min().item(), gray.max().item()]
     x[1, -1, 5, 7] = float("nan")
     x[2, 0, 0, 0], x[3, 0, 0, 0] = float("inf"), -float("inf")  # clamped, as the plain formula does
-    gray, lo_hi = normalised_gray_255(x, mean, std)
-    assert torch.isnan(lo_hi).all() and torch.isnan(gray).sum() == 1
+    gray, bounds = normalised_gray_255(x, mean.tolist(), std.tolist())
+    assert torch.isnan(bounds).all() and torch.isnan(gray).sum() == 1
     with pytest.raises(aptvit.core.io.InputError, match="one value per channel"):
-        normalised_gray_255(x, mean[:1].expand(2), std)
+        normalised_gray_255(x, mean.tolist() + [0.5], std.tolist())
 
 
 def test_make_layout_reports_nan_input_and_clamps_inf():
@@ -259,7 +259,10 @@ def test_layout_settings_kept_between_calls_follow_every_change(monkeypatch):
 def test_aten_ops_per_stage_at_batch_1_do_not_grow():
     """The load-independent guard of the batch-1 host cost (benchmarks/bench_host.py's per-stage counts, BENCHMARKS
     section 10): each stage of ``apt(x)`` dispatches at most the ops it does today. The layout's count rose from 76
-    when its pixel passes went channel by channel (more, smaller ops: less time); the plan's fell from 42."""
+    when its pixel passes went channel by channel (more, smaller ops: less time), then fell to 67 (no NaN check of a
+    built-in scorer's scores, no casts before the host read, Python floats for the normalisation); the plan's fell
+    from 42 to 29 (one image: no reordering), the embedding's from 41 to 26 (a fresh conversion's zero detail
+    path left out)."""
     from benchmarks.bench_host import stage_ops, thin_vit
 
     vit = thin_vit(depth=2)
@@ -267,6 +270,49 @@ def test_aten_ops_per_stage_at_batch_1_do_not_grow():
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in apt.pixel_mean_std())
     x = (_images(1, size=(64, 64)) - mean) / std
     ops = stage_ops(vit, apt, x)
-    most = {"layout": 82, "plan": 36, "embed": 41, "block": 16, "head": 4}
+    most = {"layout": 67, "plan": 29, "embed": 26, "block": 16, "head": 4}
     assert all(ops[k] <= n for k, n in most.items()), ops
     assert ops["block"] < ops["timm block"], ops
+
+
+def test_a_zero_detail_path_is_left_out_only_while_it_is_the_recorded_zeros(monkeypatch, tmp_path):
+    """``AdaptivePatchEmbed.detail_is_zero``: a fresh conversion's detail layers are zeros, so an inference forward
+    leaves them out (the same bank, 15 ops fewer); conversions keep the record, and any change of the weights (an
+    in-place edit, an optimizer step, a load) or a forward that needs their gradient takes the full path again."""
+    from aptvit.nn.embed import AdaptivePatchEmbed
+
+    apt = aptvit.convert(tiny_vit(), patch_sizes=(16, 32, 64)).eval()
+    emb, x = apt.apt, _images(2, size=(64, 96)) * 2 - 1
+    bank = lambda: emb.bank(x.to(emb.detail_proj["32"].weight.dtype), apt.patch_embed.proj, apt.patch_embed.norm)  # noqa: E731
+
+    with torch.no_grad():
+        assert emb.detail_is_zero()
+        left_out = bank()
+        with monkeypatch.context() as m:  # the full path on the same weights: the same bank
+            m.setattr(AdaptivePatchEmbed, "detail_is_zero", lambda self: False)
+            assert torch.equal(left_out, bank())
+        with OpCounter() as fewer:
+            bank()
+        with monkeypatch.context() as m, OpCounter() as full:
+            m.setattr(AdaptivePatchEmbed, "detail_is_zero", lambda self: False)
+            bank()
+        assert fewer.total < full.total
+    assert not emb.detail_is_zero()  # gradients wanted: the path stays in the graph
+    apt.double()
+    with torch.no_grad():
+        assert emb.detail_is_zero()  # zeros stay zeros through a conversion
+        emb.detail_proj["64"].weight[0, 0] = 1.0  # an in-place edit
+        assert not emb.detail_is_zero()
+        trained = bank()
+    emb.reset_detail()
+    with torch.no_grad():
+        assert emb.detail_is_zero() and not torch.equal(trained, bank())
+    opt = torch.optim.SGD(emb.detail_proj.parameters(), lr=1.0)
+    bank().pow(2).sum().backward()
+    opt.step()  # the zeros get a gradient through the merge path: no longer zero
+    with torch.no_grad():
+        assert not emb.detail_is_zero()
+        emb.reset_detail()
+        assert emb.detail_is_zero()
+        emb.load_state_dict(emb.state_dict())  # loaded weights are not known to be zeros without reading them
+        assert not emb.detail_is_zero()

@@ -243,14 +243,22 @@ def test_flop_counts_match_torch_flop_counter():
         model(x)
     assert flops["uniform"].sum().item() == pytest.approx(counter.get_total_flops(), rel=1e-9)
     assert flops["apt"][0] < flops["uniform"][0]  # plain half merged
-    # noise: nothing merged, only the embedding bank extra (every larger size over its whole grid)
-    assert flops["apt"][1] - flops["uniform"][1] == bank_flops((4, 8), (16, 32, 64), 3, 64) > 0
-    # the APT count matches what actually runs; FlopCounterMode does not count SDPA on the CPU, so add it
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        apt(x, layout=layout)
+    # noise: nothing merged, only the embedding bank extra (every larger size over its whole grid; a fresh
+    # conversion's zero detail path is left out at inference)
+    assert flops["apt"][1] - flops["uniform"][1] == bank_flops((4, 8), (16, 32, 64), 3, 64, detail=False) > 0
     n = (layout.num_tokens + apt.num_prefix_tokens).double()
     attention = len(model.blocks) * 4 * (n**2).sum().item() * 64
-    assert flops["apt"].sum().item() == pytest.approx(counter.get_total_flops() + attention, rel=1e-9)
+    # the APT count matches what actually runs, fresh and once the detail path is trained; FlopCounterMode does not
+    # count SDPA on the CPU, so add it
+    for trained in (False, True):
+        if trained:
+            with torch.no_grad():
+                apt.apt.detail_proj["32"].bias.add_(0.1)
+            flops = model_flops(apt, layout)
+            assert flops["apt"][1] - flops["uniform"][1] == bank_flops((4, 8), (16, 32, 64), 3, 64)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            apt(x, layout=layout)
+        assert flops["apt"].sum().item() == pytest.approx(counter.get_total_flops() + attention, rel=1e-9)
 
 
 def test_timm_model_interface_layer_decay_classifier_and_input_size():
