@@ -14,7 +14,9 @@ a disjoint test split reported once.
 Every method runs the same frozen source at (about) the same token count, zero-shot, through the public API:
 - APT (``aptvit.convert(vit, budget=b, scorer=s, area_bias=a)``) with each scorer, with and without
   area-proportional attention; dense features from ``forward_intermediates`` (the ``forward_dense`` grid);
-- Random patch choice (a scorer of random numbers, same budget);
+- Random patch choice (a scorer of random numbers, same budget), over ``--random-draws`` independent draws, each
+  photo's draw seeded from (``--seed``, the photo's name, the draw's number): a row is the mean over the draws
+  and keeps their spread (std, min, max of the per-draw mean);
 - lower resolution: the input uniformly downsized to about b of the tokens (side rounded to the patch),
   positions resampled as DINOv2 does, its dense output upsampled (bilinear) to the full grid;
 - ToMe (``benchmarks/tome.py``), r chosen so that the mean patch tokens per block match b (class only).
@@ -27,6 +29,8 @@ CPU (``aptvit.bench.alternating_medians``, layouts included; batches of 8).
 Outputs (written atomically): RESULTS.json, RESULTS.png (dense cosine against tokens kept, test split, one
 curve per method, a panel per size) and RESULTS_table.md. Rows are cached in ``--work`` (reruns skip them).
 ``--quick``: a smoke run with a tiny random ViT on scikit-image photos (seconds; no wheel needed).
+``--only random``: the Random rows and the chosen settings' APT row only (entropy, area bias, sizes 14/28), nothing
+timed, nothing distilled; pass another ``--results`` so that the full table is not overwritten by a partial one.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ MVTB_SKIP = re.compile(
     r"scale-space|adelson|monalisa|lena|greenscreen|calibration/|seq/|church\.png|Image18"
 )
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
+CHOSEN = "APT entropy + area bias sizes=14/28"  # the settings validation chose (the library's defaults since 0.2)
 ROWS_VERSION = 1  # bump when the library's computation of a row changes (cached rows are then recomputed)
 PER_SCENE = 3  # frames of one scene (campus walk, flower series, ...) add little: at most this many
 
@@ -230,18 +235,46 @@ def apt_outputs(apt, x: torch.Tensor, layout) -> Tuple[torch.Tensor, torch.Tenso
     return pre, final[:, apt.num_prefix_tokens :].transpose(1, 2).reshape(len(x), -1, g, g)
 
 
-def random_scores(gray, sizes, base):
+def photo_id(source: str) -> str:
+    """A photo's name for seeding its random draws: 'skimage:name', else its folder and file name (not the path
+    of the installed package, which differs by machine)."""
+    if source.startswith("skimage:"):
+        return source
+    p = Path(source)
+    return f"{p.parent.name}/{p.name}"
+
+
+def draw_seed(photo: str, draw: int, seed: int = 0) -> int:
+    """The seed of one photo's Random draw: a hash of (run seed, photo name, draw number), never of the pixels
+    (a change in their last bits would make another draw)."""
+    digest = hashlib.sha1(json.dumps([seed, photo, draw]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: torch.Generator.manual_seed takes it
+
+
+def random_scores(gray, sizes, base, seeds: Optional[Sequence[int]] = None):
     """The paper's Random patch choice: scores that ignore the pixels (with a budget: the same token count).
 
     Random at the finest merged size; a coarser patch scores the max of its four children, as content scores
     grow with the area, so that the budget search can reach the same token count as the content scorers.
+    ``seeds``: one per image (``draw_seed``), each image drawn from its own generator, so that an image's draw
+    does not depend on the batch it is in; None: one generator seeded by the sum of the batch's grayscale (what
+    ``real_elpv.py`` uses; one draw per batch of pixels).
     """
     b, h, w = gray.shape
-    gen = torch.Generator().manual_seed(int(gray.sum()) % (2**31))  # the same layout for the same images
+    s0 = min(sizes)
+    if seeds is None:
+        gen = torch.Generator().manual_seed(int(gray.sum()) % (2**31))  # the same layout for the same images
+        first = torch.rand(b, h // s0, w // s0, generator=gen)
+    else:
+        if len(seeds) != b:
+            raise ValueError(f"random_scores: {len(seeds)} seeds for {b} images")
+        first = torch.stack(
+            [torch.rand(h // s0, w // s0, generator=torch.Generator().manual_seed(int(k))) for k in seeds]
+        )
     out, prev = {}, None
     for s in sorted(sizes):  # the merged sizes (patch_layout asks for those only)
-        prev = torch.rand(b, h // s, w // s, generator=gen) if prev is None else F.max_pool2d(prev[:, None], 2)[:, 0]
-        out[s] = prev[:, : h // s, : w // s]
+        prev = first if prev is None else F.max_pool2d(prev[:, None], 2)[:, 0]
+        out[s] = prev[:, : h // s, : w // s].to(gray.device)
     return out
 
 
@@ -292,6 +325,15 @@ class Method:
     run: Callable  # (x, px) -> (pre (B, D), dense (B, D, h, w) or None, tokens (B,), flops (B,))
     timed: Optional[Callable] = None  # x -> output, what a user runs (layouts included)
     recipe: Optional[object] = None  # a distilled student's fidelity_distill.Recipe
+    draws: int = 0  # Random: evaluated over this many draws (its run takes seeds=, one per image); 0: deterministic
+
+
+def with_draws(m: Method, n: int) -> Method:
+    """A Random method evaluated over ``n`` draws, its name marked with the count (a row of its own in the cache);
+    any other method as it is."""
+    if not m.draws:
+        return m
+    return dataclasses.replace(m, name=f"{m.name} ({n} draw{'' if n == 1 else 's'})", draws=n)
 
 
 def smooth_of(dense: torch.Tensor, layout) -> torch.Tensor:
@@ -332,14 +374,17 @@ def apt_method(
 
     base = (src.size // PATCH) ** 2
 
-    def layout_of(x):
+    def layout_of(x, seeds=None):
         if scorer != "random":
             return zero_shot.make_layout(x)  # a student's settings are its source conversion's
         px = (x * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]).clamp(0, 1)
-        return aptvit.patch_layout(px, zero_shot.patch_sizes, budget=budget, scorer=random_scores)
+        seeds = tuple(draw_seed(str(i), 0) for i in range(len(x))) if seeds is None else tuple(seeds)
+        return aptvit.patch_layout(
+            px, zero_shot.patch_sizes, budget=budget, scorer=random_scores, scorer_args={"seeds": seeds}
+        )
 
-    def run(x, px):
-        layout, apt = layout_of(x), apt_model()
+    def run(x, px, seeds=None):  # seeds: Random's, one per image (default: draw 0 of the batch positions)
+        layout, apt = layout_of(x, seeds), apt_model()
         with position_variant(positions), content_variant(content):
             pre, dense = apt_outputs(apt, x, layout)
         variants = {"": dense, " smooth": smooth_of(dense, layout)} if smooth else {"": dense}
@@ -350,7 +395,8 @@ def apt_method(
     mark = "" if sizes == three else f" sizes={'/'.join(map(str, sizes))}"
     extra = (f" pos={positions}" if positions else "") + (f" content={content}" if content else "")
     name = f"{label}{bias}{mark}{extra}{suffix}"
-    return Method(name, f"{label}{bias}{mark}{suffix}", budget, run, lambda x: apt_model()(x, layout=layout_of(x)))
+    timed = lambda x: apt_model()(x, layout=layout_of(x))  # noqa: E731
+    return Method(name, f"{label}{bias}{mark}{suffix}", budget, run, timed, draws=int(scorer == "random"))
 
 
 def downsize(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -473,12 +519,62 @@ def content_variant(kind: Optional[str]):
     return mock.patch.object(AdaptivePatchEmbed, "bank", bank)
 
 
+SPREAD = ("dense_cos", "class_cos", "saliency_r")  # the metrics whose spread over Random's draws a row keeps
+
+
 @torch.inference_mode()
-def evaluate(method: Method, x: torch.Tensor, px: torch.Tensor, ref: dict, src: Source, batch: int) -> Dict[str, dict]:
-    """{variant: metrics}: "" for the method itself, e.g. " smooth" for another unmerging of the same run."""
+def evaluate(
+    method: Method,
+    x: torch.Tensor,
+    px: torch.Tensor,
+    ref: dict,
+    src: Source,
+    batch: int,
+    photos: Optional[Sequence[str]] = None,
+    seed: int = 0,
+) -> Dict[str, dict]:
+    """{variant: metrics}: "" for the method itself, e.g. " smooth" for another unmerging of the same run.
+
+    Random (``method.draws``): draw d of photo i is seeded by ``draw_seed(photos[i], d, seed)`` (``photos``: one
+    name per row of ``x``, default the positions); the metrics are the means over the draws, each of ``SPREAD``
+    with the std (ddof 1), min and max over the draws of the per-draw mean, and ``per_draw`` those means."""
+    if not method.draws:
+        return _evaluate(lambda k, xb, pxb: method.run(xb, pxb), x, px, ref, src, batch)
+    photos = [str(i) for i in range(len(x))] if photos is None else list(photos)
+    if len(photos) != len(x):
+        raise ValueError(f"evaluate: {len(photos)} photo names for {len(x)} photos")
+    per_draw = []
+    for d in range(method.draws):
+        seeds = [draw_seed(p, d, seed) for p in photos]
+        run = lambda k, xb, pxb, seeds=seeds: method.run(xb, pxb, seeds=seeds[k : k + len(xb)])  # noqa: E731
+        per_draw.append(_evaluate(run, x, px, ref, src, batch))
+    return over_draws(per_draw)
+
+
+def over_draws(per_draw: List[Dict[str, dict]]) -> Dict[str, dict]:
+    """Random's rows from one ``_evaluate`` per draw: every metric's mean over the draws; for ``SPREAD``'s also
+    ``<metric>_std`` (ddof 1; 0 for one draw), ``_min``, ``_max``; ``draws`` and ``per_draw`` (the per-draw means)."""
+    out = {}
+    for v in per_draw[0]:
+        rows = [d[v] for d in per_draw]
+        row: dict = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        row["draws"] = len(rows)
+        row["per_draw"] = {}
+        for k in SPREAD:
+            if k in rows[0]:
+                vals = np.array([r[k] for r in rows])
+                row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+                row[f"{k}_min"], row[f"{k}_max"] = float(vals.min()), float(vals.max())
+                row["per_draw"][k] = [float(a) for a in vals]
+        out[v] = row
+    return out
+
+
+def _evaluate(run: Callable, x: torch.Tensor, px: torch.Tensor, ref: dict, src: Source, batch: int) -> Dict[str, dict]:
+    """``evaluate`` of one run: ``run(k, x[k : k + batch], px[k : k + batch])`` gives the method's outputs."""
     pres, denses, toks, flops = [], {}, [], []
     for k in range(0, len(x), batch):
-        pre, dense, t, f = method.run(x[k : k + batch], px[k : k + batch])
+        pre, dense, t, f = run(k, x[k : k + batch], px[k : k + batch])
         pres.append(pre)
         for v, d in dense.items():
             denses.setdefault(v, []).append(d)
@@ -521,6 +617,12 @@ def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
 
+def stat(r: dict, key: str) -> str:
+    """A row's metric; a Random row's as mean ± std over its draws."""
+    std = r.get(f"{key}_std")
+    return fmt(r.get(key)) + ("" if std is None or r.get(key) is None else f" ± {std:.3f}")
+
+
 def table(rows: List[dict]) -> str:
     lines = [
         "| size | split | tokens target | method | tokens kept | dense cos | class cos | saliency r | GFLOPs | images/s |",
@@ -529,7 +631,7 @@ def table(rows: List[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['size']} | {r['split']} | {fmt(r['budget'], '.0%')} | {r['name']} | {r['tokens_kept']:.0%} | "
-            f"{fmt(r.get('dense_cos'))} | {fmt(r.get('class_cos'))} | {fmt(r.get('saliency_r'))} | "
+            f"{stat(r, 'dense_cos')} | {stat(r, 'class_cos')} | {stat(r, 'saliency_r')} | "
             f"{r['gflops']:.2f} | {fmt(r.get('images_per_s'), '.1f')} |"
         )
     return "\n".join(lines)
@@ -562,8 +664,8 @@ def summary(rows: List[dict], split: str = "test") -> str:
                     continue
                 r = hit[0]
                 cells.append(
-                    f"{r['tokens_kept']:.0%}, {fmt(r.get('dense_cos'))} / {fmt(r.get('class_cos'))} / "
-                    f"{fmt(r.get('saliency_r'))}, {fmt(r.get('images_per_s'), '.1f')}"
+                    f"{r['tokens_kept']:.0%}, {stat(r, 'dense_cos')} / {stat(r, 'class_cos')} / "
+                    f"{stat(r, 'saliency_r')}, {fmt(r.get('images_per_s'), '.1f')}"
                 )
             lines.append(f"| {size} | {name} | " + " | ".join(cells) + " |")
         src = [r for r in rows if r["size"] == size and r["split"] == split and r["budget"] is None]
@@ -663,6 +765,20 @@ def parse_args(argv=None):
         help="budgets that also get distilled students at the larger sizes, each student with its recipe chosen at "
         "the first size (CPU time: several times the first size's)",
     )
+    p.add_argument(
+        "--random-draws",
+        type=int,
+        default=5,
+        help="Random's rows: the mean over this many draws (each photo's draw seeded by the photo's name and the "
+        "draw's number), with their spread",
+    )
+    p.add_argument(
+        "--only",
+        choices=("random",),
+        default=None,
+        help="random: the Random rows and the chosen settings' APT row only (nothing timed or distilled); pair it "
+        "with another --results",
+    )
     p.add_argument("--cached-only", action="store_true", help="write the outputs from the cached rows only")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny random ViT, scikit-image photos")
     args = p.parse_args(argv)
@@ -671,8 +787,11 @@ def parse_args(argv=None):
         args.val, args.test = min(args.val, 2), min(args.test, 3)
         args.speed_images, args.runs, args.large_photos, args.large_val = 2, 1, 2, 1
         args.distill_steps, args.distill_batch = min(args.distill_steps, 2), 2
+        args.random_draws = min(args.random_draws, 2)
         args.work += "-quick"
         args.results = args.results + "-quick" if args.results == "docs/real_fidelity" else args.results
+    if args.random_draws < 1:
+        p.error(f"--random-draws: at least 1, got {args.random_draws}")
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.distill_budgets = [float(b) for b in args.distill_budgets.split(",")]
@@ -867,7 +986,9 @@ def main(argv=None) -> int:
         src = tiny_source(size) if args.quick else real_source(size, weights)
         evaluated = splits["val"] + splits["test"]
         grid = None
-        if args.distill_steps and not large:
+        if args.only:  # --only random: no distilled students
+            pass
+        elif args.distill_steps and not large:
             grid = make_students(src, args, sources, evaluated, work)
         elif args.distill_steps and args.large_distill_budgets and chosen:  # the first size's choice, trained here
             picked = [(r.lr, r.new_layer_lr_scale) for r in dict.fromkeys(chosen.values())]
@@ -920,13 +1041,17 @@ def main(argv=None) -> int:
                             )
                             log(f"  distillation recipes chosen on validation at {first:.0%}: {chosen}")
                         methods += distill_methods(src, budget, grid, chosen)
+                methods = [with_draws(m, args.random_draws) for m in methods]
+                if args.only == "random":
+                    methods = [m for m in methods if m.draws or m.name == CHOSEN]
                 for m in methods:
                     rk = f"{size}|{split}|{len(x)}|{budget}|{m.name}"
                     if rk not in cache and args.cached_only:
                         continue
                     if rk not in cache:
                         start = time.perf_counter()
-                        cache[rk] = evaluate(m, x, px, ref_of(), src, args.batch)
+                        photos = [photo_id(s) for s in here[split]]
+                        cache[rk] = evaluate(m, x, px, ref_of(), src, args.batch, photos, args.seed)
                         atomic_write(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1)))
                         log(f"  {rk}: {cache[rk]} ({time.perf_counter() - start:.0f} s)")
                     for v, metrics in cache[rk].items():
@@ -941,29 +1066,31 @@ def main(argv=None) -> int:
             )  # fmt: skip
         # images/s on the test photos: the source and the timed methods, alternating medians
         sk = f"{size}|speed"
-        if sk not in cache and (args.cached_only or not splits["test"]):
-            cache[sk] = {}  # nothing timed: only cached rows asked for, or no test photos to time
-        if sk not in cache:
+        speed = cache.get(sk)
+        if speed is None and (args.cached_only or args.only or not splits["test"]):
+            speed = {}  # nothing timed (and nothing cached): only some rows asked for, or no test photos to time
+        if speed is None:
             n = args.speed_images // 2 if large else args.speed_images
             xs = normalise(load_photos(splits["test"][:n], size))
             chunks = list(xs.split(args.batch))
             fns = {"uniform (source)": src.vit}
             for budget in args.budgets:
                 for m in speed_methods(src, budget, large):
-                    fns[f"{budget}|{m.name}"] = m.timed
+                    fns[f"{budget}|{with_draws(m, args.random_draws).name}"] = m.timed
             seconds = alternating_medians(fns, chunks, max(1, args.runs - int(large)), warmup=1)
-            cache[sk] = {k: len(xs) / v for k, v in seconds.items()}
+            cache[sk] = speed = {k: len(xs) / v for k, v in seconds.items()}
             atomic_write(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=1)))
             log(f"  speed {size}: {cache[sk]}")
         for r in rows:
             if r["size"] == size and r["split"] == "test":
                 k = "uniform (source)" if r["budget"] is None else f"{r['budget']}|{r['name']}"
-                r["images_per_s"] = cache[sk].get(k)
+                r["images_per_s"] = speed.get(k)
     out = Path(args.results)
     meta = {
         "command": "python benchmarks/real_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "photos": {k: [Path(s).name for s in v] for k, v in splits.items()},
         "threads": args.threads,
+        "random_draws": args.random_draws,
         "area_bias_available": has_area_bias(),
         "default_threshold_tokens": thresholds_rows,
         "minutes": (time.perf_counter() - t0) / 60,

@@ -23,7 +23,11 @@ def test_quick_run_writes_every_output(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 0 and (tmp_path / "res_table.md").is_file()
     rows = {(r["split"], r["name"]): r for r in data["rows"]}
-    assert {"APT entropy", "APT upsample + area bias", "Random", "ToMe (r=8)"} <= {n for _, n in rows}
+    assert {"APT entropy", "APT upsample + area bias", "Random (2 draws)", "ToMe (r=8)"} <= {n for _, n in rows}
+    random = rows[("test", "Random + area bias sizes=14/28 (2 draws)")]  # --quick: 2 of --random-draws' 5
+    assert random["draws"] == 2 and random["dense_cos_min"] <= random["dense_cos"] <= random["dense_cos_max"]
+    assert random["images_per_s"] > 0  # timed under its row's name
+    assert " ± " in (tmp_path / "res_table.md").read_text()
     for (split, name), r in rows.items():
         assert 0 < r["tokens_kept"] <= 1, name
         assert -1 <= r["class_cos"] <= 1 + 1e-6, name
@@ -63,14 +67,61 @@ def test_uniform_reference_is_timm(tiny):
 
 def test_random_layouts_have_the_budget_and_ignore_content(tiny):
     src, x = tiny
-    m = rf.apt_method(src, 0.35, "random", False)
+    m = rf.apt_method(src, 0.35, "random", False, sizes=(14, 28))
     with torch.no_grad():
         _, _, tokens, _ = m.run(x, None)
-    assert torch.allclose(tokens, torch.full_like(tokens, 0.34375))  # 22 of 64, as the entropy layouts
+        assert torch.allclose(tokens, torch.full_like(tokens, 0.34375))  # 22 of 64, as the entropy layouts
+        # with a 4x merge the count is within one merge of the budget, depending on the draw (19 or 22 here)
+        _, _, tokens, _ = rf.apt_method(src, 0.35, "random", False).run(x, None)
+    assert ((tokens * 64 <= 22.4) & (tokens * 64 >= 22.4 - 15)).all()
     g = torch.zeros(1, 112, 112)
     a = rf.random_scores(g, (28, 56), 14)
     b = rf.random_scores(g + 0, (28, 56), 14)
     assert all(torch.equal(a[s], b[s]) for s in a)  # the same images get the same layout (cached rows agree)
+
+
+def test_random_draws_are_seeded_by_photo_and_draw_not_by_pixels():
+    a0, a1 = rf.draw_seed("campus/P1.png", 0), rf.draw_seed("campus/P1.png", 1)
+    assert a0 != a1 and a0 == rf.draw_seed("campus/P1.png", 0)  # another draw; the same (photo, draw) again
+    assert rf.draw_seed("campus/P2.png", 0) != a0 and rf.draw_seed("campus/P1.png", 0, seed=1) != a0
+    g = torch.rand(2, 112, 112) * 255
+    d0 = rf.random_scores(g, (28, 56), 14, seeds=[a0, rf.draw_seed("x", 0)])
+    d1 = rf.random_scores(g, (28, 56), 14, seeds=[a1, rf.draw_seed("x", 1)])
+    assert not torch.equal(d0[28][0], d1[28][0]) and not torch.equal(d0[28][1], d1[28][1])  # two draws differ
+    again = rf.random_scores(g[:1].round(), (28, 56), 14, seeds=[a0])  # other pixels (last bits), another batch
+    assert all(torch.equal(again[s][0], d0[s][0]) for s in d0)  # the same photo and draw: the same scores
+    assert torch.equal(d0[56], torch.nn.functional.max_pool2d(d0[28][:, None], 2)[:, 0])  # coarser: max of four
+    with pytest.raises(ValueError):
+        rf.random_scores(g, (28, 56), 14, seeds=[a0])
+    assert rf.photo_id("/a/site-packages/mvtbdata/images/campus/P1.png") == "campus/P1.png"
+
+
+def test_a_random_row_is_the_mean_over_its_draws_with_their_spread(tiny):
+    src, x = tiny
+    m = rf.with_draws(rf.apt_method(src, 0.35, "random", True, sizes=(14, 28)), 3)
+    assert m.name == "Random + area bias sizes=14/28 (3 draws)" and m.draws == 3
+    ref = rf.reference(src, x, 2)
+    row = rf.evaluate(m, x, x, ref, src, 1, photos=["a", "b"])[""]
+    dense = row["per_draw"]["dense_cos"]
+    assert len(dense) == 3 and len(set(dense)) == 3  # independent draws
+    assert row["dense_cos"] == pytest.approx(sum(dense) / 3) and row["dense_cos_max"] == max(dense)
+    assert row["dense_cos_std"] == pytest.approx(float(torch.tensor(dense).std()))  # ddof 1
+    # the batch size does not change a photo's draw: the same row in one batch of two
+    assert rf.evaluate(m, x, x, ref, src, 2, photos=["a", "b"])[""]["per_draw"]["dense_cos"] == pytest.approx(dense)
+    assert rf.with_draws(rf.apt_method(src, 0.35, "entropy", True), 3).draws == 0  # others stay one run
+
+
+def test_only_random_runs_the_random_rows_and_the_chosen_settings(tmp_path):
+    out = tmp_path / "res"
+    argv = ["--quick", "--sizes", "56", "--budgets", "0.5", "--only", "random", "--random-draws", "2"]
+    assert rf.main(argv + ["--work", str(tmp_path / "w"), "--results", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    names = {r["name"] for r in rows}
+    assert rf.CHOSEN in names and "Random + area bias sizes=14/28 (2 draws)" in names
+    assert all(n in (rf.CHOSEN, "uniform (source)") or n.startswith("Random") for n in names), names
+    assert all(r.get("images_per_s") is None for r in rows)  # nothing timed
+    cache = json.loads(next((tmp_path / "w-quick").glob("rows-*.json")).read_text())
+    assert "56|speed" not in cache  # a later full run still times
 
 
 def test_matched_token_counts():
