@@ -61,69 +61,55 @@ def bin_index(gray: torch.Tensor, bins: int) -> torch.Tensor:
     return idx.clamp_(0, bins - 1).to(torch.int32)
 
 
+_KEPT_MAX = 16  # entries of each table cache; the oldest goes first
 _ENTROPY_TABLES: Dict[tuple, tuple] = {}
-_ENTROPY_TABLES_MAX = 16
+_XLOGX: Dict[tuple, tuple] = {}
+_ONES: Dict[tuple, torch.Tensor] = {}
+
+
+def _kept(cache: Dict[tuple, Any], key: tuple, build: Callable[[], Any]) -> Any:
+    """``build()`` once per ``key``, kept in ``cache``: constants of the shapes (a dozen ops per call otherwise).
+    Built outside inference mode (ordinary tensors: usable in and out of it); inside compiled code built as ops and
+    never kept (no host cache inside a graph)."""
+    if torch.compiler.is_compiling():
+        return build()
+    value = cache.get(key)
+    if value is None:
+        with torch.inference_mode(False), torch.no_grad():
+            value = build()
+        if len(cache) >= _KEPT_MAX:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+    return value
 
 
 def _entropy_tables(bins: int, hc: int, wc: int, first: int, b: int, dtype: torch.dtype, device) -> tuple:
-    """(cell keys (hc * first, wc * first) ``dtype``: cell * bins under every pixel, image offsets (b, 1, 1)):
-    constants of the shapes, built once and kept (a dozen ops per call otherwise)."""
-    key = (bins, hc, wc, first, b, dtype, str(device))
-    tables = _ENTROPY_TABLES.get(key)
-    if tables is not None:
-        return tables
-    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: usable in and out of inference mode
+    """(cell keys (hc * first, wc * first) ``dtype``: cell * bins under every pixel, image offsets (b, 1, 1))."""
+
+    def build():
         cell = torch.arange(hc, dtype=dtype).repeat_interleave(first)[:, None] * wc
         cell = (cell + torch.arange(wc, dtype=dtype).repeat_interleave(first)[None, :]) * bins
         images = (torch.arange(b, dtype=dtype) * (hc * wc * bins)).view(b, 1, 1).to(device)
-        tables = (cell.to(device), images)
-    if len(_ENTROPY_TABLES) >= _ENTROPY_TABLES_MAX:
-        _ENTROPY_TABLES.pop(next(iter(_ENTROPY_TABLES)))
-    _ENTROPY_TABLES[key] = tables
-    return tables
+        return cell.to(device), images
 
-
-_XLOGX: Dict[tuple, tuple] = {}
+    return _kept(_ENTROPY_TABLES, (bins, hc, wc, first, b, dtype, str(device)), build)
 
 
 def _xlogx_table(n: int, device) -> tuple:
     """((n + 1,) float32 ``xlogy(c, c)`` of every count c = 0 .. n, and the 0-d float32 log2(n) and n * ln 2 of
-    ``entropy_scores``' last step), kept per (n, device) (built as ops inside compiled code)."""
+    ``entropy_scores``' last step)."""
 
     def build():
         c = torch.arange(n + 1, dtype=torch.float32, device=device)
         consts = torch.tensor([math.log2(n), n * math.log(2.0)], dtype=torch.float32).to(device).unbind()
         return (torch.special.xlogy(c, c), *consts)
 
-    if torch.compiler.is_compiling():
-        return build()
-    key = (n, str(device))
-    tables = _XLOGX.get(key)
-    if tables is None:
-        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: usable in and out of inference mode
-            tables = build()
-        if len(_XLOGX) >= _ENTROPY_TABLES_MAX:
-            _XLOGX.pop(next(iter(_XLOGX)))
-        _XLOGX[key] = tables
-    return tables
-
-
-_ONES: Dict[tuple, torch.Tensor] = {}
+    return _kept(_XLOGX, (n, str(device)), build)
 
 
 def _ones(n: int, device) -> torch.Tensor:
-    """(n,) int32 ones (a stride-0 view of one), kept per (n, device): the histogram's increments."""
-    if torch.compiler.is_compiling():
-        return torch.ones((), dtype=torch.int32, device=device).expand(n)
-    key = (n, str(device))
-    ones = _ONES.get(key)
-    if ones is None:
-        with torch.inference_mode(False), torch.no_grad():
-            ones = torch.ones((), dtype=torch.int32, device=device).expand(n)
-        if len(_ONES) >= _ENTROPY_TABLES_MAX:
-            _ONES.pop(next(iter(_ONES)))
-        _ONES[key] = ones
-    return ones
+    """(n,) int32 ones (a stride-0 view of one): the histogram's increments."""
+    return _kept(_ONES, (n, str(device)), lambda: torch.ones((), dtype=torch.int32, device=device).expand(n))
 
 
 def _coarsen(grid: torch.Tensor, reduce: str) -> torch.Tensor:
