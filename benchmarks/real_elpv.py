@@ -31,9 +31,15 @@ Test accuracy (once, on the test split), tokens kept, GFLOPs per image (``model_
 ``tome_flops`` for the uniform models and ToMe) and images/s on this CPU (``aptvit.bench.alternating_medians``,
 layouts included, batches of ``--batch``, ``--threads`` threads).
 
-Outputs (written atomically): RESULTS.json, RESULTS_table.md and RESULTS.png (test accuracy against images/s).
-Everything (features, source, val choices, both epochs, test rows) is cached in ``--work``; ``--until val``
-stops after the val choices. ``--quick``: a tiny random ViT with DINOv2's layout on synthetic cells (no
+A larger ``--test`` (at most 2,624 - train - val = 1,984 cells by default) changes nothing chosen on train/val:
+``split`` cuts one permutation in order, so the train and val cells stay and the default 256 test cells are its
+first ones; the cached source, val choices and epochs are keyed without ``--test`` (``cache_keys``). Each
+reduced row is also compared with the source on the same cells (``paired_stats``: the first 256 (the published
+split), the new ones, all; the difference, its paired standard error and the cells only one of them got right).
+
+Outputs (written atomically): RESULTS.json (each row's per-cell predictions included), RESULTS_table.md and
+RESULTS.png (test accuracy against images/s). Everything (features, source, val choices, both epochs, test rows)
+is cached in ``--work``; ``--until val`` stops after the val choices. ``--quick``: a tiny random ViT with DINOv2's layout on synthetic cells (no
 download, seconds).
 """
 
@@ -676,8 +682,10 @@ def main(argv=None) -> int:
     }
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # each row's test predictions as one string of class indices, in test-split order (a line, not 1,984)
+    compact = [{**r, "predictions": "".join(map(str, r["predictions"]))} for r in rows]
     atomic_write(
-        out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**meta, "rows": compact}, indent=1))
     )
     text = table(rows, meta) + "\n\n" + paired_table(stats) + "\n"
     atomic_write(out.parent / (out.name + "_table.md"), lambda tmp: Path(tmp).write_text(text))
