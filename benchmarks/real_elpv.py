@@ -31,9 +31,15 @@ Test accuracy (once, on the test split), tokens kept, GFLOPs per image (``model_
 ``tome_flops`` for the uniform models and ToMe) and images/s on this CPU (``aptvit.bench.alternating_medians``,
 layouts included, batches of ``--batch``, ``--threads`` threads).
 
-Outputs (written atomically): RESULTS.json, RESULTS_table.md and RESULTS.png (test accuracy against images/s).
-Everything (features, source, val choices, both epochs, test rows) is cached in ``--work``; ``--until val``
-stops after the val choices. ``--quick``: a tiny random ViT with DINOv2's layout on synthetic cells (no
+A larger ``--test`` (at most 2,624 - train - val = 1,984 cells by default) changes nothing chosen on train/val:
+``split`` cuts one permutation in order, so the train and val cells stay and the default 256 test cells are its
+first ones; the cached source, val choices and epochs are keyed without ``--test`` (``cache_keys``). Each
+reduced row is also compared with the source on the same cells (``paired_stats``: the first 256 (the published
+split), the new ones, all; the difference, its paired standard error and the cells only one of them got right).
+
+Outputs (written atomically): RESULTS.json (each row's per-cell predictions included), RESULTS_table.md and
+RESULTS.png (test accuracy against images/s). Everything (features, source, val choices, both epochs, test rows)
+is cached in ``--work``; ``--until val`` stops after the val choices. ``--quick``: a tiny random ViT with DINOv2's layout on synthetic cells (no
 download, seconds).
 """
 
@@ -124,7 +130,10 @@ def synthetic_cells(n: int = 96, side: int = 64, seed: int = 0) -> Tuple[np.ndar
 
 
 def split(n: int, sizes: Dict[str, int], seed: int) -> Dict[str, np.ndarray]:
-    """Disjoint index sets of the requested sizes from one seeded permutation (fixed by ``seed``)."""
+    """Disjoint index sets of the requested sizes from one seeded permutation (fixed by ``seed`` and ``n``).
+
+    The permutation is cut in the order of ``sizes``, so growing the last subset (``--test``) leaves the ones
+    before it as they were and keeps the smaller subset as its first cells."""
     order = np.random.default_rng(seed).permutation(n)
     if sum(sizes.values()) > n:
         raise ValueError(f"the subsets {sizes} need more than the {n} cells")
@@ -198,25 +207,31 @@ def accuracy(logits: torch.Tensor, labels) -> float:
     return 100 * float((logits.argmax(-1).numpy() == np.asarray(labels)).mean())
 
 
+def cached_features(x, names, args, path: Path, state=None) -> Dict[str, torch.Tensor]:
+    """The uniform backbone's class-token features of the splits ``names`` (one pass per cell), kept in ``path``."""
+    if path.is_file() and not args.quick:
+        return torch.load(path, weights_only=True)
+    vit = create(args.size, args.quick)
+    vit.load_state_dict(state if state is not None else backbone_state(args.size, args.quick))
+    t0 = time.perf_counter()
+    feats = {k: features(vit, x[k], args.batch) for k in names}
+    log(f"  features of {sum(len(v) for v in feats.values())} cells: {time.perf_counter() - t0:.0f} s")
+    atomic_write(path, lambda tmp: torch.save(feats, tmp))
+    return feats
+
+
 def build_source(x, y, args, work: Path) -> Tuple[Path, dict, Dict[str, torch.Tensor]]:
     """The source timm checkpoint (backbone + the head chosen on val), what the choice saw, and the cached
-    class-token features of every split (one backbone pass per cell)."""
+    class-token features of the train and val splits (the test split's are ``cached_features`` apart: the source
+    never sees them, so a larger ``--test`` reuses all of this)."""
     from safetensors.torch import save_file
 
-    q = "_quick" if args.quick else ""
-    tag = f"{args.size}px_{args.train}-{args.val}-{args.test}_s{args.seed}{q}"
-    path, info_path, feat_path = (work / f"source_{tag}{ext}" for ext in (".safetensors", ".json", "_features.pt"))
+    key = cache_keys(args)["source"]
+    path, info_path, feat_path = (work / f"source_{key}{ext}" for ext in (".safetensors", ".json", "_features.pt"))
     state = None
-    if feat_path.is_file() and not args.quick:
-        feats = torch.load(feat_path, weights_only=True)
-    else:
+    if not feat_path.is_file() or args.quick:
         state = backbone_state(args.size, args.quick)
-        vit = create(args.size, args.quick)
-        vit.load_state_dict(state)
-        t0 = time.perf_counter()
-        feats = {k: features(vit, x[k], args.batch) for k in ("train", "val", "test")}
-        log(f"  features of {sum(len(v) for v in feats.values())} cells: {time.perf_counter() - t0:.0f} s")
-        atomic_write(feat_path, lambda tmp: torch.save(feats, tmp))
+    feats = cached_features(x, ("train", "val"), args, feat_path, state)
     if path.is_file() and info_path.is_file() and not args.quick:
         return path, json.loads(info_path.read_text()), feats
     ys = {k: torch.from_numpy(y[k]) for k in ("train", "val")}
@@ -324,13 +339,78 @@ def apt_row(name: str, apt, random: bool = False, model_file: Optional[Path] = N
 
 @torch.inference_mode()
 def score(row: Row, crops: torch.Tensor, labels: np.ndarray, batch: int) -> dict:
-    """Accuracy (percent), mean tokens kept and GFLOPs per image of ``row`` on ``crops``."""
+    """Accuracy (percent), mean tokens kept, GFLOPs per image and each cell's predicted class of ``row``."""
     logits, tokens, flops = zip(*(row.predict(c) for c in crops.split(batch)))
+    logits = torch.cat(logits)
     return {
-        "accuracy": accuracy(torch.cat(logits), labels),
+        "accuracy": accuracy(logits, labels),
         "tokens_kept": float(torch.cat(tokens).mean()),
         "gflops": float(torch.cat([f.double() for f in flops]).mean()) / 1e9,
+        "predictions": logits.argmax(-1).tolist(),
     }
+
+
+# ---------------------------------------------------------------------------------------------- paired stats
+ORIGINAL_TEST = 256  # the published test split (section 8): the first cells of any larger one
+
+
+def test_subsets(n: int, original: int = ORIGINAL_TEST) -> Dict[str, slice]:
+    """The test cells reported apart: the published split (its first ``original`` cells), the new ones, all."""
+    if n <= original:
+        return {f"all {n}": slice(0, n)}
+    return {f"first {original} (published)": slice(0, original), f"new {n - original}": slice(original, n),
+            f"all {n}": slice(0, n)}  # fmt: skip
+
+
+def paired(method: np.ndarray, source: np.ndarray) -> dict:
+    """``method`` against ``source`` on the same cells (booleans: each cell right or not): the accuracy
+    difference in points, its paired standard error (of the per-cell differences), and the cells each alone
+    got right (McNemar's discordant pairs)."""
+    d = method.astype(float) - source.astype(float)
+    n = len(d)
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return {
+        "difference": 100 * float(d.mean()),
+        "paired_se": 100 * se,
+        "only_method_right": int((d > 0).sum()),
+        "only_source_right": int((d < 0).sum()),
+    }
+
+
+def paired_stats(rows: List[dict], labels: np.ndarray, original: int = ORIGINAL_TEST) -> Dict[str, List[dict]]:
+    """Per test subset (``test_subsets``), each row's accuracy and (reduced rows) its ``paired`` difference to the
+    first row, the source."""
+    right = [np.asarray(r["predictions"]) == np.asarray(labels) for r in rows]
+    out = {}
+    for name, cut in test_subsets(len(labels), original).items():
+        out[name] = []
+        for r, ok in zip(rows, right):
+            entry = {"name": r["name"], "cells": int(len(ok[cut])), "accuracy": 100 * float(ok[cut].mean())}
+            if r is not rows[0]:
+                entry.update(paired(ok[cut], right[0][cut]))
+            out[name].append(entry)
+    return out
+
+
+def paired_table(stats: Dict[str, List[dict]]) -> str:
+    lines = [
+        "Each reduced method against the source on the same cells: difference in points, its paired standard "
+        "error, and the cells only the method / only the source got right.",
+        "",
+        "| method | " + " | ".join(stats) + " |",
+        "|---|" + "---|" * len(stats),
+    ]
+    for i, first in enumerate(next(iter(stats.values()))):
+        cells = []
+        for entries in stats.values():
+            e = entries[i]
+            if "difference" in e:
+                cells.append(f"{e['accuracy']:.1f} ({e['difference']:+.1f} ± {e['paired_se']:.1f}; "
+                             f"{e['only_method_right']}/{e['only_source_right']})")  # fmt: skip
+            else:
+                cells.append(f"{e['accuracy']:.1f}")
+        lines.append(f"| {first['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- val choices
@@ -352,7 +432,7 @@ def convert(source, s: dict):
 
 def choose_settings(source, x_val, y_val, source_val: float, args, work: Path) -> Tuple[dict, dict]:
     """The APT settings, chosen one after the other on val (see the module's docstring); (chosen, every score)."""
-    path = work / f"val_{tag(args)}.json"
+    path = work / f"val_{cache_keys(args)['val']}.json"
     seen = json.loads(path.read_text()) if path.is_file() and not args.quick else {}
 
     def val(s: dict) -> float:
@@ -384,7 +464,7 @@ def choose_settings(source, x_val, y_val, source_val: float, args, work: Path) -
 # ---------------------------------------------------------------------------------------------- the epochs
 def one_epoch(kind: str, source: Path, data: Path, args, s: dict, work: Path) -> Path:
     """One epoch of ``finetune`` (``kind``: "labels" or "distill"); the run's model.safetensors."""
-    out = work / f"run_{kind}_{tag(args)}_{setting_key(s)}"
+    out = work / f"run_{kind}_{cache_keys(args)['epoch']}_{setting_key(s)}"
     model_file = out / "model.safetensors"
     if model_file.is_file() and not args.quick:
         return model_file
@@ -421,10 +501,23 @@ def one_epoch(kind: str, source: Path, data: Path, args, s: dict, work: Path) ->
     return model_file
 
 
-def tag(args) -> str:
-    """What a cached result depends on."""
-    quick = "_quick" if args.quick else ""
-    return f"{args.size}px_{args.train}-{args.val}-{args.test}-{args.epoch_images}_s{args.seed}_lr{args.lr}{quick}"
+def cache_keys(args) -> Dict[str, str]:
+    """What each cached result depends on, and nothing more: the source (its train/val features and head) and
+    the val choices never see the test split nor the epochs' options; the epochs (and their image folder) see the
+    source, ``--epoch-images`` and ``--lr``; only the test features and rows depend on ``--test``. So a larger
+    ``--test`` reuses everything chosen on train/val (and ``split`` keeps the smaller test split as its first
+    cells)."""
+    q = "_quick" if args.quick else ""
+    source = f"{args.size}px_{args.train}-{args.val}_s{args.seed}{q}"
+    epoch = f"{args.size}px_{args.train}-{args.val}-e{args.epoch_images}_s{args.seed}_lr{args.lr}{q}"
+    test = f"{args.size}px_{args.train}-{args.val}-t{args.test}_s{args.seed}{q}"
+    return {
+        "source": source,
+        "val": source,
+        "epoch": epoch,
+        "test_features": test,
+        "test": f"{args.size}px_{args.train}-{args.val}-t{args.test}-e{args.epoch_images}_s{args.seed}_lr{args.lr}{q}",
+    }
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -504,10 +597,10 @@ def main(argv=None) -> int:
     source_path, source_info, feats = build_source(x, y, args, work)
     source = load_source(source_path, args.size, args.quick)
     with torch.no_grad():
-        source_logits = {k: source.get_classifier()(feats[k]) for k in ("val", "test")}
-        check = source(normalise(x["test"][:2], MEAN, STD))  # the cached features are the model's own
-    scale = float(source_logits["test"][:2].abs().max())
-    assert float((check - source_logits["test"][:2]).abs().max()) <= 1e-3 * max(1.0, scale), "stale features"
+        source_logits = {"val": source.get_classifier()(feats["val"])}
+        check = source(normalise(x["val"][:2], MEAN, STD))  # the cached features are the model's own
+    scale = float(source_logits["val"][:2].abs().max())
+    assert float((check - source_logits["val"][:2]).abs().max()) <= 1e-3 * max(1.0, scale), "stale features"
     source_val = accuracy(source_logits["val"], y["val"])
     log(f"source: head weight decay {source_info['weight_decay']} ({source_info}); val {source_val:.1f}%")
 
@@ -517,7 +610,7 @@ def main(argv=None) -> int:
         return 0
 
     # the one-epoch conversions train on the first --epoch-images train cells (labels, or none with --distill)
-    data = work / f"folder_{tag(args)}"
+    data = work / f"folder_{cache_keys(args)['epoch']}"
     if not (data / "train").is_dir() or args.quick:
         import shutil
 
@@ -538,20 +631,29 @@ def main(argv=None) -> int:
         uniform_row(f"lower resolution ({side} px)", source, side, args.size),
         tome_row(source, budget, args.size),
     ]
-    test_path = work / f"test_{tag(args)}_{setting_key(chosen)}.json"
+    keys = cache_keys(args)
+    test_path = work / f"test_{keys['test']}_{setting_key(chosen)}.json"
     done = json.loads(test_path.read_text()) if test_path.is_file() and not args.quick else {}
-    rows = []
-    for r in rows_:
+    # the source and APT + --distill (the issue's bar) first, so that a stopped run has the rows that matter
+    first = [rows_[0], rows_[3]]
+    for r in first + [r for r in rows_ if r not in first]:
         if r.name not in done:
-            if r.name == "source (uniform)":  # its logits are the head on the cached features
-                gflops = tome_flops(source, 0, (args.size // PATCH) ** 2) / 1e9
-                done[r.name] = {"accuracy": accuracy(source_logits["test"], y["test"]), "tokens_kept": 1.0}
-                done[r.name]["gflops"] = gflops
+            t1 = time.perf_counter()
+            if r.name == "source (uniform)":  # its logits are the head on the test cells' class-token features
+                feat_path = work / f"test_features_{keys['test_features']}.pt"
+                test_logits = source.get_classifier()(cached_features(x, ("test",), args, feat_path)["test"])
+                done[r.name] = {
+                    "accuracy": accuracy(test_logits, y["test"]),
+                    "tokens_kept": 1.0,
+                    "gflops": tome_flops(source, 0, (args.size // PATCH) ** 2) / 1e9,
+                    "predictions": test_logits.argmax(-1).tolist(),
+                }
             else:
                 done[r.name] = score(r, x["test"], y["test"], args.batch)
             atomic_write(test_path, lambda tmp: Path(tmp).write_text(json.dumps(done, indent=1)))
-        rows.append({"name": r.name, **done[r.name]})
-        log(f"  {rows[-1]}")
+            log(f"  test {r.name}: {done[r.name]['accuracy']:.2f}% ({time.perf_counter() - t1:.0f} s)")
+    rows = [{"name": r.name, **done[r.name]} for r in rows_]
+    stats = paired_stats(rows, y["test"])
     load_timing = os.getloadavg()
     chunks = list(x["test"][: args.speed_images].split(args.batch))
     seconds = alternating_medians({r.name: r.timed for r in rows_}, chunks, args.runs, warmup=1)
@@ -576,13 +678,16 @@ def main(argv=None) -> int:
         "runs": args.runs,
         "load_average": {"start": load_start, "timing": load_timing, "end": os.getloadavg()},
         "minutes": (time.perf_counter() - t0) / 60,
+        "paired": stats,
     }
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # each row's test predictions as one string of class indices, in test-split order (a line, not 1,984)
+    compact = [{**r, "predictions": "".join(map(str, r["predictions"]))} for r in rows]
     atomic_write(
-        out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps({**meta, "rows": compact}, indent=1))
     )
-    text = table(rows, meta) + "\n"
+    text = table(rows, meta) + "\n\n" + paired_table(stats) + "\n"
     atomic_write(out.parent / (out.name + "_table.md"), lambda tmp: Path(tmp).write_text(text))
     plot(rows, out.with_suffix(".png"))
     log(text)

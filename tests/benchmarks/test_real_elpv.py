@@ -18,6 +18,44 @@ def test_split_is_fixed_disjoint_and_sized():
         real_elpv.split(100, {"train": 90, "test": 20}, seed=0)
 
 
+def test_a_larger_test_split_keeps_train_and_val_and_extends_test():
+    """--test 1984 (every unused cell) must not move a train or val cell, and its first 256 are today's 256."""
+    small = real_elpv.split(2624, {"train": 384, "val": 256, "test": 256}, seed=0)
+    big = real_elpv.split(2624, {"train": 384, "val": 256, "test": 1984}, seed=0)
+    assert np.array_equal(small["train"], big["train"]) and np.array_equal(small["val"], big["val"])
+    assert np.array_equal(big["test"][:256], small["test"])
+    assert len(set(np.concatenate(list(big.values())))) == 2624
+
+
+def test_cache_keys_of_what_train_and_val_decide_ignore_the_test_split():
+    a, b = (real_elpv.cache_keys(real_elpv.parse_args(["--test", t])) for t in ("256", "1984"))
+    assert all(a[k] == b[k] for k in ("source", "val", "epoch"))
+    assert a["test"] != b["test"] and a["test_features"] != b["test_features"]
+    c = real_elpv.cache_keys(real_elpv.parse_args(["--lr", "1e-6", "--epoch-images", "64"]))
+    assert c["source"] == a["source"] and c["val"] == a["val"] and c["epoch"] != a["epoch"] and c["test"] != a["test"]
+    d = real_elpv.cache_keys(real_elpv.parse_args(["--val", "128"]))
+    assert all(d[k] != a[k] for k in a)  # the head's weight decay and every choice are made on val
+
+
+def test_paired_stats_per_subset():
+    labels = np.array([1, 0, 1, 0, 1, 1])
+    rows = [
+        {"name": "source", "predictions": [1, 0, 1, 0, 0, 0]},  # right on the first 4
+        {"name": "m", "predictions": [1, 0, 0, 0, 1, 0]},  # wrong on cell 2, right on cell 4
+    ]
+    stats = real_elpv.paired_stats(rows, labels, original=4)
+    assert list(stats) == ["first 4 (published)", "new 2", "all 6"]
+    first, new, every = (stats[k][1] for k in stats)
+    assert stats["first 4 (published)"][0] == {"name": "source", "cells": 4, "accuracy": 100.0}
+    assert first["accuracy"] == 75.0 and first["difference"] == -25.0
+    assert (first["only_method_right"], first["only_source_right"]) == (0, 1)
+    assert new["difference"] == 50.0 and (new["only_method_right"], new["only_source_right"]) == (1, 0)
+    assert every["difference"] == 0.0 and (every["only_method_right"], every["only_source_right"]) == (1, 1)
+    assert every["paired_se"] == pytest.approx(100 * np.std([0, 0, -1, 0, 1, 0], ddof=1) / np.sqrt(6))
+    assert list(real_elpv.paired_stats(rows, labels, original=6)) == ["all 6"]
+    assert "| m |" in real_elpv.paired_table(stats)
+
+
 @pytest.mark.slow
 def test_quick_mode_writes_every_row(tmp_path):
     out = tmp_path / "res"
@@ -38,6 +76,8 @@ def test_quick_mode_writes_every_row(tmp_path):
     assert source["tokens_kept"] == 1.0
     assert all(r["gflops"] < source["gflops"] for r in result["rows"][1:])  # every method is cheaper
     assert (tmp_path / "res.png").stat().st_size > 0 and "| method |" in (tmp_path / "res_table.md").read_text()
+    assert len(source["predictions"]) == result["subsets"]["test"]
+    assert [e["name"] for e in result["paired"]["all 16"]] == names
 
 
 def test_trained_logits_are_read_in_the_heads_class_order(tmp_path):
