@@ -31,6 +31,8 @@ curve per method, a panel per size) and RESULTS_table.md. Rows are cached in ``-
 ``--quick``: a smoke run with a tiny random ViT on scikit-image photos (seconds; no wheel needed).
 ``--only random``: the Random rows and the chosen settings' APT row only (entropy, area bias, sizes 14/28), nothing
 timed, nothing distilled; pass another ``--results`` so that the full table is not overwritten by a partial one.
+``--only distill``: the distilled students' rows and their zero-shot starts (the chosen settings' APT row, lower
+resolution) only, nothing timed: every other zero-shot row (Random's draws, the variants, ToMe) is skipped.
 """
 
 from __future__ import annotations
@@ -774,10 +776,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--only",
-        choices=("random",),
+        choices=("random", "distill"),
         default=None,
-        help="random: the Random rows and the chosen settings' APT row only (nothing timed or distilled); pair it "
-        "with another --results",
+        help="random: the Random rows and the chosen settings' APT row only (nothing timed or distilled); distill: "
+        "the distilled students' rows and their zero-shot starts (the chosen settings' APT row, lower resolution), "
+        "nothing timed; pair either with another --results",
     )
     p.add_argument("--cached-only", action="store_true", help="write the outputs from the cached rows only")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny random ViT, scikit-image photos")
@@ -804,6 +807,16 @@ def parse_args(argv=None):
     if not args.distill_recipes or any(len(r) != 2 for r in args.distill_recipes):
         p.error(f"--distill-recipes: LRxK pairs such as 2e-6x10,5e-6x100, got {given!r}")
     return args
+
+
+def only_rows(methods: List[Method], only: Optional[str]) -> List[Method]:
+    """The rows ``--only`` keeps: "random": Random's and the chosen settings' APT row; "distill": the distilled
+    students' and their zero-shot starts (the chosen settings' APT row, lower resolution); None: every row."""
+    if only == "random":
+        return [m for m in methods if m.draws or m.name == CHOSEN]
+    if only == "distill":
+        return [m for m in methods if m.recipe is not None or m.name == CHOSEN or m.curve == "lower resolution"]
+    return methods
 
 
 def val_methods(src: Source, budget: float, variants: bool) -> List[Method]:
@@ -986,7 +999,7 @@ def main(argv=None) -> int:
         src = tiny_source(size) if args.quick else real_source(size, weights)
         evaluated = splits["val"] + splits["test"]
         grid = None
-        if args.only:  # --only random: no distilled students
+        if args.only == "random":  # no distilled students
             pass
         elif args.distill_steps and not large:
             grid = make_students(src, args, sources, evaluated, work)
@@ -1042,8 +1055,7 @@ def main(argv=None) -> int:
                             log(f"  distillation recipes chosen on validation at {first:.0%}: {chosen}")
                         methods += distill_methods(src, budget, grid, chosen)
                 methods = [with_draws(m, args.random_draws) for m in methods]
-                if args.only == "random":
-                    methods = [m for m in methods if m.draws or m.name == CHOSEN]
+                methods = only_rows(methods, args.only)
                 for m in methods:
                     rk = f"{size}|{split}|{len(x)}|{budget}|{m.name}"
                     if rk not in cache and args.cached_only:

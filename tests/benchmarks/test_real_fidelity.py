@@ -124,6 +124,24 @@ def test_only_random_runs_the_random_rows_and_the_chosen_settings(tmp_path):
     assert "56|speed" not in cache  # a later full run still times
 
 
+def test_only_distill_runs_the_students_and_their_zero_shot_starts(tmp_path):
+    out = tmp_path / "res"
+    argv = ["--quick", "--sizes", "56", "--budgets", "0.35", "--distill-budgets", "0.35", "--only", "distill"]
+    argv += ["--distill-recipes", "1e-4x10,1e-4x100", "--work", str(tmp_path / "w"), "--results", str(out)]
+    assert rf.main(argv) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    val = {r["name"] for r in rows if r["split"] == "val"}
+    test = {r["name"] for r in rows if r["split"] == "test"}
+    distilled = {n for n in val if " + distill" in n}
+    assert len(distilled) == 3  # two APT recipes and one lower-resolution lr, chosen at 35%
+    assert len({n for n in test if " + distill" in n}) == 2  # each student's chosen recipe
+    zero_shot = {rf.CHOSEN, "lower resolution (28 px)", "uniform (source)"}
+    assert val - distilled == zero_shot and test == zero_shot | (test & {n for n in test if " + distill" in n})
+    assert all(r.get("images_per_s") is None for r in rows)  # nothing timed
+    cache = json.loads(next((tmp_path / "w-quick").glob("rows-*.json")).read_text())
+    assert "56|speed" not in cache
+
+
 def test_matched_token_counts():
     assert rf.lowres_side(448, 0.5) == 23 * 14 and rf.lowres_side(224, 0.35) == 9 * 14
     r, mean = rf.tome_r(1024, 0.5, 12)
