@@ -230,6 +230,8 @@ class Students:
         timm_name, timm_args: how ``aptvit.train`` builds the source's architecture (``model`` and ``model_args``).
         photos: a function giving the training photos (PIL images), called only when crops must be made.
         settings: the APT student's conversion settings for a budget.
+        train_key: names the training photos (e.g. a digest of their list): crops and students are cached under it,
+            so that another set of training photos never reuses them.
     """
 
     def __init__(
@@ -242,12 +244,14 @@ class Students:
         timm_args: dict,
         photos: Callable[[], list],
         settings: Callable[[float], aptvit.APTConfig],
+        train_key: str = "",
     ) -> None:
         self.recipe, self.source, self.make_vit, self.photos, self.settings = recipe, source, make_vit, photos, settings
-        self.timm_name, self.timm_args = timm_name, timm_args
+        self.timm_name, self.timm_args, self.train_key = timm_name, timm_args, train_key
         self.size = timm_args["img_size"]
-        self.work = Path(work) / f"distill-{self.size}px-{recipe.key()}"
-        self.crops_dir = Path(work) / f"crops-{self.size}px-{recipe.crops_key()}"  # shared by the recipes
+        root = Path(work) / f"train-{train_key}" if train_key else Path(work)
+        self.work = root / f"distill-{self.size}px-{recipe.key()}"
+        self.crops_dir = root / f"crops-{self.size}px-{recipe.crops_key()}"  # shared by the recipes
         self._crops = None
 
     def crops(self) -> torch.Tensor:

@@ -328,6 +328,13 @@ class Method:
     timed: Optional[Callable] = None  # x -> output, what a user runs (layouts included)
     recipe: Optional[object] = None  # a distilled student's fidelity_distill.Recipe
     draws: int = 0  # Random: evaluated over this many draws (its run takes seeds=, one per image); 0: deterministic
+    train_key: str = ""  # a distilled student's training photos (``fidelity_distill.Students.train_key``)
+
+
+def row_key(size: int, split: str, n: int, budget, m: Method) -> str:
+    """A row's cache key: its size, split, photo count, budget and name, and a student's training photos (which
+    ``--val`` / ``--test`` move: the photos of every evaluated scene are held out of training)."""
+    return f"{size}|{split}|{n}|{budget}|{m.name}" + (f"|train-{m.train_key}" if m.train_key else "")
 
 
 def with_draws(m: Method, n: int) -> Method:
@@ -873,7 +880,7 @@ def distill_methods(src: Source, budget: float, grid, chosen: Optional[Dict[str,
             tag = f" + distill ({r.steps} x {r.batch} crops, lr {r.lr:g}, new x{r.new_layer_lr_scale:g})"
             model = lambda s=students: s.apt(budget)  # noqa: E731
             m = apt_method(src, budget, "entropy", True, sizes=two, model=model, suffix=tag)
-            ms.append(dataclasses.replace(m, recipe=r))
+            ms.append(dataclasses.replace(m, recipe=r, train_key=students.train_key))
     lowres: Dict[str, tuple] = {}  # a uniform student has no new layers: one per lr, its first recipe
     for r, students in grid.items():
         lowres.setdefault(r.key(), (r, students))
@@ -881,7 +888,8 @@ def distill_methods(src: Source, budget: float, grid, chosen: Optional[Dict[str,
         if chosen is None or chosen["lowres"].key() == r.key():
             tag = f" + distill ({r.steps} x {r.batch} crops, lr {r.lr:g})"
             model = lambda side, s=students: s.lowres(budget, side)  # noqa: E731
-            ms.append(dataclasses.replace(lowres_method(src, budget, model=model, suffix=tag), recipe=r))
+            m = lowres_method(src, budget, model=model, suffix=tag)
+            ms.append(dataclasses.replace(m, recipe=r, train_key=students.train_key))
     return ms
 
 
@@ -907,6 +915,7 @@ def make_students(src: Source, args, sources: List[str], evaluated: List[str], w
     from benchmarks import fidelity_distill as fd
 
     train = fd.train_sources(sources, evaluated, scene_key)
+    train_key = hashlib.sha1(json.dumps(train).encode()).hexdigest()[:10]
 
     @functools.cache
     def open_photos():  # opened once, for the crops of every recipe (and only if a recipe needs crops)
@@ -924,6 +933,7 @@ def make_students(src: Source, args, sources: List[str], evaluated: List[str], w
             src.timm_args,
             open_photos,
             lambda budget: aptvit.APTConfig(patch_sizes=(PATCH, 2 * PATCH), budget=budget, area_bias=True),
+            train_key=train_key,
         )
     return grid
 
@@ -1048,16 +1058,15 @@ def main(argv=None) -> int:
                     else:
                         if not chosen:  # from the validation rows just made at the first budget
                             tried = distill_methods(src, first, grid)
-                            prefix = f"{size}|val|{len(splits['val'])}|{first}|"
-                            chosen.update(
-                                choose_recipes(grid, tried, {m.name: cache.get(prefix + m.name) for m in tried})
-                            )
+                            n_val = len(splits["val"])
+                            scores = {m.name: cache.get(row_key(size, "val", n_val, first, m)) for m in tried}
+                            chosen.update(choose_recipes(grid, tried, scores))
                             log(f"  distillation recipes chosen on validation at {first:.0%}: {chosen}")
                         methods += distill_methods(src, budget, grid, chosen)
                 methods = [with_draws(m, args.random_draws) for m in methods]
                 methods = only_rows(methods, args.only)
                 for m in methods:
-                    rk = f"{size}|{split}|{len(x)}|{budget}|{m.name}"
+                    rk = row_key(size, split, len(x), budget, m)
                     if rk not in cache and args.cached_only:
                         continue
                     if rk not in cache:

@@ -1,6 +1,7 @@
 """benchmarks/real_fidelity.py: its --quick run, and the shortcuts it takes being exact (tiny random ViT)."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -166,8 +167,9 @@ def test_each_student_keeps_its_own_best_recipe_of_the_validation_rows(tiny):
     from benchmarks import fidelity_distill as fd
 
     src, _ = tiny
-    grid = {fd.Recipe(lr=lr, new_layer_lr_scale=k): None for lr in (2e-6, 5e-6) for k in (10.0, 100.0)}
-    tried = rf.distill_methods(src, 0.5, grid)  # students are built only when a row runs: none here
+    unbuilt = types.SimpleNamespace(train_key="photos")  # students are built only when a row runs: none here
+    grid = {fd.Recipe(lr=lr, new_layer_lr_scale=k): unbuilt for lr in (2e-6, 5e-6) for k in (10.0, 100.0)}
+    tried = rf.distill_methods(src, 0.5, grid)
     apt = [m for m in tried if m.curve.startswith("APT")]
     low = [m for m in tried if m.curve.startswith("lower resolution")]
     assert len(apt) == 4 and len(low) == 2  # a uniform student has no new layers: one per lr
@@ -260,4 +262,21 @@ def test_the_larger_sizes_distil_with_the_recipes_chosen_at_the_first(tmp_path):
         first = {r["name"] for r in rows if r["size"] == 56 and r["split"] == "test" and "distill" in r["name"]}
         strip = lambda n: n.split(" (")[0] + n[n.index(" + distill") :]  # noqa: E731  (the side differs by size)
         assert {strip(n) for n in large} == {strip(n) for n in first}  # the same recipes as the first size's test rows
-    assert (tmp_path / "w-quick" / "distill-112px-s2-b2-lr0.0001-seed0").is_dir()  # trained at 112 px
+    assert [*(tmp_path / "w-quick").glob("train-*/distill-112px-s2-b2-lr0.0001-seed0")]  # trained at 112 px
+
+
+def test_students_of_other_training_photos_are_never_reused(tiny, tmp_path):
+    """The training photos are those of scenes no evaluated photo shares, so ``--val`` / ``--test`` move them:
+    crops, students and their rows are cached under the training photos' key, never reused across runs that
+    differ in it (a run with ``--test 0`` once trained on the test scenes, and its students could be taken for
+    another run's)."""
+    src, _ = tiny
+    args = rf.parse_args(["--quick", "--distill-recipes", "1e-4x10"])
+    sources = [f"/photos/mvtbdata/images/{scene}/{i}.jpg" for scene in ("a", "b", "c") for i in range(2)]
+    grids = [rf.make_students(src, args, sources, evaluated, tmp_path) for evaluated in (sources[:2], sources[:4])]
+    (a,), (b,) = (g.values() for g in grids)
+    assert a.train_key != b.train_key and a.crops_dir != b.crops_dir and a.work != b.work
+    keys = [{rf.row_key(56, "val", 2, 0.35, m) for m in rf.distill_methods(src, 0.35, g)} for g in grids]
+    assert len(keys[0]) == 2 and not keys[0] & keys[1]  # the APT and the lower-resolution student, apart
+    same = rf.make_students(src, args, sources, sources[:2], tmp_path)
+    assert next(iter(same.values())).crops_dir == a.crops_dir  # the same photos: the same cache
