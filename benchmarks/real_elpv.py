@@ -414,6 +414,37 @@ def paired_table(stats: Dict[str, List[dict]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- val choices
+def layout_map(crops: torch.Tensor, s: dict, ring: int = 2) -> dict:
+    """Where a setting's layout keeps the base patch size, over a batch of cells (a diagnostic, no model).
+
+    Args:
+        crops: (N, 3, size, size) uint8 cells.
+        s: the APT setting (``choose_settings``): patch sizes, scorer, budget.
+        ring: the width, in base cells, of the image border measured apart.
+
+    Returns:
+        ``freq``: (h, w) share of the cells keeping each base position at the base size; ``base_per_image``: base
+        tokens per cell; ``ring_share`` / ``ring_area``: the share of those tokens, and of the area, in the outer
+        ``ring`` of base cells.
+    """
+    lay = aptvit.patch_layout(crops, tuple(s["patch_sizes"]), scorer=s["scorer"], budget=s["budget"])
+    p = lay.base_size
+    h, w = crops.shape[-2] // p, crops.shape[-1] // p
+    kept = torch.zeros(len(crops), h, w)
+    for i in range(len(crops)):
+        li = lay.image(i)
+        m = li.size == p
+        kept[i, li.y[m] // p, li.x[m] // p] = 1
+    border = torch.ones(h, w, dtype=torch.bool)
+    border[ring:-ring, ring:-ring] = False
+    return {
+        "freq": kept.mean(0).tolist(),
+        "base_per_image": float(kept.sum((1, 2)).mean()),
+        "ring_share": float((kept * border).sum() / kept.sum().clamp_min(1)),
+        "ring_area": float(border.float().mean()),
+    }
+
+
 def setting_key(s: dict) -> str:
     ps = "-".join(map(str, s["patch_sizes"]))
     return f"p{ps}_{s['scorer']}_ab{int(s['area_bias'])}_b{s['budget']}"
@@ -571,7 +602,13 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--until", choices=("val", "all"), default="all", help="val: stop after the val choices")
+    p.add_argument(
+        "--until",
+        choices=("val", "layout-map", "all"),
+        default="all",
+        help="val: stop after the val choices; layout-map: print where the chosen setting keeps the base size on the"
+        " val cells, then stop",
+    )
     p.add_argument("--work", default="/tmp/aptvit-elpv")
     p.add_argument("--results", default="docs/real_elpv")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny random ViT, synthetic cells")
@@ -607,6 +644,13 @@ def main(argv=None) -> int:
     chosen, val_scores = choose_settings(source, x["val"], y["val"], source_val, args, work)
     log(f"chosen on val: {chosen}")
     if args.until == "val":
+        return 0
+    if args.until == "layout-map":  # where the chosen setting keeps the base size on the val cells
+        m = layout_map(x["val"], chosen, ring=2)
+        print(f"base-size tokens per cell: {m['base_per_image']:.1f} of {len(m['freq']) * len(m['freq'][0])}; in the "
+              f"outer ring of 2 base cells: {m['ring_share']:.1%} of them ({m['ring_area']:.1%} of the area)")
+        print("share of the cells keeping each position at the base size (x10):")
+        print("\n".join(" ".join(str(min(9, int(v * 10))) for v in row) for row in m["freq"]))
         return 0
 
     # the one-epoch conversions train on the first --epoch-images train cells (labels, or none with --distill)

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import real_elpv
 
@@ -89,3 +90,17 @@ def test_trained_logits_are_read_in_the_heads_class_order(tmp_path):
     save_file({"x": real_elpv.torch.zeros(1)}, str(path), metadata={"classes": '["cat", "dog"]'})
     with pytest.raises(ValueError, match="trained on the classes"):
         real_elpv.class_columns(path)
+
+
+def test_layout_map_says_where_the_base_size_is_kept():
+    """``layout_map`` (``--until layout-map``): the share of base-size tokens in the image's outer ring, against
+    cells whose only detail is on the border or only inside."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (2, 3, 112, 112), generator=gen, dtype=torch.uint8)
+    border, inside = torch.full_like(noise, 128), torch.full_like(noise, 128)
+    border[..., :28, :], inside[..., 28:84, 28:84] = noise[..., :28, :], noise[..., 28:84, 28:84]
+    s = {"patch_sizes": [14, 28], "scorer": "entropy", "budget": 0.5}
+    on_border, on_inside = real_elpv.layout_map(border, s), real_elpv.layout_map(inside, s)
+    assert on_border["ring_share"] == 1.0 and on_inside["ring_share"] == 0.0
+    assert on_border["ring_area"] == pytest.approx(1 - 4**2 / 8**2) and on_border["base_per_image"] > 0
+    assert on_inside["freq"][3][3] == 1.0 and on_inside["freq"][0][0] == 0.0
