@@ -87,10 +87,10 @@ def _entropy_tables(bins: int, hc: int, wc: int, first: int, b: int, dtype: torc
     """(cell keys (hc * first, wc * first) ``dtype``: cell * bins under every pixel, image offsets (b, 1, 1))."""
 
     def build():
-        cell = torch.arange(hc, dtype=dtype).repeat_interleave(first)[:, None] * wc
-        cell = (cell + torch.arange(wc, dtype=dtype).repeat_interleave(first)[None, :]) * bins
-        images = (torch.arange(b, dtype=dtype) * (hc * wc * bins)).view(b, 1, 1).to(device)
-        return cell.to(device), images
+        dd = {"dtype": dtype, "device": device}
+        cell = torch.arange(hc, **dd).repeat_interleave(first)[:, None] * wc
+        cell = (cell + torch.arange(wc, **dd).repeat_interleave(first)[None, :]) * bins
+        return cell, (torch.arange(b, **dd) * (hc * wc * bins)).view(b, 1, 1)
 
     return _kept(_ENTROPY_TABLES, (bins, hc, wc, first, b, dtype, str(device)), build)
 
@@ -180,15 +180,10 @@ def entropy_scores(
     g = gray if gray.shape[1:] == (hc * first, wc * first) else gray[:, : hc * first, : wc * first]
     key = bin_index(g, bins)
     key = key if dtype == torch.int32 else key.to(dtype)
-    if torch.compiler.is_compiling():  # traced: the tables as ops (no host cache inside a graph)
-        cell = torch.arange(hc, device=dev, dtype=dtype).repeat_interleave(first)[:, None] * wc
-        key += (cell + torch.arange(wc, device=dev, dtype=dtype).repeat_interleave(first)[None, :]) * bins
-        key += (torch.arange(b, device=dev, dtype=dtype) * (cells * bins))[:, None, None]
-    else:
-        cell, images = _entropy_tables(bins, hc, wc, first, b, dtype, dev)
-        key += cell
-        if b > 1:  # one image: its offset is 0 (a pass over every pixel saved)
-            key += images
+    cell, images = _entropy_tables(bins, hc, wc, first, b, dtype, dev)  # as ops inside compiled code (``_kept``)
+    key += cell
+    if b > 1:  # one image: its offset is 0 (a pass over every pixel saved)
+        key += images
     # index_add into zeros of a known size: bincount's output size depends on the largest key, which a
     # GPU would have to read back first; as fast as bincount on the CPU.
     ones = _ones(key.numel(), dev)

@@ -82,8 +82,7 @@ class AdaptivePatchEmbed(nn.Module):
         for layer in self.detail_proj.values():
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        if self.detail_proj:
-            self.__dict__["_detail_zero"] = self._detail_key(self._detail_params())  # see detail_is_zero
+        self._record_detail_zero()
 
     def detail_is_zero(self) -> bool:
         """True while every detail output layer is still the zeros ``reset_detail`` wrote (a fresh conversion) and
@@ -104,12 +103,17 @@ class AdaptivePatchEmbed(nn.Module):
             return False
         if torch.is_grad_enabled() and any(t.requires_grad for t in params):
             return False
-        return self.detail_zero_recorded()
+        return self.__dict__.get("_detail_zero") == self._detail_key(params)
 
     def detail_zero_recorded(self) -> bool:
         """The weights are still the zeros ``reset_detail`` recorded (``detail_is_zero`` without its conditions on
         the mode: what an inference forward runs, for ``model_flops``)."""
         return bool(self.detail_proj) and self.__dict__.get("_detail_zero") == self._detail_key(self._detail_params())
+
+    def _record_detail_zero(self) -> None:
+        """Record the detail layers' tensors as known zeros (see ``detail_is_zero``)."""
+        if self.detail_proj:
+            self.__dict__["_detail_zero"] = self._detail_key(self._detail_params())
 
     def _detail_params(self) -> list:
         return [t for layer in self.detail_proj.values() for t in (layer.weight, layer.bias)]
@@ -123,7 +127,7 @@ class AdaptivePatchEmbed(nn.Module):
         zero = self.detail_zero_recorded()
         out = super()._apply(fn, *args, **kwargs)
         if zero:
-            self.__dict__["_detail_zero"] = self._detail_key(self._detail_params())
+            self._record_detail_zero()
         return out
 
     def merge(self, grid: torch.Tensor) -> torch.Tensor:
