@@ -679,7 +679,7 @@ def main(argv=None) -> int:
     test_path = work / f"test_{keys['test']}_{setting_key(chosen)}.json"
     done = json.loads(test_path.read_text()) if test_path.is_file() and not args.quick else {}
     # the source and APT + --distill (the bar) first, so that a stopped run has the rows that matter
-    first = [rows_[0], rows_[3]]
+    first = [r for r in rows_ if r.name in ("source (uniform)", "APT + 1 epoch --distill")]
     for r in first + [r for r in rows_ if r not in first]:
         if r.name not in done:
             t1 = time.perf_counter()
