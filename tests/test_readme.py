@@ -3,8 +3,8 @@
 Whatever Python a README block holds is run (a block added later is checked too), on the CPU, with:
 - tiny models: ``timm.create_model`` gets ``pretrained=False`` (no model hub here) and a width of 32 (the depth,
   and so every block index the README names, stays the model's own);
-- the inputs the README leaves to the reader, as 64x64 images: ``images`` (normalised), ``pixels`` (in [0, 1]),
-  ``uint8_crops``, and ``my_scores`` (a scorer with a ``sigma`` parameter);
+- the inputs the README leaves to the reader, as 64x64 images: ``images`` (normalised), ``pixels`` (in [0, 1]) and
+  ``uint8_crops`` (the README defines its own scorer, ``my_scores``, in full);
 - a temporary working folder (the README saves files).
 
 GPU-only statements (any statement that mentions CUDA) are not run, on any machine: they need their inputs on
@@ -81,13 +81,6 @@ def tiny_create_model(real):
     return create_model
 
 
-def my_scores(gray, sizes, base, sigma=1.0):
-    """A scorer as register_scorer describes it: mean absolute difference to the 2x2-blurred image."""
-    blurred = torch.nn.functional.avg_pool2d(gray[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
-    diff = (gray - blurred).abs() / sigma
-    return {s: torch.nn.functional.avg_pool2d(diff[:, None], s)[:, 0] / 255 for s in sizes}
-
-
 @pytest.fixture
 def session(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -102,7 +95,6 @@ def session(tmp_path, monkeypatch):
         "pixels": pixels,
         "images": (pixels - 0.5) / 0.5,
         "uint8_crops": (pixels * 255).round().to(torch.uint8),
-        "my_scores": my_scores,
     }
     aptvit.core.scoring.SCORERS.clear()
     aptvit.core.scoring.SCORERS.update(saved)
@@ -135,6 +127,17 @@ def run_blocks(path: Path, namespace: dict) -> dict:
 def test_python_blocks_run(path, session):
     result = run_blocks(path, session)
     assert result["ran"] >= 10  # the quick start ran, not only skipped lines
+
+
+def test_the_readme_scorer_serves_every_patch_family(session):
+    """README's claim: a registered scorer's thresholds are keyed by scale factor, so one registration gives a /16
+    ViT {32: ...} and a /14 ViT {28: ...}, as convert's thresholds are keyed (by patch size)."""
+    run_blocks(ROOT / "README.md", session)
+    assert session["my_scores"].__code__.co_filename.startswith("README.md")  # the README's own, not the test's
+    spec = aptvit.core.scoring.SCORERS["detail"]
+    for name, size in (("vit_base_patch16_224", 32), ("vit_small_patch14_dinov2", 28)):
+        apt = aptvit.convert(timm.create_model(name, img_size=56), scorer="detail")
+        assert apt.config.thresholds == {size: spec.thresholds[2]}
 
 
 def test_a_missing_name_fails(tmp_path, session):
