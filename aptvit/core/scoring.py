@@ -366,3 +366,18 @@ register_scorer(
 )
 register_scorer("laplacian", laplacian_scores, {2: 0.069, 4: 0.012, 8: 0.007}, finite=True)
 register_scorer("upsample", upsampling_error_scores, {2: 2.4e-4, 4: 1.9e-5, 8: 2.9e-6}, finite=True)
+
+# Entropy of the residual from the local mean (gradients count as plain): its own file, registered here with the
+# built-ins. Thresholds: quantiles of its scores that pass as many patches as entropy's defaults, on training photos
+# (benchmarks/scorer_choice.py --only calibrate: 300 Imagenette train photos at 224 px, real_fidelity's training
+# photos at 224 and 448); 8x takes 4x's (its quantile, 1.27 from 400 patches, would let 8x merge more easily).
+from .residual_entropy import check_residual_params, residual_entropy_scores  # noqa: E402
+
+register_scorer(
+    "residual",
+    residual_entropy_scores,
+    {2: 3.19, 4: 1.19, 8: 1.19},
+    params={"bins": 128, "radius": 3},
+    check=check_residual_params,
+    finite=True,
+)
