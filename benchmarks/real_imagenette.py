@@ -508,7 +508,7 @@ def rows_path(args, work: Path) -> Path:
 
 def evaluate_rows(methods: List[Method], x: torch.Tensor, labels, args, work: Path) -> Dict[str, dict]:
     path = rows_path(args, work)
-    rows = json.loads(path.read_text()) if path.is_file() and not args.quick else {}
+    rows = json.loads(path.read_text()) if path.is_file() else {}
     for m in methods:
         if m.name in rows:
             continue
@@ -672,6 +672,8 @@ def main(argv=None) -> int:
     val_paths, val_labels = [va_paths[i] for i in vi], [va_labels[i] for i in vi]
     log(f"{len(tr_paths)} train / {len(va_paths)} val photos, {len(classes)} classes; source fit {len(sub['fit'])}, "
         f"holdout {len(sub['holdout'])}; val reported {len(vi)}; load {load_start}")  # fmt: skip
+    if args.quick:  # nothing cached between smoke runs
+        rows_path(args, work).unlink(missing_ok=True)
     stages = {args.only} if args.only != "all" else {"source", "zero-shot", "epochs", "speed", "report"}
 
     source_path, source_info = build_source(args, data, work)
