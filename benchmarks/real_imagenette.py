@@ -450,18 +450,45 @@ def aptvit_cli(*args: str) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def epoch_run(kind: str, budget: float, source: Path, folder: Path, args, work: Path) -> Path:
+def budget_tag(budget: Optional[float]) -> str:
+    return "default" if budget is None else f"{budget:g}"
+
+
+def parse_budgets(text: str) -> List[Optional[float]]:
+    """'default,0.5' -> [None, 0.5]: "default" is aptvit's default thresholds."""
+    return [None if t.strip() == "default" else float(t) for t in text.split(",") if t.strip()]
+
+
+def epoch_plan(budgets: Sequence[Optional[float]]) -> List[Tuple[str, Optional[float]]]:
+    """The one-epoch runs: the source's own uniform epoch once (the training baseline), then per budget APT with
+    labels and with --distill, and (a budget, not the default thresholds) the lower resolution's own epoch."""
+    plan = [("uniform", None)]
+    for b in budgets:
+        plan += [("labels", b), ("distill", b)] + ([("lowres", b)] if b is not None else [])
+    return plan
+
+
+def epoch_dir(kind: str, budget: Optional[float], args, work: Path) -> Path:
+    tag = "" if kind == "uniform" else f"_{budget_tag(budget)}"
+    return work / f"epoch_{cache_keys(args)['epoch']}_{kind}{tag}"
+
+
+def epoch_run(kind: str, budget: Optional[float], source: Path, folder: Path, args, work: Path) -> Path:
     """One epoch of ``aptvit finetune`` (library defaults otherwise); the run folder.
 
-    kind: "labels" / "distill" (APT at ``budget``), "lowres" (one patch size at the lower resolution of the same
-    token count: a uniform model), "uniform" (the source's own epoch at full size: the training baseline)."""
-    out = work / f"epoch_{cache_keys(args)['epoch']}_{kind}_{budget:g}"
+    kind: "labels" / "distill" (APT at ``budget``; None: the default thresholds), "lowres" (one patch size at the
+    lower resolution of the same token count: a uniform model), "uniform" (the source's own epoch at full size:
+    the training baseline)."""
+    out = epoch_dir(kind, budget, args, work)
     if (out / "model.safetensors").is_file() and not args.quick:
         return out
     shutil.rmtree(out, ignore_errors=True)
     p = 16 if args.quick else 14
     size = lowres_side(args.size, budget) // 14 * p if kind == "lowres" else args.size
-    layout = ["--patch-sizes", str(p)] if kind in ("lowres", "uniform") else ["--budget", str(budget)]
+    if kind in ("lowres", "uniform"):
+        layout = ["--patch-sizes", str(p)]
+    else:
+        layout = [] if budget is None else ["--budget", str(budget)]
     extra = ["--distill"] if kind == "distill" else []
     aptvit_cli(
         "finetune", "--model", args.model, "--checkpoint", source, "--data", folder, "--out", out, "--size", size,
@@ -624,7 +651,11 @@ def parse_args(argv=None):
     p.add_argument("--train", default=str(DATA / "train"), help="ImageFolder of train photos")
     p.add_argument("--val", default=str(DATA / "val"), help="ImageFolder of val photos (reported)")
     p.add_argument("--only", choices=("source", "zero-shot", "epochs", "speed", "report", "all"), default="all")
-    p.add_argument("--budgets", default="0.5", help="comma-separated budgets of the one-epoch rows")
+    p.add_argument(
+        "--budgets",
+        default="0.5",
+        help="comma-separated budgets of the one-epoch rows ('default': the default thresholds)",
+    )
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--fit-per-class", type=int, default=60, help="train photos per class the source is tuned on")
     p.add_argument("--holdout-per-class", type=int, default=20, help="train photos per class its recipe is chosen on")
@@ -693,7 +724,7 @@ def main(argv=None) -> int:
         log(f"source val top-1 {rows[zs[0].name]['top1']:.2f}% on {len(val_paths)} photos")
     if "zero-shot" in stages:
         evaluate_rows(zs, val_crops(), val_labels, args, work)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = parse_budgets(args.budgets)
     epoch_methods: List[Method] = []
     epoch_speed: Dict[str, float] = {}
     if "epochs" in stages or "report" in stages:
@@ -706,34 +737,34 @@ def main(argv=None) -> int:
             )
             one = [val_labels.index(c) for c in range(len(classes))]  # finetune wants a val/ (unused: --no-eval)
             link_folder(folder / "val", [val_paths[i] for i in one], [val_labels[i] for i in one], classes)
-        for b in budgets:
-            for kind in ("uniform", "labels", "distill", "lowres"):
-                out = work / f"epoch_{cache_keys(args)['epoch']}_{kind}_{b:g}"
-                if "epochs" in stages:
-                    out = epoch_run(kind, b, source_path, folder, args, work)
-                if not (out / "model.safetensors").is_file():
-                    continue
-                mf = out / "model.safetensors"
-                model = aptvit.load(mf).eval()
-                cols = class_columns(mf, classes)
-                epoch_speed[f"{kind} {b:g}"] = train_images_per_s(out)
-                if kind in ("labels", "distill"):
-                    name = f"APT budget {b:g} + 1 epoch {'--distill' if kind == 'distill' else 'labels'}"
-                    epoch_methods.append(apt_method(name, f"APT + 1 epoch {kind}", model, b, columns=cols))
-                    epoch_methods[-1].speed_as = f"APT budget {b:g}"
-                    epoch_methods[-1].epoch_key = f"{kind} {b:g}"
-                else:
-                    p = model.patch_size
-                    side = lowres_side(args.size, b) // 14 * p if kind == "lowres" else args.size
-                    name = (
-                        f"lower resolution {side} px ({b:g}) + 1 epoch"
-                        if kind == "lowres"
-                        else "source + 1 uniform epoch"
-                    )
-                    m = uniform_method(name, f"{kind} + 1 epoch", model, side, args.size, b, columns=cols)
-                    m.speed_as = f"lower resolution {side} px ({b:g})" if kind == "lowres" else zs[0].name
-                    m.epoch_key = f"{kind} {b:g}"
-                    epoch_methods.append(m)
+        for kind, b in epoch_plan(budgets):
+            out = epoch_dir(kind, b, args, work)
+            if "epochs" in stages:
+                out = epoch_run(kind, b, source_path, folder, args, work)
+            if not (out / "model.safetensors").is_file():
+                continue
+            mf = out / "model.safetensors"
+            model = aptvit.load(mf).eval()
+            cols = class_columns(mf, classes)
+            key = "uniform" if kind == "uniform" else f"{kind} {budget_tag(b)}"
+            epoch_speed[key] = train_images_per_s(out)
+            if kind in ("labels", "distill"):
+                zero_shot = "APT default thresholds" if b is None else f"APT budget {b:g}"
+                name = f"{zero_shot} + 1 epoch {'--distill' if kind == 'distill' else 'labels'}"
+                m = apt_method(name, f"APT + 1 epoch {kind}", model, b, columns=cols)
+                m.speed_as = zero_shot
+            elif kind == "lowres":
+                side = lowres_side(args.size, b) // 14 * model.patch_size
+                m = uniform_method(f"lower resolution {side} px ({b:g}) + 1 epoch", "lowres + 1 epoch", model, side,
+                                   args.size, b, columns=cols)  # fmt: skip
+                m.speed_as = f"lower resolution {side} px ({b:g})"
+            else:
+                m = uniform_method(
+                    "source + 1 uniform epoch", "uniform + 1 epoch", model, args.size, args.size, None, cols
+                )
+                m.speed_as = zs[0].name
+            m.epoch_key = key
+            epoch_methods.append(m)
         if epoch_methods:
             evaluate_rows(epoch_methods, val_crops(), val_labels, args, work)
     speed_path = work / f"speed_{cache_keys(args)['source']}.json"
@@ -749,7 +780,7 @@ def main(argv=None) -> int:
         rows[m.name]["speed_as"] = m.speed_as
     for m in epoch_methods:  # the epoch's training images/s against the source's own (uniform) epoch's
         rows[m.name]["train_images_per_s"] = epoch_speed[m.epoch_key]
-        uniform = epoch_speed.get(f"uniform {m.budget:g}")
+        uniform = epoch_speed.get("uniform")
         if uniform:
             rows[m.name]["train_speedup"] = epoch_speed[m.epoch_key] / uniform
     result = {

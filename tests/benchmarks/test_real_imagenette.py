@@ -41,6 +41,17 @@ def test_cache_keys_follow_what_each_stage_depends_on():
     assert all(e[k] != a[k] for k in a)
 
 
+def test_the_epoch_plan_has_one_uniform_baseline_and_no_lower_resolution_for_the_default_thresholds():
+    assert ri.parse_budgets("default, 0.5") == [None, 0.5]
+    plan = ri.epoch_plan(ri.parse_budgets("default,0.5,0.35"))
+    assert plan[0] == ("uniform", None) and [k for k, _ in plan].count("uniform") == 1
+    assert ("labels", None) in plan and ("distill", None) in plan and ("lowres", None) not in plan
+    assert {("labels", 0.5), ("distill", 0.5), ("lowres", 0.5), ("lowres", 0.35)} <= set(plan)
+    args = ri.parse_args([])
+    assert ri.epoch_dir("labels", None, args, ri.Path("w")).name.endswith("_labels_default")
+    assert ri.epoch_dir("uniform", None, args, ri.Path("w")) == ri.epoch_dir("uniform", 0.5, args, ri.Path("w"))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
