@@ -450,6 +450,11 @@ def aptvit_cli(*args: str) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
+def parse_lrs(text: str) -> List[Optional[float]]:
+    """'default,5e-6' -> [None, 5e-06]: "default" is the library's lr for the run's kind."""
+    return [None if t.strip() == "default" else float(t) for t in text.split(",") if t.strip()]
+
+
 def budget_tag(budget: Optional[float]) -> str:
     return "default" if budget is None else f"{budget:g}"
 
@@ -459,27 +464,38 @@ def parse_budgets(text: str) -> List[Optional[float]]:
     return [None if t.strip() == "default" else float(t) for t in text.split(",") if t.strip()]
 
 
-def epoch_plan(budgets: Sequence[Optional[float]]) -> List[Tuple[str, Optional[float]]]:
-    """The one-epoch runs: the source's own uniform epoch once (the training baseline), then per budget APT with
-    labels and with --distill, and (a budget, not the default thresholds) the lower resolution's own epoch."""
-    plan = [("uniform", None)]
-    for b in budgets:
-        plan += [("labels", b), ("distill", b)] + ([("lowres", b)] if b is not None else [])
+def epoch_plan(
+    budgets: Sequence[Optional[float]], lrs: Sequence[Optional[float]] = (None,)
+) -> List[Tuple[str, Optional[float], Optional[float]]]:
+    """The one-epoch runs (kind, budget, lr; None: the library's default lr): per lr, the source's own uniform
+    epoch once (the training baseline), then per budget APT with labels and with --distill, and (a budget, not
+    the default thresholds) the lower resolution's own epoch."""
+    plan = []
+    for lr in lrs:
+        plan.append(("uniform", None, lr))
+        for b in budgets:
+            plan += [("labels", b, lr), ("distill", b, lr)] + ([("lowres", b, lr)] if b is not None else [])
     return plan
 
 
-def epoch_dir(kind: str, budget: Optional[float], args, work: Path) -> Path:
+def lr_tag(lr: Optional[float]) -> str:
+    return "" if lr is None else f"_lr{lr:g}"
+
+
+def epoch_dir(kind: str, budget: Optional[float], args, work: Path, lr: Optional[float] = None) -> Path:
     tag = "" if kind == "uniform" else f"_{budget_tag(budget)}"
-    return work / f"epoch_{cache_keys(args)['epoch']}_{kind}{tag}"
+    return work / f"epoch_{cache_keys(args)['epoch']}_{kind}{tag}{lr_tag(lr)}"
 
 
-def epoch_run(kind: str, budget: Optional[float], source: Path, folder: Path, args, work: Path) -> Path:
+def epoch_run(
+    kind: str, budget: Optional[float], source: Path, folder: Path, args, work: Path, lr: Optional[float] = None
+) -> Path:
     """One epoch of ``aptvit finetune`` (library defaults otherwise); the run folder.
 
     kind: "labels" / "distill" (APT at ``budget``; None: the default thresholds), "lowres" (one patch size at the
     lower resolution of the same token count: a uniform model), "uniform" (the source's own epoch at full size:
-    the training baseline)."""
-    out = epoch_dir(kind, budget, args, work)
+    the training baseline). lr: ``--lr`` (None: the library's default for the kind)."""
+    out = epoch_dir(kind, budget, args, work, lr)
     if (out / "model.safetensors").is_file() and not args.quick:
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -489,7 +505,7 @@ def epoch_run(kind: str, budget: Optional[float], source: Path, folder: Path, ar
         layout = ["--patch-sizes", str(p)]
     else:
         layout = [] if budget is None else ["--budget", str(budget)]
-    extra = ["--distill"] if kind == "distill" else []
+    extra = (["--distill"] if kind == "distill" else []) + ([] if lr is None else ["--lr", str(lr)])
     aptvit_cli(
         "finetune", "--model", args.model, "--checkpoint", source, "--data", folder, "--out", out, "--size", size,
         "--epochs", 1, "--batch-size", args.epoch_batch, "--workers", 0, "--no-eval", "--device", "cpu",
@@ -665,6 +681,10 @@ def parse_args(argv=None):
     p.add_argument("--val-images", type=int, default=500, help="val photos reported (a seeded subset; 0: all)")
     p.add_argument("--epoch-per-class", type=int, default=30, help="fit photos per class of every one-epoch row")
     p.add_argument("--epoch-batch", type=int, default=16)
+    p.add_argument(
+        "--epoch-lrs", default="default", help="comma-separated --lr of the epochs ('default': the library's)"
+    )
+    p.add_argument("--epoch-kinds", default="uniform,labels,distill,lowres", help="the epochs --only epochs trains")
     p.add_argument("--draws", type=int, default=2, help="Random draws per budget")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--speed-images-b1", type=int, default=8)
@@ -737,33 +757,35 @@ def main(argv=None) -> int:
             )
             one = [val_labels.index(c) for c in range(len(classes))]  # finetune wants a val/ (unused: --no-eval)
             link_folder(folder / "val", [val_paths[i] for i in one], [val_labels[i] for i in one], classes)
-        for kind, b in epoch_plan(budgets):
-            out = epoch_dir(kind, b, args, work)
-            if "epochs" in stages:
-                out = epoch_run(kind, b, source_path, folder, args, work)
+        trained = set(args.epoch_kinds.split(","))
+        for kind, b, lr in epoch_plan(budgets, parse_lrs(args.epoch_lrs)):
+            out = epoch_dir(kind, b, args, work, lr)
+            if "epochs" in stages and kind in trained:
+                out = epoch_run(kind, b, source_path, folder, args, work, lr)
             if not (out / "model.safetensors").is_file():
                 continue
             mf = out / "model.safetensors"
             model = aptvit.load(mf).eval()
             cols = class_columns(mf, classes)
-            key = "uniform" if kind == "uniform" else f"{kind} {budget_tag(b)}"
+            key = ("uniform" if kind == "uniform" else f"{kind} {budget_tag(b)}") + lr_tag(lr)
             epoch_speed[key] = train_images_per_s(out)
+            at = "" if lr is None else f" (lr {lr:g})"
             if kind in ("labels", "distill"):
                 zero_shot = "APT default thresholds" if b is None else f"APT budget {b:g}"
-                name = f"{zero_shot} + 1 epoch {'--distill' if kind == 'distill' else 'labels'}"
-                m = apt_method(name, f"APT + 1 epoch {kind}", model, b, columns=cols)
+                name = f"{zero_shot} + 1 epoch {'--distill' if kind == 'distill' else 'labels'}{at}"
+                m = apt_method(name, f"APT + 1 epoch {kind}{at}", model, b, columns=cols)
                 m.speed_as = zero_shot
             elif kind == "lowres":
                 side = lowres_side(args.size, b) // 14 * model.patch_size
-                m = uniform_method(f"lower resolution {side} px ({b:g}) + 1 epoch", "lowres + 1 epoch", model, side,
-                                   args.size, b, columns=cols)  # fmt: skip
+                m = uniform_method(f"lower resolution {side} px ({b:g}) + 1 epoch{at}", f"lowres + 1 epoch{at}",
+                                   model, side, args.size, b, columns=cols)  # fmt: skip
                 m.speed_as = f"lower resolution {side} px ({b:g})"
             else:
                 m = uniform_method(
-                    "source + 1 uniform epoch", "uniform + 1 epoch", model, args.size, args.size, None, cols
+                    f"source + 1 uniform epoch{at}", f"uniform + 1 epoch{at}", model, args.size, args.size, None, cols
                 )
                 m.speed_as = zs[0].name
-            m.epoch_key = key
+            m.epoch_key, m.uniform_key = key, "uniform" + lr_tag(lr)
             epoch_methods.append(m)
         if epoch_methods:
             evaluate_rows(epoch_methods, val_crops(), val_labels, args, work)
@@ -780,7 +802,7 @@ def main(argv=None) -> int:
         rows[m.name]["speed_as"] = m.speed_as
     for m in epoch_methods:  # the epoch's training images/s against the source's own (uniform) epoch's
         rows[m.name]["train_images_per_s"] = epoch_speed[m.epoch_key]
-        uniform = epoch_speed.get("uniform")
+        uniform = epoch_speed.get(m.uniform_key, epoch_speed.get("uniform"))
         if uniform:
             rows[m.name]["train_speedup"] = epoch_speed[m.epoch_key] / uniform
     result = {

@@ -43,13 +43,19 @@ def test_cache_keys_follow_what_each_stage_depends_on():
 
 def test_the_epoch_plan_has_one_uniform_baseline_and_no_lower_resolution_for_the_default_thresholds():
     assert ri.parse_budgets("default, 0.5") == [None, 0.5]
-    plan = ri.epoch_plan(ri.parse_budgets("default,0.5,0.35"))
+    plan = [(k, b) for k, b, _ in ri.epoch_plan(ri.parse_budgets("default,0.5,0.35"))]
     assert plan[0] == ("uniform", None) and [k for k, _ in plan].count("uniform") == 1
     assert ("labels", None) in plan and ("distill", None) in plan and ("lowres", None) not in plan
     assert {("labels", 0.5), ("distill", 0.5), ("lowres", 0.5), ("lowres", 0.35)} <= set(plan)
-    args = ri.parse_args([])
-    assert ri.epoch_dir("labels", None, args, ri.Path("w")).name.endswith("_labels_default")
-    assert ri.epoch_dir("uniform", None, args, ri.Path("w")) == ri.epoch_dir("uniform", 0.5, args, ri.Path("w"))
+    args, w = ri.parse_args([]), ri.Path("w")
+    assert ri.epoch_dir("labels", None, args, w).name.endswith("_labels_default")
+    assert ri.epoch_dir("uniform", None, args, w) == ri.epoch_dir("uniform", 0.5, args, w)
+    # another lr: its own runs, its own uniform baseline; the default lr's folders keep their names
+    assert ri.parse_lrs("default,5e-6") == [None, 5e-6]
+    two = ri.epoch_plan([0.5], [None, 5e-6])
+    assert [k for k, _, _ in two].count("uniform") == 2 and ("labels", 0.5, 5e-6) in two
+    assert ri.epoch_dir("labels", 0.5, args, w, 5e-6).name.endswith("_labels_0.5_lr5e-06")
+    assert ri.epoch_dir("labels", 0.5, args, w, None).name.endswith("_labels_0.5")
 
 
 @pytest.fixture(scope="module")
