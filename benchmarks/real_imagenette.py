@@ -648,9 +648,11 @@ def plot(result: dict, path: Path) -> None:
         if apt in sp:
             curves.setdefault("Random (mean of draws)", []).append((sp[apt] / sp[src], float(np.mean(accs))))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, pts in curves.items():
+    colors = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]  # 20 told apart
+    for i, (kind, pts) in enumerate(curves.items()):
         pts = sorted(pts)
-        ax.plot(*zip(*pts), marker="*" if kind == "source" else "o", ms=10 if kind == "source" else 5, label=kind)
+        marker = "*" if kind == "source" else "osD^v<>ph"[i % 9]
+        ax.plot(*zip(*pts), marker=marker, ms=10 if kind == "source" else 5, color=colors[i % 20], label=kind)
     ax.set_xlabel("inference images/s relative to the source (batch 32, this CPU)")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title(f"Imagenette val ({result['val_photos']} photos), DINOv2 ViT-S/14 at {result['size']} px")
