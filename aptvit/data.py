@@ -252,9 +252,33 @@ def build_transform(
     if not training or augment == "none":
         return create_transform(**kwargs)
     try:  # timm's parser of the augment string asserts on what it does not know
-        return create_transform(**kwargs)
+        return posterize_any_bits(create_transform(**kwargs))
     except (AssertionError, ValueError, KeyError, IndexError) as e:
         raise InputError(
             f"--augment {augment!r} is not a timm auto-augment string such as 'rand-m9-mstd0.5-inc1' "
             f"(or 'none'): {str(e) or type(e).__name__}"
         ) from None
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, also for 0 bits kept (a black image, what Pillow before 12 returned): RandAugment's
+    increasing posterize ("inc1", the default augment) asks for 0 bits at magnitude 10, which a magnitude
+    of 9 with its noise (mstd0.5) reaches on a few images per thousand, and newer Pillow raises on 0."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def posterize_any_bits(transform):
+    """``transform`` (timm's, a ``Compose``) with the posterize of each of its op lists (RandAugment's) replaced by
+    ``_posterize``; the transform itself, changed in place (timm's module is left as it is)."""
+    from timm.data.auto_augment import posterize
+
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "aug_fn", None) is posterize:
+                op.aug_fn = _posterize
+    return transform

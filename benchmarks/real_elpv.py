@@ -191,10 +191,12 @@ def features(vit, crops: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train_head(x: torch.Tensor, y: torch.Tensor, weight_decay: float, steps: int = 300) -> torch.nn.Linear:
+def train_head(
+    x: torch.Tensor, y: torch.Tensor, weight_decay: float, steps: int = 300, num_classes: int = len(CLASSES)
+) -> torch.nn.Linear:
     """A linear head on frozen features, full-batch AdamW to convergence."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(x.shape[1], len(CLASSES))
+    head = torch.nn.Linear(x.shape[1], num_classes)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=weight_decay)
     for _ in range(steps):
         opt.zero_grad()

