@@ -171,6 +171,15 @@ def add_layout_options(p: argparse.ArgumentParser, patch_default: str = "the mod
         )
 
 
+def add_picture_options(p: argparse.ArgumentParser) -> None:
+    from .viz import DPI, PANEL_WIDTH
+
+    p.add_argument("--width", type=int, help=f"width of each picture in pixels (default: {PANEL_WIDTH} per panel)")
+    p.add_argument(
+        "--dpi", type=int, default=DPI, help=f"resolution: higher gives larger text for the same width (default {DPI})"
+    )
+
+
 def add_runtime_options(p: argparse.ArgumentParser, default: Optional[str] = "auto") -> None:
     from .nn.attention import backend_choices
 
@@ -209,6 +218,8 @@ def cmd_show(args) -> int:
         out_dir=args.out,
         write_json=args.json,
         heatmap=args.heatmap,
+        width=args.width,
+        dpi=args.dpi,
         **({"size": parse_size(args.size)} if args.size else {}),
         **layout_settings(args),
     )
@@ -253,11 +264,18 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .core.io import check_writable
+    from .core.io import check_side, check_writable
     from .demo import demo
 
     check_writable(args.out, folder=True)
-    demo(args.out, model=check_model_name(args.model), size=args.size, runs=args.runs)
+    demo(
+        args.out,
+        model=check_model_name(args.model),
+        size=args.size,
+        runs=args.runs,
+        bench=not args.layouts_only,
+        photo_size=check_side(args.photo_size, "--photo-size"),
+    )
     return 0
 
 
@@ -347,6 +365,7 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import bench_command
+    from .demo import DEMO_SIZE
     from .evaluate import eval_command
     from .viz import SHOW_BASE_SIZE
 
@@ -367,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the pictures (default: beside each image)")
     p.add_argument("--json", action="store_true", help="also write the boxes as JSON")
     p.add_argument("--heatmap", action="store_true", help="add a panel with the score of the 2x patches")
+    add_picture_options(p)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("bench", help="timm forward vs APT forward on your images")
@@ -385,10 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="layouts of the bundled photos and a short benchmark (no arguments needed)")
-    p.add_argument("--out", default="aptvit-demo", help="folder for the pictures")
+    p.add_argument("--out", default="aptvit-demo", help="folder for the pictures (default aptvit-demo)")
+    p.add_argument("--layouts-only", action="store_true", help="draw the layouts, skip the benchmark")
     p.add_argument("--model", default="vit_small_patch16_224", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=384, help=argparse.SUPPRESS)
     p.add_argument("--runs", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--photo-size", type=int, default=DEMO_SIZE, help=argparse.SUPPRESS)  # the layouts' (tests)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("finetune", help="convert a timm ViT and fine-tune it on an ImageFolder (train/ and val/)")

@@ -228,7 +228,7 @@ def test_demo_draws_and_benchmarks(tmp_path, capsys):
     )
     assert code == 0, err
     pictures = sorted((tmp_path / "demo").glob("*_apt.png"))
-    assert len(pictures) == 4 and str((tmp_path / "demo").resolve()) in out
+    assert len(pictures) == 5 and str((tmp_path / "demo").resolve()) in out
     for png in pictures:
         with Image.open(png) as im:
             im.verify()
