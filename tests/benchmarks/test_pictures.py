@@ -3,10 +3,9 @@
 import json
 from pathlib import Path
 
-from benchmarks import pictures
-
 from aptvit.cli import main
 from aptvit.demo import DEMO_PATCH_SIZES, DEMO_SIZE, save_photos
+from benchmarks import pictures
 
 ROOT = Path(__file__).resolve().parents[2]
 SAME = ("tokens", "base_tokens", "height", "width", "patch_sizes", "counts", "scorer", "thresholds", "budget", "layout")
