@@ -288,4 +288,4 @@ def test_bench_and_eval_take_static(tmp_path, capsys):
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["tokens"] == 5 and r["base_tokens"] == 16 for r in rows)
     code, out, err = run(capsys, "bench", *args)
-    assert code == 2 and "static=True needs a token budget" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--static needs a token budget" in err and len(err.strip().splitlines()) == 1
