@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo install bench clean
+.PHONY: test lint demo pictures install bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/aptvit demo
+
+# the README's picture (docs/layout.png, its numbers in docs/layout.json) and the demo's layouts (aptvit-demo/)
+pictures: $(STAMP)
+	$(PY) benchmarks/pictures.py --demo aptvit-demo --hero docs/layout.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layout.py

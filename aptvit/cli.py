@@ -111,10 +111,34 @@ def default_of(source, name: str):
     return inspect.signature(source).parameters[name].default
 
 
+def check_static(args) -> None:
+    """``--static`` runs exactly k tokens per image: it needs a budget, given or in an aptvit --checkpoint."""
+    if not getattr(args, "static", False) or args.budget:
+        return
+    if args.thresholds:
+        raise CLIError(
+            "--static needs --budget, not --thresholds: exactly k tokens per image; drop --static for thresholds"
+        )
+    if args.checkpoint:
+        from .models import check_readable
+        from .nn.checkpoint import read_config
+
+        check_readable(args.checkpoint)
+        saved = read_config(args.checkpoint)
+        if saved is not None and saved.budget is not None:
+            return
+    held = f"; {args.checkpoint} has none" if args.checkpoint else ""
+    raise CLIError(
+        f"--static needs a token budget (exactly k tokens per image){held}: give --budget 0.5 (a fraction of the "
+        "base tokens) or --budget 100 (a count), or drop --static"
+    )
+
+
 def model_source(args, model: Optional[str]):
     """The ``ModelSource`` of bench's and eval's shared options (weights, runtime, layout; see their adders)."""
     from .models import ModelSource
 
+    check_static(args)
     return ModelSource(
         model=model,
         pretrained=args.pretrained,
@@ -171,6 +195,15 @@ def add_layout_options(p: argparse.ArgumentParser, patch_default: str = "the mod
         )
 
 
+def add_picture_options(p: argparse.ArgumentParser) -> None:
+    from .viz import DPI, PANEL_WIDTH
+
+    p.add_argument("--width", type=int, help=f"width of each picture in pixels (default: {PANEL_WIDTH} per panel)")
+    p.add_argument(
+        "--dpi", type=int, default=DPI, help=f"resolution: higher gives larger text for the same width (default {DPI})"
+    )
+
+
 def add_runtime_options(p: argparse.ArgumentParser, default: Optional[str] = "auto") -> None:
     from .nn.attention import backend_choices
 
@@ -209,6 +242,8 @@ def cmd_show(args) -> int:
         out_dir=args.out,
         write_json=args.json,
         heatmap=args.heatmap,
+        width=args.width,
+        dpi=args.dpi,
         **({"size": parse_size(args.size)} if args.size else {}),
         **layout_settings(args),
     )
@@ -253,11 +288,18 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .core.io import check_writable
+    from .core.io import check_side, check_writable
     from .demo import demo
 
     check_writable(args.out, folder=True)
-    demo(args.out, model=check_model_name(args.model), size=args.size, runs=args.runs)
+    demo(
+        args.out,
+        model=check_model_name(args.model),
+        size=args.size,
+        runs=args.runs,
+        bench=not args.layouts_only,
+        photo_size=check_side(args.photo_size, "--photo-size"),
+    )
     return 0
 
 
@@ -268,6 +310,19 @@ def cmd_finetune(args) -> int:
     # only the options given on the command line (every default is None): the others keep TrainConfig's defaults,
     # or on --resume the run's own, and only a given option can be a change that --resume refuses
     given = {name: getattr(args, name) for name in finetune_settings() if getattr(args, name) is not None}
+    needed = [n for n, f in finetune_settings().items() if has_no_default(f) and n not in given]
+    if args.resume and "out" in given:  # what was left out is the run's own
+        from .train import read_run_config
+
+        saved = read_run_config(given["out"])
+        given.update({n: getattr(saved, n) for n in needed if n != "out"})
+    elif needed:
+        from .train import option_name
+
+        names = " and ".join(option_name(n) for n in needed)
+        raise CLIError(
+            f"{names} {'is' if len(needed) == 1 else 'are'} needed for a new run (--resume needs only --out)"
+        )
     given["model"] = check_model_name(given["model"])
     settings = layout_settings(args)
     # the conversion settings: the given ones on top of an aptvit --checkpoint's own (or APTConfig's defaults); a
@@ -302,14 +357,21 @@ def finetune_settings() -> Dict[str, object]:
     return {name: f for name, f in FIELDS.items() if f.metadata["cli"]}
 
 
+def has_no_default(f) -> bool:
+    """Whether a ``TrainConfig`` field has no default: a new run must be given it (--model, --data, --out)."""
+    import dataclasses
+
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def add_setting_options(p: argparse.ArgumentParser) -> None:
     """One option per ``finetune_settings()`` field, generated from its declaration: the name (``option_name``),
     the type (the field's), the help (with the field's default) and ``--resume``'s list (``RUN_CONTROL``).
 
     Every default is None: the command line passes on only what was given (a new run takes TrainConfig's defaults,
-    a resumed run its own). A field without a default is a required option; booleans are flags.
+    a resumed run its own). A field without a default must be given (``cmd_finetune`` checks it: --resume needs only
+    --out); booleans are flags.
     """
-    import dataclasses
     import typing
 
     from .nn.attention import backend_choices
@@ -323,7 +385,7 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
         kind = hints[name]
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        required = has_no_default(f)
         default = None if required else default_of(TrainConfig, name)
         notes = [f"default {default}"] if kind is not bool and default is not None else []
         notes += [extra[name]] if name in extra else []
@@ -334,7 +396,7 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
             group.add_argument(option_name(name), dest=name, action="store_const", const=not default, help=text)
         else:
             group.add_argument(
-                option_name(name), dest=name, type=kind, required=required, choices=choices.get(name), help=text
+                option_name(name), dest=name, type=kind, required=name == "out", choices=choices.get(name), help=text
             )
     may_change = ", ".join(option_name(n) for n in RUN_CONTROL)
     p.add_argument(
@@ -347,7 +409,8 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import bench_command
-    from .evaluate import eval_command
+    from .demo import DEMO_SIZE
+    from .evaluate import default_workers, eval_command
     from .viz import SHOW_BASE_SIZE
 
     parser = argparse.ArgumentParser(
@@ -367,28 +430,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the pictures (default: beside each image)")
     p.add_argument("--json", action="store_true", help="also write the boxes as JSON")
     p.add_argument("--heatmap", action="store_true", help="add a panel with the score of the 2x patches")
+    add_picture_options(p)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("bench", help="timm forward vs APT forward on your images")
-    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (default vit_base_patch16_224)")
     p.add_argument("--size", default="384", help="comma-separated sizes (224,384) or HxW, multiples of the patch size")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--images", help="folder of images (default: the photos bundled with scikit-image)")
     add_layout_options(p)
     add_static_option(p)
     add_weights_options(p)
-    p.add_argument("--runs", type=int, default=default_of(bench_command, "runs"))
-    p.add_argument("--warmup", type=int, default=default_of(bench_command, "warmup"))
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=default_of(bench_command, "runs"),
+        help=f"timed runs of each setting, the median reported (default {default_of(bench_command, 'runs')})",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=default_of(bench_command, "warmup"),
+        help=f"untimed runs before them (default {default_of(bench_command, 'warmup')})",
+    )
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--plot", help="write a PNG of speedup and tokens kept")
     add_runtime_options(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="layouts of the bundled photos and a short benchmark (no arguments needed)")
-    p.add_argument("--out", default="aptvit-demo", help="folder for the pictures")
+    p.add_argument("--out", default="aptvit-demo", help="folder for the pictures (default aptvit-demo)")
+    p.add_argument("--layouts-only", action="store_true", help="draw the layouts, skip the benchmark")
     p.add_argument("--model", default="vit_small_patch16_224", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=384, help=argparse.SUPPRESS)
     p.add_argument("--runs", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--photo-size", type=int, default=DEMO_SIZE, help=argparse.SUPPRESS)  # the layouts' (tests)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("finetune", help="convert a timm ViT and fine-tune it on an ImageFolder (train/ and val/)")
@@ -399,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="top-1/top-5, tokens kept and img/s on an ImageFolder split")
     p.add_argument("--checkpoint", help="an aptvit model.safetensors, or timm weights with --model")
     p.add_argument("--model", help="timm model name (for --pretrained, timm checkpoints and --uniform)")
-    p.add_argument("--pretrained", action="store_true")
+    p.add_argument(
+        "--pretrained", action="store_true", help="timm's pretrained weights of --model (needs the model hub)"
+    )
     p.add_argument("--data", required=True, help="the split to evaluate (a folder of class folders, or DIR with val/)")
     p.add_argument("--uniform", action="store_true", help="evaluate the unconverted timm model (the baseline)")
     p.add_argument(
@@ -407,10 +485,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_layout_options(p)
     add_static_option(p)
-    p.add_argument("--batch-size", type=int, default=default_of(eval_command, "batch_size"))
-    p.add_argument("--workers", type=int, default=default_of(eval_command, "workers"))
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=default_of(eval_command, "batch_size"),
+        help=f"images per batch (default {default_of(eval_command, 'batch_size')})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help=f"loader processes (default: the CPUs less one, at most 8; here {default_workers()})",
+    )
     p.add_argument("--json", help="write the metrics as JSON")
-    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument(
+        "--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping"
+    )
     p.add_argument(
         "--teacher",
         help="also report agreement with this teacher, run uniformly (top-1 agreement, feature cosines; labels or "
@@ -419,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_runtime_options(p)
     p.set_defaults(func=cmd_eval)
+    for p in sub.choices.values():  # also after the command: aptvit eval ... --debug
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return parser
 
 

@@ -17,10 +17,10 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .core.io import InputError, reading, user_os_error
+from .core.io import InputError, UserError, reading, user_os_error
 from .core.layout import PatchLayout
 from .core.packed import PackedBatch
-from .images import to_rgb
+from .images import IMAGE_SUFFIXES, to_rgb
 
 
 def check_image_folder(root, split: str, required: bool = False) -> Path:
@@ -55,24 +55,28 @@ def image_files(folder: Path) -> List[tuple]:
     Raises:
         InputError: ``folder`` is not a folder, or holds no image.
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{str(folder)!r} is not a folder; give a folder of images")
     with reading(folder, "data folder"):
-        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise InputError(f"{str(folder)!r} holds no image ({', '.join(IMG_EXTENSIONS)})")
+        raise InputError(f"{str(folder)!r} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return [(str(p), 0) for p in paths]
 
 
+def is_image_file(path) -> bool:
+    """Whether ``path`` names an image by its suffix (``IMAGE_SUFFIXES``)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
 def image_folder(folder: Path):
-    """torchvision's ImageFolder (paths and labels only; images are read by ``LayoutDataset``)."""
+    """torchvision's ImageFolder (paths and labels only; images are read by ``LayoutDataset``) of the files whose
+    suffix is in ``IMAGE_SUFFIXES``, the one set of image files every command reads."""
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(folder), loader=lambda p: p)
+        return ImageFolder(str(folder), loader=lambda p: p, is_valid_file=is_image_file)
     except FileNotFoundError as e:
         raise InputError(f"{folder}: {str(e).splitlines()[0]} (a class folder with no images?)") from None
 
@@ -209,6 +213,42 @@ class ShardedSampler(torch.utils.data.Sampler):
         return max(0, len(self._share()) - self.skip)
 
 
+def worker_error(e: BaseException) -> BaseException:
+    """``e`` as raised in the loader worker: torch re-raises a worker's exception with a new message ("Caught
+    InputError in DataLoader worker process 0." and the worker's traceback); a ``UserError`` gets its own message
+    back, the last line of that traceback. Any other exception keeps torch's (its traceback is the point)."""
+    text = str(e)
+    if not isinstance(e, UserError) or not text.startswith("Caught ") or "DataLoader worker" not in text:
+        return e
+    prefixes = (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__qualname__}: ")
+    lines = [line for line in text.splitlines() if line.startswith(prefixes)]
+    if not lines:
+        return e
+    message = next(lines[-1][len(p) :] for p in prefixes if lines[-1].startswith(p))
+    try:
+        return type(e)(message)
+    except Exception:  # a type that takes other arguments: torch's message stays
+        return e
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """``torch.utils.data.DataLoader`` whose iterator re-raises a worker's user error with its own message."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except UserError as e:
+                original = worker_error(e)
+                if original is e:
+                    raise
+                raise original from None
+            yield batch
+
+
 def make_loader(
     dataset: LayoutDataset,
     sampler: ShardedSampler,
@@ -217,8 +257,9 @@ def make_loader(
     drop_last: bool,
     plan: Optional[Callable] = None,
 ):
-    """A DataLoader with the packing collate (``plan``: the model's ``planner()``, run in the workers)."""
-    return torch.utils.data.DataLoader(
+    """A DataLoader with the packing collate (``plan``: the model's ``planner()``, run in the workers); a user
+    error in a worker reaches the caller with its own message (``worker_error``)."""
+    return _Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

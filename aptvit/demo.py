@@ -4,34 +4,91 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 from .core.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
+# What the demo draws: these photos, resized to DEMO_SIZE (shorter side), with patches up to 4x the base size
+DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+DEMO_SIZE = 448
+DEMO_PATCH_SIZES = (16, 32, 64)
 
-def demo(out="aptvit-demo", model: str = "vit_small_patch16_224", size: int = 384, runs: int = 3) -> None:
-    """Draw the layouts of the bundled photos into ``out`` and benchmark ``model`` at ``size`` on them."""
-    from .bench import bench_command
+
+def save_photos(out, size: int = DEMO_SIZE, names=DEMO_PHOTOS) -> list:
+    """The bundled photos ``names`` as PNGs in ``out``, resized (shorter side ``size``), never padded: the files
+    the demo draws, and that ``aptvit show`` draws the same way."""
+    from PIL import Image
+
     from .images import fit_image
-    from .models import ModelSource
-    from .photos import PHOTO_NAMES, load_photo
-    from .viz import show
+    from .photos import load_photo
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
     files = []
-    for name in PHOTO_NAMES[:4]:
-        img, _ = fit_image(load_photo(name), (448, None), 64)
+    for name in names:
+        img, _ = fit_image(load_photo(name), (size, None), 1)  # a multiple of 1: resized, not padded
         path = out / f"{name}.png"
         atomic_write(path, lambda tmp: Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
         files.append(path)
-    logger.info(f"== layouts (entropy, thresholds 32=5.5,64=4.0) of {len(files)} scikit-image photos at 448 ==")
-    show(files, out_dir=out, heatmap=True)
+    return files
+
+
+def demo_layouts(out="aptvit-demo", size: int = DEMO_SIZE, width: Optional[int] = None, dpi: Optional[int] = None):
+    """Save the bundled photos into ``out`` (``save_photos``) and draw their layouts exactly as
+    ``aptvit show PHOTO.png --size SIZE --patch-sizes 16,32,64 --heatmap --json`` does.
+
+    Returns:
+        ``show``'s results, one per photo.
+    """
+    from .viz import DPI, layout_description, show
+
+    out = Path(out)
+    files = save_photos(out, size)
+    sizes = ",".join(map(str, DEMO_PATCH_SIZES))
+    logger.info(
+        f"== layouts of {len(files)} scikit-image photos at {size} px: {layout_description(DEMO_PATCH_SIZES)} =="
+    )
+    logger.info(f"(each as: aptvit show {out}/PHOTO.png --size {size} --patch-sizes {sizes} --heatmap --json)")
+    results = show(
+        files,
+        size=(size, None),
+        patch_sizes=DEMO_PATCH_SIZES,
+        out_dir=out,
+        heatmap=True,
+        write_json=True,
+        width=width,
+        dpi=dpi or DPI,
+    )
     logger.info(f"pictures: {out.resolve()}/*_apt.png")
+    return results
+
+
+def demo(
+    out="aptvit-demo",
+    model: str = "vit_small_patch16_224",
+    size: int = 384,
+    runs: int = 3,
+    bench: bool = True,
+    photo_size: int = DEMO_SIZE,
+) -> None:
+    """Draw the layouts of the bundled photos into ``out`` (``demo_layouts`` at ``photo_size``) and benchmark
+    ``model`` at ``size`` on them (``bench``: False draws only)."""
+    from .bench import bench_command
+    from .models import ModelSource
+    from .photos import PHOTO_NAMES
+
+    demo_layouts(out, photo_size)
+    if not bench:
+        return
     logger.info(f"\n== benchmark: timm {model} vs its APT conversion at {size}, {len(PHOTO_NAMES)} photos ==")
     bench_command(
-        ModelSource(model), str(size), [1, 8], runs=runs, warmup=1, out=out / "bench.json", plot_path=out / "bench.png"
+        ModelSource(model),
+        str(size),
+        [1, 8],
+        runs=runs,
+        warmup=1,
+        out=Path(out) / "bench.json",
+        plot_path=Path(out) / "bench.png",
     )

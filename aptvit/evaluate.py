@@ -115,13 +115,22 @@ def evaluate(
     }
 
 
+def default_workers() -> int:
+    """Loader processes when none are asked for: the CPUs this process may use, less one for the main process,
+    at most 8 (0 on one CPU: the images are then read in the main process)."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus - 1))
+
+
 def eval_command(
     source: ModelSource,
     data=None,
     uniform=False,
     size=None,
     batch_size=64,
-    workers=4,
+    workers=None,
     json_path=None,
     skip_bad_images=False,
     teacher=None,
@@ -129,6 +138,7 @@ def eval_command(
     """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON.
 
     Args:
+        workers: loader processes (None: ``default_workers()``, what the machine has).
         source: the model, its weights, device, dtype, attention backend and layout settings
             (``aptvit.models.ModelSource``); ``uniform`` evaluates its timm model unconverted.
         teacher: also measure agreement with this uniform teacher (``aptvit.teacher.build_teacher``: a checkpoint,
@@ -142,6 +152,7 @@ def eval_command(
     compute_dtype = resolve_dtype(dtype, "cpu")  # checks the name before any work; resolved below
     if size is not None:
         check_side(size, "--size")
+    workers = default_workers() if workers is None else workers
     for name, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{name} {value} must be an integer >= {low}")
@@ -162,9 +173,7 @@ def eval_command(
         logger.info(f"{folder}: the checkpoint's classes are not these class folders: agreement with the teacher only")
         items = None
     if items is not None and classes is not None and classes != items.classes:
-        raise InputError(
-            f"the checkpoint's {len(classes)} classes differ from the {len(items.classes)} class folders of {folder}"
-        )
+        raise InputError(class_mismatch(classes, items.classes, folder))
     # evaluation never replaces a head: the model's classes must be the folders'
     if uniform:
         model = timm_model = source.build_timm()  # models.py logs on rank 0 only
@@ -179,16 +188,25 @@ def eval_command(
         layout_fn = None if model.config.static else functools.partial(patch_layout, **model.config.layout_kwargs())
     if teacher is not None and items is not None and timm_model.num_classes != len(items.classes):
         logger.info(
-            f"{folder}: {len(items.classes)} class folders for {timm_model.num_classes} classes: agreement only"
+            f"{folder}: {count(len(items.classes), 'class folder')} for {count(timm_model.num_classes, 'class')}: "
+            "agreement only"
         )
         items = None
     if items is not None and timm_model.num_classes != len(items.classes):
         raise InputError(
-            f"the model has {timm_model.num_classes} classes but {folder} has {len(items.classes)} class folders; "
+            f"the model has {count(timm_model.num_classes, 'class')} but {folder} has "
+            f"{count(len(items.classes), 'class folder')}; "
             "evaluate a checkpoint trained on these classes"
         )
     model.to(dist.device)
     size = check_side(size or saved_size or cfg.get("input_size", (3, 224, 224))[-1], "input size")
+    patch = model.patch_size if not uniform else timm_model.patch_embed.patch_size[0]
+    if size % patch:  # now, not in a loader worker
+        low, high = size // patch * patch, (size // patch + 1) * patch
+        raise InputError(
+            f"--size {size} is not a multiple of the patch size {patch} of {model_name or meta.get('architecture')}; "
+            f"use {low or high}{f' or {high}' if low else ''}"
+        )
     samples = items.samples if items is not None else image_files(folder)
     dataset = LayoutDataset(samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)
     result = {}
@@ -222,7 +240,7 @@ def eval_command(
     )
     if dist.main:
         bad = result["bad_images"]
-        skipped = f", {bad} unreadable image{'s' if bad != 1 else ''} skipped" if bad else ""
+        skipped = f", {count(bad, 'unreadable image')} skipped" if bad else ""
         accuracy = f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  " if "top1" in result else ""
         logger.info(
             f"{accuracy}tokens kept {result['tokens_kept']:.1%}  "
@@ -230,13 +248,46 @@ def eval_command(
         )
         if teacher is not None:
             same = f"top-1 agreement {result['agreement']:.2f}%  " if "agreement" in result else ""
+            kl = f"KL {result['kl']:.4f}  " if "kl" in result else ""
             logger.info(
-                f"teacher {result['teacher']}: {same}cosine pre-logits {result['cosine_pre_logits']:.4f}  "
+                f"teacher {result['teacher']}: {same}{kl}cosine pre-logits {result['cosine_pre_logits']:.4f}  "
                 f"dense {result['cosine_dense']:.4f}"
             )
         if json_path:
             atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     return result
+
+
+def class_mismatch(saved, found, folder) -> str:
+    """Why a checkpoint's classes ``saved`` are not the class folders ``found``, naming the classes that differ."""
+    only_saved = [c for c in saved if c not in found]
+    only_found = [c for c in found if c not in saved]
+
+    def some(names):
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    if only_saved or only_found:
+        what = "; ".join(
+            part
+            for part in (
+                f"only in the checkpoint: {some(only_saved)}" if only_saved else "",
+                f"only in {folder}: {some(only_found)}" if only_found else "",
+            )
+            if part
+        )
+    else:
+        what = f"the same names in another order ({some(saved)})"
+    return (
+        f"the checkpoint's {count(len(saved), 'class')} are not the {count(len(found), 'class folder')} of {folder} "
+        f"({what}); evaluate on the classes it was trained on"
+    )
+
+
+def count(n: int, noun: str) -> str:
+    """'1 class', '2 classes', '1 step', '3 steps'."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{n} {noun}s"
 
 
 def _has_class_folders(data) -> bool:

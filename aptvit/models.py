@@ -8,15 +8,23 @@ command line are applied through the validated ``configure``.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .core.io import InputError, UserError, reading
+from .core.io import InputError, UserError
 from .distributed import main_process_only
-from .nn.checkpoint import load, load_timm_weights, read_config, read_metadata, read_state_dict
+from .nn.checkpoint import (
+    check_checkpoint_file,
+    load,
+    load_timm_weights,
+    read_config,
+    read_metadata,
+    read_state_dict,
+)
 from .nn.config import APTConfig
 from .nn.convert import convert
 from .nn.families import supported, timm_modules
@@ -40,27 +48,69 @@ def check_vit_name(name: str) -> str:
     return name
 
 
-def create_timm(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """``timm.create_model`` with dynamic image size; a failed download is one clear RuntimeError."""
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub's host answers within ``timeout`` seconds (True behind a proxy, which a direct
+    connection cannot judge): offline, the hub library would retry for a minute and a half before failing."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return True  # offline already (fails at once), or a proxy decides
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_offline():
+    """The hub library in offline mode for the block: the local cache only, no request and no retry."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def create_timm(name: str, pretrained: bool = False, hint: str = "use --checkpoint PATH with a local file", **kwargs):
+    """``timm.create_model`` with dynamic image size; a failed download is one clear RuntimeError.
+
+    With ``pretrained`` and the hub out of reach, only the local cache is tried: the failure comes at once.
+
+    Args:
+        hint: what to do when the weights cannot be had, appended to the error.
+    """
     import timm
 
     check_vit_name(name)
+    reachable = pretrained and hub_reachable()
     try:
-        return timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, **kwargs)
+        with _hub_offline() if pretrained and not reachable else nullcontext():
+            return timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, **kwargs)
     except Exception as e:  # hub errors come in many types; the user needs the one line
         if not pretrained:
             raise
-        raise HubError(
-            f"could not load pretrained weights for {name} ({type(e).__name__}: {e}); "
-            "use --checkpoint PATH with a local file"
-        ) from None
+        why = (
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            if reachable
+            else "the model hub cannot be reached and they are not in the local cache"
+        )
+        raise HubError(f"could not load pretrained weights for {name} ({why}); {hint}") from None
 
 
 def check_readable(checkpoint) -> None:
-    """A clear error now if ``checkpoint`` is missing, a directory or unreadable (before its format is guessed)."""
+    """A clear error now if ``checkpoint`` is missing, a directory, unreadable or no checkpoint at all (an image),
+    before its format is guessed."""
     if checkpoint:
-        with reading(checkpoint, "checkpoint"):
-            open(checkpoint, "rb").close()
+        check_checkpoint_file(checkpoint)
 
 
 def check_finite(model: nn.Module, source) -> None:

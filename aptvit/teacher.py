@@ -147,7 +147,8 @@ def build_teacher(teacher: Optional[str], source: Optional[nn.Module] = None, mo
     if not timm.is_model(teacher):
         raise InputError(f"--teacher {teacher!r} is neither a file nor a timm model name")
     logger.info(f"teacher: timm pretrained {teacher}")
-    return Teacher(create_timm(teacher, pretrained=True), teacher)
+    hint = "give --teacher a local file (an aptvit checkpoint or timm weights of --model's architecture)"
+    return Teacher(create_timm(teacher, pretrained=True, hint=hint), teacher)
 
 
 @torch.inference_mode()

@@ -15,6 +15,57 @@ logger = logging.getLogger(__name__)
 
 # One colour per scale factor (1x, 2x, 4x, 8x, ...): base patches stay light so that the merges stand out.
 SIZE_COLOURS = ("#f2f2f2", "#2b8cbe", "#f03b20", "#31a354", "#756bb1", "#fd8d3c")
+DPI = 110  # the pictures' default resolution (dots per inch: the text's size in pixels)
+PANEL_WIDTH = 640  # default width in pixels of each panel (the photo, the heat map)
+
+
+def describe_settings(scorer: str, thresholds=None, budget=None) -> str:
+    """The layout settings in words, as the pictures, the demo and ``show`` state them: "entropy scorer, thresholds
+    32=5.5, 64=4.0" or "entropy scorer, budget 0.5"."""
+    if budget is not None:
+        return f"{scorer} scorer, budget {budget:g}" + (" tokens" if isinstance(budget, int) else " of the base tokens")
+    pairs = ", ".join(f"{s}={v:g}" for s, v in sorted((thresholds or {}).items()))
+    return f"{scorer} scorer, thresholds {pairs}"
+
+
+def legend_handles(patch_sizes: Sequence[int], counts) -> list:
+    """The legend's swatches, one per patch size ("16px: 240"): each in its size's colour with a dark edge, as
+    the light base colour alone would be white on the legend's white."""
+    from matplotlib.patches import Patch
+
+    return [
+        Patch(
+            facecolor=SIZE_COLOURS[i % len(SIZE_COLOURS)], edgecolor="0.25", linewidth=0.8, label=f"{s}px: {counts[s]}"
+        )
+        for i, s in enumerate(patch_sizes)
+    ]
+
+
+def check_picture_size(width: Optional[int], dpi: int) -> None:
+    """A picture's ``width`` (pixels, None: the default) and ``dpi``, checked before any drawing."""
+    for name, value, low, high in (("--width", width, 200, 20000), ("--dpi", dpi, 20, 1200)):
+        if value is None and name == "--width":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InputError(f"{name} {value!r} must be a whole number from {low} to {high}")
+
+
+def _geometry(h: int, w: int, panels: int, width: int, dpi: int) -> dict:
+    """Where the figure's parts go, in inches: the photo (and the heat map beside it) at the photo's own aspect,
+    filling the width; the title above and the legend below take fixed bands. A portrait photo is narrowed so
+    that the figure stays at most 1.5 times as tall as wide."""
+    fig_w = width / dpi
+    margin, gap, top, bottom = 0.08, 0.15, 0.62, 0.62
+    colour_bar = 0.62 if panels > 1 else 0.0  # the heat map's colour bar and its labels
+    panel_w = (fig_w - 2 * margin - (panels - 1) * gap - colour_bar) / panels
+    if panel_w <= 0.5:
+        raise InputError(f"--width {width} is too narrow for {panels} panel(s) at --dpi {dpi}; give a larger --width")
+    panel_h = panel_w * h / w
+    tallest = 1.5 * fig_w - top - bottom
+    if panel_h > tallest:
+        panel_w, panel_h = tallest * w / h, tallest
+    left = (fig_w - panels * panel_w - (panels - 1) * gap - colour_bar) / 2
+    return dict(fig=(fig_w, top + panel_h + bottom), left=left, bottom=bottom, panel=(panel_w, panel_h), gap=gap)
 
 
 def draw_layout(
@@ -25,8 +76,14 @@ def draw_layout(
     score_label: str = "score",
     title: str = "",
     padding: Sequence[int] = (0, 0),
+    subtitle: str = "",
+    width: Optional[int] = None,
+    dpi: int = DPI,
 ) -> Path:
     """Save a PNG of ``image`` with the patches of ``layout`` (one image) drawn over it.
+
+    The photo fills the figure's width at its own aspect (with the heat map beside it at the same aspect), the
+    title and ``subtitle`` (the settings) above it, the legend with the tokens per size below it.
 
     Args:
         image: (3, H, W) uint8, the image the layout was computed on.
@@ -36,19 +93,31 @@ def draw_layout(
         score_label: colour-bar label of the heat map.
         title: figure title.
         padding: (bottom, right) pixels of padding added to the image, shaded in the drawing.
+        subtitle: a second title line (``show`` states the scorer and thresholds or budget there).
+        width: the picture's width in pixels (default ``PANEL_WIDTH`` per panel).
+        dpi: its resolution: the text keeps its size in points, so a higher dpi gives larger text in pixels.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Rectangle
 
     h, w = image.shape[-2:]
     panels = 2 if scores is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels * max(0.6, w / h), 5.6), squeeze=False)
-    ax = axes[0, 0]
-    ax.imshow(image.permute(1, 2, 0).cpu().numpy())
+    check_picture_size(width, dpi)
+    width = PANEL_WIDTH * panels if width is None else width
+    g = _geometry(h, w, panels, width, dpi)
+    fig_w, fig_h = g["fig"]
+    panel_w, panel_h = g["panel"]
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
+
+    def axes_at(left_in: float, width_in: float):
+        return fig.add_axes((left_in / fig_w, g["bottom"] / fig_h, width_in / fig_w, panel_h / fig_h))
+
+    ax = axes_at(g["left"], panel_w)
+    ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="antialiased")
     boxes = layout.boxes(0).tolist()
     p = layout.base_size
     counts = {s: 0 for s in layout.patch_sizes}
@@ -56,7 +125,6 @@ def draw_layout(
     for y, x, s in boxes:
         counts[s] += 1
         by_size[s].append(Rectangle((x - 0.5, y - 0.5), s, s))
-    handles = []
     for level, s in enumerate(layout.patch_sizes):
         colour = SIZE_COLOURS[level % len(SIZE_COLOURS)]
         if by_size[s]:
@@ -65,31 +133,43 @@ def draw_layout(
             ax.add_collection(
                 PatchCollection(by_size[s], facecolor="none", edgecolor=colour, linewidth=0.6 if s == p else 1.3)
             )
-        handles.append(Patch(facecolor=colour, edgecolor=colour, label=f"{s}px: {counts[s]}"))
+    handles = legend_handles(layout.patch_sizes, counts)
     pad_b, pad_r = padding
     if pad_b or pad_r:
-        ax.add_patch(Rectangle((-0.5, h - pad_b - 0.5), w, pad_b, facecolor="k", alpha=0.35, hatch="//"))
-        ax.add_patch(Rectangle((w - pad_r - 0.5, -0.5), pad_r, h, facecolor="k", alpha=0.35, hatch="//"))
+        # grey and hatched: the padding's black pixels are not part of the photo
+        shade = dict(facecolor="0.8", edgecolor="0.5", alpha=0.9, hatch="///", linewidth=0)
+        ax.add_patch(Rectangle((-0.5, h - pad_b - 0.5), w, pad_b, **shade))
+        ax.add_patch(Rectangle((w - pad_r - 0.5, -0.5), pad_r, h, **shade))
     total, base = layout.total_tokens, int(layout.num_base_tokens[0])
-    ax.legend(
+    fig.legend(
         handles=handles,
-        loc="upper left",
-        bbox_to_anchor=(1.0, 1.0) if panels == 1 else (0.0, -0.02),
+        loc="upper center",
+        bbox_to_anchor=((g["left"] + panel_w / 2) / fig_w, (g["bottom"] - 0.04) / fig_h),
         fontsize=8,
         title=f"{total}/{base} tokens ({total / base:.0%})",
         title_fontsize=8,
-        ncol=1 if panels == 1 else len(handles),
+        ncol=len(handles),
+        frameon=False,
+        handlelength=1.6,
+        columnspacing=1.2,
     )
     ax.set_axis_off()
     if scores is not None:
-        hm = axes[0, 1].imshow(scores.cpu().float().numpy(), cmap="magma", interpolation="nearest")
-        axes[0, 1].set_title(score_label, fontsize=9)
-        axes[0, 1].set_axis_off()
-        fig.colorbar(hm, ax=axes[0, 1], fraction=0.046, pad=0.02)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        heat = axes_at(g["left"] + panel_w + g["gap"], panel_w)
+        # stretched over the photo's own extent: the same aspect and position as the patches it scores
+        hm = heat.imshow(
+            scores.cpu().float().numpy(), cmap="magma", interpolation="nearest", extent=(-0.5, w - 0.5, h - 0.5, -0.5)
+        )
+        heat.set_axis_off()
+        bar = fig.add_axes(
+            ((g["left"] + 2 * panel_w + g["gap"] + 0.06) / fig_w, g["bottom"] / fig_h, 0.12 / fig_w, panel_h / fig_h)
+        )
+        fig.colorbar(hm, cax=bar).set_label(score_label, fontsize=8)
+        bar.tick_params(labelsize=7)
+    text = "\n".join(t for t in (title, subtitle) if t)
+    if text:
+        fig.text(0.5, 1 - 0.08 / fig_h, text, ha="center", va="top", fontsize=9.5, linespacing=1.5)
+    out = atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     plt.close(fig)
     return out
 
@@ -129,45 +209,78 @@ def show_patch_sizes(patch_sizes=None, thresholds=None) -> tuple:
     return APTConfig(thresholds=thresholds).for_patch_size(SHOW_BASE_SIZE).patch_sizes
 
 
+def layout_description(patch_sizes=None, thresholds=None, budget=None, scorer=None, scorer_args=None) -> str:
+    """What ``show`` draws with these settings, in words: "patch sizes 16/32/64, entropy scorer, thresholds 32=5.5,
+    64=4.0" (the thresholds actually used: the scorer's defaults when neither thresholds nor budget is given)."""
+    from .core.quadtree import check_layout_settings
+    from .nn.config import APTConfig
+
+    scorer = APTConfig.scorer if scorer is None else scorer
+    sizes = show_patch_sizes(patch_sizes, thresholds)
+    used, _ = check_layout_settings(sizes, thresholds, budget, scorer, scorer_args)
+    return f"patch sizes {'/'.join(map(str, sizes))}, {describe_settings(scorer, used, budget)}"
+
+
 def show(
     paths: Sequence,
     size=None,
     patch_sizes: Optional[Sequence[int]] = None,
     thresholds=None,
     budget=None,
-    scorer: str = "entropy",
+    scorer: Optional[str] = None,
     out_dir=None,
     write_json: bool = False,
     heatmap: bool = False,
     scorer_args=None,
+    width: Optional[int] = None,
+    dpi: int = DPI,
 ) -> list:
     """``aptvit show``: draw the layout of every image file, print tokens kept, optionally write JSON.
 
-    ``scorer_args``: the scorer's parameters (e.g. ``{"bins": 256}``); its registered defaults fill the rest.
+    Every image is read and laid out before the first picture is written: a bad file among many writes nothing.
+
+    Args:
+        scorer: a registered scorer's name (default: a conversion's, ``APTConfig.scorer``).
+        scorer_args: the scorer's parameters (e.g. ``{"bins": 256}``); its registered defaults fill the rest.
+        width, dpi: the pictures' width in pixels and resolution (``draw_layout``).
 
     Returns:
-        One dict per image: path, png, json, image size, padding, tokens, base tokens.
+        One dict per image: path, png, json, image size, padding, tokens, base tokens, patch sizes, counts, and the
+        settings used (scorer, thresholds: the scorer's defaults when neither thresholds nor budget was given).
     """
     import json
 
+    from .core.io import check_writable
     from .core.pixels import grayscale_255
-    from .core.quadtree import patch_layout
+    from .core.quadtree import check_layout_settings, patch_layout
     from .core.scoring import get_scorer
     from .images import fit_image, read_image
+    from .nn.config import APTConfig
 
+    scorer = APTConfig.scorer if scorer is None else scorer
     sizes = show_patch_sizes(patch_sizes, thresholds)
     p = sizes[0]
-    results = []
-    stems = _output_stems([Path(x) for x in paths], out_dir)
-    for path, stem in zip(map(Path, paths), stems):
+    used, _ = check_layout_settings(sizes, thresholds, budget, scorer, scorer_args)  # the defaults filled in
+    settings = layout_description(sizes, used, budget, scorer, scorer_args)
+    check_picture_size(width, dpi)
+    paths = [Path(x) for x in paths]
+    stems = _output_stems(paths, out_dir)
+    if out_dir is not None:
+        check_writable(out_dir, folder=True)
+
+    def prepared(path: Path):
         original = read_image(path)
-        if size is not None:
-            img, padding = fit_image(original, size, p)
-        else:
-            img, padding = fit_image(original, (min(original.shape[-2:]), None), p)
+        img, padding = fit_image(original, size if size is not None else (min(original.shape[-2:]), None), p)
         layout = patch_layout(
             img[None], sizes, thresholds=thresholds, budget=budget, scorer=scorer, scorer_args=scorer_args
         )
+        return img, padding, layout
+
+    for path in paths:  # every input checked (read, resized, laid out) before anything is written
+        prepared(path)
+    results = []
+    for path, stem in zip(paths, stems):
+        img, padding, layout = prepared(path)
         folder = Path(out_dir) if out_dir else path.parent
         png = folder / f"{stem}_apt.png"
         grid = None
@@ -175,16 +288,19 @@ def show(
             spec = get_scorer(scorer)
             params = spec.resolve_params(scorer, scorer_args)
             grid = spec.fn(grayscale_255(img[None]), [sizes[1]], p, **params)[sizes[1]][0]
+        tokens, base = layout.total_tokens, int(layout.num_base_tokens[0])
         draw_layout(
             img,
             layout,
             png,
             scores=grid,
             score_label=f"{scorer} score of {sizes[1] if grid is not None else p}px patches",
-            title=path.name,
+            title=f"{path.name} at {img.shape[-2]}x{img.shape[-1]}: {tokens}/{base} tokens",
+            subtitle=settings,
             padding=padding,
+            width=width,
+            dpi=dpi,
         )
-        tokens, base = layout.total_tokens, int(layout.num_base_tokens[0])
         note = f" (padded {padding[0]}px bottom, {padding[1]}px right to a multiple of {p})" if any(padding) else ""
         result = {
             "image": str(path),
@@ -197,16 +313,13 @@ def show(
             "base_tokens": base,
             "patch_sizes": list(sizes),
             "counts": {str(s): int(c[0]) for s, c in layout.size_counts().items()},
+            "scorer": scorer,
+            "thresholds": {str(k): v for k, v in used.items()} if used is not None else None,
+            "budget": budget,
         }
         if write_json:
             jpath = folder / f"{stem}_apt.json"
-            payload = {
-                **result,
-                "thresholds": {str(k): v for k, v in (thresholds or {}).items()} or None,
-                "budget": budget,
-                "scorer": scorer,
-                "layout": layout.to_dict(),
-            }
+            payload = {**result, "scorer_args": scorer_args or {}, "layout": layout.to_dict()}
             atomic_write(jpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
             result["json"] = str(jpath)
         logger.info(

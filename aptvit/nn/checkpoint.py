@@ -26,7 +26,7 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..core.io import MAX_SIDE, InputError, UserTypeError, atomic_write, reading
+from ..core.io import MAX_SIDE, InputError, UserTypeError, atomic_write, reading, user_os_error
 from .config import APTConfig
 from .convert import convert
 from .families import FAMILIES, family_of, timm_args_allowed
@@ -60,8 +60,16 @@ def save(
         extra_metadata: more string metadata (e.g. the class names of a fine-tuning run).
         model_args: extra ``timm.create_model`` arguments the model was built with, stored with the
             structure read off the model, so that ``load`` can re-create it without ``model=``.
+
+    Raises:
+        FileNotFoundError (a ``UserError``): the folder of ``path`` does not exist (a typo creates no folders).
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        raise user_os_error(
+            FileNotFoundError(),
+            f"cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist; create it first",
+        )
     atomic_write(path, saver(model, extra_metadata, model_args))
     return path
 
@@ -88,12 +96,33 @@ def saver(model: APTViT, extra_metadata: Optional[Mapping[str, str]] = None, mod
     return lambda tmp: save_file(state, tmp, metadata=metadata)
 
 
+# The first bytes of files that people give as a checkpoint by mistake
+_NOT_WEIGHTS = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image", b"%PDF": "a PDF"}
+
+
+def check_checkpoint_file(path: Union[str, os.PathLike]) -> None:
+    """Refuse, with one line naming ``path``, a checkpoint that is missing, a folder, unreadable, or by its first
+    bytes not weights at all: neither safetensors (a little-endian header length, then "{") nor a torch.save file
+    (a zip archive, or a pickle for the legacy format)."""
+    with reading(path, "checkpoint"):
+        with open(path, "rb") as f:
+            head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80" or head[8:9] == b"{":
+        return
+    kind = next((name for magic, name in _NOT_WEIGHTS.items() if head.startswith(magic)), None)
+    raise InputError(
+        f"checkpoint {str(path)!r} is {kind or 'not a weights file'}: give a .safetensors file or weights saved "
+        "with torch.save (.pth, .pt, .bin)"
+    )
+
+
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
     """The metadata of a safetensors file ({} for other files)."""
     from safetensors import safe_open
 
     if not str(path).endswith(".safetensors"):
         return {}
+    check_checkpoint_file(path)
     with reading(path, "checkpoint", "is it a complete .safetensors file?"):
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -229,6 +258,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     Accepts plain state dicts and the usual wrappers ({"state_dict": ...}, {"model": ...}, "module." prefixes).
     """
     path = Path(path)
+    check_checkpoint_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -25,6 +25,7 @@ from .config import (
     Bounds,
     TrainConfig,
     option_name,
+    read_run_config,
     resolve_config,
     validate,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "make_optimizer",
     "option_name",
     "param_groups",
+    "read_run_config",
     "resolve_config",
     "set_lr",
     "start_or_restore",

@@ -146,7 +146,7 @@ class TrainConfig:
     )
     save_every: int = setting(0, "also checkpoint every N steps (0: at epoch ends)", bounds=INT_0, resume=True)
     log_every: int = setting(10, "", bounds=INT_1, resume=True)
-    eval: bool = setting(True, "evaluate at the end of each epoch (--no-eval: skip it)", resume=True)
+    eval: bool = setting(True, "skip the evaluation on val/ at the end of each epoch (default: evaluate)", resume=True)
     device: str = setting("auto", "where to run (auto: CUDA when available, one GPU per torchrun process)", resume=True)
     dtype: str = setting("auto", "compute precision (auto: bf16 autocast on CUDA, fp32 on the CPU)")
     deterministic: bool = setting(False, "deterministic kernels: bit-exact --resume on CUDA too (slower)", resume=True)
@@ -273,6 +273,21 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **paths, teacher=_absolute_teacher(cfg.teacher))
 
 
+def read_run_config(out) -> TrainConfig:
+    """The settings of the run in folder ``out`` (its config.json), for ``--resume``.
+
+    Raises:
+        InputError: ``out`` holds no config.json, or one that cannot be read.
+    """
+    config = Path(out) / "config.json"
+    if not config.is_file():
+        raise InputError(
+            f"--resume: {str(out)!r} is not a run directory (no config.json); start the run without --resume"
+        )
+    with reading(config, "run settings", "fix it, or delete the run directory and start again"):
+        return TrainConfig.from_json(config.read_text())
+
+
 def resolve_config(cfg: TrainConfig, resume: bool, overrides: Optional[Dict]) -> Tuple[TrainConfig, bool]:
     """The run's settings, and whether it continues from a checkpoint in ``cfg.out``.
 
@@ -296,13 +311,7 @@ def resolve_config(cfg: TrainConfig, resume: bool, overrides: Optional[Dict]) ->
                 f"run directory {str(out)!r} exists and is not empty; pass --resume to continue it or choose another --out",
             )
         return absolute_paths(cfg), False
-    config = out / "config.json"
-    if not config.is_file():
-        raise InputError(
-            f"--resume: {str(out)!r} is not a run directory (no config.json); start the run without --resume"
-        )
-    with reading(config, "run settings", "fix it, or delete the run directory and start again"):
-        saved = TrainConfig.from_json(config.read_text())
+    saved = read_run_config(out)
     # overrides may name the conversion settings one by one (the command line's options) or as "apt"
     changes = overrides if overrides is not None else {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     refused = [

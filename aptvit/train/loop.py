@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..core.distill import distill_loss
 from ..core.io import check_writable
 from ..distributed import Dist, all_reduce_sum, setup_distributed
-from ..evaluate import evaluate
+from ..evaluate import count, evaluate
 from ..images import normalise
 from ..runtime import autocast, resolve_dtype, set_deterministic
 from ..teacher import Student, Teacher, agreement
@@ -154,6 +154,11 @@ def train_one_epoch(
             run.log_metrics(metrics)
             kept = f"{metrics['tokens_kept']:.0%}"
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['images_per_s']:.1f}", kept=kept)
+            if dist.main:  # the terminal sees the loss too, not only metrics.jsonl (the bar is off without a TTY)
+                logger.info(
+                    f"epoch {metrics['epoch']}/{cfg.epochs} step {step}/{schedule.stop}: loss {metrics['loss']:.4f}, "
+                    f"lr {metrics['lr']:.2e}, tokens kept {kept}, {metrics['images_per_s']:.1f} img/s"
+                )
             window = _Window()
         if step >= schedule.stop or (cfg.save_every and step % cfg.save_every == 0):
             state.save(run, apt, optimizer, cfg, dist)
@@ -250,7 +255,7 @@ class _Window:
         )
         return {
             "kind": "train",
-            "epoch": state.epoch,
+            "epoch": state.epoch + 1,  # the epoch in progress, counted from 1 as the evaluation after it is
             "step": state.global_step,
             "loss": loss / max(1, steps),
             "lr": optimizer.param_groups[0]["lr"],
@@ -270,11 +275,12 @@ def _update(apt, loss: torch.Tensor, optimizer, cfg: TrainConfig) -> None:
 
 
 def _summary(apt, data: TrainData, cfg: TrainConfig, dist: Dist) -> str:
-    val = f"{len(data.val)} val images" if data.val is not None else "no val split"
-    target = "distilled from a uniform teacher" if cfg.distill else f"{len(cfg.classes)} classes"
+    val = count(len(data.val), "val image") if data.val is not None else "no val split"
+    target = "distilled from a uniform teacher" if cfg.distill else count(len(cfg.classes), "class")
     return (
-        f"{apt.pretrained_cfg.get('architecture', cfg.model)}: {len(data.train)} train images / {val}, "
-        f"{target}, {dist.world} process(es) on {dist.device.type}, {data.batches_per_epoch} steps per epoch"
+        f"{apt.pretrained_cfg.get('architecture', cfg.model)}: {count(len(data.train), 'train image')} / {val}, "
+        f"{target}, {count(dist.world, 'process')} on {dist.device.type}, "
+        f"{count(data.batches_per_epoch, 'step')} per epoch"
     )
 
 
@@ -285,7 +291,7 @@ def _finish(apt, state: TrainState, run: Run, dist: Dist) -> None:
     if not dist.main:
         return
     if state.bad_images:
-        logger.info(f"skipped {state.bad_images} unreadable image(s)")
+        logger.info(f"skipped {count(state.bad_images, 'unreadable image')}")
     logger.info(f"run directory: {run.folder}")
 
 

@@ -62,7 +62,8 @@ class Run:
         self.saved_step: Optional[int] = None  # the step of the checkpoint on disk (None: none yet)
 
     def start(self, cfg: TrainConfig, fresh: bool) -> None:
-        """Remove what a killed run left half-written; a fresh start also replaces the settings and metrics."""
+        """Remove what a killed run left half-written and write the settings (a resumed run's with what it changed,
+        e.g. more --epochs, so that a later --resume goes on with them); a fresh start also clears the metrics."""
         if not self.main:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,7 @@ class Run:
         if fresh:
             with writing(self.folder / "metrics.jsonl"):
                 (self.folder / "metrics.jsonl").unlink(missing_ok=True)
-            atomic_write(self.folder / "config.json", lambda tmp: Path(tmp).write_text(cfg.to_json()))
+        atomic_write(self.folder / "config.json", lambda tmp: Path(tmp).write_text(cfg.to_json()))
 
     def read_metrics(self, up_to_step: int) -> None:
         """The metrics of the steps a resume does not redo."""

@@ -228,7 +228,7 @@ def test_demo_draws_and_benchmarks(tmp_path, capsys):
     )
     assert code == 0, err
     pictures = sorted((tmp_path / "demo").glob("*_apt.png"))
-    assert len(pictures) == 4 and str((tmp_path / "demo").resolve()) in out
+    assert len(pictures) == 5 and str((tmp_path / "demo").resolve()) in out
     for png in pictures:
         with Image.open(png) as im:
             im.verify()
@@ -288,4 +288,4 @@ def test_bench_and_eval_take_static(tmp_path, capsys):
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["tokens"] == 5 and r["base_tokens"] == 16 for r in rows)
     code, out, err = run(capsys, "bench", *args)
-    assert code == 2 and "static=True needs a token budget" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--static needs a token budget" in err and len(err.strip().splitlines()) == 1

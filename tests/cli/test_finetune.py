@@ -333,7 +333,7 @@ def test_ddp_two_cpu_processes_step_in_sync(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights identical across 2 ranks" in result.stdout
-    assert "2 process(es)" in result.stdout
+    assert "2 processes" in result.stdout
     assert result.stdout.count("steps per epoch") == 1, result.stdout  # rank 1 logs nothing
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
