@@ -452,10 +452,16 @@ def _uniform_outputs(vit: nn.Module, images: torch.Tensor) -> Outputs:
     return Outputs(logits, pre, dense)
 
 
-def _apt_outputs(apt: APTViT, images: torch.Tensor) -> Tuple[Outputs, torch.Tensor]:
-    """An ``APTViT``'s ``Outputs`` (its layout made from the pixels, dense features on its base grid) and its patch
-    tokens per image (B,)."""
-    feats = apt.forward_features(images)
+def _apt_outputs(apt: APTViT, images: torch.Tensor, crops: torch.Tensor) -> Tuple[Outputs, torch.Tensor]:
+    """An ``APTViT``'s ``Outputs`` (dense features on its base grid) and its patch tokens per image (B,).
+
+    The layout is made from the uint8 ``crops`` as ``aptvit eval`` and ``finetune`` make it (in their loaders), so
+    that evaluating the written checkpoint reproduces this row.
+    """
+    from .core.quadtree import patch_layout
+
+    layout = patch_layout(crops, **apt.config.layout_kwargs())
+    feats = apt.forward_features(images, layout=layout)
     pre = apt.forward_head(feats, pre_logits=True)
     logits = apt.forward_head(feats) if apt.num_classes else None
     return Outputs(logits, pre, unmerge_packed(feats.tokens, feats.packed)), feats.layout.num_tokens
@@ -657,7 +663,8 @@ def calibrate(
             n = batches[0].images.shape[0]
             if n == 0:
                 continue
-            x = {s: _normalise(b.images.to(dev), mean, std) for s, b in zip(run_sizes, batches)}
+            crops = {s: b.images.to(dev) for s, b in zip(run_sizes, batches)}
+            x = {s: _normalise(c, mean, std) for s, c in crops.items()}
             labels = batches[0].labels.to(dev) if labelled else None
             if seen < timing_images:
                 for s in run_sizes:
@@ -668,7 +675,9 @@ def calibrate(
             for i, s in enumerate(settings):
                 with autocast(dev, compute):
                     if s.kind == "apt":
-                        out_s, tokens = _apt_outputs(models[s.patch_sizes].configure(**s.apt_fields()), x[s.size])
+                        out_s, tokens = _apt_outputs(
+                            models[s.patch_sizes].configure(**s.apt_fields()), x[s.size], crops[s.size]
+                        )
                     else:
                         out_s = ref if s.kind == "source" else _uniform_outputs(vit, x[s.size])
                         tokens = torch.full((n,), (s.size // p) ** 2, device=dev)
