@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGETS = (0.75, 0.5, 0.35)
 DEFAULT_SHARES = (0.75, 0.5, 0.35)  # the lower resolutions: about these shares of the source's patch tokens
 DEFAULT_THRESHOLDS = "default"  # the scorer's registered thresholds
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 FILES = {"json": "calibration.json", "table": "calibration.md", "plot": "calibration.png", "model": "model.safetensors"}
 # what ``save`` writes itself: every other metadata entry of an aptvit checkpoint is carried into the copy
 OWN_METADATA = ("format", "format_version", "aptvit", "architecture", "timm_args", "pretrained_cfg")
@@ -541,6 +542,7 @@ def calibrate(
     device: str = "auto",
     dtype: str = "auto",
     skip_bad_images: bool = False,
+    clock: str = "wall",
     classes: Optional[List[str]] = None,
     extra_metadata: Optional[Mapping[str, str]] = None,
     progress: bool = True,
@@ -563,6 +565,8 @@ def calibrate(
             class cosine. The cheapest setting that keeps it is chosen.
         limit: at most this many images (a seeded draw; None or 0: all).
         timing_images, runs, warmup: the images, timed runs and warm-up runs of each speed measurement.
+        clock: "wall" (elapsed time), or "thread": this thread's CPU time, torch on one thread while timing (on a
+            shared machine other processes do not inflate it; ``bench.alternating_medians``).
         out: a folder for calibration.{json,md,png} and, when a target is met, model.safetensors (None: none).
         classes: the class names the model's head was trained on (a checkpoint's), checked against the folders.
         extra_metadata: metadata carried into the written checkpoint (a checkpoint's own, e.g. its classes).
@@ -579,6 +583,8 @@ def calibrate(
     from .data import LayoutDataset, ShardedSampler, build_transform, make_loader
 
     target = Target(max_drop, min_agreement, min_cosine)
+    if clock not in CLOCKS:
+        raise InputError(f"--clock {clock!r} must be one of {', '.join(CLOCKS)}")
     for name, value, low in (
         ("--batch-size", batch_size, 1),
         ("--workers", workers, 0),
@@ -688,7 +694,7 @@ def calibrate(
     if bad:
         logger.info(f"{bad} unreadable image{'s' * (bad != 1)} skipped")
 
-    speeds = _measure(settings, models, vit, timing, size, batch_size, runs, warmup, dev, compute, progress)
+    speeds = _measure(settings, models, vit, timing, size, batch_size, runs, warmup, dev, compute, progress, clock)
     rows = [sums[i].row(s, sums[0], grid * grid, speeds[i], size, patch_sets[0]) for i, s in enumerate(settings)]
     for r in rows:
         r.meets = target.met(r) if target.given else None
@@ -700,6 +706,7 @@ def calibrate(
         dtype=str(compute).replace("torch.", ""),
         batch_size=batch_size,
         timing_images=min(timing_images, seen),
+        clock=clock,
         runs=runs,
         warmup=warmup,
         architecture=apt.pretrained_cfg.get("architecture", ""),
@@ -793,7 +800,7 @@ def _on_grid(out: Outputs, grid: int) -> Outputs:
     return out._replace(dense=dense)
 
 
-def _measure(settings, models, vit, timing, size, batch_size, runs, warmup, dev, compute, progress) -> List:
+def _measure(settings, models, vit, timing, size, batch_size, runs, warmup, dev, compute, progress, clock) -> List:
     """[(images/s, images/s over the source's)}: each setting timed alternately with the source on the
     same images (warm-up runs first, medians), the source's own images/s the median over all its runs."""
     from tqdm import tqdm
@@ -814,15 +821,22 @@ def _measure(settings, models, vit, timing, size, batch_size, runs, warmup, dev,
 
     source_fn = timed(lambda c: vit(images[size][c]))
     out, source_seconds = [None], []
-    for s in tqdm(settings[1:], desc="timing", disable=None if progress else True, leave=False):
-        if s.kind == "apt":
-            model = models[s.patch_sizes].configure(**s.apt_fields())
-            fn = timed(lambda c, m=model, x=images[s.size]: m(x[c]))
-        else:
-            fn = timed(lambda c, x=images[s.size]: vit(x[c]))
-        seconds = alternating_medians({"source": source_fn, "setting": fn}, chunks, runs, warmup, sync=sync)
-        source_seconds.append(seconds["source"])
-        out.append((n / seconds["setting"], seconds["source"] / seconds["setting"]))
+    threads = torch.get_num_threads()
+    if clock == "thread":  # CPU time of this thread counts all the work only when torch runs on it alone
+        torch.set_num_threads(1)
+    try:
+        for s in tqdm(settings[1:], desc="timing", disable=None if progress else True, leave=False):
+            if s.kind == "apt":
+                model = models[s.patch_sizes].configure(**s.apt_fields())
+                fn = timed(lambda c, m=model, x=images[s.size]: m(x[c]))
+            else:
+                fn = timed(lambda c, x=images[s.size]: vit(x[c]))
+            fns = {"source": source_fn, "setting": fn}
+            seconds = alternating_medians(fns, chunks, runs, warmup, sync=sync, clock=CLOCKS[clock])
+            source_seconds.append(seconds["source"])
+            out.append((n / seconds["setting"], seconds["source"] / seconds["setting"]))
+    finally:
+        torch.set_num_threads(threads)
     out[0] = (n / statistics.median(source_seconds), 1.0)
     return out
 

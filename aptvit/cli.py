@@ -336,6 +336,7 @@ def cmd_calibrate(args) -> int:
         warmup=args.warmup,
         out=args.out,
         skip_bad_images=args.skip_bad_images,
+        clock=args.clock,
     )
     return 0
 
@@ -407,6 +408,13 @@ def add_calibrate_parser(sub) -> None:
     )
     p.add_argument("--runs", type=int, default=default_of(calibrate, "runs"))
     p.add_argument("--warmup", type=int, default=default_of(calibrate, "warmup"))
+    p.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default=default_of(calibrate, "clock"),
+        help="time speed by elapsed time (wall), or by this thread's CPU time on one torch thread (thread: on a "
+        "shared machine other processes do not inflate it)",
+    )
     p.add_argument("--skip-bad-images", action="store_true")
     add_runtime_options(p)
     p.set_defaults(func=cmd_calibrate)
