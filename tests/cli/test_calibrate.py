@@ -4,6 +4,7 @@ one line for every bad input, and the report written atomically."""
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -342,6 +343,56 @@ def test_unlabelled_images_give_agreement_and_a_min_agreement_target(world, tmp_
     assert not report["labelled"] and all(r["top1"] is None and r["agreement"] is not None for r in report["rows"])
     ok = [r for r in report["rows"] if r["kind"] != "source" and r["agreement"] >= 50]
     assert report["chosen"] == max(ok, key=lambda r: r["speedup"])["name"]
+
+
+def test_a_headless_model_is_calibrated_on_its_features(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 1 / (s.budget or 1.0)))
+    out = tmp_path / "out"
+    extra = ("--min-cosine", "0.5", "--sizes", "64", "--budgets", "0.75,0.5", "--thresholds", "none")
+    code, printed, err = run(capsys, *argv(world, out, *extra, checkpoint="headless"))
+    assert code == 0, err
+    report = json.loads((out / "calibration.json").read_text())
+    assert all(r["top1"] is None and r["agreement"] is None for r in report["rows"])
+    ok = [r for r in report["rows"] if r["kind"] != "source" and r["cosine_pre_logits"] >= 0.5]
+    assert report["chosen"] == max(ok, key=lambda r: r["speedup"])["name"]
+    assert aptvit.load(out / "model.safetensors").num_classes == 0
+
+
+def test_thread_clock_times_on_one_thread_and_gives_the_threads_back(world, monkeypatch):
+    import aptvit.bench
+
+    seen = []
+    original = aptvit.bench.alternating_medians
+
+    def recording(*args, **kwargs):
+        seen.append((torch.get_num_threads(), kwargs["clock"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(aptvit.bench, "alternating_medians", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = aptvit.calibrate(
+            aptvit.load(world["good"]),
+            world["val"],
+            size=64,
+            sizes=[64],
+            budgets=[0.5],
+            thresholds=[],
+            timing_images=2,
+            runs=1,
+            warmup=0,
+            workers=0,
+            device="cpu",
+            progress=False,
+            clock="thread",
+        )
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(1, time.thread_time)] and result.facts["clock"] == "thread"
+    with pytest.raises(ValueError, match="--clock 'cpu' must be one of wall, thread"):
+        aptvit.calibrate(aptvit.load(world["good"]), world["val"], clock="cpu")
 
 
 # ---------------------------------------------------------------------------------------------- bad input
