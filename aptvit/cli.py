@@ -342,7 +342,7 @@ def cmd_calibrate(args) -> int:
 
 
 def add_calibrate_parser(sub) -> None:
-    from .calibrate import calibrate
+    from .calibrate import DEFAULT_BUDGETS, calibrate
     from .core.scoring import SCORERS
 
     p = sub.add_parser(
@@ -365,7 +365,9 @@ def add_calibrate_parser(sub) -> None:
         "size and the multiples of the patch size that keep about 75%%, 50%%, 35%% of its tokens)",
     )
     p.add_argument(
-        "--budgets", help="comma-separated token budgets, fractions or counts, or 'none' (default 0.75,0.5,0.35)"
+        "--budgets",
+        help="comma-separated token budgets, fractions or counts, or 'none' "
+        f"(default {','.join(map(str, DEFAULT_BUDGETS))})",
     )
     p.add_argument(
         "--thresholds",

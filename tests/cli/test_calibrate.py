@@ -395,6 +395,43 @@ def test_thread_clock_times_on_one_thread_and_gives_the_threads_back(world, monk
         aptvit.calibrate(aptvit.load(world["good"]), world["val"], clock="cpu")
 
 
+def test_the_command_lines_defaults_are_calibrates(monkeypatch):
+    from aptvit import cli
+
+    args = cli.build_parser().parse_args(["calibrate", "--data", "x"])
+    for name in ("limit", "batch_size", "workers", "timing_images", "runs", "warmup", "clock"):
+        assert getattr(args, name) == cli.default_of(aptvit.calibrate, name), name
+    given = {}
+    monkeypatch.setattr(CAL, "calibrate_command", lambda source, **kw: given.update(kw))
+    assert cli.main(["calibrate", "--data", "x", "--model", "vit_tiny_patch16_224"]) == 0
+    assert given["budgets"] == list(CAL.DEFAULT_BUDGETS) and given["thresholds"] == ["default"]
+    assert given["sizes"] is None and given["scorers"] is None and given["patch_sizes"] is None
+    cli.main(
+        [
+            "calibrate",
+            "--data",
+            "x",
+            "--checkpoint",
+            "c",
+            "--budgets",
+            "none",
+            "--thresholds",
+            "32=5,64=4",
+            "default",
+            "--patch-sizes",
+            "16,32",
+            "16,32,64",
+            "--sizes",
+            "224,160",
+            "--scorers",
+            "entropy,upsample",
+        ]
+    )
+    assert given["budgets"] == [] and given["thresholds"] == [{32: 5.0, 64: 4.0}, "default"]
+    assert given["patch_sizes"] == [[16, 32], [16, 32, 64]] and given["sizes"] == [224, 160]
+    assert given["scorers"] == ["entropy", "upsample"]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.fixture(scope="module")
 def bad(world):
