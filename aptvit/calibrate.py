@@ -301,7 +301,8 @@ def choose(rows: Sequence[Row], target: Target) -> Tuple[Optional[Row], str]:
         )
     best = max(ok, key=lambda r: (r.speedup, -r.tokens))
     reason = (
-        f"{best.name}: the fastest of the {len(ok)} settings that keep {what} "
+        f"{best.name}: {f'the fastest of the {len(ok)} settings' if len(ok) > 1 else 'the only setting'} that keep"
+        f"{'s' * (len(ok) == 1)} {what} "
         f"({_figure(best, target)}), at {best.speedup:.2f}x the source's images/s with "
         f"{best.token_share:.0%} of its tokens"
     )
