@@ -6,6 +6,7 @@ score; the same transformer and weights; fewer tokens.
 
 import logging
 
+from .calibrate import calibrate
 from .core import PatchLayout, pad_to_multiple, patch_layout
 from .nn import APTConfig, APTViT
 from .nn.checkpoint import load, save
@@ -30,5 +31,6 @@ __all__ = [
     "SimpleFeaturePyramid",
     "SegmentationDecoder",
     "BoxAwareProjector",
+    "calibrate",
     "__version__",
 ]

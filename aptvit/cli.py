@@ -350,6 +350,133 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def parse_thresholds_items(items: List[str]) -> List[object]:
+    """calibrate's --thresholds: each item 'default' or SIZE=VALUE[,SIZE=VALUE...]; 'none' alone: no thresholds."""
+    if items == ["none"]:
+        return []
+    return [t if t == "default" else parse_thresholds(t) for t in items]
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import DEFAULT_BUDGETS, calibrate_command
+
+    budgets = args.budgets or ",".join(map(str, DEFAULT_BUDGETS))
+    from .models import ModelSource
+
+    source = ModelSource(  # the settings to sweep are calibrate's own options, not the model's
+        model=check_model_name(args.model) if args.model else None,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+    )
+    calibrate_command(
+        source,
+        data=args.data,
+        size=args.size,
+        sizes=parse_int_list(args.sizes, "--sizes") if args.sizes else None,
+        budgets=[] if budgets == "none" else [parse_budget(b) for b in budgets.split(",") if b.strip()],
+        thresholds=parse_thresholds_items(args.thresholds),
+        scorers=args.scorers.split(",") if args.scorers else None,
+        patch_sizes=[parse_int_list(t, "--patch-sizes") for t in args.patch_sizes] if args.patch_sizes else None,
+        max_drop=args.max_drop,
+        min_agreement=args.min_agreement,
+        min_cosine=args.min_cosine,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        timing_images=args.timing_images,
+        runs=args.runs,
+        warmup=args.warmup,
+        out=args.out,
+        skip_bad_images=args.skip_bad_images,
+        clock=args.clock,
+    )
+    return 0
+
+
+def add_calibrate_parser(sub) -> None:
+    from .calibrate import DEFAULT_BUDGETS, calibrate
+    from .core.scoring import SCORERS
+
+    p = sub.add_parser(
+        "calibrate",
+        help="sweep thresholds / budgets, scorers, patch sizes and lower resolutions on your images; "
+        "pick the cheapest setting that keeps a target",
+    )
+    p.add_argument("--data", required=True, help="a folder of images; class folders (as eval's) give top-1")
+    p.add_argument("--checkpoint", help="an aptvit model.safetensors, or timm weights with --model")
+    p.add_argument("--model", help="timm model name (for --pretrained and timm checkpoints)")
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument(
+        "--size",
+        type=int,
+        help=f"the source's input size (default: the checkpoint's or the model's; at most {MAX_SIDE})",
+    )
+    p.add_argument(
+        "--sizes",
+        help="comma-separated sizes to try, each a lower resolution and a size for APT (default: the input "
+        "size and the multiples of the patch size that keep about 75%%, 50%%, 35%% of its tokens)",
+    )
+    p.add_argument(
+        "--budgets",
+        help="comma-separated token budgets, fractions or counts, or 'none' "
+        f"(default {','.join(map(str, DEFAULT_BUDGETS))})",
+    )
+    p.add_argument(
+        "--thresholds",
+        nargs="+",
+        default=["default"],
+        metavar="T",
+        help="threshold settings to try, each 'default' (the scorer's) or SIZE=VALUE[,SIZE=VALUE]; 'none' for none "
+        "(default: default)",
+    )
+    p.add_argument(
+        "--scorers", help=f"comma-separated scorers from {', '.join(sorted(SCORERS))} (default: the model's)"
+    )
+    p.add_argument(
+        "--patch-sizes",
+        nargs="+",
+        metavar="SIZES",
+        help="patch-size sets to try, e.g. 14,28 14,28,56 (default: the model's)",
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--max-drop", type=float, help="target: at most this many points of top-1 below the source (needs labels)"
+    )
+    target.add_argument(
+        "--min-agreement", type=float, help="target: at least this fraction of images with the source's top-1 class"
+    )
+    target.add_argument("--min-cosine", type=float, help="target: at least this class cosine to the source")
+    p.add_argument(
+        "--limit", type=int, default=default_of(calibrate, "limit"), help="at most this many images (0: all)"
+    )
+    p.add_argument(
+        "--out", default="aptvit-calibrate", help="folder for calibration.{json,md,png} and model.safetensors"
+    )
+    p.add_argument("--batch-size", type=int, default=default_of(calibrate, "batch_size"))
+    p.add_argument("--workers", type=int, default=default_of(calibrate, "workers"))
+    p.add_argument(
+        "--timing-images",
+        type=int,
+        default=default_of(calibrate, "timing_images"),
+        help="images of each speed measurement",
+    )
+    p.add_argument("--runs", type=int, default=default_of(calibrate, "runs"))
+    p.add_argument("--warmup", type=int, default=default_of(calibrate, "warmup"))
+    p.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default=default_of(calibrate, "clock"),
+        help="time speed by elapsed time (wall), or by this thread's CPU time on one torch thread (thread: on a "
+        "shared machine other processes do not inflate it)",
+    )
+    p.add_argument("--skip-bad-images", action="store_true")
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
 def finetune_settings() -> Dict[str, object]:
     """The ``TrainConfig`` fields that ``aptvit finetune`` has an option for (declared ``cli=True``), by name."""
     from .train import FIELDS
@@ -508,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_runtime_options(p)
     p.set_defaults(func=cmd_eval)
+
+    add_calibrate_parser(sub)
     for p in sub.choices.values():  # also after the command: aptvit eval ... --debug
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return parser

@@ -1,0 +1,517 @@
+"""``aptvit calibrate``: the sweep's rows, lower resolution as a candidate, the target's choice, the written settings,
+one line for every bad input, and the report written atomically."""
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import aptvit
+from aptvit.calibrate import Row, Target, build_grid, choose, default_sizes, patch_models
+from aptvit.data import build_transform
+from aptvit.images import normalise, to_rgb
+
+from ..tiny import tiny_vit
+from .helpers import one_line, run
+
+CAL = sys.modules["aptvit.calibrate"]  # ``aptvit.calibrate`` is the function; the module is its home
+CLASSES = ["plain", "stripes"]
+FAST = ["--timing-images", "4", "--runs", "1", "--warmup", "0", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Labelled and unlabelled images, a two-class aptvit checkpoint (with its classes) and a headless one."""
+    root = tmp_path_factory.mktemp("calibrate")
+    data = textures(root / "data")
+    flat = root / "flat"
+    flat.mkdir()
+    for i, p in enumerate(sorted((data / "val").rglob("*.png"))):
+        Image.open(p).save(flat / f"{i}.png")
+    good = root / "tiny.safetensors"
+    aptvit.save(trained_tiny(data / "val"), good, extra_metadata={"classes": json.dumps(CLASSES)})
+    headless = root / "headless.safetensors"
+    aptvit.save(aptvit.convert(tiny_vit("vit_cls", num_classes=0)), headless)
+    return {"root": root, "val": data / "val", "flat": flat, "good": good, "headless": headless}
+
+
+def textures(root: Path, n: int = 12, size: int = 48, seed: int = 0) -> Path:
+    """ROOT/val/<class>/*.png: blocky random textures, some with fine noise, classes drawn at random (a task that
+    no setting but the source's own, fitted to it, gets right everywhere)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = root / "val" / CLASSES[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        blocks = rng.integers(0, 256, (rng.integers(2, 7),) * 2 + (3,))
+        img = np.kron(blocks, np.ones((size // len(blocks) + 1,) * 2 + (1,)))[:size, :size]
+        if i % 3 == 0:
+            img = img + rng.normal(0, 40, img.shape)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def trained_tiny(folder):
+    """A tiny APT model whose head is fitted (least squares) to the images of ``folder`` at 64 px: predictions that
+    follow the images, so that settings can differ in top-1."""
+    apt = aptvit.convert(tiny_vit("vit_cls", num_classes=2))
+    paths = sorted(Path(folder).rglob("*.png"))
+    labels = torch.tensor([CLASSES.index(p.parent.name) for p in paths])
+    vit = apt.timm_model
+    with torch.no_grad():
+        pre = vit.forward_head(vit.forward_features(eval_crops(paths, 64, apt)), pre_logits=True)
+        ones = torch.ones(len(paths), 1)
+        fit = torch.linalg.lstsq(torch.cat([pre, ones], 1), F.one_hot(labels, 2).float() * 2 - 1).solution
+        vit.head.weight.copy_(fit[:-1].T)
+        vit.head.bias.copy_(fit[-1])
+    return apt
+
+
+def argv(world, out, *extra, checkpoint="good", data="val"):
+    return [
+        "calibrate",
+        "--checkpoint",
+        world[checkpoint],
+        "--data",
+        world[data] if data in world else data,
+        "--size",
+        "64",
+        "--out",
+        out,
+        *FAST,
+        *extra,
+    ]
+
+
+def fake_speeds(speed_of):
+    """A ``_measure`` whose speed-ups are ``speed_of(setting)`` (timings never go into tests)."""
+
+    def measure(settings, *args, **kwargs):
+        return [(100.0 * speed_of(s), speed_of(s)) for s in settings]
+
+    return measure
+
+
+# ---------------------------------------------------------------------------------------------- the rows
+def eval_crops(paths, size, apt):
+    """The normalised crops ``aptvit eval --size size`` feeds the model, computed here from the files."""
+    mean, std = apt.pixel_mean_std()
+    t = build_transform(size, False, mean, std, apt.pretrained_cfg.get("crop_pct"))
+    crops = [torch.from_numpy(np.ascontiguousarray(t(to_rgb(Image.open(p))))) for p in paths]
+    return normalise(torch.stack(crops), mean, std)
+
+
+def test_rows_are_the_grid_with_lower_resolutions_measured_against_the_source(world):
+    apt = aptvit.load(world["good"])
+    before = apt.config
+    result = aptvit.calibrate(
+        apt,
+        world["val"],
+        size=64,
+        sizes=[64, 48, 32],
+        budgets=[0.5],
+        thresholds=["default", {32: -1.0}],  # -1 bits: nothing ever merges
+        timing_images=4,
+        runs=1,
+        warmup=0,
+        workers=0,
+        device="cpu",
+        progress=False,
+    )
+    assert apt.config == before  # the model handed in is not reconfigured
+    by = {r.name: r for r in result.rows}
+    assert list(by)[0] == "source (64 px)" and result.labelled and result.images == 12
+    assert {r.name for r in result.rows if r.kind == "lower resolution"} == {
+        "lower resolution 48 px",
+        "lower resolution 32 px",
+    }
+    for r in result.rows:  # the token count of a uniform row is its grid, relative to the source's 4 x 4
+        if r.kind != "apt":
+            assert r.tokens == (r.size // 16) ** 2 and r.token_share == pytest.approx((r.size / 64) ** 2)
+    # budget 0.5 at 48 px (4 tokens) is below the 6 that 16/32 allow on a 3 x 3 grid: left out, not an error
+    assert "APT entropy budget 0.5 at 48 px" not in by and "APT entropy budget 0.5" in by
+    assert by["APT entropy budget 0.5"].tokens <= 8
+    # a setting that merges nothing computes what the source computes
+    same = by["APT entropy thresholds 32=-1"]
+    assert same.tokens == 16 and same.agreement == 100.0 and same.top1 == by["source (64 px)"].top1
+    assert same.cosine_pre_logits == pytest.approx(1.0, abs=1e-5) and same.cosine_dense == pytest.approx(1.0, abs=1e-5)
+    # the lower resolution's figures, computed here from the files: the source at 64 px, the same model at 32 px
+    paths = sorted(world["val"].rglob("*.png"))
+    labels = torch.tensor([CLASSES.index(p.parent.name) for p in paths])
+    vit = apt.timm_model
+    with torch.no_grad():
+        ref, low = vit.forward_features(eval_crops(paths, 64, apt)), vit.forward_features(eval_crops(paths, 32, apt))
+        ref_pre, low_pre = vit.forward_head(ref, pre_logits=True), vit.forward_head(low, pre_logits=True)
+        ref_top, low_top = vit.forward_head(ref).argmax(-1), vit.forward_head(low).argmax(-1)
+        ref_dense = ref[:, 1:].transpose(1, 2).reshape(len(paths), -1, 4, 4)
+        low_dense = F.interpolate(low[:, 1:].transpose(1, 2).reshape(len(paths), -1, 2, 2), (4, 4), mode="bilinear")
+    row = by["lower resolution 32 px"]
+    assert by["source (64 px)"].top1 == pytest.approx(100 * float((ref_top == labels).double().mean()))
+    assert row.top1 == pytest.approx(100 * float((low_top == labels).double().mean()))
+    assert row.agreement == pytest.approx(100 * float((low_top == ref_top).double().mean()))
+    assert row.cosine_pre_logits == pytest.approx(float(F.cosine_similarity(low_pre, ref_pre).mean()), rel=1e-4)
+    dense = F.cosine_similarity(low_dense, ref_dense, dim=1).flatten(1).mean(1).mean()
+    assert row.cosine_dense == pytest.approx(float(dense), rel=1e-4)
+    drop = (ref_top == labels).double() - (low_top == labels).double()
+    assert row.top1_drop == pytest.approx(100 * float(drop.mean()))
+    assert row.top1_se == pytest.approx(100 * float(drop.std() / len(drop) ** 0.5))
+
+
+def test_limit_draws_from_the_whole_folder_and_labels_need_a_matching_head(world, tmp_path):
+    from aptvit.calibrate import find_samples
+
+    samples, labelled, classes, note = find_samples(world["val"], 4, CLASSES, 2)
+    assert len(samples) == 4 and labelled and classes == CLASSES and note == ""
+    assert {label for _, label in samples} == {0, 1}  # a seeded draw, not the first class of a sorted list
+    assert find_samples(world["val"], 4, CLASSES, 2) == (samples, labelled, classes, note)  # the same draw
+    assert len(find_samples(world["val"], 0, None, 2)[0]) == 12  # 0: all
+    # class folders that are not the head's: agreement only, and why
+    assert find_samples(world["val"], None, None, 3)[1:] == (
+        False,
+        None,
+        "2 class folders for the model's 3 classes: no top-1, agreement only",
+    )
+    assert (
+        find_samples(world["val"], None, ["a", "b"], 2)[3]
+        == "the class folders are not the checkpoint's classes: no top-1, agreement only"
+    )
+    assert find_samples(world["val"], None, None, 0)[3].startswith("the model has no classifier head")
+
+
+def test_default_sizes_keep_about_75_50_35_percent_of_the_tokens():
+    assert default_sizes(224, 14) == [224, 196, 154, 126]  # 100%, 77%, 47%, 32% of the 16 x 16 grid
+    assert default_sizes(384, 16) == [384, 336, 272, 224]
+    assert default_sizes(32, 16) == [32]  # never below two patches a side
+
+
+def test_grid_counts_and_thresholds_follow_their_patch_sizes():
+    settings, notes = build_grid(
+        64, 16, [64, 32], [(16, 32), (16, 32, 64)], ["entropy", "upsample"], [0.5], ["default", {32: 5.0, 64: 4.0}]
+    )
+    apt = [s for s in settings if s.kind == "apt"]
+    # per size, patch set and scorer: one budget and the default thresholds, plus the pair that names 32 and 64
+    # (only on 16/32/64); at 32 px budget 0.5 is 2 tokens, below what a 2 x 2 grid allows with 32-px patches (1): kept
+    assert len(apt) == 2 * (2 * 2 + 2 * 3) - 0
+    assert notes == []
+    named = [s for s in apt if s.thresholds == {32: 5.0, 64: 4.0}]
+    assert {s.patch_sizes for s in named} == {(16, 32, 64)} and len(named) == 4
+    defaults = [s for s in apt if s.scorer == "upsample" and s.budget is None and s.patch_sizes == (16, 32)]
+    assert all(s.thresholds == aptvit.APTConfig(patch_sizes=(16, 32), scorer="upsample").thresholds for s in defaults)
+
+
+def test_patch_sets_keep_the_checkpoints_detail_weights():
+    apt = aptvit.convert(tiny_vit("vit_cls"), patch_sizes=(16, 32))
+    with torch.no_grad():
+        for param in apt.apt.parameters():
+            param.normal_()
+    models = patch_models(apt, [(16, 32), (16, 32, 64)])
+    for ps, model in models.items():
+        assert model.timm_model is apt.timm_model and model is not apt
+        mine = model.apt.state_dict()
+        for k, v in apt.apt.state_dict().items():
+            assert torch.equal(mine[k], v), (ps, k)
+    assert not models[(16, 32, 64)].apt.detail_proj["64"].weight.any()  # a size the checkpoint lacks: zero
+
+
+# ---------------------------------------------------------------------------------------------- the choice
+def row(name, kind="apt", speedup=1.0, tokens=10.0, top1=80.0, agreement=99.0, cos=0.99, source_top1=80.0):
+    return Row(
+        name=name,
+        kind=kind,
+        size=224,
+        patch_sizes=None,
+        scorer=None,
+        budget=None,
+        thresholds=None,
+        tokens=tokens,
+        token_share=tokens / 16,
+        top1=top1,
+        top1_drop=source_top1 - top1,
+        top1_se=0.1,
+        agreement=agreement,
+        cosine_pre_logits=cos,
+        speedup=speedup,
+    )
+
+
+def test_choose_takes_the_fastest_setting_that_keeps_the_target():
+    rows = [
+        row("source", "source", 1.0, 16, 80.0, 100.0, 1.0),
+        row("mild", speedup=1.2, tokens=12, top1=79.9),
+        row("fast", speedup=1.6, tokens=9, top1=79.5),  # exactly at the limit: kept
+        row("fewest tokens", speedup=1.4, tokens=6, top1=79.6),
+        row("too far", speedup=2.0, tokens=5, top1=79.0),
+        row("half", "lower resolution", 1.5, 8, 79.8),
+    ]
+    best, reason = choose(rows, Target(max_drop=0.5))
+    assert best.name == "fast"
+    assert "fast: the fastest of the 4 settings that keep top-1 within 0.5 points of the source's 80.00%" in reason
+    assert "fastest plain lower resolution that keeps it, 224 px, runs at 1.50x" in reason
+    rows[2].speedup = 1.5  # a tie with the lower resolution: the fewer tokens win
+    assert choose(rows, Target(max_drop=0.5))[0].name == "half"
+
+
+def test_choose_is_never_worse_than_a_lower_resolution():
+    rows = [
+        row("source", "source", 1.0, 16, 80.0, 100.0, 1.0),
+        row("apt", speedup=1.3, tokens=7, agreement=99.5),
+        row("lower", "lower resolution", 1.45, 9, agreement=99.2),
+    ]
+    best, reason = choose(rows, Target(min_agreement=0.99))
+    assert best.name == "lower" and "a plain lower resolution" in reason
+    rows[2].agreement = 98.9  # the lower resolution no longer keeps it: APT does
+    best, reason = choose(rows, Target(min_agreement=0.99))
+    assert best.name == "apt" and "no plain lower resolution keeps it" in reason
+
+
+def test_choose_never_picks_the_source_and_names_the_closest_when_nothing_keeps_the_target():
+    rows = [
+        row("source", "source", 1.0, 16, cos=1.0),
+        row("near", speedup=1.2, cos=0.985),
+        row("far", speedup=1.9, cos=0.95),
+    ]
+    best, reason = choose(rows, Target(min_cosine=0.99))
+    assert best is None
+    assert reason.startswith("no setting keeps class cosine to the source of at least 0.99; the closest is near")
+    assert choose(rows[:1], Target(min_cosine=0.5)) == (
+        None,
+        "no setting besides the source to keep class cosine to the source of at least 0.5",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the written model
+@pytest.mark.parametrize("winner", ["APT entropy budget 0.5", "lower resolution 48 px"])
+def test_the_written_settings_load_back_and_reproduce_the_chosen_row(world, tmp_path, capsys, monkeypatch, winner):
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 3.0 if s.name(64, (16, 32)) == winner else 1.1))
+    bars = []
+    import tqdm
+
+    real = tqdm.tqdm
+    monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k.get("desc")) or real(*a, **k))
+    out = tmp_path / "out"
+    code, printed, err = run(capsys, *argv(world, out, "--max-drop", "100", "--sizes", "64,48", "--budgets", "0.5"))
+    assert code == 0, err
+    assert "calibrate" in bars  # the sweep shows a progress bar
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["chosen"] == winner and report["images"] == 12 and report["labelled"]
+    chosen = next(r for r in report["rows"] if r["name"] == winner)
+    assert f"chose {winner}: the fastest of the" in printed
+    assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert winner in (out / "calibration.md").read_text()
+    # the copy: the chosen settings, its size and the checkpoint's classes
+    model = aptvit.load(out / "model.safetensors")
+    meta = aptvit.nn.checkpoint.read_metadata(out / "model.safetensors")
+    assert int(meta["input_size"]) == chosen["size"] and json.loads(meta["classes"]) == CLASSES
+    assert json.loads(meta["calibration"])["chosen"]["name"] == winner
+    if chosen["kind"] == "apt":
+        assert model.config.budget == 0.5 and model.config.patch_sizes == (16, 32)
+        assert model.config.scorer == "entropy" and model.config.area_bias
+    else:  # a lower resolution: one patch size, nothing merges
+        assert model.config.patch_sizes == (16,)
+    # ``aptvit eval`` of the copy, at the size it carries, gives the chosen row's top-1 and tokens
+    code, printed, err = run(
+        capsys,
+        "eval",
+        "--checkpoint",
+        out / "model.safetensors",
+        "--data",
+        world["val"],
+        "--workers",
+        "0",
+        "--json",
+        tmp_path / "eval.json",
+    )
+    assert code == 0, err
+    got = json.loads((tmp_path / "eval.json").read_text())
+    assert got["size"] == chosen["size"] and got["top1"] == pytest.approx(chosen["top1"])
+    assert got["tokens_kept"] * (chosen["size"] // 16) ** 2 == pytest.approx(chosen["tokens"])
+
+
+def test_unlabelled_images_give_agreement_and_a_min_agreement_target(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 1 / (s.budget or 1.0)))
+    out = tmp_path / "out"
+    extra = ("--min-agreement", "0.5", "--sizes", "64", "--budgets", "0.75,0.5", "--thresholds", "none")
+    code, printed, err = run(capsys, *argv(world, out, *extra, data="flat"))
+    assert code == 0, err
+    report = json.loads((out / "calibration.json").read_text())
+    assert not report["labelled"] and all(r["top1"] is None and r["agreement"] is not None for r in report["rows"])
+    ok = [r for r in report["rows"] if r["kind"] != "source" and r["agreement"] >= 50]
+    assert report["chosen"] == max(ok, key=lambda r: r["speedup"])["name"]
+
+
+def test_a_headless_model_is_calibrated_on_its_features(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 1 / (s.budget or 1.0)))
+    out = tmp_path / "out"
+    extra = ("--min-cosine", "0.5", "--sizes", "64", "--budgets", "0.75,0.5", "--thresholds", "none")
+    code, printed, err = run(capsys, *argv(world, out, *extra, checkpoint="headless"))
+    assert code == 0, err
+    report = json.loads((out / "calibration.json").read_text())
+    assert all(r["top1"] is None and r["agreement"] is None for r in report["rows"])
+    ok = [r for r in report["rows"] if r["kind"] != "source" and r["cosine_pre_logits"] >= 0.5]
+    assert report["chosen"] == max(ok, key=lambda r: r["speedup"])["name"]
+    assert aptvit.load(out / "model.safetensors").num_classes == 0
+
+
+def test_thread_clock_times_on_one_thread_and_gives_the_threads_back(world, monkeypatch):
+    import aptvit.bench
+
+    seen = []
+    original = aptvit.bench.alternating_medians
+
+    def recording(*args, **kwargs):
+        seen.append((torch.get_num_threads(), kwargs["clock"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(aptvit.bench, "alternating_medians", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = aptvit.calibrate(
+            aptvit.load(world["good"]),
+            world["val"],
+            size=64,
+            sizes=[64],
+            budgets=[0.5],
+            thresholds=[],
+            timing_images=2,
+            runs=1,
+            warmup=0,
+            workers=0,
+            device="cpu",
+            progress=False,
+            clock="thread",
+        )
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(1, time.thread_time)] and result.facts["clock"] == "thread"
+    with pytest.raises(ValueError, match="--clock 'cpu' must be one of wall, thread"):
+        aptvit.calibrate(aptvit.load(world["good"]), world["val"], clock="cpu")
+
+
+def test_the_command_lines_defaults_are_calibrates(monkeypatch):
+    from aptvit import cli
+
+    args = cli.build_parser().parse_args(["calibrate", "--data", "x"])
+    for name in ("limit", "batch_size", "workers", "timing_images", "runs", "warmup", "clock"):
+        assert getattr(args, name) == cli.default_of(aptvit.calibrate, name), name
+    given = {}
+    monkeypatch.setattr(CAL, "calibrate_command", lambda source, **kw: given.update(kw))
+    assert cli.main(["calibrate", "--data", "x", "--model", "vit_tiny_patch16_224"]) == 0
+    assert given["budgets"] == list(CAL.DEFAULT_BUDGETS) and given["thresholds"] == ["default"]
+    assert given["sizes"] is None and given["scorers"] is None and given["patch_sizes"] is None
+    cli.main(
+        [
+            "calibrate",
+            "--data",
+            "x",
+            "--checkpoint",
+            "c",
+            "--budgets",
+            "none",
+            "--thresholds",
+            "32=5,64=4",
+            "default",
+            "--patch-sizes",
+            "16,32",
+            "16,32,64",
+            "--sizes",
+            "224,160",
+            "--scorers",
+            "entropy,upsample",
+        ]
+    )
+    assert given["budgets"] == [] and given["thresholds"] == [{32: 5.0, 64: 4.0}, "default"]
+    assert given["patch_sizes"] == [[16, 32], [16, 32, 64]] and given["sizes"] == [224, 160]
+    assert given["scorers"] == ["entropy", "upsample"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def bad(world):
+    root = world["root"]
+    (root / "empty").mkdir()
+    (root / "texts").mkdir()
+    (root / "texts" / "notes.txt").write_text("not an image")
+    (root / "junk").mkdir()
+    (root / "junk" / "a.png").write_bytes(b"not a png")
+    (root / "afile").write_text("x")
+    return root
+
+
+BAD = [
+    (["--data", "{root}/empty"], r"empty' holds no image"),
+    (["--data", "{root}/texts"], r"texts' holds no image"),
+    (["--data", "{root}/missing"], r"missing' is not a folder"),
+    (["--data", "{root}/junk"], r"cannot read image .*a\.png.*--skip-bad-images"),
+    (["--data", "{root}/junk", "--skip-bad-images"], r"no image of .*junk' could be read"),
+    (
+        ["--min-cosine", "1.0", "--sizes", "64", "--budgets", "0.25", "--thresholds", "none"],
+        r"no setting keeps class cosine to the source of at least 1; the closest is APT entropy budget 0\.25 .*"
+        r"calibration\.json",
+    ),
+    (["--data", "{flat}", "--max-drop", "1"], r"--max-drop compares top-1, which needs labels"),
+    (["--checkpoint", "{root}/headless.safetensors", "--min-agreement", "0.9"], r"no classifier head"),
+    (["--sizes", "64,50"], r"--sizes 50 is not a multiple of the model's patch size 16; e\.g\. 48 or 64"),
+    (["--sizes", "128"], r"--sizes 128 is above the source's input size 64"),
+    (["--sizes", "0"], r"--sizes 0 must be a positive number of pixels"),
+    (["--size", "70"], r"--size 70 is not a multiple of the model's patch size 16"),
+    (["--budgets", "1.5"], r"budget as a float is a fraction of base tokens in \(0, 1\], got 1\.5"),
+    (["--min-agreement", "99"], r"--min-agreement 99 must be in \(0\.0, 1\.0\] \(a fraction"),
+    (["--max-drop", "-1"], r"--max-drop -1 must be in \[0\.0, 100\.0\]"),
+    (["--thresholds", "64=4"], r"--thresholds 64=4 names sizes 64, but no --patch-sizes set has exactly those"),
+    (["--patch-sizes", "8,16"], r"--patch-sizes 8,16 must start with the model's patch size 16"),
+    (["--limit", "-1"], r"--limit -1 must be an integer >= 0"),
+    (["--out", "{root}/afile"], r"cannot write .*afile"),
+    (["--sizes", "64", "--budgets", "none", "--thresholds", "none"], r"nothing to sweep"),
+]
+
+
+@pytest.mark.parametrize("extra, pattern", BAD, ids=[" ".join(e) for e, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2(world, bad, tmp_path, capsys, extra, pattern):
+    extra = [e.format(root=bad, flat=world["flat"]) for e in extra]
+    args = argv(world, tmp_path / "out")
+    for option in ("--data", "--checkpoint", "--out", "--size"):  # given again: replace the default
+        if option in extra:
+            i = args.index(option)
+            del args[i : i + 2]
+    code, out, err = run(capsys, *args, *extra)
+    assert code == 2, err
+    assert re.search(pattern, one_line(err)), err
+
+
+def test_a_target_no_setting_keeps_still_writes_the_curve_and_no_model(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    extra = ("--min-cosine", "1.0", "--sizes", "64", "--budgets", "0.25", "--thresholds", "none")
+    code, printed, err = run(capsys, *argv(world, out, *extra))
+    assert code == 2
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["chosen"] is None and [r["name"] for r in report["rows"]] == [
+        "source (64 px)",
+        "APT entropy budget 0.25",
+    ]
+    assert not (out / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------- atomic files
+def test_the_report_is_written_atomically(world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "calibration.json").write_text("the last report")
+
+    def broken_plot(result, path):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CAL, "plot", broken_plot)
+    code, printed, err = run(capsys, *argv(world, out, "--max-drop", "100", "--sizes", "64", "--budgets", "0.5"))
+    assert code == 2 and re.search(r"calibration\.png", one_line(err)), err
+    # nothing half-written, nothing of the new set renamed in: the folder is as it was
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.json"]
+    assert (out / "calibration.json").read_text() == "the last report"
