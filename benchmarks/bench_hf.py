@@ -1,7 +1,7 @@
 """APT from a Hugging Face tower against the HF model's own forward, on the CPU: speedup / FLOP ratio.
 
     pip install 'aptvit[hf]'
-    python benchmarks/bench_hf.py [--runs 3] [--batches 1,8] [--threads 1] [--clock thread|wall]
+    python benchmarks/bench_hf.py [--runs 3] [--batches 1,8] [--layers 12] [--threads 1] [--clock thread|wall]
                                   [--out docs/results/hf] [--smoke]
 
 Models (random weights, the real structure; no hub here): ``transformers.CLIPVisionModel`` ViT-B/16 at 336 px
@@ -12,7 +12,8 @@ normalised as each model expects, in batches of 1 and 8; HF's forward (``hf(pixe
 and the APT forward (layout included) alternate after warm-up (``aptvit.bench.alternating_medians``), medians per
 image. FLOP ratio: uniform over APT FLOPs (``model_flops``), efficiency: speedup / FLOP ratio. With ``--threads 1
 --clock thread`` the times are this thread's CPU seconds, which other processes on a shared machine do not inflate.
-Writes ``<out>.md`` and ``<out>.json`` (atomically). ``--smoke``: 2-layer models at 64 px, one run (seconds).
+``--layers`` fewer than 12 keeps each block as it is and weighs the embedding and the layout more (a cheaper,
+conservative run). Writes ``<out>.md`` and ``<out>.json`` (atomically). ``--smoke``: 2-layer models at 64 px, one run (seconds).
 """
 
 import argparse
@@ -36,11 +37,11 @@ from aptvit.nn.model import model_flops  # noqa: E402
 from aptvit.photos import PHOTO_NAMES, load_photo  # noqa: E402
 
 
-def models(smoke: bool):
+def models(smoke: bool, layers: int = 12):
     """(name, HF model, side, interpolate_pos_encoding) of the benchmark (random weights, eval mode)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-    layers = 2 if smoke else 12
+    layers = 2 if smoke else layers
     common = dict(
         hidden_size=768, intermediate_size=3072, num_attention_heads=12, patch_size=16, num_hidden_layers=layers
     )
@@ -97,6 +98,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=12, help="blocks of each model (12: the real ViT-B)")
     parser.add_argument("--clock", choices=("thread", "wall"), default="thread")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.json")
     parser.add_argument("--smoke", action="store_true", help="seconds: 2-layer models at 64 px, one run")
@@ -110,7 +112,7 @@ def main(argv=None):
     photos = PHOTO_NAMES[:8]
     start = time.time()
     rows = []
-    for name, hf, side, interpolate in models(args.smoke):
+    for name, hf, side, interpolate in models(args.smoke, args.layers):
         for batch in [int(b) for b in args.batches.split(",")]:
             rows.append(bench(name, hf, side, interpolate, photos, batch, args.runs, args.warmup, clock))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
@@ -120,6 +122,7 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "threads": args.threads,
+        "layers": 2 if args.smoke else args.layers,
         "clock": args.clock,
         "load_average_at_end": load,
         "minutes": round((time.time() - start) / 60, 1),
@@ -127,7 +130,7 @@ def main(argv=None):
     }
     text = (
         table(rows) + f"\n\n{facts['date']}, {facts['machine']}, {args.threads} thread(s), {args.clock} clock, "
-        f"{args.runs} runs after {args.warmup} warm-up, load average {load} (at the end), {len(photos)} photos\n"
+        f"{facts['layers']} layers, {args.runs} runs after {args.warmup} warm-up, load average {load} (at the end), {len(photos)} photos\n"
     )
     print("\n" + text)
     if args.out:
