@@ -56,6 +56,26 @@ def check_mllm_projector(out, tmp_path):
         assert kept <= base // 2
 
 
+def check_hf_llava_projector(out, tmp_path):
+    check_mllm_projector(out, tmp_path)
+    (line,) = [l for l in out.splitlines() if l.startswith("nothing merged")]
+    errors = [float(w.strip(",")) for w in line.split(": ")[1].split()[1::2]]
+    assert len(errors) == 3 and max(errors) < 1e-5  # HF's last_hidden_state, pooler_output, hidden_states
+
+
+def check_hf_dinov2_real(out, tmp_path):
+    (line,) = [l for l in out.splitlines() if l.startswith("nothing merged")]
+    assert max(float(w.strip(",")) for w in line.split(": ")[1].split()[1::2]) < 1e-5
+    rows = [l for l in out.splitlines() if l.startswith(("astronaut:", "coffee:"))]
+    assert len(rows) == 2 and all("of 256 tokens" in r for r in rows)
+
+
+def check_bench_hf(out, tmp_path):
+    rows = table_rows(out, "| model")
+    assert len(rows) == 8  # printed as they finish, then the table: 2 models x batch 1, 8
+    assert (tmp_path / "hf.md").is_file() and len(json.loads((tmp_path / "hf.json").read_text())["rows"]) == 4
+
+
 def check_segmentation(out, tmp_path):
     rows = [l for l in out.splitlines() if l.startswith("| uniform") or l.startswith("| APT")]
     assert len(rows) == 3
@@ -107,6 +127,8 @@ def fashion_mnist_files(tmp_path):
 
 SMOKE = {
     "examples/mllm_projector.py": (lambda t: [], check_mllm_projector),
+    "examples/hf_llava_projector.py": (lambda t: [], check_hf_llava_projector),
+    "examples/hf_dinov2_real.py": (lambda t: [], check_hf_dinov2_real),
     "examples/segmentation.py": (lambda t: [], check_segmentation),
     "benchmarks/convert_experiment.py": (lambda t: ["--out", t], check_convert_experiment),
     "benchmarks/real_conversion.py": (
@@ -114,6 +136,7 @@ SMOKE = {
         check_real_conversion,
     ),
     "benchmarks/bench_layout.py": (lambda t: [], check_bench_layout),
+    "benchmarks/bench_hf.py": (lambda t: ["--out", t / "hf"], check_bench_hf),
     "benchmarks/bench_loader.py": (lambda t: [], check_bench_loader),
     "benchmarks/bench_model.py": (lambda t: [], check_bench_model),
     "benchmarks/calibrate_thresholds.py": (lambda t: [], check_calibrate_thresholds),

@@ -92,6 +92,8 @@ def saver(model: APTViT, extra_metadata: Optional[Mapping[str, str]] = None, mod
         "timm_args": json.dumps({**dict(model_args or {}), **_timm_args(model.timm_model)}),
         "pretrained_cfg": json.dumps({k: v for k, v in model.pretrained_cfg.items() if k in PRETRAINED_CFG_KEYS}),
     }
+    extra = getattr(model.timm_model, "aptvit_metadata", None)  # e.g. a Hugging Face twin's class and config
+    metadata.update(extra() if callable(extra) else {})
     metadata.update(extra_metadata or {})
     return lambda tmp: save_file(state, tmp, metadata=metadata)
 
@@ -337,6 +339,10 @@ def load(
         raise UserTypeError(
             f"{str(path)!r} carries its own conversion settings; change them afterwards with .configure(...)"
         )
+    if model is None and "hf_source" in meta:  # converted from Hugging Face: its timm twin, from the file alone
+        from .hf import twin_from_metadata
+
+        model = twin_from_metadata(meta, path)
     if model is None:
         import timm
 

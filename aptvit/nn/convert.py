@@ -18,7 +18,8 @@ def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: 
 
     Args:
         model: a timm model of a supported family (``aptvit.nn.families``; pretrained or fine-tuned); shared, not
-            copied.
+            copied. Or a Hugging Face CLIP / SigLIP / DINOv2 / ViT vision model (``aptvit.nn.hf``): its weights are
+            copied into the matching timm architecture first.
         config: the conversion settings; default ``APTConfig()`` (entropy scorer, its default thresholds,
             patch sizes (p, 2p) for the model's patch size p).
         attention: the attention backend, a runtime choice not saved with the model (see ``APTViT``).
@@ -30,6 +31,10 @@ def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: 
         APTViT whose state dict is the timm model's plus ``apt.*``. With thresholds that never merge
         it computes exactly what the timm model computes.
     """
+    if type(model).__module__.startswith("transformers."):  # a Hugging Face tower: its timm twin (nn.hf)
+        from .hf import to_timm
+
+        model = to_timm(model)
     check_supported(model)
     if isinstance(config, (tuple, list)):  # aptvit 0.1: convert(model, patch_sizes, ...)
         warnings.warn(

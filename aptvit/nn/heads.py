@@ -121,19 +121,32 @@ class BoxAwareProjector(nn.Module):
         self.box = nn.Linear(3, vision_dim)  # (centre y, centre x, size), all normalised to the image
         self.proj = nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
 
-    def forward(self, tokens: torch.Tensor, layout: PatchLayout) -> List[torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, layout: PatchLayout, num_prefix: int = 0) -> List[torch.Tensor]:
         """Project packed tokens into the language model's embedding space, one sequence per image.
 
         Args:
-            tokens: (T, vision_dim) packed patch tokens, e.g. from ``apt.encode_tokens``.
+            tokens: (T, vision_dim) packed patch tokens, e.g. from ``apt.encode_tokens``; with ``num_prefix``,
+                (B * num_prefix + T, vision_dim): each image's prefix tokens (e.g. a class token), then its patches.
             layout: their layout (T boxes, B images).
+            num_prefix: prefix tokens per image; each gets the box of its whole image.
 
         Returns:
-            B tensors (N_i, llm_dim), N_i = image i's token count, ready to splice into prompts.
+            B tensors (num_prefix + N_i, llm_dim), N_i = image i's patch count, ready to splice into prompts.
         """
         heights = torch.tensor([h for h, _ in layout.image_sizes], device=tokens.device)[layout.image_index]
         widths = torch.tensor([w for _, w in layout.image_sizes], device=tokens.device)[layout.image_index]
         half = layout.size / 2
         box = torch.stack([(layout.y + half) / heights, (layout.x + half) / widths, layout.size / heights], dim=1)
+        if num_prefix:  # the whole image: centre (0.5, 0.5), side 1
+            whole = box.new_tensor([0.5, 0.5, 1.0]).expand(layout.batch_size * num_prefix, 3)
+            box = torch.cat([whole, box])[prefix_first_order(layout, num_prefix)]
         out = self.proj(tokens + self.box(box.to(tokens.dtype)))
-        return list(out.split(layout.token_counts))
+        return list(out.split([n + num_prefix for n in layout.token_counts]))
+
+
+def prefix_first_order(layout: PatchLayout, num_prefix: int) -> torch.Tensor:
+    """The order that takes rows [B * num_prefix prefix rows (image-major), T patch rows (the layout's order)] to
+    image by image [its prefix rows, its patch rows]: (B * num_prefix + T,) long (a stable sort by image)."""
+    b = layout.batch_size
+    image = torch.cat([torch.arange(b, device=layout.device).repeat_interleave(num_prefix), layout.image_index])
+    return torch.sort(image, stable=True).indices

@@ -77,7 +77,11 @@ class ViTFamily(Family):
     def accepts(self, model: nn.Module) -> bool:
         from timm.models.vision_transformer import VisionTransformer
 
-        return type(model) is VisionTransformer
+        # exactly timm's class, or a subclass that declares it changes nothing but how its positions resample
+        # (``pos_resample``; ``nn.hf``'s twins of Hugging Face models)
+        return type(model) is VisionTransformer or (
+            isinstance(model, VisionTransformer) and getattr(type(model), "positions_only_subclass", False) is True
+        )
 
     def check(self, model: nn.Module) -> Optional[str]:
         from timm.layers import Attention
@@ -126,7 +130,8 @@ class ViTFamily(Family):
         n_prefix = 0 if apt.timm_model.no_embed_class else apt.num_prefix_tokens
         old = tuple(apt.patch_embed.grid_size)
         if tuple(grid) != old:
-            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=old, num_prefix_tokens=n_prefix)
+            resample = getattr(apt.timm_model, "pos_resample", None) or {}  # a Hugging Face twin resamples as HF
+            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=old, num_prefix_tokens=n_prefix, **resample)
         grid_pos = pos[:, n_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
         return grid_pos, (pos[:, :n_prefix] if n_prefix else None)
 
