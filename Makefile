@@ -25,9 +25,9 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/aptvit demo
 
-# the README's picture (docs/layout.png, its numbers in docs/layout.json) and the demo's layouts (aptvit-demo/)
+# the README's picture (docs/results/layout.png, its numbers in docs/results/layout.json) and the demo's layouts (aptvit-demo/)
 pictures: $(STAMP)
-	$(PY) benchmarks/pictures.py --demo aptvit-demo --hero docs/layout.png
+	$(PY) benchmarks/pictures.py --demo aptvit-demo --hero docs/results/layout.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layout.py

@@ -2,10 +2,10 @@
 
 1. ``aptvit demo --out DEMO --layouts-only``: the bundled photos (resized to 448 px, shorter side) and their
    layouts, each drawn as ``aptvit show PHOTO.png --size 448 --patch-sizes 16,32,64 --heatmap --json`` draws it.
-2. The README's picture (HERO, docs/layout.png) is the demo's picture of scikit-image's ``camera`` photo,
+2. The README's picture (HERO, docs/results/layout.png) is the demo's picture of scikit-image's ``camera`` photo,
    copied with its JSON (the tokens, sizes, scorer and thresholds it states) beside it as HERO with .json.
 
-    python benchmarks/pictures.py                    # aptvit-demo/ and docs/layout.png + docs/layout.json
+    python benchmarks/pictures.py                    # aptvit-demo/ and docs/results/layout.png + docs/results/layout.json
     python benchmarks/pictures.py --smoke --demo /tmp/d --hero /tmp/h.png   # 64-px photos, seconds
 """
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--demo", default="aptvit-demo", help="the demo's folder (photos and pictures)")
-    parser.add_argument("--hero", default="docs/layout.png", help="where the README's picture goes")
+    parser.add_argument("--hero", default="docs/results/layout.png", help="where the README's picture goes")
     parser.add_argument("--smoke", action="store_true", help="64-px photos: seconds, for the test suite")
     args = parser.parse_args(argv)
     demo, hero = Path(args.demo), Path(args.hero)

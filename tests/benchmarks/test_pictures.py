@@ -21,12 +21,12 @@ def test_smoke_writes_the_demo_and_the_readme_picture(tmp_path, capsys):
 
 
 def test_the_committed_readme_picture_is_what_its_command_draws(tmp_path, capsys):
-    """docs/layout.json holds the numbers of docs/layout.png: the command in its caption gives them again (after a
+    """docs/results/layout.json holds the numbers of docs/results/layout.png: the command in its caption gives them again (after a
     change of the default scorer or thresholds, `make pictures` redraws both)."""
     (photo,) = save_photos(tmp_path, DEMO_SIZE, [pictures.HERO_PHOTO])
     sizes = ",".join(map(str, DEMO_PATCH_SIZES))
     argv = ["show", photo, "--size", str(DEMO_SIZE), "--patch-sizes", sizes, "--heatmap", "--json"]
     assert main([str(a) for a in argv]) == 0
     drawn = json.loads((tmp_path / "camera_apt.json").read_text())
-    committed = json.loads((ROOT / "docs" / "layout.json").read_text())
+    committed = json.loads((ROOT / "docs" / "results" / "layout.json").read_text())
     assert {k: drawn[k] for k in SAME} == {k: committed[k] for k in SAME}
