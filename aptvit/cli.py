@@ -24,8 +24,6 @@ from . import __version__
 from .core.io import MAX_SIDE, InputError, UserError
 from .runtime import DEVICES, DTYPE_CHOICES
 
-CLIError = InputError  # a bad argument, shown as is
-
 
 # ---------------------------------------------------------------------------------------------- parsing helpers
 def parse_int_list(text: str, name: str) -> List[int]:
@@ -34,7 +32,7 @@ def parse_int_list(text: str, name: str) -> List[int]:
     except ValueError:
         values = []
     if not values:
-        raise CLIError(f"{name} {text!r} must be comma-separated integers, e.g. 16,32,64")
+        raise InputError(f"{name} {text!r} must be comma-separated integers, e.g. 16,32,64")
     return values
 
 
@@ -48,11 +46,11 @@ def parse_thresholds(text: str) -> Dict[int, float]:
                 raise ValueError
             size, threshold = int(key), float(value)
         except ValueError:
-            raise CLIError(
+            raise InputError(
                 f"--thresholds {text!r} is not SIZE=VALUE[,SIZE=VALUE...] with patch sizes in pixels, e.g. 32=5.5,64=4.0"
             ) from None
         if size in out:
-            raise CLIError(f"--thresholds {text!r} gives size {size} more than once; give each patch size once")
+            raise InputError(f"--thresholds {text!r} gives size {size} more than once; give each patch size once")
         out[size] = threshold
     return out
 
@@ -62,7 +60,7 @@ def parse_budget(text: str) -> Union[int, float]:
     try:
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
-        raise CLIError(f"--budget {text!r} must be a fraction such as 0.5 or a token count such as 300") from None
+        raise InputError(f"--budget {text!r} must be a fraction such as 0.5 or a token count such as 300") from None
 
 
 def parse_scorer_args(text: str) -> Dict[str, object]:
@@ -73,7 +71,7 @@ def parse_scorer_args(text: str) -> Dict[str, object]:
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise CLIError(f"--scorer-args {text!r} is not NAME=VALUE[,NAME=VALUE...], e.g. bins=256")
+            raise InputError(f"--scorer-args {text!r} is not NAME=VALUE[,NAME=VALUE...], e.g. bins=256")
         try:
             out[key.strip()] = json.loads(value)
         except ValueError:
@@ -86,7 +84,7 @@ def layout_settings(args) -> dict:
     patch_sizes=, thresholds= or budget= (at most one), scorer=, scorer_args=, area_bias= (commands that run a model),
     static= (bench, eval)."""
     if args.thresholds and args.budget:
-        raise CLIError("give --thresholds or --budget, not both")
+        raise InputError("give --thresholds or --budget, not both")
     out = {
         "patch_sizes": parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None,
         "thresholds": parse_thresholds(args.thresholds) if args.thresholds else None,
@@ -116,7 +114,7 @@ def check_static(args) -> None:
     if not getattr(args, "static", False) or args.budget:
         return
     if args.thresholds:
-        raise CLIError(
+        raise InputError(
             "--static needs --budget, not --thresholds: exactly k tokens per image; drop --static for thresholds"
         )
     if args.checkpoint:
@@ -128,7 +126,7 @@ def check_static(args) -> None:
         if saved is not None and saved.budget is not None:
             return
     held = f"; {args.checkpoint} has none" if args.checkpoint else ""
-    raise CLIError(
+    raise InputError(
         f"--static needs a token budget (exactly k tokens per image){held}: give --budget 0.5 (a fraction of the "
         "base tokens) or --budget 100 (a count), or drop --static"
     )
@@ -159,7 +157,7 @@ def check_model_name(name: str) -> str:
         return check_vit_name(name)
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
     hint = f"; closest timm names: {', '.join(close)}" if close else "; see timm.list_models('vit_*')"
-    raise CLIError(f"unknown model {name!r}{hint}")
+    raise InputError(f"unknown model {name!r}{hint}")
 
 
 def add_static_option(p: argparse.ArgumentParser) -> None:
@@ -320,7 +318,7 @@ def cmd_finetune(args) -> int:
         from .train import option_name
 
         names = " and ".join(option_name(n) for n in needed)
-        raise CLIError(
+        raise InputError(
             f"{names} {'is' if len(needed) == 1 else 'are'} needed for a new run (--resume needs only --out)"
         )
     given["model"] = check_model_name(given["model"])

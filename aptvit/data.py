@@ -116,8 +116,8 @@ class LayoutDataset(torch.utils.data.Dataset):
     Args:
         samples: (path, label) pairs.
         transform: a timm transform built with ``use_prefetcher=True`` (uint8 output, no normalisation).
-        layout_fn: ``layout_fn(crop (1, 3, S, S) uint8) -> PatchLayout`` (e.g. ``patch_layout`` with
-            the model's settings, bound with functools.partial so it pickles), or None for no layout.
+        layout_fn: ``layout_fn(crop (1, 3, S, S) uint8) -> PatchLayout``: the model's ``apt.planner.layout`` (a
+            method of a picklable object: the workers get a copy), or None for no layout.
         seed: base seed of the per-sample augmentation.
     """
 
@@ -163,7 +163,7 @@ def collate(samples, plan: Optional[Callable] = None) -> Batch:
     """Stack crops, join layouts, plan the packed batch; unreadable samples are set aside in ``bad``.
 
     Args:
-        plan: ``plan(images, layout) -> PackedBatch`` (``APTViT.planner()``), run here, in the worker.
+        plan: ``plan(images, layout) -> PackedBatch`` (the models ``planner``), run here, in the worker.
     """
     good = [s for s in samples if s[0] is not None]
     bad = [s[3] for s in samples if s[0] is None]
@@ -257,7 +257,7 @@ def make_loader(
     drop_last: bool,
     plan: Optional[Callable] = None,
 ):
-    """A DataLoader with the packing collate (``plan``: the model's ``planner()``, run in the workers); a user
+    """A DataLoader with the packing collate (``plan``: the model's ``planner``, run in the workers); a user
     error in a worker reaches the caller with its own message (``worker_error``)."""
     return _Loader(
         dataset,

@@ -6,7 +6,6 @@ timm model (``--model NAME --pretrained --uniform``), on one process or under to
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -15,7 +14,6 @@ from pathlib import Path
 import torch
 
 from .core.io import InputError, atomic_write, check_side, check_writable, reading
-from .core.quadtree import patch_layout
 from .data import (
     LayoutDataset,
     ShardedSampler,
@@ -63,7 +61,7 @@ def evaluate(
     sampler = ShardedSampler(len(dataset), dist.rank, dist.world, shuffle=False, equal_shares=False)
     static = not uniform and model.config.static  # the whole forward on the device: no plan from the workers
     loader = make_loader(
-        dataset, sampler, batch_size, workers, drop_last=False, plan=None if uniform or static else model.planner()
+        dataset, sampler, batch_size, workers, drop_last=False, plan=None if uniform or static else model.planner
     )
     correct1 = correct5 = seen = tokens = base = bad = 0.0
     model_seconds = 0.0
@@ -185,7 +183,7 @@ def eval_command(
         cfg = timm_model.pretrained_cfg or {}
         mean, std = model.pixel_mean_std()
         # static: the model makes its layout on the device (exactly k tokens per image), the workers only read images
-        layout_fn = None if model.config.static else functools.partial(patch_layout, **model.config.layout_kwargs())
+        layout_fn = None if model.config.static else model.planner.layout
     if teacher is not None and items is not None and timm_model.num_classes != len(items.classes):
         logger.info(
             f"{folder}: {count(len(items.classes), 'class folder')} for {count(timm_model.num_classes, 'class')}: "

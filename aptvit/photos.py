@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import Tuple, Union
 
 import numpy as np
 import torch
@@ -38,15 +38,3 @@ def load_photo(name: str, size: Union[int, Tuple[int, int], None] = None) -> tor
         x[None].float(), size=size, mode="area" if size[0] <= x.shape[1] else "bicubic", align_corners=None
     )
     return y[0].round().clamp(0, 255).to(torch.uint8)
-
-
-def photo_batch(count: int, size, names: Sequence[str] = PHOTO_NAMES) -> torch.Tensor:
-    """(count, 3, H, W) uint8: the photos cycled, every other round mirrored so that repeats differ."""
-    base: List[torch.Tensor] = [load_photo(n, size) for n in names]
-    out = []
-    for i in range(count):
-        img = base[i % len(base)]
-        if (i // len(base)) % 2:
-            img = img.flip(-1)
-        out.append(img)
-    return torch.stack(out)

@@ -181,7 +181,7 @@ def agreement(
     apt.eval()
     mean, std = apt.pixel_mean_std()
     sampler = ShardedSampler(len(dataset), dist.rank, dist.world, shuffle=False, equal_shares=False)
-    loader = make_loader(dataset, sampler, batch_size, workers, drop_last=False, plan=apt.planner())
+    loader = make_loader(dataset, sampler, batch_size, workers, drop_last=False, plan=apt.planner)
     names = ["cosine_dense", "cosine_pre_logits"] + (
         ["kl", "same_top1"] if apt.num_classes and teacher.model.num_classes else []
     )

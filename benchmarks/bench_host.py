@@ -1,4 +1,4 @@
-"""Host cost at batch 1 (issue 16): a ViT so thin that its math is free, so the wall time is the host's work.
+"""Host cost at batch 1: a ViT so thin that its math is free, so the wall time is the host's work.
 
     python benchmarks/bench_host.py [--runs 200] [--sizes 224,384] [--patch-sizes 16,32,64 16,32] [--clock wall|thread]
                                     [--json out.json]
@@ -44,10 +44,10 @@ from aptvit.images import normalise
 from aptvit.photos import load_photo
 
 
-def thin_vit(depth: int = 12, width: int = 16) -> torch.nn.Module:
+def thin_vit(depth: int = 12, width: int = 16, heads: int = 1) -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, embed_dim=width, depth=depth, num_heads=1, dynamic_img_size=True
+        "vit_tiny_patch16_224", pretrained=False, embed_dim=width, depth=depth, num_heads=heads, dynamic_img_size=True
     ).eval()
 
 
@@ -64,36 +64,38 @@ def count_ops(fn) -> int:
 
 def stage_ops(vit: torch.nn.Module, apt, x: torch.Tensor) -> dict:
     """aten ops of each stage of ``apt(x)`` (and of one timm block, next to one of ours)."""
-    from aptvit.nn.families import BlockContext
-
     with torch.inference_mode():
-        layout = apt.make_layout(x)
-        packed = apt.prepare(x, layout=layout)
+        layout = apt.planner.layout(x)
+        packed = apt.planner(x, layout)
         tokens = apt.embed_packed(x, packed)
-        backend = apt._backend(tokens, packed)
-        ctx = BlockContext(
-            packed, backend, None, None, False, key_bias=packed.key_bias if apt.config.area_bias else None
-        )
+        ctx = apt.block_context(tokens, packed)
     return {
-        "layout": count_ops(lambda: apt.make_layout(x)),
-        "plan": count_ops(lambda: apt.prepare(x, layout=layout)),
+        "layout": count_ops(lambda: apt.planner.layout(x)),
+        "plan": count_ops(lambda: apt.planner(x, layout)),
         "embed": count_ops(lambda: apt.embed_packed(x, packed)),
-        "block": count_ops(lambda: apt._block(apt.blocks[0], tokens, ctx)),
+        "block": count_ops(lambda: apt.family.block(apt, apt.blocks[0], tokens, ctx)),
         "timm block": count_ops(lambda: vit.blocks[0](tokens[None])),
         "head": count_ops(lambda: apt.forward_head(apt.norm(tokens), packed=packed)),
     }
 
 
 def measure(
-    size: int, runs: int, warmup: int, depth: int = 12, patch_sizes=(16, 32, 64), clock=time.perf_counter
+    size: int,
+    runs: int,
+    warmup: int,
+    depth: int = 12,
+    patch_sizes=(16, 32, 64),
+    clock=time.perf_counter,
+    width: int = 16,
+    heads: int = 1,
 ) -> dict:
-    vit = thin_vit(depth)
+    vit = thin_vit(depth, width, heads)
     apt = aptvit.convert(vit, patch_sizes=patch_sizes).eval()
     static = aptvit.convert(vit, patch_sizes=patch_sizes, budget=0.5, static=True).eval()
     mean, std = apt.pixel_mean_std()
     x = normalise(resize([load_photo("astronaut")], (size, size)), mean, std)
     with torch.inference_mode():
-        packed = apt.prepare(x)
+        packed = apt.planner(x)
     fns = {
         "timm": lambda _: vit(x),
         "apt(x)": lambda _: apt(x),
@@ -129,6 +131,8 @@ def main(argv=None) -> list:
         default="wall",
         help="thread: this thread's CPU time, which other processes on a shared machine do not inflate",
     )
+    parser.add_argument("--width", type=int, default=16, help="embedding width (384 with --heads 6: ViT-S)")
+    parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny and quick (seconds): the test suite's run")
     args = parser.parse_args(argv)
@@ -139,14 +143,14 @@ def main(argv=None) -> list:
         rows = [measure(64, runs=2, warmup=1, depth=2, patch_sizes=patch_sizes[0], clock=clock)]
     else:
         rows = [
-            measure(int(s), args.runs, args.warmup, patch_sizes=ps, clock=clock)
+            measure(int(s), args.runs, args.warmup, patch_sizes=ps, clock=clock, width=args.width, heads=args.heads)
             for ps in patch_sizes
             for s in args.sizes.split(",")
         ]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, timm {timm.__version__}, 1 thread, batch 1, runs={args.runs}, {args.clock} clock, "
+        f"torch {torch.__version__}, timm {timm.__version__}, 1 thread, batch 1, width {args.width}, runs={args.runs}, {args.clock} clock, "
         f"load {load:.2f}"
     )
     names = list(rows[0]["ms"])

@@ -112,6 +112,11 @@ def check_bench_model(out, tmp_path):
     assert len(rows) == 2 and all("vit_tiny_patch16_224" in r for r in rows)  # batch 1 and 8 at 64
 
 
+def check_bench_caches(out, tmp_path):
+    rows = table_rows(out, "| model")
+    assert len(rows) == 1 and "vit_small_patch16_224" in rows[0] and rows[0].count("%") == 4  # four variants
+
+
 def check_calibrate_thresholds(out, tmp_path):
     lines = [l for l in out.splitlines() if l.startswith("k=")]
     assert len(lines) == 3 and all("laplacian" in l and "upsample" in l for l in lines)
@@ -135,6 +140,7 @@ SMOKE = {
         lambda t: ["--data", fashion_mnist_files(t), "--work", t / "work", "--results", t / "r"],
         check_real_conversion,
     ),
+    "benchmarks/bench_caches.py": (lambda t: [], check_bench_caches),
     "benchmarks/bench_layout.py": (lambda t: [], check_bench_layout),
     "benchmarks/bench_hf.py": (lambda t: ["--out", t / "hf"], check_bench_hf),
     "benchmarks/bench_loader.py": (lambda t: [], check_bench_loader),

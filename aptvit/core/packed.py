@@ -230,7 +230,8 @@ def plan_packed(
 
     Everything that depends only on host integers (image sizes, offsets) is computed on the host and moved
     in one copy (a ``HostTable``); the per-token work is a few elementwise ops and one scatter on the layout's
-    device.
+    device. In steps: the sequences' offsets (``_sequences``), the host tables (``_host_tables``), the patch
+    tokens' rows (``_patch_rows``), every row in packed order (``_packed_rows``).
 
     Args:
         layout: the patch layout (on any device; the plan is built there without device syncs).
@@ -244,54 +245,104 @@ def plan_packed(
     Returns:
         PackedBatch on the layout's device.
     """
-    device = layout.cu_seqlens.device
-    sizes = layout.patch_sizes
-    p, b, t, P = sizes[0], layout.batch_size, layout.total_tokens, num_prefix
+    seqs = _sequences(layout, num_prefix, pad_to, max_seqlen)
+    dev = _host_tables(layout, groups, seqs, num_prefix, pool_prefix).to(layout.cu_seqlens.device)
+    patch_pos, patch_rows = _patch_rows(layout, groups, num_prefix, dev)
+    rows = _packed_rows(layout.batch_size, patch_pos, patch_rows, dev)
+    # the cells a patch covers, k * k, as a logit bias; prefix and padding tokens (area 0 or 1) stand for one token:
+    # log 1 = 0
+    key_bias = rows.area.clamp(min=1).float().log_()
+    return PackedBatch(
+        layout=layout,
+        groups=groups,
+        num_prefix=num_prefix,
+        offsets=seqs.offsets,
+        max_seqlen=seqs.longest,
+        num_seqs=seqs.num_seqs,
+        cu_seqlens=dev["cu_seqlens"].to(torch.int32),
+        seq=rows.seq,
+        token_src=rows.token_src,
+        pos_src=rows.pos_src,
+        patch_pos=patch_pos,
+        prefix_pos=dev["prefix_pos"].view(layout.batch_size, num_prefix),
+        pool_weight=rows.area / dev["cells"][rows.pool_seq],
+        pool_seq=rows.pool_seq,
+        key_bias=key_bias,
+        pad=seqs.pad,
+    )
+
+
+class _Sequences(NamedTuple):
+    """The packed sequences of a plan, as host ints."""
+
+    offsets: Tuple[int, ...]  # sequence starts (prefix tokens included), then the padding's sequence when padded
+    layout_offsets: Tuple[int, ...]  # the layout's offsets (patch tokens only)
+    n_real: int  # rows of real tokens (patches and prefix tokens)
+    pad: int  # padding rows after them
+    num_seqs: int
+    longest: int  # max_seqlen: the longest sequence, or the static bound asked for
+
+
+def _sequences(layout: PatchLayout, num_prefix: int, pad_to: int, max_seqlen: Optional[int]) -> _Sequences:
+    b, t = layout.batch_size, layout.total_tokens
     offsets = layout_offsets(layout)
-    n_real = t + b * P
+    n_real = t + b * num_prefix
     pad = (-n_real) % pad_to if pad_to else 0
     n, num_seqs = n_real + pad, b + (1 if pad else 0)
-    seq_offsets = tuple(o + i * P for i, o in enumerate(offsets)) + ((n,) if pad else ())
+    seq_offsets = tuple(o + i * num_prefix for i, o in enumerate(offsets)) + ((n,) if pad else ())
     longest = max((seq_offsets[i + 1] - seq_offsets[i] for i in range(num_seqs)), default=0)
     if max_seqlen is not None:
         if max_seqlen < longest:
             raise InputError(f"max_seqlen {max_seqlen} is below the longest sequence {longest}")
         longest = max_seqlen
+    return _Sequences(seq_offsets, offsets, n_real, pad, num_seqs, longest)
 
-    # ---- host tables, one copy to the device
+
+def _host_tables(
+    layout: PatchLayout, groups: Groups, seqs: _Sequences, num_prefix: int, pool_prefix: bool
+) -> "HostTable":
+    """Every table of host ints the plan looks up: the bank entries, each image's pooled cells, the prefix and
+    padding rows and their packed positions, the offsets, each image's token count (one copy to the device)."""
+    sizes = layout.patch_sizes
+    p, b, P = sizes[0], layout.batch_size, num_prefix
     n_sizes, m, pos_zero = len(sizes), bank_size(groups, sizes), pos_bank_size(groups, sizes)
     level_of = [0] * (sizes[-1] // p + 1)  # scale factor -> index of its size
     for lv, s in enumerate(sizes):
         level_of[s // p] = lv
     group_key, local = [0] * b, [0] * b  # per image: its group's first entry in the bank table; index in group
-    cells = [1] * (num_seqs + 1)  # pooled weight per image: its base cells (+ prefix tokens), for normalising
+    cells = [1] * (seqs.num_seqs + 1)  # pooled weight per image: its base cells (+ prefix tokens), for normalising
     for g, (idx, (h, w)) in enumerate(groups):
         for j, i in enumerate(idx):
             group_key[i], local[i], cells[i] = g * n_sizes, j, (h // p) * (w // p) + (P if pool_prefix else 0)
-    dump = num_seqs  # the pooling row of tokens that are not pooled
+    dump = seqs.num_seqs  # the pooling row of tokens that are not pooled
     prefix_rows = [
         Row(token_src=m + j, pos_src=pos_zero, seq=i, pool_seq=i if pool_prefix else dump, area=int(pool_prefix))
         for i in range(b)
         for j in range(P)
     ]
-    pad_rows_ = [Row(token_src=0, pos_src=pos_zero, seq=b, pool_seq=dump, area=0)] * pad
-    one_group = len(groups) == 1
+    pad_rows_ = [Row(token_src=0, pos_src=pos_zero, seq=b, pool_seq=dump, area=0)] * seqs.pad
+    offsets = seqs.layout_offsets
     host = HostTable()
     host.add("level_of", level_of)
     host.add_rows("bank", bank_entries(groups, sizes))
     host.add("cells", cells)
-    host.add("prefix_pos", [seq_offsets[i] + j for i in range(b) for j in range(P)])
+    host.add("prefix_pos", [seqs.offsets[i] + j for i in range(b) for j in range(P)])
     host.add_rows("prefix_rows", prefix_rows)
     host.add_rows("pad_rows", pad_rows_)
-    host.add("pad_pos", list(range(n_real, n)))
-    host.add("cu_seqlens", list(seq_offsets))
+    host.add("pad_pos", list(range(seqs.n_real, seqs.n_real + seqs.pad)))
+    host.add("cu_seqlens", list(seqs.offsets))
     host.add("counts", [offsets[i + 1] - offsets[i] for i in range(b)])
-    if not one_group:
+    if len(groups) > 1:
         host.add("group_key", group_key)
         host.add("local", local)
-    dev = host.to(device)
+    return host
 
-    # ---- per patch token: image, packed position, bank rows (a lookup in the bank table)
+
+def _patch_rows(layout: PatchLayout, groups: Groups, num_prefix: int, dev: Dict[str, torch.Tensor]):
+    """(patch_pos (T,), ``Row`` of every patch token): its image, packed position and bank rows (a lookup in the
+    bank table)."""
+    device, P, b, t = layout.cu_seqlens.device, num_prefix, layout.batch_size, layout.total_tokens
+    p, one_group = layout.patch_sizes[0], len(groups) == 1
     img = torch.repeat_interleave(dev["counts"], output_size=t)
     # token j of image i sits after i + 1 images' prefix tokens: j + (i + 1) * P (fresh tensors: updated in place)
     patch_pos = torch.arange(P, t + P, dtype=torch.long, device=device)
@@ -302,51 +353,30 @@ def plan_packed(
     # the patch's cell on its size's grid, row-major: the token and the position grids of a size have the same width
     cell = (layout.y // layout.size).mul_(e.cols).add_(layout.x // layout.size)
     local_img = img if one_group else dev["local"][img]
-    patch_rows = Row(
+    rows = Row(
         token_src=(local_img * e.per_image).add_(e.start).add_(cell) if b > 1 else e.start + cell,
         pos_src=e.pos_start + cell,
         seq=img,
         pool_seq=img,
         area=k * k,
     )
+    return patch_pos, rows
 
-    # ---- every packed row at once, by name
+
+def _packed_rows(b: int, patch_pos: torch.Tensor, patch_rows: Row, dev: Dict[str, torch.Tensor]) -> Row:
+    """Every packed row at once, by name: patch, prefix and padding rows scattered into packed order."""
     width = len(Row._fields)
     patch_table, prefix_table, pad_table = (
-        torch.stack(list(patch_rows), 1), dev["prefix_rows"].view(-1, width), dev["pad_rows"].view(-1, width)
+        torch.stack(list(patch_rows), 1),
+        dev["prefix_rows"].view(-1, width),
+        dev["pad_rows"].view(-1, width),
     )
     if b == 1:  # already in packed order: prefix tokens, patches, padding (three ops fewer at batch 1)
-        rows = Row(*torch.cat([prefix_table, patch_table, pad_table]).unbind(1))
-    else:  # each image's prefix tokens in front of its patches
-        dest = torch.cat([patch_pos, dev["prefix_pos"], dev["pad_pos"]])
-        table = torch.cat([patch_table, prefix_table, pad_table])
-        rows = Row(*torch.empty_like(table).index_copy_(0, dest, table).unbind(1))
-    # the cells a patch covers, k * k, as a logit bias; prefix and padding tokens (area 0 or 1) stand for one token:
-    # log 1 = 0
-    key_bias = rows.area.clamp(min=1).float().log_()
-    return PackedBatch(
-        layout=layout,
-        groups=groups,
-        num_prefix=P,
-        offsets=seq_offsets,
-        max_seqlen=longest,
-        num_seqs=num_seqs,
-        cu_seqlens=dev["cu_seqlens"].to(torch.int32),
-        seq=rows.seq,
-        token_src=rows.token_src,
-        pos_src=rows.pos_src,
-        patch_pos=patch_pos,
-        prefix_pos=dev["prefix_pos"].view(b, P),
-        pool_weight=rows.area / dev["cells"][rows.pool_seq],
-        pool_seq=rows.pool_seq,
-        key_bias=key_bias,
-        pad=pad,
-    )
-
-
-def plan_for_images(images, layout: PatchLayout, num_prefix: int, pool_prefix: bool = False) -> PackedBatch:
-    """``plan_packed`` for a (B, C, H, W) batch or a list of images: what data-loader workers call (picklable)."""
-    return plan_packed(layout, groups_of(images), num_prefix, pool_prefix)
+        return Row(*torch.cat([prefix_table, patch_table, pad_table]).unbind(1))
+    # each image's prefix tokens in front of its patches
+    dest = torch.cat([patch_pos, dev["prefix_pos"], dev["pad_pos"]])
+    table = torch.cat([patch_table, prefix_table, pad_table])
+    return Row(*torch.empty_like(table).index_copy_(0, dest, table).unbind(1))
 
 
 def pad_rows(seq: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Packed variable-length sequences: index arithmetic, padding, segment reductions, grids.
+"""Packed variable-length sequences: index arithmetic, prefix insertion, padding, gather to a grid.
 
 A packed batch stores the tokens of B images one after another in a (T, ...) tensor with
 ``cu_seqlens`` (B+1,) offsets. A ViT adds P prefix tokens (class, registers) in front of each
@@ -98,28 +98,6 @@ def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> Tu
     valid = torch.zeros(b, max_seqlen, dtype=torch.bool, device=x.device)
     valid[seq, pos] = True
     return padded, valid
-
-
-def unpad(padded: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Padded (B, L, ...) back to packed (T, ...)."""
-    return padded[seq_index(cu_seqlens), position_in_seq(cu_seqlens)]
-
-
-def segment_sum(x: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    """(num_seqs, ...) sum of the packed rows of ``x`` (T, ...) belonging to each sequence."""
-    return x.new_zeros(num_seqs, *x.shape[1:]).index_add(0, seq, x)
-
-
-def segment_weighted_mean(x: torch.Tensor, weights: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    """(num_seqs, D) mean of the rows of ``x`` (T, D) per sequence, row t weighted by ``weights[t]``."""
-    w = weights.to(x.dtype)
-    return segment_sum(x * w[:, None], seq, num_seqs) / segment_sum(w, seq, num_seqs)[:, None]
-
-
-def segment_max(x: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    """(num_seqs, D) elementwise max of the rows of ``x`` (T, D) per sequence."""
-    out = x.new_full((num_seqs, x.shape[1]), float("-inf"))
-    return out.scatter_reduce(0, seq[:, None].expand_as(x), x, reduce="amax", include_self=True)
 
 
 def gather_to_grid(tokens: torch.Tensor, cell_index: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ def grayscale_255(images: torch.Tensor) -> torch.Tensor:
         return x[:, 0] * 255.0
     # Channel by channel, each scaled to 0..255 and weighted in place: the float32 steps of (x * 255)[:, c] * w
     # summed in channel order (the same bits), without a full-size (B, 3, H, W) temporary: at batch 1 the passes
-    # over a 224 px image then stay in the cache (host time, issue 16).
+    # over a 224 px image then stay in the cache (host time at batch 1).
     gray = (x[:, 0] * 255.0).mul_(GRAY_WEIGHTS[0])
     gray += (x[:, 1] * 255.0).mul_(GRAY_WEIGHTS[1])
     gray += (x[:, 2] * 255.0).mul_(GRAY_WEIGHTS[2])
@@ -164,7 +164,7 @@ def normalised_gray_255(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``grayscale_255`` of the pixels ``(images * std + mean).clamp(0, 1)`` of normalised model input, and its bounds,
     computed channel by channel: the same float32 steps (and bits), without the (B, C, H, W) pixels in between, so
-    that at batch 1 every pass over a 224 px image stays in the cache (host time, issue 16).
+    that at batch 1 every pass over a 224 px image stays in the cache (host time at batch 1).
 
     The pixels are clamped, so the only bad value left is NaN (it stays NaN through every step): the pixel range is
     the grayscale's bounds divided by 255, NaN exactly when a pixel is (one reduction over a third of the values).

@@ -1,6 +1,6 @@
 """Choosing patch sizes: the greedy quadtree of APT, a token-budget mode, and ``patch_layout``.
 
-Selection (APT_NOTES "Selection"): from the largest size down, a patch of size s is taken where its
+Selection: from the largest size down, a patch of size s is taken where its
 score is strictly below the threshold for s and none of its cells is taken yet; the cells left at
 the end get base-size patches. Patches of size s sit on the grid of size s anchored at the
 top-left corner, so a patch is always entirely inside the image and grids of different sizes nest.
@@ -316,51 +316,17 @@ def patch_layout(
     return _join_groups(sizes, groups, parts)
 
 
-_SETTINGS: Dict[tuple, tuple] = {}
-_SETTINGS_MAX = 64
-
-
-def _settings_key(*values) -> Optional[tuple]:
-    """A hashable key of layout settings, every value with its type (1, 1.0 and True are different budgets and
-    thresholds), or None when a value is not hashable (then nothing is kept)."""
-
-    def typed(v):
-        if isinstance(v, Mapping):
-            return tuple((typed(k), typed(x)) for k, x in v.items())
-        if isinstance(v, (list, tuple)):
-            return (type(v), tuple(typed(x) for x in v))
-        return (type(v), v)
-
-    try:
-        key = tuple(typed(v) for v in values)
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
 def _layout_settings(patch_sizes, thresholds, budget, scorer, scorer_args) -> tuple:
     """(sizes, checked thresholds or None, the scorer with its parameters bound, scored sizes, whether its scores need
-    a NaN check (a callable, or a registered scorer not marked ``finite``)) of ``patch_layout``'s
-    settings, checked once per distinct settings and kept: a model passes the same ones every batch, and checking
-    them (a JSON round trip of the scorer's parameters among them) costs host time per call (issue 16). A registered
-    scorer is looked up each call, so that registering a name again takes effect."""
+    a NaN check (a callable, or a registered scorer not marked ``finite``)) of ``patch_layout``'s settings, checked
+    on every call (a registered scorer is looked up each call, so that registering a name again takes effect)."""
     spec = SCORERS.get(scorer) if isinstance(scorer, str) else None
-    key = _settings_key(patch_sizes, thresholds, budget, scorer, scorer_args)
-    kept = _SETTINGS.get(key) if key is not None else None
-    if kept is not None and kept[0] is spec:
-        return kept[1]
     sizes = check_patch_sizes(patch_sizes)
     fixed, params = check_layout_settings(sizes, thresholds, budget, scorer, scorer_args)  # before any work
     score_fn = get_scorer(scorer).fn if isinstance(scorer, str) else scorer
     score_fn = functools.partial(score_fn, **params) if params else score_fn
     scored = tuple(sorted(fixed)) if fixed is not None else sizes[1:]
-    settings = (sizes, fixed, score_fn, scored, bool(scored) and not (spec is not None and spec.finite))
-    if key is not None:
-        if len(_SETTINGS) >= _SETTINGS_MAX:
-            _SETTINGS.pop(next(iter(_SETTINGS)))
-        _SETTINGS[key] = (spec, settings)
-    return settings
+    return sizes, fixed, score_fn, scored, bool(scored) and not (spec is not None and spec.finite)
 
 
 class _Tokens(NamedTuple):
@@ -476,22 +442,9 @@ class GridTables(NamedTuple):
         return torch.cat(parts + [torch.zeros((b, 1), dtype=dtype, device=device)], 1)
 
 
-_GRID_TABLES: Dict[tuple, GridTables] = {}
-_GRID_TABLES_MAX = 32  # distinct (sizes, grid, batch, device) kept; the oldest goes first
-
-
 def grid_tables(sizes: Tuple[int, ...], scored: Tuple[int, ...], grid: Tuple[int, int], b: int, device) -> GridTables:
-    """``GridTables`` for these shapes, built once (host arithmetic and one copy) and kept (a constant of the shapes:
-    rebuilding them per call would cost more host time than the selection itself)."""
-    key = (sizes, scored, grid, b, str(device))
-    tables = _GRID_TABLES.get(key)
-    if tables is None:
-        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: usable in and out of inference mode
-            tables = _build_grid_tables(sizes, scored, grid, b, torch.device(device))
-        if len(_GRID_TABLES) >= _GRID_TABLES_MAX:
-            _GRID_TABLES.pop(next(iter(_GRID_TABLES)))
-        _GRID_TABLES[key] = tables
-    return tables
+    """``GridTables`` for these shapes: host arithmetic and one copy per table."""
+    return _build_grid_tables(sizes, scored, grid, b, torch.device(device))
 
 
 def _build_grid_tables(sizes, scored, grid, b, device) -> GridTables:

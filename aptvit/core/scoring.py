@@ -61,55 +61,27 @@ def bin_index(gray: torch.Tensor, bins: int) -> torch.Tensor:
     return idx.clamp_(0, bins - 1).to(torch.int32)
 
 
-_KEPT_MAX = 16  # entries of each table cache; the oldest goes first
-_ENTROPY_TABLES: Dict[tuple, tuple] = {}
-_XLOGX: Dict[tuple, tuple] = {}
-_ONES: Dict[tuple, torch.Tensor] = {}
-
-
-def _kept(cache: Dict[tuple, Any], key: tuple, build: Callable[[], Any]) -> Any:
-    """``build()`` once per ``key``, kept in ``cache``: constants of the shapes (a dozen ops per call otherwise).
-    Built outside inference mode (ordinary tensors: usable in and out of it); inside compiled code built as ops and
-    never kept (no host cache inside a graph)."""
-    if torch.compiler.is_compiling():
-        return build()
-    value = cache.get(key)
-    if value is None:
-        with torch.inference_mode(False), torch.no_grad():
-            value = build()
-        if len(cache) >= _KEPT_MAX:
-            cache.pop(next(iter(cache)))
-        cache[key] = value
-    return value
-
-
 def _entropy_tables(bins: int, hc: int, wc: int, first: int, b: int, dtype: torch.dtype, device) -> tuple:
     """(cell keys (hc * first, wc * first) ``dtype``: cell * bins under every pixel, image offsets (b, 1, 1))."""
-
-    def build():
-        dd = {"dtype": dtype, "device": device}
-        cell = torch.arange(hc, **dd).repeat_interleave(first)[:, None] * wc
-        cell = (cell + torch.arange(wc, **dd).repeat_interleave(first)[None, :]) * bins
-        return cell, (torch.arange(b, **dd) * (hc * wc * bins)).view(b, 1, 1)
-
-    return _kept(_ENTROPY_TABLES, (bins, hc, wc, first, b, dtype, str(device)), build)
+    dd = {"dtype": dtype, "device": device}
+    cell = torch.arange(hc, **dd).repeat_interleave(first)[:, None] * wc
+    cell = (cell + torch.arange(wc, **dd).repeat_interleave(first)[None, :]) * bins
+    return cell, (torch.arange(b, **dd) * (hc * wc * bins)).view(b, 1, 1)
 
 
 def _xlogx_table(n: int, device) -> tuple:
     """((n + 1,) float32 ``xlogy(c, c)`` of every count c = 0 .. n, and the 0-d float32 log2(n) and n * ln 2 of
     ``entropy_scores``' last step)."""
 
-    def build():
-        c = torch.arange(n + 1, dtype=torch.float32, device=device)
-        consts = torch.tensor([math.log2(n), n * math.log(2.0)], dtype=torch.float32).to(device).unbind()
-        return (torch.special.xlogy(c, c), *consts)
-
-    return _kept(_XLOGX, (n, str(device)), build)
+    c = torch.arange(n + 1, dtype=torch.float32, device=device)
+    # written on the device by fills, not copied from the host: a CUDA graph of the static path captures this
+    consts = (torch.full((), v, dtype=torch.float32, device=device) for v in (math.log2(n), n * math.log(2.0)))
+    return (torch.special.xlogy(c, c), *consts)
 
 
 def _ones(n: int, device) -> torch.Tensor:
     """(n,) int32 ones (a stride-0 view of one): the histogram's increments."""
-    return _kept(_ONES, (n, str(device)), lambda: torch.ones((), dtype=torch.int32, device=device).expand(n))
+    return torch.ones((), dtype=torch.int32, device=device).expand(n)
 
 
 def _coarsen(grid: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -180,7 +152,7 @@ def entropy_scores(
     g = gray if gray.shape[1:] == (hc * first, wc * first) else gray[:, : hc * first, : wc * first]
     key = bin_index(g, bins)
     key = key if dtype == torch.int32 else key.to(dtype)
-    cell, images = _entropy_tables(bins, hc, wc, first, b, dtype, dev)  # as ops inside compiled code (``_kept``)
+    cell, images = _entropy_tables(bins, hc, wc, first, b, dtype, dev)
     key += cell
     if b > 1:  # one image: its offset is 0 (a pass over every pixel saved)
         key += images

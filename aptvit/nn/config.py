@@ -55,11 +55,9 @@ class APTConfig:
     budget: Optional[Union[int, float]] = None
     scorer: str = "entropy"
     scorer_args: Mapping[str, Any] = field(default_factory=dict)
-    # True: chosen on the validation photos of benchmarks/real_fidelity.py (DINOv2 ViT-S/14, 224 px, 35 photos,
-    # budget mode, cosine to the uniform model). With the entropy scorer the bias raised the dense / class cosine
-    # at 50% of the tokens from 0.878 / 0.950 to 0.885 / 0.955 and at 35% from 0.818 / 0.921 to 0.825 / 0.931;
-    # with upsample from 0.874 / 0.950 to 0.895 / 0.958 (50%) and 0.816 / 0.930 to 0.828 / 0.925 (35%).
-    # (It hurt Laplacian and Random layouts, whose merged tokens are not the plain ones.) See BENCHMARKS.md.
+    # True: on real photos the bias brings entropy and upsample layouts closer to the uniform model at the same
+    # token count (merged tokens there are plain regions, which deserve their cells' weight); it does not help
+    # Laplacian and random layouts, whose merged tokens are not the plain ones.
     area_bias: bool = True
     static: bool = False
 
@@ -97,12 +95,10 @@ class APTConfig:
         """These settings for a ViT of patch size ``p``: when no sizes were given, p and the sizes that the
         thresholds are keyed by, else (p, 2p).
 
-        Why two sizes (aptvit 0.1 had p, 2p, 4p): on the real-photo validation split of
-        ``benchmarks/real_fidelity.py`` (DINOv2 ViT-S/14, zero-shot, entropy, area bias, same token count) dropping
-        4p raised the dense / class cosine to the uniform model at 224 px from 0.885 / 0.955 to 0.909 / 0.963 at
-        50% of the tokens and from 0.825 / 0.931 to 0.862 / 0.939 at 35%, and at 448 px from 0.933 / 0.981 to
-        0.947 / 0.985 (50%); a 4p patch is a quarter of a 224-px image's side. The paper's ImageNet runs use two
-        sizes as well. Pass ``patch_sizes=(p, 2 * p, 4 * p)`` for three (large images, dense tasks at 1024 px+).
+        Why two sizes: a 4p patch is a quarter of a 224-px image's side, too coarse for what it replaces at the
+        image sizes ViTs run at; at the same token count, a layout of p and 2p patches keeps the converted model
+        closer to the uniform one on real photos (as the paper's ImageNet runs, which use two sizes). Pass
+        ``patch_sizes=(p, 2 * p, 4 * p)`` for three (large images, dense tasks at 1024 px+).
         """
         if self.patch_sizes is not None:
             return self

@@ -1,6 +1,6 @@
 """Adaptive patch embedding: one token per patch, whatever its size, with the ViT's own projection.
 
-A patch of size s = k * p becomes (APT_NOTES section 4):
+A patch of size s = k * p becomes:
 
     proj(area_average(patch) to p x p)                            # (a) what the pretrained ViT sees
   + detail_proj_s(merge^log2(k)(proj of its k x k sub-patches))  # (b) zero at initialisation
@@ -82,53 +82,6 @@ class AdaptivePatchEmbed(nn.Module):
         for layer in self.detail_proj.values():
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self._record_detail_zero()
-
-    def detail_is_zero(self) -> bool:
-        """True while every detail output layer is still the zeros ``reset_detail`` wrote (a fresh conversion) and
-        nothing needs its gradient: the detail path then adds exactly 0 to every large token, and ``bank`` leaves it
-        out (15 of the embedding's 41 ops at batch 1: host time, issue 16).
-
-        Known without reading the weights (the forward stays free of host reads): ``reset_detail`` records each
-        tensor's identity, version and storage, which any later change moves (an optimizer step, a load, an in-place
-        edit; ``.to()`` and the other conversions keep zeros zero and carry the record over, ``_apply``). Weights that
-        are zero for another reason (a checkpoint of a model never trained) take the full path, with the same result.
-        An inference-mode tensor has no version: one edited in place inside inference mode is not seen. Never while
-        compiling or capturing a CUDA graph: those hold the whole path, whatever the weights become.
-        """
-        if not self.detail_proj:
-            return False
-        params = self._detail_params()
-        if torch.compiler.is_compiling() or (params[0].is_cuda and torch.cuda.is_current_stream_capturing()):
-            return False
-        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
-            return False
-        return self.__dict__.get("_detail_zero") == self._detail_key(params)
-
-    def detail_zero_recorded(self) -> bool:
-        """The weights are still the zeros ``reset_detail`` recorded (``detail_is_zero`` without its conditions on
-        the mode: what an inference forward runs, for ``model_flops``)."""
-        return bool(self.detail_proj) and self.__dict__.get("_detail_zero") == self._detail_key(self._detail_params())
-
-    def _record_detail_zero(self) -> None:
-        """Record the detail layers' tensors as known zeros (see ``detail_is_zero``)."""
-        if self.detail_proj:
-            self.__dict__["_detail_zero"] = self._detail_key(self._detail_params())
-
-    def _detail_params(self) -> list:
-        return [t for layer in self.detail_proj.values() for t in (layer.weight, layer.bias)]
-
-    @staticmethod
-    def _detail_key(params) -> tuple:
-        return tuple((id(t), 0 if t.is_inference() else t._version, t.data_ptr()) for t in params)
-
-    def _apply(self, fn, *args, **kwargs):
-        """Module conversions (``.to()``, ``.half()``, ...) keep zero weights zero: the record follows them."""
-        zero = self.detail_zero_recorded()
-        out = super()._apply(fn, *args, **kwargs)
-        if zero:
-            self._record_detail_zero()
-        return out
 
     def merge(self, grid: torch.Tensor) -> torch.Tensor:
         """The 2x2 stride-2 detail conv on a channels-last grid, as one matmul over 2x2 blocks.
@@ -158,22 +111,32 @@ class AdaptivePatchEmbed(nn.Module):
             (sum over sizes s of B * (H // s) * (W // s), D): size by size (ascending), each grid image-major
             and row-major, the layout ``core.packed.plan_packed`` indexes.
         """
-        p, b = self.patch_sizes[0], images.shape[0]
+        tokens = self.resized(images, proj, norm)
+        return tokens if len(self.patch_sizes) == 1 else self.add_detail(tokens, images.shape)
+
+    def resized(self, images: torch.Tensor, proj: nn.Module, norm: nn.Module) -> torch.Tensor:
+        """(a): every size's patches area-averaged to p x p and projected, in one matmul: the bank without (b)."""
+        p = self.patch_sizes[0]
         grids, pixels, k = [images], images, 1
         for s in self.patch_sizes[1:]:
             while k < s // p:
-                pixels, k = area_halve(pixels), k * 2  # (a) exact area averaging, one octave at a time
+                pixels, k = area_halve(pixels), k * 2  # exact area averaging, one octave at a time
             grids.append(pixels)
         rows = torch.cat([patchify(g, p) for g in grids]) if len(grids) > 1 else patchify(images, p)
-        tokens = norm(F.linear(rows, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias))  # (R, D)
-        if len(self.patch_sizes) == 1 or self.detail_is_zero():
-            return tokens
-        gh, gw = images.shape[-2] // p, images.shape[-1] // p
+        return norm(F.linear(rows, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias))  # (R, D)
+
+    def add_detail(self, tokens: torch.Tensor, image_shape) -> torch.Tensor:
+        """(b): the detail path added to the rows of the larger sizes of ``resized``'s bank (same shape out).
+
+        It runs whatever the weights: a fresh conversion's zero output layers add exactly 0.
+        """
+        p, b = self.patch_sizes[0], image_shape[0]
+        gh, gw = image_shape[-2] // p, image_shape[-1] // p
         n_base = b * gh * gw
         detail, k, added = tokens[:n_base].view(b, gh, gw, -1), 1, []
         for s in self.patch_sizes[1:]:
             while k < s // p:
-                detail, k = self.merge(detail), k * 2  # (b) sub-patch embeddings merged one octave at a time
+                detail, k = self.merge(detail), k * 2  # sub-patch embeddings merged one octave at a time
             added.append(self.detail_proj[str(s)](detail).reshape(-1, tokens.shape[-1]))
         return torch.cat([tokens[:n_base], tokens[n_base:] + torch.cat(added)])
 

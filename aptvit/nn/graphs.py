@@ -1,7 +1,7 @@
 """CUDA graphs for small batches: static buffers, capture once per key, replay.
 
-At batch 1 a ViT forward on a GPU is bound by Python and kernel launches, not by the GPU (issue #9: 12 ms of
-CPU time against 1.6 ms of GPU time). Two modes:
+At batch 1 a ViT forward on a GPU is bound by Python and kernel launches, not by the GPU: the host's time per op
+is several times the device's. Two modes:
 
 * ``"static"`` (the default when ``model.config.static`` is set: a fixed token count per image, the layout
   computed on the device with no host read): the whole ``apt(images)``, layout included, is one graph per
@@ -58,7 +58,6 @@ class _Entry:
     packed: Optional[PackedBatch]  # the static plan ("bucketed")
     output: Optional[torch.Tensor] = None  # the captured graph's output buffer
     graph: Optional["torch.cuda.CUDAGraph"] = None
-    keep_alive: tuple = ()  # cached position rows the graph reads: they must outlive it
 
 
 class CUDAGraphRunner:
@@ -131,9 +130,10 @@ class CUDAGraphRunner:
 
         With ``layout`` given (e.g. computed on the CPU in data-loader workers) nothing reads from the device.
         """
-        layout = self.model.make_layout(images) if layout is None else layout
-        g = self.granule(layout.total_tokens + images.shape[0] * self.model.num_prefix_tokens)
-        return self.model.prepare(images, layout, pad_to=g, max_seqlen=self.max_seqlen(images, g))
+        planner = self.model.planner
+        layout = planner.layout(images) if layout is None else layout
+        g = self.granule(layout.total_tokens + images.shape[0] * planner.num_prefix)
+        return planner(images, layout, pad_to=g, max_seqlen=self.max_seqlen(images, g))
 
     def backend(self, device: torch.device) -> str:
         """The attention backend a capture on ``device`` uses; a ValueError for one that reads host offsets."""
@@ -187,7 +187,7 @@ class CUDAGraphRunner:
         """The computation a graph holds: the whole model ("static") or ``forward_packed`` on a plan."""
         x = images.to(self.dtype)  # the input in the weights' dtype (a copy into the graph's own buffer)
         if packed is None:  # the layout from the caller's images, not the cast ones: the fp32 model's layout
-            packed = self.compute.prepare(images)
+            packed = self.compute.planner(images)
         return self.compute.forward_packed(x, packed)
 
     def _new_entry(self, images: torch.Tensor, packed: Optional[PackedBatch], capture: bool) -> _Entry:
@@ -198,8 +198,6 @@ class CUDAGraphRunner:
         entry = _Entry(images.clone(), static_packed)
         if not capture:
             return entry
-        if packed is not None:
-            entry.keep_alive = self.compute._position_rows(packed.groups)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -230,6 +228,5 @@ def _copy_plan(static: PackedBatch, packed: PackedBatch) -> None:
 
 def _cast_copy(model, dtype: torch.dtype):
     """A copy of ``model`` with its floating-point weights in ``dtype`` (cast once; the original is untouched)."""
-    model.__dict__.pop("_position_cache", None)  # cached rows of the fp32 weights: not worth copying
     out = copy.deepcopy(model).to(dtype)
     return out.eval()

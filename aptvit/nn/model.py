@@ -3,43 +3,41 @@
 The wrapper registers the timm model's own modules and parameters under their own names (so the
 state dict keys stay timm's) and adds only ``apt.*`` (the detail path). A forward has two halves:
 
-* ``prepare`` (host-side planning): input checks on shapes and dtypes, the layout if none is given, and a
-  ``PackedBatch`` of every index whose shape depends on the data (``core.packed.plan_packed``);
+* the plan (host side): ``apt.planner`` (``nn.planner.Planner``) checks shapes and dtypes, makes the layout if none
+  is given, and plans a ``PackedBatch`` of every index whose shape depends on the data;
 * ``forward_packed`` (device math, static control flow): timm's ``forward_features`` / ``forward_head``
   re-created on packed tokens, with no host sync, no data-dependent shape and no Python loop over images:
 
     bank of embeddings -> gather tokens + positions + prefix -> pos_drop -> norm_pre -> blocks -> norm -> pool -> head
 
-Every linear layer runs on the packed (N, D) tensor; attention goes through ``varlen_attention``.
+``forward(images)`` is ``forward_packed(images, self.planner(images))``. Every linear layer runs on the packed (N, D)
+tensor; attention goes through the backend object of ``self.attention`` (``nn.attention``).
 With a layout of base-size patches only, the result equals timm's to float rounding.
 
 What differs between model families (prefix tokens, positions, the block, the pooling and head, what a checkpoint
 records) is asked of the model's family adapter (``self.family``, see ``nn.families``); this module knows none.
-The model keeps no per-call state: every entry point takes ``layout=`` or a finished plan ``packed=``, and
+The model keeps no per-call state and no caches: every entry point takes ``layout=`` or a finished plan ``packed=``, and
 ``forward_features`` returns the plan with the tokens for ``forward_head``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.io import InputError, UserTypeError
-from ..core.layout import PatchLayout, to_device
-from ..core.packed import PackedBatch, groups_of, plan_packed
-from ..core.pixels import size_groups
-from ..core.quadtree import patch_layout
-from ..core.static import pad_static, plan_static, static_layout, static_tokens
-from .attention import SDPA_BACKENDS, as_dtype, backend_context, check_backend, resolve_backend, skip_noop
+from ..core.layout import PatchLayout
+from ..core.packed import PackedBatch
+from .attention import BACKENDS, Backend, as_dtype, check_backend, resolve_backend, skip_noop
 from .config import APTConfig
 from .dense import DenseMixin
 from .embed import AdaptivePatchEmbed
 from .families import BlockContext, drop_path_packed, family_of
+from .planner import Images, Planner
 
-Images = Union[torch.Tensor, Sequence[torch.Tensor]]
 __all__ = ["APTViT", "Features", "drop_path_packed", "model_flops"]
 
 
@@ -112,6 +110,8 @@ class APTViT(DenseMixin, nn.Module):
         self.num_classes = vit.num_classes
         ref = vit.patch_embed.proj.weight
         self.apt = AdaptivePatchEmbed(vit.embed_dim, sizes, device=ref.device, dtype=ref.dtype)
+        self.training = vit.training  # a model converted in eval mode stays in eval mode
+        self.apt.train(vit.training)
 
     # ------------------------------------------------------------------ settings
     @property
@@ -146,7 +146,6 @@ class APTViT(DenseMixin, nn.Module):
             setattr(self, name, module)
         self.num_classes, self.global_pool = num_classes, self.timm_model.global_pool
         family_of(self.timm_model)
-        self.__dict__.pop("_position_cache", None)
 
     def get_classifier(self):
         """timm's ``get_classifier``: the head (distilled models: the pair of heads)."""
@@ -182,7 +181,6 @@ class APTViT(DenseMixin, nn.Module):
         self.timm_model.set_input_size(img_size=img_size)
         if getattr(self.timm_model, "pos_embed", None) is not None:
             self.pos_embed = self.timm_model.pos_embed
-        self.__dict__.pop("_position_cache", None)
 
     def no_weight_decay(self) -> set:
         """Parameters timm exempts from weight decay (used by timm's optimizer factory)."""
@@ -199,118 +197,45 @@ class APTViT(DenseMixin, nn.Module):
             self.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)
         )
 
-    # ------------------------------------------------------------------ layout
+    # ------------------------------------------------------------------ planning
+    @property
+    def planner(self) -> Planner:
+        """The ``Planner`` of this model's current settings: ``planner(images, layout=None) -> PackedBatch``.
+
+        A small frozen object made on each access from ``config`` and the model's prefix, pooling and normalisation
+        facts (so it always follows ``configure``); it pickles, so data-loader workers plan with a copy of it.
+        """
+        mean, std = self.pixel_mean_std()
+        return Planner(
+            self.config,
+            self.num_prefix_tokens,
+            self.family.pool_prefix(self),
+            self.patch_embed.proj.in_channels,
+            tuple(mean),
+            tuple(std),
+        )
+
+    def layout_settings(self) -> dict:
+        """The ``patch_layout`` arguments of this model's settings (patch sizes, thresholds or budget, scorer and
+        its parameters): ``aptvit.patch_layout(pixels, **apt.layout_settings())`` lays pixels out as the model does."""
+        return self.config.layout_kwargs()
+
     def make_layout(self, images: Images, **overrides) -> PatchLayout:
-        """The layout for normalised images: undo the normalisation, then score the pixels.
+        """The layout of normalised images (or uint8 pixels): ``planner.layout``.
 
         ``overrides`` replace this model's settings for one call (thresholds=, budget=, scorer=, scorer_args=).
         """
-        c = self.config.replace(**overrides) if overrides else self.config
-        with torch.no_grad():
-            stats = self.pixel_mean_std()
-            if not c.static and len(stats[0]) == self.patch_embed.proj.in_channels:
-                # the pixels' gray straight from the normalised input, no full-size pixels (pixels.normalised_gray_255)
-                return patch_layout(images, **c.layout_kwargs(), normalisation=stats)
-            px = self._pixels(images) if isinstance(images, torch.Tensor) else [self._pixels(t) for t in images]
-            if c.static:  # on the device, no host read: exactly k tokens per image (core.static)
-                return static_layout(px, c.patch_sizes, c.budget, c.scorer, c.scorer_args)
-            return patch_layout(px, **c.layout_kwargs())
-
-    def _pixels(self, t: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1] of normalised images (B, C, H, W) or (C, H, W): ``(t * std + mean).clamp(0, 1)`` in float32.
-
-        One new tensor, then in place: the same float32 steps (and bits) as the plain formula, one full-size
-        temporary fewer (host time at batch 1, issue 16). NaN stays NaN: ``patch_layout`` reports it.
-        """
-        m, s = self._pixel_stats(t.device)
-        shape = (-1, 1, 1) if t.dim() == 3 else (1, -1, 1, 1)
-        return torch.mul(t.float(), s.view(shape)).add_(m.view(shape)).clamp_(0.0, 1.0)
-
-    def _pixel_stats(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) (C,) float32 on ``device``, cached: a host-to-device copy per call would cost host time, and
-        a captured CUDA graph cannot hold one (the static path). Inside ``torch.compile`` they are constants."""
-        mean, std = self.pixel_mean_std()
-        if torch.compiler.is_compiling():
-            return to_device(mean, torch.float32, device), to_device(std, torch.float32, device)
-        cache = self.__dict__.setdefault("_pixel_cache", {})
-        key = (str(device), mean, std)
-        if key not in cache:
-            cache.clear()
-            cache[key] = (to_device(mean, torch.float32, device), to_device(std, torch.float32, device))
-        return cache[key]
+        return self.planner.layout(images, **overrides)
 
     def static_tokens(self, image_size: Tuple[int, int]) -> int:
         """k, the tokens per image of the static path (``config.static``) for (H, W) images, padding included."""
-        if not self.config.static:
-            raise InputError("static_tokens is the token count of the static path; configure(static=True, budget=...)")
-        return static_tokens(self.config.budget, image_size, self.patch_sizes)
+        return self.planner.static_tokens(image_size)
 
-    # ------------------------------------------------------------------ planning (host side)
     def prepare(
         self, images: Images, layout: Optional[PatchLayout] = None, pad_to: int = 0, max_seqlen: Optional[int] = None
     ) -> PackedBatch:
-        """Check the input, compute the layout if none is given, and plan the packed batch.
-
-        Only shapes, dtypes and host integers are read; with a layout given nothing waits for the device.
-        A layout on the CPU for images on CUDA is planned on the CPU and moved asynchronously.
-
-        Args:
-            images: (B, C, H, W) normalised as the model expects, or a list of (C, H, W) of any multiple-of-p sizes.
-            layout: from ``patch_layout`` / ``make_layout`` (e.g. computed in data-loader workers).
-            pad_to: pad the packed token count to a multiple of this (CUDA-graph buckets).
-            max_seqlen: a static upper bound on the sequence length (CUDA-graph buckets).
-
-        Returns:
-            PackedBatch on the images' device.
-        """
-        groups = self._check_images(images)
-        if self.config.static:
-            return self._prepare_static(images, groups, layout, pad_to, max_seqlen)
-        layout = self.make_layout(images) if layout is None else layout
-        device = _device_of(images)
-        _check_layout(layout, groups, self.patch_sizes, device)
-        packed = plan_packed(layout, groups, self.num_prefix_tokens, self._pool_prefix, pad_to, max_seqlen)
-        return packed if packed.device == device else packed.to(device, non_blocking=True)
-
-    def _prepare_static(self, images: Images, groups, layout: Optional[PatchLayout], pad_to, max_seqlen) -> PackedBatch:
-        """``prepare`` of the static path: k slots per image, everything on the images' device, no host read.
-
-        A given layout (e.g. from data-loader workers, at most k tokens per image) is padded to k slots on the host.
-        """
-        if pad_to or max_seqlen is not None:
-            raise InputError("a static plan has fixed shapes already; pad_to= and max_seqlen= are for dynamic plans")
-        if len(groups) != 1:
-            raise InputError(
-                "the static path (static=True) needs one (B, C, H, W) batch of same-size images; "
-                "stack them, or configure(static=False) for a list of different sizes"
-            )
-        device = _device_of(images)
-        if layout is None:
-            layout = self.make_layout(images)
-        else:
-            _check_layout(layout, groups, self.patch_sizes, device)
-            k = self.static_tokens(groups[0][1])
-            if layout.max_seqlen != k or tuple(layout.offsets) != tuple(i * k for i in range(layout.batch_size + 1)):
-                layout = pad_static(layout, k)
-        packed = plan_static(layout, groups, self.num_prefix_tokens, self._pool_prefix)
-        return packed if packed.device == device else packed.to(device, non_blocking=True)
-
-    def planner(self):
-        """A picklable ``plan(images, layout) -> PackedBatch`` with this model's settings, for data-loader workers.
-
-        The workers then hand the model a finished plan (``apt(images, packed=...)``): the main process only
-        moves it to the device (``packed.to(device, non_blocking=True)``).
-        """
-        import functools
-
-        from ..core.packed import plan_for_images
-
-        return functools.partial(plan_for_images, num_prefix=self.num_prefix_tokens, pool_prefix=self._pool_prefix)
-
-    @property
-    def _pool_prefix(self) -> bool:
-        """Prefix tokens take part in pooling (timm's ``pool_include_prefix``, where the family's pool reads it)."""
-        return self.family.pool_prefix(self)
+        """The plan of a batch: ``planner(images, layout, pad_to=, max_seqlen=)`` (see ``Planner.__call__``)."""
+        return self.planner(images, layout, pad_to=pad_to, max_seqlen=max_seqlen)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -376,15 +301,14 @@ class APTViT(DenseMixin, nn.Module):
         return x, kept, packed
 
     def _run_packed(self, images: Images, packed: PackedBatch, take: Sequence[int] = (), stop: Optional[int] = None):
-        x = skip_noop(self.norm_pre, skip_noop(self.pos_drop, self.embed_packed(images, packed)))
-        backend = self._backend(x, packed)
-        pad_index = backend_context(backend, packed)  # once per forward: pad rows, or the flex BlockMask
-        key_bias = packed.key_bias if self.config.area_bias else None  # area-proportional attention, every block
-        if key_bias is not None and backend in SDPA_BACKENDS:  # SDPA's float mask in q's dtype: rounded once
-            key_bias = as_dtype(key_bias, self._compute_dtype(x))
-        ctx = BlockContext(
-            packed, backend, pad_index, self.family.token_tables(self, packed), self.training, key_bias=key_bias
-        )
+        """timm's ``forward_features`` on the plan, before the final norm: (x (N, D), {i: x after block i in take}).
+
+        embed (bank of every size, gathered, plus positions and prefix rows) -> pos_drop -> norm_pre ->
+        the forward's shared context (attention backend's, family's tables) -> blocks (up to block ``stop``).
+        """
+        x = self.embed_packed(images, packed)
+        x = skip_noop(self.norm_pre, skip_noop(self.pos_drop, x))
+        ctx = self.block_context(x, packed)
         kept: Dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
             if stop is not None and i > stop:
@@ -393,6 +317,25 @@ class APTViT(DenseMixin, nn.Module):
             if i in take:
                 kept[i] = x
         return x, kept
+
+    def block_context(self, x: torch.Tensor, packed: PackedBatch) -> BlockContext:
+        """What every block of this forward shares, made once: the attention backend's context for the plan (with
+        the area bias when ``config.area_bias``) and the family's per-token tables (e.g. RoPE)."""
+        key_bias = packed.key_bias if self.config.area_bias else None  # area-proportional attention, every block
+        attention = self.attention_backend(x, packed).context(packed, key_bias, self._compute_dtype(x))
+        return BlockContext(packed, attention, self.family.token_tables(self, packed), self.training)
+
+    def attention_backend(self, x: torch.Tensor, packed: Optional[PackedBatch] = None) -> Backend:
+        """The backend object ``self.attention`` resolves to for tokens ``x`` of plan ``packed`` (device, dtype,
+        dropout, whether a backward follows, whether the plan has host offsets)."""
+        attn = self.family.attention_module(self.blocks[0]) if len(self.blocks) else None
+        dropout = bool(attn is not None and self.training and attn.attn_drop.p > 0)
+        # a backward will follow (only kernels that have one): the tokens need gradients, or the blocks do even when
+        # the embedding is frozen; host-side checks of flags only
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks.parameters()))
+        host_offsets = packed is None or packed.offsets is not None  # a static plan's offsets live on the device
+        name = resolve_backend(self.attention, x.device, self._compute_dtype(x), dropout, grad, host_offsets)
+        return BACKENDS[name]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, packed: Optional[PackedBatch] = None) -> Any:
         """Pool like timm (an average weighs each token by the base cells it covers), fc_norm, head.
@@ -405,8 +348,6 @@ class APTViT(DenseMixin, nn.Module):
         Returns:
             (B, num_classes) logits (a distilled model in distilled training: the pair of logits, as timm).
         """
-        if isinstance(pre_logits, PackedBatch):  # the 0.1 signature forward_head(x, packed)
-            pre_logits, packed = False, pre_logits
         if isinstance(x, Features):
             x, packed = x.tokens, (packed if packed is not None else x.packed)
         if not isinstance(packed, PackedBatch):
@@ -417,88 +358,25 @@ class APTViT(DenseMixin, nn.Module):
         return self.family.forward_head(self, x, packed, pre_logits)
 
     # ------------------------------------------------------------------ pieces
-    def _check_images(self, images: Images):
-        """Validate normalised model input (shapes and dtypes only: no device access) and return its size groups."""
-        size_groups(images)  # the batch's structure (one validator for the model, the layout and the plan)
-        batch = [images] if isinstance(images, torch.Tensor) else [t[None] for t in images]
-        if len({(t.device, t.dtype) for t in batch}) != 1:
-            raise InputError("images in a list must share one device and dtype")
-        p, in_chans = self.patch_size, self.patch_embed.proj.in_channels
-        for t in batch:
-            _, c, h, w = t.shape
-            if t.shape[0] == 0:
-                raise InputError("images is an empty batch")
-            if c != in_chans:
-                raise InputError(f"images have {c} channels but the model takes {in_chans}: shape {tuple(t.shape)}")
-            if not t.is_floating_point():
-                raise UserTypeError(f"images must be floating point and normalised as the model expects, got {t.dtype}")
-            if h % p or w % p or h == 0 or w == 0:
-                raise InputError(
-                    f"image size {h}x{w} is not a multiple of the patch size {p}; "
-                    f"pad with aptvit.pad_to_multiple(images, {p}) or resize"
-                )
-        return groups_of(images)
-
     def embed_packed(self, images: Images, packed: PackedBatch) -> torch.Tensor:
         """Packed input tokens (N, D): patch embeddings plus positions, prefix tokens, padding.
 
         Two gathers from banks planned by ``core.packed``: token embeddings of every size (``apt.bank``) plus
         the prefix rows, and position embeddings of every size plus a zero row.
         """
+        first = images if isinstance(images, torch.Tensor) else images[0]
+        if not first.is_floating_point():
+            raise UserTypeError(f"images must be floating point and normalised as the model expects, got {first.dtype}")
         banks = []
         for idx, _ in packed.groups:
             batch = images if isinstance(images, torch.Tensor) else torch.stack([images[i] for i in idx])
             banks.append(self.apt.bank(batch, self.patch_embed.proj, self.patch_embed.norm))
-        pos, prefix = self._position_rows(packed.groups)
+        pos, prefix = self.family.positions(self, packed.groups)  # position bank (+ zero row), prefix rows
         if prefix is not None:
             banks.append(as_dtype(prefix, banks[0].dtype))
         tokens = torch.cat(banks) if len(banks) > 1 else banks[0]
         tokens = tokens.index_select(0, packed.token_src)
         return tokens + pos.index_select(0, packed.pos_src) if pos is not None else tokens
-
-    def _position_rows(self, groups) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The family's position bank of ``groups`` (with its final zero row) and its prefix rows (P, D).
-
-        Both depend on the weights and the image sizes only: outside autograd they are cached (~20 ops saved per
-        forward). A cache, not state: the result is the same with or without it. The key holds the image sizes and
-        each tensor's identity, version and storage (an optimizer step, a load or a ``.to()`` refreshes it); the
-        entry is one (key, value) pair swapped in by a single assignment, so threads sharing the model never see a
-        half-written entry (at worst each computes it once).
-        """
-        params = [t for t in self.family.position_params(self) if t is not None]
-        cacheable = not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in params)
-        )
-        if cacheable:
-            key = (
-                tuple(hw for _, hw in groups),
-                torch.is_inference_mode_enabled(),
-                *((id(t), 0 if t.is_inference() else t._version, t.data_ptr(), t.dtype) for t in params),
-            )
-            entry = self.__dict__.get("_position_cache")
-            if entry is not None and entry[0] == key:
-                return entry[1]
-        result = self.family.positions(self, groups)
-        if cacheable:
-            self.__dict__["_position_cache"] = (key, result)  # one entry: the sizes of the current workload
-        return result
-
-    def _backend(self, x: torch.Tensor, packed: Optional[PackedBatch] = None) -> str:
-        attn = self.family.attention_module(self.blocks[0]) if len(self.blocks) else None
-        dropout = bool(attn is not None and self.training and attn.attn_drop.p > 0)
-        dtype = self._compute_dtype(x)
-        # a backward will follow (only kernels that have one): the tokens need gradients, or the blocks do even when
-        # the embedding is frozen; host-side checks of flags only
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks.parameters()))
-        backend = resolve_backend(self.attention, x.device, dtype, dropout, grad)
-        if packed is not None and packed.offsets is None and backend == "loop":  # a static plan: offsets on the device
-            if self.attention != "auto":
-                raise InputError(
-                    "attention 'loop' reads the sequence offsets on the host, which a static plan (static=True) "
-                    "does not have; use attention='auto' or 'pad' (or flash, varlen, flex on CUDA)"
-                )
-            backend = "pad"
-        return backend
 
     @staticmethod
     def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -515,36 +393,11 @@ class APTViT(DenseMixin, nn.Module):
         return self.family.block(self, blk, x, ctx)
 
 
-def _device_of(images: Images) -> torch.device:
-    return images.device if isinstance(images, torch.Tensor) else images[0].device
-
-
-def _check_layout(layout: PatchLayout, groups, patch_sizes: Tuple[int, ...], device: torch.device) -> None:
-    """The layout fits the images (host facts only)."""
-    if not isinstance(layout, PatchLayout):
-        raise UserTypeError(f"layout must be a PatchLayout, got {type(layout).__name__}")
-    n = sum(len(idx) for idx, _ in groups)
-    if layout.batch_size != n:
-        raise InputError(f"layout is for {layout.batch_size} images but images holds {n}")
-    for idx, hw in groups:
-        for i in idx:
-            if tuple(layout.image_sizes[i]) != tuple(hw):
-                raise InputError(
-                    f"layout image {i} is {layout.image_sizes[i][0]}x{layout.image_sizes[i][1]} but the image is {hw[0]}x{hw[1]}"
-                )
-    if layout.patch_sizes[0] != patch_sizes[0] or not set(layout.patch_sizes) <= set(patch_sizes):
-        raise InputError(f"layout patch_sizes {layout.patch_sizes} do not fit this model's patch_sizes {patch_sizes}")
-    if layout.device != device and layout.device.type != "cpu":
-        raise InputError(
-            f"layout is on {layout.device} but images are on {device}; use layout.to(device) or a CPU layout"
-        )
-
-
 def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
     """FLOPs per image of the uniform ViT and of the APT model on ``layout``, counting what runs.
 
-    The APT count includes the whole embedding bank (every size over its whole grid, see ``nn.embed``), its detail
-    path only once trained (an inference forward leaves out the zeros of a fresh conversion).
+    The APT count includes the whole embedding bank (every size over its whole grid, see ``nn.embed``) and its
+    detail path.
 
     Returns:
         {"uniform": (B,), "apt": (B,)} float64.
@@ -564,9 +417,6 @@ def model_flops(model: APTViT, layout: PatchLayout) -> Dict[str, torch.Tensor]:
         )
         for blk in model.blocks
     )
-    detail = not model.apt.detail_zero_recorded()  # an inference forward leaves out a zero detail path
-    bank = torch.tensor(
-        [bank_flops(g, model.patch_sizes, in_chans, dim, detail) for g in layout.grid_sizes], dtype=torch.float64
-    )
+    bank = torch.tensor([bank_flops(g, model.patch_sizes, in_chans, dim) for g in layout.grid_sizes], dtype=torch.float64)
     tokens = layout.num_tokens.cpu().double()
     return {"uniform": embed + blocks(cells) + head(cells), "apt": embed + bank + blocks(tokens) + head(tokens)}

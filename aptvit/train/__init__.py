@@ -1,4 +1,4 @@
-"""``aptvit finetune``: convert a fine-tuned timm ViT and fine-tune it (APT_NOTES section 7).
+"""``aptvit finetune``: convert a fine-tuned timm ViT and fine-tune it.
 
 Recipe defaults from the paper: AdamW (wd 0.05), cosine schedule with warm-up stepped per optimizer
 step, label smoothing 0.1, drop path 0.1, RandAugment m9 (timm's create_transform), gradient

@@ -91,8 +91,8 @@ FRACTION = Bounds(0, 1, high_open=True)
 # Label-free distillation from a real pretrained ViT: lr 5e-6 and the new layers at x100 (5e-4), chosen on the
 # validation photos of benchmarks/real_fidelity.py (DINOv2 ViT-S/14, 224 px, 150 steps of 8 crops, 50% of the
 # tokens) among 2e-6 / 5e-6 / 1e-5 and x10 / x100 / x300: dense / class cosine 0.923 / 0.972, against 0.912 / 0.966
-# at 2e-6 x10 (the issue's first try) and 0.900 / 0.959 at 1e-5 x100; at 2e-5 the issue's first try drifted away
-# from the teacher, so the labelled default would too. See BENCHMARKS.md section 9.
+# at 2e-6 x10 and 0.900 / 0.959 at 1e-5 x100; at 2e-5 x10 the run drifted away from the teacher, so the labelled
+# default would too.
 KIND_DEFAULTS = {
     False: {"lr": 5e-5, "new_layer_lr_scale": 10.0},
     True: {"lr": 5e-6, "new_layer_lr_scale": 100.0},
@@ -151,7 +151,7 @@ class TrainConfig:
     dtype: str = setting("auto", "compute precision (auto: bf16 autocast on CUDA, fp32 on the CPU)")
     deterministic: bool = setting(False, "deterministic kernels: bit-exact --resume on CUDA too (slower)", resume=True)
     attention: str = setting("auto", "attention backend (a runtime choice)", resume=True)
-    # label-free conversion (issue 19 section 3): match the frozen uniform teacher instead of labels
+    # label-free conversion: match the frozen uniform teacher instead of labels
     distill: bool = setting(
         False,
         "train to match a frozen uniform teacher instead of labels (any images: --data DIR with train/ and val/, "

@@ -3,7 +3,6 @@ whose crops are laid out in the loader's workers) and ``epoch_loader`` (one epoc
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,6 @@ import numpy as np
 import torch
 
 from ..core.io import InputError
-from ..core.quadtree import patch_layout
 from ..data import (
     LayoutDataset,
     ShardedSampler,
@@ -94,15 +92,14 @@ def load_data(
     Args:
         folders: ``find_images(cfg)``.
         apt: the model (its pixel mean/std, eval crop and layout settings).
-        layout_fn: ``layout_fn(crop (1, 3, S, S) uint8) -> PatchLayout``; None: ``patch_layout`` with the model's
-            settings.
+        layout_fn: ``layout_fn(crop (1, 3, S, S) uint8) -> PatchLayout``; None: the model's ``planner.layout``.
 
     Raises:
         InputError: the layout fails on a blank crop (an impossible budget), or there is not one full batch.
     """
     train_set, val_set = folders
     mean, std = apt.pixel_mean_std()
-    layout_fn = layout_fn or functools.partial(patch_layout, **apt.config.layout_kwargs())
+    layout_fn = layout_fn or apt.planner.layout
     _check_layout(layout_fn, cfg.size)
     train = LayoutDataset(
         train_set.samples, build_transform(cfg.size, True, mean, std, augment=cfg.augment), layout_fn, cfg.seed
@@ -121,7 +118,7 @@ def epoch_loader(data: TrainData, apt, state: TrainState, cfg: TrainConfig):
     """The loader of ``state.epoch`` from its next batch on (``state.batches_in_epoch`` are done)."""
     data.sampler.set_epoch(state.epoch, skip=state.batches_in_epoch * cfg.batch_size)
     data.train.set_epoch(state.epoch)
-    return make_loader(data.train, data.sampler, cfg.batch_size, cfg.workers, drop_last=True, plan=apt.planner())
+    return make_loader(data.train, data.sampler, cfg.batch_size, cfg.workers, drop_last=True, plan=apt.planner)
 
 
 def _check_layout(layout_fn: Callable, size: int) -> None:

@@ -20,7 +20,7 @@ def test_workers_plan_the_batch_and_the_model_uses_that_plan(tmp_path):
     layout_fn = functools.partial(aptvit.patch_layout, **apt.config.layout_kwargs())
     dataset = LayoutDataset(image_folder(data / "train").samples, build_transform(64, False, mean, std), layout_fn)
     loader = make_loader(
-        dataset, ShardedSampler(len(dataset), shuffle=False), 4, workers=2, drop_last=False, plan=apt.planner()
+        dataset, ShardedSampler(len(dataset), shuffle=False), 4, workers=2, drop_last=False, plan=apt.planner
     )
     batches = list(loader)
     assert len(batches) == 2

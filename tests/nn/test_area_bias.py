@@ -15,6 +15,8 @@ import torch
 import aptvit
 from aptvit.core.packed import plan_packed
 from aptvit.nn import attention
+from aptvit.nn.attention import environment, flash
+from aptvit.nn.attention import varlen as varlen_backend
 from aptvit.nn.checkpoint import read_metadata
 from aptvit.nn.config import APTConfig
 
@@ -172,7 +174,7 @@ def _fake_varlen(monkeypatch, takes_scale):
             return _fake_kernel(q, k, v, cu_q, max_q, None)
 
     monkeypatch.setattr(varlen, "varlen_attn", varlen_attn)
-    monkeypatch.setattr(attention, "_varlen_takes_scale", lambda: takes_scale)
+    monkeypatch.setattr(environment, "varlen_takes_scale", lambda: takes_scale)
 
 
 @pytest.mark.parametrize("kernel", ["flash", "varlen", "varlen_fixed_scale"])
@@ -181,10 +183,10 @@ def _fake_varlen(monkeypatch, takes_scale):
 def test_flash_and_varlen_add_the_bias_through_extra_head_dims(monkeypatch, kernel, scale, dtype):
     if kernel == "flash":
         _fake_flash(monkeypatch)
-        run = attention._flash_attention
+        run = flash.flash_attention
     else:
         _fake_varlen(monkeypatch, takes_scale=kernel == "varlen")
-        run = attention._torch_varlen_attention
+        run = varlen_backend.torch_varlen_attention
     q, k, v, bias = _qkv_bias(30, 2, 16)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     out = run(q, k, v, CU, 18, 0.0, scale, None, None, None, bias)
@@ -201,7 +203,7 @@ def test_a_head_size_without_room_for_the_columns_gets_a_clear_error(monkeypatch
     q, k, v, bias = _qkv_bias(30, 1, 256)
     q, k, v = (t.half() for t in (q, k, v))
     with pytest.raises(ValueError, match="use attention 'flex' or 'pad'"):
-        attention._flash_attention(q, k, v, CU, 18, 0.0, None, None, None, None, bias)
+        flash.flash_attention(q, k, v, CU, 18, 0.0, None, None, None, None, bias)
 
 
 # ---------------------------------------------------------------------- the plan
@@ -259,9 +261,9 @@ def _calls(monkeypatch):
     seen = []
     original = model_module.packed_self_attention
 
-    def recording(attn, x, packed, backend, pad_index=None, key_bias=None, rotate=None):
-        seen.append((packed, key_bias))
-        return original(attn, x, packed, backend, pad_index, key_bias, rotate)
+    def recording(attn, x, ctx, rotate=None):
+        seen.append((ctx.packed, ctx.key_bias))
+        return original(attn, x, ctx, rotate)
 
     monkeypatch.setattr(model_module, "packed_self_attention", recording)
     return seen

@@ -10,6 +10,8 @@ import torch
 import aptvit
 from aptvit.core.packing import seq_index
 from aptvit.nn import attention
+from aptvit.nn.attention import environment, flex, loop
+from aptvit.nn.attention import varlen as varlen_backend
 
 from ..tiny import rel_err, tiny_vit
 
@@ -50,12 +52,12 @@ def test_flex_builds_one_block_mask_per_forward(monkeypatch):
 
     builds = []
     real_build, real_create = attention.flex_block_mask, fa.create_block_mask
-    monkeypatch.setattr(attention, "flex_block_mask", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(flex, "flex_block_mask", lambda *a, **k: builds.append(1) or real_build(*a, **k))
     monkeypatch.setattr(fa, "create_block_mask", lambda *a, **k: builds.append(1) or real_create(*a, **k))
     # torch warns once per process about eager flex; this test's warning must not use up another test's
     monkeypatch.setattr(fa, "_WARNINGS_SHOWN", set(getattr(fa, "_WARNINGS_SHOWN", set())))
     monkeypatch.setitem(  # flex on the CPU (eager), as the value tests run it
-        attention.BACKENDS, "flex", attention.Backend(attention._flex_attention, lambda *args: True)
+        attention.BACKENDS, "flex", attention.FlexBackend(available=lambda *args: True)
     )
     apt = aptvit.convert(tiny_vit("vit_cls", depth=3), thresholds={32: 6.0, 64: 5.0}, attention="flex").eval()
     x = torch.randn(2, 3, 128, 128)
@@ -68,10 +70,10 @@ def test_flex_builds_one_block_mask_per_forward(monkeypatch):
 
 
 def _cuda_everything(monkeypatch):
-    monkeypatch.setattr(attention, "_has_flash_attn", lambda: True)
-    monkeypatch.setattr(attention, "_has_torch_varlen", lambda: True)
-    monkeypatch.setattr(attention, "_has_flex", lambda: True)
-    monkeypatch.setattr(attention, "_has_sm80", lambda device: True)
+    monkeypatch.setattr(environment, "has_flash_attn", lambda: True)
+    monkeypatch.setattr(environment, "has_torch_varlen", lambda: True)
+    monkeypatch.setattr(environment, "has_flex", lambda: True)
+    monkeypatch.setattr(environment, "has_sm80", lambda device: True)
 
 
 def test_auto_prefers_pad_for_fp32_inference_and_flex_for_fp32_training(monkeypatch):
@@ -85,24 +87,24 @@ def test_auto_prefers_pad_for_fp32_inference_and_flex_for_fp32_training(monkeypa
 def test_flash_kernels_need_sm80(monkeypatch):
     """flash-attn 2 and torch's flash kernel run on Ampere and later; on a T4 or V100 "auto" must skip them."""
     calls = []
-    monkeypatch.setattr(attention, "_has_flash_attn", lambda: True)
-    monkeypatch.setattr(attention, "_has_torch_varlen", lambda: True)
-    monkeypatch.setattr(attention, "_has_flex", lambda: True)
+    monkeypatch.setattr(environment, "has_flash_attn", lambda: True)
+    monkeypatch.setattr(environment, "has_torch_varlen", lambda: True)
+    monkeypatch.setattr(environment, "has_flex", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: calls.append(i) or (7, 5))
-    attention._capability.cache_clear()
+    environment.capability.cache_clear()
     try:
         cuda = torch.device("cuda")
         assert attention.resolve_backend("auto", cuda, torch.bfloat16) == "flex"
         assert "varlen" not in attention.available_backends(cuda, torch.bfloat16)
         assert "flash" not in attention.available_backends(cuda, torch.bfloat16)
         assert len(calls) == 1  # read once per device, then cached
-        attention._capability.cache_clear()
+        environment.capability.cache_clear()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
         assert attention.resolve_backend("auto", cuda, torch.bfloat16) == "flash"
     finally:
-        attention._capability.cache_clear()
+        environment.capability.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -122,7 +124,7 @@ def test_flash_attn_counts_only_when_it_imports(tmp_path, monkeypatch, body, wan
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     assert importlib.util.find_spec("flash_attn") is not None  # what the old check looked at
-    assert attention._find_flash_attn() is want
+    assert environment.find_flash_attn() is want
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
 
 
@@ -135,21 +137,21 @@ def test_varlen_inference_calls_the_flash_kernel_not_varlen_attn(monkeypatch):
 
     def flash_forward(q, k, v, cu, max_seqlen, scale):
         seen.append("flash")
-        return attention._loop_attention(q, k, v, cu, max_seqlen, 0.0, scale, None, None, None)
+        return loop.loop_attention(q, k, v, cu, max_seqlen, 0.0, scale, None, None, None)
 
     def no_varlen(*args, **kwargs):
         raise AssertionError("varlen_attn called at inference")
 
     monkeypatch.setattr(varlen, "varlen_attn", no_varlen)
-    monkeypatch.setattr(attention, "_aten_flash", flash_forward)
-    monkeypatch.setattr(attention, "_direct_flash", lambda q: True)  # as for CUDA tensors with the aten op
+    monkeypatch.setattr(varlen_backend, "_aten_flash", flash_forward)
+    monkeypatch.setattr(varlen_backend, "_direct_flash", lambda q: True)  # as for CUDA tensors with the aten op
     torch.manual_seed(0)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     q, k, v = (torch.randn(12, 2, 8) for _ in range(3))
-    out = attention._torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
+    out = varlen_backend.torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
     ref = attention.varlen_attention(q, k, v, cu, 7, "loop", scale=0.1)
     assert seen == ["flash"] and rel_err(out, ref) <= 1e-5
     assert attention.KERNELS["varlen"] == "aten._flash_attention_forward"
     q.requires_grad_(True)  # with gradients: varlen_attn (its backward)
     with pytest.raises(AssertionError, match="varlen_attn called"):
-        attention._torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
+        varlen_backend.torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)

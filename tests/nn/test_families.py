@@ -140,7 +140,7 @@ def test_no_attribute_is_written_during_a_forward():
     apt = aptvit.convert(tiny_vit("vit_cls"), thresholds={32: 5.0, 64: 4.0})
     x = mixed_batch(2)
     with torch.no_grad():
-        apt(x)  # the position cache fills on the first call (a cache: same result without it)
+        apt(x)
         before = dict(vars(apt))
         features = apt.forward_features(x)
         apt.forward_head(features)
@@ -149,8 +149,7 @@ def test_no_attribute_is_written_during_a_forward():
         apt.forward_intermediates(x, indices=1)
         apt(x)
     assert vars(apt).keys() == before.keys()
-    assert all(vars(apt)[k] is v for k, v in before.items() if k != "_position_cache")
-    apt.__dict__.pop("_position_cache")  # without the cache, the same numbers
+    assert all(vars(apt)[k] is v for k, v in before.items())
     with torch.no_grad():
         assert torch.equal(apt.forward_head(apt.forward_features(x)), apt.forward_head(features))
     with pytest.raises(ValueError, match="needs the plan"):
@@ -160,20 +159,18 @@ def test_no_attribute_is_written_during_a_forward():
     assert torch.equal(tokens, features.tokens) and again.packed.total == features.packed.total
 
 
-def test_position_cache_follows_the_weights_device_and_dtype():
+def test_positions_follow_the_weights_device_and_dtype():
     apt = aptvit.convert(tiny_vit("vit_cls"), thresholds={32: 5.0, 64: 4.0})
     x = mixed_batch(2)
     with torch.no_grad():
-        apt(x)
+        before = apt(x)
         # ``.to()`` / ``.double()`` / ``.cuda()`` keep the Parameter objects and their versions but give them new
-        # storage (``param.data = ...``): the cache must not serve the old rows (old dtype, old device)
+        # storage (``param.data = ...``): the positions of the next forward are the new weights'
         apt.pos_embed.data = apt.pos_embed.data + 1.0
-        stale = apt(x)
-        apt.__dict__.pop("_position_cache")
-        assert torch.equal(stale, apt(x))
+        assert not torch.equal(before, apt(x))
         apt.double()
         assert apt.embed(x.double(), apt.make_layout(x)).dtype == torch.float64
-        assert apt._position_rows(apt.prepare(x.double()).groups)[0].dtype == torch.float64
+        assert apt.family.positions(apt, apt.prepare(x.double()).groups)[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize("family", ["vit_cls", "siglip_map", "deit_distilled"])
@@ -182,7 +179,7 @@ def test_every_entry_point_takes_a_finished_plan(family):
     x = mixed_batch(2)
     with torch.no_grad():
         layout = apt.make_layout(x, budget=0.3)  # not the model's own settings: the plan given is the one used
-        packed = apt.planner()(x, layout)  # as a data-loader worker makes it
+        packed = apt.planner(x, layout)  # as a data-loader worker makes it
         assert apt.encode_tokens(x)[0].shape[0] != packed.layout.total_tokens
         pairs = [
             (apt(x, packed=packed), apt(x, layout=layout)),
@@ -277,7 +274,7 @@ def test_a_new_family_plugs_in_with_per_token_tables_applied_to_q_and_k(monkeypa
 
                 return rot(q), rot(k)
 
-            a = packed_self_attention(blk.attn, blk.norm1(x), ctx.packed, ctx.backend, ctx.pad_index, rotate=rotate)
+            a = packed_self_attention(blk.attn, blk.norm1(x), ctx.attention, rotate=rotate)
             x = x + drop_path_packed(blk.ls1(a), blk.drop_path1, ctx.packed.seq, ctx.packed.num_seqs, ctx.training)
             return x + blk.ls2(blk.mlp(blk.norm2(x)))
 
@@ -296,7 +293,9 @@ def test_a_new_family_plugs_in_with_per_token_tables_applied_to_q_and_k(monkeypa
         packed = apt.prepare(x)
         out = apt.forward_packed(x, packed)
         assert len(seen) == 2 and seen[0] == ((packed.total, 2, 16), (packed.total,))
-        assert rel_err(out, ref.forward_packed(x, packed)) > 1e-3, "the rotation changed the attention"
+        # the rotation changed the attention: ~9e-4 of the logits here, float rounding ~1e-7 (the key bias of
+        # area_bias now reaches both models through the backend's context, so the rotation is the only difference)
+        assert rel_err(out, ref.forward_packed(x, packed)) > 1e-4, "the rotation changed the attention"
         for i in range(2):  # and stays per image
             assert rel_err(out[i], apt(x[i : i + 1])[0]) <= 1e-5
 

@@ -6,6 +6,8 @@ import torch
 
 import aptvit
 from aptvit.nn import attention
+from aptvit.nn.attention import environment, loop
+from aptvit.nn.attention import varlen as varlen_backend
 from aptvit.nn.graphs import CUDAGraphRunner
 
 from ..dispatch import OpCounter
@@ -130,10 +132,10 @@ def test_flex_backend_agrees_with_the_loop():
     ],
 )
 def test_auto_backend_order_on_cuda(monkeypatch, flash, varlen, flex, dtype, dropout, want):
-    monkeypatch.setattr(attention, "_has_sm80", lambda device: True)
-    monkeypatch.setattr(attention, "_has_flash_attn", lambda: flash)
-    monkeypatch.setattr(attention, "_has_torch_varlen", lambda: varlen)
-    monkeypatch.setattr(attention, "_has_flex", lambda: flex)
+    monkeypatch.setattr(environment, "has_sm80", lambda device: True)
+    monkeypatch.setattr(environment, "has_flash_attn", lambda: flash)
+    monkeypatch.setattr(environment, "has_torch_varlen", lambda: varlen)
+    monkeypatch.setattr(environment, "has_flex", lambda: flex)
     assert attention.resolve_backend("auto", torch.device("cuda"), dtype, dropout) == want
     assert attention.resolve_backend("auto", torch.device("cpu"), dtype, dropout) == "loop"
 
@@ -141,11 +143,11 @@ def test_auto_backend_order_on_cuda(monkeypatch, flash, varlen, flex, dtype, dro
 @pytest.mark.parametrize("has_backward, want", [(True, "varlen"), (False, "flex")])
 def test_auto_training_skips_a_varlen_without_backward(monkeypatch, has_backward, want):
     """The first torch versions with ``varlen_attn`` had no backward: training must not pick it."""
-    monkeypatch.setattr(attention, "_has_sm80", lambda device: True)
-    monkeypatch.setattr(attention, "_has_flash_attn", lambda: False)
-    monkeypatch.setattr(attention, "_has_torch_varlen", lambda: True)
-    monkeypatch.setattr(attention, "_has_flex", lambda: True)
-    monkeypatch.setattr(attention, "_varlen_has_backward", lambda: has_backward)
+    monkeypatch.setattr(environment, "has_sm80", lambda device: True)
+    monkeypatch.setattr(environment, "has_flash_attn", lambda: False)
+    monkeypatch.setattr(environment, "has_torch_varlen", lambda: True)
+    monkeypatch.setattr(environment, "has_flex", lambda: True)
+    monkeypatch.setattr(environment, "varlen_has_backward", lambda: has_backward)
     cuda = torch.device("cuda")
     assert attention.resolve_backend("auto", cuda, torch.bfloat16, grad=False) == "varlen"
     assert attention.resolve_backend("auto", cuda, torch.bfloat16, grad=True) == want
@@ -156,14 +158,14 @@ def test_varlen_without_a_scale_argument_folds_the_scale_into_q(monkeypatch):
     import torch.nn.attention.varlen as varlen
 
     def fixed_scale_varlen(q, k, v, cu_q, cu_k, max_q, max_k):  # the 2.9 signature, computed with the loop
-        return attention._loop_attention(q, k, v, cu_q, max_q, 0.0, None, None, None, None)
+        return loop.loop_attention(q, k, v, cu_q, max_q, 0.0, None, None, None, None)
 
     monkeypatch.setattr(varlen, "varlen_attn", fixed_scale_varlen)
-    monkeypatch.setattr(attention, "_varlen_takes_scale", lambda: False)
+    monkeypatch.setattr(environment, "varlen_takes_scale", lambda: False)
     torch.manual_seed(0)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     q, k, v = (torch.randn(12, 2, 8) for _ in range(3))
-    out = attention._torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
+    out = varlen_backend.torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
     ref = attention.varlen_attention(q, k, v, cu, 7, "loop", scale=0.1)
     assert rel_err(out, ref) <= 1e-5
 

@@ -243,9 +243,9 @@ def test_flop_counts_match_torch_flop_counter():
         model(x)
     assert flops["uniform"].sum().item() == pytest.approx(counter.get_total_flops(), rel=1e-9)
     assert flops["apt"][0] < flops["uniform"][0]  # plain half merged
-    # noise: nothing merged, only the embedding bank extra (every larger size over its whole grid; a fresh
-    # conversion's zero detail path is left out at inference)
-    assert flops["apt"][1] - flops["uniform"][1] == bank_flops((4, 8), (16, 32, 64), 3, 64, detail=False) > 0
+    # noise: nothing merged, only the embedding bank extra (every larger size over its whole grid, with its detail
+    # path, which runs even while it is a fresh conversion's zeros)
+    assert flops["apt"][1] - flops["uniform"][1] == bank_flops((4, 8), (16, 32, 64), 3, 64) > 0
     n = (layout.num_tokens + apt.num_prefix_tokens).double()
     attention = len(model.blocks) * 4 * (n**2).sum().item() * 64
     # the APT count matches what actually runs, fresh and once the detail path is trained; FlopCounterMode does not

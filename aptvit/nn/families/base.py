@@ -46,30 +46,30 @@ import torch
 from torch import nn
 
 from ...core.packed import PackedBatch
-from ..attention import skip_noop
+from ..attention import AttentionContext, skip_noop
 
 
 @dataclass(frozen=True)
 class BlockContext:
-    """What every block of one forward shares: made once per forward by ``APTViT._run_packed``.
+    """What every block of one forward shares: made once per forward by ``APTViT.block_context``.
 
     Attributes:
         packed: the batch's plan.
-        backend: the concrete attention backend.
-        pad_index: ``attention.backend_context`` of the batch: the padded-row index ("pad"), the flex ``BlockMask``
-            ("flex"), else None (built once per forward).
+        attention: the attention backend's context of this forward (``Backend.context``): pass it to
+            ``packed_self_attention`` or ``attention.backend.attend``; it holds the key bias (``key_bias``).
         tables: the family's per-token tables of this forward (``Family.token_tables``; None when it has none).
         training: the model's mode (stochastic depth, dropouts).
-        key_bias: (N,) log-area key bias of every packed row when the model's ``area_bias`` is on (``packed.key_bias``),
-            else None: every self-attention passes it on (``packed_self_attention(..., key_bias)``).
     """
 
     packed: PackedBatch
-    backend: str
-    pad_index: Optional[torch.Tensor]
+    attention: AttentionContext
     tables: Any
     training: bool
-    key_bias: Optional[torch.Tensor] = None
+
+    @property
+    def key_bias(self) -> Optional[torch.Tensor]:
+        """(N,) log-area key bias of every packed row when the model's ``area_bias`` is on, else None."""
+        return self.attention.key_bias
 
 
 def check_patch_embed(model: nn.Module) -> Optional[str]:

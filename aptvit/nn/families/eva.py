@@ -36,7 +36,6 @@ from ...core.rope import (
     packed_coords,
     sincos_table,
 )
-from ..attention import varlen_attention
 from .base import BlockContext, check_patch_embed, drop_path_packed, mlp_ratio_of
 from .pool import GLOBAL_POOLS, check_attention_pool
 from .vit import ViTFamily
@@ -165,12 +164,12 @@ def eva_attention(
     ctx: BlockContext,
     table: Optional[torch.Tensor],
     half: bool,
-    key_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """timm's ``EvaAttention`` / ``AttentionRope`` forward on packed tokens (N, D) -> (N, D).
 
     The rotation (``table`` from ``rope_tables``) is applied to q and k after their norms and before the kernel,
-    so every backend sees rotated q / k; grouped-query k / v heads are repeated after it, as timm does.
+    so every backend sees rotated q / k; grouped-query k / v heads are repeated after it, as timm does. The
+    backend's context (``ctx.attention``) carries the key bias of area-proportional attention.
     """
     t = x.shape[0]
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -182,22 +181,7 @@ def eva_attention(
     groups = getattr(attn, "num_kv_groups", 1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    packed = ctx.packed
-    extra = {"key_bias": key_bias} if key_bias is not None else {}
-    out = varlen_attention(
-        q,
-        k,
-        v,
-        packed.cu_seqlens,
-        packed.max_seqlen,
-        ctx.backend,
-        attn.attn_drop.p if attn.training else 0.0,
-        attn.scale,
-        offsets=packed.offsets,
-        pad_index=ctx.pad_index if ctx.backend == "pad" else None,  # backend_context: pad rows or the BlockMask
-        seq=ctx.pad_index if ctx.backend == "flex" and ctx.pad_index is not None else packed.seq,
-        **extra,
-    )
+    out = ctx.attention.backend.attend(q, k, v, ctx.attention, attn.attn_drop.p if attn.training else 0.0, attn.scale)
     out = attn.norm(out.reshape(t, -1))
     if gate is not None:
         out = out * gate
@@ -324,16 +308,15 @@ class EvaFamily(ViTFamily):
         if tables is not None:
             index = next(i for i, b in enumerate(apt.blocks) if b is blk) if tables.per_block else 0
             table, half = tables.for_block(index), tables.half
-        bias = ctx.key_bias  # area-proportional attention (``APTConfig.area_bias``), None when off
         packed, training = ctx.packed, ctx.training
 
         def drop(y, module):
             return drop_path_packed(y, module, packed.seq, packed.num_seqs, training)
 
         if type(blk) is EvaBlockPostNorm:
-            x = x + drop(blk.norm1(eva_attention(blk.attn, x, ctx, table, half, bias)), blk.drop_path1)
+            x = x + drop(blk.norm1(eva_attention(blk.attn, x, ctx, table, half)), blk.drop_path1)
             return x + drop(blk.norm2(blk.mlp(x)), blk.drop_path2)
-        a = eva_attention(blk.attn, blk.norm1(x), ctx, table, half, bias)
+        a = eva_attention(blk.attn, blk.norm1(x), ctx, table, half)
         x = x + drop(a if blk.gamma_1 is None else blk.gamma_1 * a, blk.drop_path1)
         m = blk.mlp(blk.norm2(x))
         return x + drop(m if blk.gamma_2 is None else blk.gamma_2 * m, blk.drop_path2)

@@ -152,7 +152,7 @@ class ViTFamily(Family):
     def block(self, apt, blk: nn.Module, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         """timm's ``Block.forward`` on packed tokens (drop path per image)."""
         packed = ctx.packed
-        a = packed_self_attention(blk.attn, blk.norm1(x), packed, ctx.backend, ctx.pad_index, ctx.key_bias)
+        a = packed_self_attention(blk.attn, blk.norm1(x), ctx.attention)
         x = x + drop_path_packed(skip_noop(blk.ls1, a), blk.drop_path1, packed.seq, packed.num_seqs, ctx.training)
         y = skip_noop(blk.ls2, mlp_forward(blk.mlp, blk.norm2(x)))
         return x + drop_path_packed(y, blk.drop_path2, packed.seq, packed.num_seqs, ctx.training)
