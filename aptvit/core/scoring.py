@@ -101,7 +101,8 @@ def _xlogx_table(n: int, device) -> tuple:
 
     def build():
         c = torch.arange(n + 1, dtype=torch.float32, device=device)
-        consts = torch.tensor([math.log2(n), n * math.log(2.0)], dtype=torch.float32).to(device).unbind()
+        # two 0-d fills, not a host tensor copied over: no tensor constant in a traced graph (torch.export.save)
+        consts = [torch.full((), v, dtype=torch.float32, device=device) for v in (math.log2(n), n * math.log(2.0))]
         return (torch.special.xlogy(c, c), *consts)
 
     return _kept(_XLOGX, (n, str(device)), build)
