@@ -86,13 +86,13 @@ class PerImage(nn.Module):
 
     def __init__(self, graph: StaticForward) -> None:
         super().__init__()
-        self.graph = graph
+        self.one = graph  # not "graph": the loaded program is a GraphModule, whose .graph is its FX graph
 
     def forward(self, images: torch.Tensor):
         from torch._higher_order_ops.scan import scan
 
         def step(carry, image):
-            out = self.graph(image.unsqueeze(0))
+            out = self.one(image.unsqueeze(0))
             out = tuple(o.squeeze(0) for o in out) if isinstance(out, tuple) else out.squeeze(0)
             return carry.clone(), out  # a scan's carry may not alias its input
 
@@ -350,7 +350,9 @@ def scan_over_batch(one: "onnx.ModelProto", outputs) -> "onnx.ModelProto":  # no
 def _run_onnx(path: str, images: torch.Tensor):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the constant folder's notes on CastLike are not news
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return [torch.from_numpy(o) for o in session.run(None, {"images": images.numpy()})]
 
 
