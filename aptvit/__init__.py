@@ -8,6 +8,7 @@ import logging
 
 from .calibrate import calibrate
 from .core import PatchLayout, pad_to_multiple, patch_layout
+from .export import export  # the function; the module stays importable as sys.modules["aptvit.export"]
 from .nn import APTConfig, APTViT
 from .nn.checkpoint import load, save
 from .nn.convert import convert
@@ -27,6 +28,7 @@ __all__ = [
     "convert",
     "save",
     "load",
+    "export",
     "simple_pyramid",
     "SimpleFeaturePyramid",
     "SegmentationDecoder",

@@ -394,6 +394,28 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .core.io import check_side
+    from .export import export_command
+
+    if args.size is not None:
+        check_side(args.size, "--size")
+    export_command(
+        check_model_name(args.model) if args.model else None,
+        args.out,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        layout=layout_settings(args),
+        size=args.size,
+        attention=args.attention,
+        format=args.format,
+        pre_logits=args.pre_logits,
+        dense=args.dense,
+        check=not args.no_check,
+    )
+    return 0
+
+
 def add_calibrate_parser(sub) -> None:
     from .calibrate import DEFAULT_BUDGETS, calibrate
     from .core.scoring import SCORERS
@@ -634,6 +656,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_options(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("export", help="write the static model as one ONNX or torch.export graph, layout inside")
+    p.add_argument("--model", help="timm model name (with --pretrained or timm --checkpoint weights)")
+    add_weights_options(p)
+    p.add_argument("--size", type=int, help="input side in pixels (default: the model's input size)")
+    add_layout_options(p)
+    from .nn.attention import backend_choices
+
+    p.add_argument("--attention", choices=backend_choices(), default="auto", help="attention in the graph: auto or pad")
+    p.add_argument("--format", choices=("onnx", "torch"), default="onnx", help="onnx, or a torch.export program")
+    p.add_argument("--out", required=True, help="the file to write (e.g. model.onnx)")
+    p.add_argument("--dense", action="store_true", help="add the dense grid (B, D, H/p, W/p) as a second output")
+    p.add_argument("--pre-logits", action="store_true", help="output the pooled features instead of the logits")
+    p.add_argument("--no-check", action="store_true", help="skip the check of the written graph on real photos")
+    p.set_defaults(func=cmd_export)
     add_calibrate_parser(sub)
     for p in sub.choices.values():  # also after the command: aptvit eval ... --debug
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")

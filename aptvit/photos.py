@@ -38,3 +38,15 @@ def load_photo(name: str, size: Union[int, Tuple[int, int], None] = None) -> tor
         x[None].float(), size=size, mode="area" if size[0] <= x.shape[1] else "bicubic", align_corners=None
     )
     return y[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def photo_batch(count: int, size, names=PHOTO_NAMES) -> torch.Tensor:
+    """(count, 3, H, W) uint8: the photos cycled, every other round mirrored so that repeats differ."""
+    base = [load_photo(n, size) for n in names]
+    out = []
+    for i in range(count):
+        img = base[i % len(base)]
+        if (i // len(base)) % 2:
+            img = img.flip(-1)
+        out.append(img)
+    return torch.stack(out)

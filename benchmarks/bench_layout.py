@@ -15,19 +15,7 @@ import timm
 import torch
 
 import aptvit
-from aptvit.photos import PHOTO_NAMES, load_photo
-
-
-def photo_batch(count: int, size, names=PHOTO_NAMES) -> torch.Tensor:
-    """(count, 3, H, W) uint8: the photos cycled, every other round mirrored so that repeats differ."""
-    base = [load_photo(n, size) for n in names]
-    out = []
-    for i in range(count):
-        img = base[i % len(base)]
-        if (i // len(base)) % 2:
-            img = img.flip(-1)
-        out.append(img)
-    return torch.stack(out)
+from aptvit.photos import photo_batch
 
 
 def median_ms(fn, runs=7, warmup=2):

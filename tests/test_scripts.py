@@ -122,6 +122,14 @@ def check_calibrate_thresholds(out, tmp_path):
     assert len(lines) == 3 and all("laplacian" in l and "upsample" in l for l in lines)
 
 
+def check_bench_onnx(out, tmp_path):
+    results = json.loads((tmp_path / "onnx.json").read_text())
+    (row,) = results["rows"]
+    assert [b for b in results["batches"]] == [1, 2] and 0 < row["layout_plan_share"] < 1
+    assert all(row[f"batch{b}"][f"{w} img/s"] > 0 for b in (1, 2) for w in ("timm ORT", "APT ORT", "timm eager", "APT eager"))
+    assert len(table_rows((tmp_path / "onnx.md").read_text(), "| model")) == 3  # two batches, one export row
+
+
 def fashion_mnist_files(tmp_path):
     from tests.benchmarks.test_fashion_mnist import write_dataset
 
@@ -145,6 +153,7 @@ SMOKE = {
     "benchmarks/bench_hf.py": (lambda t: ["--out", t / "hf"], check_bench_hf),
     "benchmarks/bench_loader.py": (lambda t: [], check_bench_loader),
     "benchmarks/bench_model.py": (lambda t: [], check_bench_model),
+    "benchmarks/bench_onnx.py": (lambda t: ["--out", t / "onnx"], check_bench_onnx),
     "benchmarks/calibrate_thresholds.py": (lambda t: [], check_calibrate_thresholds),
 }
 

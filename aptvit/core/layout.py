@@ -275,6 +275,10 @@ def to_device(values: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor
     stream; a non-blocking copy from pageable memory is staged at once and needs no wait. On the CPU there is
     nothing to copy (and no ``to`` to dispatch).
     """
+    if torch.compiler.is_compiling() and len(values):
+        # in a traced graph, built from ops: a tensor constant inside a scan's body would not serialise
+        # (torch.export.save of aptvit.export's per-image program)
+        return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
     t = torch.tensor(values, dtype=dtype)
     return t if t.device == torch.device(device) else t.to(device, non_blocking=True)
 

@@ -1,0 +1,276 @@
+"""``aptvit.export`` / ``aptvit export``: the static ``apt(x)`` as one graph (ONNX, torch.export), layout inside."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import aptvit
+from aptvit.core.io import InputError, MissingDependency, UserTypeError
+
+from .cli.helpers import one_line, run
+from .tiny import rel_err, tiny_vit
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+ROOT = Path(__file__).resolve().parents[1]
+ex = importlib.import_module("aptvit.export")  # the module (``aptvit.export`` is the function)
+
+
+def _model(family="vit_cls", **kw):
+    return aptvit.convert(tiny_vit(family), budget=0.5, **kw)
+
+
+def _photos(apt, size, n=3):
+    return ex.check_photos(apt, (size, size))[:n]
+
+
+def _static_reference(apt, images, pre_logits=False, dense=False):
+    static = ex._static_copy(apt, apt.config.replace(static=True))
+    with torch.no_grad():
+        return ex.StaticForward(static, pre_logits, dense)(images)
+
+
+def _ort(path, images):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in session.run(None, {"images": images.numpy()})]
+
+
+@pytest.fixture(scope="module")
+def vit_onnx(tmp_path_factory):
+    """A tiny ViT exported once with the dense output: (model, path, side)."""
+    apt = _model()
+    path = tmp_path_factory.mktemp("export") / "vit.onnx"
+    ex.export(apt, path, image_size=128, dense=True)
+    return apt, path, 128
+
+
+@pytest.mark.slow
+def test_onnx_graph_equals_the_static_forward_at_any_batch_with_its_metadata(vit_onnx):
+    apt, path, side = vit_onnx
+    photos = _photos(apt, side)
+    flat = photos[:1].clone()
+    flat[..., : 3 * side // 4, :] = flat[..., :1, :1]  # three quarters of one colour: the threshold is just above 0
+    photos = torch.cat([flat, photos])
+    want_logits, want_dense = _static_reference(apt, photos, dense=True)
+    for b in (1, 4):  # the batch axis is dynamic
+        logits, dense = _ort(path, photos[:b])
+        assert rel_err(logits, want_logits[:b]) <= 1e-4 and rel_err(dense, want_dense[:b]) <= 1e-4
+    # a real layout merged something: the graph's layout is not all base patches
+    static = ex._static_copy(apt, apt.config.replace(static=True))
+    with torch.no_grad():
+        assert (static.prepare(photos).layout.size > 16).any()
+    meta = ex.read_metadata(path)
+    assert json.loads(meta["input_size"]) == [3, side, side] and meta["outputs"] == '["logits", "dense"]'
+    assert int(meta["tokens_per_image"]) == static.static_tokens((side, side))
+    assert json.loads(meta["apt_config"])["budget"] == 0.5 and json.loads(meta["apt_config"])["static"] is True
+    assert json.loads(meta["mean"]) == list(apt.pixel_mean_std()[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["eva02", "siglip_map"])  # RoPE; attention pool
+def test_onnx_graph_of_eva_and_siglip_equals_the_static_forward(family, tmp_path):
+    apt = _model(family)
+    side = 8 * apt.patch_size
+    path = ex.export(apt, tmp_path / "m.onnx", image_size=side, pre_logits=family == "siglip_map")
+    photos = _photos(apt, side)
+    (got,) = _ort(path, photos)
+    assert rel_err(got, _static_reference(apt, photos, pre_logits=family == "siglip_map")) <= 1e-4
+
+
+@pytest.mark.slow
+def test_the_exported_file_runs_with_only_onnxruntime_and_numpy(vit_onnx, tmp_path):
+    apt, path, side = vit_onnx
+    photos = _photos(apt, side, 2)
+    np.save(tmp_path / "x.npy", photos.numpy())
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np
+        import onnxruntime as ort
+        session = ort.InferenceSession({str(path)!r}, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        x = np.load({str(tmp_path / "x.npy")!r})
+        assert list(x.shape[1:]) == json.loads(meta["input_size"])
+        logits, dense = session.run(None, {{"images": x}})
+        np.save({str(tmp_path / "y.npy")!r}, logits)
+        assert not any(m == "torch" or m.startswith(("torch.", "aptvit")) for m in sys.modules), "torch imported"
+        print("ok", logits.shape, dense.shape)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ok (2, 10) (2, 64, 8, 8)")
+    assert rel_err(torch.from_numpy(np.load(tmp_path / "y.npy")), _static_reference(apt, photos)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_torch_export_program_has_a_dynamic_batch_and_its_metadata(tmp_path):
+    apt = _model("vit_avg_no_cls")
+    path = ex.export(apt, tmp_path / "m.pt2", image_size=64, format="torch")
+    extra = {"aptvit.json": ""}
+    program = torch.export.load(path, extra_files=extra)
+    assert json.loads(extra["aptvit.json"])["tokens_per_image"] == str(apt.configure(static=True).static_tokens((64, 64)))
+    photos = _photos(apt, 64)
+    want = _static_reference(apt, photos)
+    with torch.no_grad():
+        for b in (1, 3):
+            assert rel_err(program.module()(photos[:b]), want[:b]) <= 1e-5
+
+
+def test_the_model_passed_in_is_left_as_it_was():
+    apt = _model(attention="auto")
+    copy = ex._static_copy(apt, apt.config.replace(static=True))
+    assert copy is not apt and apt.config.static is False and apt.attention == "auto" and copy.attention == "pad"
+    assert copy.pos_embed is not apt.pos_embed and torch.equal(copy.pos_embed, apt.pos_embed)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any step of an export beyond the checks fails the test."""
+
+    def fail(*a, **k):
+        raise AssertionError("export started work before refusing")
+
+    monkeypatch.setattr(ex, "_static_copy", fail)
+    monkeypatch.setattr(ex, "_onnx_one_image", fail)
+    monkeypatch.setattr(torch.onnx, "export", fail)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: aptvit.convert(tiny_vit(), thresholds={32: 5.0}), "pass budget=0.5"),
+        (lambda: _model().configure(attention="loop"), "pass attention='pad'"),
+        (lambda: aptvit.convert(tiny_vit("deit_distilled"), budget=0.5), "not distilled"),
+        (lambda: tiny_vit(), "aptvit.convert"),
+    ],
+)
+def test_a_model_the_exporter_cannot_take_is_refused_before_any_work(make, match, no_work, tmp_path):
+    with pytest.raises((InputError, UserTypeError), match=match) as info:
+        ex.export(make(), tmp_path / "m.onnx", image_size=64)
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_settings_are_refused_before_any_work(no_work, tmp_path):
+    apt = _model()
+    with pytest.raises(InputError, match="multiple of the patch size 16"):
+        ex.export(apt, tmp_path / "m.onnx", image_size=70)
+    with pytest.raises(InputError, match="format 'tflite'"):
+        ex.export(apt, tmp_path / "m.onnx", image_size=64, format="tflite")
+    with pytest.raises(InputError, match="below the"):
+        ex.export(apt, tmp_path / "m.onnx", image_size=64, budget=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_onnxruntime_export_says_what_to_install(monkeypatch, no_work, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    with pytest.raises(MissingDependency, match=r"pip install 'aptvit\[export\]'"):
+        ex.export(_model(), tmp_path / "m.onnx", image_size=64)
+
+
+def test_a_failed_check_writes_nothing_and_keeps_the_old_file(monkeypatch, tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old")
+    monkeypatch.setattr(ex, "_run_onnx", lambda p, x: [torch.full((x.shape[0], 10), 1e3)])
+    with pytest.raises(ex.ExportCheckError, match="nothing was written"):
+        ex.export(_model(), path, image_size=64)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+# ---------------------------------------------------------------------------------------------- translations
+def _onnx_of(fn, *inputs, tmp_path):
+    class M(torch.nn.Module):
+        def forward(self, *xs):
+            return fn(*xs)
+
+    with torch.no_grad():
+        program = torch.onnx.export(M(), inputs, dynamo=True, custom_translation_table=ex._onnx_translations())
+    program.save(str(tmp_path / "op.onnx"))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "op.onnx"), providers=["CPUExecutionProvider"])
+    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+    return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+
+def test_nextafter_translation_is_bit_exact_away_from_subnormals(tmp_path):
+    tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    edge = [0.0, -0.0, 1.0, -1.0, 2.0, 0.5, -2.0, 3.0, 1.9999999, 5.5, -7.25, tiny, -tiny, tiny / 3, 1e-45, -1e-45]
+    edge += [2.0**-126 * 1.5, 1e30, -1e30, big, 1024.0, 9.0]
+    x = torch.cat([torch.tensor(edge), torch.randn(500) * 10.0 ** torch.randint(-40, 38, (500,)).float()]).float()
+    probes = torch.tensor([-tiny, 0.0, tiny, 2 * tiny])  # floats that are not subnormal, around zero
+    for target in (float("inf"), float("-inf")):
+        other = torch.full_like(x, target)
+        (got,) = _onnx_of(torch.nextafter, x, other, tmp_path=tmp_path)
+        want = torch.nextafter(x, other)
+        normal = want.abs() >= tiny
+        assert torch.equal(got[normal].view(torch.int32), want[normal].view(torch.int32)), x[normal & (got != want)]
+        # zero or subnormal (ONNX Runtime flushes those): every float that is not subnormal lies on the same side
+        side = (lambda a, b: a < b) if target > 0 else (lambda a, b: a > b)  # "score < nextafter(c, inf)"
+        assert torch.equal(side(probes[:, None], got[~normal]), side(probes[:, None], want[~normal]))
+    (got,) = _onnx_of(torch.nextafter, x, x.clone(), tmp_path=tmp_path)
+    assert torch.equal(got, x)
+
+
+def test_repeat_interleave_translation_equals_torch(tmp_path):
+    counts = torch.tensor([2, 0, 3, 1])
+    (got,) = _onnx_of(lambda c: torch.repeat_interleave(c, output_size=6), counts, tmp_path=tmp_path)
+    assert got.tolist() == torch.repeat_interleave(counts).tolist()
+
+
+def test_searchsorted_translation_equals_torch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 20, (3, 40), generator=g).sort(1).values.float()  # ties
+    val = torch.randint(-1, 22, (3, 17), generator=g).float()
+    for right in (True, False):
+        (got,) = _onnx_of(lambda s, v: torch.searchsorted(s, v, right=right), seq, val, tmp_path=tmp_path)
+        assert torch.equal(got, torch.searchsorted(seq, val, right=right))
+
+
+def test_int32_histogram_translation_counts_duplicates(tmp_path):
+    idx = torch.tensor([0, 3, 3, 3, 7, 0], dtype=torch.long)
+
+    def hist(i):
+        return torch.zeros(8, dtype=torch.int32).index_add_(0, i, torch.ones((), dtype=torch.int32).expand(i.shape[0]))
+
+    (got,) = _onnx_of(hist, idx, tmp_path=tmp_path)
+    assert got.tolist() == [2, 0, 0, 3, 0, 0, 0, 1]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_refusals_are_one_line(capsys, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, _, err = run(capsys, "export", "--model", "vit_tiny_patch16_224", "--thresholds", "32=5", "--out", out)
+    assert code == 2 and "pass --budget 0.5" in one_line(err)
+    code, _, err = run(capsys, "export", "--model", "vit_tiny_patch16_224", "--budget", "0.5", "--attention", "loop",
+                       "--out", out)  # fmt: skip
+    assert code == 2 and "pass --attention pad" in one_line(err)
+    code, _, err = run(capsys, "export", "--model", "vit_tiny_patch16_224", "--out", out)  # no budget given
+    assert code == 2 and "pass --budget 0.5" in one_line(err)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_exports_an_aptvit_checkpoint(capsys, tmp_path):
+    apt = _model("vit_avg_no_cls")
+    aptvit.save(apt, tmp_path / "m.safetensors")
+    out = tmp_path / "m.onnx"
+    code, stdout, err = run(capsys, "export", "--checkpoint", tmp_path / "m.safetensors", "--size", "64", "--out", out)
+    assert code == 0, err
+    assert "checked: ONNX Runtime equals the PyTorch static forward" in stdout and f"to {out}" in stdout
+    photos = _photos(apt, 64)
+    assert rel_err(_ort(out, photos)[0], _static_reference(apt, photos)) <= 1e-4
