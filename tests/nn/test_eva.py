@@ -262,18 +262,19 @@ def test_forward_packed_compiles_with_fullgraph_and_dynamic_shapes():
 
 @pytest.mark.parametrize("area_bias", [False, True])
 def test_every_eva_attention_gets_the_area_bias_when_it_is_on(monkeypatch, area_bias):
-    import aptvit.nn.families.eva as eva
+    from aptvit.nn import attention
 
     seen = []
+    loop = attention.BACKENDS["loop"]
 
-    def recording(*args, key_bias=None, **kwargs):
-        seen.append(key_bias)
-        return attention_kernel(*args, key_bias=key_bias, **kwargs)
+    def recording(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias=None):
+        seen.append(key_bias)  # every block's attention call, through the public backend registry
+        return loop.run(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias)
 
-    attention_kernel = eva.varlen_attention
-    monkeypatch.setattr(eva, "varlen_attention", recording)
+    monkeypatch.setitem(attention.BACKENDS, "recording", attention.BACKENDS["loop"])  # restored after the test
+    attention.register_backend("recording", recording, available=lambda *a: True, overwrite=True)
     model = tiny_eva("dinov3")
-    apt = aptvit.convert(model, thresholds={32: 5.0, 64: 4.0}, area_bias=area_bias)
+    apt = aptvit.convert(model, thresholds={32: 5.0, 64: 4.0}, area_bias=area_bias, attention="recording")
     img = torch.rand(2, 3, 64, 96)
     img[:, :, :32] = 0.5
     x = (img - 0.5) / 0.5
