@@ -274,3 +274,19 @@ def test_cli_exports_an_aptvit_checkpoint(capsys, tmp_path):
     assert "checked: ONNX Runtime equals the PyTorch static forward" in stdout and f"to {out}" in stdout
     photos = _photos(apt, 64)
     assert rel_err(_ort(out, photos)[0], _static_reference(apt, photos)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_hugging_face_tower_exports_like_a_timm_model(tmp_path):
+    """An HF CLIP vision tower converted by aptvit exports, and ONNX Runtime gives its static forward."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=16
+    )
+    apt = aptvit.convert(transformers.CLIPVisionModel(config).eval(), budget=0.5)
+    path = ex.export(apt, tmp_path / "clip.onnx", image_size=64)
+    photos = _photos(apt, 64)
+    (got,) = _ort(path, photos)
+    assert rel_err(got, _static_reference(apt, photos)) <= 1e-4
+    assert ex.read_metadata(path)["architecture"] == "hf:CLIPVisionModel"
