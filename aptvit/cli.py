@@ -428,7 +428,9 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--data", required=True, help="a folder of images; class folders (as eval's) give top-1")
     p.add_argument("--checkpoint", help="an aptvit model.safetensors, or timm weights with --model")
     p.add_argument("--model", help="timm model name (for --pretrained and timm checkpoints)")
-    p.add_argument("--pretrained", action="store_true")
+    p.add_argument(
+        "--pretrained", action="store_true", help="timm's pretrained weights of --model (needs the model hub)"
+    )
     p.add_argument(
         "--size",
         type=int,
@@ -475,16 +477,36 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument(
         "--out", default="aptvit-calibrate", help="folder for calibration.{json,md,png} and model.safetensors"
     )
-    p.add_argument("--batch-size", type=int, default=default_of(calibrate, "batch_size"))
-    p.add_argument("--workers", type=int, default=default_of(calibrate, "workers"))
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=default_of(calibrate, "batch_size"),
+        help=f"images per batch (default {default_of(calibrate, 'batch_size')})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_of(calibrate, "workers"),
+        help=f"loader processes (default {default_of(calibrate, 'workers')})",
+    )
     p.add_argument(
         "--timing-images",
         type=int,
         default=default_of(calibrate, "timing_images"),
-        help="images of each speed measurement",
+        help=f"images of each speed measurement (default {default_of(calibrate, 'timing_images')})",
     )
-    p.add_argument("--runs", type=int, default=default_of(calibrate, "runs"))
-    p.add_argument("--warmup", type=int, default=default_of(calibrate, "warmup"))
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=default_of(calibrate, "runs"),
+        help=f"timed runs of each setting, alternating with the source (default {default_of(calibrate, 'runs')})",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=default_of(calibrate, "warmup"),
+        help=f"untimed runs first (default {default_of(calibrate, 'warmup')})",
+    )
     p.add_argument(
         "--clock",
         choices=("wall", "thread"),
@@ -492,7 +514,9 @@ def add_calibrate_parser(sub) -> None:
         help="time speed by elapsed time (wall), or by this thread's CPU time on one torch thread (thread: on a "
         "shared machine other processes do not inflate it)",
     )
-    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument(
+        "--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping"
+    )
     add_runtime_options(p)
     p.set_defaults(func=cmd_calibrate)
 

@@ -273,6 +273,9 @@ def test_item8_help_and_defaults():
     for command, options in {
         "bench": ("--model", "--runs", "--warmup"),
         "eval": ("--pretrained", "--batch-size", "--workers", "--skip-bad-images"),
+        "calibrate": (
+            "--pretrained", "--batch-size", "--workers", "--timing-images", "--runs", "--warmup", "--skip-bad-images"
+        ),
     }.items():
         actions = {a.option_strings[0]: a for a in commands[command]._actions if a.option_strings}
         for option in options:
