@@ -295,12 +295,20 @@ def _onnx_one_image(graph: StaticForward, example: torch.Tensor):
     """The ONNX ``ModelProto`` of ``graph`` on one image (batch 1, every shape static)."""
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            graph, (example,), dynamo=True, optimize=False, verbose=False,
-            custom_translation_table=_onnx_translations(), input_names=["images"],
-        )  # fmt: skip
+    # onnx_ir logs a warning per empty attribute list it types as INTS (the exporter's own output, a dozen lines
+    # per graph that a user would read as errors): quiet for this call only, the level restored after
+    ir_log = logging.getLogger("onnx_ir")
+    level = ir_log.level
+    ir_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                graph, (example,), dynamo=True, optimize=False, verbose=False,
+                custom_translation_table=_onnx_translations(), input_names=["images"],
+            )  # fmt: skip
+    finally:
+        ir_log.setLevel(level)
     return program.model_proto
 
 

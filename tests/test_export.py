@@ -290,3 +290,15 @@ def test_a_hugging_face_tower_exports_like_a_timm_model(tmp_path):
     (got,) = _ort(path, photos)
     assert rel_err(got, _static_reference(apt, photos)) <= 1e-4
     assert ex.read_metadata(path)["architecture"] == "hf:CLIPVisionModel"
+
+
+@pytest.mark.slow
+def test_export_prints_no_exporter_noise_and_restores_the_log_level(tmp_path, caplog):
+    """onnx_ir's per-attribute warnings are the exporter's own; a user would read a dozen of them as errors."""
+    import logging
+
+    before = logging.getLogger("onnx_ir").level
+    with caplog.at_level(logging.WARNING):
+        ex.export(_model(), tmp_path / "m.onnx", image_size=64, check=False)
+    assert not [r for r in caplog.records if r.name.startswith("onnx_ir")], [r.getMessage() for r in caplog.records]
+    assert logging.getLogger("onnx_ir").level == before
