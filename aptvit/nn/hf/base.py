@@ -22,6 +22,20 @@ from ...core.io import MAX_SIDE, InputError
 ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
+# the config fields that make a pre-norm ViT tower's structure, shared by CLIP, SigLIP and ViT
+VIT_CONFIG_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+)
+
+
 class Spec:
     """One Hugging Face model family: its classes, structure, weight names and outputs. Subclass per family."""
 

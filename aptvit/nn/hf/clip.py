@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from torch import nn
 
-from .base import Spec, blocks, common_kwargs, count, mlp_ratio, rename, take
+from .base import VIT_CONFIG_KEYS, Spec, blocks, common_kwargs, count, mlp_ratio, rename, take
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,17 +23,7 @@ class CLIPSpec(Spec):
     name = "clip"
     classes = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
     module = "clip"
-    config_keys = (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_channels",
-        "image_size",
-        "patch_size",
-        "hidden_act",
-        "layer_norm_eps",
-    )
+    config_keys = VIT_CONFIG_KEYS
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     last_normed = False
 

@@ -10,24 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping
 
-from .base import Spec, blocks, common_kwargs, count, mlp_ratio, rename, take
+from .base import VIT_CONFIG_KEYS, Spec, blocks, common_kwargs, count, mlp_ratio, rename, take
 
 
 class SiglipSpec(Spec):
     name = "siglip"
     classes = ("SiglipVisionModel", "SiglipModel")
     module = "siglip"
-    config_keys = (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_channels",
-        "image_size",
-        "patch_size",
-        "hidden_act",
-        "layer_norm_eps",
-    )
+    config_keys = VIT_CONFIG_KEYS
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
     def parts(self, hf):

@@ -12,23 +12,14 @@ from typing import Any, Dict, Mapping, Optional
 from torch import nn
 
 from ...core.io import InputError
-from .base import Spec, blocks, common_kwargs, count, mlp_ratio, rename, take
+from .base import VIT_CONFIG_KEYS, Spec, blocks, common_kwargs, count, mlp_ratio, rename, take
 
 
 class ViTSpec(Spec):
     name = "vit"
     classes = ("ViTModel",)
     module = "vit"
-    config_keys = (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_channels",
-        "image_size",
-        "patch_size",
-        "hidden_act",
-        "layer_norm_eps",
+    config_keys = VIT_CONFIG_KEYS + (
         "qkv_bias",
         "pooler_output_size",
         "pooler_act",
