@@ -48,6 +48,7 @@ from .nn.convert import convert
 from .nn.dense import unmerge_packed
 from .nn.model import APTViT
 from .runtime import autocast, resolve_device, resolve_dtype
+from .teacher import timm_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -443,17 +444,6 @@ def plot(result: Calibration, path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- running models
-def _uniform_outputs(vit: nn.Module, images: torch.Tensor) -> Outputs:
-    """A timm ViT's ``Outputs`` on the full grid of normalised (B, 3, H, W) images (logits as timm's ``forward``)."""
-    feats = vit.forward_features(images)
-    pre = vit.forward_head(feats, pre_logits=True)
-    logits = vit.forward_head(feats) if vit.num_classes else None
-    p = vit.patch_embed.patch_size
-    h, w = images.shape[-2] // p[0], images.shape[-1] // p[1]
-    dense = feats[:, vit.num_prefix_tokens :].transpose(1, 2).reshape(feats.shape[0], -1, h, w)
-    return Outputs(logits, pre, dense)
-
-
 def _apt_outputs(apt: APTViT, images: torch.Tensor, crops: torch.Tensor) -> Tuple[Outputs, torch.Tensor]:
     """An ``APTViT``'s ``Outputs`` (dense features on its base grid) and its patch tokens per image (B,).
 
@@ -678,7 +668,7 @@ def calibrate(
                     timing[s].append(x[s][: timing_images - seen].cpu())
             seen += n
             with autocast(dev, compute):
-                ref = _uniform_outputs(vit, x[size])
+                ref = timm_outputs(vit, x[size])
             for i, s in enumerate(settings):
                 with autocast(dev, compute):
                     if s.kind == "apt":
@@ -686,7 +676,7 @@ def calibrate(
                             models[s.patch_sizes].configure(**s.apt_fields()), x[s.size], crops[s.size]
                         )
                     else:
-                        out_s = ref if s.kind == "source" else _uniform_outputs(vit, x[s.size])
+                        out_s = ref if s.kind == "source" else timm_outputs(vit, x[s.size])
                         tokens = torch.full((n,), (s.size // p) ** 2, device=dev)
                 sums[i].add(_on_grid(out_s, grid), ref, labels, tokens)
     bar.close()

@@ -35,7 +35,7 @@ def timm_outputs(model: nn.Module, images: torch.Tensor) -> Outputs:
     """A timm ViT's ``Outputs`` for normalised images (B, 3, H, W): one forward on the full grid."""
     feats = model.forward_features(images)  # (B, prefix + h * w, D), final norm applied
     pre = model.forward_head(feats, pre_logits=True)
-    logits = model.head(pre) if model.num_classes else None
+    logits = model.forward_head(feats) if model.num_classes else None  # timm's own head: both of a distilled DeiT
     p = model.patch_embed.patch_size
     h, w = images.shape[-2] // p[0], images.shape[-1] // p[1]
     dense = feats[:, model.num_prefix_tokens :].transpose(1, 2).reshape(feats.shape[0], -1, h, w)

@@ -267,3 +267,17 @@ def test_a_resumed_distill_run_continues_exactly(tmp_path):
     a = aptvit.nn.checkpoint.read_state_dict(tmp_path / "straight" / "model.safetensors")
     b = aptvit.nn.checkpoint.read_state_dict(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "deit_distilled"])
+def test_a_uniform_teachers_logits_are_timms_own(family):
+    """The teacher's (and calibrate's source's) logits are what timm's forward gives: both heads of a distilled DeiT."""
+    from aptvit.teacher import timm_outputs
+
+    from ..tiny import tiny_vit
+
+    model = tiny_vit(family).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, want = timm_outputs(model, x).logits, model(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
