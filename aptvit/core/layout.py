@@ -268,8 +268,8 @@ class PatchLayout:
         return from_boxes(tuple(d["patch_sizes"]), image_sizes, boxes[:, 0], boxes[:, 1], boxes[:, 2], cu)
 
 
-def to_device(values: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
-    """A small tensor of host ints on ``device`` without waiting for the device.
+def to_device(values: Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
+    """A small tensor of host numbers on ``device`` without waiting for the device.
 
     ``torch.tensor(values, device="cuda")`` copies with ``non_blocking=False``, which synchronises the
     stream; a non-blocking copy from pageable memory is staged at once and needs no wait. On the CPU there is

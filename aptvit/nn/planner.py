@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from ..core.io import InputError, UserTypeError
-from ..core.layout import PatchLayout
+from ..core.layout import PatchLayout, to_device
 from ..core.packed import Groups, PackedBatch, groups_of, plan_packed
 from ..core.pixels import size_groups
 from ..core.quadtree import patch_layout
@@ -217,12 +217,8 @@ def _device_of(images: Images) -> torch.device:
 
 def _channel_constants(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """(C,) float32 ``values`` on ``device``, written by fills (capturable in a CUDA graph, unlike a host copy)."""
-    if torch.compiler.is_compiling():
-        # in a traced graph, built from ops: a tensor constant inside a scan's body would not serialise
-        # (torch.export.save of aptvit.export's per-image program)
-        return torch.stack([torch.full((), float(v), dtype=torch.float32, device=device) for v in values])
-    if device.type == "cpu":
-        return torch.tensor(values, dtype=torch.float32, device=device)
+    if device.type == "cpu" or torch.compiler.is_compiling():
+        return to_device(values, torch.float32, device)  # built from ops inside a traced graph (see to_device)
     out = torch.empty(len(values), dtype=torch.float32, device=device)
     for i, v in enumerate(values):
         out[i].fill_(v)
