@@ -18,7 +18,7 @@ settings only (a frozen dataclass, no caches): any number of threads or processe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -61,10 +61,6 @@ class Planner:
     @property
     def patch_size(self) -> int:
         return self.config.patch_sizes[0]
-
-    def with_settings(self, **changes) -> "Planner":
-        """This planner with ``APTConfig`` fields changed (validated): thresholds=, budget=, scorer=, ..."""
-        return replace(self, config=self.config.replace(**changes)) if changes else self
 
     # ------------------------------------------------------------------ layout
     def layout_settings(self) -> dict:
