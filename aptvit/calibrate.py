@@ -466,13 +466,13 @@ def patch_models(apt: APTViT, patch_sets: Sequence[Tuple[int, ...]]) -> Dict[Tup
     zero (the resize-only start of a fresh conversion) for sizes ``apt`` lacks.
     """
     out = {}
-    own = apt.apt.state_dict()
+    own = apt.adaptive_embed.state_dict()
     for ps in patch_sets:
         config = apt.config.replace(patch_sizes=tuple(ps), thresholds=None, budget=None, static=False)
         model = convert(apt.timm_model, config, attention=apt.attention)
-        mine = model.apt.state_dict()
+        mine = model.adaptive_embed.state_dict()
         same = {k: v for k, v in own.items() if k in mine and mine[k].shape == v.shape}
-        model.apt.load_state_dict(same, strict=False)
+        model.adaptive_embed.load_state_dict(same, strict=False)
         out[tuple(ps)] = model.eval()
     return out
 

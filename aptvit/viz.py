@@ -248,18 +248,12 @@ def show(
         One dict per image: path, png, json, image size, padding, tokens, base tokens, patch sizes, counts, and the
         settings used (scorer, thresholds: the scorer's defaults when neither thresholds nor budget was given).
     """
-    import json
-
     from .core.io import check_writable
-    from .core.pixels import grayscale_255
-    from .core.quadtree import check_layout_settings, patch_layout
-    from .core.scoring import get_scorer
-    from .images import fit_image, read_image
+    from .core.quadtree import check_layout_settings
     from .nn.config import APTConfig
 
     scorer = APTConfig.scorer if scorer is None else scorer
     sizes = show_patch_sizes(patch_sizes, thresholds)
-    p = sizes[0]
     used, _ = check_layout_settings(sizes, thresholds, budget, scorer, scorer_args)  # the defaults filled in
     settings = layout_description(sizes, used, budget, scorer, scorer_args)
     check_picture_size(width, dpi)
@@ -267,63 +261,88 @@ def show(
     stems = _output_stems(paths, out_dir)
     if out_dir is not None:
         check_writable(out_dir, folder=True)
-
-    def prepared(path: Path):
-        original = read_image(path)
-        img, padding = fit_image(original, size if size is not None else (min(original.shape[-2:]), None), p)
-        layout = patch_layout(
-            img[None], sizes, thresholds=thresholds, budget=budget, scorer=scorer, scorer_args=scorer_args
-        )
-        return img, padding, layout
-
+    layout_args = dict(size=size, sizes=sizes, thresholds=thresholds, budget=budget, scorer=scorer, args=scorer_args)
     for path in paths:  # every input checked (read, resized, laid out) before anything is written
-        prepared(path)
+        _laid_out(path, **layout_args)
     results = []
     for path, stem in zip(paths, stems):
-        img, padding, layout = prepared(path)
+        img, padding, layout = _laid_out(path, **layout_args)
         folder = Path(out_dir) if out_dir else path.parent
-        png = folder / f"{stem}_apt.png"
-        grid = None
-        if heatmap and len(sizes) > 1:
-            spec = get_scorer(scorer)
-            params = spec.resolve_params(scorer, scorer_args)
-            grid = spec.fn(grayscale_255(img[None]), [sizes[1]], p, **params)[sizes[1]][0]
-        tokens, base = layout.total_tokens, int(layout.num_base_tokens[0])
+        result = _shown(path, folder / f"{stem}_apt.png", img, padding, layout, scorer, used, budget)
+        grid = _score_grid(img, sizes, scorer, scorer_args) if heatmap and len(sizes) > 1 else None
         draw_layout(
             img,
             layout,
-            png,
+            result["png"],
             scores=grid,
-            score_label=f"{scorer} score of {sizes[1] if grid is not None else p}px patches",
-            title=f"{path.name} at {img.shape[-2]}x{img.shape[-1]}: {tokens}/{base} tokens",
+            score_label=f"{scorer} score of {sizes[1] if grid is not None else sizes[0]}px patches",
+            title=f"{path.name} at {img.shape[-2]}x{img.shape[-1]}: {result['tokens']}/{result['base_tokens']} tokens",
             subtitle=settings,
             padding=padding,
             width=width,
             dpi=dpi,
         )
-        note = f" (padded {padding[0]}px bottom, {padding[1]}px right to a multiple of {p})" if any(padding) else ""
-        result = {
-            "image": str(path),
-            "png": str(png),
-            "height": img.shape[-2],
-            "width": img.shape[-1],
-            "padding_bottom": padding[0],
-            "padding_right": padding[1],
-            "tokens": tokens,
-            "base_tokens": base,
-            "patch_sizes": list(sizes),
-            "counts": {str(s): int(c[0]) for s, c in layout.size_counts().items()},
-            "scorer": scorer,
-            "thresholds": {str(k): v for k, v in used.items()} if used is not None else None,
-            "budget": budget,
-        }
         if write_json:
-            jpath = folder / f"{stem}_apt.json"
-            payload = {**result, "scorer_args": scorer_args or {}, "layout": layout.to_dict()}
-            atomic_write(jpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
-            result["json"] = str(jpath)
-        logger.info(
-            f"{path.name}: {tokens}/{base} tokens ({tokens / base:.1%}) at {img.shape[-2]}x{img.shape[-1]}{note} -> {png}"
-        )
+            result["json"] = _write_layout_json(folder / f"{stem}_apt.json", result, scorer_args, layout)
+        logger.info(_shown_line(path.name, result, sizes[0]))
         results.append(result)
     return results
+
+
+def _laid_out(path: Path, size, sizes, thresholds, budget, scorer, args):
+    """(image (C, H, W) float in [0, 1] fitted to ``size`` and the base grid, its (bottom, right) padding, its
+    layout) of one file."""
+    from .core.quadtree import patch_layout
+    from .images import fit_image, read_image
+
+    original = read_image(path)
+    img, padding = fit_image(original, size if size is not None else (min(original.shape[-2:]), None), sizes[0])
+    layout = patch_layout(img[None], sizes, thresholds=thresholds, budget=budget, scorer=scorer, scorer_args=args)
+    return img, padding, layout
+
+
+def _score_grid(img: torch.Tensor, sizes, scorer: str, scorer_args) -> torch.Tensor:
+    """The scorer's (h, w) grid of scores of the second-smallest patches of ``img``, for the heat map."""
+    from .core.pixels import grayscale_255
+    from .core.scoring import get_scorer
+
+    spec = get_scorer(scorer)
+    params = spec.resolve_params(scorer, scorer_args)
+    return spec.fn(grayscale_255(img[None]), [sizes[1]], sizes[0], **params)[sizes[1]][0]
+
+
+def _shown(path: Path, png: Path, img, padding, layout: PatchLayout, scorer, used, budget) -> dict:
+    """What ``show`` returns for one image (without its JSON file's path)."""
+    return {
+        "image": str(path),
+        "png": str(png),
+        "height": img.shape[-2],
+        "width": img.shape[-1],
+        "padding_bottom": padding[0],
+        "padding_right": padding[1],
+        "tokens": layout.total_tokens,
+        "base_tokens": int(layout.num_base_tokens[0]),
+        "patch_sizes": list(layout.patch_sizes),
+        "counts": {str(s): int(c[0]) for s, c in layout.size_counts().items()},
+        "scorer": scorer,
+        "thresholds": {str(k): v for k, v in used.items()} if used is not None else None,
+        "budget": budget,
+    }
+
+
+def _write_layout_json(path: Path, result: dict, scorer_args, layout: PatchLayout) -> str:
+    """``result`` with the scorer's parameters and the whole layout, written to ``path`` atomically."""
+    import json
+
+    payload = {**result, "scorer_args": scorer_args or {}, "layout": layout.to_dict()}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+    return str(path)
+
+
+def _shown_line(name: str, result: dict, p: int) -> str:
+    """The line ``show`` prints for one image."""
+    tokens, base = result["tokens"], result["base_tokens"]
+    pad = result["padding_bottom"], result["padding_right"]
+    note = f" (padded {pad[0]}px bottom, {pad[1]}px right to a multiple of {p})" if any(pad) else ""
+    size = f"{result['height']}x{result['width']}"
+    return f"{name}: {tokens}/{base} tokens ({tokens / base:.1%}) at {size}{note} -> {result['png']}"

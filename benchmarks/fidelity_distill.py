@@ -8,7 +8,7 @@ AdamW over ``param_groups``, warm-up + cosine ``lr_at``, gradient clipping) and 
 is no head):
 
 - APT through the public training API, ``aptvit.train.finetune(TrainConfig(distill=True, ...))`` (what
-  ``aptvit finetune --distill`` runs), on a folder of the crops; its new ``apt.*`` layers at the recipe's lr
+  ``aptvit finetune --distill`` runs), on a folder of the crops; its new ``adaptive_embed.*`` layers at the recipe's lr
   multiplier (``new_layer_lr_scale``);
 - lower resolution through a loop of the same pieces: the crops downsized to the student's side, its dense grid
   upsampled (bilinear) to the teacher's, as ``real_fidelity.lowres_method`` evaluates it.

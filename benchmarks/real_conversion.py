@@ -240,7 +240,7 @@ def detail_share(apt, data, n: int = 250) -> float:
     def hook(module, inputs, output):  # returns None: the output is left alone
         seen.setdefault("detail", output.norm(dim=-1).mean())
 
-    hooks = [layer.register_forward_hook(hook) for layer in apt.apt.detail_proj.values()]
+    hooks = [layer.register_forward_hook(hook) for layer in apt.adaptive_embed.detail_proj.values()]
     px, x = batch_pixels(data[0][:n])
     try:
         apt(x, layout=apt.make_layout(x))
@@ -487,7 +487,7 @@ def main(argv=None) -> int:
         if epochs:
             if freeze_detail:
                 for n, p in method.module.named_parameters():
-                    if n.startswith("apt."):
+                    if n.startswith("adaptive_embed."):
                         p.requires_grad_(False)
             log(f"  fine-tuning {name}")
             seconds = train(method, data["finetune"], epochs, cfg or base_cfg(), args.seed + 1, log)

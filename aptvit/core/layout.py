@@ -325,9 +325,29 @@ def from_boxes(
             every image's base cells exactly once, or ``cu_seqlens`` does not fit the boxes.
     """
     patch_sizes = check_patch_sizes(patch_sizes)
-    p = patch_sizes[0]
-    device = y.device
-    t = y.shape[0]
+    offsets = _check_boxes(patch_sizes, image_sizes, y, x, size, cu_seqlens)
+    cover, flat, outside, total = _box_cells(patch_sizes[0], image_sizes, y, x, size, cu_seqlens)
+    hits = torch.bincount(flat[~outside], minlength=total)
+    if bool(outside.any()) or bool((hits != 1).any()):
+        raise InputError("boxes do not tile the images: every base cell must be covered exactly once")
+    cells = torch.empty(total, dtype=torch.long, device=y.device)
+    cells[flat] = cover
+    return PatchLayout(
+        tuple(patch_sizes),
+        tuple(image_sizes),
+        y,
+        x,
+        size,
+        cu_seqlens.to(torch.int32),
+        cells,
+        max((b - a for a, b in zip(offsets, offsets[1:])), default=0),
+        offsets,
+    )
+
+
+def _check_boxes(patch_sizes, image_sizes, y, x, size, cu_seqlens) -> Tuple[int, ...]:
+    """``from_boxes``'s input checks (shapes, offsets, image sizes, box sizes on their grids); the host offsets."""
+    p, t = patch_sizes[0], y.shape[0]
     if not (x.shape == size.shape == (t,)):
         raise InputError(
             f"y, x, size must be (T,) tensors of one length, got {tuple(y.shape)}, {tuple(x.shape)}, {tuple(size.shape)}"
@@ -346,18 +366,28 @@ def from_boxes(
     for h, w in image_sizes:
         if h % p or w % p or h <= 0 or w <= 0:
             raise InputError(f"image size {h}x{w} is not a positive multiple of the base patch size {p}")
-    allowed = torch.tensor(patch_sizes, device=device)
+    allowed = torch.tensor(patch_sizes, device=y.device)
     if t and (bool((~torch.isin(size, allowed)).any()) or bool((y % size).any()) or bool((x % size).any())):
         raise InputError(
             f"every box must have a size in {patch_sizes} and sit on the grid of its size (y, x multiples of it)"
         )
-    image = seq_index(cu)
+    return offsets
+
+
+def _box_cells(p: int, image_sizes, y, x, size, cu_seqlens):
+    """Every token expanded into the k x k base cells it covers.
+
+    Returns:
+        cover: (C',) the token of each covered cell; flat: (C',) the cell's index in the packed cell list (image by
+        image, row-major); outside: (C',) bool, the cell lies outside its image; total: the images' cell count C.
+    """
+    device = y.device
+    image = seq_index(cu_seqlens.long())
     grid_h = torch.tensor([h // p for h, _ in image_sizes], dtype=torch.long, device=device)
     grid_w = torch.tensor([w // p for _, w in image_sizes], dtype=torch.long, device=device)
     grid_counts = torch.tensor([(h // p) * (w // p) for h, w in image_sizes], dtype=torch.long)
     cell_offsets = torch.cat([grid_counts.new_zeros(1), grid_counts.cumsum(0)]).to(device)
     k = size // p
-    # Each token covers a k x k block of cells: expand every token into its cells.
     cover = torch.repeat_interleave(torch.arange(y.shape[0], device=device), k * k)
     within = torch.arange(cover.shape[0], device=device) - torch.repeat_interleave(
         torch.cumsum(k * k, 0) - k * k, k * k
@@ -368,20 +398,4 @@ def from_boxes(
     img = image[cover]
     outside = (row >= grid_h[img]) | (col >= grid_w[img]) | (row < 0) | (col < 0)
     flat = cell_offsets[img] + row * grid_w[img] + col
-    total = int(cell_offsets[-1])
-    hits = torch.bincount(flat[~outside], minlength=total)
-    if bool(outside.any()) or bool((hits != 1).any()):
-        raise InputError("boxes do not tile the images: every base cell must be covered exactly once")
-    cells = torch.empty(total, dtype=torch.long, device=device)
-    cells[flat] = cover
-    return PatchLayout(
-        tuple(patch_sizes),
-        tuple(image_sizes),
-        y,
-        x,
-        size,
-        cu_seqlens.to(torch.int32),
-        cells,
-        max((b - a for a, b in zip(offsets, offsets[1:])), default=0),
-        offsets,
-    )
+    return cover, flat, outside, int(cell_offsets[-1])

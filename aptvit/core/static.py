@@ -209,19 +209,51 @@ def plan_static(layout: PatchLayout, groups: Groups, num_prefix: int, pool_prefi
     Returns:
         PackedBatch with ``static=True`` and ``offsets=None`` (the sequence offsets live on the device only).
     """
+    _check_static(layout, groups)
+    b, k, P, device = layout.batch_size, layout.max_seqlen, num_prefix, layout.device
+    seqlen, num_seqs = P + k, 2 * b
+    slots, real = _slot_rows(layout, groups, dump=num_seqs)  # (B, k) each
+    prefix = _prefix_rows(layout, groups, P, pool_prefix, dump=num_seqs)  # (B, P) each
+    rows = Row(*(torch.cat([a.expand(b, P), s.expand(b, k)], 1).reshape(-1) for a, s in zip(prefix, slots)))
+    starts = torch.arange(b, device=device) * seqlen  # every image's first row
+    h, w = groups[0][1]
+    cells = (h // layout.patch_sizes[0]) * (w // layout.patch_sizes[0]) + (P if pool_prefix else 0)
+    return PackedBatch(
+        layout=layout,
+        groups=groups,
+        num_prefix=P,
+        offsets=None,
+        max_seqlen=seqlen,
+        num_seqs=num_seqs,
+        cu_seqlens=_static_cu_seqlens(starts, P + real.sum(1), seqlen),
+        seq=rows.seq,
+        token_src=rows.token_src,
+        pos_src=rows.pos_src,
+        patch_pos=(starts.view(b, 1) + P + torch.arange(k, device=device)).view(-1),
+        prefix_pos=starts.view(b, 1) + torch.arange(P, device=device).view(1, P),
+        pool_weight=rows.area / cells,
+        pool_seq=rows.pool_seq,
+        key_bias=torch.cat([torch.zeros(b, P, device=device), slots.area.clamp(min=1).float().log()], 1).view(-1),
+        static=True,
+    )
+
+
+def _check_static(layout: PatchLayout, groups: Groups) -> None:
+    """``plan_static``'s input: one group of same-size images, k tokens per image (padding included)."""
     if len(groups) != 1:
         raise InputError("a static plan needs one (B, C, H, W) batch of same-size images")
-    sizes, device = layout.patch_sizes, layout.device
-    p, b, P = sizes[0], layout.batch_size, num_prefix
-    k = layout.max_seqlen
+    b, k = layout.batch_size, layout.max_seqlen
     if layout.total_tokens != b * k or tuple(layout.offsets) != tuple(i * k for i in range(b + 1)):
         raise InputError("plan_static needs a static layout (k tokens per image, padding included): see pad_static")
-    seqlen, num_seqs = P + k, 2 * b
-    m, pos_zero = bank_size(groups, sizes), pos_bank_size(groups, sizes)
-    h, w = groups[0][1]
-    cells = (h // p) * (w // p) + (P if pool_prefix else 0)
 
-    # ---- patch slots (B, k): bank rows by arithmetic over the sizes
+
+def _slot_rows(layout: PatchLayout, groups: Groups, dump: int):
+    """The (B, k) patch slots' ``Row``: bank rows by arithmetic over the sizes, and which slots are real (not padding).
+
+    ``dump``: the pooling segment of rows that do not pool (one past the last sequence).
+    """
+    sizes, b, k = layout.patch_sizes, layout.batch_size, layout.max_seqlen
+    p = sizes[0]
     size = layout.size.view(b, k)
     real = size > 0
     scale = size // p
@@ -232,45 +264,33 @@ def plan_static(layout: PatchLayout, groups: Groups, num_prefix: int, pool_prefi
     start, per_image, cols, pos_start = entry
     safe = size.clamp(min=1)
     row, col = layout.y.view(b, k) // safe, layout.x.view(b, k) // safe
-    img = torch.arange(b, device=device).view(b, 1)
-    dump = num_seqs
+    img = torch.arange(b, device=layout.device).view(b, 1)
     slots = Row(
         token_src=(start + img * per_image + row * cols + col) * real,
-        pos_src=torch.where(real, pos_start + row * cols + col, pos_zero),  # the position grid is as wide
+        pos_src=torch.where(real, pos_start + row * cols + col, pos_bank_size(groups, sizes)),  # as wide a grid
         seq=2 * img + (~real).long(),
         pool_seq=torch.where(real, img, dump),
         area=scale * scale,
     )
-    # ---- prefix rows (B, P)
+    return slots, real
+
+
+def _prefix_rows(layout: PatchLayout, groups: Groups, P: int, pool_prefix: bool, dump: int) -> Row:
+    """The (B, P) prefix rows' ``Row``: the prefix rows after the token bank, the zero position row, sequence 2i."""
+    b, device = layout.batch_size, layout.device
+    img = torch.arange(b, device=device).view(b, 1)
     j = torch.arange(P, device=device).view(1, P)
     ones = torch.ones(b, P, dtype=torch.long, device=device)
-    prefix = Row(
-        token_src=(m + j) * ones,
-        pos_src=ones * pos_zero,
+    return Row(
+        token_src=(bank_size(groups, layout.patch_sizes) + j) * ones,
+        pos_src=ones * pos_bank_size(groups, layout.patch_sizes),
         seq=2 * img * ones,
         pool_seq=(img if pool_prefix else torch.full_like(img, dump)) * ones,
         area=ones * int(pool_prefix),
     )
-    rows = Row(*(torch.cat([a.expand(b, P), s.expand(b, k)], 1).reshape(-1) for a, s in zip(prefix, slots)))
 
-    starts = torch.arange(b, device=device) * seqlen
-    ends = starts + P + real.sum(1)
-    cu_seqlens = torch.cat([starts.new_zeros(1), torch.stack([ends, starts + seqlen], 1).view(-1)]).to(torch.int32)
-    return PackedBatch(
-        layout=layout,
-        groups=groups,
-        num_prefix=P,
-        offsets=None,
-        max_seqlen=seqlen,
-        num_seqs=num_seqs,
-        cu_seqlens=cu_seqlens,
-        seq=rows.seq,
-        token_src=rows.token_src,
-        pos_src=rows.pos_src,
-        patch_pos=(starts.view(b, 1) + P + torch.arange(k, device=device)).view(-1),
-        prefix_pos=starts.view(b, 1) + j,
-        pool_weight=rows.area / cells,
-        pool_seq=rows.pool_seq,
-        key_bias=torch.cat([torch.zeros(b, P, device=device), slots.area.clamp(min=1).float().log()], 1).view(-1),
-        static=True,
-    )
+
+def _static_cu_seqlens(starts: torch.Tensor, used: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """(2B+1,) int32 offsets of sequences 2i (``used`` rows from ``starts[i]``) and 2i + 1 (the rest of the slice)."""
+    ends = starts + used
+    return torch.cat([starts.new_zeros(1), torch.stack([ends, starts + seqlen], 1).view(-1)]).to(torch.int32)

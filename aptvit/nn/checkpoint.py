@@ -2,7 +2,8 @@
 
 The file format. An aptvit checkpoint is one safetensors file:
     tensors: the timm model's state dict under timm's own keys (``blocks.0.attn.qkv.weight``, ...) plus the
-        APT parameters under ``apt.*`` (the detail path), so timm's tools read the timm part as is.
+        APT parameters under ``adaptive_embed.*`` (the detail path), so timm's tools read the timm part as is.
+        Older aptvit files hold them under ``apt.*``; ``checkpoint_filter_fn`` renames them on load.
     metadata (strings; JSON where noted):
         ``format``: "aptvit"; ``format_version``: ``FORMAT_VERSION``;
         ``aptvit``: the conversion settings (``APTConfig.to_dict``, JSON);
@@ -33,14 +34,33 @@ from .families import FAMILIES, family_of, timm_args_allowed
 from .model import APTViT
 
 # 2: the settings hold ``scorer_args`` (1 had entropy's ``bins``) and no attention backend (a runtime choice now);
-# files of version 1 still load (``APTConfig.from_dict``), a newer version is refused by name
-FORMAT_VERSION = "2"
+# 3: the detail path under ``adaptive_embed.*`` (1 and 2: ``apt.*``), so that an aptvit reading only ``apt.*`` refuses
+# the file by its version rather than by its keys. Files of versions 1 and 2 still load (``APTConfig.from_dict``,
+# ``checkpoint_filter_fn``), a newer version is refused by name
+FORMAT_VERSION = "3"
 # what a loaded model needs to preprocess like the saved one (normalisation, eval crop, size)
 PRETRAINED_CFG_KEYS = ("architecture", "tag", "mean", "std", "crop_pct", "crop_mode", "input_size", "interpolation")
 # The only ``timm.create_model`` arguments a checkpoint may carry: the structure that each family's ``timm_args``
 # records and the regularisation rates (``Family.TIMM_ARGS``). Nothing that names a file (checkpoint_path,
 # pretrained_cfg_overlay) or a class.
 TIMM_ARGS = timm_args_allowed()
+# state-dict key prefixes of older aptvit files and their names today: {old: new} (``APTViT.adaptive_embed`` was ``apt``)
+RENAMED_PREFIXES = {"apt.": "adaptive_embed."}
+EMBED_PREFIX = "adaptive_embed."
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """An aptvit state dict under today's keys: keys of older files renamed (``RENAMED_PREFIXES``), others as given.
+
+    The counterpart of timm's ``checkpoint_filter_fn`` for the APT parameters: ``load`` runs every aptvit file
+    through it, and a state dict saved with ``torch.save(apt.state_dict())`` by an older aptvit loads with
+    ``apt.load_state_dict(checkpoint_filter_fn(old))``.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        old = next((p for p in RENAMED_PREFIXES if key.startswith(p)), None)
+        out[RENAMED_PREFIXES[old] + key[len(old) :] if old else key] = value
+    return out
 
 
 def _timm_args(vit: nn.Module) -> Dict:
@@ -323,11 +343,13 @@ def load(
             files carry their own; change them with ``.configure(...)``).
 
     Returns:
-        APTViT with the checkpoint's weights (timm part and ``apt.*``).
+        APTViT with the checkpoint's weights (timm part and ``adaptive_embed.*``; older files' ``apt.*`` too).
     """
     meta = read_metadata(path)
     config = read_config(path, meta)
     state = read_state_dict(path)
+    if config is not None:
+        state = checkpoint_filter_fn(state)
     if config is None:
         if model is None:
             raise InputError(
@@ -365,12 +387,12 @@ def load(
     if saved_cfg:  # the weights were trained with this normalisation: keep it, on both models
         model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), **saved_cfg}
     apt = APTViT(model, config, attention=attention)
-    timm_keys = {k: v for k, v in state.items() if not k.startswith("apt.")}
+    timm_keys = {k: v for k, v in state.items() if not k.startswith(EMBED_PREFIX)}
     load_timm_weights(model, timm_keys)
-    apt_state = {k[len("apt.") :]: v for k, v in state.items() if k.startswith("apt.")}
-    missing, unexpected = apt.apt.load_state_dict(apt_state, strict=False)
+    embed_state = {k[len(EMBED_PREFIX) :]: v for k, v in state.items() if k.startswith(EMBED_PREFIX)}
+    missing, unexpected = apt.adaptive_embed.load_state_dict(embed_state, strict=False)
     if missing or unexpected:
         raise InputError(
-            f"checkpoint's apt.* weights do not match the model (missing {missing}, unexpected {unexpected})"
+            f"checkpoint's {EMBED_PREFIX}* weights do not match the model (missing {missing}, unexpected {unexpected})"
         )
     return apt

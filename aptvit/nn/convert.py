@@ -28,7 +28,7 @@ def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: 
             ``area_bias`` (area-proportional attention, see ``APTConfig``).
 
     Returns:
-        APTViT whose state dict is the timm model's plus ``apt.*``. With thresholds that never merge
+        APTViT whose state dict is the timm model's plus ``adaptive_embed.*``. With thresholds that never merge
         it computes exactly what the timm model computes.
     """
     if type(model).__module__.startswith("transformers."):  # a Hugging Face tower: its timm twin (nn.hf)

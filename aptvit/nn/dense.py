@@ -4,8 +4,10 @@ Parameter-free only: the trainable heads are in ``aptvit.nn.heads``.
 
 Unmerging is a gather through the layout's cell index: each base cell takes the feature of the token
 that covers it ("repeat"). ``smooth=True`` instead box-filters each large token's area with a
-window of its own size, so features blend across token borders ("smooth"); see BENCHMARKS.md for
-which scored better in the segmentation experiment (the default follows it).
+window of its own size, so features blend across token borders ("smooth"). "repeat" is the default because a
+segmentation head trained on the APT features scored better with it (``examples/segmentation.py``); "smooth" brings
+the features closer to the uniform model's, so a frozen dense head trained on the uniform model should pass
+``smooth=True``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..core.io import InputError
 from ..core.layout import PatchLayout
 from ..core.packing import gather_to_grid
 
-SMOOTH_DEFAULT = False  # set from the segmentation experiment (examples/segmentation.py)
+SMOOTH_DEFAULT = False  # "repeat": what a head trained on the APT features scored better with (module docstring)
 
 
 def unmerge(tokens: torch.Tensor, layout: PatchLayout, smooth: bool = SMOOTH_DEFAULT) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """``APTViT``: a timm ViT run on packed, variable-length sequences of mixed-size patches.
 
 The wrapper registers the timm model's own modules and parameters under their own names (so the
-state dict keys stay timm's) and adds only ``apt.*`` (the detail path). A forward has two halves:
+state dict keys stay timm's) and adds only ``adaptive_embed.*`` (the detail path of large patches, beside timm's
+``patch_embed``). A forward has two halves:
 
 * the plan (host side): ``apt.planner`` (``nn.planner.Planner``) checks shapes and dtypes, makes the layout if none
   is given, and plans a ``PackedBatch`` of every index whose shape depends on the data;
@@ -109,9 +110,10 @@ class APTViT(DenseMixin, nn.Module):
         self.embed_dim = vit.embed_dim
         self.num_classes = vit.num_classes
         ref = vit.patch_embed.proj.weight
-        self.apt = AdaptivePatchEmbed(vit.embed_dim, sizes, device=ref.device, dtype=ref.dtype)
+        # beside timm's ``patch_embed``, whose projection and norm it reuses: the new parameters of the embedding
+        self.adaptive_embed = AdaptivePatchEmbed(vit.embed_dim, sizes, device=ref.device, dtype=ref.dtype)
         self.training = vit.training  # a model converted in eval mode stays in eval mode
-        self.apt.train(vit.training)
+        self.adaptive_embed.train(vit.training)
 
     # ------------------------------------------------------------------ settings
     @property
@@ -139,7 +141,8 @@ class APTViT(DenseMixin, nn.Module):
         """timm's ``reset_classifier`` on the wrapped model, re-registered here (a new label set)."""
         self.timm_model.reset_classifier(num_classes, global_pool)
         children = dict(self.timm_model.named_children())
-        gone = [n for n in self._modules if n != "apt" and n not in children]  # e.g. an attention pool removed
+        # what timm no longer has, e.g. an attention pool removed
+        gone = [n for n in self._modules if n != "adaptive_embed" and n not in children]
         for name in gone:
             del self._modules[name]
         for name, module in children.items():  # the new heads (and a new attention pool), re-registered
@@ -158,10 +161,10 @@ class APTViT(DenseMixin, nn.Module):
         self.timm_model.set_distilled_training(enable)
 
     def group_matcher(self, coarse: bool = False) -> Dict:
-        """timm's parameter groups (layer-wise LR decay, ``timm.optim``): the new ``apt.*`` layers join the stem,
-        since they are part of the embedding."""
+        """timm's parameter groups (layer-wise LR decay, ``timm.optim``): the new ``adaptive_embed.*`` layers join the
+        stem, since they are part of the embedding."""
         groups = dict(self.timm_model.group_matcher(coarse))
-        groups["stem"] = groups["stem"] + r"|^apt\."
+        groups["stem"] = groups["stem"] + r"|^adaptive_embed\."
         return groups
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
@@ -361,8 +364,8 @@ class APTViT(DenseMixin, nn.Module):
     def embed_packed(self, images: Images, packed: PackedBatch) -> torch.Tensor:
         """Packed input tokens (N, D): patch embeddings plus positions, prefix tokens, padding.
 
-        Two gathers from banks planned by ``core.packed``: token embeddings of every size (``apt.bank``) plus
-        the prefix rows, and position embeddings of every size plus a zero row.
+        Two gathers from banks planned by ``core.packed``: token embeddings of every size (``adaptive_embed.bank``)
+        plus the prefix rows, and position embeddings of every size plus a zero row.
         """
         first = images if isinstance(images, torch.Tensor) else images[0]
         if not first.is_floating_point():
@@ -370,7 +373,7 @@ class APTViT(DenseMixin, nn.Module):
         banks = []
         for idx, _ in packed.groups:
             batch = images if isinstance(images, torch.Tensor) else torch.stack([images[i] for i in idx])
-            banks.append(self.apt.bank(batch, self.patch_embed.proj, self.patch_embed.norm))
+            banks.append(self.adaptive_embed.bank(batch, self.patch_embed.proj, self.patch_embed.norm))
         pos, prefix = self.family.positions(self, packed.groups)  # position bank (+ zero row), prefix rows
         if prefix is not None:
             banks.append(as_dtype(prefix, banks[0].dtype))

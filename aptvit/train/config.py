@@ -130,11 +130,11 @@ class TrainConfig:
     label_smoothing: float = setting(0.1, "", bounds=FINITE, cli=False)
     drop_path: float = setting(0.1, "", bounds=FRACTION)
     clip_grad: float = setting(1.0, "gradient norm clipping (0: none)", bounds=FINITE, cli=False)
-    # lr multiplier of the new apt.* layers (the detail path): its output layer starts at zero and AdamW moves a
+    # lr multiplier of the new adaptive_embed.* layers (the detail path): its output layer starts at zero and AdamW moves a
     # weight by about lr per step, so at the fine-tuning lr one epoch leaves it near zero
     new_layer_lr_scale: Optional[float] = setting(
         None,
-        f"lr multiplier of the new zero-initialised detail-path layers apt.* ({_by_kind('new_layer_lr_scale')})",
+        f"lr multiplier of the new zero-initialised detail-path layers adaptive_embed.* ({_by_kind('new_layer_lr_scale')})",
         bounds=POSITIVE,
     )
     workers: int = setting(4, "loader processes", bounds=INT_0, resume=True)

@@ -169,7 +169,7 @@ def make_optimizer(apt, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's ``lr`` times each group's ``lr_scale`` (the new apt.* layers learn faster)."""
+    """The schedule's ``lr`` times each group's ``lr_scale`` (the new adaptive_embed.* layers learn faster)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
@@ -185,14 +185,14 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[dict]:
     """AdamW parameter groups: no weight decay for biases, norms and ``no_weight_decay()`` (as timm's
-    factory does), and ``lr_scale`` = ``cfg.new_layer_lr_scale`` for the new ``apt.*`` layers."""
+    factory does), and ``lr_scale`` = ``cfg.new_layer_lr_scale`` for the new ``adaptive_embed.*`` layers."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups: Dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") or name in skip else cfg.weight_decay
-        scale = cfg.new_layer_lr_scale if name.startswith("apt.") else 1.0
+        scale = cfg.new_layer_lr_scale if name.startswith("adaptive_embed.") else 1.0
         groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(
             param
         )

@@ -210,9 +210,9 @@ def test_the_mean_content_variant_gives_a_merged_token_the_mean_of_its_base_embe
     pe = apt.patch_embed
     library = AdaptivePatchEmbed.bank
     with torch.no_grad():
-        plain = apt.apt.bank(x, pe.proj, pe.norm)
+        plain = apt.adaptive_embed.bank(x, pe.proj, pe.norm)
         with rf.content_variant("mean"):
-            mean = apt.apt.bank(x, pe.proj, pe.norm)
+            mean = apt.adaptive_embed.bank(x, pe.proj, pe.norm)
         n, g = len(x) * 8 * 8, x.shape[-1] // 14  # base rows come first (8 x 8 cells of 14 px)
         grid = plain[:n].view(len(x), g, g, -1)
         want = (grid[:, ::2, ::2] + grid[:, ::2, 1::2] + grid[:, 1::2, ::2] + grid[:, 1::2, 1::2]) / 4

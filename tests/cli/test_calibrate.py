@@ -208,15 +208,15 @@ def test_grid_counts_and_thresholds_follow_their_patch_sizes():
 def test_patch_sets_keep_the_checkpoints_detail_weights():
     apt = aptvit.convert(tiny_vit("vit_cls"), patch_sizes=(16, 32))
     with torch.no_grad():
-        for param in apt.apt.parameters():
+        for param in apt.adaptive_embed.parameters():
             param.normal_()
     models = patch_models(apt, [(16, 32), (16, 32, 64)])
     for ps, model in models.items():
         assert model.timm_model is apt.timm_model and model is not apt
-        mine = model.apt.state_dict()
-        for k, v in apt.apt.state_dict().items():
+        mine = model.adaptive_embed.state_dict()
+        for k, v in apt.adaptive_embed.state_dict().items():
             assert torch.equal(mine[k], v), (ps, k)
-    assert not models[(16, 32, 64)].apt.detail_proj["64"].weight.any()  # a size the checkpoint lacks: zero
+    assert not models[(16, 32, 64)].adaptive_embed.detail_proj["64"].weight.any()  # a size the checkpoint lacks: zero
 
 
 # ---------------------------------------------------------------------------------------------- the choice

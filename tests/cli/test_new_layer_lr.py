@@ -1,4 +1,4 @@
-"""finetune's lr multiplier for the new zero-initialised apt.* layers (--new-layer-lr-scale)."""
+"""finetune's lr multiplier for the new zero-initialised adaptive_embed.* layers (--new-layer-lr-scale)."""
 
 import json
 
@@ -33,7 +33,7 @@ def test_scaled_new_layers_move_that_much_further(tmp_path):
             train_config(data, out, max_steps=3, warmup=0.0, eval=False, new_layer_lr_scale=scale, augment="none"),
         )
         weights = load_file(out / "model.safetensors")
-        moved[scale] = float(weights["apt.detail_proj.32.weight"].abs().max())  # started at zero
+        moved[scale] = float(weights["adaptive_embed.detail_proj.32.weight"].abs().max())  # started at zero
     # AdamW moves a weight by about lr per step, whatever its gradient's scale
     assert 5 < moved[10.0] / moved[1.0] < 20
 
@@ -52,7 +52,7 @@ def test_param_groups_split_decay_and_new_layers():
     for group in param_groups(apt, config):
         for p in group["params"]:
             name = names[id(p)]
-            assert group["lr_scale"] == (3.0 if name.startswith("apt.") else 1.0), name
+            assert group["lr_scale"] == (3.0 if name.startswith("adaptive_embed.") else 1.0), name
             no_decay = p.ndim <= 1 or name.endswith(".bias") or name in ("pos_embed", "cls_token")
             assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
     assert sum(len(g["params"]) for g in param_groups(apt, config)) == len(list(apt.parameters()))

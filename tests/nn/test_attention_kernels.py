@@ -148,10 +148,41 @@ def test_varlen_inference_calls_the_flash_kernel_not_varlen_attn(monkeypatch):
     torch.manual_seed(0)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     q, k, v = (torch.randn(12, 2, 8) for _ in range(3))
-    out = varlen_backend.torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
+    backend = varlen_backend.VarlenBackend()
+    out = backend.run(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
     ref = attention.varlen_attention(q, k, v, cu, 7, "loop", scale=0.1)
     assert seen == ["flash"] and rel_err(out, ref) <= 1e-5
-    assert attention.KERNELS["varlen"] == "aten._flash_attention_forward"
+    assert backend.last_kernel == "aten._flash_attention_forward"
     q.requires_grad_(True)  # with gradients: varlen_attn (its backward)
     with pytest.raises(AssertionError, match="varlen_attn called"):
         varlen_backend.torch_varlen_attention(q, k, v, cu, 7, 0.0, 0.1, None, None, None)
+
+
+def test_each_backend_object_records_the_kernel_it_last_ran(monkeypatch):
+    """``Backend.last_kernel`` is the backend's own state (no module-level record): what the model's forward ran
+    through it, batch 1 through timm's own SDPA call, a backend made from a kernel function by its name; and
+    ``clear_last_kernel`` forgets it."""
+    pad, loop_ = attention.PadBackend(), attention.LoopBackend()
+    monkeypatch.setitem(attention.BACKENDS, "pad", pad)
+    monkeypatch.setitem(attention.BACKENDS, "loop", loop_)
+    assert pad.last_kernel is None and not hasattr(attention, "KERNELS")
+    apt = aptvit.convert(tiny_vit("vit_cls"), thresholds={32: 5.0, 64: 4.0}, attention="pad").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        apt(x)
+        assert pad.last_kernel == "scaled_dot_product_attention (padded, masked)" and loop_.last_kernel is None
+        apt(x[:1])  # one sequence: timm's own call, recorded on the backend that made the choice
+        assert pad.last_kernel == "scaled_dot_product_attention (one sequence)"
+        pad.clear_last_kernel()
+        assert pad.last_kernel is None
+        apt.configure(attention="loop")(x)
+        assert loop_.last_kernel == "scaled_dot_product_attention (per sequence)" and pad.last_kernel is None
+
+    def my_kernel(*args):
+        return loop.loop_attention(*args)
+
+    mine = attention.Backend(my_kernel, lambda *a: True)
+    monkeypatch.setitem(attention.BACKENDS, "mine", mine)
+    with torch.no_grad():
+        apt.configure(attention="mine")(x)
+    assert mine.last_kernel.endswith("my_kernel")

@@ -81,7 +81,7 @@ def test_dense_loss_reaches_encoder_and_detail_path():
     sum(level.square().mean() for level in pyramid).backward()
     assert apt.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert apt.patch_embed.proj.weight.grad.abs().sum() > 0
-    assert sum(layer.weight.grad.abs().sum() for layer in apt.apt.detail_proj.values()) > 0
+    assert sum(layer.weight.grad.abs().sum() for layer in apt.adaptive_embed.detail_proj.values()) > 0
 
 
 def test_smooth_unmerge_blends_only_large_tokens():

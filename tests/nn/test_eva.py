@@ -149,7 +149,7 @@ def merged_setup(name):
     apt = aptvit.convert(model, thresholds={2 * p: 5.0, 4 * p: 4.0}, area_bias=False).eval()
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # a non-zero detail path, as after fine-tuning
-        for param in apt.apt.parameters():
+        for param in apt.adaptive_embed.parameters():
             param.copy_(0.1 * torch.randn(param.shape, generator=g))
     x = make_images(p)
     layout = apt.make_layout(x)

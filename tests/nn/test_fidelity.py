@@ -45,7 +45,7 @@ def test_large_tokens_are_exactly_resize_only_at_init():
     assert (layout.size > 16).any()
     with torch.no_grad():
         tokens = apt.embed(x, layout)
-        apt.apt.detail_merge.weight.normal_()  # whatever the merge computes, the zero output layers hide it
+        apt.adaptive_embed.detail_merge.weight.normal_()  # whatever the merge computes, the zero output layers hide it
         assert torch.equal(apt.embed(x, layout), tokens)
         # and "resize only" is what it says: area-average the patch to 16x16, project, add mean position
         patches, _ = split_prefix(tokens, layout.cu_seqlens, apt.num_prefix_tokens)
@@ -108,7 +108,7 @@ def test_save_load_round_trip(tmp_path, family):
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.1, 0.2, 0.3), "crop_pct": 0.95}
     apt = aptvit.convert(model, budget=0.5)
     with torch.no_grad():
-        for layer in apt.apt.detail_proj.values():  # non-zero detail path, as after fine-tuning
+        for layer in apt.adaptive_embed.detail_proj.values():  # non-zero detail path, as after fine-tuning
             layer.weight.normal_(0, 0.05)
     p = model.patch_embed.patch_size[0]
     x = torch.randn(2, 3, 4 * p, 6 * p)

@@ -308,7 +308,7 @@ def test_saved_hf_model_loads_from_the_file_alone(tmp_path):
     hf = T.CLIPVisionModelWithProjection(cfg).eval()
     apt = aptvit.convert(hf, thresholds={32: 5.0}, area_bias=True)
     with torch.no_grad():
-        apt.apt.detail_proj["32"].weight.normal_()  # a trained detail path travels with the file
+        apt.adaptive_embed.detail_proj["32"].weight.normal_()  # a trained detail path travels with the file
     path = aptvit.save(apt, tmp_path / "clip.safetensors")
     meta = aptvit.nn.checkpoint.read_metadata(path)
     source = json.loads(meta["hf_source"])

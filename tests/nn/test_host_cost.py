@@ -280,7 +280,7 @@ def test_the_detail_path_always_runs_and_adds_exactly_zero_while_fresh():
     exactly 0 to the resized embedding, and any change of the weights (an in-place edit, in or out of inference mode,
     an optimizer step) reaches the next bank."""
     apt = aptvit.convert(tiny_vit(), patch_sizes=(16, 32, 64)).eval()
-    emb, x = apt.apt, _images(2, size=(64, 96)) * 2 - 1
+    emb, x = apt.adaptive_embed, _images(2, size=(64, 96)) * 2 - 1
     pe = apt.patch_embed
     bank = lambda: emb.bank(x.to(emb.detail_proj["32"].weight.dtype), pe.proj, pe.norm)  # noqa: E731
 

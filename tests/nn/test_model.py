@@ -19,12 +19,12 @@ def test_wraps_without_copying_and_keeps_timm_keys():
     assert apt.blocks is model.blocks and apt.pos_embed is model.pos_embed and apt.timm_model is model
     keys = set(apt.state_dict())
     timm_keys = set(model.state_dict())
-    assert timm_keys <= keys and all(k.startswith("apt.") for k in keys - timm_keys)
+    assert timm_keys <= keys and all(k.startswith("adaptive_embed.") for k in keys - timm_keys)
     assert {k for k in keys - timm_keys} == {
-        "apt.detail_merge.weight",
-        "apt.detail_merge.bias",
-        "apt.detail_proj.32.weight",
-        "apt.detail_proj.32.bias",
+        "adaptive_embed.detail_merge.weight",
+        "adaptive_embed.detail_merge.bias",
+        "adaptive_embed.detail_proj.32.weight",
+        "adaptive_embed.detail_proj.32.bias",
     }
     assert apt.config.patch_sizes == (16, 32) and apt.config.thresholds == {32: 5.5}
 
@@ -62,7 +62,7 @@ def test_gradients_reach_every_parameter_even_without_large_patches():
     apt(torch.randn(2, 3, 64, 64)).sum().backward()
     for name, p in apt.named_parameters():
         assert p.grad is not None, name
-    assert all(p.grad.abs().sum() == 0 for p in apt.apt.parameters()), "no large patch: zero gradient, but one"
+    assert all(p.grad.abs().sum() == 0 for p in apt.adaptive_embed.parameters()), "no large patch: zero gradient, but one"
 
 
 def test_detail_path_learns_after_one_step():
@@ -72,7 +72,7 @@ def test_detail_path_learns_after_one_step():
     loss = apt((img - 0.5) / 0.5).logsumexp(-1).sum()
     loss.backward()
     assert (
-        apt.apt.detail_proj["32"].weight.grad.abs().sum() > 0 or apt.apt.detail_proj["64"].weight.grad.abs().sum() > 0
+        apt.adaptive_embed.detail_proj["32"].weight.grad.abs().sum() > 0 or apt.adaptive_embed.detail_proj["64"].weight.grad.abs().sum() > 0
     )
 
 
@@ -253,7 +253,7 @@ def test_flop_counts_match_torch_flop_counter():
     for trained in (False, True):
         if trained:
             with torch.no_grad():
-                apt.apt.detail_proj["32"].bias.add_(0.1)
+                apt.adaptive_embed.detail_proj["32"].bias.add_(0.1)
             flops = model_flops(apt, layout)
             assert flops["apt"][1] - flops["uniform"][1] == bank_flops((4, 8), (16, 32, 64), 3, 64)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -271,7 +271,7 @@ def test_timm_model_interface_layer_decay_classifier_and_input_size():
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert len(scale_of) == len(list(apt.parameters()))  # every parameter has a group
     stem = min(scale_of.values())
-    assert all(scale_of[id(p)] == stem for p in apt.apt.parameters())  # the new layers decay like the embedding
+    assert all(scale_of[id(p)] == stem for p in apt.adaptive_embed.parameters())  # the new layers decay like the embedding
     assert scale_of[id(apt.blocks[-1].mlp.fc1.weight)] > stem
     apt.set_input_size(img_size=(96, 128))
     assert apt.pos_embed is model.pos_embed and apt.pos_embed.shape[1] == 1 + 6 * 8

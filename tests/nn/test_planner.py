@@ -75,7 +75,7 @@ def test_layout_settings_are_the_models_own_whatever_they_hold():
 def test_convert_keeps_the_models_mode(mode):
     model = getattr(tiny_vit(), mode)()
     apt = aptvit.convert(model)
-    assert apt.training == (mode == "train") and apt.apt.training == apt.training
+    assert apt.training == (mode == "train") and apt.adaptive_embed.training == apt.training
 
 
 def test_a_backend_owns_its_per_forward_context():

@@ -9,7 +9,7 @@ Per image and box (y, x, s) of the layout, the reference token is (APT_NOTES sec
 then the prefix tokens (class / registers with their positions), timm's own ``blocks`` on that one sequence
 (batch of one, plain timm ``Block`` forward), ``norm``, pooling weighted by area (each token counts for the
 base cells it covers), ``fc_norm`` and ``head``. Only the APT model's public surface is used (``apt(...)``,
-``forward_intermediates``, ``apt.apt.*`` modules and the layout's y/x/size/cu_seqlens), so the test holds
+``forward_intermediates``, ``apt.adaptive_embed.*`` modules and the layout's y/x/size/cu_seqlens), so the test holds
 through any rewrite of the packed internals.
 """
 
@@ -35,7 +35,7 @@ def make_model(family):
     apt = aptvit.convert(model, thresholds={2 * p: 5.0, 4 * p: 4.0}, area_bias=False)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # non-zero detail weights, as after fine-tuning (they start at zero)
-        for param in apt.apt.parameters():
+        for param in apt.adaptive_embed.parameters():
             param.copy_(0.1 * torch.randn(param.shape, generator=g))
     return model, apt.eval(), p
 
@@ -64,8 +64,8 @@ def reference_token(model, apt, image, y, x, s, p, pos_grid):
     if s > p:
         detail = embed_crop(model, crop)[None]  # (1, D, k, k)
         for _ in range(int(math.log2(s // p))):
-            detail = apt.apt.detail_merge(detail)  # the 2x2 stride-2 Conv2d, called as a module
-        token = token + apt.apt.detail_proj[str(s)](detail.flatten())
+            detail = apt.adaptive_embed.detail_merge(detail)  # the 2x2 stride-2 Conv2d, called as a module
+        token = token + apt.adaptive_embed.detail_proj[str(s)](detail.flatten())
     if pos_grid is not None:
         token = token + pos_grid[:, y // p : (y + s) // p, x // p : (x + s) // p].mean((1, 2))
     return token

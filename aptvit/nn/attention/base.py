@@ -7,7 +7,8 @@ A backend is an object (``Backend``) that knows
   before the first block and shared by every block, e.g. a padded-row index or a flex ``BlockMask``, the key bias
   in the form its kernel takes;
 * how to attend (``attend(q, k, v, ctx, dropout_p, scale)``), and the same as a plain function of the plan's
-  tensors (``run``, the arguments of ``varlen_attention``).
+  tensors (``run``, the arguments of ``varlen_attention``);
+* which kernel it last ran (``last_kernel``, for benchmarks and debugging).
 
 ``BACKENDS`` maps names to backends; ``register_backend`` adds a kernel function as a backend, ``resolve_backend``
 turns "auto" into the fastest available one. Model code holds a backend's name (a runtime setting, never saved) and
@@ -68,11 +69,19 @@ class Backend:
     Class attributes:
         sdpa_mask: the kernel is torch's SDPA with the key bias as an additive float mask in the query's dtype: the
             bias is cast once per forward, and one sequence (batch 1) may run as timm's own SDPA call.
+
+    Attributes:
+        last_kernel: the kernel this backend last ran, e.g. "aten._flash_attention_forward" (the varlen backend's
+            inference path) or "varlen_attn (cuDNN)"; the function's name for a backend made from a kernel
+            function; None before the first call and after ``clear_last_kernel()``. A benchmark reads it to say
+            what it timed. One object per registered name serves every model, so it is the last call of any of
+            them; it is written only outside compiled code (a compiled forward leaves it as eager code set it).
     """
 
     name: str = ""  # set by ``register_backend``
     reads_host_offsets: bool = False
     sdpa_mask: bool = False
+    last_kernel: Optional[str] = None
 
     def __init__(
         self,
@@ -81,14 +90,29 @@ class Backend:
         reads_host_offsets: Optional[bool] = None,
     ) -> None:
         if run is not None:
-            self.run = run
+            self._kernel_function = run
+            self._kernel_name = getattr(run, "__qualname__", None) or type(run).__name__
         if available is not None:
             self.available = available
         if reads_host_offsets is not None:
             self.reads_host_offsets = reads_host_offsets
 
+    _kernel_function: Optional[Callable[..., torch.Tensor]] = None  # ``run=`` given: the kernel function
+
     def run(self, q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias=None):
-        raise NotImplementedError
+        if self._kernel_function is None:
+            raise NotImplementedError(f"{type(self).__name__} defines no run and was given no kernel function")
+        self.note_kernel(self._kernel_name)
+        return self._kernel_function(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias)
+
+    def note_kernel(self, kernel: str) -> None:
+        """Record ``kernel`` as ``last_kernel`` (called by the backend just before it runs the kernel)."""
+        if not torch.compiler.is_compiling():  # a traced attribute write would be a side effect of the graph
+            self.last_kernel = kernel
+
+    def clear_last_kernel(self) -> None:
+        """Forget the kernel last run (``last_kernel`` is None until the next call)."""
+        self.last_kernel = None
 
     def available(self, device: torch.device, dtype: torch.dtype, dropout: bool = False, grad: bool = False) -> bool:
         return True
@@ -236,11 +260,3 @@ def varlen_attention(
         raise InputError(f"key_bias must have one value per token, shape ({q.shape[0]},), got {tuple(key_bias.shape)}")
     return BACKENDS[backend].run(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias)
 
-
-# the kernel each backend last ran ({backend: kernel}), for benchmarks; written outside compiled code only
-KERNELS: Dict[str, str] = {}
-
-
-def record_kernel(backend: str, kernel: str) -> None:
-    if not torch.compiler.is_compiling():
-        KERNELS[backend] = kernel

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import environment as env
-from .base import Backend, record_kernel
+from .base import Backend
 from .bias_columns import as_autocast_half, with_bias_columns
 
 
@@ -18,7 +18,6 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, 
     if key_bias is not None:
         q, k, v, scale = with_bias_columns(q, k, v, key_bias, scale, "flash")
     cu = cu_seqlens.to(torch.int32)
-    record_kernel("flash", "flash_attn.flash_attn_varlen_func")
     out = flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p, softmax_scale=scale)
     return out[..., :hd]
 
@@ -27,6 +26,7 @@ class FlashBackend(Backend):
     """CUDA sm80+, fp16/bf16, flash-attn importable; dropout and gradients."""
 
     def run(self, *args, **kwargs):
+        self.note_kernel("flash_attn.flash_attn_varlen_func")
         return flash_attention(*args, **kwargs)
 
     def available(self, device, dtype, dropout=False, grad=False) -> bool:

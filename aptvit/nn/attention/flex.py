@@ -9,7 +9,7 @@ import torch
 
 from ...core.packing import seq_index
 from . import environment as env
-from .base import AttentionContext, Backend, record_kernel
+from .base import AttentionContext, Backend
 
 _COMPILED_FLEX = None
 FLEX_BLOCK = 128  # flex_attention's default sparse block size
@@ -62,7 +62,6 @@ def flex_attention_kernel(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, off
         mask = seq
     else:  # a direct call: build the mask here
         mask = flex_block_mask(seq if seq is not None else seq_index(cu_seqlens, q.shape[0]))
-    record_kernel("flex", "flex_attention (compiled)" if q.device.type == "cuda" else "flex_attention (eager)")
     fn = flex_attention
     if q.device.type == "cuda":  # eager flex_attention materialises the scores; compiled, it is a fused kernel
         if _COMPILED_FLEX is None:
@@ -84,8 +83,10 @@ def flex_attention_kernel(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, off
 class FlexBackend(Backend):
     """CUDA, any dtype, no dropout (no flex backward on the CPU, and the CPU has faster backends anyway)."""
 
-    def run(self, *args, **kwargs):
-        return flex_attention_kernel(*args, **kwargs)
+    def run(self, q, *args, **kwargs):
+        # the kernel function compiles flex_attention on CUDA only (eager, it materialises the scores)
+        self.note_kernel("flex_attention (compiled)" if q.device.type == "cuda" else "flex_attention (eager)")
+        return flex_attention_kernel(q, *args, **kwargs)
 
     def available(self, device, dtype, dropout=False, grad=False) -> bool:
         return env.cuda(device) and not dropout and env.has_flex()

@@ -6,13 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Backend, as_dtype, record_kernel
+from .base import Backend, as_dtype
 
 
 def loop_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias=None):
     """SDPA once per sequence, on views of the packed tensor (``key_bias`` as an additive float mask)."""
     bounds = offsets if offsets is not None else cu_seqlens.tolist()
-    record_kernel("loop", "scaled_dot_product_attention (per sequence)")
     bias = as_dtype(key_bias, q.dtype) if key_bias is not None else None  # SDPA wants a float mask in q's dtype
     # (H, N, hd) once, then per sequence a slice (none for a single one): few ops, since at batch 1 the host's
     # work per op is what a thin model's time is made of
@@ -33,4 +32,5 @@ class LoopBackend(Backend):
     sdpa_mask = True
 
     def run(self, *args, **kwargs):
+        self.note_kernel("scaled_dot_product_attention (per sequence)")
         return loop_attention(*args, **kwargs)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttentionContext, as_dtype, record_kernel
+from .base import AttentionContext, as_dtype
 
 
 def skip_noop(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ def _one_sequence_attention(attn: nn.Module, x: torch.Tensor, ctx: AttentionCont
     q, k, v = qkv.unbind(0)  # (1, H, N, hd) each
     q, k = skip_noop(attn.q_norm, q), skip_noop(attn.k_norm, k)
     mask = as_dtype(key_bias, q.dtype).view(1, 1, 1, t) if key_bias is not None else None  # one bias row per key
-    record_kernel(ctx.backend.name, "scaled_dot_product_attention (one sequence)")
+    ctx.backend.note_kernel("scaled_dot_product_attention (one sequence)")
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=attn.scale)
     out = out.transpose(1, 2).reshape(t, attn.num_heads * attn.head_dim)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ...core.packed import pad_rows
 from ...core.packing import seq_index
-from .base import AttentionContext, Backend, as_dtype, record_kernel
+from .base import AttentionContext, Backend, as_dtype
 
 
 def pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias=None):
@@ -28,7 +28,6 @@ def pad_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pa
         mask = torch.zeros(rows, dtype=torch.bool, device=q.device).index_fill_(0, pad_index, True)
     else:  # SDPA wants a float mask in the query's dtype
         mask = q.new_full((rows,), float("-inf")).index_copy_(0, pad_index, as_dtype(key_bias, q.dtype))
-    record_kernel("pad", "scaled_dot_product_attention (padded, masked)")
     out = F.scaled_dot_product_attention(
         pad(q), pad(k), pad(v), attn_mask=mask.view(s, 1, 1, max_seqlen), dropout_p=dropout_p, scale=scale
     )
@@ -41,6 +40,7 @@ class PadBackend(Backend):
     sdpa_mask = True
 
     def run(self, *args, **kwargs):
+        self.note_kernel("scaled_dot_product_attention (padded, masked)")
         return pad_attention(*args, **kwargs)
 
     def context(self, packed, key_bias, dtype) -> AttentionContext:

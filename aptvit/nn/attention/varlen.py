@@ -13,12 +13,17 @@ import torch
 
 from ...core.io import InputError
 from . import environment as env
-from .base import Backend, record_kernel
+from .base import Backend
 from .bias_columns import as_autocast_half, bias_head_dim, with_bias_columns
 
 
-def torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias=None):
+def torch_varlen_attention(
+    q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, offsets, pad_index, seq, key_bias=None, *, note=None
+):
+    """``note``: called with the name of the kernel this call runs (``VarlenBackend`` passes its ``note_kernel``)."""
     from torch.nn.attention.varlen import varlen_attn
+
+    note = note or (lambda kernel: None)
 
     if dropout_p:
         raise InputError("the 'varlen' backend has no attention dropout; use 'flash' or 'pad' when training")
@@ -28,7 +33,7 @@ def torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, of
         # inference: the flash kernel itself, never cuDNN (see the module docstring), no custom-op overhead
         if key_bias is not None:
             q, k, v, scale = with_bias_columns(q, k, v, key_bias, scale, "varlen")
-        record_kernel("varlen", "aten._flash_attention_forward")
+        note("aten._flash_attention_forward")
         return _aten_flash(q, k, v, cu, max_seqlen, scale)[..., :hd]
     fixed = not env.varlen_takes_scale()  # fixed: its scale is the given head size ** -0.5
     if key_bias is not None:
@@ -38,7 +43,7 @@ def torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, of
         q, k, v, scale = with_bias_columns(q, k, v, key_bias, scale, "varlen")
     elif fixed and scale is not None:  # fold ours into q
         q = q * (scale * hd**0.5)
-    record_kernel("varlen", f"varlen_attn ({_varlen_route(q, k, v, max_seqlen)})")
+    note(f"varlen_attn ({_varlen_route(q, k, v, max_seqlen)})")
     out = varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **({} if fixed else {"scale": scale}))
     return out[..., :hd]
 
@@ -68,7 +73,7 @@ class VarlenBackend(Backend):
     """CUDA sm80+, fp16/bf16, no dropout; gradients where this torch registers ``varlen_attn``'s backward."""
 
     def run(self, *args, **kwargs):
-        return torch_varlen_attention(*args, **kwargs)
+        return torch_varlen_attention(*args, **kwargs, note=self.note_kernel)
 
     def available(self, device, dtype, dropout=False, grad=False) -> bool:
         if not (
