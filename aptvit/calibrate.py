@@ -332,6 +332,13 @@ def choose(rows: Sequence[Row], target: Target) -> Tuple[Optional[Row], str]:
         reason += f"; the fastest plain lower resolution that keeps it, {fast.size} px, runs at {fast.speedup:.2f}x"
     else:
         reason += "; no plain lower resolution keeps it"
+    if target.max_drop is not None and (best.top1_se or 0.0) > target.max_drop:
+        # the cheapest of many settings that pass a noisy test: its own figure flatters it
+        reason += (
+            f"; but its top-1 difference has a standard error of {best.top1_se:.2f} points, more than the "
+            f"{target.max_drop:g} asked: on these images the choice is within noise (more labelled images, "
+            "--limit, make it firmer)"
+        )
     return best, reason
 
 

@@ -253,6 +253,14 @@ def test_choose_takes_the_fastest_setting_that_keeps_the_target():
     assert best.name == "fast"
     assert "fast: the fastest of the 4 settings that keep top-1 within 0.5 points of the source's 80.00%" in reason
     assert "fastest plain lower resolution that keeps it, 224 px, runs at 1.50x" in reason
+    assert "standard error" not in reason
+    rows[2].top1_se = 0.8  # the chosen setting's difference is noisier than the target: the reason says so
+    best, reason = choose(rows, Target(max_drop=0.5))
+    assert best.name == "fast" and reason.endswith(
+        "; but its top-1 difference has a standard error of 0.80 points, more than the 0.5 asked: on these images "
+        "the choice is within noise (more labelled images, --limit, make it firmer)"
+    )
+    assert "standard error" not in choose(rows, Target(max_drop=1.0))[1]
     rows[2].speedup = 1.5  # a tie with the lower resolution: the fewer tokens win
     assert choose(rows, Target(max_drop=0.5))[0].name == "half"
 
