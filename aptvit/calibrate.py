@@ -204,14 +204,25 @@ def build_grid(
 @dataclass(frozen=True)
 class Target:
     """The fidelity a setting must keep: at most ``max_drop`` points of top-1 below the source, or at least
-    ``min_agreement`` (a fraction) of the source's top-1 classes, or at least ``min_cosine`` class cosine."""
+    ``min_agreement`` (a fraction) of the source's top-1 classes, or at least ``min_cosine`` class cosine.
+
+    ``confidence`` (with ``max_drop``): the top-1 drop plus this many of its standard errors must be within
+    ``max_drop``, so that a setting is chosen on evidence, not on a lucky estimate (1: about 84% one-sided).
+    """
 
     max_drop: Optional[float] = None
     min_agreement: Optional[float] = None
     min_cosine: Optional[float] = None
+    confidence: Optional[float] = None
 
     def __post_init__(self) -> None:
-        given = [(k, v) for k, v in asdict(self).items() if v is not None]
+        if self.confidence is not None:
+            c = self.confidence
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+                raise InputError(f"--confidence {c!r} must be a number of standard errors >= 0 (e.g. 1 or 2)")
+            if self.max_drop is None:
+                raise InputError("--confidence goes with --max-drop (standard errors of the top-1 drop)")
+        given = [(k, v) for k, v in asdict(self).items() if v is not None and k != "confidence"]
         if len(given) > 1:
             raise InputError(f"give one target, not {' and '.join('--' + k.replace('_', '-') for k, _ in given)}")
         for name, value, low, high, low_open in (
@@ -230,21 +241,27 @@ class Target:
 
     @property
     def given(self) -> bool:
-        return any(v is not None for v in asdict(self).values())
+        return any(v is not None for k, v in asdict(self).items() if k != "confidence")
 
     def describe(self, source: "Row") -> str:
         if self.max_drop is not None:
+            n = self.confidence
+            sure = f" (the drop plus {n:g} standard error{'s' * (n != 1)})" if n else ""
             return (
-                f"top-1 within {self.max_drop:g} point{'s' * (self.max_drop != 1)} of the source's {source.top1:.2f}%"
+                f"top-1 within {self.max_drop:g} point{'s' * (self.max_drop != 1)} of the source's "
+                f"{source.top1:.2f}%{sure}"
             )
         if self.min_agreement is not None:
             return f"top-1 agreement with the source of at least {100 * self.min_agreement:g}%"
         return f"class cosine to the source of at least {self.min_cosine:g}"
 
     def value(self, row: "Row") -> Optional[float]:
-        """The figure the target is about: top-1 drop (points), agreement (fraction) or class cosine."""
+        """The figure the target is about: top-1 drop (points; plus ``confidence`` standard errors), agreement
+        (fraction) or class cosine."""
         if self.max_drop is not None:
-            return row.top1_drop
+            if row.top1_drop is None or not self.confidence:
+                return row.top1_drop
+            return row.top1_drop + self.confidence * (row.top1_se or 0.0)
         if self.min_agreement is not None:
             return None if row.agreement is None else row.agreement / 100
         return row.cosine_pre_logits
@@ -256,7 +273,8 @@ class Target:
         if not values:
             return None
         if self.max_drop is not None:  # points of top-1, up to the next hundredth
-            return f"--max-drop {math.ceil(round(min(values) * 100, 6)) / 100:g}"
+            sure = f" --confidence {self.confidence:g}" if self.confidence else ""
+            return f"--max-drop {math.ceil(round(min(values) * 100, 6)) / 100:g}{sure}"
         best = math.floor(round(max(values) * 10_000, 6)) / 10_000  # down to the next ten-thousandth
         return f"--min-agreement {best:g}" if self.min_agreement is not None else f"--min-cosine {best:g}"
 
@@ -591,6 +609,7 @@ def calibrate(
     max_drop: Optional[float] = None,
     min_agreement: Optional[float] = None,
     min_cosine: Optional[float] = None,
+    confidence: Optional[float] = None,
     limit: Optional[int] = 1000,
     batch_size: int = 32,
     workers: int = 2,
@@ -622,6 +641,7 @@ def calibrate(
         max_drop, min_agreement, min_cosine: the target (at most one): at most this many points of top-1 below the
             source (needs labels), at least this fraction of images with the source's top-1 class, at least this
             class cosine. The cheapest setting that keeps it is chosen.
+        confidence: with ``max_drop``, the top-1 drop plus this many standard errors must keep it (default: the drop).
         limit: at most this many images (a seeded draw; None or 0: all).
         timing_images, runs, warmup: the images, timed runs and warm-up runs of each speed measurement.
         clock: "wall" (elapsed time), or "thread": this thread's CPU time, torch on one thread while timing (on a
@@ -641,7 +661,7 @@ def calibrate(
 
     from .data import LayoutDataset, ShardedSampler, build_transform, make_loader
 
-    target = Target(max_drop, min_agreement, min_cosine)
+    target = Target(max_drop, min_agreement, min_cosine, confidence)
     if clock not in CLOCKS:
         raise InputError(f"--clock {clock!r} must be one of {', '.join(CLOCKS)}")
     for name, value, low in (

@@ -314,6 +314,23 @@ def test_when_nothing_keeps_the_target_the_message_names_the_best_and_the_neares
     assert met.met(rows[1]) and choose(rows, met)[0].name == "best"
 
 
+def test_confidence_asks_the_drop_plus_its_standard_errors_to_keep_the_target():
+    rows = [
+        row("source", "source", 1.0, 16),
+        row("lucky", speedup=2.9, top1=79.7),  # -0.3 points, but +- 2.1
+        row("sure", speedup=1.4, top1=79.9),  # -0.1 points +- 0.3
+        row("far", speedup=3.5, top1=75.0),
+    ]
+    rows[1].top1_se, rows[2].top1_se, rows[3].top1_se = 2.1, 0.3, 2.0
+    assert choose(rows, Target(max_drop=0.5))[0].name == "lucky"  # the estimate alone takes the cheapest
+    best, reason = choose(rows, Target(max_drop=0.5, confidence=1))
+    assert best.name == "sure" and "within 0.5 points of the source's 80.00% (the drop plus 1 standard error)" in reason
+    best, reason = choose(rows, Target(max_drop=0.5, confidence=2))  # 0.1 + 2 x 0.3 = 0.7: none
+    assert best is None and reason.endswith("the nearest target a setting keeps is --max-drop 0.7 --confidence 2")
+    assert choose(rows, Target(max_drop=0.7, confidence=2))[0].name == "sure"
+    assert Target(max_drop=0.5, confidence=0).value(rows[1]) == pytest.approx(0.3)  # 0: the drop itself
+
+
 def test_noisy_timings_are_the_speedups_well_above_the_flop_ratio():
     rows = [row("source", "source", 1.0, 16), row("fair", speedup=1.9), row("noisy", speedup=3.1), row("slow")]
     for r, gflops in zip(rows, (12.0, 6.0, 6.0, 12.0)):
@@ -534,6 +551,7 @@ def test_the_command_lines_defaults_are_calibrates(monkeypatch):
     assert cli.main(["calibrate", "--data", "x", "--model", "vit_tiny_patch16_224"]) == 0
     assert given["budgets"] == list(CAL.DEFAULT_BUDGETS) and given["thresholds"] == ["default"]
     assert given["sizes"] is None and given["scorers"] is None and given["patch_sizes"] is None
+    assert given["confidence"] is None
     cli.main(
         [
             "calibrate",
@@ -553,8 +571,13 @@ def test_the_command_lines_defaults_are_calibrates(monkeypatch):
             "224,160",
             "--scorers",
             "entropy,upsample",
+            "--max-drop",
+            "1",
+            "--confidence",
+            "1.5",
         ]
     )
+    assert given["max_drop"] == 1.0 and given["confidence"] == 1.5
     assert given["budgets"] == [] and given["thresholds"] == [{32: 5.0, 64: 4.0}, "default"]
     assert given["patch_sizes"] == [[16, 32], [16, 32, 64]] and given["sizes"] == [224, 160]
     assert given["scorers"] == ["entropy", "upsample"]
@@ -593,6 +616,8 @@ BAD = [
     (["--budgets", "1.5"], r"budget as a float is a fraction of base tokens in \(0, 1\], got 1\.5"),
     (["--min-agreement", "99"], r"--min-agreement 99 must be in \(0\.0, 1\.0\] \(a fraction"),
     (["--max-drop", "-1"], r"--max-drop -1 must be in \[0\.0, 100\.0\]"),
+    (["--min-cosine", "0.9", "--confidence", "1"], r"--confidence goes with --max-drop"),
+    (["--max-drop", "1", "--confidence", "-1"], r"--confidence -1\.0 must be a number of standard errors >= 0"),
     (["--thresholds", "64=4"], r"--thresholds 64=4 names sizes 64, but no --patch-sizes set has exactly those"),
     (["--patch-sizes", "8,16"], r"--patch-sizes 8,16 must start with the model's patch size 16"),
     (["--limit", "-1"], r"--limit -1 must be an integer >= 0"),
