@@ -16,12 +16,15 @@ layout), otherwise (and always, beside it) agreement with the source: the share 
 the source's, the cosine of the pooled features the head reads ("class cosine") and of the dense patch features
 on the source's grid (a smaller grid is upsampled bilinearly; a merged token covers all its cells). Speed is
 measured per setting against the source, alternating the two on the same images after a warm-up, medians
-(``bench.alternating_medians``); APT's time includes computing its layout from the pixels.
+(``bench.alternating_medians``); APT's time includes computing its layout from the pixels. Each row also counts
+its FLOPs per image (``model_flops``), and a measured speed-up far above the FLOP ratio (``noisy_timings``) is
+warned about: on one device, fewer FLOPs do not buy more than proportionally more speed, so such a timing is noise.
 
 With a target (``max_drop`` points of top-1, ``min_agreement`` or ``min_cosine``) the cheapest setting that keeps
 it (the most measured images/s; fewer tokens break a tie) is chosen and written as a copy of the checkpoint with
 these settings (``aptvit.save``; ``input_size`` in its metadata when the size changed), together with the curve:
-a table (Markdown), JSON and a plot, written together atomically.
+a table (Markdown), JSON and a plot, written together atomically. When no setting keeps the target, the message
+names the closest setting and the nearest target that some setting keeps.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from .core.quadtree import _budget_tokens, all_merged_tokens, check_budget
 from .nn.config import APTConfig
 from .nn.convert import convert
 from .nn.dense import unmerge_packed
-from .nn.model import APTViT
+from .nn.model import APTViT, model_flops
 from .runtime import autocast, resolve_device, resolve_dtype
 from .teacher import timm_outputs
 
@@ -55,6 +58,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGETS = (0.75, 0.5, 0.35)
 DEFAULT_SHARES = (0.75, 0.5, 0.35)  # the lower resolutions: about these shares of the source's patch tokens
 DEFAULT_THRESHOLDS = "default"  # the scorer's registered thresholds
+NOISE_FACTOR = 1.5  # a measured speed-up above this times the FLOP ratio is a disturbed timing (noisy_timings)
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 FILES = {"json": "calibration.json", "table": "calibration.md", "plot": "calibration.png", "model": "model.safetensors"}
 # what ``save`` writes itself: every other metadata entry of an aptvit checkpoint is carried into the copy
@@ -200,14 +204,25 @@ def build_grid(
 @dataclass(frozen=True)
 class Target:
     """The fidelity a setting must keep: at most ``max_drop`` points of top-1 below the source, or at least
-    ``min_agreement`` (a fraction) of the source's top-1 classes, or at least ``min_cosine`` class cosine."""
+    ``min_agreement`` (a fraction) of the source's top-1 classes, or at least ``min_cosine`` class cosine.
+
+    ``confidence`` (with ``max_drop``): the top-1 drop plus this many of its standard errors must be within
+    ``max_drop``, so that a setting is chosen on evidence, not on a lucky estimate (1: about 84% one-sided).
+    """
 
     max_drop: Optional[float] = None
     min_agreement: Optional[float] = None
     min_cosine: Optional[float] = None
+    confidence: Optional[float] = None
 
     def __post_init__(self) -> None:
-        given = [(k, v) for k, v in asdict(self).items() if v is not None]
+        if self.confidence is not None:
+            c = self.confidence
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+                raise InputError(f"--confidence {c!r} must be a number of standard errors >= 0 (e.g. 1 or 2)")
+            if self.max_drop is None:
+                raise InputError("--confidence goes with --max-drop (standard errors of the top-1 drop)")
+        given = [(k, v) for k, v in asdict(self).items() if v is not None and k != "confidence"]
         if len(given) > 1:
             raise InputError(f"give one target, not {' and '.join('--' + k.replace('_', '-') for k, _ in given)}")
         for name, value, low, high, low_open in (
@@ -226,24 +241,42 @@ class Target:
 
     @property
     def given(self) -> bool:
-        return any(v is not None for v in asdict(self).values())
+        return any(v is not None for k, v in asdict(self).items() if k != "confidence")
 
     def describe(self, source: "Row") -> str:
         if self.max_drop is not None:
+            n = self.confidence
+            sure = f" (the drop plus {n:g} standard error{'s' * (n != 1)})" if n else ""
             return (
-                f"top-1 within {self.max_drop:g} point{'s' * (self.max_drop != 1)} of the source's {source.top1:.2f}%"
+                f"top-1 within {self.max_drop:g} point{'s' * (self.max_drop != 1)} of the source's "
+                f"{source.top1:.2f}%{sure}"
             )
         if self.min_agreement is not None:
             return f"top-1 agreement with the source of at least {100 * self.min_agreement:g}%"
         return f"class cosine to the source of at least {self.min_cosine:g}"
 
     def value(self, row: "Row") -> Optional[float]:
-        """The figure the target is about: top-1 drop (points), agreement (fraction) or class cosine."""
+        """The figure the target is about: top-1 drop (points; plus ``confidence`` standard errors), agreement
+        (fraction) or class cosine."""
         if self.max_drop is not None:
-            return row.top1_drop
+            if row.top1_drop is None or not self.confidence:
+                return row.top1_drop
+            return row.top1_drop + self.confidence * (row.top1_se or 0.0)
         if self.min_agreement is not None:
             return None if row.agreement is None else row.agreement / 100
         return row.cosine_pre_logits
+
+    def nearest(self, rows: Sequence["Row"]) -> Optional[str]:
+        """The target nearest to this one that some row of ``rows`` keeps, as its option ("--max-drop 1.25"), the
+        figure rounded so that the row keeps it; None when no row has the figure."""
+        values = [v for v in (self.value(r) for r in rows) if v is not None]
+        if not values:
+            return None
+        if self.max_drop is not None:  # points of top-1, up to the next hundredth
+            sure = f" --confidence {self.confidence:g}" if self.confidence else ""
+            return f"--max-drop {math.ceil(round(min(values) * 100, 6)) / 100:g}{sure}"
+        best = math.floor(round(max(values) * 10_000, 6)) / 10_000  # down to the next ten-thousandth
+        return f"--min-agreement {best:g}" if self.min_agreement is not None else f"--min-cosine {best:g}"
 
     def met(self, row: "Row") -> bool:
         v = self.value(row)
@@ -268,6 +301,7 @@ class Row:
     thresholds: Optional[Dict[str, float]]
     tokens: float  # patch tokens per image, mean
     token_share: float  # tokens / the source's patch tokens
+    gflops: Optional[float] = None  # per image, mean (``model_flops``: what runs, the layout's embedding bank included)
     top1: Optional[float] = None  # percent
     top1_drop: Optional[float] = None  # the source's top-1 minus this row's, points
     top1_se: Optional[float] = None  # standard error of that paired difference, points
@@ -298,7 +332,8 @@ def choose(rows: Sequence[Row], target: Target) -> Tuple[Optional[Row], str]:
         closest = (min if target.max_drop is not None else max)(others, key=target.value)
         return None, (
             f"no setting keeps {what}; the closest is {closest.name} ({_figure(closest, target)}, "
-            f"{closest.speedup:.2f}x the source's images/s)"
+            f"{closest.speedup:.2f}x the source's images/s); the nearest target a setting keeps is "
+            f"{target.nearest(others)}"
         )
     best = max(ok, key=lambda r: (r.speedup, -r.tokens))
     reason = (
@@ -315,7 +350,41 @@ def choose(rows: Sequence[Row], target: Target) -> Tuple[Optional[Row], str]:
         reason += f"; the fastest plain lower resolution that keeps it, {fast.size} px, runs at {fast.speedup:.2f}x"
     else:
         reason += "; no plain lower resolution keeps it"
+    if target.max_drop is not None and (best.top1_se or 0.0) > target.max_drop:
+        # the cheapest of many settings that pass a noisy test: its own figure flatters it
+        reason += (
+            f"; but its top-1 difference has a standard error of {best.top1_se:.2f} points, more than the "
+            f"{target.max_drop:g} asked: on these images the choice is within noise (more labelled images, "
+            "--limit, make it firmer)"
+        )
     return best, reason
+
+
+def noisy_timings(rows: Sequence[Row], factor: float = NOISE_FACTOR) -> List[Row]:
+    """The rows whose measured speed-up is above ``factor`` times their FLOP ratio (the source's FLOPs over theirs).
+
+    Cutting FLOPs buys at most about proportionally more speed on one device (APT's layout and gathers only add to
+    its time), so such a speed-up says that the timing was disturbed (another process, a cold cache, too few
+    runs), not that the setting is that fast.
+    """
+    source = rows[0]
+    if not source.gflops:
+        return []
+    return [r for r in rows[1:] if r.gflops and r.speedup > factor * source.gflops / r.gflops]
+
+
+def noisy_warning(noisy: Sequence[Row], source: Row, clock: str) -> str:
+    """One line that names the settings of ``noisy_timings`` and says how to measure them better."""
+    some = ", ".join(
+        f"{r.name} ({r.speedup:.2f}x measured, {source.gflops / r.gflops:.2f}x fewer FLOPs)" for r in noisy[:3]
+    )
+    more = f" and {len(noisy) - 3} more" if len(noisy) > 3 else ""
+    hint = " (or --clock thread, on a shared machine)" if clock == "wall" else ""
+    return (
+        f"the timings look noisy: {len(noisy)} setting{'s' * (len(noisy) != 1)} measured more than {NOISE_FACTOR:g}x "
+        f"faster than their FLOPs allow: {some}{more}; speeds (and a choice) rest on them: raise --runs and "
+        f"--timing-images{hint}"
+    )
 
 
 def _figure(row: Row, target: Target) -> str:
@@ -371,13 +440,14 @@ def format_table(rows: Sequence[Row], chosen: Optional[Row] = None) -> str:
     """A Markdown table of the rows (fidelity columns only where they exist)."""
     labelled = rows[0].top1 is not None
     head = rows[0].agreement is not None
-    cols = ["setting", "size", "tokens/img", "tokens"]
+    cols = ["setting", "size", "tokens/img", "tokens", "GFLOPs"]
     cols += ["top-1 %", "vs source (points)"] if labelled else []
     cols += ["agreement %"] if head else []
     cols += ["class cos", "dense cos", "img/s", "speed", "target"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [r.name, str(r.size), f"{r.tokens:.1f}", f"{r.token_share:.0%}"]
+        gflops = "" if r.gflops is None else f"{r.gflops:.3g}"
+        cells = [r.name, str(r.size), f"{r.tokens:.1f}", f"{r.token_share:.0%}", gflops]
         if labelled:
             cells += [f"{r.top1:.2f}", "" if r.kind == "source" else f"{0.0 - r.top1_drop:+.2f} +- {r.top1_se:.2f}"]
         if head:
@@ -444,8 +514,9 @@ def plot(result: Calibration, path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- running models
-def _apt_outputs(apt: APTViT, images: torch.Tensor, crops: torch.Tensor) -> Tuple[Outputs, torch.Tensor]:
-    """An ``APTViT``'s ``Outputs`` (dense features on its base grid) and its patch tokens per image (B,).
+def _apt_outputs(apt: APTViT, images: torch.Tensor, crops: torch.Tensor) -> Tuple[Outputs, torch.Tensor, torch.Tensor]:
+    """An ``APTViT``'s ``Outputs`` (dense features on its base grid), its patch tokens per image (B,) and its
+    FLOPs per image (B,).
 
     The layout is made from the uint8 ``crops`` as ``aptvit eval`` and ``finetune`` make it (in their loaders), so
     that evaluating the written checkpoint reproduces this row.
@@ -456,7 +527,16 @@ def _apt_outputs(apt: APTViT, images: torch.Tensor, crops: torch.Tensor) -> Tupl
     feats = apt.forward_features(images, layout=layout)
     pre = apt.forward_head(feats, pre_logits=True)
     logits = apt.forward_head(feats) if apt.num_classes else None
-    return Outputs(logits, pre, unmerge_packed(feats.tokens, feats.packed)), feats.layout.num_tokens
+    flops = model_flops(apt, layout)["apt"]
+    return Outputs(logits, pre, unmerge_packed(feats.tokens, feats.packed)), feats.layout.num_tokens, flops
+
+
+def _uniform_flops(apt: APTViT, size: int) -> float:
+    """FLOPs per image of the uniform model at ``size`` x ``size``."""
+    from .core.quadtree import patch_layout
+
+    layout = patch_layout(torch.zeros(1, 3, size, size, dtype=torch.uint8), (apt.patch_size,))
+    return float(model_flops(apt, layout)["uniform"][0])
 
 
 def patch_models(apt: APTViT, patch_sets: Sequence[Tuple[int, ...]]) -> Dict[Tuple[int, ...], APTViT]:
@@ -482,7 +562,8 @@ def find_samples(data, limit: Optional[int], classes: Optional[List[str]], num_c
     """The images of folder ``data`` and whether their labels can be used: (samples, labelled, class names, note).
 
     Labels are used when ``data`` has class sub-folders whose count is the model's number of classes (and whose
-    names are the checkpoint's classes, when it names them); otherwise every image under ``data`` is read
+    names are the checkpoint's classes, when it names them: in the head's order, which the labels and the class
+    names returned follow, while the folders are sorted); otherwise every image under ``data`` is read
     without labels and ``note`` says why. ``limit`` keeps that many images, a seeded draw (not the first
     classes of a sorted list).
     """
@@ -498,15 +579,20 @@ def find_samples(data, limit: Optional[int], classes: Optional[List[str]], num_c
             note = "the model has no classifier head: agreement with the source's features only"
         elif len(found.classes) != num_classes:
             note = f"{len(found.classes)} class folders for the model's {num_classes} classes: no top-1, agreement only"
-        elif classes is not None and list(classes) != list(found.classes):
+        elif classes is not None and sorted(classes) != sorted(found.classes):
             note = "the class folders are not the checkpoint's classes: no top-1, agreement only"
         else:
             items = found
     samples = items.samples if items is not None else image_files(folder)
+    names = items.classes if items is not None else None
+    if classes is not None and names is not None and list(classes) != list(names):
+        # the checkpoint's classes in another order than the sorted folders: each label becomes its head row
+        rows = [list(classes).index(c) for c in names]
+        samples, names = [(path, rows[label]) for path, label in samples], list(classes)
     if limit and len(samples) > limit:
         keep = sorted(random.Random(0).sample(range(len(samples)), limit))
         samples = [samples[i] for i in keep]
-    return samples, items is not None, (items.classes if items is not None else None), note
+    return samples, items is not None, names, note
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
@@ -523,6 +609,7 @@ def calibrate(
     max_drop: Optional[float] = None,
     min_agreement: Optional[float] = None,
     min_cosine: Optional[float] = None,
+    confidence: Optional[float] = None,
     limit: Optional[int] = 1000,
     batch_size: int = 32,
     workers: int = 2,
@@ -554,6 +641,7 @@ def calibrate(
         max_drop, min_agreement, min_cosine: the target (at most one): at most this many points of top-1 below the
             source (needs labels), at least this fraction of images with the source's top-1 class, at least this
             class cosine. The cheapest setting that keeps it is chosen.
+        confidence: with ``max_drop``, the top-1 drop plus this many standard errors must keep it (default: the drop).
         limit: at most this many images (a seeded draw; None or 0: all).
         timing_images, runs, warmup: the images, timed runs and warm-up runs of each speed measurement.
         clock: "wall" (elapsed time), or "thread": this thread's CPU time, torch on one thread while timing (on a
@@ -573,7 +661,7 @@ def calibrate(
 
     from .data import LayoutDataset, ShardedSampler, build_transform, make_loader
 
-    target = Target(max_drop, min_agreement, min_cosine)
+    target = Target(max_drop, min_agreement, min_cosine, confidence)
     if clock not in CLOCKS:
         raise InputError(f"--clock {clock!r} must be one of {', '.join(CLOCKS)}")
     for name, value, low in (
@@ -615,13 +703,13 @@ def calibrate(
     for note in notes:
         logger.info(note)
     samples, labelled, folder_classes, note = find_samples(data, limit, classes, apt.num_classes)
-    if note:
-        logger.info(f"{data}: {note}")
-    if target.max_drop is not None and not labelled:
+    if target.max_drop is not None and not labelled:  # the note once, in the error
         raise InputError(
             f"--max-drop compares top-1, which needs labels: {note or 'the folder has no class folders'}; "
             "use --min-agreement (or --min-cosine) instead"
         )
+    if note:
+        logger.info(f"{data}: {note}")
     if target.min_agreement is not None and not apt.num_classes:
         raise InputError(
             "--min-agreement compares top-1 classes, and the model has no classifier head; use --min-cosine"
@@ -649,6 +737,7 @@ def calibrate(
         f"{' (labelled)' if labelled else ''}"
     )
     sums = [_Sums() for _ in settings]
+    uniform_flops = {s: _uniform_flops(models[patch_sets[0]], s) for s in run_sizes}
     timing: Dict[int, List[torch.Tensor]] = {s: [] for s in run_sizes}
     seen = bad = 0
     grid = size // p
@@ -672,13 +761,14 @@ def calibrate(
             for i, s in enumerate(settings):
                 with autocast(dev, compute):
                     if s.kind == "apt":
-                        out_s, tokens = _apt_outputs(
+                        out_s, tokens, flops = _apt_outputs(
                             models[s.patch_sizes].configure(**s.apt_fields()), x[s.size], crops[s.size]
                         )
                     else:
                         out_s = ref if s.kind == "source" else timm_outputs(vit, x[s.size])
                         tokens = torch.full((n,), (s.size // p) ** 2, device=dev)
-                sums[i].add(_on_grid(out_s, grid), ref, labels, tokens)
+                        flops = torch.full((n,), uniform_flops[s.size], dtype=torch.float64)
+                sums[i].add(_on_grid(out_s, grid), ref, labels, tokens, flops)
     bar.close()
     if seen == 0:
         raise InputError(f"no image of {str(data)!r} could be read")
@@ -703,8 +793,15 @@ def calibrate(
         architecture=apt.pretrained_cfg.get("architecture", ""),
         bad_images=bad,
     )
+    noisy = noisy_timings(rows)
+    result.facts["noisy_timings"] = [r.name for r in noisy]
+    if noisy:
+        logger.warning(noisy_warning(noisy, rows[0], clock))
     if target.given:
         result.chosen, result.reason = choose(rows, target)
+        if result.chosen in noisy:
+            ratio = rows[0].gflops / result.chosen.gflops
+            result.reason += f"; its timing looks noisy ({ratio:.2f}x fewer FLOPs than the source's)"
     logger.info(format_table(rows, result.chosen))
     if result.chosen is not None:
         chosen = result.chosen.setting
@@ -737,8 +834,11 @@ class _Sums:
         self.cos_pre: List[torch.Tensor] = []
         self.cos_dense: List[torch.Tensor] = []
         self.tokens: List[torch.Tensor] = []
+        self.flops: List[torch.Tensor] = []
 
-    def add(self, out: Outputs, ref: Outputs, labels: Optional[torch.Tensor], tokens: torch.Tensor) -> None:
+    def add(
+        self, out: Outputs, ref: Outputs, labels: Optional[torch.Tensor], tokens: torch.Tensor, flops: torch.Tensor
+    ) -> None:
         if out.logits is not None:
             top = out.logits.float().argmax(-1)
             self.same.append((top == ref.logits.float().argmax(-1)).cpu())
@@ -747,6 +847,7 @@ class _Sums:
         self.cos_pre.append(cosine(out.pre_logits, ref.pre_logits).cpu())
         self.cos_dense.append(cosine(out.dense, ref.dense).flatten(1).mean(1).cpu())
         self.tokens.append(tokens.double().cpu())
+        self.flops.append(flops.double().cpu())
 
     def row(self, s: Setting, source: "_Sums", base: int, speed, size: int, default_sizes) -> Row:
         tokens = float(torch.cat(self.tokens).mean())
@@ -760,6 +861,7 @@ class _Sums:
             thresholds={str(k): v for k, v in s.thresholds.items()} if s.thresholds is not None else None,
             tokens=tokens,
             token_share=tokens / base,
+            gflops=float(torch.cat(self.flops).mean()) / 1e9,
             cosine_pre_logits=float(torch.cat(self.cos_pre).double().mean()),
             cosine_dense=float(torch.cat(self.cos_dense).double().mean()),
             images_per_s=speed[0],

@@ -381,6 +381,7 @@ def cmd_calibrate(args) -> int:
         max_drop=args.max_drop,
         min_agreement=args.min_agreement,
         min_cosine=args.min_cosine,
+        confidence=args.confidence,
         limit=args.limit,
         batch_size=args.batch_size,
         workers=args.workers,
@@ -471,6 +472,12 @@ def add_calibrate_parser(sub) -> None:
         "--min-agreement", type=float, help="target: at least this fraction of images with the source's top-1 class"
     )
     target.add_argument("--min-cosine", type=float, help="target: at least this class cosine to the source")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        help="with --max-drop: the top-1 drop plus this many standard errors must be within it (e.g. 1; default: "
+        "the drop alone, which on few images picks the luckiest of many settings)",
+    )
     p.add_argument(
         "--limit", type=int, default=default_of(calibrate, "limit"), help="at most this many images (0: all)"
     )

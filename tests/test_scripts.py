@@ -22,6 +22,7 @@ SMOKED_ELSEWHERE = {
     "benchmarks/bench_gpu.py": "tests/benchmarks/test_bench_gpu.py",  # --quick --device cpu
     "benchmarks/real_fidelity.py": "tests/benchmarks/test_real_fidelity.py",  # --quick
     "benchmarks/bench_host.py": "tests/benchmarks/test_bench_host.py",  # --smoke
+    "benchmarks/calibrate_elpv.py": "tests/benchmarks/test_calibrate_elpv.py",  # --quick
     "benchmarks/pictures.py": "tests/benchmarks/test_pictures.py",  # --smoke, and the README's picture redrawn
     "benchmarks/real_elpv.py": "tests/benchmarks/test_real_elpv.py",  # --quick
     "benchmarks/real_imagenette.py": "tests/benchmarks/test_real_imagenette.py",  # --quick

@@ -253,6 +253,14 @@ def test_choose_takes_the_fastest_setting_that_keeps_the_target():
     assert best.name == "fast"
     assert "fast: the fastest of the 4 settings that keep top-1 within 0.5 points of the source's 80.00%" in reason
     assert "fastest plain lower resolution that keeps it, 224 px, runs at 1.50x" in reason
+    assert "standard error" not in reason
+    rows[2].top1_se = 0.8  # the chosen setting's difference is noisier than the target: the reason says so
+    best, reason = choose(rows, Target(max_drop=0.5))
+    assert best.name == "fast" and reason.endswith(
+        "; but its top-1 difference has a standard error of 0.80 points, more than the 0.5 asked: on these images "
+        "the choice is within noise (more labelled images, --limit, make it firmer)"
+    )
+    assert "standard error" not in choose(rows, Target(max_drop=1.0))[1]
     rows[2].speedup = 1.5  # a tie with the lower resolution: the fewer tokens win
     assert choose(rows, Target(max_drop=0.5))[0].name == "half"
 
@@ -279,10 +287,147 @@ def test_choose_never_picks_the_source_and_names_the_closest_when_nothing_keeps_
     best, reason = choose(rows, Target(min_cosine=0.99))
     assert best is None
     assert reason.startswith("no setting keeps class cosine to the source of at least 0.99; the closest is near")
+    assert reason.endswith("the nearest target a setting keeps is --min-cosine 0.985")
     assert choose(rows[:1], Target(min_cosine=0.5)) == (
         None,
         "no setting besides the source to keep class cosine to the source of at least 0.5",
     )
+
+
+@pytest.mark.parametrize(
+    "target, figures, nearest",
+    [  # the nearest target is rounded towards the setting, so that the setting keeps it
+        (Target(max_drop=0.5), dict(top1=78.766), "--max-drop 1.24"),
+        (Target(max_drop=0.5), dict(top1=79.0), "--max-drop 1"),
+        (Target(min_agreement=0.99), dict(agreement=98.7654), "--min-agreement 0.9876"),
+        (Target(min_cosine=0.999), dict(cos=0.987654), "--min-cosine 0.9876"),
+    ],
+)
+def test_when_nothing_keeps_the_target_the_message_names_the_best_and_the_nearest_target_met(target, figures, nearest):
+    rows = [row("source", "source", 1.0, 16), row("best", speedup=1.3, **figures), row("worse", top1=70.0, cos=0.9)]
+    rows[2].agreement = 90.0
+    best, reason = choose(rows, target)
+    assert best is None and "the closest is best (" in reason and "1.30x the source's images/s" in reason
+    assert reason.endswith(f"; the nearest target a setting keeps is {nearest}")
+    option, value = nearest.split()
+    met = Target(**{option[2:].replace("-", "_"): float(value)})
+    assert met.met(rows[1]) and choose(rows, met)[0].name == "best"
+
+
+def test_confidence_asks_the_drop_plus_its_standard_errors_to_keep_the_target():
+    rows = [
+        row("source", "source", 1.0, 16),
+        row("lucky", speedup=2.9, top1=79.7),  # -0.3 points, but +- 2.1
+        row("sure", speedup=1.4, top1=79.9),  # -0.1 points +- 0.3
+        row("far", speedup=3.5, top1=75.0),
+    ]
+    rows[1].top1_se, rows[2].top1_se, rows[3].top1_se = 2.1, 0.3, 2.0
+    assert choose(rows, Target(max_drop=0.5))[0].name == "lucky"  # the estimate alone takes the cheapest
+    best, reason = choose(rows, Target(max_drop=0.5, confidence=1))
+    assert best.name == "sure" and "within 0.5 points of the source's 80.00% (the drop plus 1 standard error)" in reason
+    best, reason = choose(rows, Target(max_drop=0.5, confidence=2))  # 0.1 + 2 x 0.3 = 0.7: none
+    assert best is None and reason.endswith("the nearest target a setting keeps is --max-drop 0.7 --confidence 2")
+    assert choose(rows, Target(max_drop=0.7, confidence=2))[0].name == "sure"
+    assert Target(max_drop=0.5, confidence=0).value(rows[1]) == pytest.approx(0.3)  # 0: the drop itself
+
+
+def test_noisy_timings_are_the_speedups_well_above_the_flop_ratio():
+    rows = [row("source", "source", 1.0, 16), row("fair", speedup=1.9), row("noisy", speedup=3.1), row("slow")]
+    for r, gflops in zip(rows, (12.0, 6.0, 6.0, 12.0)):
+        r.gflops = gflops
+    # 2x fewer FLOPs: up to 3x measured passes (1.5 x the FLOP ratio), above it is noise
+    assert [r.name for r in CAL.noisy_timings(rows)] == ["noisy"]
+    text = CAL.noisy_warning(CAL.noisy_timings(rows), rows[0], "wall")
+    assert "noisy (3.10x measured, 2.00x fewer FLOPs)" in text and "raise --runs and --timing-images" in text
+    assert "--clock thread" in text and "--clock thread" not in CAL.noisy_warning(rows[2:3], rows[0], "thread")
+    rows[0].gflops = None  # nothing to compare with: no warning
+    assert CAL.noisy_timings(rows) == []
+
+
+def test_a_noisy_timing_is_warned_about_and_named_in_the_choice(world, tmp_path, capsys, monkeypatch, caplog):
+    # the budget-0.5 setting "measures" 10x: far above what its FLOPs allow
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 10.0 if s.budget == 0.5 else 1.01))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="aptvit.calibrate"):
+        code, printed, err = run(capsys, *argv(world, out, "--max-drop", "100", "--sizes", "64", "--budgets", "0.5"))
+    assert code == 0, err
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "APT entropy budget 0.5 (10.00x measured" in warned[0]
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["noisy_timings"] == ["APT entropy budget 0.5"]
+    assert report["chosen"] == "APT entropy budget 0.5" and "its timing looks noisy" in report["reason"]
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["source (64 px)"]["gflops"] > rows["APT entropy budget 0.5"]["gflops"] > 0
+    # an honest timing: no warning
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 1.01))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="aptvit.calibrate"):
+        run(capsys, *argv(world, tmp_path / "out2", "--max-drop", "100", "--sizes", "64", "--budgets", "0.5"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_gflops_are_what_runs_at_each_setting(world, monkeypatch):
+    from aptvit.core.quadtree import patch_layout
+    from aptvit.nn.model import model_flops
+
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 1.0))
+    apt = aptvit.load(world["good"])
+    result = CAL.calibrate(apt, world["val"], size=64, sizes=[64, 48], budgets=[0.5], thresholds=[], workers=0)
+    rows = {r.name: r for r in result.rows}
+    paths = sorted(Path(world["val"]).rglob("*.png"))
+    for name, size in (("source (64 px)", 64), ("lower resolution 48 px", 48)):
+        crops = torch.zeros(len(paths), 3, size, size, dtype=torch.uint8)  # the uniform count needs the grid only
+        want = float(model_flops(apt, patch_layout(crops, (16,)))["uniform"].mean())
+        assert rows[name].gflops == pytest.approx(want / 1e9, rel=1e-9)
+    mean, std = apt.pixel_mean_std()
+    t = build_transform(64, False, mean, std, apt.pretrained_cfg.get("crop_pct"))
+    crops = torch.stack([torch.from_numpy(np.ascontiguousarray(t(to_rgb(Image.open(p))))) for p in paths])
+    model = apt.configure(budget=0.5, thresholds=None)
+    want = float(model_flops(model, patch_layout(crops, **model.config.layout_kwargs()))["apt"].mean())
+    assert rows["APT entropy budget 0.5"].gflops == pytest.approx(want / 1e9, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- class order
+def test_class_folders_in_another_order_than_the_head_are_relabelled(world, tmp_path, capsys, monkeypatch):
+    """A checkpoint whose head lists its classes unsorted (stripes, plain): the sorted class folders are read with
+    each label as its head row, so top-1 is the same as the sorted checkpoint's."""
+    from aptvit.calibrate import find_samples
+
+    swapped = tmp_path / "swapped.safetensors"
+    apt = aptvit.load(world["good"])
+    with torch.no_grad():
+        apt.timm_model.head.weight.copy_(apt.timm_model.head.weight.flip(0))
+        apt.timm_model.head.bias.copy_(apt.timm_model.head.bias.flip(0))
+    aptvit.save(apt, swapped, extra_metadata={"classes": json.dumps(CLASSES[::-1])})
+    samples, labelled, classes, note = find_samples(world["val"], 0, CLASSES[::-1], 2)
+    assert labelled and classes == CLASSES[::-1] and note == ""
+    assert [CLASSES[::-1][label] for _, label in samples] == [Path(path).parent.name for path, _ in samples]
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 1.0 / (s.budget or 1.0)))
+    tops = {}
+    for name, ckpt in (("sorted", world["good"]), ("swapped", swapped)):
+        out = tmp_path / name
+        args = ["calibrate", "--checkpoint", ckpt, "--data", world["val"], "--size", "64", "--out", out, *FAST]
+        code, printed, err = run(capsys, *args, "--max-drop", "100", "--sizes", "64", "--budgets", "0.5")
+        assert code == 0, err
+        tops[name] = [r["top1"] for r in json.loads((out / "calibration.json").read_text())["rows"]]
+    assert tops["swapped"] == tops["sorted"] and tops["sorted"][0] > 50
+    # the written copy keeps the head's order
+    assert (
+        json.loads(aptvit.nn.checkpoint.read_metadata(tmp_path / "swapped" / "model.safetensors")["classes"])
+        == (CLASSES[::-1])
+    )
+
+
+def test_max_drop_without_labels_says_why_once(world, tmp_path, capsys):
+    three = tmp_path / "three"
+    for i, p in enumerate(sorted(Path(world["val"]).rglob("*.png"))):
+        (three / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.open(p).save(three / f"c{i % 3}" / f"{i}.png")
+    code, printed, err = run(capsys, *argv(world, tmp_path / "out", "--max-drop", "1", data=str(three)))
+    assert code == 2
+    line = one_line(err)
+    assert "--max-drop compares top-1, which needs labels: 3 class folders for the model's 2 classes" in line
+    assert (printed + err).count("no top-1") == 1, printed + err
 
 
 # ---------------------------------------------------------------------------------------------- the written model
@@ -406,6 +551,7 @@ def test_the_command_lines_defaults_are_calibrates(monkeypatch):
     assert cli.main(["calibrate", "--data", "x", "--model", "vit_tiny_patch16_224"]) == 0
     assert given["budgets"] == list(CAL.DEFAULT_BUDGETS) and given["thresholds"] == ["default"]
     assert given["sizes"] is None and given["scorers"] is None and given["patch_sizes"] is None
+    assert given["confidence"] is None
     cli.main(
         [
             "calibrate",
@@ -425,8 +571,13 @@ def test_the_command_lines_defaults_are_calibrates(monkeypatch):
             "224,160",
             "--scorers",
             "entropy,upsample",
+            "--max-drop",
+            "1",
+            "--confidence",
+            "1.5",
         ]
     )
+    assert given["max_drop"] == 1.0 and given["confidence"] == 1.5
     assert given["budgets"] == [] and given["thresholds"] == [{32: 5.0, 64: 4.0}, "default"]
     assert given["patch_sizes"] == [[16, 32], [16, 32, 64]] and given["sizes"] == [224, 160]
     assert given["scorers"] == ["entropy", "upsample"]
@@ -465,6 +616,8 @@ BAD = [
     (["--budgets", "1.5"], r"budget as a float is a fraction of base tokens in \(0, 1\], got 1\.5"),
     (["--min-agreement", "99"], r"--min-agreement 99 must be in \(0\.0, 1\.0\] \(a fraction"),
     (["--max-drop", "-1"], r"--max-drop -1 must be in \[0\.0, 100\.0\]"),
+    (["--min-cosine", "0.9", "--confidence", "1"], r"--confidence goes with --max-drop"),
+    (["--max-drop", "1", "--confidence", "-1"], r"--confidence -1\.0 must be a number of standard errors >= 0"),
     (["--thresholds", "64=4"], r"--thresholds 64=4 names sizes 64, but no --patch-sizes set has exactly those"),
     (["--patch-sizes", "8,16"], r"--patch-sizes 8,16 must start with the model's patch size 16"),
     (["--limit", "-1"], r"--limit -1 must be an integer >= 0"),
