@@ -201,6 +201,11 @@ def build_grid(
 
 
 # ---------------------------------------------------------------------------------------------- targets
+# Standard errors of the top-1 drop that --max-drop asks for by default. With the drop alone, the cheapest of many
+# settings measured on a few hundred images is the luckiest estimate: on 256 elpv val cells --max-drop 0.5 chose a
+# setting at -0.39 +- 2.11 points that lost 5.9 points on the test cells (docs/results/calibrate_elpv.md).
+DEFAULT_CONFIDENCE = 1.0
+
 @dataclass(frozen=True)
 class Target:
     """The fidelity a setting must keep: at most ``max_drop`` points of top-1 below the source, or at least
@@ -208,6 +213,7 @@ class Target:
 
     ``confidence`` (with ``max_drop``): the top-1 drop plus this many of its standard errors must be within
     ``max_drop``, so that a setting is chosen on evidence, not on a lucky estimate (1: about 84% one-sided).
+    None: ``DEFAULT_CONFIDENCE``; 0: the drop alone.
     """
 
     max_drop: Optional[float] = None
@@ -216,6 +222,8 @@ class Target:
     confidence: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.max_drop is not None and self.confidence is None:
+            object.__setattr__(self, "confidence", DEFAULT_CONFIDENCE)
         if self.confidence is not None:
             c = self.confidence
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
@@ -273,7 +281,7 @@ class Target:
         if not values:
             return None
         if self.max_drop is not None:  # points of top-1, up to the next hundredth
-            sure = f" --confidence {self.confidence:g}" if self.confidence else ""
+            sure = f" --confidence {self.confidence:g}" if self.confidence != DEFAULT_CONFIDENCE else ""
             return f"--max-drop {math.ceil(round(min(values) * 100, 6)) / 100:g}{sure}"
         best = math.floor(round(max(values) * 10_000, 6)) / 10_000  # down to the next ten-thousandth
         return f"--min-agreement {best:g}" if self.min_agreement is not None else f"--min-cosine {best:g}"
@@ -641,7 +649,8 @@ def calibrate(
         max_drop, min_agreement, min_cosine: the target (at most one): at most this many points of top-1 below the
             source (needs labels), at least this fraction of images with the source's top-1 class, at least this
             class cosine. The cheapest setting that keeps it is chosen.
-        confidence: with ``max_drop``, the top-1 drop plus this many standard errors must keep it (default: the drop).
+        confidence: with ``max_drop``, the top-1 drop plus this many standard errors must keep it (default
+            ``DEFAULT_CONFIDENCE``; 0: the drop alone).
         limit: at most this many images (a seeded draw; None or 0: all).
         timing_images, runs, warmup: the images, timed runs and warm-up runs of each speed measurement.
         clock: "wall" (elapsed time), or "thread": this thread's CPU time, torch on one thread while timing (on a

@@ -475,8 +475,8 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument(
         "--confidence",
         type=float,
-        help="with --max-drop: the top-1 drop plus this many standard errors must be within it (e.g. 1; default: "
-        "the drop alone, which on few images picks the luckiest of many settings)",
+        help="with --max-drop: the top-1 drop plus this many standard errors must be within it (default 1; 0: the "
+        "drop alone, which on few images picks the luckiest of many settings)",
     )
     p.add_argument(
         "--limit", type=int, default=default_of(calibrate, "limit"), help="at most this many images (0: all)"

@@ -249,20 +249,21 @@ def test_choose_takes_the_fastest_setting_that_keeps_the_target():
         row("too far", speedup=2.0, tokens=5, top1=79.0),
         row("half", "lower resolution", 1.5, 8, 79.8),
     ]
-    best, reason = choose(rows, Target(max_drop=0.5))
+    drop_alone = Target(max_drop=0.5, confidence=0)
+    best, reason = choose(rows, drop_alone)
     assert best.name == "fast"
     assert "fast: the fastest of the 4 settings that keep top-1 within 0.5 points of the source's 80.00%" in reason
     assert "fastest plain lower resolution that keeps it, 224 px, runs at 1.50x" in reason
     assert "standard error" not in reason
     rows[2].top1_se = 0.8  # the chosen setting's difference is noisier than the target: the reason says so
-    best, reason = choose(rows, Target(max_drop=0.5))
+    best, reason = choose(rows, drop_alone)
     assert best.name == "fast" and reason.endswith(
         "; but its top-1 difference has a standard error of 0.80 points, more than the 0.5 asked: on these images "
         "the choice is within noise (more labelled images, --limit, make it firmer)"
     )
-    assert "standard error" not in choose(rows, Target(max_drop=1.0))[1]
+    assert "standard error" not in choose(rows, Target(max_drop=1.0, confidence=0))[1]
     rows[2].speedup = 1.5  # a tie with the lower resolution: the fewer tokens win
-    assert choose(rows, Target(max_drop=0.5))[0].name == "half"
+    assert choose(rows, drop_alone)[0].name == "half"
 
 
 def test_choose_is_never_worse_than_a_lower_resolution():
@@ -297,8 +298,9 @@ def test_choose_never_picks_the_source_and_names_the_closest_when_nothing_keeps_
 @pytest.mark.parametrize(
     "target, figures, nearest",
     [  # the nearest target is rounded towards the setting, so that the setting keeps it
-        (Target(max_drop=0.5), dict(top1=78.766), "--max-drop 1.24"),
-        (Target(max_drop=0.5), dict(top1=79.0), "--max-drop 1"),
+        # by default the drop plus one standard error (0.1 here): 1.234 + 0.1, 1.0 + 0.1
+        (Target(max_drop=0.5), dict(top1=78.766), "--max-drop 1.34"),
+        (Target(max_drop=0.5), dict(top1=79.0), "--max-drop 1.1"),
         (Target(min_agreement=0.99), dict(agreement=98.7654), "--min-agreement 0.9876"),
         (Target(min_cosine=0.999), dict(cos=0.987654), "--min-cosine 0.9876"),
     ],
@@ -322,7 +324,11 @@ def test_confidence_asks_the_drop_plus_its_standard_errors_to_keep_the_target():
         row("far", speedup=3.5, top1=75.0),
     ]
     rows[1].top1_se, rows[2].top1_se, rows[3].top1_se = 2.1, 0.3, 2.0
-    assert choose(rows, Target(max_drop=0.5))[0].name == "lucky"  # the estimate alone takes the cheapest
+    assert choose(rows, Target(max_drop=0.5, confidence=0))[0].name == "lucky"  # the estimate alone: the cheapest
+    best, reason = choose(rows, Target(max_drop=0.5))  # the default: the drop plus one standard error
+    assert best.name == "sure" and Target(max_drop=0.5).confidence == 1
+    best, reason = choose(rows, Target(max_drop=0.05, confidence=0))  # nothing: the nearest says --confidence 0
+    assert best is None and reason.endswith("the nearest target a setting keeps is --max-drop 0.1 --confidence 0")
     best, reason = choose(rows, Target(max_drop=0.5, confidence=1))
     assert best.name == "sure" and "within 0.5 points of the source's 80.00% (the drop plus 1 standard error)" in reason
     best, reason = choose(rows, Target(max_drop=0.5, confidence=2))  # 0.1 + 2 x 0.3 = 0.7: none
