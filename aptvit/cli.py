@@ -242,6 +242,7 @@ def cmd_show(args) -> int:
         heatmap=args.heatmap,
         width=args.width,
         dpi=args.dpi,
+        overwrite=args.overwrite,
         **({"size": parse_size(args.size)} if args.size else {}),
         **layout_settings(args),
     )
@@ -598,7 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_layout_options(
         p, f"{SHOW_BASE_SIZE} and the sizes --thresholds names, else {SHOW_BASE_SIZE},{2 * SHOW_BASE_SIZE}", model=False
     )
-    p.add_argument("--out", help="folder for the pictures (default: beside each image)")
+    p.add_argument(
+        "--out", help="folder for NAME_apt.png (and NAME_apt.json), created if missing (default: beside each image)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing NAME_apt.png/.json files (default: refuse them)"
+    )
     p.add_argument("--json", action="store_true", help="also write the boxes as JSON")
     p.add_argument("--heatmap", action="store_true", help="add a panel with the score of the 2x patches")
     add_picture_options(p)
@@ -630,7 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="layouts of the bundled photos and a short benchmark (no arguments needed)")
-    p.add_argument("--out", default="aptvit-demo", help="folder for the pictures (default aptvit-demo)")
+    p.add_argument(
+        "--out",
+        default="aptvit-demo",
+        help="folder for the pictures, created if missing; a rerun replaces the demo's own files there, a folder "
+        "with other files is refused (default aptvit-demo)",
+    )
     p.add_argument("--layouts-only", action="store_true", help="draw the layouts, skip the benchmark")
     p.add_argument("--model", default="vit_small_patch16_224", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=384, help=argparse.SUPPRESS)

@@ -197,6 +197,17 @@ def _output_stems(paths: Sequence[Path], out_dir) -> list:
     return stems
 
 
+def _check_new(files: Sequence[Path]) -> None:
+    """Refuse, before anything is written, outputs that would replace existing files (``show``'s default)."""
+    taken = [f for f in files if f.exists() or f.is_symlink()]
+    if taken:
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise InputError(
+            f"{str(taken[0])!r}{more} already exists; give --overwrite to replace it, or --out FOLDER to write "
+            "elsewhere"
+        )
+
+
 SHOW_BASE_SIZE = 16  # ``aptvit show`` draws layouts without a model: those a /16 ViT's conversion would make
 
 
@@ -234,15 +245,20 @@ def show(
     scorer_args=None,
     width: Optional[int] = None,
     dpi: int = DPI,
+    overwrite: bool = False,
 ) -> list:
     """``aptvit show``: draw the layout of every image file, print tokens kept, optionally write JSON.
 
-    Every image is read and laid out before the first picture is written: a bad file among many writes nothing.
+    Each image ``NAME.EXT`` gets ``NAME_apt.png`` (and ``NAME_apt.json``) in ``out_dir``, or beside the image when
+    ``out_dir`` is None; an existing file of those names is refused unless ``overwrite``. Every image is read and
+    laid out, and every output name checked, before the first picture is written: a bad file among many writes
+    nothing. Each file is written atomically (a temporary name, then a rename).
 
     Args:
         scorer: a registered scorer's name (default: a conversion's, ``APTConfig.scorer``).
         scorer_args: the scorer's parameters (e.g. ``{"bins": 256}``); its registered defaults fill the rest.
         width, dpi: the pictures' width in pixels and resolution (``draw_layout``).
+        overwrite: replace existing output files (otherwise an ``InputError`` names the first one).
 
     Returns:
         One dict per image: path, png, json, image size, padding, tokens, base tokens, patch sizes, counts, and the
@@ -259,15 +275,18 @@ def show(
     check_picture_size(width, dpi)
     paths = [Path(x) for x in paths]
     stems = _output_stems(paths, out_dir)
+    folders = [Path(out_dir) if out_dir else path.parent for path in paths]
+    if not overwrite:
+        suffixes = ("_apt.png", "_apt.json") if write_json else ("_apt.png",)
+        _check_new([folder / (stem + suffix) for folder, stem in zip(folders, stems) for suffix in suffixes])
     if out_dir is not None:
         check_writable(out_dir, folder=True)
     layout_args = dict(size=size, sizes=sizes, thresholds=thresholds, budget=budget, scorer=scorer, args=scorer_args)
     for path in paths:  # every input checked (read, resized, laid out) before anything is written
         _laid_out(path, **layout_args)
     results = []
-    for path, stem in zip(paths, stems):
+    for path, stem, folder in zip(paths, stems, folders):
         img, padding, layout = _laid_out(path, **layout_args)
-        folder = Path(out_dir) if out_dir else path.parent
         result = _shown(path, folder / f"{stem}_apt.png", img, padding, layout, scorer, used, budget)
         grid = _score_grid(img, sizes, scorer, scorer_args) if heatmap and len(sizes) > 1 else None
         draw_layout(
