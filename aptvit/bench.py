@@ -28,6 +28,45 @@ from .runtime import autocast
 
 logger = logging.getLogger(__name__)
 
+# What a benchmark times with (--clock): elapsed time, or this thread's CPU time, which other processes on a shared
+# machine do not inflate but which counts all of torch's work only when torch runs on this one thread
+CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def add_clock_option(parser, default: str = "wall", threads_option: Optional[str] = "--threads") -> None:
+    """Add ``--clock wall|thread`` to an ``argparse`` parser.
+
+    Args:
+        threads_option: the option that sets torch's threads, which ``--clock thread`` needs at 1 (``clock_named``
+            checks it); None where the command times on one thread by itself.
+    """
+    one = f" (with {threads_option} 1)" if threads_option else " (timing on one torch thread)"
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default=default,
+        help=f"time by elapsed time (wall), or by this thread's CPU time{one}, which other processes on a shared "
+        f"machine do not inflate (thread) (default {default})",
+    )
+
+
+def clock_named(name: str, threads_option: Optional[str] = "--threads") -> Callable[[], float]:
+    """The clock ``CLOCKS[name]``, for a timing about to run on torch's current threads.
+
+    Raises:
+        InputError: an unknown name, or "thread" while torch runs on more than one thread (its CPU time would
+            miss the other threads' work); ``threads_option`` is the option to name (None: no check, the caller
+            sets one thread itself while timing).
+    """
+    if name not in CLOCKS:
+        raise InputError(f"--clock {name!r} must be one of {', '.join(CLOCKS)}")
+    if name == "thread" and threads_option and torch.get_num_threads() != 1:
+        raise InputError(
+            f"--clock thread counts this thread's CPU time only, and torch runs on {torch.get_num_threads()} "
+            f"threads: give {threads_option} 1, or --clock wall"
+        )
+    return CLOCKS[name]
+
 
 @dataclass
 class BenchRow:

@@ -508,13 +508,9 @@ def add_calibrate_parser(sub) -> None:
         default=default_of(calibrate, "warmup"),
         help=f"untimed runs first (default {default_of(calibrate, 'warmup')})",
     )
-    p.add_argument(
-        "--clock",
-        choices=("wall", "thread"),
-        default=default_of(calibrate, "clock"),
-        help="time speed by elapsed time (wall), or by this thread's CPU time on one torch thread (thread: on a "
-        "shared machine other processes do not inflate it)",
-    )
+    from .bench import add_clock_option
+
+    add_clock_option(p, default_of(calibrate, "clock"), threads_option=None)  # calibrate times on one thread itself
     p.add_argument(
         "--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping"
     )
