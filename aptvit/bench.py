@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,45 @@ from .nn.model import APTViT, model_flops
 from .runtime import autocast
 
 logger = logging.getLogger(__name__)
+
+# What a benchmark times with (--clock): elapsed time, or this thread's CPU time, which other processes on a shared
+# machine do not inflate but which counts all of torch's work only when torch runs on this one thread
+CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def add_clock_option(parser, default: str = "wall", threads_option: Optional[str] = "--threads") -> None:
+    """Add ``--clock wall|thread`` to an ``argparse`` parser.
+
+    Args:
+        threads_option: the option that sets torch's threads, which ``--clock thread`` needs at 1 (``clock_named``
+            checks it); None where the command times on one thread by itself.
+    """
+    one = f" (with {threads_option} 1)" if threads_option else " (timing on one torch thread)"
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default=default,
+        help=f"time by elapsed time (wall), or by this thread's CPU time{one}, which other processes on a shared "
+        f"machine do not inflate (thread) (default {default})",
+    )
+
+
+def clock_named(name: str, threads_option: Optional[str] = "--threads") -> Callable[[], float]:
+    """The clock ``CLOCKS[name]``, for a timing about to run on torch's current threads.
+
+    Raises:
+        InputError: an unknown name, or "thread" while torch runs on more than one thread (its CPU time would
+            miss the other threads' work); ``threads_option`` is the option to name (None: no check, the caller
+            sets one thread itself while timing).
+    """
+    if name not in CLOCKS:
+        raise InputError(f"--clock {name!r} must be one of {', '.join(CLOCKS)}")
+    if name == "thread" and threads_option and torch.get_num_threads() != 1:
+        raise InputError(
+            f"--clock thread counts this thread's CPU time only, and torch runs on {torch.get_num_threads()} "
+            f"threads: give {threads_option} 1, or --clock wall"
+        )
+    return CLOCKS[name]
 
 
 @dataclass
@@ -205,6 +245,16 @@ def plot(rows: List[BenchRow], path) -> None:
     plt.close(fig)
 
 
+def how_to_read(runs: int, steadier: str) -> str:
+    """The line printed under the table: what a speedup is, why it is noisy, and how to get a steadier one."""
+    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs now" if hasattr(os, "getloadavg") else ""
+    return (
+        f"how to read: speedup = timm ms / APT ms, medians of {runs} run(s) alternating in this one process: one "
+        f"noisy ratio, not a steady figure; other work on this machine shifts it{load}; for steadier numbers run "
+        f"{steadier} on an idle machine"
+    )
+
+
 def run_bench(
     models: Sequence,
     sizes: Sequence,
@@ -262,16 +312,19 @@ def bench_command(
     warmup=2,
     out=None,
     plot_path=None,
+    steadier: str = "it again with more --runs (e.g. --runs 20)",
 ) -> List[BenchRow]:
     """``aptvit bench``: build the models, check the sizes, run the grid, print/write the results.
 
     Args:
         source: the model, its weights, device, dtype, attention backend and layout settings
             (``aptvit.models.ModelSource``).
+        steadier: what to run for steadier numbers, as the line under the table says (``how_to_read``).
     """
     from .images import list_images, read_image
     from .photos import PHOTO_NAMES, load_photo
     from .runtime import resolve_device, resolve_dtype
+    from .viz import describe_settings
 
     if runs < 1 or warmup < 0:
         raise InputError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
@@ -298,8 +351,9 @@ def bench_command(
         parsed.append(hw)
     photos = [read_image(f) for f in list_images(images)] if images else [load_photo(n) for n in PHOTO_NAMES]
     logger.info(
-        f"{len(photos)} images from {images or 'scikit-image (bundled photos)'}; settings: "
-        f"{apt.config.thresholds if apt.config.budget is None else f'budget {apt.config.budget}'}, scorer {apt.config.scorer}"
+        f"{len(photos)} images from {images or 'scikit-image (bundled photos)'}; settings: patch sizes "
+        f"{'/'.join(map(str, apt.config.patch_sizes))}, "
+        f"{describe_settings(apt.config.scorer, apt.config.thresholds, apt.config.budget)}"
         + (" (static: exactly k tokens per image, padding counted as tokens)" if apt.config.static else "")
     )
     name = apt.pretrained_cfg.get("architecture") or model
@@ -308,6 +362,7 @@ def bench_command(
         [(name, timm_model, apt)], parsed, batches, photos, runs, warmup, device=where, dtype=compute_dtype
     )
     logger.info(format_table(rows))
+    logger.info(how_to_read(runs, steadier))
     if out:
         write_json(
             rows,

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bench import CLOCKS
 from .core.distill import Outputs, cosine
 from .core.io import InputError, UserTypeError, atomic_write_many, check_side, check_writable
 from .core.quadtree import _budget_tokens, all_merged_tokens, check_budget
@@ -59,7 +60,6 @@ DEFAULT_BUDGETS = (0.75, 0.5, 0.35)
 DEFAULT_SHARES = (0.75, 0.5, 0.35)  # the lower resolutions: about these shares of the source's patch tokens
 DEFAULT_THRESHOLDS = "default"  # the scorer's registered thresholds
 NOISE_FACTOR = 1.5  # a measured speed-up above this times the FLOP ratio is a disturbed timing (noisy_timings)
-CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 FILES = {"json": "calibration.json", "table": "calibration.md", "plot": "calibration.png", "model": "model.safetensors"}
 # what ``save`` writes itself: every other metadata entry of an aptvit checkpoint is carried into the copy
 OWN_METADATA = ("format", "format_version", "aptvit", "architecture", "timm_args", "pretrained_cfg")

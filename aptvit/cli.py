@@ -242,6 +242,7 @@ def cmd_show(args) -> int:
         heatmap=args.heatmap,
         width=args.width,
         dpi=args.dpi,
+        overwrite=args.overwrite,
         **({"size": parse_size(args.size)} if args.size else {}),
         **layout_settings(args),
     )
@@ -514,13 +515,9 @@ def add_calibrate_parser(sub) -> None:
         default=default_of(calibrate, "warmup"),
         help=f"untimed runs first (default {default_of(calibrate, 'warmup')})",
     )
-    p.add_argument(
-        "--clock",
-        choices=("wall", "thread"),
-        default=default_of(calibrate, "clock"),
-        help="time speed by elapsed time (wall), or by this thread's CPU time on one torch thread (thread: on a "
-        "shared machine other processes do not inflate it)",
-    )
+    from .bench import add_clock_option
+
+    add_clock_option(p, default_of(calibrate, "clock"), threads_option=None)  # calibrate times on one thread itself
     p.add_argument(
         "--skip-bad-images", action="store_true", help="skip (and count) unreadable images instead of stopping"
     )
@@ -605,7 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_layout_options(
         p, f"{SHOW_BASE_SIZE} and the sizes --thresholds names, else {SHOW_BASE_SIZE},{2 * SHOW_BASE_SIZE}", model=False
     )
-    p.add_argument("--out", help="folder for the pictures (default: beside each image)")
+    p.add_argument(
+        "--out", help="folder for NAME_apt.png (and NAME_apt.json), created if missing (default: beside each image)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing NAME_apt.png/.json files (default: refuse them)"
+    )
     p.add_argument("--json", action="store_true", help="also write the boxes as JSON")
     p.add_argument("--heatmap", action="store_true", help="add a panel with the score of the 2x patches")
     add_picture_options(p)
@@ -637,7 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="layouts of the bundled photos and a short benchmark (no arguments needed)")
-    p.add_argument("--out", default="aptvit-demo", help="folder for the pictures (default aptvit-demo)")
+    p.add_argument(
+        "--out",
+        default="aptvit-demo",
+        help="folder for the pictures, created if missing; a rerun replaces the demo's own files there, a folder "
+        "with other files is refused (default aptvit-demo)",
+    )
     p.add_argument("--layouts-only", action="store_true", help="draw the layouts, skip the benchmark")
     p.add_argument("--model", default="vit_small_patch16_224", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=384, help=argparse.SUPPRESS)

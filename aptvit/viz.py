@@ -101,28 +101,46 @@ def draw_layout(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Rectangle
 
     h, w = image.shape[-2:]
     panels = 2 if scores is not None else 1
     check_picture_size(width, dpi)
     width = PANEL_WIDTH * panels if width is None else width
     g = _geometry(h, w, panels, width, dpi)
+    fig = plt.figure(figsize=g["fig"], dpi=dpi)
+    ax = _panel_axes(fig, g, g["left"])
+    ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="antialiased")
+    counts = _draw_patches(ax, layout)
+    _shade_padding(ax, h, w, padding)
+    _draw_legend(fig, g, layout, counts)
+    ax.set_axis_off()
+    if scores is not None:
+        _draw_heat_map(fig, g, scores, score_label, h, w)
+    text = "\n".join(t for t in (title, subtitle) if t)
+    if text:
+        fig.text(0.5, 1 - 0.08 / g["fig"][1], text, ha="center", va="top", fontsize=9.5, linespacing=1.5)
+    out = atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    plt.close(fig)
+    return out
+
+
+def _panel_axes(fig, g: dict, left_in: float):
+    """Axes of one panel-sized picture whose left edge is ``left_in`` inches from the figure's (``_geometry``)."""
     fig_w, fig_h = g["fig"]
     panel_w, panel_h = g["panel"]
-    fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
+    return fig.add_axes((left_in / fig_w, g["bottom"] / fig_h, panel_w / fig_w, panel_h / fig_h))
 
-    def axes_at(left_in: float, width_in: float):
-        return fig.add_axes((left_in / fig_w, g["bottom"] / fig_h, width_in / fig_w, panel_h / fig_h))
 
-    ax = axes_at(g["left"], panel_w)
-    ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="antialiased")
-    boxes = layout.boxes(0).tolist()
+def _draw_patches(ax, layout: PatchLayout) -> dict:
+    """Draw each patch of ``layout`` in its size's colour (outlined; larger ones lightly filled, so that the merges
+    stand out over the base grid); returns the number of patches of each size."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
     p = layout.base_size
     counts = {s: 0 for s in layout.patch_sizes}
     by_size = {s: [] for s in layout.patch_sizes}
-    for y, x, s in boxes:
+    for y, x, s in layout.boxes(0).tolist():
         counts[s] += 1
         by_size[s].append(Rectangle((x - 0.5, y - 0.5), s, s))
     for level, s in enumerate(layout.patch_sizes):
@@ -133,18 +151,30 @@ def draw_layout(
             ax.add_collection(
                 PatchCollection(by_size[s], facecolor="none", edgecolor=colour, linewidth=0.6 if s == p else 1.3)
             )
-    handles = legend_handles(layout.patch_sizes, counts)
+    return counts
+
+
+def _shade_padding(ax, h: int, w: int, padding: Sequence[int]) -> None:
+    """Grey and hatch the (bottom, right) ``padding`` of an ``h`` x ``w`` picture: its black pixels are not part of
+    the photo."""
+    from matplotlib.patches import Rectangle
+
     pad_b, pad_r = padding
     if pad_b or pad_r:
-        # grey and hatched: the padding's black pixels are not part of the photo
         shade = dict(facecolor="0.8", edgecolor="0.5", alpha=0.9, hatch="///", linewidth=0)
         ax.add_patch(Rectangle((-0.5, h - pad_b - 0.5), w, pad_b, **shade))
         ax.add_patch(Rectangle((w - pad_r - 0.5, -0.5), pad_r, h, **shade))
+
+
+def _draw_legend(fig, g: dict, layout: PatchLayout, counts: dict) -> None:
+    """The legend under the photo: one swatch per size with its patch count, the tokens kept as its title."""
+    fig_w, fig_h = g["fig"]
+    handles = legend_handles(layout.patch_sizes, counts)
     total, base = layout.total_tokens, int(layout.num_base_tokens[0])
     fig.legend(
         handles=handles,
         loc="upper center",
-        bbox_to_anchor=((g["left"] + panel_w / 2) / fig_w, (g["bottom"] - 0.04) / fig_h),
+        bbox_to_anchor=((g["left"] + g["panel"][0] / 2) / fig_w, (g["bottom"] - 0.04) / fig_h),
         fontsize=8,
         title=f"{total}/{base} tokens ({total / base:.0%})",
         title_fontsize=8,
@@ -153,25 +183,23 @@ def draw_layout(
         handlelength=1.6,
         columnspacing=1.2,
     )
-    ax.set_axis_off()
-    if scores is not None:
-        heat = axes_at(g["left"] + panel_w + g["gap"], panel_w)
-        # stretched over the photo's own extent: the same aspect and position as the patches it scores
-        hm = heat.imshow(
-            scores.cpu().float().numpy(), cmap="magma", interpolation="nearest", extent=(-0.5, w - 0.5, h - 0.5, -0.5)
-        )
-        heat.set_axis_off()
-        bar = fig.add_axes(
-            ((g["left"] + 2 * panel_w + g["gap"] + 0.06) / fig_w, g["bottom"] / fig_h, 0.12 / fig_w, panel_h / fig_h)
-        )
-        fig.colorbar(hm, cax=bar).set_label(score_label, fontsize=8)
-        bar.tick_params(labelsize=7)
-    text = "\n".join(t for t in (title, subtitle) if t)
-    if text:
-        fig.text(0.5, 1 - 0.08 / fig_h, text, ha="center", va="top", fontsize=9.5, linespacing=1.5)
-    out = atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    plt.close(fig)
-    return out
+
+
+def _draw_heat_map(fig, g: dict, scores: torch.Tensor, score_label: str, h: int, w: int) -> None:
+    """The second panel: the (h', w') ``scores`` stretched over the photo's ``h`` x ``w`` extent (the same aspect and
+    position as the patches they score), with a colour bar labelled ``score_label``."""
+    fig_w, fig_h = g["fig"]
+    panel_w, panel_h = g["panel"]
+    heat = _panel_axes(fig, g, g["left"] + panel_w + g["gap"])
+    hm = heat.imshow(
+        scores.cpu().float().numpy(), cmap="magma", interpolation="nearest", extent=(-0.5, w - 0.5, h - 0.5, -0.5)
+    )
+    heat.set_axis_off()
+    bar = fig.add_axes(
+        ((g["left"] + 2 * panel_w + g["gap"] + 0.06) / fig_w, g["bottom"] / fig_h, 0.12 / fig_w, panel_h / fig_h)
+    )
+    fig.colorbar(hm, cax=bar).set_label(score_label, fontsize=8)
+    bar.tick_params(labelsize=7)
 
 
 def _output_stems(paths: Sequence[Path], out_dir) -> list:
@@ -195,6 +223,17 @@ def _output_stems(paths: Sequence[Path], out_dir) -> list:
                 "give them different names or show them one --out at a time"
             )
     return stems
+
+
+def _check_new(files: Sequence[Path]) -> None:
+    """Refuse, before anything is written, outputs that would replace existing files (``show``'s default)."""
+    taken = [f for f in files if f.exists() or f.is_symlink()]
+    if taken:
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise InputError(
+            f"{str(taken[0])!r}{more} already exists; give --overwrite to replace it, or --out FOLDER to write "
+            "elsewhere"
+        )
 
 
 SHOW_BASE_SIZE = 16  # ``aptvit show`` draws layouts without a model: those a /16 ViT's conversion would make
@@ -234,15 +273,20 @@ def show(
     scorer_args=None,
     width: Optional[int] = None,
     dpi: int = DPI,
+    overwrite: bool = False,
 ) -> list:
     """``aptvit show``: draw the layout of every image file, print tokens kept, optionally write JSON.
 
-    Every image is read and laid out before the first picture is written: a bad file among many writes nothing.
+    Each image ``NAME.EXT`` gets ``NAME_apt.png`` (and ``NAME_apt.json``) in ``out_dir``, or beside the image when
+    ``out_dir`` is None; an existing file of those names is refused unless ``overwrite``. Every image is read and
+    laid out, and every output name checked, before the first picture is written: a bad file among many writes
+    nothing. Each file is written atomically (a temporary name, then a rename).
 
     Args:
         scorer: a registered scorer's name (default: a conversion's, ``APTConfig.scorer``).
         scorer_args: the scorer's parameters (e.g. ``{"bins": 256}``); its registered defaults fill the rest.
         width, dpi: the pictures' width in pixels and resolution (``draw_layout``).
+        overwrite: replace existing output files (otherwise an ``InputError`` names the first one).
 
     Returns:
         One dict per image: path, png, json, image size, padding, tokens, base tokens, patch sizes, counts, and the
@@ -259,15 +303,18 @@ def show(
     check_picture_size(width, dpi)
     paths = [Path(x) for x in paths]
     stems = _output_stems(paths, out_dir)
+    folders = [Path(out_dir) if out_dir else path.parent for path in paths]
+    if not overwrite:
+        suffixes = ("_apt.png", "_apt.json") if write_json else ("_apt.png",)
+        _check_new([folder / (stem + suffix) for folder, stem in zip(folders, stems) for suffix in suffixes])
     if out_dir is not None:
         check_writable(out_dir, folder=True)
     layout_args = dict(size=size, sizes=sizes, thresholds=thresholds, budget=budget, scorer=scorer, args=scorer_args)
     for path in paths:  # every input checked (read, resized, laid out) before anything is written
         _laid_out(path, **layout_args)
     results = []
-    for path, stem in zip(paths, stems):
+    for path, stem, folder in zip(paths, stems, folders):
         img, padding, layout = _laid_out(path, **layout_args)
-        folder = Path(out_dir) if out_dir else path.parent
         result = _shown(path, folder / f"{stem}_apt.png", img, padding, layout, scorer, used, budget)
         grid = _score_grid(img, sizes, scorer, scorer_args) if heatmap and len(sizes) > 1 else None
         draw_layout(

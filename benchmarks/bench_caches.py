@@ -37,8 +37,9 @@ import timm
 import torch
 
 import aptvit
-from aptvit.bench import alternating_medians, resize
+from aptvit.bench import add_clock_option, alternating_medians, clock_named, resize
 from aptvit.core import quadtree, scoring
+from aptvit.core.io import InputError
 from aptvit.images import normalise
 from aptvit.nn.embed import AdaptivePatchEmbed
 from aptvit.photos import PHOTO_NAMES, load_photo
@@ -139,18 +140,16 @@ def main(argv=None) -> list:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "thread"),
-        default="wall",
-        help="thread: this thread's CPU time (with --threads 1), which other processes on a shared machine do not inflate",
-    )
+    add_clock_option(parser)
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny and quick (seconds): the test suite's run")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    try:
+        clock = clock_named(args.clock)
+    except InputError as e:
+        parser.error(str(e))
     if args.smoke:
         rows = [measure("vit_small_patch16_224", 64, 1, runs=1, warmup=0, depth=1)]
     else:

@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aptvit  # noqa: E402
-from aptvit.bench import alternating_medians  # noqa: E402
-from aptvit.core.io import atomic_write  # noqa: E402
+from aptvit.bench import add_clock_option, alternating_medians, clock_named  # noqa: E402
+from aptvit.core.io import InputError, atomic_write  # noqa: E402
 from aptvit.images import normalise  # noqa: E402
 from aptvit.nn.model import model_flops  # noqa: E402
 from aptvit.photos import PHOTO_NAMES, load_photo  # noqa: E402
@@ -99,16 +99,17 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, default=12, help="blocks of each model (12: the real ViT-B)")
-    parser.add_argument("--clock", choices=("thread", "wall"), default="thread")
+    add_clock_option(parser, default="thread")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.json")
     parser.add_argument("--smoke", action="store_true", help="seconds: 2-layer models at 64 px, one run")
     args = parser.parse_args(argv)
     if args.smoke:
         args.runs, args.warmup = 1, 0
     torch.set_num_threads(args.threads)
-    clock = time.thread_time if args.clock == "thread" else time.perf_counter
-    if args.clock == "thread" and args.threads != 1:
-        parser.error("--clock thread counts this thread only: use it with --threads 1")
+    try:
+        clock = clock_named(args.clock)
+    except InputError as e:
+        parser.error(str(e))
     photos = PHOTO_NAMES[:8]
     start = time.time()
     rows = []

@@ -39,7 +39,7 @@ import timm
 import torch
 
 import aptvit
-from aptvit.bench import alternating_medians, resize
+from aptvit.bench import add_clock_option, alternating_medians, clock_named, resize
 from aptvit.images import normalise
 from aptvit.photos import load_photo
 
@@ -125,12 +125,7 @@ def main(argv=None) -> list:
     parser.add_argument(
         "--patch-sizes", nargs="+", default=["16,32,64", "16,32"], help="patch size lists, each like 16,32,64"
     )
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "thread"),
-        default="wall",
-        help="thread: this thread's CPU time, which other processes on a shared machine do not inflate",
-    )
+    add_clock_option(parser, threads_option=None)  # one torch thread always
     parser.add_argument("--width", type=int, default=16, help="embedding width (384 with --heads 6: ViT-S)")
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--json", default=None)
@@ -138,7 +133,7 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     patch_sizes = [tuple(int(v) for v in p.split(",")) for p in args.patch_sizes]
-    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    clock = clock_named(args.clock, threads_option=None)
     if args.smoke:
         rows = [measure(64, runs=2, warmup=1, depth=2, patch_sizes=patch_sizes[0], clock=clock)]
     else:

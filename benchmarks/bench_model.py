@@ -18,11 +18,11 @@ import argparse
 import datetime
 import os
 import platform
-import time
 
 import torch
 
-from aptvit.bench import format_table, run_bench, write_json
+from aptvit.bench import add_clock_option, clock_named, format_table, run_bench, write_json
+from aptvit.core.io import InputError
 from aptvit.models import build_models
 from aptvit.nn.convert import convert
 from aptvit.photos import PHOTO_NAMES, load_photo
@@ -40,12 +40,7 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--patch-factors", default="1,2,4", help="patch sizes as multiples of the model's patch")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "thread"),
-        default="wall",
-        help="thread: this thread's CPU time (with --threads 1), which other processes on a shared machine do not inflate",
-    )
+    add_clock_option(parser)
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="seconds: vit_tiny_patch16_224 at 64, one run")
     args = parser.parse_args(argv)
@@ -53,6 +48,10 @@ def main(argv=None):
         args.runs, args.models, args.sizes = 1, "vit_tiny_patch16_224", "64"
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        clock = clock_named(args.clock)
+    except InputError as e:
+        parser.error(str(e))
     photos = [load_photo(name) for name in PHOTO_NAMES]
     models = []
     for name in args.models.split(","):
@@ -60,9 +59,6 @@ def main(argv=None):
         p = vit.patch_embed.patch_size[0]
         apt = convert(vit, patch_sizes=tuple(f * p for f in ints(args.patch_factors)))
         models.append((name, vit.eval(), apt.eval()))
-    if args.clock == "thread" and torch.get_num_threads() != 1:
-        parser.error("--clock thread counts one thread's CPU time: give --threads 1")
-    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     rows = run_bench(models, ints(args.sizes), ints(args.batches), photos, runs=args.runs, clock=clock)
     when = datetime.date.today().isoformat()
     load = " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"

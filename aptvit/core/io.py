@@ -1,6 +1,8 @@
 """The file boundary: user errors, reading and writing files with one clear message, and the size limit.
 
-Writing goes through a temporary name in the same folder, then a rename. Failures are mapped to messages by
+Writing goes through a temporary name in the same folder, then a rename. Missing folders on the way to a file
+are created, for the command line and the Python API alike, and each one is reported (INFO on the "aptvit"
+logger, which the command line prints), so that a typo in a folder name shows at once. Failures are mapped to messages by
 where they happen (reading a file, writing a file), not by exception type: ``reading(path)`` and
 ``writing(path)`` turn whatever a read or a write raises into a ``UserError`` that names the file and says what
 to do. The command line shows a ``UserError`` as one line; anything else is a bug and keeps its traceback.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +23,8 @@ from typing import Callable, Iterable, Union
 # The largest image side (pixels) that aptvit reads, resizes to or builds a model for: a guard against a typo
 # (--size 100000) or a hostile checkpoint allocating tens of gigabytes. Detection at 1536 px is far below it.
 MAX_SIDE = 8192
+
+logger = logging.getLogger(__name__)
 
 
 class UserError(Exception):
@@ -200,8 +205,22 @@ def _umask_mode() -> int:
 _FILE_MODE = _umask_mode()
 
 
+def make_folder(folder: Union[str, os.PathLike], purpose: str = "") -> Path:
+    """Create ``folder`` and any missing folders above it, reporting the highest one created ("created folder
+    'runs/new' for 'runs/new/m.safetensors'"); nothing is said when it exists. ``purpose``: what it is for."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        top = folder
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        logger.info(f"created folder {str(top)!r}" + (f" for {purpose}" if purpose else " (it did not exist)"))
+    return folder
+
+
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, then rename the result to ``path``: a crash never leaves a half-written file.
+    Missing folders above ``path`` are created (``make_folder``, which reports them).
 
     Raises:
         UserError (also an OSError) naming ``path`` when the write fails (full or read-only disk, ...).
@@ -223,7 +242,7 @@ def atomic_write_many(files) -> None:
         for path, write in files:
             path = Path(path)
             with writing(path):
-                path.parent.mkdir(parents=True, exist_ok=True)
+                make_folder(path.parent, repr(str(path)))
                 fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
                 os.close(fd)
                 staged.append((tmp, path))

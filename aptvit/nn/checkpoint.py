@@ -27,7 +27,7 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..core.io import MAX_SIDE, InputError, UserTypeError, atomic_write, reading, user_os_error
+from ..core.io import MAX_SIDE, InputError, UserTypeError, atomic_write, reading
 from .config import APTConfig
 from .convert import convert
 from .families import FAMILIES, family_of, timm_args_allowed
@@ -81,15 +81,10 @@ def save(
         model_args: extra ``timm.create_model`` arguments the model was built with, stored with the
             structure read off the model, so that ``load`` can re-create it without ``model=``.
 
-    Raises:
-        FileNotFoundError (a ``UserError``): the folder of ``path`` does not exist (a typo creates no folders).
+    Missing folders above ``path`` are created, as by every file aptvit writes, and reported on the "aptvit"
+    logger (``core.io.make_folder``).
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise user_os_error(
-            FileNotFoundError(),
-            f"cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist; create it first",
-        )
     atomic_write(path, saver(model, extra_metadata, model_args))
     return path
 

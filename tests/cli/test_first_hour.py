@@ -56,7 +56,7 @@ def test_item1_show_json_records_the_thresholds_used(tmp_path, capsys):
     shown = json.loads((tmp_path / "a_apt.json").read_text())
     used = default_thresholds((16, 32), APTConfig.scorer)
     assert shown["thresholds"] == {str(k): v for k, v in used.items()} and shown["budget"] is None
-    code, out, err = run(capsys, "show", path, "--json", "--thresholds", "32=5,64=3")
+    code, out, err = run(capsys, "show", path, "--json", "--thresholds", "32=5,64=3", "--overwrite")
     assert code == 0, err
     assert json.loads((tmp_path / "a_apt.json").read_text())["thresholds"] == {"32": 5.0, "64": 3.0}
 
@@ -78,7 +78,7 @@ def test_item1_the_photo_fills_the_picture_at_its_aspect_and_width_and_dpi_are_o
     # the photo takes the width (less thin margins) at its own aspect; the title and legend bands are small
     assert photo_rows(tmp_path / "wide_apt.png") >= 0.95 * width * h / w
     assert height <= 1.0 * width * h / w + 2 * 0.62 * 110 + 2
-    code, out, err = run(capsys, "show", path, "--heatmap", "--width", "900", "--dpi", "150")
+    code, out, err = run(capsys, "show", path, "--heatmap", "--width", "900", "--dpi", "150", "--overwrite")
     assert code == 0, err
     with Image.open(tmp_path / "wide_apt.png") as im:
         assert im.size[0] == 900
@@ -103,7 +103,7 @@ def test_item1_pictures_state_the_scorer_and_budget(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(aptvit.viz, "draw_layout", lambda *a, **k: titles.append(k["subtitle"]) or draw(*a, **k))
     path = noise_png(tmp_path / "a.png", 64, 64)
     assert run(capsys, "show", path, "--budget", "0.5", "--scorer", "laplacian")[0] == 0
-    assert run(capsys, "show", path, "--thresholds", "32=5")[0] == 0
+    assert run(capsys, "show", path, "--thresholds", "32=5", "--overwrite")[0] == 0
     assert titles == [
         "patch sizes 16/32, laplacian scorer, budget 0.5 of the base tokens",
         f"patch sizes 16/32, {APTConfig.scorer} scorer, thresholds 32=5",
@@ -333,10 +333,3 @@ def test_item8_eval_prints_kl_and_its_default_workers_fit_the_machine(world, cap
     assert code == 0, err
     assert re.search(r"KL \d+\.\d{4}", out), out
     assert not [w for w in recwarn if "worker" in str(w.message)], [str(w.message) for w in recwarn]
-
-
-def test_item8_save_refuses_a_missing_folder(tmp_path):
-    model = aptvit.convert(tiny_vit("vit_cls"), thresholds={32: 6.0})
-    with pytest.raises(FileNotFoundError, match="folder .*typo' does not exist"):
-        aptvit.save(model, tmp_path / "typo" / "m.safetensors")
-    assert not (tmp_path / "typo").exists()

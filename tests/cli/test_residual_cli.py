@@ -22,6 +22,7 @@ def test_show_with_the_residual_scorer_merges_a_gradient(tmp_path, capsys):
             "--scorer",
             scorer,
             "--json",
+            "--overwrite",
             "--scorer-args",
             *(["bins=512"] if scorer == "entropy" else ["radius=2"]),
         )

@@ -24,7 +24,7 @@ def test_show_takes_the_scorers_parameters(tmp_path, capsys):
     path = _ramp(tmp_path / "ramp.png")
     tokens = {}
     for extra in ([], ["--scorer-args", "bins=4"]):
-        code, out, err = run(capsys, "show", path, "--thresholds", "32=3.5,64=3.0", "--json", *extra)
+        code, out, err = run(capsys, "show", path, "--thresholds", "32=3.5,64=3.0", "--json", "--overwrite", *extra)
         assert code == 0, err
         tokens[len(extra)] = json.loads((tmp_path / "ramp_apt.json").read_text())["tokens"]
     assert tokens[2] < tokens[0]  # 4 bins see the ramp as 4 levels: lower entropy, more merging
