@@ -575,7 +575,7 @@ def find_samples(data, limit: Optional[int], classes: Optional[List[str]], num_c
     without labels and ``note`` says why. ``limit`` keeps that many images, a seeded draw (not the first
     classes of a sorted list).
     """
-    from .data import image_files, image_folder
+    from .data import image_files, image_folder, to_head_rows
 
     folder = Path(data)
     if not folder.is_dir():
@@ -595,8 +595,7 @@ def find_samples(data, limit: Optional[int], classes: Optional[List[str]], num_c
     names = items.classes if items is not None else None
     if classes is not None and names is not None and list(classes) != list(names):
         # the checkpoint's classes in another order than the sorted folders: each label becomes its head row
-        rows = [list(classes).index(c) for c in names]
-        samples, names = [(path, rows[label]) for path, label in samples], list(classes)
+        samples, names = to_head_rows(samples, names, classes), list(classes)
     if limit and len(samples) > limit:
         keep = sorted(random.Random(0).sample(range(len(samples)), limit))
         samples = [samples[i] for i in keep]

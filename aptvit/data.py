@@ -81,6 +81,14 @@ def image_folder(folder: Path):
         raise InputError(f"{folder}: {str(e).splitlines()[0]} (a class folder with no images?)") from None
 
 
+def to_head_rows(samples: Sequence, found: Sequence[str], head: Sequence[str]) -> list:
+    """``samples`` (path, label), labelled by their index in the sorted class folders ``found``, relabelled by the
+    row of the model's head that holds the same class, ``head`` (the checkpoint's classes, the same names in the
+    order it was trained with)."""
+    rows = [list(head).index(c) for c in found]
+    return [(path, rows[label]) for path, label in samples]
+
+
 @dataclass
 class Batch:
     """A packed training batch: uint8 crops, labels, their layout, and the files that could not be read."""

@@ -24,6 +24,7 @@ from .data import (
     image_files,
     image_folder,
     make_loader,
+    to_head_rows,
 )
 from .distributed import all_reduce_sum, setup_distributed
 from .images import normalise
@@ -252,11 +253,15 @@ def _eval_split(data, checkpoint, teacher) -> _Split:
     with reading(checkpoint, "checkpoint", "its 'classes' or 'input_size' metadata is malformed"):
         classes = json.loads(meta["classes"]) if "classes" in meta else None
         saved_size = int(meta.get("input_size", 0))
-    if teacher is not None and items is not None and classes is not None and classes != items.classes:
-        logger.info(f"{folder}: the checkpoint's classes are not these class folders: agreement with the teacher only")
-        items = None
     if items is not None and classes is not None and classes != items.classes:
-        raise InputError(class_mismatch(classes, items.classes, folder))
+        if sorted(classes) == sorted(items.classes):
+            # the checkpoint's classes in another order than the sorted folders: each label becomes its head row
+            items.samples, items.classes = to_head_rows(items.samples, items.classes, classes), list(classes)
+        elif teacher is not None:
+            logger.info(f"{folder}: the checkpoint's classes are not these class folders: agreement with the teacher only")
+            items = None
+        else:
+            raise InputError(class_mismatch(classes, items.classes, folder))
     return _Split(folder, items, meta, saved_size)
 
 

@@ -424,6 +424,25 @@ def test_class_folders_in_another_order_than_the_head_are_relabelled(world, tmp_
     )
 
 
+def test_eval_reads_class_folders_in_another_order_than_the_head_as_calibrate_does(world, tmp_path, capsys):
+    """``aptvit eval`` of a checkpoint whose head lists the folders' classes in another order: each label is read
+    as its head row (as calibrate does), so its top-1 is the sorted checkpoint's, not a refusal."""
+    swapped = tmp_path / "swapped.safetensors"
+    apt = aptvit.load(world["good"])
+    with torch.no_grad():
+        apt.timm_model.head.weight.copy_(apt.timm_model.head.weight.flip(0))
+        apt.timm_model.head.bias.copy_(apt.timm_model.head.bias.flip(0))
+    aptvit.save(apt, swapped, extra_metadata={"classes": json.dumps(CLASSES[::-1])})
+    tops = {}
+    for name, ckpt in (("sorted", world["good"]), ("swapped", swapped)):
+        out = tmp_path / f"{name}.json"
+        args = ["eval", "--checkpoint", ckpt, "--data", world["val"], "--size", "64", "--workers", "0", "--json", out]
+        code, printed, err = run(capsys, *args, "--device", "cpu")
+        assert code == 0, err
+        tops[name] = json.loads(out.read_text())["top1"]
+    assert tops["swapped"] == tops["sorted"] and tops["sorted"] > 50
+
+
 def test_max_drop_without_labels_says_why_once(world, tmp_path, capsys):
     three = tmp_path / "three"
     for i, p in enumerate(sorted(Path(world["val"]).rglob("*.png"))):
