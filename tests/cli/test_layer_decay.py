@@ -80,3 +80,11 @@ def test_a_bad_decay_is_one_clear_message(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
     code, _, err = run(capsys, *finetune_argv(data, tmp_path / "run", "--layer-decay", "0"))
     assert code == 2 and "--layer-decay) must be a finite number in (0, 1]" in err and "Traceback" not in err
+
+
+def test_the_logged_lr_is_the_schedules_not_the_slowest_groups(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    argv = finetune_argv(data, tmp_path / "run", "--max-steps", "1", "--warmup", "0", "--lr", "1e-3")
+    assert run(capsys, *argv, "--layer-decay", "0.5", "--log-every", "1")[0] == 0
+    lines = [json.loads(t) for t in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if t.strip()]
+    assert lines[-1]["lr"] == pytest.approx(1e-3, rel=1e-9)  # not the embedding's 1e-3 * 0.5^13
