@@ -36,8 +36,10 @@ Columns: top-1, the paired difference to the source
 the source (``--only speed``: ``aptvit.bench.alternating_medians``, one run) and the epoch's training images/s
 against the uniform epoch's.
 
-Every stage caches its result in ``--work`` (keyed by what it depends on); ``--only report`` writes
-RESULTS.{json,md,png} from what is there. ``--quick``: a tiny random ViT on synthetic class folders (seconds).
+Every stage caches its result in ``--work`` (keyed by what it depends on; the one-epoch runs and their rows also by
+the library's training defaults, ``recipe_tag``, so new defaults are new runs); ``--only report`` writes
+RESULTS.{json,md,png} from what is there (the zero-shot rows and the current recipe's epoch rows).
+``--quick``: a tiny random ViT on synthetic class folders (seconds).
 
 This is benchmark code: the library never imports it.
 """
