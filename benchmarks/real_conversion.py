@@ -425,6 +425,7 @@ def main(argv=None) -> int:
             label_smoothing=0.1,
             clip_grad=1.0,
             new_layer_lr_scale=1.0,
+            layer_decay=1.0,  # one lr for every block, as its rows were measured (ToMe's wrapper has no groups)
         )
         d.update(kw)
         return TrainConfig(**d)

@@ -36,8 +36,10 @@ Columns: top-1, the paired difference to the source
 the source (``--only speed``: ``aptvit.bench.alternating_medians``, one run) and the epoch's training images/s
 against the uniform epoch's.
 
-Every stage caches its result in ``--work`` (keyed by what it depends on); ``--only report`` writes
-RESULTS.{json,md,png} from what is there. ``--quick``: a tiny random ViT on synthetic class folders (seconds).
+Every stage caches its result in ``--work`` (keyed by what it depends on; the one-epoch runs and their rows also by
+the library's training defaults, ``recipe_tag``, so new defaults are new runs); ``--only report`` writes
+RESULTS.{json,md,png} from what is there (the zero-shot rows and the current recipe's epoch rows).
+``--quick``: a tiny random ViT on synthetic class folders (seconds).
 
 This is benchmark code: the library never imports it.
 """
@@ -533,9 +535,23 @@ def class_columns(model_file: Path, classes: Sequence[str]) -> Optional[List[int
 
 
 # ---------------------------------------------------------------------------------------------- stages
+def recipe_tag(configs=None) -> str:
+    """A short hash of a training recipe: ``configs`` (default: ``TrainConfig``'s defaults with labels and with
+    --distill, the recipe ``aptvit finetune`` applies when given none) less where and how the run goes. The
+    one-epoch runs follow the library's defaults, so new defaults are new runs."""
+    from aptvit.train import TrainConfig
+
+    if configs is None:
+        configs = [TrainConfig("m", "d", "o"), TrainConfig("m", "d", "o", distill=True)]
+    run = ("model", "data", "out", "classes", "checkpoint", "workers", "device", "log_every", "eval")
+    recipe = {str(c.distill): {k: v for k, v in json.loads(c.to_json()).items() if k not in run} for c in configs}
+    return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:6]
+
+
 def cache_keys(args) -> Dict[str, str]:
     """What each cached result depends on: the source its train subsets and recipe; the rows also the val
-    subset; the epochs the source and the epoch subset."""
+    subset; the epochs the source, the epoch subset and the library's training recipe (``recipe_tag``); their
+    rows also the val subset."""
     q = "_quick" if args.quick else ""
     folders = hashlib.sha1(f"{Path(args.train).resolve()}|{Path(args.val).resolve()}".encode()).hexdigest()[:8]
     source = (
@@ -545,16 +561,20 @@ def cache_keys(args) -> Dict[str, str]:
     return {
         "source": source,
         "rows": f"{source}_v{args.val_images}",
-        "epoch": f"{source}_ep{args.epoch_per_class}",
+        "epoch": f"{source}_ep{args.epoch_per_class}_r{recipe_tag()}",
+        "epoch_rows": f"{source}_ep{args.epoch_per_class}_r{recipe_tag()}_v{args.val_images}",
     }
 
 
-def rows_path(args, work: Path) -> Path:
-    return work / f"rows_{cache_keys(args)['rows']}.json"
+def rows_path(args, work: Path, key: str = "rows") -> Path:
+    """The cached rows: the zero-shot ones (``key`` "rows") or the one-epoch ones ("epoch_rows")."""
+    return work / f"rows_{cache_keys(args)[key]}.json"
 
 
-def evaluate_rows(methods: List[Method], x: torch.Tensor, labels, args, work: Path) -> Dict[str, dict]:
-    path = rows_path(args, work)
+def evaluate_rows(
+    methods: List[Method], x: torch.Tensor, labels, args, work: Path, key: str = "rows"
+) -> Dict[str, dict]:
+    path = rows_path(args, work, key)
     rows = json.loads(path.read_text()) if path.is_file() else {}
     for m in methods:
         if m.name in rows:
@@ -731,6 +751,7 @@ def main(argv=None) -> int:
         f"holdout {len(sub['holdout'])}; val reported {len(vi)}; load {load_start}")  # fmt: skip
     if args.quick:  # nothing cached between smoke runs
         rows_path(args, work).unlink(missing_ok=True)
+        rows_path(args, work, "epoch_rows").unlink(missing_ok=True)
     stages = {args.only} if args.only != "all" else {"source", "zero-shot", "epochs", "speed", "report"}
 
     source_path, source_info = build_source(args, data, work)
@@ -794,14 +815,17 @@ def main(argv=None) -> int:
             m.epoch_key, m.uniform_key = key, "uniform" + lr_tag(lr)
             epoch_methods.append(m)
         if epoch_methods:
-            evaluate_rows(epoch_methods, val_crops(), val_labels, args, work)
+            evaluate_rows(epoch_methods, val_crops(), val_labels, args, work, "epoch_rows")
     speed_path = work / f"speed_{cache_keys(args)['source']}.json"
     if "speed" in stages:
         timed = [m for m in zs if m.kind != "Random"]
         write_json(speed_path, speed(timed, val_crops(), args))
     if "report" not in stages:
         return 0
-    rows = json.loads(rows_path(args, work).read_text())
+    zero_shot = json.loads(rows_path(args, work).read_text())
+    rows = {m.name: zero_shot[m.name] for m in zs if m.name in zero_shot}  # not an earlier recipe's epoch rows
+    epoch_rows = rows_path(args, work, "epoch_rows")
+    rows.update(json.loads(epoch_rows.read_text()) if epoch_rows.is_file() else {})
     src = zs[0].name
     compare(rows, val_labels, src)
     for m in epoch_methods:

@@ -258,7 +258,8 @@ class _Window:
             "epoch": state.epoch + 1,  # the epoch in progress, counted from 1 as the evaluation after it is
             "step": state.global_step,
             "loss": loss / max(1, steps),
-            "lr": optimizer.param_groups[0]["lr"],
+            # the schedule's lr (--lr's scale): each group's is it times its own lr_scale (layer decay, new layers)
+            "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
             "images_per_s": images / (time.perf_counter() - self.start),
             "tokens_kept": tokens / max(1, base),
             "bad_images": state.bad_images,

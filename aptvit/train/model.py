@@ -183,16 +183,42 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def is_new_layer(name: str) -> bool:
+    """Whether the parameter called ``name`` belongs to the layers the conversion adds (the zero-initialised detail
+    path), which learn at ``new_layer_lr_scale`` times the lr."""
+    return name.startswith("adaptive_embed.")
+
+
+def layer_depths(model: torch.nn.Module) -> Dict[str, int]:
+    """Each parameter's depth for layer-wise lr decay, from the model's ``group_matcher`` (timm's grouping):
+    0 the embedding (tokens, positions, patch projection), ``i + 1`` block ``i``, the deepest the final norm and
+    the head (a parameter no group names counts as the head)."""
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        raise InputError(f"{type(model).__name__} has no group_matcher: give --layer-decay 1 (no decay) for it")
+    depth = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    deepest = max(depth.values(), default=0) + 1
+    return {name: depth.get(name, deepest) for name, _ in model.named_parameters()}
+
+
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[dict]:
     """AdamW parameter groups: no weight decay for biases, norms and ``no_weight_decay()`` (as timm's
-    factory does), and ``lr_scale`` = ``cfg.new_layer_lr_scale`` for the new ``adaptive_embed.*`` layers."""
+    factory does); ``lr_scale`` = ``cfg.new_layer_lr_scale`` for the new layers (``is_new_layer``) and, for
+    every other parameter, ``cfg.layer_decay ** (deepest - its depth)`` (``layer_depths``: the head 1, the last
+    block ``layer_decay``, the embedding the least; 1 for all when ``layer_decay`` is 1)."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    depth = layer_depths(model) if cfg.layer_decay != 1 else {}
+    deepest = max(depth.values(), default=0)
     groups: Dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") or name in skip else cfg.weight_decay
-        scale = cfg.new_layer_lr_scale if name.startswith("adaptive_embed.") else 1.0
+        if is_new_layer(name):
+            scale = cfg.new_layer_lr_scale
+        else:
+            scale = cfg.layer_decay ** (deepest - depth[name]) if depth else 1.0
         groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(
             param
         )

@@ -41,6 +41,20 @@ def test_cache_keys_follow_what_each_stage_depends_on():
     assert all(e[k] != a[k] for k in a)
 
 
+def test_new_library_training_defaults_are_new_epoch_runs_and_rows():
+    from aptvit.train import TrainConfig
+
+    defaults = [TrainConfig("m", "d", "o"), TrainConfig("m", "d", "o", distill=True)]
+    assert ri.recipe_tag() == ri.recipe_tag(defaults)
+    other = [TrainConfig("m", "d", "o", layer_decay=0.5), defaults[1]]  # one default changed
+    assert ri.recipe_tag(other) != ri.recipe_tag()
+    run_only = [TrainConfig("x", "y", "z", workers=0, log_every=1, device="cpu", eval=False), defaults[1]]
+    assert ri.recipe_tag(run_only) == ri.recipe_tag()  # where and how it runs is no part of the recipe
+    keys = ri.cache_keys(ri.parse_args([]))
+    assert keys["epoch"].endswith(ri.recipe_tag()) and ri.recipe_tag() in keys["epoch_rows"]
+    assert ri.recipe_tag() not in keys["rows"]  # the zero-shot rows stay
+
+
 def test_the_epoch_plan_has_one_uniform_baseline_and_no_lower_resolution_for_the_default_thresholds():
     assert ri.parse_budgets("default, 0.5") == [None, 0.5]
     plan = [(k, b) for k, b, _ in ri.epoch_plan(ri.parse_budgets("default,0.5,0.35"))]

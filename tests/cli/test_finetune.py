@@ -99,7 +99,8 @@ def test_uniform_baseline_eval(tmp_path, capsys):
 
 def test_loss_falls_on_a_set_the_model_can_memorise(tmp_path):
     data = make_folder(tmp_path / "data", train=4, val=2)
-    finetune(cfg(data, tmp_path / "run", epochs=10, eval=False, lr=3e-4))
+    # random weights, trained from scratch: one lr for every block (layer decay is for a pretrained model)
+    finetune(cfg(data, tmp_path / "run", epochs=10, eval=False, lr=3e-4, layer_decay=1.0))
     losses = [m["loss"] for m in metrics(tmp_path / "run") if m["kind"] == "train"]
     assert len(losses) == 20
     assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])

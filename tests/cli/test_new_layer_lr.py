@@ -13,7 +13,7 @@ from .helpers import MODEL, finetune_argv, make_folder, run, train_config
 def test_cli_option_gives_the_apt_layers_a_scaled_lr(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
     argv = finetune_argv(data, tmp_path / "run", "--max-steps", "2", "--lr", "1e-3", "--warmup", "0")
-    code, _, err = run(capsys, *argv, "--new-layer-lr-scale", "8")
+    code, _, err = run(capsys, *argv, "--new-layer-lr-scale", "8", "--layer-decay", "1")  # one lr for the rest
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["new_layer_lr_scale"] == 8.0
     groups = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["optimizer"]["param_groups"]
@@ -47,7 +47,7 @@ def test_param_groups_split_decay_and_new_layers():
         MODEL, pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=2
     )
     apt = aptvit.convert(vit, patch_sizes=(8, 16))
-    config = TrainConfig(model=MODEL, data="x", out="y", new_layer_lr_scale=3.0, weight_decay=0.05)
+    config = TrainConfig(model=MODEL, data="x", out="y", new_layer_lr_scale=3.0, weight_decay=0.05, layer_decay=1.0)
     names = {id(p): n for n, p in apt.named_parameters()}
     for group in param_groups(apt, config):
         for p in group["params"]:

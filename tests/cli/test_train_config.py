@@ -90,10 +90,11 @@ def test_the_learning_rates_default_by_the_kind_of_run_and_a_given_one_wins():
     labelled, distill = TrainConfig("m", "d", "o"), TrainConfig("m", "d", "o", distill=True)
     assert (labelled.lr, labelled.new_layer_lr_scale) == (5e-5, 10.0)
     assert (distill.lr, distill.new_layer_lr_scale) == (5e-6, 100.0) == tuple(KIND_DEFAULTS[True].values())
+    assert labelled.layer_decay == distill.layer_decay == 0.75  # both kinds: the early blocks learn slowest
     given = TrainConfig("m", "d", "o", distill=True, lr=1e-4, new_layer_lr_scale=3.0)
     assert (given.lr, given.new_layer_lr_scale) == (1e-4, 3.0)
     saved = json.loads(distill.to_json())  # config.json holds the values the run used
-    assert (saved["lr"], saved["new_layer_lr_scale"]) == (5e-6, 100.0)
+    assert (saved["lr"], saved["new_layer_lr_scale"], saved["layer_decay"]) == (5e-6, 100.0, 0.75)
     assert TrainConfig.from_json(distill.to_json()) == distill
 
 

@@ -147,7 +147,16 @@ def test_an_unreadable_batch_is_consumed_but_is_no_step(tmp_path, data_dir):
 
 
 def test_lr_follows_the_schedule_per_step_with_each_groups_scale(tmp_path, data_dir):
-    setup = Setup(data_dir, tmp_path / "run", epochs=2, warmup=0.25, lr=1e-3, min_lr=1e-5, new_layer_lr_scale=10.0)
+    setup = Setup(
+        data_dir,
+        tmp_path / "run",
+        epochs=2,
+        warmup=0.25,
+        lr=1e-3,
+        min_lr=1e-5,
+        new_layer_lr_scale=10.0,
+        layer_decay=1.0,
+    )
     setup.epoch(TrainState())
     total = 8  # 2 epochs x 4 batches: 2 warm-up steps, then the cosine
     expected = [lr_at(step, total, setup.cfg) for step in range(4)]
