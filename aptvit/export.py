@@ -40,6 +40,7 @@ from torch import nn
 
 from .core.io import InputError, MissingDependency, UserTypeError, atomic_write, check_writable
 from .core.static import static_tokens
+from .nn.attention import BACKENDS
 from .nn.config import APTConfig
 from .nn.model import APTViT
 
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torch")
 EXPORT_FAMILIES = ("vit", "eva")  # the adapters whose exported graph is checked (tests/test_export.py)
-EXPORT_ATTENTION = ("auto", "pad")  # "pad" is what runs: one SDPA over fixed-size sequences, no host offsets
 CHECK_TOLERANCE = 1e-4  # max |exported - PyTorch| / max |PyTorch| on the check photos
 CHECK_PHOTOS = 3  # photos in the check batch (more than one: the batch axis is exercised)
 INSTALL_HINT = "pip install 'aptvit[export]' (onnxruntime, onnxscript)"
@@ -136,10 +136,11 @@ def check_exportable(
             "export needs a token budget (a fixed k tokens per image), not thresholds: pass budget=0.5 "
             "(--budget 0.5, a fraction of the base tokens, or a count)"
         )
-    if model.attention not in EXPORT_ATTENTION:
+    if _export_backend(model.attention) is None:
+        name = _export_backend("auto")
         raise InputError(
-            f"attention {model.attention!r} cannot be exported (it reads host offsets or is a CUDA kernel); "
-            "pass attention='pad' (--attention pad) or 'auto'"
+            f"attention {model.attention!r} cannot be exported (it reads host offsets or is a compiled or device-only "
+            f"kernel); pass attention={name!r} (--attention {name}) or 'auto'"
         )
     config = model.config.replace(
         static=True, **({"budget": budget, "thresholds": None} if budget is not None else {})
@@ -161,11 +162,23 @@ def _require(module: str):
         raise MissingDependency(f"ONNX export needs {module}: {INSTALL_HINT}") from None
 
 
+def _export_backend(attention: str) -> Optional[str]:
+    """The attention backend an exported graph runs for a model's ``attention``: the model's own if it is
+    ``traceable`` (``nn.attention.Backend``), for "auto" the first registered traceable one that runs on the CPU in
+    float32; None when it cannot be exported."""
+    if attention != "auto":
+        backend = BACKENDS.get(attention)
+        return attention if backend is not None and backend.traceable else None
+    cpu = torch.device("cpu")
+    return next((n for n, b in BACKENDS.items() if b.traceable and b.available(cpu, torch.float32)), None)
+
+
 def _static_copy(model: APTViT, config: APTConfig) -> APTViT:
-    """A copy of ``model`` on the CPU in eval mode, static, attention "pad" (the caller's model is left alone)."""
+    """A copy of ``model`` on the CPU in eval mode, static, with the attention backend an export runs
+    (``_export_backend``; the caller's model is left alone)."""
     apt = copy.deepcopy(model).cpu().eval()
     apt.config = config
-    apt.attention = "pad"
+    apt.attention = _export_backend(model.attention)
     for p in apt.parameters():
         p.requires_grad_(False)
     return apt
@@ -291,8 +304,13 @@ def _onnx_translations() -> dict:
     }
 
 
-def _onnx_one_image(graph: StaticForward, example: torch.Tensor):
+def _onnx_one_image(graph: nn.Module, example: torch.Tensor):
     """The ONNX ``ModelProto`` of ``graph`` on one image (batch 1, every shape static)."""
+    return _onnx_model(graph, (example,), input_names=["images"])
+
+
+def _onnx_model(module: nn.Module, args: tuple, dynamic_shapes=None, input_names=None):
+    """The ONNX ``ModelProto`` of ``module`` on ``args`` (torch's dynamo exporter with ``_onnx_translations``)."""
     import warnings
 
     # onnx_ir logs a warning per empty attribute list it types as INTS (the exporter's own output, a dozen lines
@@ -304,8 +322,8 @@ def _onnx_one_image(graph: StaticForward, example: torch.Tensor):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                graph, (example,), dynamo=True, optimize=False, verbose=False,
-                custom_translation_table=_onnx_translations(), input_names=["images"],
+                module, args, dynamo=True, optimize=False, verbose=False, dynamic_shapes=dynamic_shapes,
+                custom_translation_table=_onnx_translations(), input_names=input_names,
             )  # fmt: skip
     finally:
         ir_log.setLevel(level)
@@ -480,8 +498,8 @@ def export_command(
         raise InputError("export needs a token budget (a fixed k tokens per image), not --thresholds: pass --budget 0.5")
     if format not in FORMATS:
         raise InputError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
-    if attention not in EXPORT_ATTENTION:
-        raise InputError(f"--attention {attention} cannot be exported: pass --attention pad (or auto)")
+    if _export_backend(attention) is None:
+        raise InputError(f"--attention {attention} cannot be exported: pass --attention {_export_backend('auto')} (or auto)")
     if format == "onnx":
         _require("onnxruntime")
         _require("onnxscript")
