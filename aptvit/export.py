@@ -4,16 +4,19 @@ The exported graph is the static path (``APTConfig.static``): exactly k tokens p
 budget threshold, quadtree selection, packing) and the plan built from tensor ops with no host read, so nothing
 in it depends on Python at run time. Two formats:
 
-* ``"onnx"``: ``torch.onnx.export(dynamo=True)`` of the forward of one image, run over the batch by an ONNX
-  ``Scan`` (the batch axis is dynamic; each image's layout and tokens are its own, so images never mix). The
-  conversion settings, the input size and the normalisation are in the file's ``metadata_props``.
-* ``"torch"``: a ``torch.export`` ``ExportedProgram`` (``torch.export.save``) of the same per-image forward under
+* ``"onnx"``: ``torch.onnx.export(dynamo=True)`` of the forward in three parts (``export_graph``): the layout, plan
+  and embedding of one image, run over the batch by an ONNX ``Scan``; the blocks on the whole batch (a dynamic batch
+  axis: one matmul per layer for every image, the graph optimiser's fusions on the batch); the head of one image,
+  run by a second ``Scan``. Images never mix. The conversion settings, the input size and the normalisation are in
+  the file's ``metadata_props``.
+* ``"torch"``: a ``torch.export`` ``ExportedProgram`` (``torch.export.save``) of the per-image forward under
   ``torch._higher_order_ops.scan``; the metadata goes in the archive's extra file ``aptvit.json``.
 
-Why one image at a time: the static plan's host structures (``PatchLayout.image_sizes``, the size groups) are
-Python tuples as long as the batch, so a trace specialises the batch size; per image they are constants and the
-scan makes the batch axis dynamic without touching the model code. On a CPU one ViT image is already large
-matmuls (hundreds of tokens), so the loop costs little (``benchmarks/bench_onnx.py`` measures batch 1 and 8).
+Why the layout goes image by image: the static plan's host structures (``PatchLayout.image_sizes``, the size groups)
+are Python tuples as long as the batch, so a trace specialises the batch size; per image they are constants. Past
+the plan an image is a fixed block of L rows, and the blocks need no Python structure sized by the batch (the
+attention backend's static form is ``traceable``: fixed-shape views and one SDPA), so they are traced once with a
+dynamic batch.
 
 Four aten ops of the layout have no ONNX translation in torch 2.14's exporter (or none that ONNX Runtime runs);
 they get exact ones here: ``searchsorted`` (a comparison count, (..., Q, M) booleans: the layout's sorted lists are
@@ -304,12 +307,22 @@ def _onnx_translations() -> dict:
     }
 
 
-def _onnx_one_image(graph: nn.Module, example: torch.Tensor):
-    """The ONNX ``ModelProto`` of ``graph`` on one image (batch 1, every shape static)."""
-    return _onnx_model(graph, (example,), input_names=["images"])
+def _onnx_staged(apt: APTViT, pre_logits: bool, dense: bool, example: torch.Tensor, outputs) -> "onnx.ModelProto":  # noqa: F821
+    """The ONNX model of ``apt``'s static forward (``export_graph``): the embedding and the head traced on one image
+    and run image by image, the blocks traced with a dynamic batch and run on the whole batch."""
+    from .export_graph import staged, staged_onnx
+
+    parts, blocks_in, head_in = staged(apt, pre_logits, dense, example)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    embed = _onnx_model(parts.embed, (example,), input_names=["images"])
+    blocks = _onnx_model(
+        parts.blocks, tuple(blocks_in), dynamic_shapes=({0: batch}, tuple({0: batch} for _ in blocks_in[1:]))
+    )
+    head = _onnx_model(parts.head, tuple(head_in))
+    return staged_onnx(embed, blocks, head, parts.n_context, outputs)
 
 
-def _onnx_model(module: nn.Module, args: tuple, dynamic_shapes=None, input_names=None):
+def _onnx_model(module: nn.Module, args: tuple, dynamic_shapes=None, input_names=None) -> "onnx.ModelProto":  # noqa: F821
     """The ONNX ``ModelProto`` of ``module`` on ``args`` (torch's dynamo exporter with ``_onnx_translations``)."""
     import warnings
 
@@ -328,49 +341,6 @@ def _onnx_model(module: nn.Module, args: tuple, dynamic_shapes=None, input_names
     finally:
         ir_log.setLevel(level)
     return program.model_proto
-
-
-def scan_over_batch(one: "onnx.ModelProto", outputs) -> "onnx.ModelProto":  # noqa: F821
-    """The batch-1 model ``one`` run over a dynamic batch by an ONNX ``Scan``: input "images" (N, C, H, W), one
-    output per name in ``outputs`` with N in front."""
-    import onnx
-    from onnx import helper
-
-    g = one.graph
-    (inp,) = g.input
-    inner_in = "images__one"  # the body's own names may not shadow the outer graph's
-    used = {n for node in g.node for n in (*node.input, *node.output)} | {i.name for i in g.initializer}
-    if any(n in used for n in ("images__item", inner_in, *(f"{o}__item" for o in outputs), *outputs)):
-        raise RuntimeError("name collision in the exported graph")
-    nodes = []
-    for node in g.node:
-        node = copy.copy(node)
-        node.input[:] = [inner_in if n == inp.name else n for n in node.input]
-        nodes.append(node)
-    axis0 = helper.make_tensor("axis0__scan", onnx.TensorProto.INT64, [1], [0])
-    dims = [[d.dim_value for d in inp.type.tensor_type.shape.dim][1:]]
-    body_in = helper.make_tensor_value_info("images__item", onnx.TensorProto.FLOAT, dims[0])
-    pre = helper.make_node("Unsqueeze", ["images__item", "axis0__scan"], [inner_in])
-    post, body_out, shapes = [], [], []
-    for out, name in zip(g.output, outputs):
-        shape = [d.dim_value for d in out.type.tensor_type.shape.dim][1:]
-        post.append(helper.make_node("Squeeze", [out.name, "axis0__scan"], [f"{name}__item"]))
-        body_out.append(helper.make_tensor_value_info(f"{name}__item", out.type.tensor_type.elem_type, shape))
-        shapes.append((name, out.type.tensor_type.elem_type, ["batch", *shape]))
-    body = helper.make_graph(
-        [pre, *nodes, *post], "aptvit_image", [body_in], body_out,
-        initializer=[axis0, *g.initializer], value_info=list(g.value_info),
-    )  # fmt: skip
-    scan = helper.make_node("Scan", ["images"], list(outputs), body=body, num_scan_inputs=1, name="aptvit_batch")
-    outer_in = helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["batch", *dims[0]])
-    outer_out = [helper.make_tensor_value_info(*s) for s in shapes]
-    model = helper.make_model(
-        helper.make_graph([scan], "aptvit", [outer_in], outer_out),
-        opset_imports=list(one.opset_import),
-        producer_name="aptvit",
-    )
-    model.ir_version = one.ir_version
-    return model
 
 
 def _run_onnx(path: str, images: torch.Tensor):
@@ -431,8 +401,7 @@ def export(
     if format == "onnx":
         import onnx
 
-        one = _onnx_one_image(graph, example)
-        model_proto = scan_over_batch(one, outputs)
+        model_proto = _onnx_staged(apt, pre_logits, dense, example, outputs)
         model_proto.metadata_props.extend(onnx.StringStringEntryProto(key=k_, value=v) for k_, v in meta.items())
 
         def write(tmp: str) -> None:

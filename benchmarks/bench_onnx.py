@@ -46,9 +46,12 @@ WAYS = ("timm ORT", "APT ORT", "timm eager", "APT eager")
 
 
 def ort_session(path, threads: int, profile: bool = False):
+    """The session a user would make: every graph optimisation on (ONNX Runtime's default, set here so the run
+    records it), ``threads`` threads for the ops, one graph node at a time."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.enable_profiling = profile
@@ -87,10 +90,15 @@ def layout_share(path, images, threads: int, calls: int = 3) -> dict:
     """Share of the profiled node time of APT's graph in the nodes traced from ``apt.prepare`` (layout + plan)."""
     import onnx
 
-    body = onnx.load(str(path)).graph.node[0].attribute[0].g  # the Scan's per-image graph
+    def nodes(graph):  # the graph's nodes and those of its subgraphs (the Scans' per-image graphs)
+        for n in graph.node:
+            yield n
+            for a in n.attribute:
+                yield from nodes(a.g) if a.type == onnx.AttributeProto.GRAPH else ()
+
     prepare = {
         n.name
-        for n in body.node
+        for n in nodes(onnx.load(str(path)).graph)
         if any(p.key == "pkg.torch.onnx.stack_trace" and "apt.prepare(" in p.value for p in n.metadata_props)
     }
     session = ort_session(path, threads, profile=True)
@@ -102,7 +110,7 @@ def layout_share(path, images, threads: int, calls: int = 3) -> dict:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
             continue
         if event.get("args", {}).get("op_name") == "Scan":
-            continue  # the loop node encloses every other
+            continue  # a loop node encloses the nodes of its body
         name = event["name"][: -len("_kernel_time")]
         total += event["dur"]
         layout += event["dur"] if name in prepare else 0.0
