@@ -4,16 +4,19 @@ The exported graph is the static path (``APTConfig.static``): exactly k tokens p
 budget threshold, quadtree selection, packing) and the plan built from tensor ops with no host read, so nothing
 in it depends on Python at run time. Two formats:
 
-* ``"onnx"``: ``torch.onnx.export(dynamo=True)`` of the forward of one image, run over the batch by an ONNX
-  ``Scan`` (the batch axis is dynamic; each image's layout and tokens are its own, so images never mix). The
-  conversion settings, the input size and the normalisation are in the file's ``metadata_props``.
-* ``"torch"``: a ``torch.export`` ``ExportedProgram`` (``torch.export.save``) of the same per-image forward under
+* ``"onnx"``: ``torch.onnx.export(dynamo=True)`` of the forward in three parts (``export_graph``): the layout, plan
+  and embedding of one image, run over the batch by an ONNX ``Scan``; the blocks on the whole batch (a dynamic batch
+  axis: one matmul per layer for every image, the graph optimiser's fusions on the batch); the head of one image,
+  run by a second ``Scan``. Images never mix. The conversion settings, the input size and the normalisation are in
+  the file's ``metadata_props``.
+* ``"torch"``: a ``torch.export`` ``ExportedProgram`` (``torch.export.save``) of the per-image forward under
   ``torch._higher_order_ops.scan``; the metadata goes in the archive's extra file ``aptvit.json``.
 
-Why one image at a time: the static plan's host structures (``PatchLayout.image_sizes``, the size groups) are
-Python tuples as long as the batch, so a trace specialises the batch size; per image they are constants and the
-scan makes the batch axis dynamic without touching the model code. On a CPU one ViT image is already large
-matmuls (hundreds of tokens), so the loop costs little (``benchmarks/bench_onnx.py`` measures batch 1 and 8).
+Why the layout goes image by image: the static plan's host structures (``PatchLayout.image_sizes``, the size groups)
+are Python tuples as long as the batch, so a trace specialises the batch size; per image they are constants. Past
+the plan an image is a fixed block of L rows, and the blocks need no Python structure sized by the batch (the
+attention backend's static form is ``traceable``: fixed-shape views and one SDPA), so they are traced once with a
+dynamic batch.
 
 Four aten ops of the layout have no ONNX translation in torch 2.14's exporter (or none that ONNX Runtime runs);
 they get exact ones here: ``searchsorted`` (a comparison count, (..., Q, M) booleans: the layout's sorted lists are
@@ -40,6 +43,7 @@ from torch import nn
 
 from .core.io import InputError, MissingDependency, UserTypeError, atomic_write, check_writable
 from .core.static import static_tokens
+from .nn.attention import BACKENDS
 from .nn.config import APTConfig
 from .nn.model import APTViT
 
@@ -47,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torch")
 EXPORT_FAMILIES = ("vit", "eva")  # the adapters whose exported graph is checked (tests/test_export.py)
-EXPORT_ATTENTION = ("auto", "pad")  # "pad" is what runs: one SDPA over fixed-size sequences, no host offsets
 CHECK_TOLERANCE = 1e-4  # max |exported - PyTorch| / max |PyTorch| on the check photos
 CHECK_PHOTOS = 3  # photos in the check batch (more than one: the batch axis is exercised)
 INSTALL_HINT = "pip install 'aptvit[export]' (onnxruntime, onnxscript)"
@@ -136,10 +139,11 @@ def check_exportable(
             "export needs a token budget (a fixed k tokens per image), not thresholds: pass budget=0.5 "
             "(--budget 0.5, a fraction of the base tokens, or a count)"
         )
-    if model.attention not in EXPORT_ATTENTION:
+    if _export_backend(model.attention) is None:
+        name = _export_backend("auto")
         raise InputError(
-            f"attention {model.attention!r} cannot be exported (it reads host offsets or is a CUDA kernel); "
-            "pass attention='pad' (--attention pad) or 'auto'"
+            f"attention {model.attention!r} cannot be exported (it reads host offsets or is a compiled or device-only "
+            f"kernel); pass attention={name!r} (--attention {name}) or 'auto'"
         )
     config = model.config.replace(
         static=True, **({"budget": budget, "thresholds": None} if budget is not None else {})
@@ -161,11 +165,23 @@ def _require(module: str):
         raise MissingDependency(f"ONNX export needs {module}: {INSTALL_HINT}") from None
 
 
+def _export_backend(attention: str) -> Optional[str]:
+    """The attention backend an exported graph runs for a model's ``attention``: the model's own if it is
+    ``traceable`` (``nn.attention.Backend``), for "auto" the first registered traceable one that runs on the CPU in
+    float32; None when it cannot be exported."""
+    if attention != "auto":
+        backend = BACKENDS.get(attention)
+        return attention if backend is not None and backend.traceable else None
+    cpu = torch.device("cpu")
+    return next((n for n, b in BACKENDS.items() if b.traceable and b.available(cpu, torch.float32)), None)
+
+
 def _static_copy(model: APTViT, config: APTConfig) -> APTViT:
-    """A copy of ``model`` on the CPU in eval mode, static, attention "pad" (the caller's model is left alone)."""
+    """A copy of ``model`` on the CPU in eval mode, static, with the attention backend an export runs
+    (``_export_backend``; the caller's model is left alone)."""
     apt = copy.deepcopy(model).cpu().eval()
     apt.config = config
-    apt.attention = "pad"
+    apt.attention = _export_backend(model.attention)
     for p in apt.parameters():
         p.requires_grad_(False)
     return apt
@@ -291,8 +307,23 @@ def _onnx_translations() -> dict:
     }
 
 
-def _onnx_one_image(graph: StaticForward, example: torch.Tensor):
-    """The ONNX ``ModelProto`` of ``graph`` on one image (batch 1, every shape static)."""
+def _onnx_staged(apt: APTViT, pre_logits: bool, dense: bool, example: torch.Tensor, outputs) -> "onnx.ModelProto":  # noqa: F821
+    """The ONNX model of ``apt``'s static forward (``export_graph``): the embedding and the head traced on one image
+    and run image by image, the blocks traced with a dynamic batch and run on the whole batch."""
+    from .export_graph import staged, staged_onnx
+
+    parts, blocks_in, head_in = staged(apt, pre_logits, dense, example)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    embed = _onnx_model(parts.embed, (example,), input_names=["images"])
+    blocks = _onnx_model(
+        parts.blocks, tuple(blocks_in), dynamic_shapes=({0: batch}, tuple({0: batch} for _ in blocks_in[1:]))
+    )
+    head = _onnx_model(parts.head, tuple(head_in))
+    return staged_onnx(embed, blocks, head, parts.n_context, outputs)
+
+
+def _onnx_model(module: nn.Module, args: tuple, dynamic_shapes=None, input_names=None) -> "onnx.ModelProto":  # noqa: F821
+    """The ONNX ``ModelProto`` of ``module`` on ``args`` (torch's dynamo exporter with ``_onnx_translations``)."""
     import warnings
 
     # onnx_ir logs a warning per empty attribute list it types as INTS (the exporter's own output, a dozen lines
@@ -304,55 +335,12 @@ def _onnx_one_image(graph: StaticForward, example: torch.Tensor):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                graph, (example,), dynamo=True, optimize=False, verbose=False,
-                custom_translation_table=_onnx_translations(), input_names=["images"],
+                module, args, dynamo=True, optimize=False, verbose=False, dynamic_shapes=dynamic_shapes,
+                custom_translation_table=_onnx_translations(), input_names=input_names,
             )  # fmt: skip
     finally:
         ir_log.setLevel(level)
     return program.model_proto
-
-
-def scan_over_batch(one: "onnx.ModelProto", outputs) -> "onnx.ModelProto":  # noqa: F821
-    """The batch-1 model ``one`` run over a dynamic batch by an ONNX ``Scan``: input "images" (N, C, H, W), one
-    output per name in ``outputs`` with N in front."""
-    import onnx
-    from onnx import helper
-
-    g = one.graph
-    (inp,) = g.input
-    inner_in = "images__one"  # the body's own names may not shadow the outer graph's
-    used = {n for node in g.node for n in (*node.input, *node.output)} | {i.name for i in g.initializer}
-    if any(n in used for n in ("images__item", inner_in, *(f"{o}__item" for o in outputs), *outputs)):
-        raise RuntimeError("name collision in the exported graph")
-    nodes = []
-    for node in g.node:
-        node = copy.copy(node)
-        node.input[:] = [inner_in if n == inp.name else n for n in node.input]
-        nodes.append(node)
-    axis0 = helper.make_tensor("axis0__scan", onnx.TensorProto.INT64, [1], [0])
-    dims = [[d.dim_value for d in inp.type.tensor_type.shape.dim][1:]]
-    body_in = helper.make_tensor_value_info("images__item", onnx.TensorProto.FLOAT, dims[0])
-    pre = helper.make_node("Unsqueeze", ["images__item", "axis0__scan"], [inner_in])
-    post, body_out, shapes = [], [], []
-    for out, name in zip(g.output, outputs):
-        shape = [d.dim_value for d in out.type.tensor_type.shape.dim][1:]
-        post.append(helper.make_node("Squeeze", [out.name, "axis0__scan"], [f"{name}__item"]))
-        body_out.append(helper.make_tensor_value_info(f"{name}__item", out.type.tensor_type.elem_type, shape))
-        shapes.append((name, out.type.tensor_type.elem_type, ["batch", *shape]))
-    body = helper.make_graph(
-        [pre, *nodes, *post], "aptvit_image", [body_in], body_out,
-        initializer=[axis0, *g.initializer], value_info=list(g.value_info),
-    )  # fmt: skip
-    scan = helper.make_node("Scan", ["images"], list(outputs), body=body, num_scan_inputs=1, name="aptvit_batch")
-    outer_in = helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["batch", *dims[0]])
-    outer_out = [helper.make_tensor_value_info(*s) for s in shapes]
-    model = helper.make_model(
-        helper.make_graph([scan], "aptvit", [outer_in], outer_out),
-        opset_imports=list(one.opset_import),
-        producer_name="aptvit",
-    )
-    model.ir_version = one.ir_version
-    return model
 
 
 def _run_onnx(path: str, images: torch.Tensor):
@@ -413,8 +401,7 @@ def export(
     if format == "onnx":
         import onnx
 
-        one = _onnx_one_image(graph, example)
-        model_proto = scan_over_batch(one, outputs)
+        model_proto = _onnx_staged(apt, pre_logits, dense, example, outputs)
         model_proto.metadata_props.extend(onnx.StringStringEntryProto(key=k_, value=v) for k_, v in meta.items())
 
         def write(tmp: str) -> None:
@@ -480,8 +467,8 @@ def export_command(
         raise InputError("export needs a token budget (a fixed k tokens per image), not --thresholds: pass --budget 0.5")
     if format not in FORMATS:
         raise InputError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
-    if attention not in EXPORT_ATTENTION:
-        raise InputError(f"--attention {attention} cannot be exported: pass --attention pad (or auto)")
+    if _export_backend(attention) is None:
+        raise InputError(f"--attention {attention} cannot be exported: pass --attention {_export_backend('auto')} (or auto)")
     if format == "onnx":
         _require("onnxruntime")
         _require("onnxscript")

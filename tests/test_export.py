@@ -78,6 +78,68 @@ def test_onnx_graph_equals_the_static_forward_at_any_batch_with_its_metadata(vit
 
 
 @pytest.mark.slow
+def test_each_image_of_a_batch_gets_what_it_gets_alone(vit_onnx):
+    """The blocks run on the whole batch: each image's rows attend with its own context (mask, key bias), never
+    another image's, whatever its place in the batch."""
+    apt, path, side = vit_onnx
+    photos = _photos(apt, side)
+    static = ex._static_copy(apt, apt.config.replace(static=True))
+    with torch.no_grad():
+        sizes = static.prepare(photos).layout.size.view(3, -1)
+    assert len({tuple(s.tolist()) for s in sizes}) == 3  # three different layouts
+    logits, dense = _ort(path, photos)
+    for i in range(3):
+        alone_logits, alone_dense = _ort(path, photos[i : i + 1])
+        assert rel_err(logits[i : i + 1], alone_logits) <= 1e-5 and rel_err(dense[i : i + 1], alone_dense) <= 1e-5
+
+
+@pytest.mark.slow
+def test_no_scan_encloses_the_blocks(vit_onnx):
+    """Only the layout / embedding and the head go image by image: the blocks' weights are used by nodes of the top
+    graph (one matmul per layer for the batch), none inside a Scan's per-image graph."""
+    import onnx
+
+    apt, path, _ = vit_onnx
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {n for n, _ in apt.blocks.named_parameters(prefix="blocks")}
+
+    def used(g):
+        names = {i.name.split("/", 1)[-1] for i in g.initializer}
+        return {w for w in weights if w in names or f"apt.{w}" in names}
+
+    assert used(graph) == weights
+    bodies = [a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    assert bodies and all(not used(b) for b in bodies)
+    assert not [n for n in graph.node if n.op_type in ("Loop", "Scan") and n.output[0].startswith("blocks")]
+
+
+@pytest.mark.slow
+def test_no_expand_to_an_empty_shape_is_left(vit_onnx):
+    """``torch.full((), v)`` exports as Expand(v, []): rewritten as Identity (same tensor), which OpenVINO reads."""
+    import onnx
+    from onnx import numpy_helper
+
+    def nodes(g):
+        for n in g.node:
+            yield n
+            for a in n.attribute:
+                yield from nodes(a.g) if a.type == onnx.AttributeProto.GRAPH else ()
+
+    all_nodes = list(nodes(onnx.load(str(vit_onnx[1])).graph))
+    made = {o: n for n in all_nodes for o in n.output}
+
+    def empty(name):
+        n = made.get(name)
+        while n is not None and n.op_type == "Cast":
+            n = made.get(n.input[0])
+        return n is not None and n.op_type == "Constant" and numpy_helper.to_array(n.attribute[0].t).size == 0
+
+    assert [n for n in all_nodes if n.op_type == "Identity" and "full" in n.name]  # the exporter made some
+    assert not [n.name for n in all_nodes if n.op_type == "Expand" and empty(n.input[1])]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["eva02", "siglip_map"])  # RoPE; attention pool
 def test_onnx_graph_of_eva_and_siglip_equals_the_static_forward(family, tmp_path):
     apt = _model(family)
@@ -145,7 +207,7 @@ def no_work(monkeypatch):
         raise AssertionError("export started work before refusing")
 
     monkeypatch.setattr(ex, "_static_copy", fail)
-    monkeypatch.setattr(ex, "_onnx_one_image", fail)
+    monkeypatch.setattr(ex, "_onnx_model", fail)
     monkeypatch.setattr(torch.onnx, "export", fail)
 
 

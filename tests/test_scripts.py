@@ -5,6 +5,7 @@ so a refactor that renames what a script uses fails here. A new script must be a
 module without a command line, have its own test file): ``test_every_script_has_a_smoke_test`` says so.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -129,7 +130,10 @@ def check_bench_onnx(out, tmp_path):
     (row,) = results["rows"]
     assert [b for b in results["batches"]] == [1, 2] and 0 < row["layout_plan_share"] < 1
     assert all(row[f"batch{b}"][f"{w} img/s"] > 0 for b in (1, 2) for w in ("timm ORT", "APT ORT", "timm eager", "APT eager"))
-    assert len(table_rows((tmp_path / "onnx.md").read_text(), "| model")) == 3  # two batches, one export row
+    openvino = importlib.util.find_spec("openvino") is not None  # optional: a fifth way, and its own table
+    assert len(table_rows((tmp_path / "onnx.md").read_text(), "| model")) == 3 + 2 * openvino  # two batches, one export row
+    if openvino:
+        assert all(row[f"batch{b}"]["APT OpenVINO img/s"] > 0 for b in (1, 2)) and row["openvino_vs_ort"] <= 1e-4
 
 
 def fashion_mnist_files(tmp_path):

@@ -177,6 +177,8 @@ def test_each_backend_object_records_the_kernel_it_last_ran(monkeypatch):
         assert pad.last_kernel is None
         apt.configure(attention="loop")(x)
         assert loop_.last_kernel == "scaled_dot_product_attention (per sequence)" and pad.last_kernel is None
+        apt.configure(attention="pad", thresholds=None, budget=0.5, static=True)(x)  # a static plan: fixed rows
+        assert pad.last_kernel == "scaled_dot_product_attention (fixed rows per image)"
 
     def my_kernel(*args):
         return loop.loop_attention(*args)

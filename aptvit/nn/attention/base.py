@@ -69,6 +69,9 @@ class Backend:
     Class attributes:
         sdpa_mask: the kernel is torch's SDPA with the key bias as an additive float mask in the query's dtype: the
             bias is cast once per forward, and one sequence (batch 1) may run as timm's own SDPA call.
+        traceable: on a static plan (``PackedBatch.static``) the context and the kernel are plain tensor ops of
+            fixed shapes (no host offsets, no compiled or device-only kernel), so a graph exporter takes them as
+            they are (``aptvit.export`` runs the backends that say so).
 
     Attributes:
         last_kernel: the kernel this backend last ran, e.g. "aten._flash_attention_forward" (the varlen backend's
@@ -81,6 +84,7 @@ class Backend:
     name: str = ""  # set by ``register_backend``
     reads_host_offsets: bool = False
     sdpa_mask: bool = False
+    traceable: bool = False
     last_kernel: Optional[str] = None
 
     def __init__(
