@@ -72,7 +72,7 @@ def with_tensors(obj: Any, tensors: Sequence[torch.Tensor], leaf: Tuple[type, ..
     it = iter(tensors)
     new = _walk(obj, leaf, it)
     if next(it, None) is not None:
-        raise ValueError("more tensors than the object holds")
+        raise RuntimeError("more tensors than the object holds")  # a bug in the caller, not bad user input
     return new
 
 
