@@ -394,17 +394,23 @@ def test_gflops_are_what_runs_at_each_setting(world, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- class order
-def test_class_folders_in_another_order_than_the_head_are_relabelled(world, tmp_path, capsys, monkeypatch):
-    """A checkpoint whose head lists its classes unsorted (stripes, plain): the sorted class folders are read with
-    each label as its head row, so top-1 is the same as the sorted checkpoint's."""
-    from aptvit.calibrate import find_samples
-
+def swapped_checkpoint(world, tmp_path) -> Path:
+    """The world's checkpoint with its head's rows and its classes listed in reverse order (the same model)."""
     swapped = tmp_path / "swapped.safetensors"
     apt = aptvit.load(world["good"])
     with torch.no_grad():
         apt.timm_model.head.weight.copy_(apt.timm_model.head.weight.flip(0))
         apt.timm_model.head.bias.copy_(apt.timm_model.head.bias.flip(0))
     aptvit.save(apt, swapped, extra_metadata={"classes": json.dumps(CLASSES[::-1])})
+    return swapped
+
+
+def test_class_folders_in_another_order_than_the_head_are_relabelled(world, tmp_path, capsys, monkeypatch):
+    """A checkpoint whose head lists its classes unsorted (stripes, plain): the sorted class folders are read with
+    each label as its head row, so top-1 is the same as the sorted checkpoint's."""
+    from aptvit.calibrate import find_samples
+
+    swapped = swapped_checkpoint(world, tmp_path)
     samples, labelled, classes, note = find_samples(world["val"], 0, CLASSES[::-1], 2)
     assert labelled and classes == CLASSES[::-1] and note == ""
     assert [CLASSES[::-1][label] for _, label in samples] == [Path(path).parent.name for path, _ in samples]
@@ -427,12 +433,7 @@ def test_class_folders_in_another_order_than_the_head_are_relabelled(world, tmp_
 def test_eval_reads_class_folders_in_another_order_than_the_head_as_calibrate_does(world, tmp_path, capsys):
     """``aptvit eval`` of a checkpoint whose head lists the folders' classes in another order: each label is read
     as its head row (as calibrate does), so its top-1 is the sorted checkpoint's, not a refusal."""
-    swapped = tmp_path / "swapped.safetensors"
-    apt = aptvit.load(world["good"])
-    with torch.no_grad():
-        apt.timm_model.head.weight.copy_(apt.timm_model.head.weight.flip(0))
-        apt.timm_model.head.bias.copy_(apt.timm_model.head.bias.flip(0))
-    aptvit.save(apt, swapped, extra_metadata={"classes": json.dumps(CLASSES[::-1])})
+    swapped = swapped_checkpoint(world, tmp_path)
     tops = {}
     for name, ckpt in (("sorted", world["good"]), ("swapped", swapped)):
         out = tmp_path / f"{name}.json"
