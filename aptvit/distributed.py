@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -37,8 +38,17 @@ def setup_distributed(device: str = "auto") -> Dist:
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # left at exit, before the interpreter tears down: a process group still alive then can abort the process
+        # ("terminate called without an active exception") after a run that succeeded
+        atexit.register(leave_distributed)
     rank = torch.distributed.get_rank() if world > 1 else 0
     return Dist(rank, world, device)
+
+
+def leave_distributed() -> None:
+    """Destroy this process's torchrun process group, if it has one (``setup_distributed`` calls it at exit)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_main_process() -> bool:

@@ -409,6 +409,31 @@ def test_eval_refuses_a_model_whose_classes_are_not_the_folders(tmp_path, capsys
     assert code == 2 and "has 5 classes but" in err and "2 class folders" in err
 
 
+def test_a_torchrun_process_leaves_its_process_group_at_exit(tmp_path):
+    """``setup_distributed`` destroys the process group at exit: a group still alive while the interpreter tears
+    down can abort a process whose run succeeded (seen once in the two-process finetune above, under load)."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import atexit, torch\n"
+        "from aptvit.distributed import setup_distributed\n"
+        "atexit.register(lambda: print('group alive at exit:', torch.distributed.is_initialized(), flush=True))\n"
+        "dist = setup_distributed('cpu')\n"
+        "print('rank', dist.rank, 'of', dist.world, flush=True)\n"
+    )  # atexit runs last-in first-out: the check registered first runs after setup_distributed's own hook
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("of 2") == 2, result.stdout
+    assert result.stdout.count("group alive at exit: False") == 2, result.stdout
+
+
 def test_a_missing_train_folder_is_named(tmp_path, capsys):
     data = make_folder(tmp_path / "data")
     shutil.rmtree(data / "train")
