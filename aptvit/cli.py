@@ -485,36 +485,15 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument(
         "--out", default="aptvit-calibrate", help="folder for calibration.{json,md,png} and model.safetensors"
     )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=default_of(calibrate, "batch_size"),
-        help=f"images per batch (default {default_of(calibrate, 'batch_size')})",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=default_of(calibrate, "workers"),
-        help=f"loader processes (default {default_of(calibrate, 'workers')})",
-    )
-    p.add_argument(
-        "--timing-images",
-        type=int,
-        default=default_of(calibrate, "timing_images"),
-        help=f"images of each speed measurement (default {default_of(calibrate, 'timing_images')})",
-    )
-    p.add_argument(
-        "--runs",
-        type=int,
-        default=default_of(calibrate, "runs"),
-        help=f"timed runs of each setting, alternating with the source (default {default_of(calibrate, 'runs')})",
-    )
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=default_of(calibrate, "warmup"),
-        help=f"untimed runs first (default {default_of(calibrate, 'warmup')})",
-    )
+    for option, what in (  # calibrate's own defaults, shown by argparse
+        ("--batch-size", "images per batch"),
+        ("--workers", "loader processes"),
+        ("--timing-images", "images of each speed measurement"),
+        ("--runs", "timed runs of each setting, alternating with the source"),
+        ("--warmup", "untimed runs first"),
+    ):
+        default = default_of(calibrate, option[2:].replace("-", "_"))
+        p.add_argument(option, type=int, default=default, help=f"{what} (default %(default)s)")
     from .bench import add_clock_option
 
     add_clock_option(p, default_of(calibrate, "clock"), threads_option=None)  # calibrate times on one thread itself
