@@ -9,8 +9,9 @@ in it depends on Python at run time. Two formats:
   axis: one matmul per layer for every image, the graph optimiser's fusions on the batch); the head of one image,
   run by a second ``Scan``. Images never mix. The conversion settings, the input size and the normalisation are in
   the file's ``metadata_props``.
-* ``"torch"``: a ``torch.export`` ``ExportedProgram`` (``torch.export.save``) of the per-image forward under
-  ``torch._higher_order_ops.scan``; the metadata goes in the archive's extra file ``aptvit.json``.
+* ``"torch"``: a ``torch.export`` ``ExportedProgram`` (``torch.export.save``) of the same three parts, the two
+  per-image ones under ``torch._higher_order_ops.scan`` (``export_graph.ScannedStaged``); the metadata goes in the
+  archive's extra file ``aptvit.json``.
 
 Why the layout goes image by image: the static plan's host structures (``PatchLayout.image_sizes``, the size groups)
 are Python tuples as long as the batch, so a trace specialises the batch size; per image they are constants. Past
@@ -82,25 +83,6 @@ class StaticForward(nn.Module):
         if not self.dense:
             return out
         return out, unmerge_packed(features.tokens, packed, SMOOTH_DEFAULT)
-
-
-class PerImage(nn.Module):
-    """``StaticForward`` image by image under ``torch._higher_order_ops.scan``: a trace with a dynamic batch axis."""
-
-    def __init__(self, graph: StaticForward) -> None:
-        super().__init__()
-        self.one = graph  # not "graph": the loaded program is a GraphModule, whose .graph is its FX graph
-
-    def forward(self, images: torch.Tensor):
-        from torch._higher_order_ops.scan import scan
-
-        def step(carry, image):
-            out = self.one(image.unsqueeze(0))
-            out = tuple(o.squeeze(0) for o in out) if isinstance(out, tuple) else out.squeeze(0)
-            return carry.clone(), out  # a scan's carry may not alias its input
-
-        _, out = scan(step, images.new_zeros(()), images)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -411,9 +393,13 @@ def export(
                 logger.info(f"checked: ONNX Runtime equals the PyTorch static forward within {err:.1e} of its scale")
 
     else:
-        with torch.no_grad():
+        from .export_graph import ScannedStaged, staged
+
+        parts = staged(apt, pre_logits, dense, example)[0]
+        with torch.no_grad():  # (a scan under autograd would trace its backward too, and fails to)
             program = torch.export.export(
-                PerImage(graph), (example.expand(2, -1, -1, -1).contiguous(),),
+                ScannedStaged(parts.embed, parts.blocks, parts.head, parts.n_context),
+                (example.expand(2, -1, -1, -1).contiguous(),),
                 dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1 << 16)}}, strict=False,
             )  # fmt: skip
 

@@ -176,6 +176,28 @@ class Staged(nn.Module):
         return torch.cat(outs)
 
 
+class ScannedStaged(Staged):
+    """``Staged`` with its two per-image loops as torch's ``scan``, so that ``torch.export`` keeps the batch axis
+    dynamic (a Python loop over the images would unroll into the trace's batch size): the ``torch.export`` form
+    of the ONNX graph's ``Scan`` -> blocks -> ``Scan``."""
+
+    def forward(self, images: torch.Tensor):
+        from torch._higher_order_ops.scan import scan
+
+        def embed_step(carry, image):  # a scan's outputs may not alias its inputs or each other: fresh copies
+            return carry.clone(), [t.clone() for t in self.embed(image.unsqueeze(0))]
+
+        _, stacked = scan(embed_step, images.new_zeros(()), images)
+        x = self.blocks(*stacked[: 1 + self.n_context])
+
+        def head_step(carry, one):
+            out = self.head(*one)
+            return carry.clone(), tuple(o.squeeze(0) for o in out) if isinstance(out, tuple) else out.squeeze(0)
+
+        _, out = scan(head_step, images.new_zeros(()), [x, *stacked[1 + self.n_context :]])
+        return out
+
+
 def staged(apt, pre_logits: bool, dense: bool, example: torch.Tensor) -> Tuple[Staged, list, list]:
     """The three parts of ``apt``'s static forward for images shaped like ``example`` (1, C, H, W).
 

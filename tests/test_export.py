@@ -140,13 +140,18 @@ def test_no_expand_to_an_empty_shape_is_left(vit_onnx):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("format", ex.FORMATS)
 @pytest.mark.parametrize("family", ["eva02", "siglip_map"])  # RoPE; attention pool
-def test_onnx_graph_of_eva_and_siglip_equals_the_static_forward(family, tmp_path):
+def test_graph_of_eva_and_siglip_equals_the_static_forward(family, format, tmp_path):
     apt = _model(family)
     side = 8 * apt.patch_size
-    path = ex.export(apt, tmp_path / "m.onnx", image_size=side, pre_logits=family == "siglip_map")
+    path = ex.export(apt, tmp_path / "m", image_size=side, pre_logits=family == "siglip_map", format=format)
     photos = _photos(apt, side)
-    (got,) = _ort(path, photos)
+    if format == "onnx":
+        (got,) = _ort(path, photos)
+    else:
+        with torch.no_grad():
+            got = torch.export.load(path).module()(photos)
     assert rel_err(got, _static_reference(apt, photos, pre_logits=family == "siglip_map")) <= 1e-4
 
 
@@ -179,10 +184,14 @@ def test_the_exported_file_runs_with_only_onnxruntime_and_numpy(vit_onnx, tmp_pa
 
 @pytest.mark.slow
 def test_torch_export_program_has_a_dynamic_batch_and_its_metadata(tmp_path):
+    """The program runs the blocks on the whole batch, as the ONNX graph does: their linears are in its top-level
+    graph, the layout and the head in two ``scan``s over the images."""
     apt = _model("vit_avg_no_cls")
     path = ex.export(apt, tmp_path / "m.pt2", image_size=64, format="torch")
     extra = {"aptvit.json": ""}
     program = torch.export.load(path, extra_files=extra)
+    calls = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert calls.count("scan") == 2 and calls.count("aten.linear.default") == 4 * len(apt.blocks), calls
     assert json.loads(extra["aptvit.json"])["tokens_per_image"] == str(apt.configure(static=True).static_tokens((64, 64)))
     photos = _photos(apt, 64)
     want = _static_reference(apt, photos)

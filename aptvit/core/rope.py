@@ -102,7 +102,10 @@ def grid_coords(centres: torch.Tensor, grid_hw: torch.Tensor, grid: RopeGrid) ->
     if grid.kind == "index":
         c = c + grid.offset
         if grid.ref is not None:
-            c = c / hw * torch.tensor(grid.ref, dtype=torch.float32, device=c.device)
+            # column by column with Python scalars, not a tensor made here: a traced constant that torch.export
+            # cannot save inside a ``scan`` (the exported program's per-image layout)
+            c = c / hw
+            c = torch.stack((c[:, 0] * grid.ref[0], c[:, 1] * grid.ref[1]), dim=-1)
     else:  # "centered"
         if grid.normalize == "separate":
             denom = hw
