@@ -404,9 +404,12 @@ def export(
             )  # fmt: skip
 
         def write(tmp: str) -> None:
-            torch.export.save(program, tmp, extra_files={"aptvit.json": json.dumps(meta)})
+            # through file objects: torch warns of a file name that does not end in .pt2 (the temporary's)
+            with open(tmp, "wb") as f:
+                torch.export.save(program, f, extra_files={"aptvit.json": json.dumps(meta)})
             if check:
-                loaded = torch.export.load(tmp).module()
+                with open(tmp, "rb") as f:
+                    loaded = torch.export.load(f).module()
                 with torch.no_grad():
                     got = loaded(photos)
                 err = _compare(got if isinstance(got, tuple) else (got,), reference, "torch.export program")
