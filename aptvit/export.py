@@ -158,15 +158,34 @@ def _export_backend(attention: str) -> Optional[str]:
     return next((n for n, b in BACKENDS.items() if b.traceable and b.available(cpu, torch.float32)), None)
 
 
-def _static_copy(model: APTViT, config: APTConfig) -> APTViT:
+def _static_copy(model: APTViT, config: APTConfig, size: Optional[Tuple[int, int]] = None) -> APTViT:
     """A copy of ``model`` on the CPU in eval mode, static, with the attention backend an export runs
-    (``_export_backend``; the caller's model is left alone)."""
+    (``_export_backend``; the caller's model is left alone); with ``size``, its position table resampled to that
+    input size once, here (``_positions_at``)."""
     apt = copy.deepcopy(model).cpu().eval()
     apt.config = config
     apt.attention = _export_backend(model.attention)
     for p in apt.parameters():
         p.requires_grad_(False)
+    if size is not None:
+        _positions_at(apt, size)
     return apt
+
+
+def _positions_at(apt: APTViT, size: Tuple[int, int]) -> None:
+    """Give ``apt`` (an export's own copy) the position table of ``size``, resampled by the family's own code, as
+    timm's ``img_size=`` would: the graph then holds a constant table rather than a resampling of it per image (an
+    exported graph has one input size). OpenVINO's bicubic resize differs from torch's and ONNX Runtime's (0.6% of the
+    logits, tiny ViT 224 -> 128 px); the same table in every runtime does not."""
+    grid = (size[0] // apt.patch_size, size[1] // apt.patch_size)
+    pos = getattr(apt, "pos_embed", None)
+    if pos is None or tuple(apt.patch_embed.grid_size) == grid:
+        return
+    with torch.no_grad():
+        grid_pos, prefix_pos = apt.family._pos_embed_grid(apt, grid)  # (1, D, h, w), (1, P', D) or None
+        table = grid_pos.flatten(2).transpose(1, 2)
+        pos.data = torch.cat([prefix_pos, table], dim=1) if prefix_pos is not None else table.contiguous()
+    apt.patch_embed.grid_size = grid  # the table's grid: the family resamples nothing at this size
 
 
 def metadata(apt: APTViT, size: Tuple[int, int], k: int, pre_logits: bool, dense: bool) -> Dict[str, str]:
@@ -370,7 +389,7 @@ def export(
     config, size, k = check_exportable(model, image_size, budget, format)
     path = check_writable(path)
     start = time.perf_counter()
-    apt = _static_copy(model, config)
+    apt = _static_copy(model, config, size)
     graph = StaticForward(apt, pre_logits=pre_logits, dense=dense).eval()
     meta = metadata(apt, size, k, pre_logits, dense)
     outputs = json.loads(meta["outputs"])

@@ -116,6 +116,31 @@ def test_no_scan_encloses_the_blocks(vit_onnx):
 
 
 @pytest.mark.slow
+def test_a_model_exported_at_another_size_holds_its_position_table_and_runs_the_same_in_openvino(vit_onnx, tmp_path):
+    """Exported at a size other than the model's own, the graph holds the position table resampled once at export
+    (no ``Resize`` in it): OpenVINO, whose bicubic resize differs from torch's, then gives ONNX Runtime's outputs."""
+    import onnx
+
+    apt, path, side = vit_onnx
+    assert tuple(apt.patch_embed.grid_size) != (side // apt.patch_size,) * 2  # another size than the model's own
+
+    def ops(g):
+        for n in g.node:
+            yield n.op_type
+            for a in n.attribute:
+                yield from ops(a.g) if a.type == onnx.AttributeProto.GRAPH else ()
+
+    assert "Resize" not in set(ops(onnx.load(str(path)).graph))
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    photos = _photos(apt, side)
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    got = torch.from_numpy(compiled.create_infer_request().infer({0: photos.numpy()})[compiled.outputs[0]])
+    assert rel_err(got, _ort(path, photos)[0]) <= 1e-5
+
+
+@pytest.mark.slow
 def test_no_expand_to_an_empty_shape_is_left(vit_onnx):
     """``torch.full((), v)`` exports as Expand(v, []): rewritten as Identity (same tensor), which OpenVINO reads."""
     import onnx
