@@ -182,7 +182,7 @@ def _positions_at(apt: APTViT, size: Tuple[int, int]) -> None:
     if pos is None or tuple(apt.patch_embed.grid_size) == grid:
         return
     with torch.no_grad():
-        grid_pos, prefix_pos = apt.family._pos_embed_grid(apt, grid)  # (1, D, h, w), (1, P', D) or None
+        grid_pos, prefix_pos = apt.family.pos_embed_grid(apt, grid)  # (1, D, h, w), (1, P', D) or None
         table = grid_pos.flatten(2).transpose(1, 2)
         pos.data = torch.cat([prefix_pos, table], dim=1) if prefix_pos is not None else table.contiguous()
     apt.patch_embed.grid_size = grid  # the table's grid: the family resamples nothing at this size

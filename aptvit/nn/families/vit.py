@@ -120,7 +120,7 @@ class ViTFamily(Family):
     def position_params(self, apt):
         return (getattr(apt, "pos_embed", None), *self.prefix_params(apt))
 
-    def _pos_embed_grid(self, apt, grid: Tuple[int, int]):
+    def pos_embed_grid(self, apt, grid: Tuple[int, int]):
         """Position embeddings for a (H/p, W/p) grid, resampled as timm does: (1, D, h, w) and prefix (1, P', D)."""
         pos = getattr(apt, "pos_embed", None)
         if pos is None:
@@ -138,7 +138,7 @@ class ViTFamily(Family):
     def positions(self, apt, groups):
         pos_banks, prefix_pos = [], None
         for _, (h, w) in groups:
-            pos_grid, prefix_pos = self._pos_embed_grid(apt, (h // apt.patch_size, w // apt.patch_size))
+            pos_grid, prefix_pos = self.pos_embed_grid(apt, (h // apt.patch_size, w // apt.patch_size))
             if pos_grid is not None:
                 pos_banks.append(position_bank(pos_grid, apt.patch_sizes))
         pos = torch.cat(pos_banks + [pos_banks[0].new_zeros(1, pos_banks[0].shape[1])]) if pos_banks else None
