@@ -88,7 +88,7 @@ def test_the_learning_rates_default_by_the_kind_of_run_and_a_given_one_wins():
     from aptvit.train.config import KIND_DEFAULTS
 
     labelled, distill = TrainConfig("m", "d", "o"), TrainConfig("m", "d", "o", distill=True)
-    assert (labelled.lr, labelled.new_layer_lr_scale) == (5e-5, 10.0)
+    assert (labelled.lr, labelled.new_layer_lr_scale) == (5e-5, 1.0)
     assert (distill.lr, distill.new_layer_lr_scale) == (5e-6, 100.0) == tuple(KIND_DEFAULTS[True].values())
     assert labelled.layer_decay == distill.layer_decay == 0.75  # both kinds: the early blocks learn slowest
     given = TrainConfig("m", "d", "o", distill=True, lr=1e-4, new_layer_lr_scale=3.0)
@@ -106,4 +106,4 @@ def test_finetune_help_names_both_kinds_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
-    assert "default 5e-05; with --distill 5e-06" in text and "default 10; with --distill 100" in text
+    assert "default 5e-05; with --distill 5e-06" in text and "default 1; with --distill 100" in text
