@@ -402,3 +402,17 @@ def test_export_prints_no_exporter_noise_and_restores_the_log_level(tmp_path, ca
         ex.export(_model(), tmp_path / "m.onnx", image_size=64, check=False)
     assert not [r for r in caplog.records if r.name.startswith("onnx_ir")], [r.getMessage() for r in caplog.records]
     assert logging.getLogger("onnx_ir").level == before
+
+
+@pytest.mark.slow
+def test_a_hugging_face_tower_exports_at_another_size(tmp_path):
+    """A ``transformers`` DINOv2 tower (converted through its timm twin) exports at a size other than its own: the
+    position table resampled as Hugging Face resamples it, once, at export."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = T.Dinov2Config(hidden_size=64, num_attention_heads=4, patch_size=14, image_size=518, num_hidden_layers=2)
+    apt = aptvit.convert(T.Dinov2Model(config).eval(), budget=0.5)
+    path = ex.export(apt, tmp_path / "m.onnx", image_size=224, pre_logits=True)
+    photos = _photos(apt, 224, 2)
+    (got,) = _ort(path, photos)
+    assert rel_err(got, _static_reference(apt, photos, pre_logits=True)) <= 1e-4
