@@ -414,11 +414,12 @@ def test_a_torchrun_process_leaves_its_process_group_at_exit(tmp_path):
     down can abort a process whose run succeeded (seen once in the two-process finetune above, under load)."""
     script = tmp_path / "job.py"
     script.write_text(
-        "import atexit, torch\n"
+        "import atexit, os, torch\n"
         "from aptvit.distributed import setup_distributed\n"
-        "atexit.register(lambda: print('group alive at exit:', torch.distributed.is_initialized(), flush=True))\n"
+        "say = lambda line: os.write(1, (line + '\\n').encode())  # one write: the two processes share the pipe\n"
+        "atexit.register(lambda: say(f'group alive at exit: {torch.distributed.is_initialized()}'))\n"
         "dist = setup_distributed('cpu')\n"
-        "print('rank', dist.rank, 'of', dist.world, flush=True)\n"
+        "say(f'rank {dist.rank} of {dist.world}')\n"
     )  # atexit runs last-in first-out: the check registered first runs after setup_distributed's own hook
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
