@@ -235,11 +235,7 @@ def main(argv=None) -> int:
     t0, load_start = time.perf_counter(), os.getloadavg()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    images, labels = elpv.synthetic_cells() if args.quick else elpv.elpv_cells(work)
-    sizes = {"train": args.train, "val": args.val, "test": args.test}
-    idx = elpv.split(len(images), sizes, args.seed)
-    x = {k: elpv.to_crops(images[v], args.size) for k, v in idx.items()}
-    y = {k: labels[v] for k, v in idx.items()}
+    x, y, _, sizes = elpv.subset_crops(args, work)
     checkpoint = source_checkpoint(args, work, x, y)
     data = folders(args, work, x, y)
     elpv.log(f"source {checkpoint}; folders {data}")

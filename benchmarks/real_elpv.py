@@ -143,6 +143,17 @@ def split(n: int, sizes: Dict[str, int], seed: int) -> Dict[str, np.ndarray]:
     return out
 
 
+def subset_crops(args, work: Path):
+    """The cells (``synthetic_cells`` with --quick) split into --train / --val / --test (``split``) and cut to crops
+    of --size: (x {subset: crops}, y {subset: labels}, every cell's label, the subset sizes). One function for this
+    benchmark and ``calibrate_elpv.py``, which must see the same cells."""
+    images, labels = synthetic_cells() if args.quick else elpv_cells(work)
+    sizes = {"train": args.train, "val": args.val, "test": args.test}
+    idx = split(len(images), sizes, args.seed)
+    x = {k: to_crops(images[v], args.size) for k, v in idx.items()}
+    return x, {k: labels[v] for k, v in idx.items()}, labels, sizes
+
+
 def to_crops(images: np.ndarray, size: int) -> torch.Tensor:
     """(N, H, W) grey uint8 -> (N, 3, size, size) uint8, bicubic with antialiasing."""
     x = torch.from_numpy(images).float()[:, None]
@@ -627,12 +638,8 @@ def main(argv=None) -> int:
     t0, load_start = time.perf_counter(), os.getloadavg()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    images, labels = synthetic_cells() if args.quick else elpv_cells(work)
-    sizes = {"train": args.train, "val": args.val, "test": args.test}
-    idx = split(len(images), sizes, args.seed)
-    x = {k: to_crops(images[v], args.size) for k, v in idx.items()}
-    y = {k: labels[v] for k, v in idx.items()}
-    log(f"{len(images)} cells, {labels.mean():.0%} defective; subsets {sizes}; {args.size} px; load {load_start}")
+    x, y, labels, sizes = subset_crops(args, work)
+    log(f"{len(labels)} cells, {labels.mean():.0%} defective; subsets {sizes}; {args.size} px; load {load_start}")
     source_path, source_info, feats = build_source(x, y, args, work)
     source = load_source(source_path, args.size, args.quick)
     with torch.no_grad():
