@@ -273,6 +273,17 @@ def _plain_expands(graph) -> None:
                 _plain_expands(a.g)
 
 
+def all_nodes(graph):
+    """Every node of an ONNX ``graph`` and of its subgraphs (the ``Scan`` bodies: the per-image parts), in order."""
+    import onnx
+
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+
+
 def _shape(value) -> List[int]:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
 

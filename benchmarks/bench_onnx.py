@@ -107,15 +107,11 @@ def layout_share(path, images, threads: int, calls: int = 3) -> dict:
     """Share of the profiled node time of APT's graph in the nodes traced from ``apt.prepare`` (layout + plan)."""
     import onnx
 
-    def nodes(graph):  # the graph's nodes and those of its subgraphs (the Scans' per-image graphs)
-        for n in graph.node:
-            yield n
-            for a in n.attribute:
-                yield from nodes(a.g) if a.type == onnx.AttributeProto.GRAPH else ()
+    from aptvit.export_graph import all_nodes
 
     prepare = {
         n.name
-        for n in nodes(onnx.load(str(path)).graph)
+        for n in all_nodes(onnx.load(str(path)).graph)
         if any(p.key == "pkg.torch.onnx.stack_trace" and "apt.prepare(" in p.value for p in n.metadata_props)
     }
     session = ort_session(path, threads, profile=True)

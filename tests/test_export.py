@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import aptvit
+from aptvit import export_graph
 from aptvit.core.io import InputError, MissingDependency, UserTypeError
 
 from .cli.helpers import one_line, run
@@ -123,14 +124,7 @@ def test_a_model_exported_at_another_size_holds_its_position_table_and_runs_the_
 
     apt, path, side = vit_onnx
     assert tuple(apt.patch_embed.grid_size) != (side // apt.patch_size,) * 2  # another size than the model's own
-
-    def ops(g):
-        for n in g.node:
-            yield n.op_type
-            for a in n.attribute:
-                yield from ops(a.g) if a.type == onnx.AttributeProto.GRAPH else ()
-
-    assert "Resize" not in set(ops(onnx.load(str(path)).graph))
+    assert "Resize" not in {n.op_type for n in export_graph.all_nodes(onnx.load(str(path)).graph)}
     pytest.importorskip("openvino")
     import openvino as ov
 
@@ -146,13 +140,7 @@ def test_no_expand_to_an_empty_shape_is_left(vit_onnx):
     import onnx
     from onnx import numpy_helper
 
-    def nodes(g):
-        for n in g.node:
-            yield n
-            for a in n.attribute:
-                yield from nodes(a.g) if a.type == onnx.AttributeProto.GRAPH else ()
-
-    all_nodes = list(nodes(onnx.load(str(vit_onnx[1])).graph))
+    all_nodes = list(export_graph.all_nodes(onnx.load(str(vit_onnx[1])).graph))
     made = {o: n for n in all_nodes for o in n.output}
 
     def empty(name):
