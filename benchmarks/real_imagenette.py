@@ -37,7 +37,8 @@ the source (``--only speed``: ``aptvit.bench.alternating_medians``, one run) and
 against the uniform epoch's.
 
 Every stage caches its result in ``--work`` (keyed by what it depends on; the one-epoch runs and their rows also by
-the library's training defaults, ``recipe_tag``, so new defaults are new runs); ``--only report`` writes
+the library's training defaults, ``recipe_tag``, and every APT result by its conversion defaults, ``convert_tag``, so
+new defaults are new runs); ``--only report`` writes
 RESULTS.{json,md,png} from what is there (the zero-shot rows and the current recipe's epoch rows).
 ``--quick``: a tiny random ViT on synthetic class folders (seconds).
 
@@ -490,6 +491,7 @@ def lr_tag(lr: Optional[float]) -> str:
 
 def epoch_dir(kind: str, budget: Optional[float], args, work: Path, lr: Optional[float] = None) -> Path:
     tag = "" if kind == "uniform" else f"_{budget_tag(budget)}"
+    tag += f"_c{convert_tag()}" if kind in ("labels", "distill") else ""  # one patch size: nothing merges
     return work / f"epoch_{cache_keys(args)['epoch']}_{kind}{tag}{lr_tag(lr)}"
 
 
@@ -548,10 +550,16 @@ def recipe_tag(configs=None) -> str:
     return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:6]
 
 
+def convert_tag() -> str:
+    """A short hash of ``aptvit.convert``'s defaults (``APTConfig``'s fields): what an APT row computes with no
+    settings given. A new default (the area bias, the scorer) is a new row, never a stale cached one."""
+    return hashlib.sha1(json.dumps(aptvit.APTConfig().to_dict(), sort_keys=True).encode()).hexdigest()[:6]
+
+
 def cache_keys(args) -> Dict[str, str]:
     """What each cached result depends on: the source its train subsets and recipe; the rows also the val
     subset; the epochs the source, the epoch subset and the library's training recipe (``recipe_tag``); their
-    rows also the val subset."""
+    rows also the val subset. Every rows file and the speeds also hold APT, so they take ``convert_tag``."""
     q = "_quick" if args.quick else ""
     folders = hashlib.sha1(f"{Path(args.train).resolve()}|{Path(args.val).resolve()}".encode()).hexdigest()[:8]
     source = (
@@ -560,9 +568,10 @@ def cache_keys(args) -> Dict[str, str]:
     )
     return {
         "source": source,
-        "rows": f"{source}_v{args.val_images}",
+        "rows": f"{source}_v{args.val_images}_c{convert_tag()}",
         "epoch": f"{source}_ep{args.epoch_per_class}_r{recipe_tag()}",
-        "epoch_rows": f"{source}_ep{args.epoch_per_class}_r{recipe_tag()}_v{args.val_images}",
+        "epoch_rows": f"{source}_ep{args.epoch_per_class}_r{recipe_tag()}_v{args.val_images}_c{convert_tag()}",
+        "speed": f"{source}_c{convert_tag()}",
     }
 
 
@@ -816,7 +825,7 @@ def main(argv=None) -> int:
             epoch_methods.append(m)
         if epoch_methods:
             evaluate_rows(epoch_methods, val_crops(), val_labels, args, work, "epoch_rows")
-    speed_path = work / f"speed_{cache_keys(args)['source']}.json"
+    speed_path = work / f"speed_{cache_keys(args)['speed']}.json"
     if "speed" in stages:
         timed = [m for m in zs if m.kind != "Random"]
         write_json(speed_path, speed(timed, val_crops(), args))

@@ -62,14 +62,30 @@ def test_the_epoch_plan_has_one_uniform_baseline_and_no_lower_resolution_for_the
     assert ("labels", None) in plan and ("distill", None) in plan and ("lowres", None) not in plan
     assert {("labels", 0.5), ("distill", 0.5), ("lowres", 0.5), ("lowres", 0.35)} <= set(plan)
     args, w = ri.parse_args([]), ri.Path("w")
-    assert ri.epoch_dir("labels", None, args, w).name.endswith("_labels_default")
+    assert ri.epoch_dir("labels", None, args, w).name.endswith(f"_labels_default_c{ri.convert_tag()}")
     assert ri.epoch_dir("uniform", None, args, w) == ri.epoch_dir("uniform", 0.5, args, w)
     # another lr: its own runs, its own uniform baseline; the default lr's folders keep their names
     assert ri.parse_lrs("default,5e-6") == [None, 5e-6]
     two = ri.epoch_plan([0.5], [None, 5e-6])
     assert [k for k, _, _ in two].count("uniform") == 2 and ("labels", 0.5, 5e-6) in two
-    assert ri.epoch_dir("labels", 0.5, args, w, 5e-6).name.endswith("_labels_0.5_lr5e-06")
-    assert ri.epoch_dir("labels", 0.5, args, w, None).name.endswith("_labels_0.5")
+    assert ri.epoch_dir("labels", 0.5, args, w, 5e-6).name.endswith(f"_labels_0.5_c{ri.convert_tag()}_lr5e-06")
+    assert ri.epoch_dir("labels", 0.5, args, w, None).name.endswith(f"_labels_0.5_c{ri.convert_tag()}")
+
+
+def test_new_conversion_defaults_are_new_apt_runs_and_rows_and_the_one_size_runs_stay(monkeypatch):
+    """A cached APT row computed under another default (the area bias was on by default until 2026-12-07) must not be reported as
+    the current library's."""
+    import functools
+
+    args, w = ri.parse_args([]), ri.Path("w")
+    before = ri.cache_keys(args), {k: ri.epoch_dir(k, 0.5, args, w) for k in ("labels", "distill", "lowres", "uniform")}
+    changed = not ri.aptvit.APTConfig().area_bias
+    monkeypatch.setattr(ri.aptvit, "APTConfig", functools.partial(ri.aptvit.APTConfig, area_bias=changed))
+    keys, dirs = ri.cache_keys(args), {k: ri.epoch_dir(k, 0.5, args, w) for k in before[1]}
+    assert keys["source"] == before[0]["source"] and keys["epoch"] == before[0]["epoch"]
+    assert all(keys[k] != before[0][k] for k in ("rows", "epoch_rows", "speed"))
+    assert dirs["labels"] != before[1]["labels"] and dirs["distill"] != before[1]["distill"]
+    assert dirs["lowres"] == before[1]["lowres"] and dirs["uniform"] == before[1]["uniform"]  # nothing merges there
 
 
 @pytest.fixture(scope="module")

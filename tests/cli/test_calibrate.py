@@ -482,7 +482,7 @@ def test_the_written_settings_load_back_and_reproduce_the_chosen_row(world, tmp_
     assert json.loads(meta["calibration"])["chosen"]["name"] == winner
     if chosen["kind"] == "apt":
         assert model.config.budget == 0.5 and model.config.patch_sizes == (16, 32)
-        assert model.config.scorer == "entropy" and model.config.area_bias
+        assert model.config.scorer == "entropy" and model.config.area_bias is aptvit.APTConfig().area_bias
     else:  # a lower resolution: one patch size, nothing merges
         assert model.config.patch_sizes == (16,)
     # ``aptvit eval`` of the copy, at the size it carries, gives the chosen row's top-1 and tokens
