@@ -40,6 +40,10 @@ Every stage caches its result in ``--work`` (keyed by what it depends on; the on
 the library's training defaults, ``recipe_tag``, and every APT result by its conversion defaults, ``convert_tag``, so
 new defaults are new runs); ``--only report`` writes
 RESULTS.{json,md,png} from what is there (the zero-shot rows and the current recipe's epoch rows).
+``--only variants`` (not part of the table) compares conversion settings zero-shot on ``--tune-per-class`` more
+train photos per class, after fit and holdout (never val): the area bias, the scorers, three patch sizes, APT at a
+resolution between the source's and the lower one, each at the lower resolution's token count; it writes
+RESULTS_variants.md. The library's defaults are chosen there.
 ``--quick``: a tiny random ViT on synthetic class folders (seconds).
 
 This is benchmark code: the library never imports it.
@@ -67,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` w
 
 import aptvit  # noqa: E402
 from aptvit.bench import alternating_medians  # noqa: E402
-from aptvit.core.io import atomic_write  # noqa: E402
+from aptvit.core.io import InputError, atomic_write  # noqa: E402
 from aptvit.images import normalise  # noqa: E402
 from aptvit.nn.checkpoint import read_metadata  # noqa: E402
 from aptvit.nn.model import model_flops  # noqa: E402
@@ -108,18 +112,22 @@ def list_folder(root: Path) -> Tuple[List[Path], List[int], List[str]]:
     return paths, labels, classes
 
 
-def train_subsets(labels: Sequence[int], fit: int, holdout: int, seed: int) -> Dict[str, np.ndarray]:
+def train_subsets(labels: Sequence[int], fit: int, holdout: int, seed: int, tune: int = 0) -> Dict[str, np.ndarray]:
     """Per class, one seeded permutation of its photos: its first ``fit`` are "fit", the next ``holdout``
-    "holdout" (indices into ``labels``, in class order). A class with too few photos is an error."""
+    "holdout", the next ``tune`` "tune" (indices into ``labels``, in class order; more tune photos never change fit
+    or holdout). A class with too few photos is an error."""
     labels = np.asarray(labels)
-    out = {"fit": [], "holdout": []}
+    out = {"fit": [], "holdout": [], "tune": []}
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        if len(idx) < fit + holdout:
-            raise ValueError(f"class {c} has {len(idx)} train photos, fewer than fit + holdout = {fit + holdout}")
+        if len(idx) < fit + holdout + tune:
+            raise ValueError(
+                f"class {c} has {len(idx)} train photos, fewer than fit + holdout + tune = {fit + holdout + tune}"
+            )
         order = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
         out["fit"].append(order[:fit])
         out["holdout"].append(order[fit : fit + holdout])
+        out["tune"].append(order[fit + holdout : fit + holdout + tune])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -339,6 +347,14 @@ class Method:
         self.name, self.kind, self.predict, self.timed, self.budget = name, kind, predict, timed, budget
 
 
+def resize_crops(crops: torch.Tensor, side: Optional[int]) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> (B, 3, side, side) uint8, bicubic and antialiased as PIL; as given when side is S/None."""
+    if side is None or side == crops.shape[-1]:
+        return crops
+    out = F.interpolate(crops.float(), size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def uniform_method(name: str, kind: str, vit, side: int, size: int, budget=None, columns=None) -> Method:
     """A timm ViT (or a one-size APT model) on the photos resized to ``side`` (bicubic, antialiased, as PIL)."""
     p = vit.patch_embed.patch_size[0]
@@ -347,10 +363,7 @@ def uniform_method(name: str, kind: str, vit, side: int, size: int, budget=None,
     flops = tome_flops(vit, 0, (side // p) ** 2) if hasattr(vit, "pretrained_cfg") else None
 
     def prep(crops):
-        if side != size:
-            crops = F.interpolate(crops.float(), size=(side, side), mode="bicubic", antialias=True, align_corners=False)
-            crops = crops.round().clamp(0, 255).to(torch.uint8)
-        return normalise(crops, mean, std)
+        return normalise(resize_crops(crops, side), mean, std)
 
     def predict(crops):
         x = prep(crops)
@@ -366,8 +379,11 @@ def uniform_method(name: str, kind: str, vit, side: int, size: int, budget=None,
     return Method(name, kind, predict, lambda crops: vit(prep(crops)), budget)
 
 
-def apt_method(name: str, kind: str, apt, budget=None, draw: Optional[int] = None, columns=None) -> Method:
-    """An APT model on its own layouts, or (``draw``) on Random layouts with its budget's token count."""
+def apt_method(
+    name: str, kind: str, apt, budget=None, draw: Optional[int] = None, columns=None, side: Optional[int] = None
+) -> Method:
+    """An APT model on its own layouts, or (``draw``) on Random layouts with its budget's token count; ``side``: on
+    the photos resized to side x side first (APT at a lower resolution)."""
     mean, std = apt.pixel_mean_std()
 
     def layout_of(x, crops):
@@ -380,13 +396,16 @@ def apt_method(name: str, kind: str, apt, budget=None, draw: Optional[int] = Non
         return aptvit.patch_layout(crops, apt.patch_sizes, budget=apt.config.budget, scorer=scorer)
 
     def predict(crops):
+        full = (crops.shape[-2] // apt.patch_sizes[0]) * (crops.shape[-1] // apt.patch_sizes[0])  # the source's grid
+        crops = resize_crops(crops, side)
         x = normalise(crops, mean, std)
         layout = layout_of(x, crops)
         logits = apt(x, layout=layout)
-        share = layout.num_tokens.double() / layout.num_base_tokens
+        share = layout.num_tokens.double() / full
         return (logits if columns is None else logits[:, columns]), share, model_flops(apt, layout)["apt"]
 
     def timed(crops):
+        crops = resize_crops(crops, side)
         x = normalise(crops, mean, std)
         return apt(x, layout=layout_of(x, crops))
 
@@ -572,11 +591,13 @@ def cache_keys(args) -> Dict[str, str]:
         "epoch": f"{source}_ep{args.epoch_per_class}_r{recipe_tag()}",
         "epoch_rows": f"{source}_ep{args.epoch_per_class}_r{recipe_tag()}_v{args.val_images}_c{convert_tag()}",
         "speed": f"{source}_c{convert_tag()}",
+        "variants": f"{source}_t{args.tune_per_class}_c{convert_tag()}",
     }
 
 
 def rows_path(args, work: Path, key: str = "rows") -> Path:
-    """The cached rows: the zero-shot ones (``key`` "rows") or the one-epoch ones ("epoch_rows")."""
+    """The cached rows: the zero-shot ones (``key`` "rows"), the one-epoch ones ("epoch_rows") or the tune photos'
+    ("variants")."""
     return work / f"rows_{cache_keys(args)[key]}.json"
 
 
@@ -613,6 +634,66 @@ def zero_shot_methods(source, args) -> List[Method]:
     for b in BUDGETS:
         out.append(tome_method(source, b, size))
     return out
+
+
+def variant_methods(source, args) -> List[Method]:
+    """Conversion settings compared zero-shot on the tune photos (train photos that neither the source, its recipe
+    nor any epoch saw; never val): where the library's conversion defaults are chosen. Each row names its area
+    bias, so no row depends on the default it helps choose; at each budget every APT row keeps exactly the tokens
+    of the lower resolution it is compared with (a count, not a fraction)."""
+    size, p = args.size, source.patch_embed.patch_size[0]
+    out = [uniform_method(f"source ({size} px)", "source", source, size, size)]
+
+    def apt(name: str, side: Optional[int] = None, **settings) -> None:
+        out.append(apt_method(name, "APT", aptvit.convert(source, **settings), settings.get("budget"), side=side))
+
+    apt("APT default thresholds", area_bias=False)
+    apt("APT default thresholds + area bias", area_bias=True)
+    for b in BUDGETS:
+        side = lowres_side(size, b) // 14 * p
+        n = (side // p) ** 2
+        out.append(uniform_method(f"lower resolution {side} px", "lower resolution", source, side, size, b))
+        apt(f"APT {n} tokens", budget=n, area_bias=False)
+        apt(f"APT {n} tokens + area bias", budget=n, area_bias=True)
+        if b < 0.75:
+            for scorer in ("upsample", "laplacian"):
+                apt(f"APT {n} tokens, {scorer}", budget=n, scorer=scorer, area_bias=False)
+            apt(f"APT {n} tokens, sizes p/2p/4p", budget=n, patch_sizes=(p, 2 * p, 4 * p), area_bias=False)
+            mid = (size + side) // 2 // p * p  # APT on a photo between the two resolutions
+            if reachable(mid, (p, 2 * p), n):
+                apt(f"APT {n} tokens at {mid} px", side=mid, budget=n, area_bias=False)
+    return out
+
+
+def reachable(side: int, patch_sizes: Tuple[int, ...], tokens: int) -> bool:
+    """Whether a side x side photo can be cut into ``tokens`` patches of these sizes (tiny --quick photos cannot)."""
+    try:
+        aptvit.patch_layout(torch.zeros(1, 3, side, side, dtype=torch.uint8), patch_sizes, budget=tokens)
+    except InputError:
+        return False
+    return True
+
+
+def variants_table(rows: Dict[str, dict], labels: Sequence[int]) -> str:
+    """Markdown: each row's top-1, tokens and paired difference to the source and to the lower resolution of the
+    same token count (the last "lower resolution" row above it)."""
+    src = next(n for n, r in rows.items() if r["kind"] == "source")
+    compare(rows, labels, src)
+    lines = [
+        "| setting | top-1 (%) | patch tokens | vs source (points ± SE) | vs lower resolution (points ± SE) |",
+        "|---|---|---|---|---|",
+    ]
+    low = None
+    for name, r in rows.items():
+        if r["kind"] == "lower resolution":
+            low = name
+        vs_src = f"{r['difference']:+.2f} ± {r['paired_se']:.2f}" if "difference" in r else "-"
+        vs_low = "-"
+        if low is not None and low != name and r["kind"] == "APT" and "tokens" in name:
+            d = paired(predictions(r) == np.asarray(labels), predictions(rows[low]) == np.asarray(labels))
+            vs_low = f"{d['difference']:+.2f} ± {d['paired_se']:.2f}"
+        lines.append(f"| {name} | {r['top1']:.2f} | {r['tokens_kept']:.1%} | {vs_src} | {vs_low} |")
+    return "\n".join(lines)
 
 
 def speed(methods: List[Method], x: torch.Tensor, args) -> Dict[str, Dict[str, float]]:
@@ -701,7 +782,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--train", default=str(DATA / "train"), help="ImageFolder of train photos")
     p.add_argument("--val", default=str(DATA / "val"), help="ImageFolder of val photos (reported)")
-    p.add_argument("--only", choices=("source", "zero-shot", "epochs", "speed", "report", "all"), default="all")
+    p.add_argument(
+        "--only",
+        choices=("source", "zero-shot", "epochs", "speed", "report", "all", "variants"),
+        default="all",
+        help="one stage; 'variants' (not part of 'all'): conversion settings compared on the tune photos",
+    )
     p.add_argument(
         "--budgets",
         default="0.5",
@@ -710,6 +796,12 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--fit-per-class", type=int, default=60, help="train photos per class the source is tuned on")
     p.add_argument("--holdout-per-class", type=int, default=20, help="train photos per class its recipe is chosen on")
+    p.add_argument(
+        "--tune-per-class",
+        type=int,
+        default=60,
+        help="train photos per class after fit and holdout that --only variants compares settings on",
+    )
     p.add_argument("--tune-blocks", type=int, default=4, help="last blocks fine-tuned (with the norm and head)")
     p.add_argument("--source-epochs", type=int, default=3)
     p.add_argument("--source-lr", type=float, default=3e-5)
@@ -732,7 +824,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.model = QUICK_NAME if args.quick else TIMM_NAME
     if args.quick:
-        args.size, args.fit_per_class, args.holdout_per_class, args.val_images = 64, 6, 4, 0
+        args.size, args.fit_per_class, args.holdout_per_class, args.val_images, args.tune_per_class = 64, 6, 4, 0, 2
         args.epoch_per_class, args.epoch_batch, args.source_epochs, args.draws = 4, 4, 1, 1
         args.batch, args.speed_images_b1, args.runs = 8, 2, 1
     return args
@@ -745,12 +837,13 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.quick:
-        args.train, args.val = map(str, synthetic_folders(work / "data", size=args.size))
+        args.train, args.val = map(str, synthetic_folders(work / "data", train=12, size=args.size))
     tr_paths, tr_labels, classes = list_folder(Path(args.train))
     va_paths, va_labels, va_classes = list_folder(Path(args.val))
     if va_classes != classes:
         raise ValueError(f"--val has the classes {va_classes}, --train {classes}")
-    sub = train_subsets(tr_labels, args.fit_per_class, args.holdout_per_class, args.seed)
+    tune = args.tune_per_class if args.only == "variants" else 0  # only this stage needs them to exist
+    sub = train_subsets(tr_labels, args.fit_per_class, args.holdout_per_class, args.seed, tune)
     data = {"classes": classes}
     for s, idx in sub.items():
         data[f"{s}_paths"], data[f"{s}_labels"] = [tr_paths[i] for i in idx], [tr_labels[i] for i in idx]
@@ -761,6 +854,7 @@ def main(argv=None) -> int:
     if args.quick:  # nothing cached between smoke runs
         rows_path(args, work).unlink(missing_ok=True)
         rows_path(args, work, "epoch_rows").unlink(missing_ok=True)
+        rows_path(args, work, "variants").unlink(missing_ok=True)
     stages = {args.only} if args.only != "all" else {"source", "zero-shot", "epochs", "speed", "report"}
 
     source_path, source_info = build_source(args, data, work)
@@ -774,6 +868,16 @@ def main(argv=None) -> int:
             x_val = load_images(val_paths, args.size)
         return x_val
 
+    if "variants" in stages:
+        x_tune = load_images(data["tune_paths"], args.size)
+        rows = evaluate_rows(variant_methods(source, args), x_tune, data["tune_labels"], args, work, "variants")
+        text = (
+            f"Zero-shot on {len(x_tune)} tune photos (train photos, {args.tune_per_class} per class, after fit and "
+            f"holdout; never val), source at {args.size} px\n\n{variants_table(rows, data['tune_labels'])}\n"
+        )
+        atomic_write(Path(f"{args.results}_variants.md"), lambda tmp: Path(tmp).write_text(text))
+        print(text)
+        return 0
     zs = zero_shot_methods(source, args)
     if "source" in stages:  # the source's val top-1 belongs to its stage (the other helpers read it)
         rows = evaluate_rows(zs[:1], val_crops(), val_labels, args, work)

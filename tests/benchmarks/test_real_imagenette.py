@@ -193,3 +193,36 @@ def test_quick_run_writes_every_row_through_the_cli(tmp_path):
     assert set(speed["batch 1"]) == set(speed["batch 32"]) and source and "source (64 px)" in speed["batch 1"]
     assert (tmp_path / "res.png").stat().st_size > 0 and "| method |" in (tmp_path / "res.md").read_text()
     assert (tmp_path / "w" / "source.safetensors").is_file()
+
+
+def test_quick_variants_compare_settings_on_train_photos_that_no_other_stage_uses(tmp_path):
+    """--only variants: every row on the tune photos (after fit and holdout, never val), each APT row at a budget
+    paired with the lower resolution of its token count."""
+    out = tmp_path / "res"
+    assert ri.main(["--quick", "--only", "variants", "--work", str(tmp_path / "w"), "--results", str(out)]) == 0
+    args = ri.parse_args(["--quick", "--only", "variants", "--work", str(tmp_path / "w")])
+    args.train, args.val = str(tmp_path / "w" / "data" / "train"), str(tmp_path / "w" / "data" / "val")  # as main
+    rows = json.loads(ri.rows_path(args, tmp_path / "w", "variants").read_text())
+    assert not ri.rows_path(args, tmp_path / "w").exists()  # no val row was scored
+    assert all(len(r["predictions"]) == 3 * args.tune_per_class for r in rows.values())  # 3 synthetic classes
+    names = list(rows)
+    assert "APT default thresholds" in names and "APT default thresholds + area bias" in names
+    for name, r in rows.items():
+        if r["kind"] == "lower resolution":  # the APT row after it keeps its tokens, less than one 2p merge (3)
+            apt = names[names.index(name) + 1]
+            base = (args.size // 16) ** 2
+            assert r["tokens_kept"] - 3 / base < rows[apt]["tokens_kept"] <= r["tokens_kept"] and "tokens" in apt
+    text = (tmp_path / "res_variants.md").read_text()
+    assert text.count("| APT ") == sum(r["kind"] == "APT" for r in rows.values())
+    lines = [line for line in text.splitlines() if "tokens +" in line or "tokens |" in line]
+    assert lines and all(not line.endswith("| - |") for line in lines)  # paired with a lower resolution
+
+
+def test_tune_photos_extend_the_split_without_moving_fit_or_holdout():
+    labels = [c for c in range(3) for _ in range(20)]
+    a = ri.train_subsets(labels, 6, 4, seed=0)
+    b = ri.train_subsets(labels, 6, 4, seed=0, tune=5)
+    assert all(np.array_equal(a[k], b[k]) for k in ("fit", "holdout")) and len(b["tune"]) == 15
+    assert not set(b["tune"]) & (set(b["fit"]) | set(b["holdout"]))
+    with pytest.raises(ValueError, match="fit \\+ holdout \\+ tune"):
+        ri.train_subsets(labels, 6, 4, seed=0, tune=11)
