@@ -55,11 +55,12 @@ class APTConfig:
     budget: Optional[Union[int, float]] = None
     scorer: str = "entropy"
     scorer_args: Mapping[str, Any] = field(default_factory=dict)
-    # False: on 600 labelled ImageNet train photos (Imagenette, never val; a fine-tuned DINOv2 ViT-S/14 at 224 px)
-    # the bias cost top-1 at every token count: -0.8 at the default thresholds, -0.3 / -1.2 / -4.0 points at budgets
-    # 0.75 / 0.5 / 0.35 (half the bias: half the loss). At a budget most of the image is merged, and the bias moves
-    # attention from the few detailed tokens, where the object is, to the plain merged ones. It did raise feature
-    # cosines to the uniform model on unlabelled photos (BENCHMARKS.md section 4): pass area_bias=True there.
+    # False: on 600 labelled ImageNet train photos (Imagenette, never val; a fine-tuned DINOv2 ViT-S/14 at 224 px;
+    # `benchmarks/real_imagenette.py --only variants`) the bias cost top-1 at every token count: -0.8 points at the
+    # default thresholds, -0.2 / -1.2 / -4.0 at 77% / 47% / 31% of the tokens (half the bias: half the loss). At a
+    # budget most of the image is merged, and the bias moves attention from the few detailed tokens, where the object
+    # is, to the plain merged ones. It did raise feature cosines to the uniform model on unlabelled photos
+    # (BENCHMARKS.md section 4): pass area_bias=True where those matter more than top-1.
     area_bias: bool = False
     static: bool = False
 
