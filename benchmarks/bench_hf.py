@@ -7,7 +7,8 @@
 Models (random weights, the real structure; no hub here): ``transformers.CLIPVisionModel`` ViT-B/16 at 336 px
 (openai/clip-vit-base-patch16's tower, its positions resampled to 336 by HF's ``interpolate_pos_encoding``) and
 ``transformers.SiglipVisionModel`` ViT-B/16 at 384 px (google/siglip-base-patch16-384), each converted with the
-library's defaults (``aptvit.convert(hf)``: entropy, patch sizes p / 2p, area bias). The 8 scikit-image photos,
+library's defaults (``aptvit.convert(hf)``: entropy, patch sizes p / 2p; the area bias until 2026-12-07, off
+since). The 8 scikit-image photos,
 normalised as each model expects, in batches of 1 and 8; HF's forward (``hf(pixel_values=x)``, sdpa attention)
 and the APT forward (layout included) alternate after warm-up (``aptvit.bench.alternating_medians``), medians per
 image. FLOP ratio: uniform over APT FLOPs (``model_flops``), efficiency: speedup / FLOP ratio. With ``--threads 1

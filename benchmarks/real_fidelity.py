@@ -73,7 +73,7 @@ MVTB_SKIP = re.compile(
     r"scale-space|adelson|monalisa|lena|greenscreen|calibration/|seq/|church\.png|Image18"
 )
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
-CHOSEN = "APT entropy + area bias sizes=14/28"  # the settings validation chose (the library's defaults since 0.2)
+CHOSEN = "APT entropy + area bias sizes=14/28"  # the settings validation chose (the defaults from 0.2 to 2026-12-07)
 ROWS_VERSION = 1  # bump when the library's computation of a row changes (cached rows are then recomputed)
 PER_SCENE = 3  # frames of one scene (campus walk, flower series, ...) add little: at most this many
 
@@ -865,7 +865,7 @@ def test_methods(src: Source, budget: float, large: bool = False) -> List[Method
     else:
         ms = [apt_method(src, budget, s, a) for s in SCORERS for a in biases]
         ms += [apt_method(src, budget, "random", a) for a in biases]
-    # the library's defaults since this experiment: two sizes (p, 2p), area bias
+    # the settings this experiment chose: two sizes (p, 2p), area bias (the library's default until top-1 turned it off)
     two = (PATCH, 2 * PATCH)
     ms += [apt_method(src, budget, s, biases[-1], sizes=two) for s in ("entropy", "upsample", "random")]
     return ms + [lowres_method(src, budget), tome_method(src, budget)]

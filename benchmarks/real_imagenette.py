@@ -481,6 +481,12 @@ def parse_lrs(text: str) -> List[Optional[float]]:
     return [None if t.strip() == "default" else float(t) for t in text.split(",") if t.strip()]
 
 
+def lowres_pixels(size: int, budget: float, p: int) -> int:
+    """The side of the uniform lower resolution with about ``budget`` of the tokens, for patch size ``p``
+    (real_fidelity's rounding on the /14 grid, then p per cell: the --quick /16 model gets the same grid)."""
+    return lowres_side(size, budget) // 14 * p
+
+
 def budget_tag(budget: Optional[float]) -> str:
     return "default" if budget is None else f"{budget:g}"
 
@@ -527,7 +533,7 @@ def epoch_run(
         return out
     shutil.rmtree(out, ignore_errors=True)
     p = 16 if args.quick else 14
-    size = lowres_side(args.size, budget) // 14 * p if kind == "lowres" else args.size
+    size = lowres_pixels(args.size, budget, p) if kind == "lowres" else args.size
     if kind in ("lowres", "uniform"):
         layout = ["--patch-sizes", str(p)]
     else:
@@ -570,9 +576,11 @@ def recipe_tag(configs=None) -> str:
 
 
 def convert_tag() -> str:
-    """A short hash of ``aptvit.convert``'s defaults (``APTConfig``'s fields): what an APT row computes with no
-    settings given. A new default (the area bias, the scorer) is a new row, never a stale cached one."""
-    return hashlib.sha1(json.dumps(aptvit.APTConfig().to_dict(), sort_keys=True).encode()).hexdigest()[:6]
+    """A short hash of ``aptvit.convert``'s defaults (``APTConfig``'s fields with the patch sizes and the scorer's
+    thresholds it fills in): what an APT row computes with no settings given. A new default (the area bias, the
+    scorer) is a new row, never a stale cached one."""
+    resolved = aptvit.APTConfig().for_patch_size(16).to_dict()  # the sizes and thresholds convert fills in, too
+    return hashlib.sha1(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:6]
 
 
 def cache_keys(args) -> Dict[str, str]:
@@ -626,7 +634,7 @@ def zero_shot_methods(source, args) -> List[Method]:
     for b in BUDGETS:
         out.append(apt_method(f"APT budget {b:g}", "APT zero-shot", aptvit.convert(source, budget=b), b))
     for b in BUDGETS:
-        side = lowres_side(size, b) // 14 * source.patch_embed.patch_size[0]
+        side = lowres_pixels(size, b, source.patch_embed.patch_size[0])
         out.append(uniform_method(f"lower resolution {side} px ({b:g})", "lower resolution", source, side, size, b))
     for b in BUDGETS:
         for d in range(args.draws):
@@ -649,8 +657,12 @@ def variant_methods(source, args) -> List[Method]:
 
     apt("APT default thresholds", area_bias=False)
     apt("APT default thresholds + area bias", area_bias=True)
+    sides = []
     for b in BUDGETS:
-        side = lowres_side(size, b) // 14 * p
+        side = lowres_pixels(size, b, p)
+        if side in sides:  # tiny --quick photos: two budgets round to one resolution
+            continue
+        sides.append(side)
         n = (side // p) ** 2
         out.append(uniform_method(f"lower resolution {side} px", "lower resolution", source, side, size, b))
         apt(f"APT {n} tokens", budget=n, area_bias=False)
@@ -674,25 +686,46 @@ def reachable(side: int, patch_sizes: Tuple[int, ...], tokens: int) -> bool:
     return True
 
 
+def run_variants(source, data: dict, args, work: Path) -> None:
+    """--only variants: every variant on the tune photos (cached rows), then RESULTS_variants.md."""
+    x_tune = load_images(data["tune_paths"], args.size)
+    rows = evaluate_rows(variant_methods(source, args), x_tune, data["tune_labels"], args, work, "variants")
+    text = (
+        f"Zero-shot on {len(x_tune)} tune photos (train photos, {args.tune_per_class} per class, after fit and "
+        f"holdout; never val), source at {args.size} px\n\n{variants_table(rows, data['tune_labels'])}\n"
+    )
+    atomic_write(Path(f"{args.results}_variants.md"), lambda tmp: Path(tmp).write_text(text))
+    print(text)
+
+
 def variants_table(rows: Dict[str, dict], labels: Sequence[int]) -> str:
-    """Markdown: each row's top-1, tokens and paired difference to the source and to the lower resolution of the
-    same token count (the last "lower resolution" row above it)."""
+    """Markdown: each row's top-1, tokens and paired differences (points ± SE) to the source, to the lower
+    resolution of the same token count (the last "lower resolution" row above it) and, for a "+ area bias" row, to
+    the same setting without the bias."""
     src = next(n for n, r in rows.items() if r["kind"] == "source")
     compare(rows, labels, src)
+    right = {n: predictions(r) == np.asarray(labels) for n, r in rows.items()}
+
+    def vs(name: str, other: Optional[str]) -> str:
+        if other is None or other == name or other not in rows:
+            return "-"
+        d = paired(right[name], right[other])
+        return f"{d['difference']:+.2f} ± {d['paired_se']:.2f}"
+
     lines = [
-        "| setting | top-1 (%) | patch tokens | vs source (points ± SE) | vs lower resolution (points ± SE) |",
-        "|---|---|---|---|---|",
+        "| setting | top-1 (%) | patch tokens | vs source | vs lower resolution | bias vs none |",
+        "|---|---|---|---|---|---|",
     ]
     low = None
     for name, r in rows.items():
         if r["kind"] == "lower resolution":
             low = name
-        vs_src = f"{r['difference']:+.2f} ± {r['paired_se']:.2f}" if "difference" in r else "-"
-        vs_low = "-"
-        if low is not None and low != name and r["kind"] == "APT" and "tokens" in name:
-            d = paired(predictions(r) == np.asarray(labels), predictions(rows[low]) == np.asarray(labels))
-            vs_low = f"{d['difference']:+.2f} ± {d['paired_se']:.2f}"
-        lines.append(f"| {name} | {r['top1']:.2f} | {r['tokens_kept']:.1%} | {vs_src} | {vs_low} |")
+        at_low = low if r["kind"] == "APT" and "tokens" in name else None
+        unbiased = name.removesuffix(" + area bias") if name.endswith(" + area bias") else None
+        lines.append(
+            f"| {name} | {r['top1']:.2f} | {r['tokens_kept']:.1%} | {vs(name, src)} | {vs(name, at_low)} "
+            f"| {vs(name, unbiased)} |"
+        )
     return "\n".join(lines)
 
 
@@ -869,14 +902,7 @@ def main(argv=None) -> int:
         return x_val
 
     if "variants" in stages:
-        x_tune = load_images(data["tune_paths"], args.size)
-        rows = evaluate_rows(variant_methods(source, args), x_tune, data["tune_labels"], args, work, "variants")
-        text = (
-            f"Zero-shot on {len(x_tune)} tune photos (train photos, {args.tune_per_class} per class, after fit and "
-            f"holdout; never val), source at {args.size} px\n\n{variants_table(rows, data['tune_labels'])}\n"
-        )
-        atomic_write(Path(f"{args.results}_variants.md"), lambda tmp: Path(tmp).write_text(text))
-        print(text)
+        run_variants(source, data, args, work)
         return 0
     zs = zero_shot_methods(source, args)
     if "source" in stages:  # the source's val top-1 belongs to its stage (the other helpers read it)
@@ -916,7 +942,7 @@ def main(argv=None) -> int:
                 m = apt_method(name, f"APT + 1 epoch {kind}{at}", model, b, columns=cols)
                 m.speed_as = zero_shot
             elif kind == "lowres":
-                side = lowres_side(args.size, b) // 14 * model.patch_size
+                side = lowres_pixels(args.size, b, model.patch_size)
                 m = uniform_method(f"lower resolution {side} px ({b:g}) + 1 epoch{at}", f"lowres + 1 epoch{at}",
                                    model, side, args.size, b, columns=cols)  # fmt: skip
                 m.speed_as = f"lower resolution {side} px ({b:g})"

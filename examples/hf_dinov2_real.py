@@ -114,7 +114,7 @@ def main(argv=None):
             err = real_weights.rel_err(vit.forward_features(x), ref.last_hidden_state)
             print(f"HF Dinov2Model against the timm port, 224 px: max error {err:.1e} of the features' scale")
 
-    apt = aptvit.convert(hf, budget=0.5)  # 2. APT, the library's defaults: entropy, area bias, sizes 14/28
+    apt = aptvit.convert(hf, budget=0.5)  # 2. APT, the library's defaults: entropy, sizes 14/28, no area bias
     errors = check_against_hf(hf, apt, x)
     print("nothing merged, max error relative to HF: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     with torch.inference_mode():

@@ -33,7 +33,7 @@ def test_quick_run_writes_every_output(tmp_path):
         assert 0 < r["tokens_kept"] <= 1, name
         assert -1 <= r["class_cos"] <= 1 + 1e-6, name
     assert rows[("test", "uniform (source)")]["images_per_s"] > 0
-    assert rows[("test", "APT entropy + area bias sizes=14/28")]["images_per_s"] > 0  # timed: the default settings
+    assert rows[("test", "APT entropy + area bias sizes=14/28")]["images_per_s"] > 0  # timed: the chosen settings
     # a rerun reads every row from the cache: nothing is evaluated again
     calls = []
     saved = rf.evaluate

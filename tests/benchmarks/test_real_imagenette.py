@@ -73,8 +73,8 @@ def test_the_epoch_plan_has_one_uniform_baseline_and_no_lower_resolution_for_the
 
 
 def test_new_conversion_defaults_are_new_apt_runs_and_rows_and_the_one_size_runs_stay(monkeypatch):
-    """A cached APT row computed under another default (the area bias was on by default until 2026-12-07) must not be reported as
-    the current library's."""
+    """A cached APT row computed under another default (the area bias was on by default until 2026-12-07) must not
+    be reported as the current library's."""
     import functools
 
     args, w = ri.parse_args([]), ri.Path("w")
@@ -86,6 +86,18 @@ def test_new_conversion_defaults_are_new_apt_runs_and_rows_and_the_one_size_runs
     assert all(keys[k] != before[0][k] for k in ("rows", "epoch_rows", "speed"))
     assert dirs["labels"] != before[1]["labels"] and dirs["distill"] != before[1]["distill"]
     assert dirs["lowres"] == before[1]["lowres"] and dirs["uniform"] == before[1]["uniform"]  # nothing merges there
+
+
+def test_new_default_thresholds_are_a_new_conversion_tag(monkeypatch):
+    """The thresholds convert fills in come from the scorer's registration, not from APTConfig's fields."""
+    import dataclasses
+
+    from aptvit.core.scoring import SCORERS
+
+    before = ri.convert_tag()
+    entropy = SCORERS["entropy"]
+    monkeypatch.setitem(SCORERS, "entropy", dataclasses.replace(entropy, thresholds={2: entropy.thresholds[2] + 1}))
+    assert ri.convert_tag() != before
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +226,26 @@ def test_quick_variants_compare_settings_on_train_photos_that_no_other_stage_use
             assert r["tokens_kept"] - 3 / base < rows[apt]["tokens_kept"] <= r["tokens_kept"] and "tokens" in apt
     text = (tmp_path / "res_variants.md").read_text()
     assert text.count("| APT ") == sum(r["kind"] == "APT" for r in rows.values())
-    lines = [line for line in text.splitlines() if "tokens +" in line or "tokens |" in line]
-    assert lines and all(not line.endswith("| - |") for line in lines)  # paired with a lower resolution
+    cells = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in text.splitlines() if "| APT" in line}
+    at_budget = [c for n, c in cells.items() if " tokens" in n]
+    assert at_budget and all(c[3] != "-" for c in at_budget)  # each paired with its lower resolution
+    assert all((c[4].strip(" |") != "-") == n.endswith("+ area bias") for n, c in cells.items())  # and with no bias
+
+
+def test_apt_at_a_smaller_side_counts_its_tokens_against_the_source_grid(tiny):
+    """"APT n tokens at N px": the photo is shrunk first, and its share is n over the source's grid, as the lower
+    resolution's is (not over the smaller photo's own grid)."""
+    args = ri.parse_args(["--quick"])
+    args.size = 128  # an 8 x 8 grid of /16 patches: the middle size differs from the lower resolution's
+    methods = {m.name: m for m in ri.variant_methods(tiny, args)}
+    low = next(m for n, m in methods.items() if n.startswith("lower resolution 96 px"))
+    mid = next(m for n, m in methods.items() if n.endswith(" at 112 px"))
+    crops = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        _, share_low, _ = low.predict(crops)
+        _, share_mid, _ = mid.predict(crops)
+    assert float(share_low[0]) == pytest.approx(36 / 64)
+    assert 33 / 64 < float(share_mid.max()) <= 36 / 64  # the budget, within one merge, of the 128-px grid
 
 
 def test_tune_photos_extend_the_split_without_moving_fit_or_holdout():
