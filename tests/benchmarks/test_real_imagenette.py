@@ -233,7 +233,7 @@ def test_quick_variants_compare_settings_on_train_photos_that_no_other_stage_use
 
 
 def test_apt_at_a_smaller_side_counts_its_tokens_against_the_source_grid(tiny):
-    """"APT n tokens at N px": the photo is shrunk first, and its share is n over the source's grid, as the lower
+    """An "APT n tokens at N px" row: the photo is shrunk first, and its share is n over the source's grid, as the lower
     resolution's is (not over the smaller photo's own grid)."""
     args = ri.parse_args(["--quick"])
     args.size = 128  # an 8 x 8 grid of /16 patches: the middle size differs from the lower resolution's
