@@ -206,6 +206,7 @@ def build_grid(
 # setting at -0.39 +- 2.11 points that lost 5.9 points on the test cells (docs/results/calibrate_elpv.md).
 DEFAULT_CONFIDENCE = 1.0
 
+
 @dataclass(frozen=True)
 class Target:
     """The fidelity a setting must keep: at most ``max_drop`` points of top-1 below the source, or at least
@@ -667,7 +668,7 @@ def calibrate(
     """
     from tqdm import tqdm
 
-    from .data import LayoutDataset, ShardedSampler, build_transform, make_loader
+    from .data import LayoutDataset, ShardedSampler, build_transform, eval_crop, make_loader
 
     target = Target(max_drop, min_agreement, min_cosine, confidence)
     clock_named(clock, threads_option=None)  # a known clock; calibrate times on one thread itself ("thread")
@@ -727,11 +728,10 @@ def calibrate(
     vit.to(dev).eval()
     models = patch_models(apt, patch_sets)
     mean, std = apt.pixel_mean_std()
-    crop_pct = (apt.pretrained_cfg or {}).get("crop_pct")
     run_sizes = sorted({s.size for s in settings}, reverse=True)
     loaders = [
         make_loader(
-            LayoutDataset(samples, build_transform(s, False, mean, std, crop_pct), None),
+            LayoutDataset(samples, build_transform(s, False, mean, std, **eval_crop(apt.pretrained_cfg)), None),
             ShardedSampler(len(samples), shuffle=False, equal_shares=False),
             batch_size,
             workers,

@@ -282,14 +282,36 @@ def make_loader(
     )
 
 
+def eval_crop(pretrained_cfg: Optional[dict]) -> dict:
+    """The evaluation crop a model's ``pretrained_cfg`` asks for, as ``build_transform``'s keywords: its
+    ``crop_pct``, ``crop_mode`` and ``interpolation`` (timm's ``resolve_data_config`` reads the same keys; it
+    falls back to bicubic, where ``create_transform`` alone would resize bilinearly)."""
+    cfg = pretrained_cfg or {}
+    return dict(
+        crop_pct=cfg.get("crop_pct"),
+        crop_mode=cfg.get("crop_mode"),
+        interpolation=cfg.get("interpolation") or "bicubic",
+    )
+
+
 def build_transform(
-    size: int, training: bool, mean, std, crop_pct: Optional[float] = None, augment: str = "rand-m9-mstd0.5-inc1"
+    size: int,
+    training: bool,
+    mean,
+    std,
+    crop_pct: Optional[float] = None,
+    augment: str = "rand-m9-mstd0.5-inc1",
+    interpolation: str = "bicubic",
+    crop_mode: Optional[str] = None,
 ):
     """timm's ``create_transform`` with uint8 output (``use_prefetcher``).
 
     Training: random-resized crop, flip and ``augment`` (a timm auto-augment string; the paper's
     RandAugment m9 by default). ``augment="none"`` trains on the evaluation transform (resize and
     center crop, nothing random), for data whose labels a random crop could cut away.
+    Evaluation: resize by ``interpolation`` and crop by ``crop_pct`` / ``crop_mode``; pass ``**eval_crop(cfg)``
+    for a model's own (bicubic for timm's ViTs: a bilinear resize costs a lower resolution about 0.4 point of
+    top-1 on Imagenette, BENCHMARKS.md section 2).
     """
     from timm.data import create_transform
 
@@ -297,7 +319,8 @@ def build_transform(
     if training and augment != "none":
         kwargs.update(is_training=True, auto_augment=augment, re_prob=0.0)
     else:
-        kwargs.update(is_training=False, crop_pct=1.0 if training else crop_pct)
+        crop = dict(crop_pct=1.0) if training else dict(crop_pct=crop_pct, crop_mode=crop_mode)
+        kwargs.update(is_training=False, interpolation=interpolation, **crop)
     if not training or augment == "none":
         return create_transform(**kwargs)
     try:  # timm's parser of the augment string asserts on what it does not know

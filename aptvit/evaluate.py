@@ -21,6 +21,7 @@ from .data import (
     ShardedSampler,
     build_transform,
     check_image_folder,
+    eval_crop,
     image_files,
     image_folder,
     make_loader,
@@ -179,7 +180,7 @@ def eval_command(
     patch = model.patch_size if not uniform else timm_model.patch_embed.patch_size[0]
     size = _eval_size(size or split.saved_size or cfg.get("input_size", (3, 224, 224))[-1], patch, source, split.meta)
     samples = items.samples if items is not None else image_files(split.folder)
-    dataset = LayoutDataset(samples, build_transform(size, False, mean, std, cfg.get("crop_pct")), layout_fn)
+    dataset = LayoutDataset(samples, build_transform(size, False, mean, std, **eval_crop(cfg)), layout_fn)
     result = {}
     if items is not None:
         result = evaluate(
@@ -258,7 +259,9 @@ def _eval_split(data, checkpoint, teacher) -> _Split:
             # the checkpoint's classes in another order than the sorted folders: each label becomes its head row
             items.samples, items.classes = to_head_rows(items.samples, items.classes, classes), list(classes)
         elif teacher is not None:
-            logger.info(f"{folder}: the checkpoint's classes are not these class folders: agreement with the teacher only")
+            logger.info(
+                f"{folder}: the checkpoint's classes are not these class folders: agreement with the teacher only"
+            )
             items = None
         else:
             raise InputError(class_mismatch(classes, items.classes, folder))

@@ -115,14 +115,14 @@ def test_predictions(model: aptvit.APTViT, uniform: bool, folder: Path, size: in
     """(predicted head row per image, the image's class as a head row, mean patch tokens) of ``model`` at ``size``
     on the class folders of ``folder``: the images read, cropped and laid out as ``aptvit calibrate`` does."""
     from aptvit.calibrate import _apt_outputs, find_samples
-    from aptvit.data import LayoutDataset, ShardedSampler, build_transform, make_loader
+    from aptvit.data import LayoutDataset, ShardedSampler, build_transform, eval_crop, make_loader
     from aptvit.images import normalise
     from aptvit.teacher import timm_outputs
 
     samples, labelled, _, note = find_samples(folder, 0, classes, len(classes))
     assert labelled, note
     mean, std = model.pixel_mean_std()
-    transform = build_transform(size, False, mean, std, (model.pretrained_cfg or {}).get("crop_pct"))
+    transform = build_transform(size, False, mean, std, **eval_crop(model.pretrained_cfg))
     loader = make_loader(
         LayoutDataset(samples, transform, None), ShardedSampler(len(samples), shuffle=False, equal_shares=False),
         batch, 0, drop_last=False,

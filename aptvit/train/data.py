@@ -17,6 +17,7 @@ from ..data import (
     ShardedSampler,
     build_transform,
     check_image_folder,
+    eval_crop,
     image_files,
     image_folder,
     make_loader,
@@ -105,7 +106,7 @@ def load_data(
         train_set.samples, build_transform(cfg.size, True, mean, std, augment=cfg.augment), layout_fn, cfg.seed
     )
     # the model's own eval crop, as `aptvit eval` uses it on the saved checkpoint
-    val_transform = build_transform(cfg.size, False, mean, std, apt.pretrained_cfg.get("crop_pct"))
+    val_transform = build_transform(cfg.size, False, mean, std, **eval_crop(apt.pretrained_cfg))
     val = LayoutDataset(val_set.samples, val_transform, layout_fn, cfg.seed) if val_set is not None else None
     sampler = ShardedSampler(len(train), dist.rank, dist.world, shuffle=True, seed=cfg.seed)
     batches_per_epoch = len(sampler) // cfg.batch_size
