@@ -73,8 +73,8 @@ class Setting:
     Attributes:
         kind: "source" (uniform at the input size), "lower resolution" (uniform at ``size``) or "apt".
         size: the input side in pixels.
-        patch_sizes, scorer, scorer_args, budget, thresholds: the APT settings (``APTConfig`` fields; None for the
-            uniform kinds); thresholds are explicit ({size: value}) even when they are the scorer's defaults.
+        patch_sizes, scorer, scorer_args, budget, thresholds, area_bias: the APT settings (``APTConfig`` fields; None
+            for the uniform kinds); thresholds are explicit ({size: value}) even when they are the scorer's defaults.
     """
 
     kind: str
@@ -84,6 +84,7 @@ class Setting:
     scorer_args: Optional[Mapping] = None
     budget: Optional[Union[int, float]] = None
     thresholds: Optional[Mapping[int, float]] = None
+    area_bias: Optional[bool] = None
 
     def name(self, source_size: int, default_sizes: Tuple[int, ...] = ()) -> str:
         if self.kind == "source":
@@ -97,7 +98,7 @@ class Setting:
         )
         sizes = "" if self.patch_sizes == tuple(default_sizes) else f" sizes {'/'.join(map(str, self.patch_sizes))}"
         at = "" if self.size == source_size else f" at {self.size} px"
-        return f"APT {self.scorer} {how}{sizes}{at}"
+        return f"APT {self.scorer} {how}{sizes}{at}{' + area bias' if self.area_bias else ''}"
 
     def apt_fields(self) -> dict:
         """The ``APTConfig`` fields of an APT setting (patch sizes apart: they choose the model)."""
@@ -106,7 +107,18 @@ class Setting:
             scorer_args=dict(self.scorer_args or {}),
             budget=self.budget,
             thresholds=dict(self.thresholds) if self.thresholds is not None else None,
+            area_bias=bool(self.area_bias),  # always given: the models are shared and reconfigured setting by setting
         )
+
+
+def area_bias_values(area_bias: Union[str, bool]) -> Tuple[bool, ...]:
+    """``calibrate``'s ``area_bias`` ("both", True / "on", False / "off") as the values to sweep."""
+    values = {"both": (False, True), "on": (True,), "off": (False,), True: (True,), False: (False,)}
+    if isinstance(area_bias, str):
+        area_bias = area_bias.lower()
+    if area_bias not in values:
+        raise InputError(f"--area-bias must be both, on or off, got {area_bias!r}")
+    return values[area_bias]
 
 
 def default_sizes(size: int, patch: int, shares: Sequence[float] = DEFAULT_SHARES) -> List[int]:
@@ -127,6 +139,7 @@ def build_grid(
     thresholds: Sequence[Union[str, Mapping[int, float]]],
     scorer_args: Optional[Mapping] = None,
     scorer_of_model: Optional[str] = None,
+    area_biases: Sequence[bool] = (False,),
 ) -> Tuple[List[Setting], List[str]]:
     """The settings to sweep, and a note for each one left out (a budget below what its patch sizes allow at a
     size: no layout can meet it).
@@ -137,6 +150,7 @@ def build_grid(
         thresholds: "default" (each scorer's registered thresholds) or {size: value} dicts; a dict applies to the
             patch sizes whose larger sizes it names exactly.
         scorer_args: the model's own scorer parameters, kept for its own scorer (``scorer_of_model``).
+        area_biases: each APT setting without and/or with area-proportional attention (``APTConfig.area_bias``).
 
     Raises:
         InputError: a size that is not a multiple of the patch size or is above S, a patch set that does not start
@@ -185,7 +199,8 @@ def build_grid(
                         config = APTConfig(patch_sizes=ps, scorer=scorer, scorer_args=args, **mode)
                     except InputError as e:
                         raise InputError(f"settings {mode} with patch sizes {ps} and scorer {scorer}: {e}") from None
-                    setting = Setting("apt", s, ps, scorer, dict(config.scorer_args), config.budget, config.thresholds)
+                    fields = (scorer, dict(config.scorer_args), config.budget, config.thresholds)
+                    setting = Setting("apt", s, ps, *fields, area_bias=bool(area_biases[0]))
                     if config.budget is not None:
                         cells = (s // patch) ** 2
                         allowed, least = _budget_tokens(config.budget, cells), all_merged_tokens((s, s), ps)
@@ -195,8 +210,10 @@ def build_grid(
                                 f"that patch sizes {'/'.join(map(str, ps))} allow at {s} px"
                             )
                             continue
-                    if setting not in settings:
-                        settings.append(setting)
+                    for bias in area_biases:
+                        setting = Setting("apt", s, ps, *fields, area_bias=bool(bias))
+                        if setting not in settings:
+                            settings.append(setting)
     return settings, notes
 
 
@@ -320,6 +337,7 @@ class Row:
     images_per_s: float = 0.0
     speedup: float = 1.0  # this row's images/s over the source's, measured alternately
     meets: Optional[bool] = None  # the target (None without one)
+    area_bias: Optional[bool] = None  # APT rows: area-proportional attention on (None for the uniform kinds)
     setting: Optional[Setting] = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -614,6 +632,7 @@ def calibrate(
     thresholds: Sequence[Union[str, Mapping[int, float]]] = (DEFAULT_THRESHOLDS,),
     scorers: Optional[Sequence[str]] = None,
     patch_sizes: Optional[Sequence[Sequence[int]]] = None,
+    area_bias: Union[str, bool] = "both",
     max_drop: Optional[float] = None,
     min_agreement: Optional[float] = None,
     min_cosine: Optional[float] = None,
@@ -646,6 +665,9 @@ def calibrate(
         thresholds: "default" (the scorer's registered thresholds) and/or {size: value} dicts.
         scorers: registered scorer names (default: the model's).
         patch_sizes: the patch-size sets to try (default: the model's).
+        area_bias: "both" (each APT setting without and with area-proportional attention: which is better depends on
+            the data and the model, by up to 13 points of top-1 at a third of the tokens, BENCHMARKS.md section 2),
+            True or False (that one only).
         max_drop, min_agreement, min_cosine: the target (at most one): at most this many points of top-1 below the
             source (needs labels), at least this fraction of images with the source's top-1 class, at least this
             class cosine. The cheapest setting that keeps it is chosen.
@@ -705,6 +727,7 @@ def calibrate(
         thresholds,
         apt.config.scorer_args,
         apt.config.scorer,
+        area_bias_values(area_bias),
     )
     if len(settings) == 1:
         raise InputError("nothing to sweep: give --sizes below the input size, or --budgets / --thresholds")
@@ -866,6 +889,7 @@ class _Sums:
             scorer=s.scorer,
             budget=s.budget,
             thresholds={str(k): v for k, v in s.thresholds.items()} if s.thresholds is not None else None,
+            area_bias=s.area_bias,
             tokens=tokens,
             token_share=tokens / base,
             gflops=float(torch.cat(self.flops).mean()) / 1e9,

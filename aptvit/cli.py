@@ -379,6 +379,7 @@ def cmd_calibrate(args) -> int:
         thresholds=parse_thresholds_items(args.thresholds),
         scorers=args.scorers.split(",") if args.scorers else None,
         patch_sizes=[parse_int_list(t, "--patch-sizes") for t in args.patch_sizes] if args.patch_sizes else None,
+        area_bias=args.area_bias,
         max_drop=args.max_drop,
         min_agreement=args.min_agreement,
         min_cosine=args.min_cosine,
@@ -458,6 +459,13 @@ def add_calibrate_parser(sub) -> None:
     )
     p.add_argument(
         "--scorers", help=f"comma-separated scorers from {', '.join(sorted(SCORERS))} (default: the model's)"
+    )
+    p.add_argument(
+        "--area-bias",
+        choices=("both", "on", "off"),
+        default="both",
+        help="each APT setting without and with area-proportional attention (both, the default: which is better "
+        "depends on your data), or with that one only",
     )
     p.add_argument(
         "--patch-sizes",

@@ -143,13 +143,15 @@ def test_predictions(model: aptvit.APTViT, uniform: bool, folder: Path, size: in
 
 def row_model(source: aptvit.APTViT, row: dict) -> aptvit.APTViT:
     """The model of one row of calibration.json: the source (uniform rows run its timm model), or its conversion
-    with the row's APT settings (the library's other defaults, as calibrate's)."""
+    with the row's APT settings, its area bias included (a row written before calibrate swept the bias ran the
+    checkpoint's own)."""
     if row["kind"] != "apt":
         return source
     thresholds = {int(k): v for k, v in row["thresholds"].items()} if row["thresholds"] else None
+    bias = row.get("area_bias")
     return aptvit.convert(
         source.timm_model, patch_sizes=tuple(row["patch_sizes"]), scorer=row["scorer"], budget=row["budget"],
-        thresholds=thresholds,
+        thresholds=thresholds, area_bias=source.config.area_bias if bias is None else bias,
     ).eval()  # fmt: skip
 
 

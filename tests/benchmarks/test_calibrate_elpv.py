@@ -50,3 +50,15 @@ def test_options_split_between_this_script_and_real_elpv():
     assert args.train == 384 and args.val == 256 and args.test == 256  # real_elpv's splits: its source is reused
     quick = ce.parse_args(["--quick", "--calibrate", "--runs 2"])
     assert quick.calibrate == f"{ce.QUICK_CALIBRATE} --runs 2" and quick.size == 56
+
+
+def test_a_rows_model_runs_the_area_bias_calibrate_measured():
+    """The test line rebuilds a row of calibration.json: with that row's area bias, or (a row written before calibrate
+    swept it) with the checkpoint's own, which calibrate then ran."""
+    from tests.tiny import tiny_vit
+
+    source = ce.aptvit.convert(tiny_vit("vit_cls"), area_bias=True)
+    row = {"kind": "apt", "patch_sizes": [16, 32], "scorer": "entropy", "budget": 0.5, "thresholds": None}
+    assert ce.row_model(source, row).config.area_bias is True
+    for bias in (False, True):
+        assert ce.row_model(source, {**row, "area_bias": bias}).config.area_bias is bias

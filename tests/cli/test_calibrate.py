@@ -15,6 +15,7 @@ from PIL import Image
 
 import aptvit
 from aptvit.calibrate import Row, Target, build_grid, choose, default_sizes, patch_models
+from aptvit.core.io import InputError
 from aptvit.data import build_transform
 from aptvit.images import normalise, to_rgb
 
@@ -355,7 +356,9 @@ def test_a_noisy_timing_is_warned_about_and_named_in_the_choice(world, tmp_path,
     monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 10.0 if s.budget == 0.5 else 1.01))
     out = tmp_path / "out"
     with caplog.at_level("WARNING", logger="aptvit.calibrate"):
-        code, printed, err = run(capsys, *argv(world, out, "--max-drop", "100", "--sizes", "64", "--budgets", "0.5"))
+        code, printed, err = run(
+            capsys, *argv(world, out, "--max-drop", "100", "--sizes", "64", "--budgets", "0.5", "--area-bias", "off")
+        )
     assert code == 0, err
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "APT entropy budget 0.5 (10.00x measured" in warned[0]
@@ -368,7 +371,7 @@ def test_a_noisy_timing_is_warned_about_and_named_in_the_choice(world, tmp_path,
     monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 1.01))
     caplog.clear()
     with caplog.at_level("WARNING", logger="aptvit.calibrate"):
-        run(capsys, *argv(world, tmp_path / "out2", "--max-drop", "100", "--sizes", "64", "--budgets", "0.5"))
+        run(capsys, *argv(world, tmp_path / "out2", "--max-drop", "100", "--sizes", "64", "--budgets", "0.5"))  # both
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
@@ -557,6 +560,7 @@ def test_thread_clock_times_on_one_thread_and_gives_the_threads_back(world, monk
             device="cpu",
             progress=False,
             clock="thread",
+            area_bias=False,
         )
         assert torch.get_num_threads() == 2
     finally:
@@ -674,6 +678,7 @@ def test_a_target_no_setting_keeps_still_writes_the_curve_and_no_model(world, tm
     assert report["chosen"] is None and [r["name"] for r in report["rows"]] == [
         "source (64 px)",
         "APT entropy budget 0.25",
+        "APT entropy budget 0.25 + area bias",
     ]
     assert not (out / "model.safetensors").exists()
 
@@ -694,3 +699,51 @@ def test_the_report_is_written_atomically(world, tmp_path, capsys, monkeypatch):
     # nothing half-written, nothing of the new set renamed in: the folder is as it was
     assert sorted(p.name for p in out.iterdir()) == ["calibration.json"]
     assert (out / "calibration.json").read_text() == "the last report"
+
+
+# ---------------------------------------------------------------------------------------------- the area bias
+def test_each_apt_setting_is_tried_without_and_with_the_area_bias(world, tmp_path, capsys, monkeypatch):
+    """The bias moves top-1 by points either way depending on the data (BENCHMARKS.md section 2), so calibrate tries
+    both by default; the chosen one is what the written model runs, whatever the checkpoint's own setting."""
+    ckpt = tmp_path / "biased.safetensors"
+    aptvit.save(aptvit.load(world["good"]).configure(area_bias=True), ckpt)
+    world = {**world, "biased": ckpt}
+    result = CAL.calibrate(
+        aptvit.load(ckpt), world["val"], size=64, sizes=[64], budgets=[0.25], thresholds=[], timing_images=2,
+        runs=1, warmup=0, workers=0, device="cpu", progress=False,
+    )  # fmt: skip
+    by = {r.name: r for r in result.rows}
+    assert list(by) == ["source (64 px)", "APT entropy budget 0.25", "APT entropy budget 0.25 + area bias"]
+    plain, biased = by["APT entropy budget 0.25"], by["APT entropy budget 0.25 + area bias"]
+    assert (plain.area_bias, biased.area_bias) == (False, True) and plain.tokens == biased.tokens
+    assert plain.cosine_dense != biased.cosine_dense  # each ran as its name says, not as the checkpoint is
+    for fast, bias in (("+ area bias", True), ("0.25", False)):  # the faster twin is chosen and written as measured
+        monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s, f=fast: 2.0 if s.name(64).endswith(f) else 1.5))
+        out = tmp_path / f"out_{bias}"
+        extra = ("--min-cosine", "0", "--sizes", "64", "--budgets", "0.25", "--thresholds", "none")
+        code, printed, err = run(capsys, *argv(world, out, *extra, checkpoint="biased"))
+        assert code == 0, err
+        report = json.loads((out / "calibration.json").read_text())
+        assert report["chosen"].endswith(fast) and aptvit.load(out / "model.safetensors").config.area_bias is bias
+
+
+@pytest.mark.parametrize("given, want", [("on", [True]), ("off", [False]), ("both", [False, True])])
+def test_area_bias_option_picks_the_values_swept(world, tmp_path, capsys, monkeypatch, given, want):
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 1.0))
+    out = tmp_path / "out"
+    extra = ("--min-cosine", "0", "--sizes", "64", "--budgets", "0.5", "--thresholds", "none", "--area-bias", given)
+    code, printed, err = run(capsys, *argv(world, out, *extra))
+    assert code == 0, err
+    rows = json.loads((out / "calibration.json").read_text())["rows"]
+    assert [r["area_bias"] for r in rows if r["kind"] == "apt"] == want
+
+
+def test_a_bad_area_bias_value_is_one_line(world, tmp_path, capsys):
+    from aptvit.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args([str(a) for a in argv(world, tmp_path / "out", "--area-bias", "maybe")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "argument --area-bias: invalid choice: 'maybe'" in err and "'both'" in err
+    with pytest.raises(InputError, match="--area-bias must be both, on or off"):
+        CAL.calibrate(aptvit.load(world["good"]), world["val"], area_bias="maybe", workers=0)
