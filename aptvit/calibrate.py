@@ -666,7 +666,7 @@ def calibrate(
         scorers: registered scorer names (default: the model's).
         patch_sizes: the patch-size sets to try (default: the model's).
         area_bias: "both" (each APT setting without and with area-proportional attention: which is better depends on
-            the data and the model, by up to 13 points of top-1 at a third of the tokens, BENCHMARKS.md section 2),
+            the data and the model, by 9 points of top-1 at a third of the tokens on elpv, BENCHMARKS.md section 2),
             True or False (that one only).
         max_drop, min_agreement, min_cosine: the target (at most one): at most this many points of top-1 below the
             source (needs labels), at least this fraction of images with the source's top-1 class, at least this

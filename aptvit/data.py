@@ -310,7 +310,7 @@ def build_transform(
     RandAugment m9 by default). ``augment="none"`` trains on the evaluation transform (resize and
     center crop, nothing random), for data whose labels a random crop could cut away.
     Evaluation: resize by ``interpolation`` and crop by ``crop_pct`` / ``crop_mode``; pass ``**eval_crop(cfg)``
-    for a model's own (bicubic for timm's ViTs: a bilinear resize costs a lower resolution about 0.4 point of
+    for a model's own (bicubic for timm's ViTs: a bilinear resize costs a lower resolution about 0.5 point of
     top-1 on Imagenette, BENCHMARKS.md section 2).
     """
     from timm.data import create_transform
