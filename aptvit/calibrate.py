@@ -111,14 +111,17 @@ class Setting:
         )
 
 
+# ``calibrate(area_bias=)`` / ``--area-bias``: the ``APTConfig.area_bias`` values each APT setting is tried with
+AREA_BIAS_SWEEPS = {"both": (False, True), "on": (True,), "off": (False,)}
+
+
 def area_bias_values(area_bias: Union[str, bool]) -> Tuple[bool, ...]:
-    """``calibrate``'s ``area_bias`` ("both", True / "on", False / "off") as the values to sweep."""
-    values = {"both": (False, True), "on": (True,), "off": (False,), True: (True,), False: (False,)}
-    if isinstance(area_bias, str):
-        area_bias = area_bias.lower()
-    if area_bias not in values:
-        raise InputError(f"--area-bias must be both, on or off, got {area_bias!r}")
-    return values[area_bias]
+    """``calibrate``'s ``area_bias`` (a key of ``AREA_BIAS_SWEEPS``, or True / False) as the values to sweep."""
+    key = ("on" if area_bias else "off") if isinstance(area_bias, bool) else str(area_bias).lower()
+    if key not in AREA_BIAS_SWEEPS:
+        *others, last = AREA_BIAS_SWEEPS
+        raise InputError(f"--area-bias must be {', '.join(others)} or {last}, got {area_bias!r}")
+    return AREA_BIAS_SWEEPS[key]
 
 
 def default_sizes(size: int, patch: int, shares: Sequence[float] = DEFAULT_SHARES) -> List[int]:
@@ -199,8 +202,10 @@ def build_grid(
                         config = APTConfig(patch_sizes=ps, scorer=scorer, scorer_args=args, **mode)
                     except InputError as e:
                         raise InputError(f"settings {mode} with patch sizes {ps} and scorer {scorer}: {e}") from None
-                    fields = (scorer, dict(config.scorer_args), config.budget, config.thresholds)
-                    setting = Setting("apt", s, ps, *fields, area_bias=bool(area_biases[0]))
+                    setting = Setting(
+                        "apt", s, ps, scorer, dict(config.scorer_args), config.budget, config.thresholds,
+                        area_bias=bool(area_biases[0]),
+                    )  # fmt: skip
                     if config.budget is not None:
                         cells = (s // patch) ** 2
                         allowed, least = _budget_tokens(config.budget, cells), all_merged_tokens((s, s), ps)
@@ -210,10 +215,9 @@ def build_grid(
                                 f"that patch sizes {'/'.join(map(str, ps))} allow at {s} px"
                             )
                             continue
-                    for bias in area_biases:
-                        setting = Setting("apt", s, ps, *fields, area_bias=bool(bias))
-                        if setting not in settings:
-                            settings.append(setting)
+                    for twin in (replace(setting, area_bias=bool(bias)) for bias in area_biases):
+                        if twin not in settings:
+                            settings.append(twin)
     return settings, notes
 
 
@@ -351,15 +355,15 @@ def _without_worse_twins(rows: Sequence[Row], target: Target) -> List[Row]:
     figure: the twins run the same tokens and FLOPs, so a speed difference between them is timing noise and
     fidelity decides."""
     better = min if target.max_drop is not None else max
-    out = []
-    for r in rows:
-        s = r.setting
-        flipped = replace(s, area_bias=not s.area_bias) if r.kind == "apt" and s is not None else None
-        twin = next((t for t in rows if flipped is not None and t.setting == flipped), None)  # settings hold dicts
-        if twin is not None and target.value(twin) != target.value(r) and better(r, twin, key=target.value) is twin:
-            continue
-        out.append(r)
-    return out
+
+    def beaten(r: Row) -> bool:
+        if r.kind != "apt" or r.setting is None:
+            return False
+        flipped = replace(r.setting, area_bias=not r.setting.area_bias)
+        twin = next((t for t in rows if t.setting == flipped), None)  # a scan: settings hold dicts, not hashable
+        return twin is not None and target.value(twin) != target.value(r) and better(r, twin, key=target.value) is twin
+
+    return [r for r in rows if not beaten(r)]
 
 
 def choose(rows: Sequence[Row], target: Target) -> Tuple[Optional[Row], str]:

@@ -420,7 +420,7 @@ def cmd_export(args) -> int:
 
 
 def add_calibrate_parser(sub) -> None:
-    from .calibrate import DEFAULT_BUDGETS, calibrate
+    from .calibrate import AREA_BIAS_SWEEPS, DEFAULT_BUDGETS, calibrate
     from .core.scoring import SCORERS
 
     p = sub.add_parser(
@@ -462,8 +462,8 @@ def add_calibrate_parser(sub) -> None:
     )
     p.add_argument(
         "--area-bias",
-        choices=("both", "on", "off"),
-        default="both",
+        choices=tuple(AREA_BIAS_SWEEPS),
+        default=default_of(calibrate, "area_bias"),
         help="each APT setting without and with area-proportional attention (both, the default: which is better "
         "depends on your data), or with that one only",
     )

@@ -259,9 +259,7 @@ def _eval_split(data, checkpoint, teacher) -> _Split:
             # the checkpoint's classes in another order than the sorted folders: each label becomes its head row
             items.samples, items.classes = to_head_rows(items.samples, items.classes, classes), list(classes)
         elif teacher is not None:
-            logger.info(
-                f"{folder}: the checkpoint's classes are not these class folders: agreement with the teacher only"
-            )
+            logger.info(f"{folder}: the checkpoint's classes are not these class folders: agreement with the teacher only")
             items = None
         else:
             raise InputError(class_mismatch(classes, items.classes, folder))

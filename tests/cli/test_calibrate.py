@@ -1,6 +1,7 @@
 """``aptvit calibrate``: the sweep's rows, lower resolution as a candidate, the target's choice, the written settings,
 one line for every bad input, and the report written atomically."""
 
+import dataclasses
 import json
 import re
 import sys
@@ -575,7 +576,7 @@ def test_the_command_lines_defaults_are_calibrates(monkeypatch):
     from aptvit import cli
 
     args = cli.build_parser().parse_args(["calibrate", "--data", "x"])
-    for name in ("limit", "batch_size", "workers", "timing_images", "runs", "warmup", "clock"):
+    for name in ("limit", "batch_size", "workers", "timing_images", "runs", "warmup", "clock", "area_bias"):
         assert getattr(args, name) == cli.default_of(aptvit.calibrate, name), name
     given = {}
     monkeypatch.setattr(CAL, "calibrate_command", lambda source, **kw: given.update(kw))
@@ -758,7 +759,7 @@ def test_of_two_bias_twins_that_keep_the_target_the_more_faithful_is_chosen_not_
     """Twins run the same tokens and FLOPs: their speed difference is noise, so fidelity decides between them."""
     setting = CAL.Setting("apt", 224, (16, 32), "entropy", {}, 0.5, None, area_bias=False)
     plain, biased = row("plain", speedup=1.9, top1=79.9), row("biased", speedup=2.0, top1=79.6)
-    plain.setting, biased.setting = setting, CAL.Setting(**{**setting.__dict__, "area_bias": True})
+    plain.setting, biased.setting = setting, dataclasses.replace(setting, area_bias=True)
     other = row("other APT", speedup=1.95, top1=79.5)
     rows = [row("source", kind="source"), plain, biased, other]
     best, reason = choose(rows, Target(max_drop=0.5, confidence=0))
