@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 from torch import nn
 
@@ -13,7 +13,14 @@ from .families import check_supported
 from .model import APTViT
 
 
-def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: str = "auto", **settings) -> APTViT:
+def convert(
+    model: nn.Module,
+    config: Optional[APTConfig] = None,
+    *,
+    attention: str = "auto",
+    image_processor: Any = None,
+    **settings,
+) -> APTViT:
     """Wrap a timm ViT so that it runs on adaptive patch layouts.
 
     Args:
@@ -23,6 +30,9 @@ def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: 
         config: the conversion settings; default ``APTConfig()`` (entropy scorer, its default thresholds,
             patch sizes (p, 2p) for the model's patch size p).
         attention: the attention backend, a runtime choice not saved with the model (see ``APTViT``).
+        image_processor: for a Hugging Face model, its image processor (``AutoImageProcessor.from_pretrained`` of the
+            same checkpoint, or a dict of its settings): the resize, crop and normalisation that ``pretrained_cfg``
+            then holds, as a timm model's does (default: the family's usual one, ``aptvit.nn.hf.to_timm``).
         **settings: ``APTConfig`` fields that override ``config``'s: ``patch_sizes``, ``thresholds``, ``budget``
             (tokens per image: fraction of base tokens in (0, 1], or an int), ``scorer``, ``scorer_args``,
             ``area_bias`` (area-proportional attention, see ``APTConfig``).
@@ -34,7 +44,11 @@ def convert(model: nn.Module, config: Optional[APTConfig] = None, *, attention: 
     if type(model).__module__.startswith("transformers."):  # a Hugging Face tower: its timm twin (nn.hf)
         from .hf import to_timm
 
-        model = to_timm(model)
+        model = to_timm(model, image_processor=image_processor)
+    elif image_processor is not None:
+        raise UserTypeError(
+            "image_processor is for Hugging Face models; a timm model's preprocessing is its pretrained_cfg"
+        )
     check_supported(model)
     if isinstance(config, (tuple, list)):  # aptvit 0.1: convert(model, patch_sizes, ...)
         warnings.warn(

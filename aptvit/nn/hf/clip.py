@@ -24,7 +24,14 @@ class CLIPSpec(Spec):
     classes = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
     module = "clip"
     config_keys = VIT_CONFIG_KEYS
-    mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    processor = {  # CLIPImageProcessor: the shorter side to the crop, bicubic
+        "size": {"shortest_edge": 224},
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+        "resample": 3,
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+    }
     last_normed = False
 
     def parts(self, hf):

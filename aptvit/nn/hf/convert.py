@@ -18,6 +18,7 @@ from ...core.io import InputError, MissingDependency, UserTypeError
 from .base import Spec
 from .clip import CLIPSpec
 from .dinov2 import Dinov2Spec
+from .preprocess import processor_cfg
 from .siglip import SiglipSpec
 from .twin import METADATA_KEY, HFVisionTransformer
 from .vit import ViTSpec
@@ -54,7 +55,10 @@ def spec_of(model: nn.Module) -> Spec:
 
 
 def to_timm(
-    hf: nn.Module, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
+    hf: nn.Module,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    image_processor: Any = None,
 ) -> HFVisionTransformer:
     """The timm twin of a Hugging Face vision tower: the same weights (copied), the same outputs.
 
@@ -62,23 +66,30 @@ def to_timm(
         hf: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPModel`` (its vision half),
             ``SiglipVisionModel``, ``SiglipModel`` (its vision half), ``Dinov2Model``, ``Dinov2WithRegistersModel``
             or ``ViTModel``.
-        mean, std: the normalisation of the images (the model's image processor's ``image_mean`` / ``image_std``);
-            default: the family's usual one (OpenAI CLIP's, 0.5 for SigLIP and ViT, ImageNet's for DINOv2). The
-            layout is scored on the pixels recovered with it.
+        mean, std: the normalisation of the images, over the processor's (the layout is scored on the pixels
+            recovered with it).
+        image_processor: the model's HF image processor (or a dict of its settings): how its images are resized,
+            cropped and normalised, and their size (``preprocess.processor_cfg``). Default: the family's usual
+            one (``Spec.processor``: CLIP's shorter side to the crop, SigLIP and ViT squashed to a square, DINOv2's
+            256 -> 224 crop; bicubic but ViT's bilinear) at the config's image size.
 
     Returns:
         ``HFVisionTransformer`` on the HF model's device and dtype, in its train / eval mode; its
-        ``pretrained_cfg`` names the HF class ("hf:<class>") and the normalisation.
+        ``pretrained_cfg`` names the HF class ("hf:<class>") and holds the preprocessing, which ``aptvit eval``,
+        ``calibrate`` and ``finetune`` follow as they follow a timm model's.
     """
     require_transformers()
     spec = spec_of(hf)
+    preprocess = processor_cfg(image_processor) if image_processor is not None else None
     vision, options, extra = spec.parts(hf)
     cfg = {k: getattr(vision.config, k) for k in spec.config_keys if hasattr(vision.config, k)}
     if isinstance(cfg.get("image_size"), tuple):
         cfg["image_size"] = list(cfg["image_size"])
     source = {"class": type(hf).__name__, "config": cfg, "options": options}
-    stats = {"mean": tuple(mean or spec.mean), "std": tuple(std or spec.std)}
-    twin = build_twin(source, **stats)
+    if mean is not None or std is not None:
+        preprocess = dict(preprocess or family_preprocess(spec))
+        preprocess.update({k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
+    twin = build_twin(source, preprocess)
     state = {k: v.detach() for k, v in vision.state_dict().items()}
     state.update({k: v.detach() for k, v in extra.items()})
     mapped = spec.state(state, cfg, options)
@@ -92,8 +103,17 @@ def to_timm(
     return twin.to(device=ref.device, dtype=ref.dtype).train(hf.training)
 
 
-def build_twin(source: Mapping[str, Any], mean=None, std=None) -> HFVisionTransformer:
-    """An ``HFVisionTransformer`` (float32, random weights) with the structure ``source`` describes."""
+def family_preprocess(spec: Spec) -> Dict[str, Any]:
+    """The ``pretrained_cfg`` preprocessing of the family's usual image processor, without its image size (the
+    checkpoint's config gives that)."""
+    cfg = processor_cfg(spec.processor)
+    del cfg["input_size"]
+    return cfg
+
+
+def build_twin(source: Mapping[str, Any], preprocess: Optional[Mapping[str, Any]] = None) -> HFVisionTransformer:
+    """An ``HFVisionTransformer`` (float32, random weights) with the structure ``source`` describes; its
+    ``pretrained_cfg`` holds ``preprocess`` (``processor_cfg``'s keys), the family's usual preprocessing by default."""
     name = source.get("class") if isinstance(source, Mapping) else None
     specs = [s for s in SPECS.values() if name in s.classes]
     if not specs:
@@ -110,9 +130,8 @@ def build_twin(source: Mapping[str, Any], mean=None, std=None) -> HFVisionTransf
         twin.num_classes = [m for m in head.modules() if isinstance(m, nn.Linear)][0].out_features
     twin.pretrained_cfg = {
         "architecture": f"hf:{name}",
-        "mean": tuple(mean or spec.mean),
-        "std": tuple(std or spec.std),
         "input_size": (kwargs["in_chans"], *kwargs["img_size"]),
+        **(preprocess if preprocess is not None else family_preprocess(spec)),
     }
     return twin.eval()
 

@@ -18,7 +18,8 @@ class SiglipSpec(Spec):
     classes = ("SiglipVisionModel", "SiglipModel")
     module = "siglip"
     config_keys = VIT_CONFIG_KEYS
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    # SiglipImageProcessor: squashed to a square, bicubic
+    processor = {"size": {"height": 224, "width": 224}, "resample": 3, "image_mean": 0.5, "image_std": 0.5}
 
     def parts(self, hf):
         vision = hf.vision_model if type(hf).__name__ == "SiglipModel" else hf

@@ -24,7 +24,8 @@ class ViTSpec(Spec):
         "pooler_output_size",
         "pooler_act",
     )
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    # ViTImageProcessor: squashed to a square, bilinear
+    processor = {"size": {"height": 224, "width": 224}, "resample": 2, "image_mean": 0.5, "image_std": 0.5}
     ignored = ("embeddings.mask_token",)
 
     def parts(self, hf):
