@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--calibrate", default="", help="more `aptvit calibrate` options, one string")
     p.add_argument("--results", default="docs/results/calibrate_elpv")
     p.add_argument("--until", choices=("folders", "all"), default="all", help="folders: stop before calibrate")
-    p.add_argument("--reuse", action="store_true", help="the last calibrate run's outputs in --work, not a new run")
+    p.add_argument("--reuse", action="store_true", help="the last calibrate run's outputs in --work, not a new run, if the same command made them")
     own, rest = p.parse_known_args(argv)
     args = elpv.parse_args(rest)
     for k, v in vars(own).items():
@@ -86,16 +86,38 @@ def folders(args, work: Path, x, y) -> Path:
     return root
 
 
-def run_calibrate(args, checkpoint: Path, data: Path, out: Path) -> dict:
-    """``aptvit calibrate`` in a fresh process, as a user runs it: its exit status and its last lines."""
+def calibrate_command(args, checkpoint: Path, data: Path, out: Path) -> list:
+    """The ``aptvit calibrate`` command line of this run (``python -m aptvit calibrate ...``)."""
     cmd = [sys.executable, "-m", "aptvit", "calibrate", "--checkpoint", str(checkpoint), "--data", str(data)]
     cmd += ["--size", str(args.size), "--max-drop", f"{args.max_drop:g}", "--out", str(out), "--limit", "0"]
     cmd += ["--batch-size", str(args.batch), "--workers", "0", "--clock", "thread", "--device", "cpu"]
-    cmd += shlex.split(args.calibrate)
+    return cmd + shlex.split(args.calibrate)
+
+
+def shown(cmd: list) -> str:
+    """``cmd`` as a user types it (``aptvit calibrate ...``)."""
+    return shlex.join(["aptvit", *cmd[3:]])
+
+
+def reusable(out: Path, cmd: list):
+    """The run recorded in ``out`` when the same command made it (another ``--calibrate`` or ``--max-drop`` sweeps
+    another grid), else None. A change of calibrate's own defaults between the runs is not seen."""
+    path = out / "run.json"
+    if not path.is_file():
+        return None
+    run = json.loads(path.read_text())
+    if run.get("command") != shown(cmd):
+        elpv.log(f"--reuse: {path} was made by another command ({run.get('command')}); running calibrate again")
+        return None
+    return run
+
+
+def run_calibrate(args, cmd: list, out: Path) -> dict:
+    """``aptvit calibrate`` (``cmd``) in a fresh process, as a user runs it: its exit status and its last lines."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    elpv.log("$ " + shlex.join(["aptvit", *cmd[3:]]))
+    elpv.log("$ " + shown(cmd))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and "\r" not in ln]
@@ -103,7 +125,7 @@ def run_calibrate(args, checkpoint: Path, data: Path, out: Path) -> dict:
     if proc.returncode not in (0, 2) or not (out / "calibration.json").is_file():
         raise SystemExit(f"aptvit calibrate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return {
-        "command": shlex.join(["aptvit", *cmd[3:]]),
+        "command": shown(cmd),
         "exit_status": proc.returncode,
         "last_lines": lines[-12:],
         "seconds": time.perf_counter() - t0,
@@ -244,11 +266,11 @@ def main(argv=None) -> int:
     if args.until == "folders":
         return 0
     out = work / f"calibrate_out_{elpv.cache_keys(args)['test_features']}"
-    if args.reuse and (out / "run.json").is_file():
-        run = json.loads((out / "run.json").read_text())
-    else:
+    cmd = calibrate_command(args, checkpoint, data / "val", out)
+    run = reusable(out, cmd) if args.reuse else None
+    if run is None:
         shutil.rmtree(out, ignore_errors=True)
-        run = run_calibrate(args, checkpoint, data / "val", out)
+        run = run_calibrate(args, cmd, out)
         atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
     report = json.loads((out / "calibration.json").read_text())
     test = test_line(args, report, checkpoint, out, data)

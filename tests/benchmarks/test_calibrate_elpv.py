@@ -62,3 +62,15 @@ def test_a_rows_model_runs_the_area_bias_calibrate_measured():
     assert ce.row_model(source, row).config.area_bias is True
     for bias in (False, True):
         assert ce.row_model(source, {**row, "area_bias": bias}).config.area_bias is bias
+
+
+def test_reuse_takes_only_a_run_of_the_same_command(tmp_path):
+    """``--reuse`` had read whatever grid the last run swept: a run with other calibrate options is made again."""
+    args = ce.parse_args(["--calibrate", "--area-bias off"])
+    cmd = ce.calibrate_command(args, tmp_path / "c.safetensors", tmp_path / "val", tmp_path)
+    assert ce.reusable(tmp_path, cmd) is None  # nothing recorded yet
+    (tmp_path / "run.json").write_text(json.dumps({"command": ce.shown(cmd), "exit_status": 2}))
+    assert ce.reusable(tmp_path, cmd)["exit_status"] == 2
+    args.calibrate = ""  # the default grid: both biases
+    other = ce.calibrate_command(args, tmp_path / "c.safetensors", tmp_path / "val", tmp_path)
+    assert ce.reusable(tmp_path, other) is None
