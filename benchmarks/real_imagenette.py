@@ -633,6 +633,13 @@ def zero_shot_methods(source, args) -> List[Method]:
     out.append(apt_method("APT default thresholds", "APT zero-shot", apt_default))
     for b in BUDGETS:
         out.append(apt_method(f"APT budget {b:g}", "APT zero-shot", aptvit.convert(source, budget=b), b))
+    # the area bias, off by default (chosen on the tune photos, --only variants), as the val photos see it
+    bias = "APT zero-shot + area bias"
+    out.append(apt_method("APT default thresholds + area bias", bias, aptvit.convert(source, area_bias=True)))
+    for b in BUDGETS:
+        out.append(
+            apt_method(f"APT budget {b:g} + area bias", bias, aptvit.convert(source, budget=b, area_bias=True), b)
+        )
     for b in BUDGETS:
         side = lowres_pixels(size, b, source.patch_embed.patch_size[0])
         out.append(uniform_method(f"lower resolution {side} px ({b:g})", "lower resolution", source, side, size, b))

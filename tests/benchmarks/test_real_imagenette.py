@@ -189,7 +189,7 @@ def test_quick_run_writes_every_row_through_the_cli(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     rows = result["rows"]
     kinds = {r["kind"] for r in rows.values()}
-    assert kinds >= {"source", "APT zero-shot", "lower resolution", "Random", "ToMe"}
+    assert kinds >= {"source", "APT zero-shot", "APT zero-shot + area bias", "lower resolution", "Random", "ToMe"}
     assert kinds >= {"APT + 1 epoch labels", "APT + 1 epoch distill", "lowres + 1 epoch", "uniform + 1 epoch"}
     source = rows["source (64 px)"]
     assert source["tokens_kept"] == 1.0 and len(source["predictions"]) == result["val_photos"] == 18
@@ -256,3 +256,14 @@ def test_tune_photos_extend_the_split_without_moving_fit_or_holdout():
     assert not set(b["tune"]) & (set(b["fit"]) | set(b["holdout"]))
     with pytest.raises(ValueError, match="fit \\+ holdout \\+ tune"):
         ri.train_subsets(labels, 6, 4, seed=0, tune=11)
+
+
+def test_zero_shot_rows_name_the_area_bias_they_run(tiny, monkeypatch):
+    """The zero-shot stage runs APT without the bias (the default) and, in rows named for it, with it."""
+    made = []
+    monkeypatch.setattr(ri, "apt_method", lambda name, kind, apt, *a, **k: made.append((name, apt.config.area_bias)))
+    monkeypatch.setattr(ri, "tome_method", lambda *a, **k: None)
+    ri.zero_shot_methods(tiny, ri.parse_args(["--quick", "--draws", "1"]))
+    apt_rows = [(n, bias) for n, bias in made if n.startswith("APT")]
+    assert len(apt_rows) == 2 * (1 + len(ri.BUDGETS))
+    assert all(bias == n.endswith("+ area bias") for n, bias in apt_rows)
