@@ -84,8 +84,9 @@ def test_a_tower_converted_without_a_processor_gets_its_familys_usual_one(family
     twin, expected = to_timm(hf_model), processor_cfg(make_processor())
     for key in ("mean", "std", "interpolation", "crop_mode", "crop_pct"):
         assert twin.pretrained_cfg[key] == pytest.approx(expected[key]), key
-    # the image size stays the checkpoint's config's: the family's processor cannot know the checkpoint's
-    assert twin.pretrained_cfg["input_size"][-1] == hf_model.config.image_size
+    # the image size: DINOv2's checkpoints all crop 224 px (their configs say 518); the others' config's
+    size = 224 if family == "dinov2" else hf_model.config.image_size
+    assert twin.pretrained_cfg["input_size"][-1] == size
 
 
 def test_mean_and_std_given_override_the_processors():
@@ -119,10 +120,39 @@ def test_a_processor_dict_works_like_the_processor():
     assert processor_cfg(processor.to_dict()) == processor_cfg(processor)
 
 
+LEGACY = {  # preprocessor_config.json as the checkpoints ship it: an int size, read by the class's own rule
+    "openai/clip-vit-base-patch16": (
+        {"image_processor_type": "CLIPImageProcessor", "size": 224, "crop_size": 224, "do_center_crop": True},
+        ("center", 1.0, "bicubic"),
+    ),
+    "google/vit-base-patch16-224": (
+        {"image_processor_type": "ViTImageProcessor", "size": 224, "resample": 2, "image_mean": [0.5] * 3},
+        ("squash", 1.0, "bilinear"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_a_checkpoints_preprocessor_config_is_read_by_its_class(name):
+    settings, (mode, pct, interpolation) = LEGACY[name]
+    cfg = processor_cfg(settings)
+    assert (cfg["crop_mode"], cfg["crop_pct"], cfg["interpolation"]) == (mode, pct, interpolation)
+    assert cfg["input_size"] == (3, 224, 224)
+
+
+def test_resample_as_torchvision_names_it():
+    from torchvision.transforms import InterpolationMode
+
+    settings = dict(
+        size={"height": 224, "width": 224}, resample=InterpolationMode.BILINEAR, image_mean=0.5, image_std=0.5
+    )
+    assert processor_cfg(settings)["interpolation"] == "bilinear"
+
+
 def test_crop_pct_gives_timm_the_processors_resize_back():
     """timm resizes to floor(size / crop_pct): 224 / 400 as a float would give 399."""
     crop = dict(do_center_crop=True, crop_size={"height": 224, "width": 224})
-    cfg = processor_cfg(dict(size={"shortest_edge": 400}, image_mean=0.5, image_std=0.5, **crop))
+    cfg = processor_cfg(dict(size={"shortest_edge": 400}, resample=3, image_mean=0.5, image_std=0.5, **crop))
     transform = build_transform(224, False, cfg["mean"], cfg["std"], **eval_crop(cfg))
     resize = transform.transforms[0]
     assert resize.size == 400
@@ -138,14 +168,25 @@ BAD = {
         "not a square",
     ),
     "resample": (dict(size={"height": 224, "width": 224}, resample=9), "resample 9"),
-    "rescale": (dict(size={"height": 224, "width": 224}, rescale_factor=1.0), "rescale_factor 1.0"),
+    "resample None": (dict(size={"height": 224, "width": 224}, resample=None), "no resample given"),
+    "rescale": (dict(size={"height": 224, "width": 224}, rescale_factor=1.0), "scaled by 1 "),
+    "no rescale": (dict(size={"height": 224, "width": 224}, do_rescale=False), "scaled by 1 "),
+    "no size": ({}, "no size given"),
+    "another processor's rule": (dict(size={"shortest_edge": 224}, crop_pct=0.9), "crop_pct=0.9 has no equivalent"),
+    "channel flip": (dict(size={"height": 224, "width": 224}, do_flip_channel_order=True), "do_flip_channel_order"),
+    "another processor": (
+        dict(image_processor_type="LevitImageProcessor", size={"shortest_edge": 224}),
+        "not as LevitImageProcessor",
+    ),
 }
 
 
 @pytest.mark.parametrize("settings, message", BAD.values(), ids=BAD.keys())
 def test_a_processor_timm_cannot_follow_is_one_error(settings, message):
     with pytest.raises(InputError, match=message):
-        aptvit.convert(CASES["vit"][0](), image_processor={"image_mean": 0.5, "image_std": 0.5, **settings})
+        aptvit.convert(
+            CASES["vit"][0](), image_processor={"image_mean": 0.5, "image_std": 0.5, "resample": 3, **settings}
+        )
 
 
 def test_image_processor_needs_a_hugging_face_model_and_a_processor():

@@ -44,16 +44,12 @@ class Spec:
     module: str = ""  # their ``transformers.models.<module>`` package
     config_keys: Tuple[str, ...] = ()  # the config fields that make the structure (saved with the weights)
     pos_resample: Dict[str, Any] = {"interpolation": "bicubic", "antialias": False}
-    # the family's usual image processor (its checkpoints' preprocessor_config.json, in HF's words; the sizes only
-    # set the crop's ratio): the preprocessing a converted tower gets when no processor is given (preprocess.py)
-    processor: Mapping[str, Any] = {  # DINOv2's BitImageProcessor
-        "size": {"shortest_edge": 256},
-        "do_center_crop": True,
-        "crop_size": {"height": 224, "width": 224},
-        "resample": 3,  # PIL's bicubic
-        "image_mean": (0.485, 0.456, 0.406),
-        "image_std": (0.229, 0.224, 0.225),
-    }
+    # the family's usual image processor (its checkpoints' preprocessor_config.json, in HF's words): the
+    # preprocessing a converted tower gets when no processor is given (preprocess.py)
+    processor: Mapping[str, Any] = {}
+    # whether every checkpoint of the family makes images of the processor's size; if not, the sizes above only set
+    # the crop's ratio and the image size is the config's
+    processor_size: bool = False
     last_normed: bool = True  # HF's ``last_hidden_state`` is after the final norm (CLIP's is before it)
     ignored: Tuple[str, ...] = ()  # HF tensors the forward never reads (a mask token for pre-training)
 

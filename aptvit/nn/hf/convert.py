@@ -66,12 +66,12 @@ def to_timm(
         hf: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPModel`` (its vision half),
             ``SiglipVisionModel``, ``SiglipModel`` (its vision half), ``Dinov2Model``, ``Dinov2WithRegistersModel``
             or ``ViTModel``.
-        mean, std: the normalisation of the images, over the processor's (the layout is scored on the pixels
-            recovered with it).
+        mean, std: override the processor's (or the family default's) ``image_mean`` / ``image_std``; the layout
+            is scored on the pixels recovered with them.
         image_processor: the model's HF image processor (or a dict of its settings): how its images are resized,
             cropped and normalised, and their size (``preprocess.processor_cfg``). Default: the family's usual
-            one (``Spec.processor``: CLIP's shorter side to the crop, SigLIP and ViT squashed to a square, DINOv2's
-            256 -> 224 crop; bicubic but ViT's bilinear) at the config's image size.
+            one (``Spec.processor``: CLIP's shorter side to the crop, SigLIP and ViT squashed to a square, bicubic
+            but ViT's bilinear, at the config's image size; DINOv2's 256 -> 224 crop at 224 px).
 
     Returns:
         ``HFVisionTransformer`` on the HF model's device and dtype, in its train / eval mode; its
@@ -104,10 +104,11 @@ def to_timm(
 
 
 def family_preprocess(spec: Spec) -> Dict[str, Any]:
-    """The ``pretrained_cfg`` preprocessing of the family's usual image processor, without its image size (the
-    checkpoint's config gives that)."""
+    """The ``pretrained_cfg`` preprocessing of the family's usual image processor; its image size only where all the
+    family's checkpoints share it (``Spec.processor_size``; else the checkpoint's config gives it)."""
     cfg = processor_cfg(spec.processor)
-    del cfg["input_size"]
+    if not spec.processor_size:
+        del cfg["input_size"]
     return cfg
 
 

@@ -23,6 +23,15 @@ class Dinov2Spec(Spec):
     name = "dinov2"
     classes = ("Dinov2Model", "Dinov2WithRegistersModel")
     module = "dinov2"
+    processor = {  # BitImageProcessor, as every facebook/dinov2-* checkpoint ships it
+        "size": {"shortest_edge": 256},
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+        "resample": 3,  # PIL's bicubic
+        "image_mean": (0.485, 0.456, 0.406),
+        "image_std": (0.229, 0.224, 0.225),
+    }
+    processor_size = True  # 224 px, although the configs say image_size 518 (the pre-training size)
     config_keys = (
         "hidden_size",
         "mlp_ratio",

@@ -12,9 +12,11 @@ split, the pixels a layout is scored on) read its preprocessing from ``pretraine
     resample (PIL's number: 2 bilinear, 3 bicubic)    interpolation ("bilinear", "bicubic")
     image_mean / image_std (do_normalize)             mean / std
 
-``processor_cfg`` makes that translation; what has no timm equivalent (no resize, a non-square output, a rescale
-other than 1/255) is refused with one line rather than evaluated on the wrong pixels. Pure: it reads a processor's
-settings (``to_dict()``, or the dict of its ``preprocessor_config.json``) and imports nothing of ``transformers``.
+``processor_cfg`` makes that translation for the processors of the towers aptvit converts (``KNOWN``); what has no
+timm equivalent (no resize, a non-square output, a rescale other than 1/255, another class's own resize rule, a
+channel flip) is refused with one line rather than evaluated on the wrong pixels. The crop is HF's up to one pixel
+(torchvision rounds a center crop's offset, HF floors it). It reads a processor's settings (``to_dict()``; a
+``preprocessor_config.json`` dict through its class in ``transformers``) and changes nothing.
 """
 
 from __future__ import annotations
@@ -28,53 +30,70 @@ from ...core.io import InputError, UserTypeError
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
+# the processors whose resize / crop / normalise steps this translation covers (with their ``Pil`` / ``Fast`` twins)
+KNOWN = ("CLIPImageProcessor", "SiglipImageProcessor", "BitImageProcessor", "ViTImageProcessor", "DeiTImageProcessor")
+# settings of other processors that change the pixels in ways timm's evaluation transform has no word for
+UNSUPPORTED = ("crop_pct", "do_flip_channel_order", "rescale_offset", "do_pad", "include_top")
+
+
 def processor_cfg(processor: Any) -> Dict[str, Any]:
     """timm ``pretrained_cfg`` keys from an HF image processor's settings.
 
     Args:
-        processor: an HF image processor (``CLIPImageProcessor``, ``SiglipImageProcessor``, ``BitImageProcessor``
-            for DINOv2, ``ViTImageProcessor``, ...; anything with ``to_dict()``) or a dict of the same settings.
+        processor: an HF image processor of a vision tower aptvit converts (``CLIPImageProcessor``,
+            ``SiglipImageProcessor``, ``BitImageProcessor`` for DINOv2, ``ViTImageProcessor``, ``DeiTImageProcessor``),
+            or a dict of its settings: a ``preprocessor_config.json`` (read through its ``image_processor_type``
+            with ``transformers``, so its legacy forms and the class's defaults count) or every setting spelled out
+            (``size``, ``resample``, ``image_mean`` / ``image_std``; ``do_center_crop`` / ``crop_size`` for a crop).
 
     Returns:
         ``mean``, ``std``, ``interpolation``, ``crop_mode``, ``crop_pct`` and ``input_size`` (3, C, C) for a
-        processor that makes C x C images.
+        processor that makes C x C images. The crop is the processor's up to one pixel: torchvision rounds a center
+        crop's offset where HF floors it.
     """
-    settings = processor.to_dict() if callable(getattr(processor, "to_dict", None)) else processor
-    if not isinstance(settings, Mapping):
-        raise UserTypeError(
-            f"image_processor must be a Hugging Face image processor or a dict of its settings, "
-            f"got {type(processor).__name__}"
-        )
-    name = settings.get("image_processor_type") or ("settings" if processor is settings else type(processor).__name__)
+    settings = _settings(processor)
+    name = settings.get("image_processor_type") or (
+        "settings" if isinstance(processor, Mapping) else type(processor).__name__
+    )
 
     def refuse(what: str) -> InputError:
-        return InputError(f"image processor {name}: {what}; aptvit's pipelines resize and crop as timm does")
+        return InputError(f"image processor {name}: {what}")
 
+    kind = str(settings.get("image_processor_type") or "").removesuffix("Fast").removesuffix("Pil")
+    if kind and kind not in KNOWN:
+        raise refuse(f"aptvit reads images as {', '.join(KNOWN)} do, not as {kind}, which resizes by its own rule")
+    for key in UNSUPPORTED:
+        if settings.get(key):
+            raise refuse(f"{key}={settings[key]!r} has no equivalent in timm's evaluation transform")
     if settings.get("do_resize") is False:
         raise refuse("it does not resize (do_resize=False), so its images have no fixed size")
-    if settings.get("do_rescale", True) and not math.isclose(float(settings.get("rescale_factor", 1 / 255)), 1 / 255):
-        raise refuse(f"rescale_factor {settings['rescale_factor']} is not 1/255")
+    factor = 1.0 if settings.get("do_rescale") is False else float(settings.get("rescale_factor", 1 / 255))
+    if not math.isclose(factor, 1 / 255):
+        raise refuse(f"pixels are scaled by {factor:g} (do_rescale, rescale_factor), not 1/255 as aptvit scales them")
+    missing = [k for k in ("size", "resample") if settings.get(k) is None]
+    if missing:
+        raise refuse(f"no {' or '.join(missing)} given: pass the processor, or its preprocessor_config.json")
 
-    size = dict(settings.get("size") or {})
+    size = dict(settings["size"]) if isinstance(settings["size"], Mapping) else {"size": settings["size"]}
     if "shortest_edge" in size and len(size) == 1:
         mode, resized = "center", int(size["shortest_edge"])
     elif set(size) == {"height", "width"} and size["height"] == size["width"]:
         mode, resized = "squash", int(size["height"])
     else:
-        raise refuse(f"size {size} is neither a shortest edge nor a square")
+        raise refuse(f"size {settings['size']} is neither a shortest edge nor a square")
     out = resized
     if settings.get("do_center_crop"):
-        crop = dict(settings.get("crop_size") or {})
-        if set(crop) != {"height", "width"} or crop["height"] != crop["width"]:
+        crop = settings.get("crop_size")
+        if not isinstance(crop, Mapping) or set(crop) != {"height", "width"} or crop["height"] != crop["width"]:
             raise refuse(f"crop_size {crop} is not a square")
         out = int(crop["height"])
     elif mode == "center":
         raise refuse(f"size {size} without a center crop makes images of every aspect ratio")
 
-    resample = settings.get("resample", 3)
-    interpolation = resample.lower() if isinstance(resample, str) else PIL_RESAMPLE.get(int(resample))
+    resample = getattr(settings["resample"], "value", settings["resample"])  # PIL's enum, torchvision's mode
+    interpolation = resample.lower() if isinstance(resample, str) else PIL_RESAMPLE.get(resample)
     if interpolation not in PIL_RESAMPLE.values():
-        raise refuse(f"resample {resample!r} is not one of PIL's ({', '.join(PIL_RESAMPLE.values())})")
+        raise refuse(f"resample {settings['resample']!r} is not one of PIL's ({', '.join(PIL_RESAMPLE.values())})")
 
     if settings.get("do_normalize", True):
         mean, std = settings.get("image_mean"), settings.get("image_std")
@@ -91,6 +110,29 @@ def processor_cfg(processor: Any) -> Dict[str, Any]:
         crop_pct=_crop_pct(out, resized),
         input_size=(len(mean), out, out),
     )
+
+
+def _settings(processor: Any) -> Mapping[str, Any]:
+    """A processor's settings as its class reads them: ``to_dict()``; a dict naming its class rebuilt by that class
+    (an int ``size`` is a shortest edge for CLIP and a square for ViT; omitted keys are the class's defaults)."""
+    if callable(getattr(processor, "to_dict", None)):
+        return processor.to_dict()
+    if not isinstance(processor, Mapping):
+        raise UserTypeError(
+            f"image_processor must be a Hugging Face image processor or a dict of its settings, "
+            f"got {type(processor).__name__}"
+        )
+    kind = processor.get("image_processor_type") or processor.get("feature_extractor_type")
+    if not kind:
+        return processor
+    try:
+        import transformers
+    except ImportError:
+        return processor  # refused below when the dict's own settings are not enough
+    cls = getattr(transformers, str(kind).removesuffix("Fast").removesuffix("Pil"), None)
+    if cls is None or not callable(getattr(cls, "from_dict", None)):
+        raise InputError(f"image processor {kind}: not a transformers image processor class")
+    return {**cls.from_dict(dict(processor)).to_dict(), "image_processor_type": cls.__name__}
 
 
 def _crop_pct(out: int, resized: int) -> float:
