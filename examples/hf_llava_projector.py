@@ -7,7 +7,8 @@ LLaVA-1.5 runs ``transformers.CLIPVisionModel`` (CLIP ViT-L/14 at 336 px), takes
 (``vision_feature_layer=-2``) without the class token (``vision_feature_select_strategy="default"``) and projects
 every one of the 576 patch tokens into the language model. Converted to APT:
 
-    apt = aptvit.convert(hf_clip, budget=0.5)                  # the HF weights on timm's ViT, checked
+    apt = aptvit.convert(hf_clip, budget=0.5, image_processor=processor)  # HF weights on timm's ViT, checked
+    images = processor(images=photos, return_tensors="pt")["pixel_values"]  # the tower's own pixels
     v = llava_features(apt, images, vision_feature_layer=-2)   # packed tokens + their (y, x, size) boxes
     per_image = BoxAwareProjector(1024, 4096)(v.tokens, v.layout, num_prefix=v.num_prefix)
 
@@ -29,7 +30,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="seconds: CLIP-B/16 width, 2 layers, 224 px")
     args = parser.parse_args(argv)
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
     if args.smoke:
@@ -39,14 +40,19 @@ def main(argv=None):
         cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, patch_size=14,
                                image_size=336, num_hidden_layers=24, projection_dim=768)  # fmt: skip
     hf = CLIPVisionModel(cfg).eval()
-    apt = aptvit.convert(hf, budget=0.5)  # at most half the visual tokens per image
+    size = cfg.image_size
+    # the checkpoint's processor (CLIPImageProcessor.from_pretrained(...) with a hub): shorter side to 336, center crop
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    # at most half the visual tokens per image; aptvit's eval / calibrate / finetune read images as the processor does
+    apt = aptvit.convert(hf, budget=0.5, image_processor=processor)
+    c = apt.pretrained_cfg
+    print(f"preprocessing from the processor: {c['interpolation']}, {c['crop_mode']} crop {c['crop_pct']:g}, "
+          f"{c['input_size'][-1]} px")  # fmt: skip
 
     from aptvit.photos import load_photo
 
-    size = cfg.image_size
-    pixels = torch.stack([load_photo(n, size) for n in ("astronaut", "coffee")]).float() / 255
-    mean, std = apt.pixel_mean_std()  # CLIP's normalisation (the image processor's image_mean / image_std)
-    images = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    photos = [load_photo(n).permute(1, 2, 0).numpy() for n in ("astronaut", "coffee")]  # (H, W, 3) uint8
+    images = processor(images=photos, return_tensors="pt")["pixel_values"]  # normalised as the tower expects
 
     errors = check_against_hf(hf, apt, images)  # nothing merged: HF's forward, every output
     print("nothing merged, max error relative to HF: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))

@@ -64,6 +64,7 @@ def check_hf_llava_projector(out, tmp_path):
     (line,) = [l for l in out.splitlines() if l.startswith("nothing merged")]
     errors = [float(w.strip(",")) for w in line.split(": ")[1].split()[1::2]]
     assert len(errors) == 3 and max(errors) < 1e-5  # HF's last_hidden_state, pooler_output, hidden_states
+    assert "preprocessing from the processor: bicubic, center crop 1, 224 px" in out  # --smoke's 224 px
 
 
 def check_hf_dinov2_real(out, tmp_path):
