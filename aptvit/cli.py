@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Union
@@ -146,6 +147,17 @@ def model_source(args, model: Optional[str]):
         attention=args.attention,
         layout=layout_settings(args),
     )
+
+
+def checkpoint_architecture(path: Optional[str]) -> Optional[str]:
+    """The architecture an aptvit checkpoint at ``path`` names (None for no file, timm weights or no name)."""
+    if not path or not os.path.isfile(path):
+        return None  # a missing file is reported where it is read
+    from .models import check_readable, is_aptvit_checkpoint
+    from .nn.checkpoint import read_metadata
+
+    check_readable(path)
+    return (read_metadata(path).get("architecture") or None) if is_aptvit_checkpoint(path) else None
 
 
 def check_model_name(name: str) -> str:
@@ -309,6 +321,9 @@ def cmd_finetune(args) -> int:
     # only the options given on the command line (every default is None): the others keep TrainConfig's defaults,
     # or on --resume the run's own, and only a given option can be a change that --resume refuses
     given = {name: getattr(args, name) for name in finetune_settings() if getattr(args, name) is not None}
+    own = None if args.resume or "model" in given else checkpoint_architecture(args.checkpoint)
+    if own:  # an aptvit checkpoint brings its model (a converted Hugging Face tower's too, "hf:<class>")
+        given["model"] = own
     needed = [n for n, f in finetune_settings().items() if has_no_default(f) and n not in given]
     if args.resume and "out" in given:  # what was left out is the run's own
         from .train import read_run_config
@@ -322,7 +337,8 @@ def cmd_finetune(args) -> int:
         raise InputError(
             f"{names} {'is' if len(needed) == 1 else 'are'} needed for a new run (--resume needs only --out)"
         )
-    given["model"] = check_model_name(given["model"])
+    if args.model is not None:  # a name typed (one from a checkpoint or the resumed run is that model's own)
+        given["model"] = check_model_name(args.model)
     settings = layout_settings(args)
     # the conversion settings: the given ones on top of an aptvit --checkpoint's own (or APTConfig's defaults); a
     # resumed run has its own (its config.json, its weights) and only compares what was given: the original

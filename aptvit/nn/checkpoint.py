@@ -357,9 +357,10 @@ def load(
             f"{str(path)!r} carries its own conversion settings; change them afterwards with .configure(...)"
         )
     if model is None and "hf_source" in meta:  # converted from Hugging Face: its timm twin, from the file alone
-        from .hf import twin_from_metadata
+        from .hf import fit_head, twin_from_metadata
 
         model = twin_from_metadata(meta, path)
+        fit_head(model, state)  # a fine-tuned tower's classifier
     if model is None:
         import timm
 

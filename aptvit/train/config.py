@@ -111,7 +111,7 @@ def _by_kind(name: str) -> str:
 class TrainConfig:
     """Everything a run needs; saved as RUN_DIR/config.json."""
 
-    model: str = setting(help="timm model name")
+    model: str = setting(help="timm model name (an aptvit --checkpoint brings its own)")
     data: str = setting(help="folder with train/ and val/, one sub-folder per class")
     out: str = setting(help="run directory (must not exist unless --resume)")
     pretrained: bool = setting(False, "timm's pretrained weights (needs the model hub)")

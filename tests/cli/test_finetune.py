@@ -442,3 +442,44 @@ def test_a_missing_train_folder_is_named(tmp_path, capsys):
         capsys, "finetune", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--size", "32"
     )
     assert code == 2 and "has no train/ folder" in err
+
+
+def test_finetune_starts_from_an_aptvit_checkpoint_without_model(tmp_path, capsys):
+    """An aptvit checkpoint names its model, as ``eval`` and ``calibrate`` read it: ``--model`` is not needed, and a
+    saved Hugging Face conversion (architecture "hf:<class>", no timm name) fine-tunes from the command line too."""
+    import timm
+
+    import aptvit
+
+    transformers = pytest.importorskip("transformers")
+    data = make_folder(tmp_path / "data")
+    tower = transformers.CLIPVisionModel(
+        transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            patch_size=16,
+            image_size=32,
+        )  # fmt: skip
+    )
+    sources = {
+        "timm": aptvit.convert(timm.create_model(MODEL, num_classes=2, img_size=32)),
+        "hf": aptvit.convert(
+            tower, image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+        ),  # fmt: skip
+    }
+    for name, apt in sources.items():
+        path = tmp_path / f"{name}.safetensors"
+        aptvit.save(apt, path)
+        argv = finetune_argv(data, tmp_path / name, "--max-steps", "2", "--checkpoint", path)
+        argv.remove("--model"), argv.remove(MODEL)
+        code, out, err = run(capsys, *argv)
+        assert code == 0, err
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["model"] == apt.pretrained_cfg["architecture"]
+        trained = aptvit.load(tmp_path / name / "model.safetensors")
+        assert trained.num_classes == 2 and trained.pretrained_cfg["architecture"] == config["model"]
+    code, out, err = run(capsys, "finetune", "--out", tmp_path / "hf", "--resume", "--max-steps", "3")
+    assert code == 0, err  # the resumed run names its model "hf:CLIPVisionModel", no timm name
+    assert [m["step"] for m in metrics(tmp_path / "hf") if m["kind"] == "train"][-1] == 3

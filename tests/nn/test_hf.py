@@ -323,6 +323,35 @@ def test_saved_hf_model_loads_from_the_file_alone(tmp_path):
         assert rel_err(a.last_hidden_state.tokens, b.last_hidden_state.tokens) == 0
 
 
+SMALL = {  # one of each head an HF tower brings: a projection, a pooler, an attention pool, none
+    "clip_projection": lambda: T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, patch_size=16, image_size=32, projection_dim=16,
+        num_hidden_layers=1)),
+    "vit_pooler": lambda: T.ViTModel(T.ViTConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=32, patch_size=16, num_hidden_layers=1)),
+    "siglip": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, patch_size=16, image_size=32, num_hidden_layers=1)),
+    "dinov2": lambda: T.Dinov2Model(T.Dinov2Config(
+        hidden_size=32, num_attention_heads=2, patch_size=16, image_size=32, num_hidden_layers=1)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_a_tower_given_a_classifier_saves_and_loads_it(tmp_path, name):
+    """``aptvit finetune`` gives a converted tower a new classifier (``reset_classifier``): the file holds a head the
+    HF source does not describe, and ``load`` rebuilds it (it had refused the file: unexpected head weights)."""
+    torch.manual_seed(0)
+    apt = aptvit.convert(SMALL[name]().eval())
+    apt.reset_classifier(5)
+    with torch.no_grad():
+        apt.head.weight.normal_()
+    loaded = aptvit.load(aptvit.save(apt, tmp_path / f"{name}.safetensors"))
+    assert loaded.num_classes == 5
+    x = images(32, b=2)
+    with torch.no_grad():
+        assert rel_err(loaded(x), apt(x)) == 0
+
+
 def test_bad_hf_source_in_a_file_is_one_error(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -8,7 +8,16 @@
 ``transformers`` is needed only to convert (``pip install 'aptvit[hf]'``); a saved model loads without it.
 """
 
-from .convert import SPECS, build_twin, is_hf_model, require_transformers, spec_of, to_timm, twin_from_metadata
+from .convert import (
+    SPECS,
+    build_twin,
+    fit_head,
+    is_hf_model,
+    require_transformers,
+    spec_of,
+    to_timm,
+    twin_from_metadata,
+)
 from .outputs import HFOutputs, PackedHidden, VisualTokens, check_against_hf, hf_outputs, llava_features
 from .twin import HFVisionTransformer
 
@@ -20,6 +29,7 @@ __all__ = [
     "VisualTokens",
     "build_twin",
     "check_against_hf",
+    "fit_head",
     "hf_outputs",
     "is_hf_model",
     "llava_features",

@@ -149,3 +149,13 @@ def twin_from_metadata(meta: Mapping[str, str], path) -> HFVisionTransformer:
         return build_twin(source)
     except InputError as e:
         raise InputError(f"checkpoint {str(path)!r}: {e}") from None
+
+
+def fit_head(twin: HFVisionTransformer, state: Mapping[str, torch.Tensor]) -> None:
+    """Give ``twin`` the classifier a saved file holds where it is not the tower's own head: a fine-tuned conversion
+    (``reset_classifier``, as ``aptvit finetune`` does for its classes) saves a plain linear ``head.weight`` /
+    ``head.bias`` that the HF source does not describe."""
+    own = {k: tuple(v.shape) for k, v in twin.state_dict().items() if k.startswith("head.")}
+    saved = {k: tuple(v.shape) for k, v in state.items() if k.startswith("head.")}
+    if saved != own and set(saved) == {"head.weight", "head.bias"} and len(saved["head.weight"]) == 2:
+        twin.reset_classifier(saved["head.weight"][0])
