@@ -401,8 +401,8 @@ def choose(rows: Sequence[Row], target: Target) -> Tuple[Optional[Row], str]:
         # the cheapest of many settings that pass a noisy test: its own figure flatters it
         reason += (
             f"; but its top-1 difference has a standard error of {best.top1_se:.2f} points, more than the "
-            f"{target.max_drop:g} asked: on these images the choice is within noise (more labelled images, "
-            "--limit, make it firmer)"
+            f"{target.max_drop:g} asked: on these images the choice is within noise (more labelled images, a "
+            "larger --limit, make it firmer)"
         )
     return best, reason
 
@@ -755,9 +755,10 @@ def calibrate(
         logger.info(note)
     samples, labelled, folder_classes, note = find_samples(data, limit, classes, apt.num_classes)
     if target.max_drop is not None and not labelled:  # the note once, in the error
+        instead = "--min-agreement (or --min-cosine)" if apt.num_classes else "--min-cosine (the model has no head)"
         raise InputError(
             f"--max-drop compares top-1, which needs labels: {note or 'the folder has no class folders'}; "
-            "use --min-agreement (or --min-cosine) instead"
+            f"use {instead} instead"
         )
     if note:
         logger.info(f"{data}: {note}")
@@ -868,6 +869,8 @@ def calibrate(
     if target.given and result.chosen is None:
         where = f"; the curve is in {result.files['json']}" if out is not None else ""
         raise InputError(f"{result.reason}{where}")
+    if not target.given:
+        logger.info("no target given (--max-drop, --min-agreement or --min-cosine): the curve only, no model written")
     if result.chosen is not None:
         logger.info(f"chose {result.reason}")
         if "model" in result.files:

@@ -460,6 +460,23 @@ def test_max_drop_without_labels_says_why_once(world, tmp_path, capsys):
     assert (printed + err).count("no top-1") == 1, printed + err
 
 
+def test_max_drop_on_a_headless_model_points_to_the_target_that_works(world, tmp_path, capsys):
+    """Without a head there is no top-1 and no agreement: the advice names --min-cosine only."""
+    code, printed, err = run(capsys, *argv(world, tmp_path / "out", "--max-drop", "1", checkpoint="headless"))
+    assert code == 2
+    line = one_line(err)
+    assert "use --min-cosine (the model has no head) instead" in line and "--min-agreement" not in line
+
+
+def test_without_a_target_calibrate_says_it_writes_the_curve_only(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 1 / (s.budget or 1.0)))
+    out = tmp_path / "out"
+    code, printed, err = run(capsys, *argv(world, out, "--sizes", "64", "--budgets", "0.5", "--thresholds", "none"))
+    assert code == 0, err
+    assert "no target given (--max-drop, --min-agreement or --min-cosine): the curve only" in printed + err
+    assert (out / "calibration.json").is_file() and not (out / "model.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------------------- the written model
 @pytest.mark.parametrize("winner", ["APT entropy budget 0.5", "lower resolution 48 px"])
 def test_the_written_settings_load_back_and_reproduce_the_chosen_row(world, tmp_path, capsys, monkeypatch, winner):
