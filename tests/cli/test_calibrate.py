@@ -261,7 +261,7 @@ def test_choose_takes_the_fastest_setting_that_keeps_the_target():
     best, reason = choose(rows, drop_alone)
     assert best.name == "fast" and reason.endswith(
         "; but its top-1 difference has a standard error of 0.80 points, more than the 0.5 asked: on these images "
-        "the choice is within noise (more labelled images, --limit, make it firmer)"
+        "the choice is within noise (more labelled images, a larger --limit, make it firmer)"
     )
     assert "standard error" not in choose(rows, Target(max_drop=1.0, confidence=0))[1]
     rows[2].speedup = 1.5  # a tie with the lower resolution: the fewer tokens win
