@@ -373,7 +373,8 @@ def export(
         image_size: (H, W) or a side, multiples of the patch size (default: the model's own input size).
         budget: a token budget instead of the model's (a fraction of the base tokens, or a count).
         format: "onnx" (ONNX Runtime, TensorRT, OpenVINO) or "torch" (``torch.export.save``).
-        pre_logits: output the pooled features (B, D) instead of the logits.
+        pre_logits: output the pooled features (B, D) instead of the logits (a model without a head, e.g. a DINOv2
+            or CLIP tower, always outputs them, named "pre_logits").
         dense: add the final features on the base grid (B, D, H/p, W/p) as a second output.
         check: run the written graph on real photos against the PyTorch static forward (ONNX Runtime on the CPU,
             or the loaded ExportedProgram) and refuse a difference over ``CHECK_TOLERANCE``.
@@ -388,6 +389,7 @@ def export(
     """
     config, size, k = check_exportable(model, image_size, budget, format)
     path = check_writable(path)
+    pre_logits = pre_logits or not model.num_classes  # no head: what comes out is the pooled features
     start = time.perf_counter()
     apt = _static_copy(model, config, size)
     graph = StaticForward(apt, pre_logits=pre_logits, dense=dense).eval()

@@ -405,3 +405,16 @@ def test_a_hugging_face_tower_exports_at_another_size(tmp_path):
     photos = _photos(apt, 224, 2)
     (got,) = _ort(path, photos)
     assert rel_err(got, _static_reference(apt, photos, pre_logits=True)) <= 1e-4
+
+
+def test_a_headless_model_exports_its_features_named_as_such(tmp_path):
+    """A model without a head (num_classes 0) outputs the pooled features: the graph and its metadata call them
+    "pre_logits", not "logits"."""
+    import onnx
+
+    apt = aptvit.convert(tiny_vit("vit_cls", num_classes=0), budget=0.5)
+    path = ex.export(apt, tmp_path / "m.onnx", image_size=64)
+    graph = onnx.load(str(path))
+    assert [o.name for o in graph.graph.output] == ["pre_logits"]
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert json.loads(meta["outputs"]) == ["pre_logits"]
