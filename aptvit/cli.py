@@ -333,7 +333,7 @@ def cmd_finetune(args) -> int:
     elif needed:
         from .train import option_name
 
-        names = " and ".join(option_name(n) for n in needed)
+        names = " and ".join(option_name(n) + (" (or an aptvit --checkpoint)" if n == "model" else "") for n in needed)
         raise InputError(
             f"{names} {'is' if len(needed) == 1 else 'are'} needed for a new run (--resume needs only --out)"
         )

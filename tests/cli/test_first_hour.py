@@ -149,7 +149,7 @@ MESSAGES = [
         r"--size 230 is not a multiple of the patch size 16 .*use 224 or 240",
     ),
     # item 4: a new run names what it needs, --resume needs only --out
-    (["finetune", "--out", "{root}/run"], r"--model and --data are needed for a new run \(--resume needs only --out\)"),
+    (["finetune", "--out", "{root}/run"], r"--model \(or an aptvit --checkpoint\) and --data are needed for a new run \(--resume needs only --out\)"),
     (["finetune", "--resume", "--out", "{root}/run"], r"--resume: .*run' is not a run directory"),
 ]
 
