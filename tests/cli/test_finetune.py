@@ -461,13 +461,13 @@ def test_finetune_starts_from_an_aptvit_checkpoint_without_model(tmp_path, capsy
             num_hidden_layers=1,
             patch_size=16,
             image_size=32,
-        )  # fmt: skip
+        )
     )
     sources = {
         "timm": aptvit.convert(timm.create_model(MODEL, num_classes=2, img_size=32)),
         "hf": aptvit.convert(
             tower, image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
-        ),  # fmt: skip
+        ),
     }
     for name, apt in sources.items():
         path = tmp_path / f"{name}.safetensors"

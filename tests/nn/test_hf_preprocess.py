@@ -39,7 +39,7 @@ CASES = {
     "dinov2": (
         lambda: T.Dinov2Model(
             T.Dinov2Config(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, patch_size=14, image_size=518)
-        ),  # fmt: skip
+        ),
         lambda: T.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, **IMAGENET),
     ),
     "vit": (lambda: T.ViTModel(tiny_config(T.ViTConfig)), lambda: T.ViTImageProcessor()),
