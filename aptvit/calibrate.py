@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -614,7 +613,7 @@ def find_samples(data, limit: Optional[int], classes: Optional[List[str]], num_c
     without labels and ``note`` says why. ``limit`` keeps that many images, a seeded draw (not the first
     classes of a sorted list).
     """
-    from .data import image_files, image_folder, to_head_rows
+    from .data import image_files, image_folder, seeded_subset, to_head_rows
 
     folder = Path(data)
     if not folder.is_dir():
@@ -635,10 +634,7 @@ def find_samples(data, limit: Optional[int], classes: Optional[List[str]], num_c
     if classes is not None and names is not None and list(classes) != list(names):
         # the checkpoint's classes in another order than the sorted folders: each label becomes its head row
         samples, names = to_head_rows(samples, names, classes), list(classes)
-    if limit and len(samples) > limit:
-        keep = sorted(random.Random(0).sample(range(len(samples)), limit))
-        samples = [samples[i] for i in keep]
-    return samples, items is not None, names, note
+    return seeded_subset(samples, limit), items is not None, names, note
 
 
 # ---------------------------------------------------------------------------------------------- the sweep

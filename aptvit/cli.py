@@ -361,6 +361,7 @@ def cmd_eval(args) -> int:
         json_path=args.json,
         skip_bad_images=args.skip_bad_images,
         teacher=args.teacher,
+        limit=args.limit,
     )
     return 0
 
@@ -668,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="the split to evaluate (a folder of class folders, or DIR with val/)")
     p.add_argument("--uniform", action="store_true", help="evaluate the unconverted timm model (the baseline)")
+    p.add_argument("--limit", type=int, help="at most this many images, a seeded draw from the split (default: all)")
     p.add_argument(
         "--size", type=int, help=f"input size (default: the checkpoint's or the model's; at most {MAX_SIDE})"
     )

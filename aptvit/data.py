@@ -48,6 +48,15 @@ def check_image_folder(root, split: str, required: bool = False) -> Path:
     return folder
 
 
+def seeded_subset(samples: Sequence, limit: Optional[int], seed: int = 0) -> list:
+    """At most ``limit`` of ``samples``, a seeded draw kept in their order (None or 0: all of them): a sample of the
+    whole folder, not its first classes, and the same one for ``eval --limit`` and ``calibrate --limit``."""
+    if not limit or len(samples) <= limit:
+        return list(samples)
+    keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
+    return [samples[i] for i in keep]
+
+
 def image_files(folder: Path) -> List[tuple]:
     """Every image under ``folder`` (sub-folders included, sorted) as (path, 0): unlabelled samples for
     ``LayoutDataset`` (a --distill run, ``aptvit eval --teacher``).

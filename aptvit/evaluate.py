@@ -25,6 +25,7 @@ from .data import (
     image_files,
     image_folder,
     make_loader,
+    seeded_subset,
     to_head_rows,
 )
 from .distributed import all_reduce_sum, setup_distributed
@@ -157,6 +158,7 @@ def eval_command(
     json_path=None,
     skip_bad_images=False,
     teacher=None,
+    limit=None,
 ) -> dict:
     """``aptvit eval``: build the model, load the split, evaluate, print and optionally write JSON.
 
@@ -166,8 +168,9 @@ def eval_command(
             (``aptvit.models.ModelSource``); ``uniform`` evaluates its timm model unconverted.
         teacher: also measure agreement with this uniform teacher (``aptvit.teacher.build_teacher``: a checkpoint,
             a timm model name, or "uniform" for the model's own weights), on labelled or unlabelled images.
+        limit: at most this many images, a seeded draw from the whole split (``data.seeded_subset``; None or 0: all).
     """
-    workers = _check_options(source, size, batch_size, workers, json_path)
+    workers = _check_options(source, size, batch_size, workers, json_path, limit)
     dist = setup_distributed(source.device)
     compute_dtype = resolve_dtype(source.dtype, dist.device)
     if teacher is not None and uniform:
@@ -179,7 +182,7 @@ def eval_command(
     cfg = timm_model.pretrained_cfg or {}
     patch = model.patch_size if not uniform else timm_model.patch_embed.patch_size[0]
     size = _eval_size(size or split.saved_size or cfg.get("input_size", (3, 224, 224))[-1], patch, source, split.meta)
-    samples = items.samples if items is not None else image_files(split.folder)
+    samples = seeded_subset(items.samples if items is not None else image_files(split.folder), limit)
     dataset = LayoutDataset(samples, build_transform(size, False, mean, std, **eval_crop(cfg)), layout_fn)
     result = {}
     if items is not None:
@@ -217,13 +220,13 @@ def eval_command(
     return result
 
 
-def _check_options(source: ModelSource, size, batch_size, workers, json_path) -> int:
+def _check_options(source: ModelSource, size, batch_size, workers, json_path, limit=None) -> int:
     """The options checked before any work (the dtype's name, sizes, counts, the JSON path); the loader processes."""
     resolve_dtype(source.dtype, "cpu")  # checks the name; resolved for the device later
     if size is not None:
         check_side(size, "--size")
     workers = default_workers() if workers is None else workers
-    for name, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0)):
+    for name, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0), ("--limit", limit or 0, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{name} {value} must be an integer >= {low}")
     if json_path:

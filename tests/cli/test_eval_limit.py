@@ -1,0 +1,50 @@
+"""``aptvit eval --limit N`` evaluates a seeded draw of N images from the whole split, the same draw as
+``aptvit calibrate --limit N`` makes (``aptvit.data.seeded_subset``), so a big val folder can be sampled quickly."""
+
+import json
+
+import pytest
+
+import aptvit
+from aptvit.data import seeded_subset
+
+from ..tiny import tiny_vit
+from .helpers import make_folder, one_line, run
+
+
+def test_seeded_subset_is_a_seeded_draw_in_order():
+    items = list(range(20))
+    drawn = seeded_subset(items, 5)
+    assert len(drawn) == 5 and drawn == sorted(drawn) and drawn == seeded_subset(items, 5)
+    assert drawn != items[:5]  # from the whole list, not its start
+    assert seeded_subset(items, 0) == seeded_subset(items, None) == seeded_subset(items, 50) == items
+
+
+@pytest.fixture
+def world(tmp_path):
+    data = make_folder(tmp_path / "data", train=0, val=6, size=32)
+    checkpoint = aptvit.save(aptvit.convert(tiny_vit("vit_cls", num_classes=2)), tmp_path / "m.safetensors")
+    return data / "val", checkpoint
+
+
+def test_eval_limit_evaluates_that_many_images(world, tmp_path, capsys, monkeypatch):
+    import aptvit.evaluate as ev
+
+    folder, checkpoint = world
+    read = []
+    real = ev.LayoutDataset
+    monkeypatch.setattr(ev, "LayoutDataset", lambda samples, *a, **k: read.append(samples) or real(samples, *a, **k))
+    argv = ["eval", "--checkpoint", checkpoint, "--data", folder, "--size", "32", "--workers", "0"]
+    code, out, err = run(capsys, *argv, "--limit", "5", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["images"] == 5
+    everything = aptvit.data.image_folder(folder).samples
+    assert read[0] == seeded_subset(everything, 5)  # calibrate's draw (find_samples) of the same folder
+    code, out, err = run(capsys, *argv, "--json", tmp_path / "all.json")
+    assert code == 0 and json.loads((tmp_path / "all.json").read_text())["images"] == len(everything) == 12
+
+
+def test_a_negative_limit_is_one_line(world, capsys):
+    folder, checkpoint = world
+    code, out, err = run(capsys, "eval", "--checkpoint", checkpoint, "--data", folder, "--limit", "-1")
+    assert code == 2 and "--limit -1 must be an integer >= 0" in one_line(err)
