@@ -80,15 +80,13 @@ def to_timm(
     """
     require_transformers()
     spec = spec_of(hf)
-    preprocess = processor_cfg(image_processor) if image_processor is not None else None
+    preprocess = processor_cfg(image_processor) if image_processor is not None else family_preprocess(spec)
     vision, options, extra = spec.parts(hf)
     cfg = {k: getattr(vision.config, k) for k in spec.config_keys if hasattr(vision.config, k)}
     if isinstance(cfg.get("image_size"), tuple):
         cfg["image_size"] = list(cfg["image_size"])
     source = {"class": type(hf).__name__, "config": cfg, "options": options}
-    if mean is not None or std is not None:
-        preprocess = dict(preprocess or family_preprocess(spec))
-        preprocess.update({k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
+    preprocess.update({k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
     twin = build_twin(source, preprocess)
     state = {k: v.detach() for k, v in vision.state_dict().items()}
     state.update({k: v.detach() for k, v in extra.items()})

@@ -59,7 +59,7 @@ def processor_cfg(processor: Any) -> Dict[str, Any]:
     def refuse(what: str) -> InputError:
         return InputError(f"image processor {name}: {what}")
 
-    kind = str(settings.get("image_processor_type") or "").removesuffix("Fast").removesuffix("Pil")
+    kind = _base_class(settings.get("image_processor_type") or "")
     if kind and kind not in KNOWN:
         raise refuse(f"aptvit reads images as {', '.join(KNOWN)} do, not as {kind}, which resizes by its own rule")
     for key in UNSUPPORTED:
@@ -129,10 +129,15 @@ def _settings(processor: Any) -> Mapping[str, Any]:
         import transformers
     except ImportError:
         return processor  # refused below when the dict's own settings are not enough
-    cls = getattr(transformers, str(kind).removesuffix("Fast").removesuffix("Pil"), None)
+    cls = getattr(transformers, _base_class(kind), None)
     if cls is None or not callable(getattr(cls, "from_dict", None)):
         raise InputError(f"image processor {kind}: not a transformers image processor class")
     return {**cls.from_dict(dict(processor)).to_dict(), "image_processor_type": cls.__name__}
+
+
+def _base_class(name) -> str:
+    """An image processor class's name without its backend suffix (``CLIPImageProcessorFast`` / ``...Pil``)."""
+    return str(name).removesuffix("Fast").removesuffix("Pil")
 
 
 def _crop_pct(out: int, resized: int) -> float:
