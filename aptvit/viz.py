@@ -225,6 +225,24 @@ def _output_stems(paths: Sequence[Path], out_dir) -> list:
     return stems
 
 
+def _without_own_pictures(paths: Sequence[Path], out_dir) -> list:
+    """``paths`` less the pictures an earlier ``show`` drew of the others (``a_apt.png`` beside ``a.jpg``): a
+    second ``aptvit show *.png`` would otherwise draw the layout of a layout picture. Each one left out is named.
+    """
+
+    folders = [Path(out_dir) if out_dir else p.parent for p in paths]
+    # absolute(), not resolve(): a symlink loop among the inputs is reported where it is read, not here
+    drawn = {(f / f"{stem}_apt.png").absolute(): p for p, f, stem in zip(paths, folders, _output_stems(paths, out_dir))}
+    kept = []
+    for path in paths:
+        source = drawn.get(path.absolute())
+        if source is not None and source != path:
+            logger.info(f"{path.name}: skipped, show's own picture of {source.name}")
+        else:
+            kept.append(path)
+    return kept
+
+
 def _check_new(files: Sequence[Path]) -> None:
     """Refuse, before anything is written, outputs that would replace existing files (``show``'s default)."""
     taken = [f for f in files if f.exists() or f.is_symlink()]
@@ -301,7 +319,7 @@ def show(
     used, _ = check_layout_settings(sizes, thresholds, budget, scorer, scorer_args)  # the defaults filled in
     settings = layout_description(sizes, used, budget, scorer, scorer_args)
     check_picture_size(width, dpi)
-    paths = [Path(x) for x in paths]
+    paths = _without_own_pictures([Path(x) for x in paths], out_dir)
     stems = _output_stems(paths, out_dir)
     folders = [Path(out_dir) if out_dir else path.parent for path in paths]
     if not overwrite:

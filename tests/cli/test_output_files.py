@@ -85,6 +85,20 @@ def test_show_checks_every_output_name_before_writing_any(tmp_path, capsys):
     assert (tmp_path / "b_apt.json").read_text() == "{}"
 
 
+def test_show_run_again_on_a_glob_skips_its_own_pictures(tmp_path, capsys):
+    a, b = photo(tmp_path / "a.png"), photo(tmp_path / "b.jpg", seed=1)
+    code, out, err = run(capsys, "show", a, b)
+    assert code == 0, err
+    again = sorted(tmp_path.glob("*.png")) + [b]  # what `aptvit show *.png *.jpg` now matches: a_apt.png, b_apt.png
+    code, out, err = run(capsys, "show", *again, "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_apt.png", "b.jpg", "b_apt.png"]
+    assert "a_apt.png: skipped, show's own picture of a.png" in out and "b_apt.png: skipped" in out
+    alone = tmp_path / "a_apt.png"  # given without its image it is an image like any other
+    code, out, err = run(capsys, "show", alone)
+    assert code == 0 and (tmp_path / "a_apt_apt.png").is_file(), err
+
+
 def test_show_from_python_refuses_the_same_way(tmp_path):
     from aptvit.viz import show
 
