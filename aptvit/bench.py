@@ -274,12 +274,12 @@ def run_bench(
         sizes: (h, w) pairs or ints (squares); photos are resized and center-cropped to each.
         photos: (3, H, W) uint8 images of any size.
     """
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
     sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in sizes]
     total = len(models) * len(sizes) * len(batches) * runs
     rows = []
-    with tqdm(total=total, desc="bench", unit="run", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(total=total, desc="bench", unit="run", enabled=progress) as bar:
         for name, model, apt in models:
             mean, std = apt.pixel_mean_std()
             for size in sizes:

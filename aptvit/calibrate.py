@@ -704,9 +704,8 @@ def calibrate(
         InputError: no images, unreadable images (unless ``skip_bad_images``), bad sizes or settings, a target that
             needs labels or a head the data or model lacks, and a target no setting keeps (after writing the curve).
     """
-    from tqdm import tqdm
-
     from .data import LayoutDataset, ShardedSampler, build_transform, eval_crop, make_loader
+    from .progress import progress as progress_bar
 
     target = Target(max_drop, min_agreement, min_cosine, confidence)
     clock_named(clock, threads_option=None)  # a known clock; calibrate times on one thread itself ("thread")
@@ -788,7 +787,7 @@ def calibrate(
     timing: Dict[int, List[torch.Tensor]] = {s: [] for s in run_sizes}
     seen = bad = 0
     grid = size // p
-    bar = tqdm(total=len(loaders[0]), desc="calibrate", disable=None if progress else True, leave=False)
+    bar = progress_bar(total=len(loaders[0]), desc="calibrate", enabled=progress)
     with torch.inference_mode():
         for batches in zip(*loaders):
             bar.update(1)
@@ -946,9 +945,8 @@ def _on_grid(out: Outputs, grid: int) -> Outputs:
 def _measure(settings, models, vit, timing, size, batch_size, runs, warmup, dev, compute, progress, clock) -> List:
     """[(images/s, images/s over the source's)}: each setting timed alternately with the source on the
     same images (warm-up runs first, medians), the source's own images/s the median over all its runs."""
-    from tqdm import tqdm
-
     from .bench import alternating_medians
+    from .progress import progress as progress_bar
 
     images = {s: torch.cat(t).to(dev) for s, t in timing.items()}
     n = images[size].shape[0]
@@ -968,7 +966,7 @@ def _measure(settings, models, vit, timing, size, batch_size, runs, warmup, dev,
     if clock == "thread":  # CPU time of this thread counts all the work only when torch runs on it alone
         torch.set_num_threads(1)
     try:
-        for s in tqdm(settings[1:], desc="timing", disable=None if progress else True, leave=False):
+        for s in progress_bar(settings[1:], desc="timing", enabled=progress):
             if s.kind == "apt":
                 model = models[s.patch_sizes].configure(**s.apt_fields())
                 fn = timed(lambda c, m=model, x=images[s.size]: m(x[c]))

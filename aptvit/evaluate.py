@@ -59,7 +59,7 @@ def evaluate(
     Returns:
         {"top1", "top5" (percent), "tokens_kept", "images_per_s", "images", "bad_images"}.
     """
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
     was_training = model.training
     model.eval()
@@ -68,7 +68,7 @@ def evaluate(
     plan = None if uniform or static else model.planner
     loader = make_loader(dataset, sampler, batch_size, workers, drop_last=False, plan=plan)
     counts = _Counts()
-    for batch in tqdm(loader, desc="eval", disable=None if (progress and dist.main) else True, leave=False):
+    for batch in progress_bar(loader, desc="eval", enabled=progress and dist.main):
         counts.bad += batch.count_bad(skip_bad_images)
         if batch.images.shape[0] == 0:
             continue

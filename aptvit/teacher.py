@@ -173,9 +173,8 @@ def agreement(
         teacher's pre-logits / dense features, each image's mean over its cells), "tokens_kept",
         "images_per_s" (the student's), "images", "bad_images"}.
     """
-    from tqdm import tqdm
-
     from .data import ShardedSampler, make_loader
+    from .progress import progress as progress_bar
 
     was_training = apt.training
     apt.eval()
@@ -187,7 +186,7 @@ def agreement(
     )
     sums = dict.fromkeys(names, 0.0)
     seen = tokens = base = bad = seconds = 0.0
-    for batch in tqdm(loader, desc="agreement", disable=None if (progress and dist.main) else True, leave=False):
+    for batch in progress_bar(loader, desc="agreement", enabled=progress and dist.main):
         bad += batch.count_bad(skip_bad_images)
         if batch.images.shape[0] == 0:
             continue
