@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -230,12 +231,14 @@ def _without_own_pictures(paths: Sequence[Path], out_dir) -> list:
     second ``aptvit show *.png`` would otherwise draw the layout of a layout picture. Each one left out is named.
     """
 
-    folders = [Path(out_dir) if out_dir else p.parent for p in paths]
-    # absolute(), not resolve(): a symlink loop among the inputs is reported where it is read, not here
-    drawn = {(f / f"{stem}_apt.png").absolute(): p for p, f, stem in zip(paths, folders, _output_stems(paths, out_dir))}
+    drawn = {}  # picture -> the input it is a picture of, under either name show gives it (_output_stems)
+    for path in paths:
+        folder = Path(out_dir) if out_dir else path.parent
+        for stem in (path.stem, f"{path.stem}_{path.suffix.lstrip('.').lower()}"):
+            drawn[os.path.abspath(folder / f"{stem}_apt.png")] = path
     kept = []
     for path in paths:
-        source = drawn.get(path.absolute())
+        source = drawn.get(os.path.abspath(path))  # abspath, not resolve(): a symlink loop is reported where read
         if source is not None and source != path:
             logger.info(f"{path.name}: skipped, show's own picture of {source.name}")
         else:

@@ -99,6 +99,19 @@ def test_show_run_again_on_a_glob_skips_its_own_pictures(tmp_path, capsys):
     assert code == 0 and (tmp_path / "a_apt_apt.png").is_file(), err
 
 
+def test_show_skips_its_pictures_also_under_their_suffixed_names(tmp_path, capsys):
+    a_png, a_jpg = photo(tmp_path / "a.png"), photo(tmp_path / "a.jpg", seed=1)
+    code, out, err = run(capsys, "show", a_png, a_jpg, "--out", tmp_path / "out")  # one --out: a_png_apt, a_jpg_apt
+    assert code == 0, err
+    pictures = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name for p in pictures] == ["a_jpg_apt.png", "a_png_apt.png"]
+    # `show a.* out/*.png --out out --overwrite`: the two earlier pictures are skipped, the photos drawn again
+    code, out, err = run(capsys, "show", a_png, a_jpg, *pictures, "--out", tmp_path / "out", "--overwrite")
+    assert code == 0, err
+    assert "a_png_apt.png: skipped, show's own picture of a.png" in out and "a_jpg_apt.png: skipped" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_jpg_apt.png", "a_png_apt.png"]
+
+
 def test_show_from_python_refuses_the_same_way(tmp_path):
     from aptvit.viz import show
 
