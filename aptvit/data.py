@@ -294,13 +294,36 @@ def make_loader(
 def eval_crop(pretrained_cfg: Optional[dict]) -> dict:
     """The evaluation crop a model's ``pretrained_cfg`` asks for, as ``build_transform``'s keywords: its
     ``crop_pct``, ``crop_mode`` and ``interpolation`` (timm's ``resolve_data_config`` reads the same keys; it
-    falls back to bicubic, where ``create_transform`` alone would resize bilinearly)."""
+    falls back to bicubic, where ``create_transform`` alone would resize bilinearly) and aptvit's ``crop_offset``
+    (a converted Hugging Face tower's "floor"; torchvision's "round" otherwise)."""
     cfg = pretrained_cfg or {}
     return dict(
         crop_pct=cfg.get("crop_pct"),
         crop_mode=cfg.get("crop_mode"),
         interpolation=cfg.get("interpolation") or "bicubic",
+        crop_offset=cfg.get("crop_offset") or "round",
     )
+
+
+CROP_OFFSETS = ("round", "floor")  # how a center crop places an odd margin: torchvision's way, Hugging Face's
+
+
+class FloorCenterCrop:
+    """torchvision's ``CenterCrop`` of a PIL image with the offset floored, as Hugging Face image processors place
+    it (torchvision rounds half to even: where the margin is odd the two crops can sit one pixel apart)."""
+
+    def __init__(self, crop):
+        self.crop = crop  # the torchvision CenterCrop it replaces; it still handles what is not a plain crop
+
+    def __call__(self, img):
+        crop_h, crop_w = self.crop.size
+        if not hasattr(img, "crop") or crop_h > img.height or crop_w > img.width:
+            return self.crop(img)  # a tensor, or a crop larger than the image (padded): torchvision's
+        top, left = (img.height - crop_h) // 2, (img.width - crop_w) // 2
+        return img.crop((left, top, left + crop_w, top + crop_h))
+
+    def __repr__(self) -> str:
+        return f"FloorCenterCrop(size={tuple(self.crop.size)})"
 
 
 def build_transform(
@@ -312,13 +335,15 @@ def build_transform(
     augment: str = "rand-m9-mstd0.5-inc1",
     interpolation: str = "bicubic",
     crop_mode: Optional[str] = None,
+    crop_offset: str = "round",
 ):
     """timm's ``create_transform`` with uint8 output (``use_prefetcher``).
 
     Training: random-resized crop, flip and ``augment`` (a timm auto-augment string; the paper's
     RandAugment m9 by default). ``augment="none"`` trains on the evaluation transform (resize and
     center crop, nothing random), for data whose labels a random crop could cut away.
-    Evaluation: resize by ``interpolation`` and crop by ``crop_pct`` / ``crop_mode``; pass ``**eval_crop(cfg)``
+    Evaluation: resize by ``interpolation`` and crop by ``crop_pct`` / ``crop_mode``, the center crop's odd margin
+    split as ``crop_offset`` says (``CROP_OFFSETS``); pass ``**eval_crop(cfg)``
     for a model's own (bicubic for timm's ViTs: a bilinear resize costs a lower resolution about 0.5 point of
     top-1 on Imagenette, BENCHMARKS.md section 2).
     """
@@ -331,7 +356,7 @@ def build_transform(
         crop = dict(crop_pct=1.0) if training else dict(crop_pct=crop_pct, crop_mode=crop_mode)
         kwargs.update(is_training=False, interpolation=interpolation, **crop)
     if not training or augment == "none":
-        return create_transform(**kwargs)
+        return _with_crop_offset(create_transform(**kwargs), crop_offset)
     try:  # timm's parser of the augment string asserts on what it does not know
         return posterize_any_bits(create_transform(**kwargs))
     except (AssertionError, ValueError, KeyError, IndexError) as e:
@@ -339,6 +364,18 @@ def build_transform(
             f"--augment {augment!r} is not a timm auto-augment string such as 'rand-m9-mstd0.5-inc1' "
             f"(or 'none'): {str(e) or type(e).__name__}"
         ) from None
+
+
+def _with_crop_offset(transform, crop_offset: str):
+    """timm's evaluation ``transform`` with its center crop placed as ``crop_offset`` says."""
+    from torchvision import transforms
+
+    if crop_offset not in CROP_OFFSETS:
+        raise InputError(f"crop_offset must be one of {CROP_OFFSETS}, got {crop_offset!r}")
+    if crop_offset == "floor":
+        steps = transform.transforms
+        steps[:] = [FloorCenterCrop(t) if isinstance(t, transforms.CenterCrop) else t for t in steps]
+    return transform
 
 
 def _posterize(img, bits_to_keep, **kwargs):

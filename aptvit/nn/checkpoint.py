@@ -39,7 +39,9 @@ from .model import APTViT
 # ``checkpoint_filter_fn``), a newer version is refused by name
 FORMAT_VERSION = "3"
 # what a loaded model needs to preprocess like the saved one (normalisation, eval crop, size)
-PRETRAINED_CFG_KEYS = ("architecture", "tag", "mean", "std", "crop_pct", "crop_mode", "input_size", "interpolation")
+PRETRAINED_CFG_KEYS = (
+    "architecture", "tag", "mean", "std", "crop_pct", "crop_mode", "input_size", "interpolation", "crop_offset"
+)  # fmt: skip
 # The only ``timm.create_model`` arguments a checkpoint may carry: the structure that each family's ``timm_args``
 # records and the regularisation rates (``Family.TIMM_ARGS``). Nothing that names a file (checkpoint_path,
 # pretrained_cfg_overlay) or a class.

@@ -105,7 +105,7 @@ def test_backends_agree_with_loop_forward_and_backward(family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_save_load_round_trip(tmp_path, family):
     model = tiny_vit(family)
-    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.1, 0.2, 0.3), "crop_pct": 0.95}
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.1, 0.2, 0.3), "crop_pct": 0.95, "crop_offset": "floor"}
     apt = aptvit.convert(model, budget=0.5)
     with torch.no_grad():
         for layer in apt.adaptive_embed.detail_proj.values():  # non-zero detail path, as after fine-tuning
@@ -117,6 +117,7 @@ def test_save_load_round_trip(tmp_path, family):
     again = aptvit.load(path)  # architecture re-created from the metadata alone
     assert again.config == apt.config
     assert again.pixel_mean_std() == apt.pixel_mean_std() and again.pretrained_cfg["crop_pct"] == 0.95
+    assert again.pretrained_cfg["crop_offset"] == "floor"  # the eval crop's placement (aptvit.data.eval_crop)
     with torch.no_grad():
         assert torch.equal(again(x), apt(x))
     other = aptvit.load(path, model=tiny_vit(family, seed=5))

@@ -46,9 +46,9 @@ CASES = {
 }
 
 
-def photo() -> Image.Image:
-    """A real photo that is not square (300 x 451), so a center crop and a squash differ."""
-    return Image.fromarray(skimage.data.chelsea())
+def photo(width: int = 451) -> Image.Image:
+    """A real photo that is not square (300 x ``width``, at most 451), so a center crop and a squash differ."""
+    return Image.fromarray(skimage.data.chelsea()[:, :width])
 
 
 def aptvit_pixels(cfg: dict, img: Image.Image) -> torch.Tensor:
@@ -63,13 +63,16 @@ def rel_diff(ours: torch.Tensor, hf: torch.Tensor) -> float:
     return ((ours - hf).abs().mean() / hf.std()).item()
 
 
+# 421 px wide, CLIP's 336 and DINOv2's 256 -> 224 leave an odd margin (135, 135 px) where torchvision's rounding
+# and HF's floor put the crop one pixel apart; at 451 both margins are even
+@pytest.mark.parametrize("width", [451, 421])
 @pytest.mark.parametrize("family", CASES)
-def test_converted_tower_reads_a_photo_as_its_image_processor(family):
+def test_converted_tower_reads_a_photo_as_its_image_processor(family, width):
     make_model, make_processor = CASES[family]
     processor = make_processor()
     apt = aptvit.convert(make_model(), image_processor=processor)
     cfg = apt.pretrained_cfg
-    img = photo()
+    img = photo(width)
     hf = processor(images=img, return_tensors="pt")["pixel_values"][0]
     assert tuple(cfg["input_size"]) == tuple(hf.shape)  # eval's default size is the processor's
     assert apt.pixel_mean_std() == (tuple(processor.image_mean), tuple(processor.image_std))
@@ -106,6 +109,11 @@ def test_the_processors_preprocessing_is_saved_and_loaded(tmp_path):
     for key, value in processor_cfg(processor).items():
         assert loaded.pretrained_cfg[key] == pytest.approx(value), key
     assert loaded.pretrained_cfg["crop_pct"] == pytest.approx(140 / 160)
+
+
+def test_an_unknown_crop_offset_is_one_error():
+    with pytest.raises(InputError, match="crop_offset must be one of .'round', 'floor'., got 'up'"):
+        build_transform(224, False, (0.5,) * 3, (0.5,) * 3, crop_offset="up")
 
 
 def test_a_file_saved_without_crop_settings_loads_with_the_familys():

@@ -11,11 +11,11 @@ split, the pixels a layout is scored on) read its preprocessing from ``pretraine
     size {"height": H, "width": H}, crop_size C       crop_mode "squash", crop_pct C / H, input_size C
     resample (PIL's number: 2 bilinear, 3 bicubic)    interpolation ("bilinear", "bicubic")
     image_mean / image_std (do_normalize)             mean / std
+    a center crop's odd margin, split floored         crop_offset "floor" (aptvit's key; torchvision rounds)
 
 ``processor_cfg`` makes that translation for the processors of the towers aptvit converts (``KNOWN``); what has no
 timm equivalent (no resize, a non-square output, a rescale other than 1/255, another class's own resize rule, a
-channel flip) is refused with one line rather than evaluated on the wrong pixels. The crop is HF's up to one pixel
-(torchvision rounds a center crop's offset, HF floors it). It reads a processor's settings (``to_dict()``; a
+channel flip) is refused with one line rather than evaluated on the wrong pixels. It reads a processor's settings (``to_dict()``; a
 ``preprocessor_config.json`` dict through its class in ``transformers``) and changes nothing.
 """
 
@@ -47,9 +47,8 @@ def processor_cfg(processor: Any) -> Dict[str, Any]:
             (``size``, ``resample``, ``image_mean`` / ``image_std``; ``do_center_crop`` / ``crop_size`` for a crop).
 
     Returns:
-        ``mean``, ``std``, ``interpolation``, ``crop_mode``, ``crop_pct`` and ``input_size`` (3, C, C) for a
-        processor that makes C x C images. The crop is the processor's up to one pixel: torchvision rounds a center
-        crop's offset where HF floors it.
+        ``mean``, ``std``, ``interpolation``, ``crop_mode``, ``crop_pct``, ``input_size`` (3, C, C) for a
+        processor that makes C x C images, and ``crop_offset`` "floor" (HF places a center crop's odd margin so).
     """
     settings = _settings(processor)
     name = settings.get("image_processor_type") or (
@@ -109,6 +108,7 @@ def processor_cfg(processor: Any) -> Dict[str, Any]:
         crop_mode=mode,
         crop_pct=_crop_pct(out, resized),
         input_size=(len(mean), out, out),
+        crop_offset="floor",
     )
 
 
