@@ -203,18 +203,26 @@ def _draw_heat_map(fig, g: dict, scores: torch.Tensor, score_label: str, h: int,
     bar.tick_params(labelsize=7)
 
 
+def _picture_folder(path: Path, out_dir) -> Path:
+    """Where ``show`` draws ``path``: ``out_dir``, or beside the image."""
+    return Path(out_dir) if out_dir else path.parent
+
+
+def _suffixed_stem(path: Path) -> str:
+    """The name ``show`` gives an image whose plain stem another image in the same folder shares (a.png: a_png)."""
+    return f"{path.stem}_{path.suffix.lstrip('.').lower()}"
+
+
 def _output_stems(paths: Sequence[Path], out_dir) -> list:
     """Output names per image: the file's stem, or stem_suffix where two images would write the same file
     (a.jpg and a.png into one --out). Two images that still collide (the same name from two folders) are refused.
     """
 
     def key(path, stem):
-        return ((Path(out_dir) if out_dir else path.parent).resolve(), stem)
+        return (_picture_folder(path, out_dir).resolve(), stem)
 
     plain = [key(p, p.stem) for p in paths]
-    stems = [
-        p.stem if plain.count(k) == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p, k in zip(paths, plain)
-    ]
+    stems = [p.stem if plain.count(k) == 1 else _suffixed_stem(p) for p, k in zip(paths, plain)]
     seen = {}
     for path, stem in zip(paths, stems):
         other = seen.setdefault(key(path, stem), path)
@@ -233,9 +241,8 @@ def _without_own_pictures(paths: Sequence[Path], out_dir) -> list:
 
     drawn = {}  # picture -> the input it is a picture of, under either name show gives it (_output_stems)
     for path in paths:
-        folder = Path(out_dir) if out_dir else path.parent
-        for stem in (path.stem, f"{path.stem}_{path.suffix.lstrip('.').lower()}"):
-            drawn[os.path.abspath(folder / f"{stem}_apt.png")] = path
+        for stem in (path.stem, _suffixed_stem(path)):
+            drawn[os.path.abspath(_picture_folder(path, out_dir) / f"{stem}_apt.png")] = path
     kept = []
     for path in paths:
         source = drawn.get(os.path.abspath(path))  # abspath, not resolve(): a symlink loop is reported where read
@@ -324,7 +331,7 @@ def show(
     check_picture_size(width, dpi)
     paths = _without_own_pictures([Path(x) for x in paths], out_dir)
     stems = _output_stems(paths, out_dir)
-    folders = [Path(out_dir) if out_dir else path.parent for path in paths]
+    folders = [_picture_folder(path, out_dir) for path in paths]
     if not overwrite:
         suffixes = ("_apt.png", "_apt.json") if write_json else ("_apt.png",)
         _check_new([folder / (stem + suffix) for folder, stem in zip(folders, stems) for suffix in suffixes])
