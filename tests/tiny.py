@@ -57,3 +57,10 @@ def grads_rel_err(grads: dict, ref: dict) -> dict:
     """
     scale = max(float(g.detach().abs().max()) for g in ref.values() if g.numel())
     return {n: float((grads[n].detach() - ref[n].detach()).abs().max()) / max(scale, 1e-30) for n in ref}
+
+
+def tiny_hf_config(cls, **overrides):
+    """A one-block, width-32 config of a ``transformers`` vision class ``cls`` (``CLIPVisionConfig``, ...):
+    16-px patches of 64-px images unless ``overrides`` say otherwise."""
+    sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, patch_size=16)
+    return cls(**{**sizes, "image_size": 64, **overrides})

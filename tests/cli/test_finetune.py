@@ -13,6 +13,7 @@ import torch
 
 from aptvit.train import finetune
 
+from ..tiny import tiny_hf_config
 from .helpers import MODEL, finetune_argv, make_folder, metrics, run
 from .helpers import train_config as cfg
 
@@ -453,16 +454,7 @@ def test_finetune_starts_from_an_aptvit_checkpoint_without_model(tmp_path, capsy
 
     transformers = pytest.importorskip("transformers")
     data = make_folder(tmp_path / "data")
-    tower = transformers.CLIPVisionModel(
-        transformers.CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            patch_size=16,
-            image_size=32,
-        )
-    )
+    tower = transformers.CLIPVisionModel(tiny_hf_config(transformers.CLIPVisionConfig, image_size=32))
     sources = {
         "timm": aptvit.convert(timm.create_model(MODEL, num_classes=2, img_size=32)),
         "hf": aptvit.convert(

@@ -13,7 +13,7 @@ import aptvit
 from aptvit.core.io import InputError, UserTypeError
 from aptvit.data import build_transform, eval_crop
 
-from ..tiny import tiny_vit
+from ..tiny import tiny_hf_config, tiny_vit
 
 transformers = pytest.importorskip("transformers")
 from aptvit.nn.hf import build_twin, to_timm  # noqa: E402
@@ -23,26 +23,21 @@ T = transformers
 IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
 
-def tiny_config(cls, **extra):
-    return cls(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, patch_size=16,
-               image_size=64, **extra)  # fmt: skip
-
-
 # (HF model, the processor its checkpoints ship: openai/clip-vit-large-patch14-336, google/siglip-base-patch16-224,
 # facebook/dinov2-small, google/vit-base-patch16-224)
 CASES = {
     "clip": (
-        lambda: T.CLIPVisionModel(tiny_config(T.CLIPVisionConfig)),
+        lambda: T.CLIPVisionModel(tiny_hf_config(T.CLIPVisionConfig)),
         lambda: T.CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
     ),
-    "siglip": (lambda: T.SiglipVisionModel(tiny_config(T.SiglipVisionConfig)), lambda: T.SiglipImageProcessor()),
+    "siglip": (lambda: T.SiglipVisionModel(tiny_hf_config(T.SiglipVisionConfig)), lambda: T.SiglipImageProcessor()),
     "dinov2": (
         lambda: T.Dinov2Model(
             T.Dinov2Config(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, patch_size=14, image_size=518)
         ),
         lambda: T.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, **IMAGENET),
     ),
-    "vit": (lambda: T.ViTModel(tiny_config(T.ViTConfig)), lambda: T.ViTImageProcessor()),
+    "vit": (lambda: T.ViTModel(tiny_hf_config(T.ViTConfig)), lambda: T.ViTImageProcessor()),
 }
 
 
@@ -118,7 +113,7 @@ def test_an_unknown_crop_offset_is_one_error():
 
 def test_a_file_saved_without_crop_settings_loads_with_the_familys():
     """Files saved before the processor was read hold only mean / std: the rest comes from ``build_twin``."""
-    source = {"class": "ViTModel", "config": tiny_config(T.ViTConfig).to_dict(), "options": {"pooler": True}}
+    source = {"class": "ViTModel", "config": tiny_hf_config(T.ViTConfig).to_dict(), "options": {"pooler": True}}
     twin = build_twin(source)
     assert (twin.pretrained_cfg["interpolation"], twin.pretrained_cfg["crop_mode"]) == ("bilinear", "squash")
 
