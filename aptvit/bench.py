@@ -285,7 +285,8 @@ def run_bench(
             for size in sizes:
                 images = normalise(resize(photos, size).to(device), mean, std)
                 for batch in batches:
-                    bar.set_postfix_str(f"{name} {size[0]}x{size[1]} batch {batch}", refresh=False)  # drawn at its next step
+                    # drawn with the next step (a redraw now would print a line per configuration off a terminal)
+                    bar.set_postfix_str(f"{name} {size[0]}x{size[1]} batch {batch}", refresh=False)
                     rows.append(
                         bench_config(
                             model,

@@ -15,8 +15,8 @@ split, the pixels a layout is scored on) read its preprocessing from ``pretraine
 
 ``processor_cfg`` makes that translation for the processors of the towers aptvit converts (``KNOWN``); what has no
 timm equivalent (no resize, a non-square output, a rescale other than 1/255, another class's own resize rule, a
-channel flip) is refused with one line rather than evaluated on the wrong pixels. It reads a processor's settings (``to_dict()``; a
-``preprocessor_config.json`` dict through its class in ``transformers``) and changes nothing.
+channel flip) is refused with one line rather than evaluated on the wrong pixels. It reads a processor's settings
+(``to_dict()``; a ``preprocessor_config.json`` dict through its class in ``transformers``) and changes nothing.
 """
 
 from __future__ import annotations
