@@ -112,22 +112,28 @@ def list_folder(root: Path) -> Tuple[List[Path], List[int], List[str]]:
     return paths, labels, classes
 
 
-def train_subsets(labels: Sequence[int], fit: int, holdout: int, seed: int, tune: int = 0) -> Dict[str, np.ndarray]:
+def train_subsets(
+    labels: Sequence[int], fit: int, holdout: int, seed: int, tune: int = 0, epoch: int = 0
+) -> Dict[str, np.ndarray]:
     """Per class, one seeded permutation of its photos: its first ``fit`` are "fit", the next ``holdout``
-    "holdout", the next ``tune`` "tune" (indices into ``labels``, in class order; more tune photos never change fit
-    or holdout). A class with too few photos is an error."""
+    "holdout", the next ``tune`` "tune"; "epoch" (the one-epoch rows' photos) is its first ``epoch``, so up to
+    ``fit`` photos a subset of the source's own and beyond that the holdout, tune and the rest of train (indices
+    into ``labels``, in class order; more tune or epoch photos never change the others). A class with too few
+    photos is an error."""
     labels = np.asarray(labels)
-    out = {"fit": [], "holdout": [], "tune": []}
+    out = {"fit": [], "holdout": [], "tune": [], "epoch": []}
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        if len(idx) < fit + holdout + tune:
+        if len(idx) < max(fit + holdout + tune, epoch):
             raise ValueError(
                 f"class {c} has {len(idx)} train photos, fewer than fit + holdout + tune = {fit + holdout + tune}"
+                f" or the epoch's {epoch}"
             )
         order = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
         out["fit"].append(order[:fit])
         out["holdout"].append(order[fit : fit + holdout])
         out["tune"].append(order[fit + holdout : fit + holdout + tune])
+        out["epoch"].append(order[:epoch])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -846,7 +852,12 @@ def parse_args(argv=None):
     p.add_argument("--source-epochs", type=int, default=3)
     p.add_argument("--source-lr", type=float, default=3e-5)
     p.add_argument("--val-images", type=int, default=500, help="val photos reported (a seeded subset; 0: all)")
-    p.add_argument("--epoch-per-class", type=int, default=30, help="fit photos per class of every one-epoch row")
+    p.add_argument(
+        "--epoch-per-class",
+        type=int,
+        default=30,
+        help="train photos per class of every one-epoch row (the source's fit photos first, then the rest of train)",
+    )
     p.add_argument("--epoch-batch", type=int, default=16)
     p.add_argument(
         "--epoch-lrs", default="default", help="comma-separated --lr of the epochs ('default': the library's)"
@@ -883,7 +894,8 @@ def main(argv=None) -> int:
     if va_classes != classes:
         raise ValueError(f"--val has the classes {va_classes}, --train {classes}")
     tune = args.tune_per_class if args.only == "variants" else 0  # only this stage needs them to exist
-    sub = train_subsets(tr_labels, args.fit_per_class, args.holdout_per_class, args.seed, tune)
+    epoch = args.epoch_per_class if args.only in ("epochs", "report", "all") else 0  # likewise
+    sub = train_subsets(tr_labels, args.fit_per_class, args.holdout_per_class, args.seed, tune, epoch)
     data = {"classes": classes}
     for s, idx in sub.items():
         data[f"{s}_paths"], data[f"{s}_labels"] = [tr_paths[i] for i in idx], [tr_labels[i] for i in idx]
@@ -922,12 +934,8 @@ def main(argv=None) -> int:
     epoch_speed: Dict[str, float] = {}
     if "epochs" in stages or "report" in stages:
         folder = work / f"epochdata_{cache_keys(args)['epoch']}"
-        n = args.epoch_per_class
-        pick = [i for c in range(len(classes)) for i in [j for j, y in enumerate(data["fit_labels"]) if y == c][:n]]
         if "epochs" in stages and (not (folder / "train").is_dir() or args.quick):
-            link_folder(
-                folder / "train", [data["fit_paths"][i] for i in pick], [data["fit_labels"][i] for i in pick], classes
-            )
+            link_folder(folder / "train", data["epoch_paths"], data["epoch_labels"], classes)
             one = [val_labels.index(c) for c in range(len(classes))]  # finetune wants a val/ (unused: --no-eval)
             link_folder(folder / "val", [val_paths[i] for i in one], [val_labels[i] for i in one], classes)
         trained = set(args.epoch_kinds.split(","))

@@ -258,6 +258,23 @@ def test_tune_photos_extend_the_split_without_moving_fit_or_holdout():
         ri.train_subsets(labels, 6, 4, seed=0, tune=11)
 
 
+def test_epoch_photos_are_the_fit_photos_first_then_the_rest_of_train():
+    """Up to the source's fit photos an epoch trains on a subset of them (the rows cached so far); beyond, on the
+    holdout, tune and the rest of each class's photos, never moving the other subsets."""
+    labels = [c for c in range(3) for _ in range(20)]
+    base = ri.train_subsets(labels, 6, 4, seed=0, tune=5)
+    few, many = (ri.train_subsets(labels, 6, 4, seed=0, tune=5, epoch=n) for n in (4, 18))
+    assert all(np.array_equal(base[k], s[k]) for s in (few, many) for k in ("fit", "holdout", "tune"))
+    fit_by_class = [[i for i in base["fit"] if labels[i] == c] for c in range(3)]
+    assert list(few["epoch"]) == [i for c in range(3) for i in fit_by_class[c][:4]]
+    for c in range(3):
+        mine = [i for i in many["epoch"] if labels[i] == c]
+        assert len(mine) == len(set(mine)) == 18 and set(fit_by_class[c]) < set(mine)
+    assert set(many["holdout"]) | set(many["tune"]) < set(many["epoch"])
+    with pytest.raises(ValueError, match="the epoch's 21"):
+        ri.train_subsets(labels, 6, 4, seed=0, epoch=21)
+
+
 def test_zero_shot_rows_name_the_area_bias_they_run(tiny, monkeypatch):
     """The zero-shot stage runs APT without the bias (the default) and, in rows named for it, with it."""
     made = []
