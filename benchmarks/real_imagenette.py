@@ -460,14 +460,41 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def versus(row: dict, ref: dict, labels: Sequence[int]) -> dict:
+    """``row`` against ``ref`` on the same photos: points, paired SE, discordant pairs and McNemar p."""
+    y = np.asarray(labels)
+    d = paired(predictions(row) == y, predictions(ref) == y)
+    return dict(d, mcnemar_p=mcnemar_p(d["only_method_right"], d["only_source_right"]))
+
+
 def compare(rows: Dict[str, dict], labels: Sequence[int], source: str) -> None:
     """Adds to each row its paired difference to the ``source`` row (points, paired SE, McNemar p)."""
-    ref = predictions(rows[source]) == np.asarray(labels)
     for name, r in rows.items():
-        if name == source:
-            continue
-        d = paired(predictions(r) == np.asarray(labels), ref)
-        r.update(d, mcnemar_p=mcnemar_p(d["only_method_right"], d["only_source_right"]))
+        if name != source:
+            r.update(versus(r, rows[source], labels))
+
+
+def epoch_pairs(rows: Dict[str, dict], labels: Sequence[int]) -> List[dict]:
+    """Each APT epoch row against the baseline that saw the same photos for the same steps: at the default
+    thresholds the source's own uniform epoch, at a budget the lower resolution's epoch at that budget (same lr).
+    Once more photos than the source's own train an epoch, every model gains from the data alone, so these pairs,
+    not the difference to the source, say what APT costs."""
+
+    def lr_of(kind: str) -> str:  # " (lr 5e-06)" or ""
+        return kind[kind.find(" (lr") :] if " (lr" in kind else ""
+
+    base = {}
+    for name, r in rows.items():
+        if r["kind"].startswith("uniform + 1 epoch"):
+            base[(None, lr_of(r["kind"]))] = name
+        elif r["kind"].startswith("lowres + 1 epoch"):
+            base[(r["budget"], lr_of(r["kind"]))] = name
+    out = []
+    for name, r in rows.items():
+        ref = base.get((r["budget"], lr_of(r["kind"]))) if r["kind"].startswith("APT + 1 epoch") else None
+        if ref is not None:
+            out.append(dict(versus(r, rows[ref], labels), method=name, baseline=ref))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
@@ -777,6 +804,13 @@ def table(result: dict) -> str:
         lines.append(
             f"| {name} | {r['top1']:.2f} | {vs} | {r['tokens_kept']:.0%} | {r['gflops']:.2f} | {s1} | {s32} | {tr} |"
         )
+    if result.get("epoch_pairs"):
+        lines += ["", "After the epochs, each APT row against the baseline trained on the same photos:", "",
+                  "| APT row | baseline | points ± SE | McNemar p |", "|---|---|---|---|"]  # fmt: skip
+        for e in result["epoch_pairs"]:
+            lines.append(
+                f"| {e['method']} | {e['baseline']} | {e['difference']:+.2f} ± {e['paired_se']:.2f} | {e['mcnemar_p']:.2g} |"
+            )
     return "\n".join(lines)
 
 
@@ -1002,6 +1036,7 @@ def main(argv=None) -> int:
         "speed": json.loads(speed_path.read_text()) if speed_path.is_file() else {},
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "rows": rows,
+        "epoch_pairs": epoch_pairs(rows, val_labels),
     }
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,35 @@ def test_compare_pairs_each_row_with_the_source_on_the_same_photos():
     assert m["mcnemar_p"] == pytest.approx(0.5)
 
 
+def test_epoch_pairs_set_each_apt_epoch_against_the_baseline_of_its_photos_and_lr():
+    """The default thresholds against the uniform epoch, a budget against the lower resolution's epoch at that
+    budget, an lr against its own lr's baseline; zero-shot rows and baselines get no pair."""
+    labels = [0, 1, 2, 0, 1]
+    rows = {
+        "src": {"kind": "source", "budget": None, "predictions": "abcab"},
+        "apt zs": {"kind": "APT zero-shot", "budget": 0.5, "predictions": "abcab"},
+        "uni": {"kind": "uniform + 1 epoch", "budget": None, "predictions": "abcab"},
+        "uni lr": {"kind": "uniform + 1 epoch (lr 5e-06)", "budget": None, "predictions": "aaaaa"},
+        "low 0.5": {"kind": "lowres + 1 epoch", "budget": 0.5, "predictions": "abccc"},
+        "low 0.35": {"kind": "lowres + 1 epoch", "budget": 0.35, "predictions": "abcab"},
+        "apt def": {"kind": "APT + 1 epoch labels", "budget": None, "predictions": "abcac"},
+        "apt def lr": {"kind": "APT + 1 epoch labels (lr 5e-06)", "budget": None, "predictions": "abcab"},
+        "apt 0.5": {"kind": "APT + 1 epoch distill", "budget": 0.5, "predictions": "abcab"},
+    }
+    pairs = {e["method"]: e for e in ri.epoch_pairs(rows, labels)}
+    assert {m: e["baseline"] for m, e in pairs.items()} == {
+        "apt def": "uni",
+        "apt def lr": "uni lr",
+        "apt 0.5": "low 0.5",
+    }
+    assert pairs["apt def"]["difference"] == pytest.approx(-20.0)
+    assert pairs["apt def lr"]["difference"] == pytest.approx(60.0)
+    assert (pairs["apt 0.5"]["only_method_right"], pairs["apt 0.5"]["only_source_right"]) == (2, 0)
+    src = dict(rows["src"], top1=100.0, tokens_kept=1.0, gflops=1.0)
+    text = ri.table({"rows": {"src": src}, "val_photos": 5, "size": 64, "epoch_pairs": list(pairs.values())})
+    assert "| apt 0.5 | low 0.5 | +40.00 ±" in text
+
+
 def test_random_draws_are_per_photo_and_per_draw_not_per_batch(tiny):
     """A photo's Random layout may not depend on the other photos of its batch; another draw is another layout."""
     import aptvit
