@@ -475,10 +475,11 @@ def compare(rows: Dict[str, dict], labels: Sequence[int], source: str) -> None:
 
 
 def epoch_pairs(rows: Dict[str, dict], labels: Sequence[int]) -> List[dict]:
-    """Each APT epoch row against the baseline that saw the same photos for the same steps: at the default
-    thresholds the source's own uniform epoch, at a budget the lower resolution's epoch at that budget (same lr).
-    Once more photos than the source's own train an epoch, every model gains from the data alone, so these pairs,
-    not the difference to the source, say what APT costs."""
+    """Each labelled APT epoch row against the baseline that saw the same photos and labels for the same steps: at
+    the default thresholds the source's own uniform epoch, at a budget the lower resolution's epoch at that budget
+    (same lr). Once more photos than the source's own train an epoch, every model gains from the data alone, so
+    these pairs, not the difference to the source, say what APT costs. A ``--distill`` row learns from the source
+    without labels: its baseline is the source, the main table's column."""
 
     def lr_of(kind: str) -> str:  # " (lr 5e-06)" or ""
         return kind[kind.find(" (lr") :] if " (lr" in kind else ""
@@ -491,7 +492,7 @@ def epoch_pairs(rows: Dict[str, dict], labels: Sequence[int]) -> List[dict]:
             base[(r["budget"], lr_of(r["kind"]))] = name
     out = []
     for name, r in rows.items():
-        ref = base.get((r["budget"], lr_of(r["kind"]))) if r["kind"].startswith("APT + 1 epoch") else None
+        ref = base.get((r["budget"], lr_of(r["kind"]))) if r["kind"].startswith("APT + 1 epoch labels") else None
         if ref is not None:
             out.append(dict(versus(r, rows[ref], labels), method=name, baseline=ref))
     return out
