@@ -680,7 +680,7 @@ def calibrate(
         budgets: token budgets to try (fractions of a size's patch tokens, or counts).
         thresholds: "default" (the scorer's registered thresholds) and/or {size: value} dicts.
         scorers: registered scorer names (default: the model's).
-        patch_sizes: the patch-size sets to try (default: the model's).
+        patch_sizes: the patch-size sets to try (default: the model's; p, 2p for a model of one size, where nothing would merge).
         area_bias: "both" (each APT setting without and with area-proportional attention: which is better depends on
             the data and the model, by 9 points of top-1 at a third of the tokens on elpv, BENCHMARKS.md section 2),
             True or False (that one only).
@@ -728,6 +728,12 @@ def calibrate(
     if size % p:
         raise InputError(f"--size {size} is not a multiple of the model's patch size {p}")
     patch_sets = [tuple(ps) for ps in (patch_sizes or [apt.patch_sizes])]
+    if not patch_sizes and len(apt.patch_sizes) == 1:  # a uniform model (e.g. a uniform fine-tune's checkpoint)
+        patch_sets = [APTConfig().for_patch_size(p).patch_sizes]  # where nothing would merge: the library's default
+        logger.info(
+            f"the model has one patch size ({p}): trying APT with the default patch sizes "
+            f"{'/'.join(map(str, patch_sets[0]))} (--patch-sizes to choose)"
+        )
     from .core.layout import check_patch_sizes
 
     patch_sets = [check_patch_sizes(ps) for ps in patch_sets]
@@ -745,6 +751,11 @@ def calibrate(
         area_bias_values(area_bias),
     )
     if len(settings) == 1:
+        if all(len(ps) == 1 for ps in patch_sets):
+            raise InputError(
+                f"nothing to sweep: with --patch-sizes {p} alone nothing merges; give larger sizes too "
+                f"(e.g. --patch-sizes {p},{2 * p}) or --sizes below the input size"
+            )
         raise InputError("nothing to sweep: give --sizes below the input size, or --budgets / --thresholds")
     for note in notes:
         logger.info(note)

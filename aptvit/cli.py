@@ -488,7 +488,7 @@ def add_calibrate_parser(sub) -> None:
         "--patch-sizes",
         nargs="+",
         metavar="SIZES",
-        help="patch-size sets to try, e.g. 14,28 14,28,56 (default: the model's)",
+        help="patch-size sets to try, e.g. 14,28 14,28,56 (default: the model's; p,2p for a model of one size)",
     )
     target = p.add_mutually_exclusive_group()
     target.add_argument(

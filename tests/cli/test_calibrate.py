@@ -165,6 +165,26 @@ def test_rows_are_the_grid_with_lower_resolutions_measured_against_the_source(wo
     assert row.top1_se == pytest.approx(100 * float(drop.std() / len(drop) ** 0.5))
 
 
+def test_a_uniform_checkpoint_is_calibrated_with_the_default_patch_sizes(world, tmp_path, capsys, monkeypatch, caplog):
+    """A checkpoint of one patch size (a uniform fine-tune's) merges nothing as it is: calibrate tries APT at the
+    library's default sizes p, 2p rather than sweeping lower resolutions only (or calling that nothing to sweep)."""
+    uniform = aptvit.convert(aptvit.load(world["good"]).timm_model, patch_sizes=(16,))
+    path = tmp_path / "uniform.safetensors"
+    aptvit.save(uniform, path, extra_metadata={"classes": json.dumps(CLASSES)})
+    monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 2.0 if s.kind == "apt" else 1.0))
+    out = tmp_path / "out"
+    extra = ("--sizes", "64", "--budgets", "0.5", "--thresholds", "none", "--area-bias", "off")
+    args = argv(world, out, *extra)
+    args[args.index("--checkpoint") + 1] = path
+    with caplog.at_level("INFO", logger="aptvit.calibrate"):
+        code, printed, err = run(capsys, *args)
+    assert code == 0, err
+    rows = json.loads((out / "calibration.json").read_text())["rows"]
+    apt_rows = [r for r in rows if r["kind"] == "apt"]
+    assert [r["patch_sizes"] for r in apt_rows] == [[16, 32]] and apt_rows[0]["tokens"] <= 8
+    assert "one patch size (16): trying APT with the default patch sizes 16/32" in caplog.text
+
+
 def test_limit_draws_from_the_whole_folder_and_labels_need_a_matching_head(world, tmp_path):
     from aptvit.calibrate import find_samples
 
@@ -672,6 +692,7 @@ BAD = [
     (["--limit", "-1"], r"--limit -1 must be an integer >= 0"),
     (["--out", "{root}/afile"], r"cannot write .*afile"),
     (["--sizes", "64", "--budgets", "none", "--thresholds", "none"], r"nothing to sweep"),
+    (["--sizes", "64", "--patch-sizes", "16"], r"with --patch-sizes 16 alone nothing merges; .*--patch-sizes 16,32"),
 ]
 
 
