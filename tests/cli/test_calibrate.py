@@ -173,7 +173,7 @@ def test_a_uniform_checkpoint_is_calibrated_with_the_default_patch_sizes(world, 
     aptvit.save(uniform, path, extra_metadata={"classes": json.dumps(CLASSES)})
     monkeypatch.setattr(CAL, "_measure", fake_speeds(lambda s: 2.0 if s.kind == "apt" else 1.0))
     out = tmp_path / "out"
-    extra = ("--sizes", "64", "--budgets", "0.5", "--thresholds", "none", "--area-bias", "off")
+    extra = ("--sizes", "64", "--budgets", "0.5", "--thresholds", "none", "--area-bias", "off", "--min-cosine", "0.1")
     args = argv(world, out, *extra)
     args[args.index("--checkpoint") + 1] = path
     with caplog.at_level("INFO", logger="aptvit.calibrate"):
@@ -183,6 +183,8 @@ def test_a_uniform_checkpoint_is_calibrated_with_the_default_patch_sizes(world, 
     apt_rows = [r for r in rows if r["kind"] == "apt"]
     assert [r["patch_sizes"] for r in apt_rows] == [[16, 32]] and apt_rows[0]["tokens"] <= 8
     assert "one patch size (16): trying APT with the default patch sizes 16/32" in caplog.text
+    chosen = aptvit.load(out / "model.safetensors")  # the written model merges, with the sizes it was measured at
+    assert chosen.patch_sizes == (16, 32) and chosen.config.budget == 0.5
 
 
 def test_limit_draws_from_the_whole_folder_and_labels_need_a_matching_head(world, tmp_path):
