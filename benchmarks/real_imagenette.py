@@ -477,11 +477,12 @@ def compare(rows: Dict[str, dict], labels: Sequence[int], source: str) -> None:
 
 
 def epoch_pairs(rows: Dict[str, dict], labels: Sequence[int]) -> List[dict]:
-    """Each labelled APT epoch row against the baseline that saw the same photos and labels for the same steps: at
-    the default thresholds the source's own uniform epoch, at a budget the lower resolution's epoch at that budget
-    (same lr). Once more photos than the source's own train an epoch, every model gains from the data alone, so
-    these pairs, not the difference to the source, say what APT costs. A ``--distill`` row learns from the source
-    without labels: its baseline is the source, the main table's column."""
+    """Each labelled APT epoch row against the baselines that saw the same photos and labels for the same steps
+    (same lr): the source's own uniform epoch (what the conversion costs against the full model trained alike), and
+    at a budget also the lower resolution's epoch at that budget (what it gains over the plain alternative). Once
+    more photos than the source's own train an epoch, every model gains from the data alone, so these pairs, not the
+    difference to the source, say what APT costs. A ``--distill`` row learns from the source without labels: its
+    baseline is the source, the main table's column."""
 
     def lr_of(kind: str) -> str:  # " (lr 5e-06)" or ""
         return kind[kind.find(" (lr") :] if " (lr" in kind else ""
@@ -494,9 +495,12 @@ def epoch_pairs(rows: Dict[str, dict], labels: Sequence[int]) -> List[dict]:
             base[(r["budget"], lr_of(r["kind"]))] = name
     out = []
     for name, r in rows.items():
-        ref = base.get((r["budget"], lr_of(r["kind"]))) if r["kind"].startswith("APT + 1 epoch labels") else None
-        if ref is not None:
-            out.append(dict(versus(r, rows[ref], labels), method=name, baseline=ref))
+        if not r["kind"].startswith("APT + 1 epoch labels"):
+            continue
+        keys = [(None, lr_of(r["kind"]))] + ([(r["budget"], lr_of(r["kind"]))] if r["budget"] is not None else [])
+        for ref in (base.get(k) for k in keys):
+            if ref is not None:
+                out.append(dict(versus(r, rows[ref], labels), method=name, baseline=ref))
     return out
 
 

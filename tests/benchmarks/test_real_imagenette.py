@@ -143,8 +143,8 @@ def test_compare_pairs_each_row_with_the_source_on_the_same_photos():
 
 
 def test_epoch_pairs_set_each_apt_epoch_against_the_baseline_of_its_photos_and_lr():
-    """The default thresholds against the uniform epoch, a budget against the lower resolution's epoch at that
-    budget, an lr against its own lr's baseline; zero-shot rows, baselines and label-free --distill rows (whose
+    """The default thresholds against the uniform epoch, a budget against it and against the lower resolution's
+    epoch at that budget, an lr against its own lr's baseline; zero-shot rows, baselines and label-free --distill rows (whose
     baseline is the source) get no pair."""
     labels = [0, 1, 2, 0, 1]
     rows = {
@@ -159,18 +159,18 @@ def test_epoch_pairs_set_each_apt_epoch_against_the_baseline_of_its_photos_and_l
         "apt 0.5": {"kind": "APT + 1 epoch labels", "budget": 0.5, "predictions": "abcab"},
         "apt 0.5 distill": {"kind": "APT + 1 epoch distill", "budget": 0.5, "predictions": "abcab"},
     }
-    pairs = {e["method"]: e for e in ri.epoch_pairs(rows, labels)}
-    assert {m: e["baseline"] for m, e in pairs.items()} == {
-        "apt def": "uni",
-        "apt def lr": "uni lr",
-        "apt 0.5": "low 0.5",
-    }
-    assert pairs["apt def"]["difference"] == pytest.approx(-20.0)
-    assert pairs["apt def lr"]["difference"] == pytest.approx(60.0)
-    assert (pairs["apt 0.5"]["only_method_right"], pairs["apt 0.5"]["only_source_right"]) == (2, 0)
+    rows["apt 0.5"]["predictions"] = "abcaa"
+    pairs = {(e["method"], e["baseline"]): e for e in ri.epoch_pairs(rows, labels)}
+    # a budget against the uniform epoch (what it costs) and the lower resolution's epoch (what it gains)
+    assert set(pairs) == {("apt def", "uni"), ("apt def lr", "uni lr"), ("apt 0.5", "uni"), ("apt 0.5", "low 0.5")}
+    assert pairs["apt def", "uni"]["difference"] == pytest.approx(-20.0)
+    assert pairs["apt def lr", "uni lr"]["difference"] == pytest.approx(60.0)
+    assert pairs["apt 0.5", "uni"]["difference"] == pytest.approx(-20.0)
+    low = pairs["apt 0.5", "low 0.5"]
+    assert (low["only_method_right"], low["only_source_right"]) == (1, 0)
     src = dict(rows["src"], top1=100.0, tokens_kept=1.0, gflops=1.0)
     text = ri.table({"rows": {"src": src}, "val_photos": 5, "size": 64, "epoch_pairs": list(pairs.values())})
-    assert "| apt 0.5 | low 0.5 | +40.00 ±" in text
+    assert "| apt 0.5 | low 0.5 | +20.00 ±" in text and "| apt 0.5 | uni | -20.00 ±" in text
 
 
 def test_random_draws_are_per_photo_and_per_draw_not_per_batch(tiny):
