@@ -812,7 +812,8 @@ def table(result: dict) -> str:
             f"| {name} | {r['top1']:.2f} | {vs} | {r['tokens_kept']:.0%} | {r['gflops']:.2f} | {s1} | {s32} | {tr} |"
         )
     if result.get("epoch_pairs"):
-        lines += ["", "After the epochs, each APT row against the baseline trained on the same photos:", "",
+        lines += ["", "After the epochs, each APT row against the baselines trained on the same photos (the uniform "
+                  "epoch; at a budget also the lower resolution's epoch):", "",
                   "| APT row | baseline | points ± SE | McNemar p |", "|---|---|---|---|"]  # fmt: skip
         for e in result["epoch_pairs"]:
             lines.append(
