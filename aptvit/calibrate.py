@@ -341,6 +341,9 @@ class Row:
     speedup: float = 1.0  # this row's images/s over the source's, measured alternately
     meets: Optional[bool] = None  # the target (None without one)
     area_bias: Optional[bool] = None  # APT rows: area-proportional attention on (None for the uniform kinds)
+    versus: Optional[str] = None  # APT rows with labels: the lower-resolution row nearest in tokens
+    top1_gain: Optional[float] = None  # this row's top-1 minus that row's, points (paired, the same images)
+    top1_gain_se: Optional[float] = None  # standard error of that paired difference, points
     setting: Optional[Setting] = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -502,7 +505,29 @@ def format_table(rows: Sequence[Row], chosen: Optional[Row] = None) -> str:
         cells += [f"{r.cosine_pre_logits:.4f}", f"{r.cosine_dense:.4f}", f"{r.images_per_s:.1f}", f"{r.speedup:.2f}x"]
         cells += [mark]
         lines.append("| " + " | ".join(cells) + " |")
+    paired = [r for r in rows if r.versus is not None]
+    if paired:
+        lines += [
+            "",
+            "Each APT setting against the lower resolution nearest in tokens (top-1, paired on the same images):",
+        ]
+        lines += [f"- {r.name}: {r.top1_gain:+.2f} +- {r.top1_gain_se:.2f} points against {r.versus}" for r in paired]
     return "\n".join(lines)
+
+
+def pair_with_lower_resolutions(rows: Sequence[Row], correct: Sequence[Optional[torch.Tensor]]) -> None:
+    """Set each APT row's paired top-1 difference to the lower-resolution row nearest in tokens (``versus``,
+    ``top1_gain``, ``top1_gain_se``; ``correct[i]``: row i's per-image 0/1, None without labels). Whether APT beats
+    simply lowering the resolution at the same cost is the question the curve raises; read off two rows' differences
+    to the source it has no standard error."""
+    lows = [j for j, r in enumerate(rows) if r.kind == "lower resolution" and correct[j] is not None]
+    for i, r in enumerate(rows):
+        if r.kind != "apt" or correct[i] is None or not lows:
+            continue
+        j = min(lows, key=lambda k: abs(rows[k].tokens - r.tokens))
+        diff = correct[i] - correct[j]
+        r.versus, r.top1_gain = rows[j].name, 100 * float(diff.mean())
+        r.top1_gain_se = 100 * float(diff.std(unbiased=True) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
 
 
 def plot(result: Calibration, path) -> None:
@@ -834,6 +859,7 @@ def calibrate(
 
     speeds = _measure(settings, models, vit, timing, size, batch_size, runs, warmup, dev, compute, progress, clock)
     rows = [sums[i].row(s, sums[0], grid * grid, speeds[i], size, patch_sets[0]) for i, s in enumerate(settings)]
+    pair_with_lower_resolutions(rows, [torch.cat(t.correct).double() if t.correct else None for t in sums])
     for r in rows:
         r.meets = target.met(r) if target.given else None
     result = Calibration(rows, labelled, seen, target)

@@ -143,6 +143,10 @@ def test_rows_are_the_grid_with_lower_resolutions_measured_against_the_source(wo
     same = by["APT entropy thresholds 32=-1"]
     assert same.tokens == 16 and same.agreement == 100.0 and same.top1 == by["source (64 px)"].top1
     assert same.cosine_pre_logits == pytest.approx(1.0, abs=1e-5) and same.cosine_dense == pytest.approx(1.0, abs=1e-5)
+    # each APT row against the lower resolution nearest in tokens (16 tokens: 48 px's 9, not 32 px's 4), paired
+    low48 = by["lower resolution 48 px"]
+    assert same.versus == "lower resolution 48 px"
+    assert same.top1_gain == pytest.approx(same.top1 - low48.top1) and low48.versus is None
     # the lower resolution's figures, computed here from the files: the source at 64 px, the same model at 32 px
     paths = sorted(world["val"].rglob("*.png"))
     labels = torch.tensor([CLASSES.index(p.parent.name) for p in paths])
@@ -163,6 +167,27 @@ def test_rows_are_the_grid_with_lower_resolutions_measured_against_the_source(wo
     drop = (ref_top == labels).double() - (low_top == labels).double()
     assert row.top1_drop == pytest.approx(100 * float(drop.mean()))
     assert row.top1_se == pytest.approx(100 * float(drop.std() / len(drop) ** 0.5))
+
+
+def test_apt_rows_are_paired_with_the_lower_resolution_nearest_in_tokens():
+    from aptvit.calibrate import pair_with_lower_resolutions
+
+    def row(name, kind, tokens):
+        return Row(name, kind, 64, None, None, None, None, tokens, tokens / 16)
+
+    rows = [row("src", "source", 16), row("low 9", "lower resolution", 9), row("low 4", "lower resolution", 4)]
+    rows += [row("apt 8", "apt", 8), row("apt 5", "apt", 5), row("apt 6 unlabelled", "apt", 6)]
+    ones = torch.ones(4, dtype=torch.float64)
+    correct = [ones, torch.tensor([1.0, 1, 0, 0]), torch.tensor([1.0, 0, 0, 0]), ones, torch.tensor([1.0, 1, 1, 0])]
+    pair_with_lower_resolutions(rows, correct + [None])
+    by = {r.name: r for r in rows}
+    assert (by["apt 8"].versus, by["apt 5"].versus) == ("low 9", "low 4")
+    assert by["apt 8"].top1_gain == pytest.approx(50.0) and by["apt 5"].top1_gain == pytest.approx(50.0)
+    diff = torch.tensor([0.0, 1, 1, 0])
+    assert by["apt 5"].top1_gain_se == pytest.approx(100 * float(diff.std() / 2))
+    assert by["apt 6 unlabelled"].versus is None and by["low 9"].top1_gain is None
+    text = CAL.format_table(rows[:5])
+    assert "- apt 5: +50.00 +- 28.87 points against low 4" in text
 
 
 def test_a_uniform_checkpoint_is_calibrated_with_the_default_patch_sizes(world, tmp_path, capsys, monkeypatch, caplog):
