@@ -525,9 +525,15 @@ def pair_with_lower_resolutions(rows: Sequence[Row], correct: Sequence[Optional[
         if r.kind != "apt" or correct[i] is None or not lows:
             continue
         j = min(lows, key=lambda k: abs(rows[k].tokens - r.tokens))
-        diff = correct[i] - correct[j]
-        r.versus, r.top1_gain = rows[j].name, 100 * float(diff.mean())
-        r.top1_gain_se = 100 * float(diff.std(unbiased=True) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        r.versus = rows[j].name
+        r.top1_gain, r.top1_gain_se = paired_points(correct[i], correct[j])
+
+
+def paired_points(a: torch.Tensor, b: torch.Tensor) -> Tuple[float, float]:
+    """The mean of ``a - b`` (two settings' per-image 0/1 on the same images) in points, and its standard error."""
+    diff = a - b
+    se = float(diff.std(unbiased=True) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return 100 * float(diff.mean()), 100 * se
 
 
 def plot(result: Calibration, path) -> None:
@@ -705,7 +711,8 @@ def calibrate(
         budgets: token budgets to try (fractions of a size's patch tokens, or counts).
         thresholds: "default" (the scorer's registered thresholds) and/or {size: value} dicts.
         scorers: registered scorer names (default: the model's).
-        patch_sizes: the patch-size sets to try (default: the model's; p, 2p for a model of one size, where nothing would merge).
+        patch_sizes: the patch-size sets to try (default: the model's; p, 2p for a model of one size, where nothing
+            would merge).
         area_bias: "both" (each APT setting without and with area-proportional attention: which is better depends on
             the data and the model, by 9 points of top-1 at a third of the tokens on elpv, BENCHMARKS.md section 2),
             True or False (that one only).
@@ -859,7 +866,7 @@ def calibrate(
 
     speeds = _measure(settings, models, vit, timing, size, batch_size, runs, warmup, dev, compute, progress, clock)
     rows = [sums[i].row(s, sums[0], grid * grid, speeds[i], size, patch_sets[0]) for i, s in enumerate(settings)]
-    pair_with_lower_resolutions(rows, [torch.cat(t.correct).double() if t.correct else None for t in sums])
+    pair_with_lower_resolutions(rows, [t.correct_all() for t in sums])
     for r in rows:
         r.meets = target.met(r) if target.given else None
     result = Calibration(rows, labelled, seen, target)
@@ -934,6 +941,10 @@ class _Sums:
         self.tokens.append(tokens.double().cpu())
         self.flops.append(flops.double().cpu())
 
+    def correct_all(self) -> Optional[torch.Tensor]:
+        """Per image, 1.0 where the top-1 class is the label (None without labels)."""
+        return torch.cat(self.correct).double() if self.correct else None
+
     def row(self, s: Setting, source: "_Sums", base: int, speed, size: int, default_sizes) -> Row:
         tokens = float(torch.cat(self.tokens).mean())
         row = Row(
@@ -957,11 +968,9 @@ class _Sums:
         if self.same:
             row.agreement = 100 * float(torch.cat(self.same).double().mean())
         if self.correct:
-            mine, ref = torch.cat(self.correct).double(), torch.cat(source.correct).double()
+            mine = self.correct_all()
             row.top1 = 100 * float(mine.mean())
-            diff = ref - mine
-            row.top1_drop = 100 * float(diff.mean())
-            row.top1_se = 100 * float(diff.std(unbiased=True) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+            row.top1_drop, row.top1_se = paired_points(source.correct_all(), mine)
         return row
 
 

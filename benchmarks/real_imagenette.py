@@ -816,9 +816,8 @@ def table(result: dict) -> str:
                   "epoch; at a budget also the lower resolution's epoch):", "",
                   "| APT row | baseline | points ± SE | McNemar p |", "|---|---|---|---|"]  # fmt: skip
         for e in result["epoch_pairs"]:
-            lines.append(
-                f"| {e['method']} | {e['baseline']} | {e['difference']:+.2f} ± {e['paired_se']:.2f} | {e['mcnemar_p']:.2g} |"
-            )
+            points = f"{e['difference']:+.2f} ± {e['paired_se']:.2f}"
+            lines.append(f"| {e['method']} | {e['baseline']} | {points} | {e['mcnemar_p']:.2g} |")
     return "\n".join(lines)
 
 

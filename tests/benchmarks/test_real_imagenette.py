@@ -144,8 +144,8 @@ def test_compare_pairs_each_row_with_the_source_on_the_same_photos():
 
 def test_epoch_pairs_set_each_apt_epoch_against_the_baseline_of_its_photos_and_lr():
     """The default thresholds against the uniform epoch, a budget against it and against the lower resolution's
-    epoch at that budget, an lr against its own lr's baseline; zero-shot rows, baselines and label-free --distill rows (whose
-    baseline is the source) get no pair."""
+    epoch at that budget, an lr against its own lr's baseline; zero-shot rows, baselines and label-free --distill
+    rows (whose baseline is the source) get no pair."""
     labels = [0, 1, 2, 0, 1]
     rows = {
         "src": {"kind": "source", "budget": None, "predictions": "abcab"},
@@ -156,10 +156,9 @@ def test_epoch_pairs_set_each_apt_epoch_against_the_baseline_of_its_photos_and_l
         "low 0.35": {"kind": "lowres + 1 epoch", "budget": 0.35, "predictions": "abcab"},
         "apt def": {"kind": "APT + 1 epoch labels", "budget": None, "predictions": "abcac"},
         "apt def lr": {"kind": "APT + 1 epoch labels (lr 5e-06)", "budget": None, "predictions": "abcab"},
-        "apt 0.5": {"kind": "APT + 1 epoch labels", "budget": 0.5, "predictions": "abcab"},
+        "apt 0.5": {"kind": "APT + 1 epoch labels", "budget": 0.5, "predictions": "abcaa"},
         "apt 0.5 distill": {"kind": "APT + 1 epoch distill", "budget": 0.5, "predictions": "abcab"},
     }
-    rows["apt 0.5"]["predictions"] = "abcaa"
     pairs = {(e["method"], e["baseline"]): e for e in ri.epoch_pairs(rows, labels)}
     # a budget against the uniform epoch (what it costs) and the lower resolution's epoch (what it gains)
     assert set(pairs) == {("apt def", "uni"), ("apt def lr", "uni lr"), ("apt 0.5", "uni"), ("apt 0.5", "low 0.5")}
