@@ -226,7 +226,13 @@ def build_models(
             logger.info(f"{checkpoint}: head has {apt.num_classes} classes, the data {num_classes}: new head")
             apt.reset_classifier(num_classes)
         # a config replaces the checkpoint's settings as a whole (every field, None included), not merged
-        apt.configure(attention=attention, **({**config.to_kwargs(), **layout} if config is not None else layout))
+        settings = {**config.to_kwargs(), **layout} if config is not None else layout
+        sizes = tuple(settings.get("patch_sizes") or apt.patch_sizes)
+        if len(apt.patch_sizes) == 1 and sizes != apt.patch_sizes:
+            # a uniform fine-tune's checkpoint has no detail-path weights to lose: convert its timm model again
+            logger.info(f"{checkpoint} has one patch size ({apt.patch_size}): converted again with {sizes}")
+            apt = convert(apt.timm_model, apt.config.replace(**settings), attention=attention)
+        apt.configure(attention=attention, **settings)
         check_finite(apt, checkpoint)
         logger.info(f"weights: {checkpoint} (aptvit checkpoint)")
         return apt, apt.timm_model

@@ -231,6 +231,23 @@ def budget_thresholds(
     return torch.where(none_needed, torch.full_like(thr, -math.inf), thr)
 
 
+def check_budget_reachable(tokens: int, image_size: Tuple[int, int], sizes: Sequence[int]) -> None:
+    """Raise InputError when ``tokens`` per image is fewer than ``sizes`` can reach on an (H, W) image (every
+    patch that fits merged); with a single patch size nothing merges, and the error says which size to add."""
+    fewest = all_merged_tokens(image_size, sizes)
+    if tokens >= fewest:
+        return
+    h, w = image_size
+    if len(sizes) == 1:  # e.g. a checkpoint fine-tuned at one patch size, given a budget
+        fix = f"with the one patch size {sizes[0]} nothing merges: add a larger one (patch sizes {sizes[0]},{2 * sizes[0]})"
+    else:
+        fix = "raise budget or add larger patch_sizes"
+    raise InputError(
+        f"budget of {tokens} tokens is below the {fewest} tokens that the largest patch sizes allow for a "
+        f"{h}x{w} image; {fix}"
+    )
+
+
 def all_merged_tokens(image_size: Tuple[int, int], sizes: Sequence[int]) -> int:
     """Tokens of an image where every patch that fits merges: the fewest that ``sizes`` allow.
 
@@ -301,12 +318,7 @@ def patch_layout(
                 f"pad it first with aptvit.pad_to_multiple(images, {base}) or resize it"
             )
         if budget is not None:
-            max_tokens, min_tokens = _budget_tokens(budget, (h // base) * (w // base)), all_merged_tokens((h, w), sizes)
-            if max_tokens < min_tokens:
-                raise InputError(
-                    f"budget of {max_tokens} tokens is below the {min_tokens} tokens that the largest patch sizes "
-                    f"allow for a {h}x{w} image; raise budget or add larger patch_sizes"
-                )
+            check_budget_reachable(_budget_tokens(budget, (h // base) * (w // base)), (h, w), sizes)
     settings = dict(
         sizes=sizes, scored=scored, score_fn=score_fn, fixed=fixed, budget=budget, norm=normalisation, check_nan=check_nan
     )

@@ -30,7 +30,14 @@ from .io import InputError, UserTypeError
 from .layout import PatchLayout, check_patch_sizes
 from .packed import Groups, PackedBatch, Row, bank_entries, bank_size, pos_bank_size
 from .pixels import check_image_shape, grayscale_255
-from .quadtree import _budget_tokens, _check_scores, all_merged_tokens, budget_thresholds, check_budget, select_patches
+from .quadtree import (
+    _budget_tokens,
+    _check_scores,
+    budget_thresholds,
+    check_budget,
+    check_budget_reachable,
+    select_patches,
+)
 from .scoring import Scorer, get_scorer
 
 
@@ -44,12 +51,7 @@ def static_tokens(budget: Union[int, float], image_size, patch_sizes) -> int:
     h, w = image_size
     base_cells = (h // sizes[0]) * (w // sizes[0])
     k = min(_budget_tokens(budget, base_cells), base_cells)
-    fewest = all_merged_tokens((h, w), sizes)
-    if k < fewest:
-        raise InputError(
-            f"budget of {k} tokens is below the {fewest} tokens that the largest patch sizes allow for a "
-            f"{h}x{w} image; raise budget or add larger patch_sizes"
-        )
+    check_budget_reachable(k, (h, w), sizes)
     return k
 
 

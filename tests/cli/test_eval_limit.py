@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 
 import aptvit
 from aptvit.data import seeded_subset
@@ -48,3 +49,35 @@ def test_a_negative_limit_is_one_line(world, capsys):
     folder, checkpoint = world
     code, out, err = run(capsys, "eval", "--checkpoint", checkpoint, "--data", folder, "--limit", "-1")
     assert code == 2 and "--limit -1 must be an integer >= 0" in one_line(err)
+
+
+def test_a_budget_on_a_checkpoint_of_one_patch_size_names_the_size_to_add(tmp_path, capsys):
+    """A uniform fine-tune's checkpoint (one patch size) merges nothing, so no budget below its grid is reachable:
+    eval says so in one line and names the patch sizes to give, rather than "add larger patch_sizes" alone."""
+    data = make_folder(tmp_path / "data", train=0, val=2, size=32)
+    uniform = aptvit.save(
+        aptvit.convert(tiny_vit("vit_cls", num_classes=2), patch_sizes=(16,)), tmp_path / "u.safetensors"
+    )
+    argv = ["eval", "--checkpoint", uniform, "--data", data / "val", "--size", "32", "--budget", "0.5"]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and "with the one patch size 16 nothing merges: add a larger one (patch sizes 16,32)" in one_line(
+        err
+    )
+    code, out, err = run(capsys, *argv, "--patch-sizes", "16,32")  # what the message says to do works
+    assert code == 0, err
+
+
+def test_a_checkpoint_of_one_patch_size_is_converted_again_with_its_weights(tmp_path):
+    """Given other patch sizes, a one-size checkpoint is converted again from its own timm model (nothing of it is
+    lost: it has no detail-path weights), for eval, bench, export and finetune alike (``build_models``)."""
+    from aptvit.models import build_models
+
+    vit = tiny_vit("vit_cls", num_classes=2)
+    uniform = aptvit.save(aptvit.convert(vit, patch_sizes=(16,)), tmp_path / "u.safetensors")
+    apt, timm_model = build_models(None, checkpoint=uniform, layout={"patch_sizes": (16, 32), "budget": 0.5})
+    assert apt.patch_sizes == (16, 32) and apt.config.budget == 0.5 and timm_model is apt.timm_model
+    kept = vit.state_dict()
+    assert all(torch.equal(t, kept[name]) for name, t in timm_model.state_dict().items())
+    with pytest.raises(aptvit.core.io.InputError, match="fixed at conversion"):  # a multi-size one keeps its sizes
+        two = aptvit.save(aptvit.convert(vit, patch_sizes=(16, 32)), tmp_path / "two.safetensors")
+        build_models(None, checkpoint=two, layout={"patch_sizes": (16, 32, 64)})

@@ -163,6 +163,8 @@ def test_budget_int_and_fraction_and_bad_values():
             aptvit.patch_layout(img, budget=bad)
     with pytest.raises(ValueError, match="below the 4 tokens"):
         aptvit.patch_layout(img, budget=3)
+    with pytest.raises(ValueError, match=r"one patch size 16 nothing merges: add a larger one \(patch sizes 16,32\)"):
+        aptvit.patch_layout(img, patch_sizes=(16,), budget=0.5)
     with pytest.raises(ValueError, match="either thresholds= or budget="):
         aptvit.patch_layout(img, thresholds={32: 5.0}, budget=0.5)
 
