@@ -232,10 +232,9 @@ def finetune_top(vit, h, y, h_hold, y_hold, k: int, epochs: int, lr: float, batc
     for p in params:
         p.requires_grad_(True)
     head = set(map(id, vit.head.parameters()))
-    opt = torch.optim.AdamW(
-        [{"params": [p for p in params if id(p) not in head], "lr": lr}, {"params": list(vit.head.parameters()), "lr": 10 * lr}],
-        weight_decay=0.05,
-    )  # fmt: skip
+    trunk = [p for p in params if id(p) not in head]
+    groups = [{"params": trunk, "lr": lr}, {"params": list(vit.head.parameters()), "lr": 10 * lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.05)
     base_lrs = [g["lr"] for g in opt.param_groups]
     steps = epochs * math.ceil(len(h) / batch)
 
@@ -494,7 +493,8 @@ def epoch_pairs(rows: Dict[str, dict], labels: Sequence[int]) -> List[dict]:
         elif r["kind"].startswith("lowres + 1 epoch"):
             base[(r["budget"], lr_of(r["kind"]))] = name
     out = []
-    for name, r in rows.items():
+    by_tokens = sorted(rows.items(), key=lambda kv: -(kv[1]["budget"] or 1.0))  # the default thresholds, then 0.75, ...
+    for name, r in by_tokens:
         if not r["kind"].startswith("APT + 1 epoch labels"):
             continue
         keys = [(None, lr_of(r["kind"]))] + ([(r["budget"], lr_of(r["kind"]))] if r["budget"] is not None else [])

@@ -158,8 +158,12 @@ def test_epoch_pairs_set_each_apt_epoch_against_the_baseline_of_its_photos_and_l
         "apt def lr": {"kind": "APT + 1 epoch labels (lr 5e-06)", "budget": None, "predictions": "abcab"},
         "apt 0.5": {"kind": "APT + 1 epoch labels", "budget": 0.5, "predictions": "abcaa"},
         "apt 0.5 distill": {"kind": "APT + 1 epoch distill", "budget": 0.5, "predictions": "abcab"},
+        "apt 0.75": {"kind": "APT + 1 epoch labels", "budget": 0.75, "predictions": "abcab"},  # trained last
     }
-    pairs = {(e["method"], e["baseline"]): e for e in ri.epoch_pairs(rows, labels)}
+    listed = ri.epoch_pairs(rows, labels)
+    # listed by token count (the default thresholds first), not in the order the epochs were trained
+    assert [e["method"] for e in listed] == ["apt def", "apt def lr", "apt 0.75", "apt 0.5", "apt 0.5"]
+    pairs = {(e["method"], e["baseline"]): e for e in listed if e["method"] != "apt 0.75"}
     # a budget against the uniform epoch (what it costs) and the lower resolution's epoch (what it gains)
     assert set(pairs) == {("apt def", "uni"), ("apt def lr", "uni lr"), ("apt 0.5", "uni"), ("apt 0.5", "low 0.5")}
     assert pairs["apt def", "uni"]["difference"] == pytest.approx(-20.0)
