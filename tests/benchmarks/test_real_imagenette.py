@@ -61,6 +61,7 @@ def test_the_epoch_plan_has_one_uniform_baseline_and_no_lower_resolution_for_the
     assert plan[0] == ("uniform", None) and [k for k, _ in plan].count("uniform") == 1
     assert ("labels", None) in plan and ("distill", None) in plan and ("lowres", None) not in plan
     assert {("labels", 0.5), ("distill", 0.5), ("lowres", 0.5), ("lowres", 0.35)} <= set(plan)
+    assert {("random", 0.5), ("random", 0.35)} <= set(plan) and ("random", None) not in plan  # Random at a budget
     args, w = ri.parse_args([]), ri.Path("w")
     assert ri.epoch_dir("labels", None, args, w).name.endswith(f"_labels_default_c{ri.convert_tag()}")
     assert ri.epoch_dir("uniform", None, args, w) == ri.epoch_dir("uniform", 0.5, args, w)
@@ -159,13 +160,19 @@ def test_epoch_pairs_set_each_apt_epoch_against_the_baseline_of_its_photos_and_l
         "apt 0.5": {"kind": "APT + 1 epoch labels", "budget": 0.5, "predictions": "abcaa"},
         "apt 0.5 distill": {"kind": "APT + 1 epoch distill", "budget": 0.5, "predictions": "abcab"},
         "apt 0.75": {"kind": "APT + 1 epoch labels", "budget": 0.75, "predictions": "abcab"},  # trained last
+        "rnd 0.5 d0": {"kind": "Random + 1 epoch", "budget": 0.5, "predictions": "aaaab"},
+        "rnd 0.5 d1": {"kind": "Random + 1 epoch", "budget": 0.5, "predictions": "abcab"},
+        "rnd 0.35 d0": {"kind": "Random + 1 epoch", "budget": 0.35, "predictions": "abcab"},
     }
     listed = ri.epoch_pairs(rows, labels)
     # listed by token count (the default thresholds first), not in the order the epochs were trained
-    assert [e["method"] for e in listed] == ["apt def", "apt def lr", "apt 0.75", "apt 0.5", "apt 0.5"]
+    assert [e["method"] for e in listed] == ["apt def", "apt def lr", "apt 0.75"] + ["apt 0.5"] * 4
     pairs = {(e["method"], e["baseline"]): e for e in listed if e["method"] != "apt 0.75"}
-    # a budget against the uniform epoch (what it costs) and the lower resolution's epoch (what it gains)
-    assert set(pairs) == {("apt def", "uni"), ("apt def lr", "uni lr"), ("apt 0.5", "uni"), ("apt 0.5", "low 0.5")}
+    # a budget against the uniform epoch (what it costs), the lower resolution's epoch and each draw of Random's
+    # epoch at that budget (what it gains)
+    assert set(pairs) == {("apt def", "uni"), ("apt def lr", "uni lr"), ("apt 0.5", "uni"), ("apt 0.5", "low 0.5"),
+                          ("apt 0.5", "rnd 0.5 d0"), ("apt 0.5", "rnd 0.5 d1")}  # fmt: skip
+    assert pairs["apt 0.5", "rnd 0.5 d0"]["difference"] == pytest.approx(20.0)
     assert pairs["apt def", "uni"]["difference"] == pytest.approx(-20.0)
     assert pairs["apt def lr", "uni lr"]["difference"] == pytest.approx(60.0)
     assert pairs["apt 0.5", "uni"]["difference"] == pytest.approx(-20.0)
@@ -217,7 +224,10 @@ def test_train_images_per_s_skips_the_first_window(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_run_writes_every_row_through_the_cli(tmp_path):
+def test_quick_run_writes_every_row_through_the_cli(tmp_path, monkeypatch):
+    from aptvit.core import scoring
+
+    monkeypatch.setattr(scoring, "SCORERS", dict(scoring.SCORERS))  # the report registers "random": this test only
     out = tmp_path / "res"
     assert ri.main(["--quick", "--work", str(tmp_path / "w"), "--results", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
@@ -225,6 +235,7 @@ def test_quick_run_writes_every_row_through_the_cli(tmp_path):
     kinds = {r["kind"] for r in rows.values()}
     assert kinds >= {"source", "APT zero-shot", "APT zero-shot + area bias", "lower resolution", "Random", "ToMe"}
     assert kinds >= {"APT + 1 epoch labels", "APT + 1 epoch distill", "lowres + 1 epoch", "uniform + 1 epoch"}
+    assert kinds >= {"Random + 1 epoch"}  # trained by `aptvit finetune --scorer random` in its own process
     source = rows["source (64 px)"]
     assert source["tokens_kept"] == 1.0 and len(source["predictions"]) == result["val_photos"] == 18
     for name, r in rows.items():
@@ -318,3 +329,27 @@ def test_zero_shot_rows_name_the_area_bias_they_run(tiny, monkeypatch):
     apt_rows = [(n, bias) for n, bias in made if n.startswith("APT")]
     assert len(apt_rows) == 2 * (1 + len(ri.BUDGETS))
     assert all(bias == n.endswith("+ area bias") for n, bias in apt_rows)
+
+
+def test_the_random_scorer_lays_out_random_patches_at_the_budget(monkeypatch):
+    """``register_random``: the scorer ``random`` that Random's epoch trains with (``finetune --scorer random``) keeps
+    the budget's tokens, ignores the content (a plain photo is laid out like a busy one, where entropy merges it all)
+    and gives a photo the same layout in any batch, as draw 0 of the zero-shot Random rows does."""
+    import aptvit
+    from aptvit.core import scoring
+
+    monkeypatch.setattr(scoring, "SCORERS", dict(scoring.SCORERS))  # registered for this test only
+    ri.register_random()
+    busy = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain = torch.full((1, 3, 128, 128), 128, dtype=torch.uint8)
+    photos = torch.cat([busy, plain])
+    layout = aptvit.patch_layout(photos, (16, 32), budget=0.5, scorer="random")
+    assert layout.num_tokens.tolist() == [31, 31, 31]  # the most that 16/32 reach within 32 of 64 cells
+    assert aptvit.patch_layout(plain, (16, 32), budget=0.5).num_tokens.tolist() == [16]  # entropy: all merged
+
+    def merged(lay):  # per photo, which of its 64 cells a 2x patch covers
+        return (lay.size[lay.cells] > 16).reshape(-1, 64)
+
+    alone = aptvit.patch_layout(busy[1:], (16, 32), budget=0.5, scorer="random")
+    assert torch.equal(merged(alone)[0], merged(layout)[1])  # the same layout in another batch
+    assert not torch.equal(merged(layout)[0], merged(layout)[1])  # two photos, two draws
