@@ -834,3 +834,31 @@ def test_of_two_bias_twins_that_keep_the_target_the_more_faithful_is_chosen_not_
     plain.top1 = biased.top1 = 79.9
     plain.top1_drop = biased.top1_drop = 0.1
     assert choose([rows[0], plain, biased], Target(max_drop=0.5, confidence=0))[0] is biased  # a tie: speed decides
+
+
+def test_settings_are_timed_on_a_seeded_draw_from_the_whole_folder_not_its_first_class(world, monkeypatch):
+    """Where the token count follows the content (thresholds), the first class of a folder read in class order can
+    keep far more tokens than the average (Imagenette's first class 96%, all of it 83%), and its speed would not be
+    the setting's: the timed images are ``timing_positions``' draw, the same images for every size."""
+    spread = CAL.timing_positions(1982, 16)
+    assert torch.equal(spread, CAL.timing_positions(1982, 16)) and torch.equal(spread, spread.sort().values)
+    assert len(set(spread.tolist())) == 16 and int(spread.max()) > 1982 // 2  # not the first images
+    assert len(CAL.timing_positions(3, 16)) == 3
+    seen = {}
+
+    def measure(settings, models, vit, timing, *args, **kwargs):
+        seen.update({s: torch.cat(t) for s, t in timing.items()})
+        return [(1.0, 1.0) for _ in settings]
+
+    monkeypatch.setattr(CAL, "_measure", measure)
+    apt = aptvit.load(world["good"])
+    kw = dict(size=64, sizes=[64, 48], budgets=[0.5], thresholds=[], workers=0, batch_size=5, progress=False)
+    result = CAL.calibrate(apt, world["val"], timing_images=4, **kw)
+    paths = sorted(Path(world["val"]).rglob("*.png"))  # read in class order, 6 of each class
+    at = CAL.timing_positions(len(paths), 4)
+    assert {p.parent.name for p in (paths[i] for i in at)} == set(CLASSES)  # both classes are timed
+    for size in (64, 48):
+        want = eval_crops([paths[i] for i in at], size, apt)
+        assert seen[size].shape == want.shape
+        assert float((seen[size] - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert result.facts["timing_images"] == 4
