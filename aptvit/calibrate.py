@@ -995,7 +995,8 @@ def _on_grid(out: Outputs, grid: int) -> Outputs:
 
 def timing_positions(total: int, count: int, seed: int = 0) -> torch.Tensor:
     """(min(count, total),) sorted positions, a seeded draw from ``range(total)``: the images each setting is timed
-    on, spread over the whole folder (which is read in class order)."""
+    on, spread over the whole folder (which is read in class order). Positions count the readable images, so with
+    ``skip_bad_images`` a draw near the end may find none (fewer images timed; ``timing_images`` says how many)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(total, generator=gen)[: min(count, total)].sort().values
 

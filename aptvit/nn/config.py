@@ -116,7 +116,8 @@ class APTConfig:
         """A validated copy with ``changes``; setting thresholds clears the budget and vice versa.
 
         A new scorer without new thresholds gets its own default thresholds (scores of different
-        scorers have different units) and its own default parameters; a budget needs no change.
+        scorers have different units) and its own default parameters; a budget needs no change. More patch sizes
+        for settings of one size (whose thresholds are empty: nothing merged) get the scorer's default thresholds.
         """
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
@@ -126,6 +127,9 @@ class APTConfig:
         new_scorer = changes.get("scorer", self.scorer) != self.scorer
         if new_scorer and "thresholds" not in changes and self.budget is None:
             changes["thresholds"] = None
+        more_sizes = len(changes.get("patch_sizes") or ()) > 1 and self.patch_sizes and len(self.patch_sizes) == 1
+        if more_sizes and "thresholds" not in changes and self.budget is None and not self.thresholds:
+            changes["thresholds"] = None  # a one-size config's {} would keep the new sizes from ever merging
         if new_scorer:
             changes.setdefault("scorer_args", {})
         if changes.get("thresholds") is not None:

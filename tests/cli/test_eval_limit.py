@@ -70,7 +70,7 @@ def test_a_budget_on_a_checkpoint_of_one_patch_size_names_the_size_to_add(tmp_pa
 def test_a_checkpoint_of_one_patch_size_is_converted_again_with_its_weights(tmp_path):
     """Given other patch sizes, a one-size checkpoint is converted again from its own timm model (nothing of it is
     lost: it has no detail-path weights), for eval, bench, export and finetune alike (``build_models``)."""
-    from aptvit.models import build_models
+    from aptvit.models import build_models, conversion_settings
 
     vit = tiny_vit("vit_cls", num_classes=2)
     uniform = aptvit.save(aptvit.convert(vit, patch_sizes=(16,)), tmp_path / "u.safetensors")
@@ -78,6 +78,12 @@ def test_a_checkpoint_of_one_patch_size_is_converted_again_with_its_weights(tmp_
     assert apt.patch_sizes == (16, 32) and apt.config.budget == 0.5 and timm_model is apt.timm_model
     kept = vit.state_dict()
     assert all(torch.equal(t, kept[name]) for name, t in timm_model.state_dict().items())
+    # no budget: the scorer's default thresholds, not the one-size checkpoint's empty ones (nothing would merge)
+    plain = torch.full((1, 3, 64, 64), 0.5)
+    for config in (None, conversion_settings(uniform, patch_sizes=(16, 32))):  # eval / bench, and finetune's path
+        apt, _ = build_models(None, checkpoint=uniform, layout={"patch_sizes": (16, 32)}, config=config)
+        assert apt.config.thresholds == aptvit.APTConfig().for_patch_size(16).thresholds
+        assert int(apt.make_layout(plain).num_tokens[0]) == 4  # a plain 64 px image: four 32 px patches
     with pytest.raises(aptvit.core.io.InputError, match="fixed at conversion"):  # a multi-size one keeps its sizes
         two = aptvit.save(aptvit.convert(vit, patch_sizes=(16, 32)), tmp_path / "two.safetensors")
         build_models(None, checkpoint=two, layout={"patch_sizes": (16, 32, 64)})

@@ -165,6 +165,8 @@ def test_budget_int_and_fraction_and_bad_values():
         aptvit.patch_layout(img, budget=3)
     with pytest.raises(ValueError, match=r"one patch size 16 nothing merges: add a larger one \(patch sizes 16,32\)"):
         aptvit.patch_layout(img, patch_sizes=(16,), budget=0.5)
+    with pytest.raises(ValueError, match="no patch larger than 16 fits it, so nothing can merge"):  # not "add 32"
+        aptvit.patch_layout(torch.rand(1, 3, 16, 48), patch_sizes=(16,), budget=1)
     with pytest.raises(ValueError, match="either thresholds= or budget="):
         aptvit.patch_layout(img, thresholds={32: 5.0}, budget=0.5)
 
