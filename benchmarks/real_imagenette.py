@@ -835,6 +835,8 @@ def table(result: dict) -> str:
         sname = r.get("speed_as", name)
         s1 = f"{b1[sname] / b1[src]:.2f}x" if sname in b1 and src in b1 else "-"
         s32 = f"{b32[sname] / b32[src]:.2f}x" if sname in b32 and src in b32 else "-"
+        if r["kind"].startswith("Random"):  # not timed: APT's layouts at the same token count, APT's speed
+            s1 = s32 = "as APT"
         tr = f"{r['train_speedup']:.2f}x" if "train_speedup" in r else "-"
         lines.append(
             f"| {name} | {r['top1']:.2f} | {vs} | {r['tokens_kept']:.0%} | {r['gflops']:.2f} | {s1} | {s32} | {tr} |"

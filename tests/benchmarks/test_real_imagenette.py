@@ -179,8 +179,12 @@ def test_epoch_pairs_set_each_apt_epoch_against_the_baseline_of_its_photos_and_l
     low = pairs["apt 0.5", "low 0.5"]
     assert (low["only_method_right"], low["only_source_right"]) == (1, 0)
     src = dict(rows["src"], top1=100.0, tokens_kept=1.0, gflops=1.0)
-    text = ri.table({"rows": {"src": src}, "val_photos": 5, "size": 64, "epoch_pairs": list(pairs.values())})
+    rnd = dict(rows["rnd 0.5 d0"], top1=60.0, tokens_kept=0.5, gflops=0.5, speed_as="apt 0.5")
+    speed = {"batch 1": {"src": 1.0, "apt 0.5": 2.0}, "batch 32": {"src": 1.0, "apt 0.5": 2.0}}
+    result = {"rows": {"src": src, "rnd 0.5 d0": rnd}, "speed": speed, "val_photos": 5, "size": 64}
+    text = ri.table(dict(result, epoch_pairs=list(pairs.values())))
     assert "| apt 0.5 | low 0.5 | +20.00 ±" in text and "| apt 0.5 | uni | -20.00 ±" in text
+    assert "| rnd 0.5 d0 | 60.00 | - | 50% | 0.50 | as APT | as APT | - |" in text  # not timed: said so
 
 
 def test_random_draws_are_per_photo_and_per_draw_not_per_batch(tiny):
