@@ -389,6 +389,16 @@ def uniform_method(name: str, kind: str, vit, side: int, size: int, budget=None,
     return Method(name, kind, predict, lambda crops: vit(prep(crops)), budget)
 
 
+def random_draw(draw: int) -> Callable:
+    """The scorer of Random patch choice's draw ``draw``: each photo its own draw, seeded by its pixels and the draw
+    number (``random_scores``), so a photo's layout does not depend on its batch."""
+
+    def scores(gray, sizes, base):
+        return random_scores(gray, sizes, base, seeds=[draw_seed(str(int(g.sum())), draw) for g in gray])
+
+    return scores
+
+
 def apt_method(
     name: str, kind: str, apt, budget=None, draw: Optional[int] = None, columns=None, side: Optional[int] = None
 ) -> Method:
@@ -399,11 +409,7 @@ def apt_method(
     def layout_of(x, crops):
         if draw is None:
             return apt.make_layout(x)
-
-        def scorer(gray, sizes, base):  # each photo its own draw, seeded by its pixels and the draw number
-            return random_scores(gray, sizes, base, seeds=[draw_seed(str(int(g.sum())), draw) for g in gray])
-
-        return aptvit.patch_layout(crops, apt.patch_sizes, budget=apt.config.budget, scorer=scorer)
+        return aptvit.patch_layout(crops, apt.patch_sizes, budget=apt.config.budget, scorer=random_draw(draw))
 
     def predict(crops):
         full = (crops.shape[-2] // apt.patch_sizes[0]) * (crops.shape[-1] // apt.patch_sizes[0])  # the source's grid
@@ -517,10 +523,7 @@ def register_random() -> None:
     with it loads. Each photo's draw is seeded by its pixels, so each augmented crop gets a layout of its own."""
     from aptvit.core.scoring import register_scorer
 
-    def scores(gray, sizes, base):
-        return random_scores(gray, sizes, base, seeds=[draw_seed(str(int(g.sum())), 0) for g in gray])
-
-    register_scorer(RANDOM_SCORER, scores, {2: 0.5}, overwrite=True, finite=True)  # thresholds unused: a budget
+    register_scorer(RANDOM_SCORER, random_draw(0), {2: 0.5}, overwrite=True, finite=True)  # thresholds unused
 
 
 # ``python -m aptvit`` with the Random scorer registered first (a scorer lives in the process that lays out)

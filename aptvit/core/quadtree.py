@@ -238,10 +238,10 @@ def check_budget_reachable(tokens: int, image_size: Tuple[int, int], sizes: Sequ
     if tokens >= fewest:
         return
     h, w = image_size
-    if len(sizes) == 1 and min(h, w) >= 2 * sizes[0]:  # e.g. a checkpoint fine-tuned at one size, given a budget
-        fix = f"with the one patch size {sizes[0]} nothing merges: add a larger one (patch sizes {sizes[0]},{2 * sizes[0]})"
-    elif min(h, w) < 2 * sizes[0]:
+    if min(h, w) < 2 * sizes[0]:
         fix = f"no patch larger than {sizes[0]} fits it, so nothing can merge: raise budget or give a larger image"
+    elif len(sizes) == 1:  # e.g. a checkpoint fine-tuned at one size, given a budget
+        fix = f"with the one patch size {sizes[0]} nothing merges: add a larger one (patch sizes {sizes[0]},{2 * sizes[0]})"
     else:
         fix = "raise budget or add larger patch_sizes"
     raise InputError(
